@@ -1,0 +1,150 @@
+"""The bundle: the directory that ``ovseg-export`` writes and the runtime reads.
+
+A bundle holds ``manifest.json`` plus the files it lists (ONNX encoders per
+precision, text embeddings, HNSW index, vocabulary, tokenizer). Every file is
+listed with its sha256; the runtime refuses a bundle whose files do not match.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_BUNDLE = Path(os.environ.get("OVSEG_HOME", Path.home() / ".cache" / "ovseg")) / "bundles" / "default"
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, incomplete or from an incompatible version."""
+
+
+@dataclass
+class EncoderInfo:
+    """One image encoder: how to feed it and what comes out."""
+
+    model: str  # e.g. "ViT-B-16" or "facebook/dinov2-small"
+    weights: str  # where the weights came from ("openai", a path, "random")
+    patch_size: int
+    grid: tuple[int, int]  # tokens (rows, cols) at the bundle's image size
+    embed_dim: int  # width of the output tokens
+    mean: tuple[float, float, float]  # RGB, applied to pixels in [0, 1]
+    std: tuple[float, float, float]
+    files: dict[str, str] = field(default_factory=dict)  # precision -> file name
+
+
+@dataclass
+class TextInfo:
+    """The CLIP text encoder and the vocabulary embedded with it."""
+
+    context_length: int
+    embed_dim: int
+    templates: list[str]  # prompt ensemble: averaged, then L2-normalised
+    tokenizer: str  # tokenizers JSON file name
+    files: dict[str, str] = field(default_factory=dict)  # precision -> ONNX file name
+    logit_scale: float = 100.0
+
+
+@dataclass
+class VocabularyInfo:
+    source: str  # preset name or file name it was read from
+    size: int
+    names: str  # text file, one name per line
+    embeddings: dict[str, str] = field(default_factory=dict)  # "fp32"/"fp16" -> .npy
+    hnsw: str = ""  # hnswlib index file ("" when not built)
+    hnsw_params: dict[str, int] = field(default_factory=dict)  # space is always cosine
+
+
+@dataclass
+class Manifest:
+    image_size: int
+    clip: EncoderInfo
+    dinov2: EncoderInfo
+    text: TextInfo
+    vocabulary: VocabularyInfo
+    dense_method: str  # "pixelclip" | "gem" | "maskclip"
+    random_weights: bool
+    ovseg_version: str
+    opset: int
+    checks: dict[str, dict[str, float]] = field(default_factory=dict)  # file -> parity numbers
+    sha256: dict[str, str] = field(default_factory=dict)  # file -> hex digest
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"bundle schema version {version} is not {SCHEMA_VERSION}: re-export it with this ovseg (ovseg-export --force)"
+            )
+        enc = lambda e: EncoderInfo(**{**e, "grid": tuple(e["grid"]), "mean": tuple(e["mean"]), "std": tuple(e["std"])})
+        d["clip"] = enc(d["clip"])
+        d["dinov2"] = enc(d["dinov2"])
+        d["text"] = TextInfo(**d["text"])
+        d["vocabulary"] = VocabularyInfo(**d["vocabulary"])
+        return cls(**d)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
+    """Read and (by default) verify a bundle; every failure is a one-line BundleError."""
+    bundle_dir = Path(bundle_dir).expanduser()
+    path = bundle_dir / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"no bundle at {bundle_dir}: run `ovseg-export --out {bundle_dir}` first")
+    try:
+        manifest = Manifest.from_dict(json.loads(path.read_text()))
+    except BundleError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:
+        raise BundleError(f"{path} is not a valid ovseg manifest ({e}): re-export with `ovseg-export --force`") from None
+    if verify:
+        for name, digest in manifest.sha256.items():
+            f = bundle_dir / name
+            if not f.is_file():
+                raise BundleError(f"bundle file {f} is missing: re-export with `ovseg-export --force`")
+            if sha256_file(f) != digest:
+                raise BundleError(f"bundle file {f} does not match its sha256 in the manifest: re-export with `ovseg-export --force`")
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_bundle_dir(final: str | Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory next to ``final``; on success it replaces ``final`` in one rename.
+
+    On any exception the temporary directory is removed and ``final`` is untouched.
+    """
+    final = Path(final).expanduser().resolve()
+    if final.exists() and not force:
+        raise BundleError(f"{final} already exists: pass --force to replace it, or --out another directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,7 @@
+#include <nanobind/nanobind.h>
+
+namespace nb = nanobind;
+
+NB_MODULE(_native, m) {
+  m.doc() = "ovseg native core";
+}
