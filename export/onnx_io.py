@@ -1,0 +1,110 @@
+"""ONNX export and the check every exported file passes: onnx.checker, then ONNX Runtime vs torch."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+# Opset 17 has LayerNormalization and runs on onnxruntime >= 1.12 and TensorRT >= 8.6 (JetPack 5/6).
+OPSET = 17
+# The IR version that goes with opset 17. onnx 1.23 would stamp IR 14, which onnxruntime 1.31 refuses.
+IR_VERSION = 8
+
+
+class ExportError(RuntimeError):
+    """An export step failed in a way the user can act on."""
+
+
+@dataclass
+class Parity:
+    """How closely ONNX Runtime reproduces torch on one output."""
+
+    output: str
+    min_cosine: float  # the worst per-token (per-row) cosine
+    max_abs_diff: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"min_cosine": self.min_cosine, "max_abs_diff": self.max_abs_diff}
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> Path:
+    """Trace ``module`` to ``path`` at OPSET / IR_VERSION and run onnx.checker on the result."""
+    module = module.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            module,
+            example_inputs,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes or {},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    model = onnx.load(str(path))
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of matching rows (the last axis is the feature axis)."""
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return num / np.maximum(den, 1e-30)
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def check_parity(
+    path: Path,
+    module: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    output_names: Sequence[str],
+    min_cosine: float = 0.9999,
+) -> list[Parity]:
+    """Run ``module`` in torch and ``path`` in ONNX Runtime on the same inputs and compare every output.
+
+    Raises ExportError when any output's worst per-token cosine is below ``min_cosine``.
+    """
+    with torch.no_grad():
+        expected = module.eval()(*inputs.values())
+    if isinstance(expected, torch.Tensor):
+        expected = (expected,)
+    got = run_onnx(path, {k: v.numpy() for k, v in inputs.items()})
+    results = []
+    for name, want, have in zip(output_names, expected, got):
+        want = want.float().numpy()
+        if want.shape != have.shape:
+            raise ExportError(f"{path.name}: output {name} has shape {have.shape} in ONNX Runtime but {want.shape} in torch")
+        cos = row_cosines(want, have)
+        parity = Parity(name, float(cos.min()), float(np.abs(want - have.astype(np.float32)).max()))
+        if not np.isfinite(parity.min_cosine) or parity.min_cosine < min_cosine:
+            raise ExportError(
+                f"{path.name}: output {name} differs from torch (worst token cosine {parity.min_cosine:.6f} < {min_cosine})"
+            )
+        results.append(parity)
+    return results
