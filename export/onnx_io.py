@@ -43,19 +43,25 @@ def export_onnx(
 ) -> Path:
     """Trace ``module`` to ``path`` at OPSET / IR_VERSION and run onnx.checker on the result."""
     module = module.eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic; trace the composite ops instead.
+    torch.backends.mha.set_fastpath_enabled(False)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(
-            module,
-            example_inputs,
-            str(path),
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_axes=dynamic_axes or {},
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                module,
+                example_inputs,
+                str(path),
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes=dynamic_axes or {},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
     model = onnx.load(str(path))
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
