@@ -55,6 +55,9 @@ OFFENSIVE_GLOSS = re.compile(
 # a single-word lemma tagged at least this often in WordNet's sense-tagged corpus.
 COMMON_WORD_MIN_TAGS = 5
 PERSON_LEXFILE = 18  # untagged compounds naming people are roles, not things a camera can tell apart
+# COCO-Stuff names stuff "<surface>-<material>" ("wall-brick" -> "brick wall") and "<thing>-other"/"-stuff".
+COCO_STUFF_SURFACES = ("wall", "floor", "ceiling")
+COCO_STUFF_RENAMES = {"window-blind": "window blind"}
 NOUN_SENSE = "1"  # ss_type of nouns in a sense key
 
 
@@ -184,7 +187,8 @@ def class_list_names(line: str) -> list[str]:
     """Readable concept names from one line of a data set's class list.
 
     "building, edifice" (ADE) -> first name; "cabinet/shelf" (Objects365) -> both;
-    "bat_(animal)" (LVIS) -> "bat"; "wall-brick" / "floor-other" (COCO-Stuff) -> "brick wall" / "floor".
+    "bat_(animal)" (LVIS) -> "bat"; "wall-brick" / "floor-other" (COCO-Stuff) -> "brick wall" / "floor";
+    other hyphens stay ("t-shirt").
     """
     first = line.split(", ")[0]
     names = []
@@ -193,8 +197,9 @@ def class_list_names(line: str) -> list[str]:
         head, dash, tail = name.partition("-")
         if dash and tail in ("other", "stuff"):
             name = head
-        elif dash and head in ("wall", "floor", "ceiling"):
+        elif dash and head in COCO_STUFF_SURFACES:
             name = f"{tail} {head}"
+        name = COCO_STUFF_RENAMES.get(name, name)
         name = " ".join(name.split())
         if name:
             names.append(name)
