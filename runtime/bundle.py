@@ -136,6 +136,7 @@ def atomic_bundle_dir(final: str | Path, force: bool) -> Iterator[Path]:
         raise BundleError(f"{final} already exists: pass --force to replace it, or --out another directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)
     try:
         yield tmp
         old = None

