@@ -1,7 +1,7 @@
 """CLIP for export: loading (open_clip, local or PixelCLIP checkpoints), the dense visual encoder, the text encoder."""
 from __future__ import annotations
 
-import os
+import contextlib
 from pathlib import Path
 
 import open_clip
@@ -58,11 +58,23 @@ def load_clip(spec: str = DEFAULT_CLIP, weights: str | Path | None = None, rando
     return model.float().eval(), source
 
 
-def _create_pretrained(arch: str, model_name: str, pretrained: str) -> open_clip.CLIP:
-    if not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # use a cached copy if there is one, and do not wait on retries
+@contextlib.contextmanager
+def _offline_hub(offline: bool):
+    """Make huggingface_hub use only its cache (no retries against an unreachable hub) inside the block."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
     try:
-        return open_clip.create_model(arch, pretrained=pretrained)
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _create_pretrained(arch: str, model_name: str, pretrained: str) -> open_clip.CLIP:
+    try:
+        with _offline_hub(not hub_reachable()):
+            return open_clip.create_model(arch, pretrained=pretrained)
     except Exception as e:
         if pretrained not in open_clip.list_pretrained_tags_by_model(model_name) and not Path(pretrained).is_file():
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name))
