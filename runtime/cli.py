@@ -1,0 +1,245 @@
+"""ovseg-run: segment a camera, stream, video or images and name every segment from an open vocabulary."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .bundle import DEFAULT_BUNDLE, BundleError
+from .display import Window, draw_status, has_display
+from .sinks import FrameDirSink, JsonLinesSink, Sink, SinkError, VideoSink
+from .sources import ImageSource, LatestFrameCapture, SourceError, Source, VideoFileSource, sample_clip
+from .vocabulary import VocabularyError, parse_class_list
+
+PROG = "ovseg-run"
+RANDOM_WEIGHTS_BANNER = "WARNING: this bundle has random weights: labels are meaningless (export real weights with ovseg-export)"
+# Live and image sources keep only the frames that were processed, at a rate not known up front.
+UNTIMED_VIDEO_FPS = 10.0
+USER_ERRORS: tuple[type[Exception], ...] = (BundleError, VocabularyError, SourceError, SinkError)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _camera_index(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a camera index is 0 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR", help=f"bundle written by ovseg-export (default {DEFAULT_BUNDLE})")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--camera", type=_camera_index, metavar="N", help="camera index (live: only the newest frame is processed)")
+    src.add_argument("--video", metavar="PATH_OR_URL", help="video file (every frame) or stream URL such as rtsp:// (live)")
+    src.add_argument("--image", metavar="PATH_DIR_OR_GLOB", help="an image, a directory of images, or a quoted glob")
+    src.add_argument("--sample", action="store_true", help="a 4 s clip panning across scikit-image photos, for trying ovseg without a camera")
+    vocab = p.add_mutually_exclusive_group()
+    vocab.add_argument("--classes", metavar="a,b,c", help="guided mode: label every pixel with one of these classes")
+    vocab.add_argument("--vocab", metavar="PRESET_OR_FILE", help="guided mode with a preset (voc21, ade150, ...) or a file, one name per line")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto", help="inference backend (default auto)")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto", help="encoder precision (default auto)")
+    p.add_argument("--segments", type=_positive_int, default=15, metavar="K", help="DINOv2 segment candidates per frame (default 15, as TAG)")
+    p.add_argument("--refine", choices=("segments", "edges"), help="sharpen guided-mode labels by voting inside segments, or along edges")
+    p.add_argument("--threshold", type=float, metavar="T", help="label segments scoring under T 'unknown'")
+    p.add_argument("--keyframe-interval", type=_positive_int, default=1, metavar="N", help="run the encoders every N-th frame (default 1)")
+    p.add_argument("--save", type=Path, metavar="OUT.mp4", help="write the annotated video here")
+    p.add_argument("--save-dir", type=Path, metavar="DIR", help="write per-frame PNG label maps and JSON here")
+    p.add_argument("--json", action="store_true", help="print one JSON object per frame on stdout")
+    p.add_argument("--no-show", action="store_true", help="do not open a window")
+    p.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
+    return p
+
+
+def say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+class _StderrHandler(logging.Handler):
+    """Source warnings as `ovseg-run: ...` lines on whatever sys.stderr is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say(record.getMessage())
+
+
+def _configure_output() -> None:
+    logger = logging.getLogger("ovseg")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    # OpenCV and FFmpeg print their own warnings for every failed open or bad packet; ours say what to do.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    import cv2.utils.logging
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+@dataclass
+class LatencyStats:
+    """Per-stage milliseconds of every processed frame, and the wall time of the loop."""
+
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    frames: int = 0
+    first_frame_at: float | None = None
+    last_frame_at: float | None = None
+
+    def add(self, timings: dict[str, float]) -> None:
+        now = time.perf_counter()
+        self.first_frame_at = self.first_frame_at or now
+        self.last_frame_at = now
+        self.frames += 1
+        for stage, ms in timings.items():
+            self.samples.setdefault(stage, []).append(float(ms))
+
+    def fps(self, started: float) -> float:
+        elapsed = (self.last_frame_at or started) - started
+        return self.frames / elapsed if elapsed > 0 else 0.0
+
+    def table(self, started: float, dropped: int | None, skipped: int) -> str:
+        elapsed = (self.last_frame_at or started) - started
+        counts = f"{self.frames} frames in {elapsed:.2f} s ({self.fps(started):.2f} FPS)"
+        if dropped is not None:
+            counts += f", {dropped} dropped"
+        counts += f", {skipped} skipped"
+        width = max([len(s) for s in self.samples] + [5])
+        lines = [counts, f"{'stage':<{width}}  {'mean':>8} {'p50':>8} {'p90':>8} {'p99':>8}  ms"]
+        for stage, values in self.samples.items():
+            v = np.asarray(values)
+            p50, p90, p99 = np.percentile(v, [50, 90, 99])
+            lines.append(f"{stage:<{width}}  {v.mean():8.2f} {p50:8.2f} {p90:8.2f} {p99:8.2f}")
+        return "\n".join(lines)
+
+
+def _open_source(args: argparse.Namespace, stack: contextlib.ExitStack) -> Source:
+    if args.camera is not None:
+        return LatestFrameCapture(args.camera)
+    if args.video is not None:
+        return LatestFrameCapture(args.video) if "://" in args.video else VideoFileSource(args.video)
+    if args.image is not None:
+        return ImageSource(args.image)
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ovseg-sample-")))
+    say("--sample: a 4 s clip panning across scikit-image's astronaut, coffee and cat photos")
+    return VideoFileSource(sample_clip(tmp / "sample.mp4"))
+
+
+def _open_sinks(args: argparse.Namespace, source: Source) -> list[Sink]:
+    sinks: list[Sink] = []
+    if args.save is not None:
+        every_frame = isinstance(source, VideoFileSource) and source.fps
+        sinks.append(VideoSink(args.save, source.fps if every_frame else UNTIMED_VIDEO_FPS))
+    if args.save_dir is not None:
+        sinks.append(FrameDirSink(args.save_dir))
+    if args.json:
+        sinks.append(JsonLinesSink(sys.stdout))
+    return sinks
+
+
+def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
+    classes = parse_class_list(args.classes) if args.classes is not None else None
+    stats = LatencyStats()
+    started = time.perf_counter()
+    source: Source | None = None
+    sinks: list[Sink] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(_open_source(args, stack))
+            sinks = [stack.enter_context(s) for s in _open_sinks(args, source)]
+            seg = open_segmenter(
+                args.bundle, backend=args.backend, precision=args.precision, classes=classes, vocab=args.vocab,
+                num_segments=args.segments, score_threshold=args.threshold, refine=args.refine,
+                keyframe_interval=args.keyframe_interval, threads=args.threads,
+            )
+            stack.callback(seg.close)
+            if seg.random_weights:
+                print(RANDOM_WEIGHTS_BANNER, file=sys.stderr, flush=True)
+            window = None
+            if not args.no_show:
+                if has_display():
+                    window = Window(PROG)
+                    stack.callback(window.close)
+                else:
+                    say("no display (DISPLAY/WAYLAND_DISPLAY unset or OpenCV built without a GUI): running headless")
+            if window is None and not sinks:
+                say("nothing is shown or saved: add --save OUT.mp4, --save-dir DIR or --json to keep the results")
+            say(f"{seg.mode} mode, backend {seg.backend}, {seg.precision}; reading {source.name}")
+            started = time.perf_counter()
+            _loop(args, source, seg, sinks, window, stats, started)
+    finally:
+        if stats.frames:
+            dropped = source.dropped if isinstance(source, LatestFrameCapture) else None
+            print(stats.table(started, dropped, source.skipped if source else 0), file=sys.stderr, flush=True)
+        for sink in sinks:
+            if isinstance(sink, VideoSink) and sink.frames:
+                say(f"wrote {sink.path} ({sink.frames} frames)")
+            elif isinstance(sink, FrameDirSink) and sink.frames:
+                say(f"wrote {sink.frames} label maps + JSON to {sink.dir}")
+    return 0
+
+
+def _loop(args, source: Source, seg, sinks: list[Sink], window: Window | None, stats: LatencyStats, started: float) -> None:
+    need_overlay = window is not None or any(s.needs_overlay for s in sinks)
+    for frame in source:
+        if source.independent_frames:
+            seg.reset()  # unrelated images: no warm start from the previous one
+        result = seg(frame.image)
+        timings = dict(result.timings)
+        overlay = None
+        if need_overlay:
+            t0 = time.perf_counter()
+            overlay = seg.render(frame.image, result)
+            draw_status(overlay, stats.fps(started) if stats.frames else 0.0, result.timings)
+            timings["render"] = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        for sink in sinks:
+            sink.write(frame, result, overlay)
+        keep_going = window.show(overlay) if window is not None else True
+        timings["output"] = (time.perf_counter() - t0) * 1000
+        stats.add(timings)
+        if not keep_going or (args.max_frames and stats.frames >= args.max_frames):
+            break
+
+
+def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = None) -> int:
+    """Run ovseg-run; ``open_segmenter`` replaces ``Segmenter.from_bundle`` (tests inject a fake)."""
+    args = build_parser().parse_args(argv)
+    _configure_output()
+    errors = USER_ERRORS
+    try:
+        if open_segmenter is None:
+            from .segmenter import Segmenter, SegmenterError  # onnxruntime loads here, after --help and argument errors
+
+            open_segmenter = Segmenter.from_bundle
+            errors += (SegmenterError,)
+        return _run(args, open_segmenter)
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except BrokenPipeError:  # `ovseg-run --json | head`: the reader left; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except errors as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

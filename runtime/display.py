@@ -1,0 +1,68 @@
+"""The live window of ovseg-run: is there a display, the status line, show a frame, 'q' or Esc to quit."""
+from __future__ import annotations
+
+import functools
+import os
+
+import cv2
+import numpy as np
+
+QUIT_KEYS = (ord("q"), ord("Q"), 27)  # 27 is Esc
+
+
+@functools.lru_cache(maxsize=1)
+def gui_backend() -> str | None:
+    """OpenCV's highgui backend (e.g. "GTK3", "QT5"), or None when it has none (opencv-python-headless)."""
+    for line in cv2.getBuildInformation().splitlines():
+        key, _, value = line.strip().partition(":")
+        if key.strip() == "GUI":
+            value = value.strip()
+            return None if not value or value.upper() == "NONE" else value
+    return None
+
+
+def has_display() -> bool:
+    """True when a window can open: an X11 or Wayland display is set and OpenCV was built with a GUI."""
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    return gui_backend() is not None
+
+
+def draw_status(image: np.ndarray, fps: float, timings: dict[str, float]) -> np.ndarray:
+    """Draw "12.3 FPS | dinov2 20.1 | clip 31.0 | ... | total 80.2 ms" across the top of ``image``, in place."""
+    stages = [f"{name} {ms:.1f}" for name, ms in timings.items() if name != "total"]
+    if "total" in timings:
+        stages.append(f"total {timings['total']:.1f}")
+    text = " | ".join([f"{fps:.1f} FPS", *stages]) + " ms"
+    scale = max(0.35, min(0.7, image.shape[1] / 1400))
+    thickness = 1
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    pad = 4
+    top = image[: h + base + 2 * pad, : min(image.shape[1], w + 2 * pad)]
+    top[...] = (top * 0.4).astype(image.dtype)  # darken behind the text so it reads on any frame
+    cv2.putText(image, text, (pad, pad + h), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return image
+
+
+class Window:
+    """One OpenCV window; ``show()`` returns False once the user pressed 'q' or Esc, or closed the window."""
+
+    def __init__(self, title: str = "ovseg"):
+        self.title = title
+        self._open = False
+
+    def show(self, image: np.ndarray) -> bool:
+        if not self._open:
+            cv2.namedWindow(self.title, cv2.WINDOW_NORMAL)
+            self._open = True
+        cv2.imshow(self.title, image)
+        key = cv2.waitKey(1) & 0xFF
+        if key in QUIT_KEYS:
+            return False
+        return cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) >= 1
+
+    def close(self) -> None:
+        if self._open:
+            cv2.destroyWindow(self.title)
+            cv2.waitKey(1)
+            self._open = False

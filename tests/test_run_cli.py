@@ -1,0 +1,228 @@
+"""ovseg-run: sources x sinks through the CLI, errors as one line + exit 2, Ctrl-C, the latency table, no torch.
+
+The plumbing tests inject a fake segmenter (fast, deterministic); the end-to-end tests run the real
+Segmenter on a tiny exported bundle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from ovseg.runtime import cli
+from ovseg.runtime.bundle import BundleError
+from ovseg.runtime.display import draw_status, has_display
+from ovseg.runtime.result import Result, Segment
+from ovseg.runtime.sources import VideoFileSource
+
+SIZE = (64, 48)
+
+
+class FakeSegmenter:
+    """Splits every frame into a left and a right segment; counts calls; can raise on the n-th frame."""
+
+    backend, precision, mode = "cpu", "fp32", "guidance-free"
+
+    def __init__(self, random_weights: bool = False, raise_at: int | None = None, exc: type[BaseException] = KeyboardInterrupt):
+        self.random_weights = random_weights
+        self.raise_at = raise_at
+        self.exc = exc
+        self.calls = 0
+        self.resets = 0
+        self.closed = False
+        self.kwargs: dict = {}
+
+    def open(self, path, **kwargs):
+        self.path = path
+        self.kwargs = kwargs
+        return self
+
+    def __call__(self, image: np.ndarray) -> Result:
+        if self.raise_at is not None and self.calls == self.raise_at:
+            raise self.exc()
+        h, w = image.shape[:2]
+        label_map = np.zeros((h, w), np.int32)
+        label_map[:, w // 2 :] = 1
+        segments = [Segment(0, "left", 0.3, h * (w // 2), (0, 0, w // 2, h)), Segment(1, "right", 0.2, h * (w - w // 2), (w // 2, 0, w, h))]
+        self.calls += 1
+        return Result(label_map, segments, {0: "left", 1: "right"}, {"encode": 2.0, "lookup": 1.0, "total": 3.0}, self.calls - 1)
+
+    def render(self, image, result, alpha=0.5, legend=True):
+        return np.full((*image.shape[:2], 3), 128, np.uint8)
+
+    def reset(self):
+        self.resets += 1
+
+    def close(self):
+        self.closed = True
+
+
+def write_video(path: Path, n: int = 12, fps: float = 12.0) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, SIZE)
+    for i in range(n):
+        writer.write(np.full((SIZE[1], SIZE[0], 3), i * 16, np.uint8))
+    writer.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    return write_video(tmp_path_factory.mktemp("cli") / "clip.mp4")
+
+
+def run(argv: list[str], fake: FakeSegmenter | None = None) -> int:
+    fake = fake or FakeSegmenter()
+    return cli.main(argv, open_segmenter=fake.open)
+
+
+# --- plumbing, with a fake segmenter -----------------------------------------------------------------------
+
+
+def test_video_to_every_sink_with_latency_table(video, tmp_path, capsys):
+    fake = FakeSegmenter()
+    out = tmp_path / "out.mp4"
+    code = run(["--video", str(video), "--save", str(out), "--save-dir", str(tmp_path / "frames"), "--json", "--no-show"], fake)
+    assert code == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["frame"] for r in records] == list(range(12))
+    assert records[0]["segments"][0]["label"] == "left"
+    assert len(list(VideoFileSource(out))) == 12 and VideoFileSource(out).fps == 12.0
+    assert len(list((tmp_path / "frames").glob("*.png"))) == 12
+    assert len(list((tmp_path / "frames").glob("*.json"))) == 12
+    err = captured.err
+    assert "12 frames in" in err and "FPS" in err and "0 skipped" in err and "dropped" not in err
+    for stage in ("encode", "lookup", "total", "render", "output"):
+        assert any(line.startswith(stage + " ") for line in err.splitlines()), stage
+    assert "mean" in err and "p50" in err and "p90" in err and "p99" in err
+    assert fake.closed
+
+
+def test_max_frames_stops_early(video, capsys):
+    fake = FakeSegmenter()
+    assert run(["--video", str(video), "--max-frames", "5", "--json", "--no-show"], fake) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 5
+    assert fake.calls == 5
+
+
+def test_flags_reach_the_segmenter(video, tmp_path):
+    fake = FakeSegmenter()
+    argv = ["--bundle", str(tmp_path), "--video", str(video), "--classes", "cat, dog,,cat", "--backend", "cpu", "--precision", "fp16",
+            "--segments", "7", "--refine", "edges", "--threshold", "0.2", "--keyframe-interval", "3", "--threads", "2",
+            "--max-frames", "1", "--no-show"]
+    assert run(argv, fake) == 0
+    assert fake.path == tmp_path
+    assert fake.kwargs == dict(backend="cpu", precision="fp16", classes=["cat", "dog"], vocab=None, num_segments=7,
+                               score_threshold=0.2, refine="edges", keyframe_interval=3, threads=2)
+
+
+def test_interrupt_mid_run_finalises_the_video_and_exits_130(video, tmp_path, capsys):
+    fake = FakeSegmenter(raise_at=5)
+    out = tmp_path / "out.mp4"
+    assert run(["--video", str(video), "--save", str(out), "--no-show"], fake) == 130
+    assert len(list(VideoFileSource(out))) == 5  # playable, with the frames done before Ctrl-C
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "5 frames in" in err and "Traceback" not in err
+    assert fake.closed
+
+
+def test_image_directory_resets_between_images_and_counts_skipped(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), np.full((30, 40), 50000, np.uint16))
+    cv2.imwrite(str(images / "b.png"), np.zeros((30, 40, 4), np.uint8))
+    (images / "c.png").write_bytes(b"not a png")
+    fake = FakeSegmenter()
+    assert run(["--image", str(images), "--json", "--no-show", "--save", str(tmp_path / "o.mp4")], fake) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["source"] for line in captured.out.splitlines()] == [str(images / "a.png"), str(images / "b.png")]
+    assert fake.resets == 2
+    assert "c.png cannot be read, skipping" in captured.err and "1 skipped" in captured.err
+
+
+def test_random_weights_banner_and_headless_notice(video, capsys, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert run(["--video", str(video), "--max-frames", "2"], FakeSegmenter(random_weights=True)) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "WARNING: this bundle has random weights: labels are meaningless (export real weights with ovseg-export)" in captured.err
+    assert captured.err.count("running headless") == 1
+    assert "nothing is shown or saved" in captured.err
+
+
+def test_sample_clip_source(tmp_path, capsys):
+    fake = FakeSegmenter()
+    assert run(["--sample", "--max-frames", "3", "--no-show", "--save-dir", str(tmp_path / "f")], fake) == 0
+    assert len(list((tmp_path / "f").glob("*.png"))) == 3
+    assert cv2.imread(str(tmp_path / "f" / "frame_000000.png"), cv2.IMREAD_UNCHANGED).shape == (480, 640)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--camera", "99"], "camera 99 cannot be opened: check the device (ls /dev/video*) or use --video/--image"),
+        (["--video", "missing.mp4"], "video missing.mp4 does not exist"),
+        (["--image", "nowhere/*.png"], "no files match nowhere/*.png"),
+        (["--sample", "--classes", " , ,"], "has no class names"),
+        (["--sample", "--save", "/dev/null/out.mp4"], "cannot write video /dev/null/out.mp4"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors_with_exit_2(argv, message, capsys):
+    fake = FakeSegmenter()
+    assert run(argv + ["--no-show"], fake) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ovseg-run: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert fake.calls == 0
+
+
+def test_segmenter_errors_are_one_line_errors(video, capsys):
+    def broken_bundle(path, **kwargs):
+        raise BundleError(f"no bundle at {path}: run `ovseg-export --out {path}` first\n(detail)")
+
+    assert cli.main(["--bundle", "/nowhere", "--video", str(video), "--no-show"], open_segmenter=broken_bundle) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "ovseg-run: error: no bundle at /nowhere: run `ovseg-export --out /nowhere` first"
+
+
+@pytest.mark.parametrize("argv", [[], ["--camera", "0", "--sample"], ["--sample", "--classes", "a", "--vocab", "voc21"], ["--sample", "--segments", "0"]])
+def test_argument_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv, open_segmenter=FakeSegmenter().open)
+    assert exit_.value.code == 2
+
+
+def test_boolean_flags_are_store_true():
+    parser = cli.build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.nargs == 0 and action.dest != "help":
+            assert type(action).__name__ == "_StoreTrueAction", action.dest
+
+
+def test_display_detection_and_status_line(monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert not has_display()
+    monkeypatch.setenv("DISPLAY", ":0")
+    gui = [line for line in cv2.getBuildInformation().splitlines() if line.strip().startswith("GUI:")]
+    assert has_display() == ("NONE" not in gui[0].upper())
+    image = np.zeros((120, 400, 3), np.uint8)
+    draw_status(image, 12.3, {"dinov2": 20.0, "clip": 30.0, "total": 55.0})
+    assert image[:20].max() == 255 and image[60:].max() == 0
+
+
+def test_importing_the_cli_does_not_import_torch():
+    code = (
+        "import sys, ovseg.runtime.cli, ovseg.runtime.demo; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'transformers')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
