@@ -1,7 +1,412 @@
+// Python bindings: argument checks (one-line ValueError / TypeError messages),
+// output allocation, and the GIL released around the kernels.
 #include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <initializer_list>
+#include <string>
+
+#include "kernels.h"
+#include "memory.h"
+#include "threads.h"
+#ifdef OVSEG_WITH_CUDA
+#include "cuda/cuda_kernels.h"
+#endif
 
 namespace nb = nanobind;
+using namespace nb::literals;
+using ovseg::Buffer;
+
+namespace {
+
+using Array = nb::ndarray<nb::ro>;
+
+std::string py_type(nb::handle h) { return nb::type_name(h.type()).c_str(); }
+
+std::string dtype_name(nb::dlpack::dtype dt) {
+  using Code = nb::dlpack::dtype_code;
+  switch (static_cast<Code>(dt.code)) {
+    case Code::Bool: return "bool";
+    case Code::Int: return "int" + std::to_string(dt.bits);
+    case Code::UInt: return "uint" + std::to_string(dt.bits);
+    case Code::Float: return "float" + std::to_string(dt.bits);
+    case Code::Complex: return "complex" + std::to_string(dt.bits);
+    default: return "dtype code " + std::to_string(dt.code);
+  }
+}
+
+template <class T> std::string dtype_name() { return dtype_name(nb::dtype<T>()); }
+
+std::string shape_str(const Array& a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.ndim(); ++i)
+    s += std::to_string(a.shape(i)) + (a.ndim() == 1 ? "," : i + 1 < a.ndim() ? ", " : "");
+  return s + ")";
+}
+
+std::string dims(std::initializer_list<int64_t> d) {
+  std::string s = "(";
+  size_t i = 0;
+  for (int64_t v : d) s += std::to_string(v) + (++i < d.size() ? ", " : "");
+  return s + ")";
+}
+
+// A C-contiguous, non-empty CPU array of T with `ndim` dimensions.
+template <class T>
+Array array_arg(nb::handle h, const char* name, size_t ndim, const char* layout) {
+  Array a;
+  if (!nb::try_cast(h, a, false)) {
+    if (nb::hasattr(h, "shape") && nb::hasattr(h, "dtype"))
+      throw nb::value_error((std::string(name) + " could not be read as a CPU array; pass np.ascontiguousarray(" + name + ")").c_str());
+    throw nb::type_error((std::string(name) + " must be a numpy array " + layout + " of " + dtype_name<T>() + ", got " + py_type(h)).c_str());
+  }
+  if (a.device_type() != nb::device::cpu::value)
+    throw nb::type_error((std::string(name) + " must be a CPU (numpy) array").c_str());
+  if (a.dtype() != nb::dtype<T>())
+    throw nb::type_error((std::string(name) + " must have dtype " + dtype_name<T>() + ", got " + dtype_name(a.dtype())).c_str());
+  if (a.ndim() != ndim)
+    throw nb::value_error((std::string(name) + " must be " + std::to_string(ndim) + "-D " + layout + ", got shape " + shape_str(a)).c_str());
+  int64_t expect = 1;
+  for (size_t i = ndim; i-- > 0;) {
+    if (a.shape(i) == 0)
+      throw nb::value_error((std::string(name) + " must not be empty, got shape " + shape_str(a)).c_str());
+    if (a.shape(i) != 1 && a.stride(i) != expect)
+      throw nb::value_error((std::string(name) + " must be C-contiguous; pass np.ascontiguousarray(" + name + ")").c_str());
+    expect *= static_cast<int64_t>(a.shape(i));
+  }
+  return a;
+}
+
+template <class T> const T* ptr(const Array& a) { return static_cast<const T*>(a.data()); }
+int64_t dim(const Array& a, size_t i) { return static_cast<int64_t>(a.shape(i)); }
+
+int64_t int_arg(nb::handle h, const char* name) {
+  if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr()))
+    throw nb::type_error((std::string(name) + " must be an int, got " + py_type(h)).c_str());
+  nb::object i = nb::steal(PyNumber_Index(h.ptr()));
+  if (!i.is_valid()) throw nb::python_error();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (overflow) throw nb::value_error((std::string(name) + " is out of range").c_str());
+  return v;
+}
+
+int64_t int_at_least(nb::handle h, const char* name, int64_t lo) {
+  const int64_t v = int_arg(h, name);
+  if (v < lo)
+    throw nb::value_error((std::string(name) + " must be >= " + std::to_string(lo) + ", got " + std::to_string(v)).c_str());
+  return v;
+}
+
+double float_arg(nb::handle h, const char* name) {
+  if (!PyFloat_Check(h.ptr()) && !PyLong_Check(h.ptr()) && !nb::hasattr(h, "__float__"))
+    throw nb::type_error((std::string(name) + " must be a float, got " + py_type(h)).c_str());
+  const double v = PyFloat_AsDouble(h.ptr());
+  if (v == -1.0 && PyErr_Occurred()) throw nb::python_error();
+  if (!std::isfinite(v)) throw nb::value_error((std::string(name) + " must be finite, got " + std::to_string(v)).c_str());
+  return v;
+}
+
+void check_finite(const float* p, int64_t n, const char* name) {
+  if (!ovseg::all_finite(p, n)) throw nb::value_error((std::string(name) + " contains NaN or Inf").c_str());
+}
+
+// Output array owned by a capsule that frees the tracked buffer.
+template <class T>
+nb::object wrap(Buffer<T>& buf, std::initializer_list<size_t> shape,
+                nb::dlpack::dtype dt = nb::dtype<T>()) {
+  void* p = buf.release();
+  nb::capsule owner(p, [](void* q) noexcept { ovseg::tracked_free(q); });
+  return nb::cast(nb::ndarray<nb::numpy>(p, shape, owner, {}, dt));
+}
+
+// ---- render / upsample_argmax ----
+
+struct RenderCall {
+  Array scores, frame, palette;
+  Buffer<uint8_t> default_palette;
+  ovseg::RenderArgs args{};
+  nb::dlpack::dtype label_dtype = nb::dtype<int32_t>();
+};
+
+RenderCall parse_render(nb::handle scores, nb::handle out_h, nb::handle out_w, nb::handle frame,
+                        nb::handle palette, nb::handle alpha, nb::handle label_dtype) {
+  RenderCall c;
+  c.scores = array_arg<float>(scores, "scores", 3, "[K, h, w]");
+  auto& a = c.args;
+  a.scores = ptr<float>(c.scores);
+  a.K = dim(c.scores, 0);
+  a.h = dim(c.scores, 1);
+  a.w = dim(c.scores, 2);
+  a.out_h = int_at_least(out_h, "out_h", 1);
+  a.out_w = int_at_least(out_w, "out_w", 1);
+  if (!nb::isinstance<nb::str>(label_dtype))
+    throw nb::type_error(("label_dtype must be a str, got " + py_type(label_dtype)).c_str());
+  const std::string ld = nb::borrow<nb::str>(label_dtype).c_str();
+  int64_t max_k = 0;
+  if (ld == "int32") {
+    a.label_type = ovseg::LabelType::kInt32;
+    c.label_dtype = nb::dtype<int32_t>();
+    max_k = INT32_MAX;
+  } else if (ld == "uint16") {
+    a.label_type = ovseg::LabelType::kUint16;
+    c.label_dtype = nb::dtype<uint16_t>();
+    max_k = 65536;
+  } else if (ld == "uint8") {
+    a.label_type = ovseg::LabelType::kUint8;
+    c.label_dtype = nb::dtype<uint8_t>();
+    max_k = 256;
+  } else {
+    throw nb::value_error(("label_dtype must be 'int32', 'uint16' or 'uint8', got '" + ld + "'").c_str());
+  }
+  if (a.K > max_k)
+    throw nb::value_error((std::to_string(a.K) + " score maps do not fit label_dtype " + ld).c_str());
+  a.alpha = float_arg(alpha, "alpha");
+  if (a.alpha < 0.0 || a.alpha > 1.0)
+    throw nb::value_error(("alpha must be in [0, 1], got " + std::to_string(a.alpha)).c_str());
+  if (!palette.is_none()) {
+    c.palette = array_arg<uint8_t>(palette, "palette", 2, "[K, 3]");
+    if (dim(c.palette, 0) != a.K || dim(c.palette, 1) != 3)
+      throw nb::value_error(("palette must have shape (K, 3) = " + dims({a.K, 3}) + ", got " + shape_str(c.palette)).c_str());
+    a.palette = ptr<uint8_t>(c.palette);
+  }
+  if (!frame.is_none()) {
+    c.frame = array_arg<uint8_t>(frame, "frame", 3, "[out_h, out_w, 3]");
+    if (dim(c.frame, 0) != a.out_h || dim(c.frame, 1) != a.out_w || dim(c.frame, 2) != 3)
+      throw nb::value_error(("frame must have shape (out_h, out_w, 3) = " + dims({a.out_h, a.out_w, 3}) + ", got " + shape_str(c.frame)).c_str());
+    a.frame = ptr<uint8_t>(c.frame);
+    if (!a.palette) {
+      c.default_palette = Buffer<uint8_t>(a.K * 3);
+      ovseg::default_palette(a.K, c.default_palette.data());
+      a.palette = c.default_palette.data();
+    }
+  }
+  return c;
+}
+
+using RenderKernel = void (*)(const ovseg::RenderArgs&);
+
+nb::tuple run_render(RenderCall& c, RenderKernel kernel) {
+  auto& a = c.args;
+  const size_t H = a.out_h, W = a.out_w;
+  Buffer<uint8_t> labels(H * W * (c.label_dtype.bits / 8)), overlay;
+  if (a.frame) overlay = Buffer<uint8_t>(H * W * 3);
+  a.labels = labels.data();
+  a.overlay = overlay.data();
+  {
+    nb::gil_scoped_release release;
+    check_finite(a.scores, a.K * a.h * a.w, "scores");
+    kernel(a);
+  }
+  nb::object lab = wrap(labels, {H, W}, c.label_dtype);
+  return nb::make_tuple(lab, a.frame ? wrap(overlay, {H, W, 3}) : nb::none());
+}
+
+// ---- pooling ----
+
+struct PoolCall {
+  Array labels, features;
+  int64_t H = 0, W = 0, hf = 0, wf = 0, D = 0, K = 0;
+};
+
+void parse_features(PoolCall& c, nb::handle features) {
+  c.features = array_arg<float>(features, "features", 3, "[hf, wf, D]");
+  c.hf = dim(c.features, 0);
+  c.wf = dim(c.features, 1);
+  c.D = dim(c.features, 2);
+}
+
+PoolCall parse_pool(nb::handle labels, nb::handle features, nb::handle num_segments) {
+  PoolCall c;
+  c.labels = array_arg<int32_t>(labels, "labels", 2, "[H, W]");
+  c.H = dim(c.labels, 0);
+  c.W = dim(c.labels, 1);
+  parse_features(c, features);
+  c.K = int_at_least(num_segments, "num_segments", 1);
+  return c;
+}
+
+using PoolKernel = void (*)(const int32_t*, int64_t, int64_t, const float*, int64_t, int64_t,
+                            int64_t, int64_t, float*, float*);
+
+nb::tuple run_pool(const PoolCall& c, PoolKernel kernel) {
+  Buffer<float> emb(c.K * c.D), areas(c.K);
+  {
+    nb::gil_scoped_release release;
+    check_finite(ptr<float>(c.features), c.hf * c.wf * c.D, "features");
+    kernel(ptr<int32_t>(c.labels), c.H, c.W, ptr<float>(c.features), c.hf, c.wf, c.D, c.K,
+           emb.data(), areas.data());
+  }
+  return nb::make_tuple(wrap(emb, {size_t(c.K), size_t(c.D)}), wrap(areas, {size_t(c.K)}));
+}
+
+nb::tuple pool_from_scores(nb::handle scores, nb::handle features, nb::handle out_h,
+                           nb::handle out_w) {
+  RenderCall r = parse_render(scores, out_h, out_w, nb::none(), nb::none(), nb::float_(0.5),
+                              nb::str("int32"));
+  PoolCall c;
+  parse_features(c, features);
+  auto& a = r.args;
+  c.H = a.out_h;
+  c.W = a.out_w;
+  c.K = a.K;
+  Buffer<int32_t> labels(c.H * c.W);
+  Buffer<float> emb(c.K * c.D), areas(c.K);
+  a.labels = labels.data();
+  {
+    nb::gil_scoped_release release;
+    check_finite(a.scores, a.K * a.h * a.w, "scores");
+    check_finite(ptr<float>(c.features), c.hf * c.wf * c.D, "features");
+    ovseg::render(a);
+    ovseg::pool_segments(labels.data(), c.H, c.W, ptr<float>(c.features), c.hf, c.wf, c.D, c.K,
+                         emb.data(), areas.data());
+  }
+  return nb::make_tuple(wrap(emb, {size_t(c.K), size_t(c.D)}), wrap(areas, {size_t(c.K)}),
+                        wrap(labels, {size_t(c.H), size_t(c.W)}));
+}
+
+// ---- k-means ----
+
+nb::tuple kmeans(nb::handle x_, nb::handle k_, nb::handle max_iter_, nb::handle seed_,
+                 nb::handle init_, nb::handle tol_) {
+  const Array x = array_arg<float>(x_, "x", 2, "[N, D]");
+  const int64_t N = dim(x, 0), D = dim(x, 1);
+  const int64_t k = int_at_least(k_, "k", 1);
+  const int64_t max_iter = int_at_least(max_iter_, "max_iter", 0);
+  const int64_t seed = int_at_least(seed_, "seed", 0);
+  const double tol = float_arg(tol_, "tol");
+  if (tol < 0.0) throw nb::value_error(("tol must be >= 0, got " + std::to_string(tol)).c_str());
+  Array init;
+  if (!init_.is_none()) {
+    init = array_arg<float>(init_, "init", 2, "[k, D]");
+    if (dim(init, 0) != k || dim(init, 1) != D)
+      throw nb::value_error(("init must have shape (k, D) = " + dims({k, D}) + ", got " + shape_str(init)).c_str());
+  }
+  Buffer<float> centres(k * D), scores(N * k);
+  Buffer<int32_t> assign(N);
+  {
+    nb::gil_scoped_release release;
+    check_finite(ptr<float>(x), N * D, "x");
+    if (init.is_valid()) {
+      check_finite(ptr<float>(init), k * D, "init");
+      for (int64_t j = 0; j < k; ++j) {
+        const float* row = ptr<float>(init) + j * D;
+        if (std::all_of(row, row + D, [](float v) { return v == 0.0f; }))
+          throw nb::value_error(("init row " + std::to_string(j) + " is all zeros").c_str());
+      }
+    }
+    ovseg::spherical_kmeans(ptr<float>(x), N, D, k, max_iter, static_cast<uint64_t>(seed),
+                            init.is_valid() ? ptr<float>(init) : nullptr, tol, centres.data(),
+                            assign.data(), scores.data());
+  }
+  return nb::make_tuple(wrap(centres, {size_t(k), size_t(D)}), wrap(assign, {size_t(N)}),
+                        wrap(scores, {size_t(N), size_t(k)}));
+}
+
+// ---- CUDA ----
+
+[[noreturn]] void no_cuda(const std::string& reason) {
+#ifdef OVSEG_WITH_CUDA
+  throw std::runtime_error("no CUDA GPU: " + reason);
+#else
+  (void)reason;
+  throw std::runtime_error("ovseg was built without CUDA");
+#endif
+}
+
+std::string cuda_reason() {
+#ifdef OVSEG_WITH_CUDA
+  return ovseg::cuda::unavailable_reason();
+#else
+  return "ovseg was built without CUDA";
+#endif
+}
+
+void require_cuda() {
+  const std::string reason = cuda_reason();
+  if (!reason.empty()) no_cuda(reason);
+}
+
+}  // namespace
 
 NB_MODULE(_native, m) {
-  m.doc() = "ovseg native core";
+  m.doc() = "ovseg native core: fused segment pooling, label-map rendering, spherical k-means";
+
+  m.def("upsample_argmax",
+        [](nb::handle scores, nb::handle out_h, nb::handle out_w) {
+          RenderCall c = parse_render(scores, out_h, out_w, nb::none(), nb::none(),
+                                      nb::float_(0.5), nb::str("int32"));
+          return nb::object(run_render(c, ovseg::render)[0]);
+        },
+        "scores"_a, "out_h"_a, "out_w"_a);
+
+  m.def("render",
+        [](nb::handle scores, nb::handle out_h, nb::handle out_w, nb::handle frame,
+           nb::handle palette, nb::handle alpha, nb::handle label_dtype) {
+          RenderCall c = parse_render(scores, out_h, out_w, frame, palette, alpha, label_dtype);
+          return run_render(c, ovseg::render);
+        },
+        "scores"_a, "out_h"_a, "out_w"_a, "frame"_a = nb::none(), "palette"_a = nb::none(),
+        "alpha"_a = 0.5, "label_dtype"_a = "int32");
+
+  m.def("pool_segments",
+        [](nb::handle labels, nb::handle features, nb::handle num_segments) {
+          return run_pool(parse_pool(labels, features, num_segments), ovseg::pool_segments);
+        },
+        "labels"_a, "features"_a, "num_segments"_a);
+
+  m.def("pool_segments_from_scores", &pool_from_scores, "scores"_a, "features"_a, "out_h"_a,
+        "out_w"_a);
+
+  m.def("spherical_kmeans", &kmeans, "x"_a, "k"_a, "max_iter"_a = 10, "seed"_a = 0,
+        "init"_a = nb::none(), "tol"_a = 1e-4);
+
+  m.def("cuda_available", [] { return cuda_reason().empty(); });
+
+  m.def("pool_segments_cuda",
+        [](nb::handle labels, nb::handle features, nb::handle num_segments) {
+          require_cuda();
+#ifdef OVSEG_WITH_CUDA
+          return run_pool(parse_pool(labels, features, num_segments), ovseg::cuda::pool_segments);
+#else
+          return nb::tuple();
+#endif
+        },
+        "labels"_a, "features"_a, "num_segments"_a);
+
+  m.def("render_cuda",
+        [](nb::handle scores, nb::handle out_h, nb::handle out_w, nb::handle frame,
+           nb::handle palette, nb::handle alpha, nb::handle label_dtype) {
+          require_cuda();
+#ifdef OVSEG_WITH_CUDA
+          RenderCall c = parse_render(scores, out_h, out_w, frame, palette, alpha, label_dtype);
+          return run_render(c, ovseg::cuda::render);
+#else
+          return nb::tuple();
+#endif
+        },
+        "scores"_a, "out_h"_a, "out_w"_a, "frame"_a = nb::none(), "palette"_a = nb::none(),
+        "alpha"_a = 0.5, "label_dtype"_a = "int32");
+
+  m.def("set_num_threads", [](nb::handle n) {
+    const int64_t v = int_at_least(n, "n", 1);
+    if (v > 1024) throw nb::value_error(("n must be <= 1024, got " + std::to_string(v)).c_str());
+    ovseg::set_num_threads(static_cast<int>(v));
+  }, "n"_a);
+  m.def("get_num_threads", [] { return ovseg::num_threads(); });
+
+  m.def("default_palette",
+        [](nb::handle k_) {
+          const int64_t k = int_at_least(k_, "k", 1);
+          Buffer<uint8_t> p(k * 3);
+          ovseg::default_palette(k, p.data());
+          return wrap(p, {size_t(k), 3});
+        },
+        "k"_a);
+
+  m.def("peak_allocated_bytes", [](bool reset) { return ovseg::tracked_peak_bytes(reset); },
+        "reset"_a = true);
 }

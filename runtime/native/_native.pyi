@@ -1,0 +1,103 @@
+"""ovseg's compiled core: fused per-segment pooling, label-map rendering and
+spherical k-means (C++17, threads, GIL released; optional CUDA kernels).
+
+Arrays must be numpy arrays (or other CPU arrays exporting DLPack / the
+buffer protocol) of exactly the stated dtype, C-contiguous and non-empty: the
+functions never convert or copy their inputs, they raise instead (TypeError for
+a wrong type or dtype, ValueError for a wrong shape, layout, value, or NaN/Inf
+in a float input), so pass ``np.ascontiguousarray(a, dtype=...)`` when in doubt.
+Bilinear upsampling everywhere uses half-pixel centres and clamped edges
+(align_corners=False), i.e. cv2.resize INTER_LINEAR / torch F.interpolate
+"bilinear" when upsampling.
+"""
+
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+I32 = npt.NDArray[np.int32]
+U8 = npt.NDArray[np.uint8]
+LabelDtype = Literal["int32", "uint16", "uint8"]
+
+def upsample_argmax(scores: F32, out_h: int, out_w: int) -> I32:
+    """Bilinearly upsample scores [K, h, w] to (out_h, out_w) and take the argmax
+    over K (the lowest index wins exact ties): int32 [out_h, out_w]."""
+
+def pool_segments(labels: I32, features: F32, num_segments: int) -> tuple[F32, F32]:
+    """TAG's segment embedding: mean of the features [hf, wf, D], bilinearly upsampled to
+    labels' [H, W], over each label's pixels, L2-normalised — computed through the adjoint of
+    the upsampling, never materialising it. Returns (embeddings [K, D], areas [K] in pixels,
+    exact up to 2**24); empty segments give a zero row and area 0; labels outside [0, K) are
+    ignored."""
+
+def pool_segments_from_scores(
+    scores: F32, features: F32, out_h: int, out_w: int
+) -> tuple[F32, F32, I32]:
+    """upsample_argmax(scores, out_h, out_w) then pool_segments with K = scores.shape[0]:
+    (embeddings [K, D], areas [K], labels [out_h, out_w])."""
+
+def render(
+    scores: F32,
+    out_h: int,
+    out_w: int,
+    frame: U8 | None = None,
+    palette: U8 | None = None,
+    alpha: float = 0.5,
+    label_dtype: LabelDtype = "int32",
+) -> tuple[npt.NDArray[np.int32 | np.uint16 | np.uint8], U8 | None]:
+    """One pass of upsample_argmax plus, with a frame [out_h, out_w, 3], the overlay
+    round_half_even((1 - alpha) * frame + alpha * palette[label]) evaluated in float64, as a new
+    uint8 array (else None). palette [K, 3] is in the frame's channel order (default:
+    default_palette(K)); label_dtype must hold K labels (uint8: K <= 256, uint16: K <= 65536)."""
+
+def spherical_kmeans(
+    x: F32,
+    k: int,
+    max_iter: int = 10,
+    seed: int = 0,
+    init: F32 | None = None,
+    tol: float = 1e-4,
+) -> tuple[F32, I32, F32]:
+    """Spherical k-means of the L2-normalised rows of x [N, D] (x is not modified): k-means++
+    seeding from `seed` (splitmix64, deterministic), or a warm start from init [k, D]
+    (normalised; rows must be non-zero). Assignment by max cosine (lowest index wins ties),
+    centres = normalised member sums; an empty cluster takes the point farthest from its
+    centre among clusters with >= 2 members, or keeps its centre if there is none. Stops when
+    the largest centre shift (L2) is < tol or after max_iter iterations (max_iter=0: seeding
+    only). Returns (centres [k, D], assignment [N], scores = x_normalised @ centres.T [N, k]),
+    the last two for the returned centres. k > N is allowed: the extra centres duplicate points
+    and stay empty. Results do not depend on the thread count."""
+
+def cuda_available() -> bool:
+    """True if the module was built with CUDA and a CUDA device can be used."""
+
+def pool_segments_cuda(labels: I32, features: F32, num_segments: int) -> tuple[F32, F32]:
+    """pool_segments on the GPU (host arrays in and out). RuntimeError when built without CUDA
+    or without a usable GPU."""
+
+def render_cuda(
+    scores: F32,
+    out_h: int,
+    out_w: int,
+    frame: U8 | None = None,
+    palette: U8 | None = None,
+    alpha: float = 0.5,
+    label_dtype: LabelDtype = "int32",
+) -> tuple[npt.NDArray[np.int32 | np.uint16 | np.uint8], U8 | None]:
+    """render on the GPU (host arrays in and out). RuntimeError when built without CUDA or
+    without a usable GPU."""
+
+def set_num_threads(n: int) -> None:
+    """Threads used by the CPU kernels (1..1024; default: the hardware concurrency)."""
+
+def get_num_threads() -> int:
+    """Threads used by the CPU kernels."""
+
+def default_palette(k: int) -> U8:
+    """The PASCAL VOC colour map for k labels in BGR order: uint8 [k, 3]."""
+
+def peak_allocated_bytes(reset: bool = True) -> int:
+    """Peak bytes held by the native kernels' own allocations (scratch and outputs) since the
+    last reset; with reset=True the peak restarts from what is held now."""

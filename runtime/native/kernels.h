@@ -1,0 +1,56 @@
+// CPU kernels. Arguments are validated by the bindings (module.cpp); these
+// functions assume C-contiguous, correctly shaped, finite inputs.
+#pragma once
+#include <cstdint>
+
+namespace ovseg {
+
+enum class LabelType { kInt32, kUint16, kUint8 };
+
+struct RenderArgs {
+  const float* scores;  // [K, h, w]
+  int64_t K, h, w;
+  int64_t out_h, out_w;
+  void* labels;  // [out_h, out_w] of label_type
+  LabelType label_type;
+  const uint8_t* frame;    // [out_h, out_w, 3] or null
+  const uint8_t* palette;  // [K, 3], needed with frame
+  double alpha;
+  uint8_t* overlay;  // [out_h, out_w, 3], needed with frame
+};
+
+// Bilinear upsampling of the K score maps, argmax over K (lowest index wins
+// ties) and, with a frame, the palette blend — one pass over the output.
+void render(const RenderArgs& a);
+
+// Segment sums of the bilinearly upsampled features through the adjoint of the
+// upsampling: emb[K, D] L2-normalised, areas[K] in pixels.
+void pool_segments(const int32_t* labels, int64_t H, int64_t W, const float* features,
+                   int64_t hf, int64_t wf, int64_t D, int64_t K, float* emb, float* areas);
+
+// Accumulates, for every label k in [0, K) and feature cell n, the summed
+// bilinear weight of the pixels labelled k: acc[N, K] with N = hf * wf (layout
+// n-major). Used by the CPU and CUDA paths.
+void segment_weights(const int32_t* labels, int64_t H, int64_t W, int64_t hf, int64_t wf,
+                     int64_t K, float* acc, int64_t* areas);
+
+void spherical_kmeans(const float* x, int64_t N, int64_t D, int64_t k, int64_t max_iter,
+                      uint64_t seed, const float* init, double tol, float* centres,
+                      int32_t* assign, float* scores);
+
+// True when no element is NaN or +-Inf.
+bool all_finite(const float* p, int64_t n);
+
+// Scales each row to unit L2 norm; all-zero rows stay zero.
+void normalise_rows(float* p, int64_t rows, int64_t cols);
+
+// round-half-even((1 - alpha) * f + alpha * p) evaluated in double precision
+// without fused multiply-add, so numpy reproduces it exactly (blend.cpp).
+uint8_t blend_value(double alpha, int f, int p);
+// lut[(k * 3 + c) * 256 + f] = blend_value(alpha, f, palette[k * 3 + c]).
+void blend_lut(double alpha, const uint8_t* palette, int64_t K, uint8_t* lut);
+
+// The PASCAL VOC colour map (bit-interleaved label index) in BGR order, any K.
+void default_palette(int64_t K, uint8_t* out);
+
+}  // namespace ovseg
