@@ -73,6 +73,8 @@ class Manifest:
     ovseg_version: str
     opset: int
     checks: dict[str, dict[str, float]] = field(default_factory=dict)  # file -> parity numbers
+    # precision ("int8", "fp16") -> accuracy gate against fp32: {"passed": bool, numbers...} (ovseg-calib)
+    gates: dict[str, dict] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)  # file -> hex digest
     schema_version: int = SCHEMA_VERSION
 
