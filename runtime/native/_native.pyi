@@ -99,5 +99,5 @@ def default_palette(k: int) -> U8:
     """The PASCAL VOC colour map for k labels in BGR order: uint8 [k, 3]."""
 
 def peak_allocated_bytes(reset: bool = True) -> int:
-    """Peak bytes held by the native kernels' own allocations (scratch and outputs) since the
-    last reset; with reset=True the peak restarts from what is held now."""
+    """Peak bytes allocated by the native kernels (scratch and outputs), above what they held at
+    the previous reset, since that reset; reset=True starts a new measurement."""

@@ -14,6 +14,7 @@ namespace {
 constexpr size_t kHeader = 64;  // holds the size, keeps the data 64-byte aligned
 std::atomic<int64_t> g_current{0};
 std::atomic<int64_t> g_peak{0};
+std::atomic<int64_t> g_base{0};  // bytes held at the last reset
 
 void add(int64_t bytes) {
   const int64_t now = g_current.fetch_add(bytes) + bytes;
@@ -49,8 +50,11 @@ void tracked_free(void* p) noexcept {
 }
 
 int64_t tracked_peak_bytes(bool reset) {
-  const int64_t peak = g_peak.load();
-  if (reset) g_peak.store(g_current.load());
+  const int64_t peak = g_peak.load() - g_base.load();
+  if (reset) {
+    g_base.store(g_current.load());
+    g_peak.store(g_base.load());
+  }
   return peak;
 }
 

@@ -11,7 +11,8 @@ namespace ovseg {
 
 void* tracked_alloc(size_t bytes);  // throws std::bad_alloc
 void tracked_free(void* p) noexcept;
-// Peak of the bytes held by tracked allocations since the last reset.
+// Peak bytes held by tracked allocations since the last reset, above what was
+// held at that reset; a reset starts a new measurement.
 int64_t tracked_peak_bytes(bool reset);
 
 // Owning array of trivially copyable T.

@@ -69,10 +69,11 @@ Array array_arg(nb::handle h, const char* name, size_t ndim, const char* layout)
     throw nb::type_error((std::string(name) + " must have dtype " + dtype_name<T>() + ", got " + dtype_name(a.dtype())).c_str());
   if (a.ndim() != ndim)
     throw nb::value_error((std::string(name) + " must be " + std::to_string(ndim) + "-D " + layout + ", got shape " + shape_str(a)).c_str());
-  int64_t expect = 1;
-  for (size_t i = ndim; i-- > 0;) {
+  for (size_t i = 0; i < ndim; ++i)
     if (a.shape(i) == 0)
       throw nb::value_error((std::string(name) + " must not be empty, got shape " + shape_str(a)).c_str());
+  int64_t expect = 1;
+  for (size_t i = ndim; i-- > 0;) {
     if (a.shape(i) != 1 && a.stride(i) != expect)
       throw nb::value_error((std::string(name) + " must be C-contiguous; pass np.ascontiguousarray(" + name + ")").c_str());
     expect *= static_cast<int64_t>(a.shape(i));
@@ -99,6 +100,24 @@ int64_t int_at_least(nb::handle h, const char* name, int64_t lo) {
   if (v < lo)
     throw nb::value_error((std::string(name) + " must be >= " + std::to_string(lo) + ", got " + std::to_string(v)).c_str());
   return v;
+}
+
+uint64_t uint64_arg(nb::handle h, const char* name) {
+  if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr()))
+    throw nb::type_error((std::string(name) + " must be an int, got " + py_type(h)).c_str());
+  nb::object i = nb::steal(PyNumber_Index(h.ptr()));
+  if (!i.is_valid()) throw nb::python_error();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (overflow < 0 || (overflow == 0 && v < 0))
+    throw nb::value_error((std::string(name) + " must be >= 0, got " + nb::str(i).c_str()).c_str());
+  if (overflow == 0) return static_cast<uint64_t>(v);
+  const unsigned long long u = PyLong_AsUnsignedLongLong(i.ptr());
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    throw nb::value_error((std::string(name) + " must be < 2**64").c_str());
+  }
+  return u;
 }
 
 double float_arg(nb::handle h, const char* name) {
@@ -276,7 +295,7 @@ nb::tuple kmeans(nb::handle x_, nb::handle k_, nb::handle max_iter_, nb::handle 
   const int64_t N = dim(x, 0), D = dim(x, 1);
   const int64_t k = int_at_least(k_, "k", 1);
   const int64_t max_iter = int_at_least(max_iter_, "max_iter", 0);
-  const int64_t seed = int_at_least(seed_, "seed", 0);
+  const uint64_t seed = uint64_arg(seed_, "seed");
   const double tol = float_arg(tol_, "tol");
   if (tol < 0.0) throw nb::value_error(("tol must be >= 0, got " + std::to_string(tol)).c_str());
   Array init;
@@ -298,7 +317,7 @@ nb::tuple kmeans(nb::handle x_, nb::handle k_, nb::handle max_iter_, nb::handle 
           throw nb::value_error(("init row " + std::to_string(j) + " is all zeros").c_str());
       }
     }
-    ovseg::spherical_kmeans(ptr<float>(x), N, D, k, max_iter, static_cast<uint64_t>(seed),
+    ovseg::spherical_kmeans(ptr<float>(x), N, D, k, max_iter, seed,
                             init.is_valid() ? ptr<float>(init) : nullptr, tol, centres.data(),
                             assign.data(), scores.data());
   }
