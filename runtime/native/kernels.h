@@ -24,8 +24,9 @@ struct RenderArgs {
 void render(const RenderArgs& a);
 
 // Segment sums of the bilinearly upsampled features through the adjoint of the
-// upsampling: emb[K, D] L2-normalised, areas[K] in pixels.
-void pool_segments(const int32_t* labels, int64_t H, int64_t W, const float* features,
+// upsampling: emb[K, D] L2-normalised, areas[K] in pixels. Returns false (and
+// leaves emb undefined) if the features contain NaN or Inf.
+bool pool_segments(const int32_t* labels, int64_t H, int64_t W, const float* features,
                    int64_t hf, int64_t wf, int64_t D, int64_t K, float* emb, float* areas);
 
 // Accumulates, for every label k in [0, K) and feature cell n, the summed

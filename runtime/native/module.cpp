@@ -248,16 +248,15 @@ PoolCall parse_pool(nb::handle labels, nb::handle features, nb::handle num_segme
   return c;
 }
 
-using PoolKernel = void (*)(const int32_t*, int64_t, int64_t, const float*, int64_t, int64_t,
-                            int64_t, int64_t, float*, float*);
-
-nb::tuple run_pool(const PoolCall& c, PoolKernel kernel) {
+// kernel(...) runs with the GIL released and returns false for non-finite features.
+template <class Kernel>
+nb::tuple run_pool(const PoolCall& c, Kernel&& kernel) {
   Buffer<float> emb(c.K * c.D), areas(c.K);
   {
     nb::gil_scoped_release release;
-    check_finite(ptr<float>(c.features), c.hf * c.wf * c.D, "features");
-    kernel(ptr<int32_t>(c.labels), c.H, c.W, ptr<float>(c.features), c.hf, c.wf, c.D, c.K,
-           emb.data(), areas.data());
+    if (!kernel(ptr<int32_t>(c.labels), c.H, c.W, ptr<float>(c.features), c.hf, c.wf, c.D, c.K,
+                emb.data(), areas.data()))
+      throw nb::value_error("features contains NaN or Inf");
   }
   return nb::make_tuple(wrap(emb, {size_t(c.K), size_t(c.D)}), wrap(areas, {size_t(c.K)}));
 }
@@ -278,10 +277,10 @@ nb::tuple pool_from_scores(nb::handle scores, nb::handle features, nb::handle ou
   {
     nb::gil_scoped_release release;
     check_finite(a.scores, a.K * a.h * a.w, "scores");
-    check_finite(ptr<float>(c.features), c.hf * c.wf * c.D, "features");
     ovseg::render(a);
-    ovseg::pool_segments(labels.data(), c.H, c.W, ptr<float>(c.features), c.hf, c.wf, c.D, c.K,
-                         emb.data(), areas.data());
+    if (!ovseg::pool_segments(labels.data(), c.H, c.W, ptr<float>(c.features), c.hf, c.wf, c.D,
+                              c.K, emb.data(), areas.data()))
+      throw nb::value_error("features contains NaN or Inf");
   }
   return nb::make_tuple(wrap(emb, {size_t(c.K), size_t(c.D)}), wrap(areas, {size_t(c.K)}),
                         wrap(labels, {size_t(c.H), size_t(c.W)}));
@@ -389,7 +388,13 @@ NB_MODULE(_native, m) {
         [](nb::handle labels, nb::handle features, nb::handle num_segments) {
           require_cuda();
 #ifdef OVSEG_WITH_CUDA
-          return run_pool(parse_pool(labels, features, num_segments), ovseg::cuda::pool_segments);
+          return run_pool(parse_pool(labels, features, num_segments),
+                          [](const int32_t* l, int64_t H, int64_t W, const float* f, int64_t hf,
+                             int64_t wf, int64_t D, int64_t K, float* emb, float* areas) {
+                            if (!ovseg::all_finite(f, hf * wf * D)) return false;
+                            ovseg::cuda::pool_segments(l, H, W, f, hf, wf, D, K, emb, areas);
+                            return true;
+                          });
 #else
           return nb::tuple();
 #endif

@@ -4,12 +4,14 @@
 // so the masks are pooled down with the adjoint of the separable bilinear
 // upsampling U = U_y (x) U_x into acc[n, k], then one product acc^T F.
 //
-// Per output row, each run [a, b) of one label adds its column weights
-// sum_{x in [a, b)} U_x(x, j) — read off prefix sums of the bilinear fraction —
-// to the two source rows the output row reads, scaled by their U_y weights.
-// The cost is O(H * W / 16 + runs), and U(F) is never formed.
+// The output pixels whose taps are source rows (i, i+1) and columns (j, j+1)
+// form a block. Where a block has a single label, its contribution to those
+// four cells is a product of the block's summed row and column weights; only
+// blocks cut by a segment boundary are walked row by row, in runs of equal
+// labels. The labels are read once and U(F) is never formed.
 #include <algorithm>
-#include <cmath>
+#include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "bilinear.h"
@@ -20,101 +22,133 @@
 namespace ovseg {
 namespace {
 
-// Column side of the adjoint: output columns come in stretches that share
-// their left tap i; within a stretch the right tap gets the summed fraction
-// lam and the left tap the rest.
-struct Columns {
+// One axis' outputs grouped by left tap: [begin(i), end(i)) read taps i and
+// i + 1; the summed weights of a range come from prefix sums of lam.
+struct Stretches {
   const Axis& ax;
-  Buffer<double> prefix;  // prefix[x]: sum of lam over output columns < x
+  Buffer<double> prefix;  // prefix[o]: sum of lam over outputs < o
 
-  Columns(const Axis& a, int64_t out) : ax(a), prefix(out + 1) {
+  Stretches(const Axis& a, int64_t out) : ax(a), prefix(out + 1) {
     prefix[0] = 0.0;
-    for (int64_t x = 0; x < out; ++x) prefix[x + 1] = prefix[x] + a.lam[x];
+    for (int64_t o = 0; o < out; ++o) prefix[o + 1] = prefix[o] + a.lam[o];
   }
+  int64_t begin(int64_t i) const { return i == 0 ? 0 : ax.end[i - 1]; }
+  int64_t end(int64_t i) const { return ax.end[i]; }
+  double right(int64_t a, int64_t b) const { return prefix[b] - prefix[a]; }
+  double left(int64_t a, int64_t b) const { return static_cast<double>(b - a) - right(a, b); }
 };
 
-struct Target {
-  float* row;  // acc + source_row * wf * K
-  double w;    // U_y weight of that source row
-};
-
-// End of the run of equal labels starting at x.
-OVSEG_MULTIVERSION int64_t run_end(const int32_t* row, int64_t x, int64_t W) {
-  const int32_t k = row[x++];
-  while (x + 16 <= W) {
-    int32_t diff = 0;
-    for (int j = 0; j < 16; ++j) diff |= row[x + j] ^ k;
-    if (diff) break;
-    x += 16;
-  }
-  while (x < W && row[x] == k) ++x;
-  return x;
-}
-
-void add_run(const Columns& cols, int64_t wf, int64_t K, int64_t k, int64_t a, int64_t b,
-             const Target* targets, int n_targets) {
-  for (int64_t s = a; s < b;) {
-    const int64_t i = cols.ax.i0[s];
-    const int64_t e = std::min(b, cols.ax.end[i]);
-    const double right = cols.prefix[e] - cols.prefix[s];
-    const double left = static_cast<double>(e - s) - right;
-    for (int t = 0; t < n_targets; ++t) {
-      float* cell = targets[t].row + i * K + k;
-      cell[0] += static_cast<float>(targets[t].w * left);
-      if (i + 1 < wf) cell[K] += static_cast<float>(targets[t].w * right);
-    }
-    s = e;
-  }
-}
-
-// acc[i, j, k] += weights from the output rows whose taps fall in the source
-// rows [r0, r1) owned by this task; areas are counted for the output rows whose
-// top tap is owned. Every acc row is written by exactly one task, in output-row
-// order, so the result does not depend on the number of threads.
-void accumulate_band(const int32_t* labels, int64_t W, const Axis& ay, int64_t H,
-                     const Columns& cols, int64_t wf, int64_t K, int64_t r0, int64_t r1,
-                     float* acc, int64_t* areas) {
-  std::fill(acc + r0 * wf * K, acc + r1 * wf * K, 0.0f);
-  const int32_t* i0 = ay.i0.data();
-  const int64_t y_begin = std::lower_bound(i0, i0 + H, static_cast<int32_t>(r0 - 1)) - i0;
-  const int64_t y_end = std::lower_bound(i0, i0 + H, static_cast<int32_t>(r1)) - i0;
-  for (int64_t y = y_begin; y < y_end; ++y) {
-    Target targets[2];
-    int n = 0;
-    const bool primary = ay.i0[y] >= r0;
-    if (primary) targets[n++] = {acc + ay.i0[y] * wf * K, 1.0 - ay.lam[y]};
-    if (ay.lam[y] != 0.0 && ay.i1[y] >= r0 && ay.i1[y] < r1)
-      targets[n++] = {acc + ay.i1[y] * wf * K, ay.lam[y]};
-    if (n == 0) continue;
+// True when every label in rows [ya, yb) x columns [xa, xb) is k.
+OVSEG_MULTIVERSION bool block_is(const int32_t* labels, int64_t W, int64_t ya, int64_t yb,
+                                 int64_t xa, int64_t xb, int32_t k) {
+  for (int64_t y = ya; y < yb; ++y) {
     const int32_t* row = labels + y * W;
-    for (int64_t x = 0; x < W;) {
-      const int64_t b = run_end(row, x, W);
-      const int32_t k = row[x];
-      if (k >= 0 && k < K) {
-        if (primary) areas[k] += b - x;
-        add_run(cols, wf, K, k, x, b, targets, n);
+    int32_t diff = 0;
+    for (int64_t x = xa; x < xb; ++x) diff |= row[x] ^ k;
+    if (diff) return false;
+  }
+  return true;
+}
+
+// True when rows a and b agree on columns [xa, xb).
+OVSEG_MULTIVERSION bool same_span(const int32_t* a, const int32_t* b, int64_t xa, int64_t xb) {
+  int32_t diff = 0;
+  for (int64_t x = xa; x < xb; ++x) diff |= a[x] ^ b[x];
+  return diff == 0;
+}
+
+// The acc rows (source rows i and i + 1) a block row band writes, null when
+// another task owns them, with their vertical weights.
+struct Band {
+  float* top;
+  float* bottom;
+  int64_t wf, K;
+
+  void add(int64_t j, int64_t k, double w_top, double w_bottom, double left, double right) const {
+    if (top) {
+      top[j * K + k] += static_cast<float>(w_top * left);
+      if (j + 1 < wf) top[(j + 1) * K + k] += static_cast<float>(w_top * right);
+    }
+    if (bottom && w_bottom != 0.0) {
+      bottom[j * K + k] += static_cast<float>(w_bottom * left);
+      if (j + 1 < wf) bottom[(j + 1) * K + k] += static_cast<float>(w_bottom * right);
+    }
+  }
+};
+
+// acc rows [r0, r1) (each written by exactly one task, always in the same
+// order, so the result does not depend on the thread count), and the areas of
+// the output rows whose top tap is in [r0, r1).
+void accumulate_band(const int32_t* labels, int64_t W, const Stretches& ys,
+                     const Stretches& xs, int64_t hf, int64_t wf, int64_t K, int64_t r0,
+                     int64_t r1, float* acc, int64_t* areas) {
+  std::fill(acc + r0 * wf * K, acc + r1 * wf * K, 0.0f);
+  for (int64_t i = std::max<int64_t>(r0 - 1, 0); i < r1; ++i) {
+    const int64_t ya = ys.begin(i), yb = ys.end(i);
+    if (ya == yb) continue;
+    const bool own_top = i >= r0;
+    const Band band{own_top ? acc + i * wf * K : nullptr,
+                    i + 1 < std::min(r1, hf) ? acc + (i + 1) * wf * K : nullptr, wf, K};
+    for (int64_t j = 0; j < wf; ++j) {
+      const int64_t xa = xs.begin(j), xb = xs.end(j);
+      if (xa == xb) continue;
+      const int32_t first = labels[ya * W + xa];
+      if (block_is(labels, W, ya, yb, xa, xb, first)) {
+        if (first < 0 || first >= K) continue;
+        if (own_top) areas[first] += (yb - ya) * (xb - xa);
+        band.add(j, first, ys.left(ya, yb), ys.right(ya, yb), xs.left(xa, xb), xs.right(xa, xb));
+        continue;
       }
-      x = b;
+      // A block cut by a boundary: runs of equal labels, row by row, with
+      // identical consecutive rows (a vertical-ish boundary) taken together.
+      for (int64_t y = ya; y < yb;) {
+        const int32_t* row = labels + y * W;
+        double w_top = 0.0, w_bottom = 0.0;
+        int64_t y2 = y;
+        do {
+          w_bottom += ys.ax.lam[y2];
+          w_top += 1.0 - ys.ax.lam[y2];
+          ++y2;
+        } while (y2 < yb && same_span(row, labels + y2 * W, xa, xb));
+        for (int64_t x = xa; x < xb;) {
+          const int32_t k = row[x];
+          int64_t e = x + 1;
+          while (e < xb && row[e] == k) ++e;
+          if (k >= 0 && k < K) {
+            if (own_top) areas[k] += (e - x) * (y2 - y);
+            band.add(j, k, w_top, w_bottom, xs.left(x, e), xs.right(x, e));
+          }
+          x = e;
+        }
+        y = y2;
+      }
     }
   }
 }
 
-// emb[k, d0:d1] = sum_n acc[n, k] * F[n, d0:d1], skipping zero weights (each
-// segment touches few cells).
-OVSEG_MULTIVERSION void weighted_sums(const float* acc, const float* F, int64_t N, int64_t K,
+// emb[k, d0:d1] = sum_n acc[n, k] * F[n, d0:d1], skipping zero weights (a
+// segment touches few cells). Also checks F[:, d0:d1] for NaN/Inf on the way.
+OVSEG_MULTIVERSION bool weighted_sums(const float* acc, const float* F, int64_t N, int64_t K,
                                       int64_t D, int64_t d0, int64_t d1, float* emb) {
   const int64_t len = d1 - d0;
   for (int64_t k = 0; k < K; ++k) std::fill(emb + k * D + d0, emb + k * D + d1, 0.0f);
+  uint32_t worst = 0;
   for (int64_t n = 0; n < N; ++n) {
+    const float* __restrict f = F + n * D + d0;
+    for (int64_t d = 0; d < len; ++d) {
+      uint32_t bits;
+      std::memcpy(&bits, f + d, 4);
+      worst = std::max(worst, bits & 0x7fffffffu);
+    }
     const float* a = acc + n * K;
-    const float* f = F + n * D + d0;
     for (int64_t k = 0; k < K; ++k) {
       const float s = a[k];
       if (s == 0.0f) continue;
-      float* e = emb + k * D + d0;
+      float* __restrict e = emb + k * D + d0;
       for (int64_t d = 0; d < len; ++d) e[d] += s * f[d];
     }
   }
+  return worst < 0x7f800000u;
 }
 
 }  // namespace
@@ -122,12 +156,12 @@ OVSEG_MULTIVERSION void weighted_sums(const float* acc, const float* F, int64_t 
 void segment_weights(const int32_t* labels, int64_t H, int64_t W, int64_t hf, int64_t wf,
                      int64_t K, float* acc, int64_t* areas) {
   const Axis ay(hf, H), ax(wf, W);
-  const Columns cols(ax, W);
+  const Stretches ys(ay, H), xs(ax, W);
   const int chunks = static_cast<int>(std::min<int64_t>(num_threads(), hf));
   std::vector<Buffer<int64_t>> band_areas;
   for (int c = 0; c < chunks; ++c) band_areas.emplace_back(K, true);
   parallel_tasks(chunks, [&](int c) {
-    accumulate_band(labels, W, ay, H, cols, wf, K, hf * c / chunks, hf * (c + 1) / chunks, acc,
+    accumulate_band(labels, W, ys, xs, hf, wf, K, hf * c / chunks, hf * (c + 1) / chunks, acc,
                     band_areas[c].data());
   });
   std::fill(areas, areas + K, 0);
@@ -135,17 +169,20 @@ void segment_weights(const int32_t* labels, int64_t H, int64_t W, int64_t hf, in
     for (int64_t k = 0; k < K; ++k) areas[k] += band[k];
 }
 
-void pool_segments(const int32_t* labels, int64_t H, int64_t W, const float* features,
+bool pool_segments(const int32_t* labels, int64_t H, int64_t W, const float* features,
                    int64_t hf, int64_t wf, int64_t D, int64_t K, float* emb, float* areas) {
   const int64_t N = hf * wf;
   Buffer<float> acc(N * K);
   Buffer<int64_t> counts(K);
   segment_weights(labels, H, W, hf, wf, K, acc.data(), counts.data());
+  std::atomic<bool> finite{true};
   parallel_for(D, 64, [&](int64_t d0, int64_t d1) {
-    weighted_sums(acc.data(), features, N, K, D, d0, d1, emb);
+    if (!weighted_sums(acc.data(), features, N, K, D, d0, d1, emb)) finite.store(false);
   });
+  if (!finite.load()) return false;
   normalise_rows(emb, K, D);
   for (int64_t k = 0; k < K; ++k) areas[k] = static_cast<float>(counts[k]);
+  return true;
 }
 
 }  // namespace ovseg

@@ -1,6 +1,7 @@
 #include "threads.h"
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -21,10 +22,21 @@
 namespace ovseg {
 namespace {
 
-// Workers poll this many times (tens of microseconds) before sleeping: kernels
-// are called back to back per frame and a condition-variable wake-up costs
-// about as much as a whole pooling call.
-constexpr int kSpin = 1 << 12;
+// Workers poll for this long before sleeping: kernels are called back to back
+// per frame, and a condition-variable wake-up costs about as much as a whole
+// pooling call.
+constexpr auto kSpin = std::chrono::microseconds(100);
+
+// Polls `ready` until it returns true or kSpin has passed; returns its value.
+template <class Ready>
+bool spin_until(Ready&& ready) {
+  const auto deadline = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 1;; ++i) {
+    if (ready()) return true;
+    OVSEG_CPU_RELAX();
+    if (i % 64 == 0 && std::chrono::steady_clock::now() > deadline) return false;
+  }
+}
 
 class Pool {
  public:
@@ -57,7 +69,7 @@ class Pool {
     }
     wake_.notify_all();
     work(id);
-    for (int i = 0; i < kSpin && done_.load(std::memory_order_acquire) < n; ++i) OVSEG_CPU_RELAX();
+    spin_until([&] { return done_.load(std::memory_order_acquire) == n; });
     std::unique_lock<std::mutex> lk(m_);
     finished_.wait(lk, [&] { return done_.load() == n; });
     if (error_) std::rethrow_exception(error_);
@@ -82,10 +94,7 @@ class Pool {
   void loop() {
     uint64_t seen = job_id_.load();
     for (;;) {
-      for (int i = 0; i < kSpin && job_id_.load(std::memory_order_acquire) == seen; ++i) {
-        if (stop_.load(std::memory_order_relaxed)) return;
-        OVSEG_CPU_RELAX();
-      }
+      spin_until([&] { return job_id_.load(std::memory_order_acquire) != seen || stop_.load(); });
       {
         std::unique_lock<std::mutex> lk(m_);
         wake_.wait(lk, [&] { return stop_ || job_id_.load() != seen; });

@@ -1,6 +1,7 @@
 // CUDA versions of the pooling and rendering kernels. Host pointers in and
-// out, the same contracts as the CPU functions in kernels.h; they throw
-// std::runtime_error on CUDA errors.
+// out, the same contracts as the CPU functions in kernels.h except that the
+// inputs must already be checked for NaN/Inf; they throw std::runtime_error
+// on CUDA errors.
 #pragma once
 #include <cstdint>
 #include <string>
