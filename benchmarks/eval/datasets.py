@@ -1,0 +1,268 @@
+"""The benchmarks, each read from its usual on-disk layout (the ones PixelCLIP's datasets/README.md documents).
+
+Every dataset is a sorted list of (image, label) file pairs plus a 256-entry lookup table that turns
+the stored label values into class indices in the order of the ``ovseg.runtime.vocabulary`` preset
+of the same name, with 255 = ignore. The per-dataset conventions live in those tables:
+
+- VOC-21: 0 background, 1-20 objects, 255 (the object outlines) ignored. VOC-20: background ignored too.
+- Context-59: PixelCLIP's prepared ``annotations_detectron2/pc59_val`` (0-58, 255 = every other pixel).
+  Context-60: the same files with those other pixels as class 0, "background" (nothing is ignored).
+- ADE-150: the challenge's ``annotations/validation``: 0 ("other") ignored, 1-150 -> 0-149.
+- COCO-Stuff-171: ``annotations_detectron2/val2017`` (0-170), or the raw stuffthingmaps (value = COCO id - 1).
+- Cityscapes-19: ``*_gtFine_labelTrainIds.png`` (0-18, 255 ignored), or ``*_gtFine_labelIds.png`` mapped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ovseg.runtime.vocabulary import load_vocabulary
+
+IGNORE = 255
+
+
+class LayoutError(ValueError):
+    """The path does not hold the dataset in the expected layout; the message names that layout."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str  # the dataset's image id
+    image: Path
+    label: Path
+
+
+def lut(mapping: dict[int, int]) -> np.ndarray:
+    """A 256-entry uint8 table: stored label value -> class index; values not in ``mapping`` -> IGNORE."""
+    table = np.full(256, IGNORE, np.uint8)
+    for stored, index in mapping.items():
+        table[stored] = index
+    return table
+
+
+def read_image(path: Path) -> np.ndarray:
+    """BGR uint8, pixels as stored: labels are aligned to the stored pixels, so EXIF orientation is not applied."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise LayoutError(f"cannot read image {path}: the file is missing or not an image")
+    return image
+
+
+def read_label_values(path: Path) -> np.ndarray:
+    """The stored values of a label PNG: palette indices (VOC) or grey levels, as uint8."""
+    from PIL import Image  # Pillow, not OpenCV: OpenCV turns palette PNGs into colours
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise LayoutError(f"label {path} is a {im.mode} image: expected class ids as palette indices or grey levels")
+            values = np.asarray(im)
+    except OSError as e:
+        raise LayoutError(f"cannot read label {path}: {e}") from None
+    if values.dtype != np.uint8:
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise LayoutError(f"label {path} has values outside 0-255: not a label map of this dataset")
+        values = values.astype(np.uint8)
+    return values
+
+
+def _locate(root: Path, prefixes: list[str], required: list[str]) -> Path | None:
+    """The first of root/prefix that has every required path, or None."""
+    for prefix in prefixes:
+        base = root / prefix if prefix else root
+        if all((base / r).exists() for r in required):
+            return base
+    return None
+
+
+class SegDataset:
+    """A benchmark on disk; subclasses find the samples and the label table of one layout."""
+
+    key: str  # preset name in ovseg.runtime.vocabulary
+    title: str
+    layout: str  # the expected layout, for the error message
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise self.layout_error("no such directory")
+        self.samples, self.table = self._scan()
+        if not self.samples:
+            raise self.layout_error("no images found")
+        self.classes = load_vocabulary(self.key)
+
+    def layout_error(self, why: str) -> LayoutError:
+        return LayoutError(f"{self.root} is not {self.title} ({why}): expected {self.layout}")
+
+    def _scan(self) -> tuple[list[Sample], np.ndarray]:
+        raise NotImplementedError
+
+    def image(self, sample: Sample) -> np.ndarray:
+        return read_image(sample.image)
+
+    def label(self, sample: Sample) -> np.ndarray:
+        """Class indices (uint8, 255 = ignore) at the image's size."""
+        return self.table[read_label_values(sample.label)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _pairs(self, images: Path, labels: Path, image_glob: str, label_of) -> list[Sample]:
+        """Every image under ``images`` with a label file ``label_of(image)``; an image without one is a layout error."""
+        samples = []
+        for image in sorted(images.glob(image_glob)):
+            label = label_of(image)
+            if not label.is_file():
+                raise self.layout_error(f"{image.name} has no label {label.relative_to(labels.parent.parent)}")
+            samples.append(Sample(image.stem, image, label))
+        return samples
+
+
+class VOC2012(SegDataset):
+    """PASCAL VOC 2012 val: the 1449 images of ImageSets/Segmentation/val.txt."""
+
+    title = "PASCAL VOC 2012"
+    layout = "VOCdevkit/VOC2012/ with JPEGImages/, SegmentationClass/ (palette PNGs) and ImageSets/Segmentation/val.txt"
+    split = "ImageSets/Segmentation/val.txt"
+
+    def __init__(self, root: str | Path, background: bool):
+        self.background = background
+        self.key = "voc21" if background else "voc20"
+        super().__init__(root)
+
+    def _scan(self):
+        base = _locate(self.root, ["", "VOC2012", "VOCdevkit/VOC2012"], ["JPEGImages", "SegmentationClass", self.split])
+        if base is None:
+            raise self.layout_error("JPEGImages/, SegmentationClass/ or the val list not found")
+        samples = []
+        for name in (base / self.split).read_text().split():
+            sample = Sample(name, base / "JPEGImages" / f"{name}.jpg", base / "SegmentationClass" / f"{name}.png")
+            if not (sample.image.is_file() and sample.label.is_file()):
+                raise self.layout_error(f"{name} is in val.txt but JPEGImages/{name}.jpg or SegmentationClass/{name}.png is missing")
+            samples.append(sample)
+        shift = 0 if self.background else 1  # VOC-20: background joins the ignored outlines
+        return samples, lut({v: v - shift for v in range(shift, 21)})
+
+
+class PascalContext(SegDataset):
+    """PASCAL Context val (5105 images) as PixelCLIP prepares it: VOC2010 photos + annotations_detectron2/pc59_val."""
+
+    title = "PASCAL Context"
+    layout = ("VOCdevkit/VOC2010/ with JPEGImages/ and annotations_detectron2/pc59_val/*.png "
+              "(written by PixelCLIP's datasets/prepare_pascal_context_59.py)")
+
+    def __init__(self, root: str | Path, background: bool):
+        self.background = background
+        self.key = "context60" if background else "context59"
+        super().__init__(root)
+
+    def _scan(self):
+        labels_rel = "annotations_detectron2/pc59_val"
+        base = _locate(self.root, ["", "VOC2010", "VOCdevkit/VOC2010"], ["JPEGImages", labels_rel])
+        if base is None:
+            raise self.layout_error("JPEGImages/ or annotations_detectron2/pc59_val/ not found")
+        images, labels = base / "JPEGImages", base / labels_rel
+        samples = []
+        for label in sorted(labels.glob("*.png")):
+            image = images / f"{label.stem}.jpg"
+            if not image.is_file():
+                raise self.layout_error(f"label {label.name} has no photo JPEGImages/{image.name}")
+            samples.append(Sample(label.stem, image, label))
+        if self.background:  # Context-60: the pixels outside the 59 classes are "background", class 0
+            return samples, lut({**{v: v + 1 for v in range(59)}, IGNORE: 0})
+        return samples, lut({v: v for v in range(59)})
+
+
+class ADE20K(SegDataset):
+    """ADE20K (SceneParsing, 150 classes) validation: 2000 images."""
+
+    title = "ADE20K-150"
+    layout = "ADEChallengeData2016/ with images/validation/*.jpg and annotations/validation/*.png"
+
+    key = "ade150"
+
+    def _scan(self):
+        base = _locate(self.root, ["", "ADEChallengeData2016"], ["images/validation", "annotations/validation"])
+        if base is None:
+            raise self.layout_error("images/validation/ or annotations/validation/ not found")
+        labels = base / "annotations/validation"
+        samples = self._pairs(base / "images/validation", labels, "*.jpg", lambda im: labels / f"{im.stem}.png")
+        return samples, lut({v: v - 1 for v in range(1, 151)})
+
+
+# COCO category ids of the 171 COCO-Stuff classes (80 things, 91 stuff), in the order of the cocostuff171 preset.
+COCO_STUFF_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)] + list(range(92, 183))
+
+
+class CocoStuff(SegDataset):
+    """COCO-Stuff 164k val2017: 5000 images, 171 classes."""
+
+    title = "COCO-Stuff-171"
+    layout = ("coco-stuff/ (or coco/) with images/val2017/*.jpg (or val2017/*.jpg) and annotations_detectron2/val2017/*.png "
+              "(prepared, 0-170) or annotations/val2017/*.png (stuffthingmaps_trainval2017)")
+
+    key = "cocostuff171"
+
+    def _scan(self):
+        for prefix in ("", "coco-stuff", "coco"):
+            base = self.root / prefix if prefix else self.root
+            images = next((base / d for d in ("images/val2017", "val2017") if (base / d).is_dir()), None)
+            if images is None:
+                continue
+            if (base / "annotations_detectron2/val2017").is_dir():
+                labels, table = base / "annotations_detectron2/val2017", lut({v: v for v in range(171)})
+            elif (base / "annotations/val2017").is_dir():
+                labels, table = base / "annotations/val2017", lut({cid - 1: i for i, cid in enumerate(COCO_STUFF_IDS)})
+            else:
+                continue
+            return self._pairs(images, labels, "*.jpg", lambda im: labels / f"{im.stem}.png"), table
+        raise self.layout_error("val2017 photos or their label PNGs not found")
+
+
+# Cityscapes labelIds of the 19 evaluation classes, in trainId order (cityscapesScripts' labels.py).
+CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+
+
+class Cityscapes(SegDataset):
+    """Cityscapes val: 500 images of Frankfurt, Lindau and Münster, 19 classes."""
+
+    title = "Cityscapes"
+    layout = "cityscapes/ with leftImg8bit/val/<city>/*_leftImg8bit.png and gtFine/val/<city>/*_gtFine_labelTrainIds.png (or _labelIds.png)"
+
+    key = "cityscapes19"
+
+    def _scan(self):
+        base = _locate(self.root, ["", "cityscapes"], ["leftImg8bit/val", "gtFine/val"])
+        if base is None:
+            raise self.layout_error("leftImg8bit/val/ or gtFine/val/ not found")
+        images, labels = base / "leftImg8bit/val", base / "gtFine/val"
+        stem = lambda im: im.name.replace("_leftImg8bit.png", "")
+        first = next(iter(sorted(images.glob("*/*_leftImg8bit.png"))), None)
+        if first is not None and not (labels / first.parent.name / f"{stem(first)}_gtFine_labelTrainIds.png").is_file():
+            label_of, table = (lambda im: labels / im.parent.name / f"{stem(im)}_gtFine_labelIds.png"), lut(
+                {label_id: i for i, label_id in enumerate(CITYSCAPES_LABEL_IDS)})
+        else:
+            label_of, table = (lambda im: labels / im.parent.name / f"{stem(im)}_gtFine_labelTrainIds.png"), lut(
+                {v: v for v in range(19)})
+        samples = self._pairs(images, labels, "*/*_leftImg8bit.png", label_of)
+        return [Sample(stem(s.image), s.image, s.label) for s in samples], table
+
+
+DATASETS = {
+    "voc20": lambda root: VOC2012(root, background=False),
+    "voc21": lambda root: VOC2012(root, background=True),
+    "context59": lambda root: PascalContext(root, background=False),
+    "context60": lambda root: PascalContext(root, background=True),
+    "ade150": ADE20K,
+    "cocostuff171": CocoStuff,
+    "cityscapes19": Cityscapes,
+}
+
+
+def open_dataset(key: str, root: str | Path) -> SegDataset:
+    if key not in DATASETS:
+        raise LayoutError(f"unknown dataset {key!r}: choose one of {', '.join(DATASETS)}")
+    return DATASETS[key](root)
