@@ -177,6 +177,8 @@ class Segmenter:
             raise SegmenterError("mode='guidance-free' takes no classes: drop classes=, or use mode='guided'")
         if lookup not in LOOKUPS:
             raise SegmenterError(f"unknown lookup {lookup!r}: choose one of {', '.join(LOOKUPS)}")
+        classes = _names(classes, "classes") if classes is not None else None  # fail before the sessions load
+        vocab = _names(vocab, "vocab") if vocab is not None else None
         bundle_dir = Path(path if path is not None else DEFAULT_BUNDLE).expanduser()
         try:
             manifest = read_manifest(bundle_dir)
@@ -197,9 +199,8 @@ class Segmenter:
         if vocab is None:
             index = LabelIndex.from_bundle(bundle_dir, manifest.vocabulary, lookup, ef)
         else:
-            names = _names(vocab, "vocab")
-            embeddings = embedder(names, manifest.text.templates)
-            index = LabelIndex(names, embeddings, lookup, hnsw_params=manifest.vocabulary.hnsw_params, ef=ef)
+            embeddings = embedder(vocab, manifest.text.templates)
+            index = LabelIndex(vocab, embeddings, lookup, hnsw_params=manifest.vocabulary.hnsw_params, ef=ef)
         return cls(manifest, bundle_dir, clip=clip, dinov2=dinov2, embedder=embedder, index=index, config=config,
                    classes=classes, backend=backend, precision=precision)
 

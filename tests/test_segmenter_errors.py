@@ -1,0 +1,173 @@
+"""What the Segmenter refuses, and how it says so: bundles, backends, precisions, settings; one line each."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from ovseg.runtime import Segmenter, SegmenterError
+from ovseg.runtime import segmenter as segmenter_module
+from ovseg.runtime.bundle import BundleError, sha256_file
+from ovseg.runtime.sessions import OnnxEncoder, _pick_precision, resolve_backend, tensorrt_importable
+from ovseg.runtime.vocabulary import VocabularyError
+
+CPU_ONLY = ["CPUExecutionProvider"]
+WITH_CUDA = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def one_line(err: pytest.ExceptionInfo, *parts: str) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert part in message, message
+    return message
+
+
+# --- bundles --------------------------------------------------------------------------------------------------------
+
+
+def test_missing_bundle_says_to_run_ovseg_export(tmp_path):
+    with pytest.raises(SegmenterError) as err:
+        Segmenter.from_bundle(tmp_path / "nowhere")
+    one_line(err, "no bundle at", "ovseg-export")
+    assert isinstance(err.value, BundleError)  # callers catching either type see it
+
+
+def test_corrupted_file_fails_its_sha256(bundle_copy):
+    with open(bundle_copy.dir / "clip_visual.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(SegmenterError) as err:
+        Segmenter.from_bundle(bundle_copy.dir)
+    one_line(err, "clip_visual.onnx", "sha256")
+
+
+def test_bundle_from_another_schema_version(bundle_copy):
+    bundle = bundle_copy(lambda m: m.update(schema_version=99))
+    with pytest.raises(BundleError) as err:
+        Segmenter.from_bundle(bundle)
+    one_line(err, "schema version 99", "re-export")
+
+
+def test_onnx_model_whose_input_does_not_fit(bundle_copy):
+    def swap(m):
+        m["dinov2"]["files"]["fp32"] = "clip_text.onnx"
+
+    with pytest.raises(SegmenterError) as err:
+        Segmenter.from_bundle(bundle_copy(swap), backend="cpu")
+    one_line(err, "clip_text.onnx", "input_ids", "does not fit")
+
+
+def test_random_weights_warn_once(bundle_copy, caplog):
+    bundle = bundle_copy(lambda m: m.update(random_weights=True))
+    segmenter_module._warned_random.discard(bundle)
+    with caplog.at_level(logging.WARNING, logger="ovseg"):
+        first = Segmenter.from_bundle(bundle, backend="cpu")
+        Segmenter.from_bundle(bundle, backend="cpu")
+    warnings = [r for r in caplog.records if "random weights" in r.getMessage()]
+    assert len(warnings) == 1 and "meaningless" in warnings[0].getMessage()
+    assert first.random_weights
+
+
+# --- backends and precisions ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, provider", [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")])
+def test_unavailable_backend_is_an_error_not_a_fallback(tiny_bundle, backend, provider):
+    import onnxruntime as ort
+
+    if provider in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime has {provider}")
+    with pytest.raises(SegmenterError) as err:
+        Segmenter.from_bundle(tiny_bundle, backend=backend)
+    one_line(err, provider, "backend='cpu'")
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", CPU_ONLY) == "cpu"
+    assert resolve_backend("auto", WITH_CUDA) == "cuda"
+    assert resolve_backend("tensorrt", WITH_CUDA) == "tensorrt"
+    with pytest.raises(SegmenterError, match="unknown backend 'gpu'"):
+        resolve_backend("gpu", WITH_CUDA)
+
+
+def test_precision_choice(tiny_bundle):
+    seg = Segmenter.from_bundle(tiny_bundle, backend="cpu")
+    encoders = {"CLIP image": seg.manifest.clip, "DINOv2": seg.manifest.dinov2}
+    assert _pick_precision("auto", "cpu", encoders) == "fp32"  # fp16 ONNX on a CPU is slower, not faster
+    assert _pick_precision("auto", "cuda", encoders) == "fp16"
+    assert _pick_precision("fp16", "cpu", encoders) == "fp16"  # asked for explicitly: honoured
+    without_fp16 = {role: type(info)(**{**info.__dict__, "files": {"fp32": info.files["fp32"]}}) for role, info in encoders.items()}
+    assert _pick_precision("auto", "cuda", without_fp16) == "fp32"
+    with pytest.raises(SegmenterError) as err:
+        _pick_precision("fp16", "cuda", without_fp16)
+    one_line(err, "no fp16 variant", "ovseg-export --fp16")
+    with pytest.raises(SegmenterError, match="unknown precision 'int4'"):
+        _pick_precision("int4", "cpu", encoders)
+
+
+def test_missing_precision_file_in_a_bundle(bundle_copy):
+    def drop_fp16(m):
+        for role in ("clip", "dinov2"):
+            m[role]["files"].pop("fp16")
+
+    with pytest.raises(SegmenterError) as err:
+        Segmenter.from_bundle(bundle_copy(drop_fp16), backend="cpu", precision="fp16")
+    one_line(err, "no fp16 variant", "--fp16")
+
+
+def test_io_binding_gives_the_same_outputs(tiny_bundle):
+    path = tiny_bundle / "clip_visual.onnx"
+    plain = OnnxEncoder(path, ["CPUExecutionProvider"], input_shape=(1, 3, 112, 112))
+    bound = OnnxEncoder(path, ["CPUExecutionProvider"], input_shape=(1, 3, 112, 112), io_binding=True)
+    x = np.random.default_rng(0).standard_normal((1, 3, 112, 112)).astype(np.float32)
+    plain.input[...] = x
+    bound.input[...] = x
+    a, b = plain.run(), bound.run()
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    bound.input[...] = 0  # the binding reads the buffer at run time, not at bind time
+    assert not np.array_equal(bound.run()["image_embedding"], a["image_embedding"])
+
+
+@pytest.mark.skipif(not tensorrt_importable(), reason="tensorrt is not installed (the native TensorRT runner needs it and a CUDA GPU)")
+@pytest.mark.gpu
+def test_tensorrt_engine_runs_a_plan(tmp_path, tiny_bundle):
+    from ovseg.export.tensorrt import EngineSpec, build_engine
+    from ovseg.runtime.sessions import TensorRTEngine
+
+    plan = build_engine(tiny_bundle / "clip_visual.onnx", tmp_path / "clip.plan", EngineSpec(fp16=False))
+    engine = TensorRTEngine(plan, (1, 3, 112, 112))
+    reference = OnnxEncoder(tiny_bundle / "clip_visual.onnx", ["CPUExecutionProvider"], input_shape=(1, 3, 112, 112))
+    engine.input[...] = reference.input[...] = 0.5
+    np.testing.assert_allclose(engine.run()["patch_embeddings"], reference.run()["patch_embeddings"], atol=1e-3)
+    engine.close()
+
+
+# --- settings ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mode": "guided"}, "needs classes"),
+        ({"mode": "guidance-free", "classes": ["cat"]}, "takes no classes"),
+        ({"mode": "zero-shot"}, "unknown mode"),
+        ({"refine": "crf"}, "unknown refine"),
+        ({"num_segments": 0}, "num_segments"),
+        ({"keyframe_interval": 0}, "keyframe_interval"),
+        ({"lookup": "faiss"}, "unknown lookup"),
+        ({"classes": []}, "no class names"),
+        ({"vocab": "no-such-preset"}, "unknown vocabulary"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tiny_bundle, kwargs, message):
+    with pytest.raises(SegmenterError) as err:
+        Segmenter.from_bundle(tiny_bundle, backend="cpu", **kwargs)
+    one_line(err, message)
+
+
+def test_vocabulary_errors_are_both_types(tiny_bundle):
+    with pytest.raises(VocabularyError):
+        Segmenter.from_bundle(tiny_bundle, backend="cpu", classes="/no/such/file.txt")
