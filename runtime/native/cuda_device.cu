@@ -1,4 +1,4 @@
-#include "common.cuh"
+#include "cuda_common.cuh"
 #include "cuda_kernels.h"
 
 namespace ovseg {

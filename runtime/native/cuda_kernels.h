@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <string>
 
-#include "../kernels.h"
+#include "kernels.h"
 
 namespace ovseg {
 namespace cuda {

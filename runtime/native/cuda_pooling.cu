@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../bilinear.h"
-#include "common.cuh"
+#include "bilinear.h"
+#include "cuda_common.cuh"
 #include "cuda_kernels.h"
 
 namespace ovseg {

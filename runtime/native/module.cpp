@@ -13,7 +13,7 @@
 #include "memory.h"
 #include "threads.h"
 #ifdef OVSEG_WITH_CUDA
-#include "cuda/cuda_kernels.h"
+#include "cuda_kernels.h"
 #endif
 
 namespace nb = nanobind;
