@@ -24,6 +24,9 @@ namespace {
 
 using Array = nb::ndarray<nb::ro>;
 
+[[noreturn]] void value_error(const std::string& message) { throw nb::value_error(message.c_str()); }
+[[noreturn]] void type_error(const std::string& message) { throw nb::type_error(message.c_str()); }
+
 std::string py_type(nb::handle h) { return nb::type_name(h.type()).c_str(); }
 
 std::string dtype_name(nb::dlpack::dtype dt) {
@@ -56,26 +59,26 @@ std::string dims(std::initializer_list<int64_t> d) {
 
 // A C-contiguous, non-empty CPU array of T with `ndim` dimensions.
 template <class T>
-Array array_arg(nb::handle h, const char* name, size_t ndim, const char* layout) {
+Array array_arg(nb::handle h, const std::string& name, size_t ndim, const char* layout) {
   Array a;
   if (!nb::try_cast(h, a, false)) {
     if (nb::hasattr(h, "shape") && nb::hasattr(h, "dtype"))
-      throw nb::value_error((std::string(name) + " could not be read as a CPU array; pass np.ascontiguousarray(" + name + ")").c_str());
-    throw nb::type_error((std::string(name) + " must be a numpy array " + layout + " of " + dtype_name<T>() + ", got " + py_type(h)).c_str());
+      value_error(name + " could not be read as a CPU array; pass np.ascontiguousarray(" + name + ")");
+    type_error(name + " must be a numpy array " + layout + " of " + dtype_name<T>() + ", got " + py_type(h));
   }
   if (a.device_type() != nb::device::cpu::value)
-    throw nb::type_error((std::string(name) + " must be a CPU (numpy) array").c_str());
+    type_error(name + " must be a CPU (numpy) array");
   if (a.dtype() != nb::dtype<T>())
-    throw nb::type_error((std::string(name) + " must have dtype " + dtype_name<T>() + ", got " + dtype_name(a.dtype())).c_str());
+    type_error(name + " must have dtype " + dtype_name<T>() + ", got " + dtype_name(a.dtype()));
   if (a.ndim() != ndim)
-    throw nb::value_error((std::string(name) + " must be " + std::to_string(ndim) + "-D " + layout + ", got shape " + shape_str(a)).c_str());
+    value_error(name + " must be " + std::to_string(ndim) + "-D " + layout + ", got shape " + shape_str(a));
   for (size_t i = 0; i < ndim; ++i)
     if (a.shape(i) == 0)
-      throw nb::value_error((std::string(name) + " must not be empty, got shape " + shape_str(a)).c_str());
+      value_error(name + " must not be empty, got shape " + shape_str(a));
   int64_t expect = 1;
   for (size_t i = ndim; i-- > 0;) {
     if (a.shape(i) != 1 && a.stride(i) != expect)
-      throw nb::value_error((std::string(name) + " must be C-contiguous; pass np.ascontiguousarray(" + name + ")").c_str());
+      value_error(name + " must be C-contiguous; pass np.ascontiguousarray(" + name + ")");
     expect *= static_cast<int64_t>(a.shape(i));
   }
   return a;
@@ -84,53 +87,55 @@ Array array_arg(nb::handle h, const char* name, size_t ndim, const char* layout)
 template <class T> const T* ptr(const Array& a) { return static_cast<const T*>(a.data()); }
 int64_t dim(const Array& a, size_t i) { return static_cast<int64_t>(a.shape(i)); }
 
-int64_t int_arg(nb::handle h, const char* name) {
+// h as a Python int: anything with __index__ except bool.
+nb::object index_arg(nb::handle h, const std::string& name) {
   if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr()))
-    throw nb::type_error((std::string(name) + " must be an int, got " + py_type(h)).c_str());
+    type_error(name + " must be an int, got " + py_type(h));
   nb::object i = nb::steal(PyNumber_Index(h.ptr()));
   if (!i.is_valid()) throw nb::python_error();
+  return i;
+}
+
+int64_t int_arg(nb::handle h, const std::string& name) {
   int overflow = 0;
-  const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
-  if (overflow) throw nb::value_error((std::string(name) + " is out of range").c_str());
+  const long long v = PyLong_AsLongLongAndOverflow(index_arg(h, name).ptr(), &overflow);
+  if (overflow) value_error(name + " is out of range");
   return v;
 }
 
-int64_t int_at_least(nb::handle h, const char* name, int64_t lo) {
+int64_t int_at_least(nb::handle h, const std::string& name, int64_t lo) {
   const int64_t v = int_arg(h, name);
   if (v < lo)
-    throw nb::value_error((std::string(name) + " must be >= " + std::to_string(lo) + ", got " + std::to_string(v)).c_str());
+    value_error(name + " must be >= " + std::to_string(lo) + ", got " + std::to_string(v));
   return v;
 }
 
-uint64_t uint64_arg(nb::handle h, const char* name) {
-  if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr()))
-    throw nb::type_error((std::string(name) + " must be an int, got " + py_type(h)).c_str());
-  nb::object i = nb::steal(PyNumber_Index(h.ptr()));
-  if (!i.is_valid()) throw nb::python_error();
+uint64_t uint64_arg(nb::handle h, const std::string& name) {
+  const nb::object i = index_arg(h, name);
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
   if (overflow < 0 || (overflow == 0 && v < 0))
-    throw nb::value_error((std::string(name) + " must be >= 0, got " + nb::str(i).c_str()).c_str());
+    value_error(name + " must be >= 0, got " + nb::str(i).c_str());
   if (overflow == 0) return static_cast<uint64_t>(v);
   const unsigned long long u = PyLong_AsUnsignedLongLong(i.ptr());
   if (PyErr_Occurred()) {
     PyErr_Clear();
-    throw nb::value_error((std::string(name) + " must be < 2**64").c_str());
+    value_error(name + " must be < 2**64");
   }
   return u;
 }
 
-double float_arg(nb::handle h, const char* name) {
+double float_arg(nb::handle h, const std::string& name) {
   if (!PyFloat_Check(h.ptr()) && !PyLong_Check(h.ptr()) && !nb::hasattr(h, "__float__"))
-    throw nb::type_error((std::string(name) + " must be a float, got " + py_type(h)).c_str());
+    type_error(name + " must be a float, got " + py_type(h));
   const double v = PyFloat_AsDouble(h.ptr());
   if (v == -1.0 && PyErr_Occurred()) throw nb::python_error();
-  if (!std::isfinite(v)) throw nb::value_error((std::string(name) + " must be finite, got " + std::to_string(v)).c_str());
+  if (!std::isfinite(v)) value_error(name + " must be finite, got " + std::to_string(v));
   return v;
 }
 
-void check_finite(const float* p, int64_t n, const char* name) {
-  if (!ovseg::all_finite(p, n)) throw nb::value_error((std::string(name) + " contains NaN or Inf").c_str());
+void check_finite(const float* p, int64_t n, const std::string& name) {
+  if (!ovseg::all_finite(p, n)) value_error(name + " contains NaN or Inf");
 }
 
 // Output array owned by a capsule that frees the tracked buffer.
@@ -163,7 +168,7 @@ RenderCall parse_render(nb::handle scores, nb::handle out_h, nb::handle out_w, n
   a.out_h = int_at_least(out_h, "out_h", 1);
   a.out_w = int_at_least(out_w, "out_w", 1);
   if (!nb::isinstance<nb::str>(label_dtype))
-    throw nb::type_error(("label_dtype must be a str, got " + py_type(label_dtype)).c_str());
+    type_error("label_dtype must be a str, got " + py_type(label_dtype));
   const std::string ld = nb::borrow<nb::str>(label_dtype).c_str();
   int64_t max_k = 0;
   if (ld == "int32") {
@@ -179,23 +184,23 @@ RenderCall parse_render(nb::handle scores, nb::handle out_h, nb::handle out_w, n
     c.label_dtype = nb::dtype<uint8_t>();
     max_k = 256;
   } else {
-    throw nb::value_error(("label_dtype must be 'int32', 'uint16' or 'uint8', got '" + ld + "'").c_str());
+    value_error("label_dtype must be 'int32', 'uint16' or 'uint8', got '" + ld + "'");
   }
   if (a.K > max_k)
-    throw nb::value_error((std::to_string(a.K) + " score maps do not fit label_dtype " + ld).c_str());
+    value_error(std::to_string(a.K) + " score maps do not fit label_dtype " + ld);
   a.alpha = float_arg(alpha, "alpha");
   if (a.alpha < 0.0 || a.alpha > 1.0)
-    throw nb::value_error(("alpha must be in [0, 1], got " + std::to_string(a.alpha)).c_str());
+    value_error("alpha must be in [0, 1], got " + std::to_string(a.alpha));
   if (!palette.is_none()) {
     c.palette = array_arg<uint8_t>(palette, "palette", 2, "[K, 3]");
     if (dim(c.palette, 0) != a.K || dim(c.palette, 1) != 3)
-      throw nb::value_error(("palette must have shape (K, 3) = " + dims({a.K, 3}) + ", got " + shape_str(c.palette)).c_str());
+      value_error("palette must have shape (K, 3) = " + dims({a.K, 3}) + ", got " + shape_str(c.palette));
     a.palette = ptr<uint8_t>(c.palette);
   }
   if (!frame.is_none()) {
     c.frame = array_arg<uint8_t>(frame, "frame", 3, "[out_h, out_w, 3]");
     if (dim(c.frame, 0) != a.out_h || dim(c.frame, 1) != a.out_w || dim(c.frame, 2) != 3)
-      throw nb::value_error(("frame must have shape (out_h, out_w, 3) = " + dims({a.out_h, a.out_w, 3}) + ", got " + shape_str(c.frame)).c_str());
+      value_error("frame must have shape (out_h, out_w, 3) = " + dims({a.out_h, a.out_w, 3}) + ", got " + shape_str(c.frame));
     a.frame = ptr<uint8_t>(c.frame);
     if (!a.palette) {
       c.default_palette = Buffer<uint8_t>(a.K * 3);
@@ -296,12 +301,12 @@ nb::tuple kmeans(nb::handle x_, nb::handle k_, nb::handle max_iter_, nb::handle 
   const int64_t max_iter = int_at_least(max_iter_, "max_iter", 0);
   const uint64_t seed = uint64_arg(seed_, "seed");
   const double tol = float_arg(tol_, "tol");
-  if (tol < 0.0) throw nb::value_error(("tol must be >= 0, got " + std::to_string(tol)).c_str());
+  if (tol < 0.0) value_error("tol must be >= 0, got " + std::to_string(tol));
   Array init;
   if (!init_.is_none()) {
     init = array_arg<float>(init_, "init", 2, "[k, D]");
     if (dim(init, 0) != k || dim(init, 1) != D)
-      throw nb::value_error(("init must have shape (k, D) = " + dims({k, D}) + ", got " + shape_str(init)).c_str());
+      value_error("init must have shape (k, D) = " + dims({k, D}) + ", got " + shape_str(init));
   }
   Buffer<float> centres(k * D), scores(N * k);
   Buffer<int32_t> assign(N);
@@ -313,7 +318,7 @@ nb::tuple kmeans(nb::handle x_, nb::handle k_, nb::handle max_iter_, nb::handle 
       for (int64_t j = 0; j < k; ++j) {
         const float* row = ptr<float>(init) + j * D;
         if (std::all_of(row, row + D, [](float v) { return v == 0.0f; }))
-          throw nb::value_error(("init row " + std::to_string(j) + " is all zeros").c_str());
+          value_error("init row " + std::to_string(j) + " is all zeros");
       }
     }
     ovseg::spherical_kmeans(ptr<float>(x), N, D, k, max_iter, seed,
@@ -417,7 +422,7 @@ NB_MODULE(_native, m) {
 
   m.def("set_num_threads", [](nb::handle n) {
     const int64_t v = int_at_least(n, "n", 1);
-    if (v > 1024) throw nb::value_error(("n must be <= 1024, got " + std::to_string(v)).c_str());
+    if (v > 1024) value_error("n must be <= 1024, got " + std::to_string(v));
     ovseg::set_num_threads(static_cast<int>(v));
   }, "n"_a);
   m.def("get_num_threads", [] { return ovseg::num_threads(); });

@@ -1,3 +1,9 @@
+// Label-map rendering: the K score maps are resampled along x one source row
+// at a time (two rows cached per thread), blended along y per output row and
+// arg-maxed over K in registers; then the labels are stored and, with a frame,
+// blended through a per-call (label, channel, value) table. Output pixels
+// between four source points where one channel strictly wins skip the
+// per-pixel work altogether.
 #include <algorithm>
 #include <cstring>
 
