@@ -96,6 +96,7 @@ def test_guided_numbers_match_the_explicit_prediction(voc3, tmp_path, capsys):
     assert report["progress"] == {"done": 3, "total": 3, "last": "2011_900001", "complete": True}
     assert report["config"]["dataset"] == "voc21" and report["runtime"]["backend"] == "cpu"
     assert report["timing_ms"]["total"] == pytest.approx(5.0)
+    np.testing.assert_array_equal(report["confusion_matrix"], cm.counts)
     table = capsys.readouterr().out
     assert "person" in table and f"{s.miou:6.2f}" in table and "voc21" in table
 

@@ -140,6 +140,8 @@ def build_report(config: dict, runtime: dict, dataset: SegDataset, total: int, l
         "state_file": None,
         "metrics": _scores_dict(tally.matrix.scores(), dataset.classes),
         "timing_ms": {stage: ms / tally.done for stage, ms in tally.timing_ms.items()} if tally.done else {},
+        # rows: ground-truth class; columns: predicted class, then "no class" (labels such as "unknown")
+        "confusion_matrix": tally.matrix.counts.tolist(),
     }
     if tally.with_segments:
         b = tally.boundary
