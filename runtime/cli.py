@@ -5,7 +5,9 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -122,6 +124,8 @@ class LatencyStats:
         lines = [counts, f"{'stage':<{width}}  {'mean':>8} {'p50':>8} {'p90':>8} {'p99':>8}  ms"]
         for stage, values in self.samples.items():
             v = np.asarray(values)
+            if not v.any():
+                continue  # a stage this run never used (e.g. refine without --refine)
             p50, p90, p99 = np.percentile(v, [50, 90, 99])
             lines.append(f"{stage:<{width}}  {v.mean():8.2f} {p50:8.2f} {p90:8.2f} {p99:8.2f}")
         return "\n".join(lines)
@@ -205,7 +209,7 @@ def _loop(args, source: Source, seg, sinks: list[Sink], window: Window | None, s
             t0 = time.perf_counter()
             overlay = seg.render(frame.image, result)
             draw_status(overlay, stats.fps(started) if stats.frames else 0.0, result.timings)
-            timings["render"] = (time.perf_counter() - t0) * 1000
+            timings["overlay"] = (time.perf_counter() - t0) * 1000
         t0 = time.perf_counter()
         for sink in sinks:
             sink.write(frame, result, overlay)
@@ -216,18 +220,42 @@ def _loop(args, source: Source, seg, sinks: list[Sink], window: Window | None, s
             break
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, docker stop), unwound like Ctrl-C so outputs are finalised."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = None) -> int:
     """Run ovseg-run; ``open_segmenter`` replaces ``Segmenter.from_bundle`` (tests inject a fake)."""
     args = build_parser().parse_args(argv)
     _configure_output()
     errors = USER_ERRORS
     try:
-        if open_segmenter is None:
-            from .segmenter import Segmenter, SegmenterError  # onnxruntime loads here, after --help and argument errors
+        with _sigterm_unwinds():
+            if open_segmenter is None:
+                from .segmenter import Segmenter, SegmenterError  # onnxruntime loads here, after --help and argument errors
 
-            open_segmenter = Segmenter.from_bundle
-            errors += (SegmenterError,)
-        return _run(args, open_segmenter)
+                open_segmenter = Segmenter.from_bundle
+                errors += (SegmenterError,)
+            return _run(args, open_segmenter)
+    except Terminated:
+        say("terminated")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         say("interrupted")
         return 130

@@ -30,7 +30,7 @@ def has_display() -> bool:
 
 def draw_status(image: np.ndarray, fps: float, timings: dict[str, float]) -> np.ndarray:
     """Draw "12.3 FPS | dinov2 20.1 | clip 31.0 | ... | total 80.2 ms" across the top of ``image``, in place."""
-    stages = [f"{name} {ms:.1f}" for name, ms in timings.items() if name != "total"]
+    stages = [f"{name} {ms:.1f}" for name, ms in timings.items() if name != "total" and ms > 0]
     if "total" in timings:
         stages.append(f"total {timings['total']:.1f}")
     text = " | ".join([f"{fps:.1f} FPS", *stages]) + " ms"

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -66,7 +68,7 @@ class FakeSegmenter:
 def write_video(path: Path, n: int = 12, fps: float = 12.0) -> Path:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, SIZE)
     for i in range(n):
-        writer.write(np.full((SIZE[1], SIZE[0], 3), i * 16, np.uint8))
+        writer.write(np.full((SIZE[1], SIZE[0], 3), i * 16 % 256, np.uint8))
     writer.release()
     return path
 
@@ -98,7 +100,7 @@ def test_video_to_every_sink_with_latency_table(video, tmp_path, capsys):
     assert len(list((tmp_path / "frames").glob("*.json"))) == 12
     err = captured.err
     assert "12 frames in" in err and "FPS" in err and "0 skipped" in err and "dropped" not in err
-    for stage in ("encode", "lookup", "total", "render", "output"):
+    for stage in ("encode", "lookup", "total", "overlay", "output"):
         assert any(line.startswith(stage + " ") for line in err.splitlines()), stage
     assert "mean" in err and "p50" in err and "p90" in err and "p99" in err
     assert fake.closed
@@ -165,6 +167,40 @@ def test_sample_clip_source(tmp_path, capsys):
     assert cv2.imread(str(tmp_path / "f" / "frame_000000.png"), cv2.IMREAD_UNCHANGED).shape == (480, 640)
 
 
+SLOW_RUN = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_run_cli import FakeSegmenter
+from ovseg.runtime import cli
+
+class Slow(FakeSegmenter):
+    def __call__(self, image):
+        time.sleep(0.1)
+        return super().__call__(image)
+
+sys.exit(cli.main({argv!r}, open_segmenter=Slow().open))
+"""
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signalled_run_still_leaves_a_playable_video(signum, code, tmp_path):
+    long_video = write_video(tmp_path / "long.mp4", n=200)
+    out, frames = tmp_path / "out.mp4", tmp_path / "frames"
+    argv = ["--video", str(long_video), "--save", str(out), "--save-dir", str(frames), "--no-show"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN.format(tests=str(Path(__file__).parent), argv=argv)],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(list(frames.glob("*.png"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    written = len(list(frames.glob("*.png")))
+    assert 3 <= written < 200
+    assert len(list(VideoFileSource(out))) == written
+    assert "Traceback" not in err and f"{written} frames in" in err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -226,3 +262,71 @@ def test_importing_the_cli_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- end to end, with the real Segmenter on a tiny bundle --------------------------------------------------
+
+
+@pytest.fixture()
+def bundle(tiny_bundle) -> Path:
+    return tiny_bundle  # conftest: tiny CLIP + tiny random DINOv2 at 112, VOC-21
+
+
+def test_missing_bundle_says_to_run_ovseg_export(tmp_path, video, capsys):
+    assert cli.main(["--bundle", str(tmp_path / "none"), "--video", str(video), "--no-show"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ovseg-run: error: ") and "ovseg-export" in err[-1]
+
+
+def test_real_segmenter_video_to_every_sink(bundle, video, tmp_path, capsys):
+    out = tmp_path / "out.mp4"
+    frames_dir = tmp_path / "frames"
+    argv = ["--bundle", str(bundle), "--video", str(video), "--max-frames", "4", "--segments", "4",
+            "--save", str(out), "--save-dir", str(frames_dir), "--json", "--no-show"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["frame"] for r in records] == [0, 1, 2, 3]
+    assert len(list(VideoFileSource(out))) == 4
+    for record in records:
+        label_map = cv2.imread(str(frames_dir / f"frame_{record['frame']:06d}.png"), cv2.IMREAD_UNCHANGED)
+        assert label_map.shape == (SIZE[1], SIZE[0])
+        ids = {s["id"] for s in record["segments"]}
+        assert set(np.unique(label_map).tolist()) <= ids
+        assert sum(s["area"] for s in record["segments"]) == SIZE[0] * SIZE[1]
+    assert "4 frames in" in captured.err and "total" in captured.err
+
+
+def test_real_segmenter_guided_on_odd_images(bundle, tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(images / "a16.png"), rng.integers(0, 65535, (40, 56), dtype=np.uint16))
+    cv2.imwrite(str(images / "b_rgba.png"), rng.integers(0, 255, (33, 47, 4), dtype=np.uint8))
+    cv2.imwrite(str(images / "c_gray.jpg"), rng.integers(0, 255, (20, 30), dtype=np.uint8))
+    (images / "d_bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    argv = ["--bundle", str(bundle), "--image", str(images), "--classes", "cat,dog,person", "--json", "--no-show",
+            "--save", str(tmp_path / "o.mp4")]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(records) == 3
+    assert {s["label"] for r in records for s in r["segments"]} <= {"cat", "dog", "person", "unknown"}
+    assert "1 skipped" in captured.err
+    assert len(list(VideoFileSource(tmp_path / "o.mp4"))) == 3
+
+
+def test_unknown_vocabulary_is_a_one_line_error(bundle, video, capsys):
+    assert cli.main(["--bundle", str(bundle), "--video", str(video), "--vocab", "no-such-preset", "--no-show"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("ovseg-run: error: unknown vocabulary 'no-such-preset'")
+
+
+def test_a_real_run_never_imports_torch(bundle, tmp_path):
+    code = (
+        "import sys; from ovseg.runtime.cli import main; "
+        f"code = main(['--bundle', {str(bundle)!r}, '--sample', '--max-frames', '2', '--no-show', '--save', {str(tmp_path / 's.mp4')!r}]); "
+        "print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'transformers')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "0 []", proc.stderr
+    assert "2 frames in" in proc.stderr
