@@ -16,31 +16,35 @@ namespace {
 constexpr int kThreads = 256;
 constexpr size_t kMaxShared = 48 * 1024;
 
-// With use_shared the block accumulates row[k, j] in shared memory (K * wf
-// floats) first; otherwise every pixel adds straight into acc.
+// With use_shared the block accumulates row[k, j] (K * wf floats) and the
+// label counts (K) in shared memory first; otherwise every pixel adds straight
+// into acc and areas.
 __global__ void segment_weights_kernel(const int32_t* labels, int W, const int32_t* y0s,
                                        const int32_t* y1s, const float* wy0s, const float* wy1s,
                                        const int32_t* x0s, const int32_t* x1s, const float* wx0s,
                                        const float* wx1s, int wf, int K, bool use_shared,
                                        float* acc, unsigned long long* areas) {
   extern __shared__ float row[];
+  unsigned int* counts = reinterpret_cast<unsigned int*>(row + K * wf);
   const int y = blockIdx.x;
   const int y0 = y0s[y], y1 = y1s[y];
   const float wy0 = wy0s[y], wy1 = wy1s[y];
   if (use_shared) {
     for (int i = threadIdx.x; i < K * wf; i += blockDim.x) row[i] = 0.0f;
+    for (int i = threadIdx.x; i < K; i += blockDim.x) counts[i] = 0u;
     __syncthreads();
   }
   for (int x = threadIdx.x; x < W; x += blockDim.x) {
     const int k = labels[static_cast<size_t>(y) * W + x];
     if (k < 0 || k >= K) continue;
-    atomicAdd(&areas[k], 1ull);
     const int x0 = x0s[x], x1 = x1s[x];
     const float wx0 = wx0s[x], wx1 = wx1s[x];
     if (use_shared) {
+      atomicAdd(&counts[k], 1u);
       atomicAdd(&row[k * wf + x0], wx0);
       if (wx1 != 0.0f) atomicAdd(&row[k * wf + x1], wx1);
     } else {
+      atomicAdd(&areas[k], 1ull);
       atomicAdd(&acc[(static_cast<size_t>(y0) * wf + x0) * K + k], wy0 * wx0);
       if (wx1 != 0.0f) atomicAdd(&acc[(static_cast<size_t>(y0) * wf + x1) * K + k], wy0 * wx1);
       if (wy1 != 0.0f) {
@@ -51,6 +55,8 @@ __global__ void segment_weights_kernel(const int32_t* labels, int W, const int32
   }
   if (!use_shared) return;
   __syncthreads();
+  for (int i = threadIdx.x; i < K; i += blockDim.x)
+    if (counts[i]) atomicAdd(&areas[i], static_cast<unsigned long long>(counts[i]));
   for (int i = threadIdx.x; i < K * wf; i += blockDim.x) {
     const float v = row[i];
     if (v == 0.0f) continue;
@@ -88,7 +94,7 @@ void pool_segments(const int32_t* labels, int64_t H, int64_t W, const float* fea
   d_acc.zero();
   d_areas.zero();
 
-  const size_t shared = static_cast<size_t>(K * wf) * sizeof(float);
+  const size_t shared = static_cast<size_t>(K * wf) * sizeof(float) + K * sizeof(unsigned int);
   const bool use_shared = shared <= kMaxShared;
   segment_weights_kernel<<<static_cast<unsigned>(H), kThreads, use_shared ? shared : 0>>>(
       d_labels.get(), static_cast<int>(W), day.i0.get(), day.i1.get(), day.w0.get(),
