@@ -1,0 +1,171 @@
+"""What PixelCLIP trains: the student's dense CLIP features (exactly the export's ClipDenseVisual "pixelclip" path),
+k learnable class prompts read by the frozen text tower, an EMA teacher, and the training-only ConvHead."""
+from __future__ import annotations
+
+import copy
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.tokenizer import SimpleTokenizer, tokenize
+from torch import nn
+
+from ovseg.export.clip import ClipDenseVisual, ClipTextEncoder, _block_forward, _resize_pos_embed
+
+from .data import TrainError
+
+FINETUNE = ("attention", "full")
+TEMPLATE = "A photo of a {} in the scene"  # PixelCLIP's training prompt; the learnable words replace {}
+PLACEHOLDER = "{}"
+
+
+class DenseClip(ClipDenseVisual):
+    """ClipDenseVisual for training: the export wrapper freezes its resized position table when built, so here it
+    is re-derived from the live parameter on every call and the position embedding gets its gradient."""
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._buffers["pos"] = _resize_pos_embed(self.visual.positional_embedding, self.grid)
+        return super().forward(pixel_values)
+
+    def dense(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> dense embeddings (B, D, h, w)."""
+        tokens = self(pixel_values)[1]
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *self.grid)
+
+
+def set_trainable(visual: nn.Module, finetune: str) -> list[str]:
+    """PixelCLIP's "attention" subset (attention weights and the position embedding) or the "full" encoder."""
+    if finetune not in FINETUNE:
+        raise TrainError(f"unknown --finetune {finetune!r}: choose one of {', '.join(FINETUNE)}")
+    names = []
+    for name, p in visual.named_parameters():
+        p.requires_grad_(finetune == "full" or ".attn." in name or name == "positional_embedding")
+        if p.requires_grad:
+            names.append(name)
+    return names
+
+
+class _TextTower(nn.Module):
+    """The text half of an open_clip CLIP (the same modules, not copies), in the shape ClipTextEncoder reads."""
+
+    text_pool_type = "argmax"
+
+    def __init__(self, clip: open_clip.CLIP):
+        super().__init__()
+        self.token_embedding = clip.token_embedding
+        self.positional_embedding = clip.positional_embedding
+        self.transformer = clip.transformer
+        self.ln_final = clip.ln_final
+        self.text_projection = clip.text_projection
+
+
+class PromptEncoder(ClipTextEncoder):
+    """ClipTextEncoder that starts from token embeddings, so learnable vectors can stand in for words."""
+
+    def encode_embeddings(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        length = input_ids.shape[1]
+        x = embeddings + m.positional_embedding[:length]
+        mask = self.causal_mask[:length, :length]
+        for block in m.transformer.resblocks:
+            x = _block_forward(block, x, mask)
+        x = m.ln_final(x)[torch.arange(x.shape[0]), input_ids.argmax(dim=-1)]
+        return x @ m.text_projection if not isinstance(m.text_projection, nn.Linear) else m.text_projection(x)
+
+
+class ClassPrompts(nn.Module):
+    """k class prompts, each ``words`` learnable token embeddings inside TEMPLATE, through the frozen text tower.
+
+    Initialised, as PixelCLIP, from the embeddings of random vocabulary tokens (seeded)."""
+
+    def __init__(self, clip: open_clip.CLIP, k: int = 64, words: int = 4, seed: int = 0):
+        super().__init__()
+        if getattr(clip, "text_pool_type", "argmax") != "argmax" or not hasattr(clip, "token_embedding"):
+            raise TrainError("learnable prompts need an open_clip CLIP whose text tower pools at the end-of-text token")
+        (placeholder,) = SimpleTokenizer().encode(PLACEHOLDER)
+        ids = tokenize([TEMPLATE.format(" ".join([PLACEHOLDER] * words))], clip.context_length)
+        ids = ids[:, : int(ids.argmax()) + 1]  # up to end-of-text: the causal tower never looks further
+        self.text = PromptEncoder(_TextTower(clip))
+        for p in self.text.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("ids", ids, persistent=False)
+        self.register_buffer("slots", (ids[0] == placeholder).nonzero()[:, 0], persistent=False)
+        vocab = clip.token_embedding.num_embeddings
+        chosen = torch.randint(vocab - 10, (k, words), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            self.tokens = nn.Parameter(clip.token_embedding(chosen).detach().clone().float())
+
+    def forward(self) -> torch.Tensor:
+        """Un-normalised text embeddings of the k prompts: (k, D)."""
+        k = self.tokens.shape[0]
+        with torch.no_grad():
+            x = self.text.model.token_embedding(self.ids).expand(k, -1, -1).clone()
+        x = x.to(self.tokens.dtype)
+        x[:, self.slots] = self.tokens
+        return self.text.encode_embeddings(self.ids.expand(k, -1), x)
+
+
+class ConvHead(nn.Module):
+    """PixelCLIP's training-only upsampler of one cost map (1 channel): 3x3 conv, then twice a 2x transposed conv
+    and a double 3x3 conv with GroupNorm, then a 3x3 conv back to 1 channel: the grid times 4."""
+
+    def __init__(self, widths: tuple[int, int, int] = (64, 64, 32)):
+        super().__init__()
+        a, b, c = widths
+        self.stem = nn.Conv2d(1, a, 3, padding=1)
+        self.up1, self.conv1 = nn.ConvTranspose2d(a, b, 2, stride=2), _double_conv(b)
+        self.up2, self.conv2 = nn.ConvTranspose2d(b, c, 2, stride=2), _double_conv(c)
+        self.out = nn.Conv2d(c, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(self.up1(self.stem(x)))
+        return self.out(self.conv2(self.up2(x)))
+
+
+def _double_conv(channels: int) -> nn.Sequential:
+    layers = []
+    for _ in range(2):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.GroupNorm(channels // 16, channels), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class Student(nn.Module):
+    """The trained module (what DDP wraps): augmented images -> per-prompt mask logits at mask_size², and the
+    prompts' text embeddings. Cost map = cosine(dense feature, prompt) per patch, upsampled by the ConvHead."""
+
+    def __init__(self, dense: DenseClip, prompts: ClassPrompts, head: ConvHead, mask_size: int):
+        super().__init__()
+        self.dense, self.prompts, self.head = dense, prompts, head
+        self.mask_size = mask_size
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = F.normalize(self.dense.dense(images), dim=1)  # (B, D, h, w)
+        embeddings = self.prompts()
+        cost = torch.einsum("bdhw,kd->bkhw", features, F.normalize(embeddings, dim=-1).to(features.dtype))
+        b, k, h, w = cost.shape
+        logits = self.head(cost.reshape(b * k, 1, h, w))
+        logits = F.interpolate(logits, size=(self.mask_size, self.mask_size), mode="bilinear", align_corners=False)
+        return logits.reshape(b, k, self.mask_size, self.mask_size), embeddings
+
+
+def make_teacher(dense: DenseClip) -> DenseClip:
+    """A frozen copy of the student's image encoder (built before the student's first forward)."""
+    teacher = DenseClip(copy.deepcopy(dense.visual), dense.grid[0] * _patch(dense.visual), dense.method).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _patch(visual: nn.Module) -> int:
+    return visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+    """teacher <- alpha * teacher + (1 - alpha) * student for the student's trained parameters (matched by name).
+
+    Frozen ones are equal in both and stay so; averaging them too would only add float rounding to the teacher."""
+    mine = dict(teacher.named_parameters())
+    for name, s in student.named_parameters():
+        if s.requires_grad:
+            mine[name].mul_(alpha).add_(s.detach(), alpha=1 - alpha)
