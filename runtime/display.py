@@ -29,7 +29,7 @@ def has_display() -> bool:
 
 
 def draw_status(image: np.ndarray, fps: float, timings: dict[str, float]) -> np.ndarray:
-    """Draw "12.3 FPS | dinov2 20.1 | clip 31.0 | ... | total 80.2 ms" across the top of ``image``, in place."""
+    """Draw "12.3 FPS | dinov2 20.1 | clip 31.0 | ... | total 80.2 ms" along the bottom of ``image`` (the legend is at the top), in place."""
     stages = [f"{name} {ms:.1f}" for name, ms in timings.items() if name != "total" and ms > 0]
     if "total" in timings:
         stages.append(f"total {timings['total']:.1f}")
@@ -38,9 +38,10 @@ def draw_status(image: np.ndarray, fps: float, timings: dict[str, float]) -> np.
     thickness = 1
     (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
     pad = 4
-    top = image[: h + base + 2 * pad, : min(image.shape[1], w + 2 * pad)]
-    top[...] = (top * 0.4).astype(image.dtype)  # darken behind the text so it reads on any frame
-    cv2.putText(image, text, (pad, pad + h), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    band_top = max(0, image.shape[0] - (h + base + 2 * pad))
+    band = image[band_top:, : min(image.shape[1], w + 2 * pad)]
+    band[...] = (band * 0.4).astype(image.dtype)  # darken behind the text so it reads on any frame
+    cv2.putText(image, text, (pad, image.shape[0] - pad - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
     return image
 
 

@@ -253,7 +253,7 @@ def test_display_detection_and_status_line(monkeypatch):
     assert has_display() == ("NONE" not in gui[0].upper())
     image = np.zeros((120, 400, 3), np.uint8)
     draw_status(image, 12.3, {"dinov2": 20.0, "clip": 30.0, "total": 55.0})
-    assert image[:20].max() == 255 and image[60:].max() == 0
+    assert image[-20:].max() == 255 and image[:60].max() == 0
 
 
 def test_importing_the_cli_does_not_import_torch():
