@@ -152,6 +152,16 @@ def test_dino_masks_come_from_the_runtime_kmeans():
     assert masks[1][:, :8].sum() == 0
 
 
+def test_training_on_dino_masks(data, tmp_path):
+    for json_file in data.glob("*.json"):  # DINOv2 masks need no annotations: train on bare images
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "images" / json_file.with_suffix(".png").name).write_bytes(json_file.with_suffix(".png").read_bytes())
+    cfg = small_config(tmp_path / "images", tmp_path / "run", masks="dino", dino_size=56, dino_clusters=4)
+    result = train(cfg, clip_model=tiny_clip(), dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()))
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert all(int(r["masks"]) > 0 for r in csv.DictReader((tmp_path / "run" / "log.csv").open()))
+
+
 def test_prompts_fill_the_template_and_learn_through_the_frozen_text_tower():
     clip = tiny_clip()
     prompts = ClassPrompts(clip, k=3, words=4)
@@ -277,3 +287,15 @@ def test_collate_keeps_ragged_masks(data):
     dataset = MaskDataset(find_images(data, "sa1b"), "sa1b", SMALL)
     batch = collate([dataset[0], dataset[1]])
     assert batch.teacher.shape == (2, 3, 64, 64) and len(batch.masks) == 2 and batch.dino is None
+
+
+def test_cli_trains_the_real_architecture_with_random_weights(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data", str(data), "--out", str(out), "--random-weights", "--iters", "1", "--batch", "1", "--prompts", "2",
+            "--short-side", "96", "--crop", "32", "--clip-size", "32", "--mask-size", "16", "--workers", "0", "--no-names"]
+    assert cli.main(argv) == 0
+    assert "ovseg-export --clip-weights" in capsys.readouterr().out
+    state = _read_checkpoint(out / "student_visual.safetensors")
+    assert state["visual.positional_embedding"].shape == (197, 768)
+    assert np.load(out / "prompts.npy").shape == (2, 512)
+    assert json.loads((out / "config.json").read_text())["clip"] == "ViT-B-16:openai"

@@ -58,10 +58,15 @@ class Batch:
     keep: torch.Tensor
     dino: torch.Tensor | None
 
+    def _map(self, fn) -> "Batch":
+        dino = None if self.dino is None else fn(self.dino)
+        return Batch(fn(self.teacher), fn(self.student), [fn(m) for m in self.masks], fn(self.keep), dino)
+
     def to(self, device: torch.device) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=True)
-        dino = None if self.dino is None else move(self.dino)
-        return Batch(move(self.teacher), move(self.student), [move(m) for m in self.masks], move(self.keep), dino)
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return self._map(lambda t: t.pin_memory())
 
 
 def collate(samples: list[Sample]) -> Batch:

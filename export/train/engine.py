@@ -81,6 +81,8 @@ class TrainResult:
     steps: int  # the step count reached
     losses: list[float]  # per step of this run, averaged over processes
     files: dict[str, Path]  # checkpoint, log, and (rank 0) the exported outputs
+    student: Student  # the trained module (its dense.visual is the CLIP model's own visual tower)
+    teacher: DenseClip
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -280,7 +282,7 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
         files.update(write_outputs(cfg.out, student.dense.visual, embeddings, clip_model, cfg.vocab, cfg.names_top))
     if world > 1:
         dist.barrier()
-    return TrainResult(cfg.iters, losses, files)
+    return TrainResult(cfg.iters, losses, files, student, teacher)
 
 
 def _checkpoint(step: int, cfg: TrainConfig, student: Student, teacher: DenseClip, optimizer, scaler) -> dict:
