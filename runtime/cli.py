@@ -99,13 +99,10 @@ class LatencyStats:
 
     samples: dict[str, list[float]] = field(default_factory=dict)
     frames: int = 0
-    first_frame_at: float | None = None
     last_frame_at: float | None = None
 
     def add(self, timings: dict[str, float]) -> None:
-        now = time.perf_counter()
-        self.first_frame_at = self.first_frame_at or now
-        self.last_frame_at = now
+        self.last_frame_at = time.perf_counter()
         self.frames += 1
         for stage, ms in timings.items():
             self.samples.setdefault(stage, []).append(float(ms))

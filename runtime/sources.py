@@ -24,6 +24,8 @@ log = logging.getLogger("ovseg.sources")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm", ".exr", ".hdr")
 # A run of this many failed reads means the rest of the file is gone, not one bad frame.
 MAX_CONSECUTIVE_BAD_FRAMES = 16
+# Network streams: without these a dead stream can block a read for minutes instead of being reconnected.
+STREAM_TIMEOUT_MS = 10_000
 
 
 class SourceError(RuntimeError):
@@ -70,6 +72,14 @@ def _parse_uri(uri: int | str) -> int | str:
     return int(uri) if isinstance(uri, str) and uri.isdigit() else uri
 
 
+def open_video_capture(uri: int | str) -> cv2.VideoCapture:
+    """cv2.VideoCapture, with open and read timeouts for network streams."""
+    if isinstance(uri, str) and "://" in uri:
+        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS]
+        return cv2.VideoCapture(uri, cv2.CAP_ANY, timeouts)
+    return cv2.VideoCapture(uri)
+
+
 def _open_failure(uri: int | str) -> SourceError:
     if isinstance(uri, int):
         return SourceError(f"camera {uri} cannot be opened: check the device (ls /dev/video*) or use --video/--image")
@@ -100,7 +110,7 @@ class LatestFrameCapture(Source):
         reconnect: bool = True,
         backoff: tuple[float, float] = (0.5, 8.0),
         max_reconnect_time: float = 30.0,
-        open_capture: Callable[[int | str], cv2.VideoCapture] = cv2.VideoCapture,
+        open_capture: Callable[[int | str], cv2.VideoCapture] = open_video_capture,
     ):
         self.uri = _parse_uri(uri)
         self.name = _describe(self.uri)

@@ -1,6 +1,8 @@
 """Frame sources: live capture (a video file through the same class), video files, images, the sample clip."""
 from __future__ import annotations
 
+import functools
+import http.server
 import logging
 import sys
 import threading
@@ -152,6 +154,36 @@ def test_without_reconnect_a_lost_stream_is_an_error():
     with LatestFrameCapture("rtsp://x", reconnect=False, open_capture=open_capture) as cap:
         with pytest.raises(SourceError, match="stopped delivering frames"):
             list(cap)
+
+
+@pytest.fixture()
+def http_server(video):
+    """The test video served over HTTP, a real network stream for LatestFrameCapture."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(video.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/{video.name}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_network_stream_reconnects_at_its_end_and_gives_up_when_the_server_is_gone(http_server, caplog):
+    server, url = http_server
+    caplog.set_level(logging.WARNING, logger="ovseg")
+    frames = []
+    with pytest.raises(SourceError, match="did not come back"):
+        with LatestFrameCapture(url, backoff=(0.05, 0.1), max_reconnect_time=0.5) as cap:
+            for frame in cap:
+                frames.append(frame)
+                if cap.reconnects >= 1 and server is not None:
+                    server.shutdown()  # the stream came back once; now it is gone for good
+                    server.server_close()
+                    server = None
+    assert cap.reconnects >= 1
+    assert frames[0].source == f"stream {url}"
+    assert any("lost: reconnecting" in r.getMessage() for r in caplog.records)
 
 
 # --- VideoFileSource ---------------------------------------------------------------------------------------
