@@ -134,6 +134,19 @@ def test_crops_masks_and_views_line_up(data):
     assert torch.equal(plain.teacher, plain.student) and plain.keep.all()
 
 
+def test_annotations_may_live_in_a_mirrored_tree(data, tmp_path):
+    (tmp_path / "images" / "part").mkdir(parents=True)
+    (tmp_path / "annotations" / "part").mkdir(parents=True)
+    for png in sorted(data.glob("*.png"))[:2]:
+        (tmp_path / "images" / "part" / png.name).write_bytes(png.read_bytes())
+        (tmp_path / "annotations" / "part" / png.with_suffix(".json").name).write_bytes(png.with_suffix(".json").read_bytes())
+    items = find_images(tmp_path / "images", "sa1b", tmp_path / "annotations")
+    assert [i.annotation.parent.name for i in items] == ["part", "part"]
+    assert len(MaskDataset(items, "sa1b", SMALL)[0].masks) > 0
+    with pytest.raises(TrainError, match="no annotation JSON"):
+        find_images(tmp_path / "images", "sa1b")
+
+
 def test_draws_split_across_ranks_and_resume_where_they_left_off():
     take = lambda sampler, n: [d for _, d in zip(range(n), iter(sampler))]
     r0, r1 = take(InfiniteDraws(10, 0, 2, seed=1), 10), take(InfiniteDraws(10, 1, 2, seed=1), 10)
@@ -273,6 +286,7 @@ def test_bad_data_fails_with_one_line(tmp_path, capsys):
     data = write_colour_regions(tmp_path / "d", count=2, size=(40, 50))
     (data / "synthetic_0001.json").unlink()
     assert "have no annotation JSON" in run("--data", str(data))
+    assert "annotation directory" in run("--data", str(data), "--annotations", str(tmp_path / "nowhere"))
     with pytest.raises(TrainError, match="unreadable annotation"):
         (data / "synthetic_0001.json").write_text("{not json")
         MaskDataset(find_images(data, "sa1b"), "sa1b", SMALL)[1]

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, required=True, help="folder of images (recursively); SA-1B layout: IMAGE.jpg + IMAGE.json")
     p.add_argument("--out", type=Path, required=True, help="output folder: checkpoint.pt, log.csv, config.json, the exported files")
+    p.add_argument("--annotations", type=Path, help="SA-1B JSONs under this folder at the images' relative paths (default: beside the images)")
     p.add_argument("--masks", choices=MASK_SOURCES, default=d.masks, help="sa1b: COCO RLE masks from IMAGE.json; dino: DINOv2 k-means masks made on the fly")
     p.add_argument("--clip", default=DEFAULT_CLIP, help=f"open_clip MODEL[:PRETRAINED] (default {DEFAULT_CLIP})")
     p.add_argument("--clip-weights", type=Path, help="local CLIP checkpoint to start from (as ovseg-export takes)")
@@ -67,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         mask_size=args.mask_size, strong=not args.no_strong_aug,
     )
     return TrainConfig(
-        data=args.data, out=args.out, masks=args.masks, clip=args.clip, clip_weights=args.clip_weights,
+        data=args.data, out=args.out, annotations=args.annotations, masks=args.masks, clip=args.clip, clip_weights=args.clip_weights,
         random_weights=args.random_weights, finetune=args.finetune, prompts=args.prompts, prompt_words=args.prompt_words,
         iters=args.iters, batch=args.batch, lr=args.lr, lr_end=args.lr_end, warmup=args.warmup,
         clip_lr_mult=args.clip_lr_mult, prompt_lr_mult=args.prompt_lr_mult, weight_decay=args.weight_decay,

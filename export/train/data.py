@@ -20,6 +20,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset, Sampler
 
 from ovseg import _native
+from ovseg.export.clip import CLIP_MEAN
 from ovseg.export.dinov2 import IMAGENET_MEAN, IMAGENET_STD, Dinov2PatchTokens
 
 MASK_SOURCES = ("sa1b", "dino")
@@ -77,23 +78,34 @@ def collate(samples: list[Sample]) -> Batch:
     )
 
 
-def find_images(root: Path, masks: str) -> list[Path]:
-    """Images under ``root`` (recursively); for SA-1B masks each needs IMAGE.json beside it."""
+@dataclass
+class Item:
+    image: Path
+    annotation: Path | None  # SA-1B-style JSON, None for DINOv2 masks
+
+
+def find_images(root: Path, masks: str, annotations: Path | None = None) -> list[Item]:
+    """Images under ``root`` (recursively). For SA-1B masks each needs its JSON: IMAGE.json beside it (the SA-1B
+    tars' layout) or, with ``annotations``, at the same relative path under that folder (PixelCLIP's layout)."""
     if masks not in MASK_SOURCES:
         raise TrainError(f"unknown mask source {masks!r}: choose one of {', '.join(MASK_SOURCES)}")
     if not root.is_dir():
         raise TrainError(f"data directory {root} does not exist")
+    if annotations is not None and not annotations.is_dir():
+        raise TrainError(f"annotation directory {annotations} does not exist")
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise TrainError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    if masks == "sa1b":
-        orphans = [p for p in images if not p.with_suffix(".json").is_file()]
-        if orphans:
-            raise TrainError(
-                f"{len(orphans)} of {len(images)} images have no annotation JSON beside them (e.g. {orphans[0].with_suffix('.json')}); "
-                "SA-1B layout is IMAGE.jpg + IMAGE.json, or use --masks dino"
-            )
-    return images
+    if masks == "dino":
+        return [Item(p, None) for p in images]
+    items = [Item(p, (annotations / p.relative_to(root) if annotations else p).with_suffix(".json")) for p in images]
+    orphans = [i.annotation for i in items if not i.annotation.is_file()]
+    if orphans:
+        raise TrainError(
+            f"{len(orphans)} of {len(items)} images have no annotation JSON (e.g. {orphans[0]}); "
+            "SA-1B layout is IMAGE.jpg + IMAGE.json (or --annotations DIR mirroring --data), or use --masks dino"
+        )
+    return items
 
 
 def read_rles(path: Path, height: int, width: int) -> list[dict]:
@@ -124,18 +136,19 @@ def decode_rle(rle: dict) -> np.ndarray:
 class MaskDataset(Dataset):
     """Sample ``draw`` is image ``draw % len`` with augmentation drawn from (seed, draw): a resumed run sees the same data."""
 
-    def __init__(self, images: list[Path], masks: str, crop: CropConfig, seed: int = 0):
-        self.images = images
+    def __init__(self, items: list[Item], masks: str, crop: CropConfig, seed: int = 0):
+        self.items = items
         self.masks = masks
         self.cfg = crop
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.items)
 
     def __getitem__(self, draw: int) -> Sample:
         cfg = self.cfg
-        path = self.images[draw % len(self.images)]
+        item = self.items[draw % len(self.items)]
+        path = item.image
         rng = np.random.default_rng([self.seed, draw])
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
@@ -151,7 +164,7 @@ class MaskDataset(Dataset):
 
         resized = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_LINEAR)
         crop = np.zeros((cfg.crop, cfg.crop, 3), np.uint8)
-        crop[:] = np.round(np.array([0.48145466, 0.4578275, 0.40821073]) * 255)  # pad with CLIP's mean colour
+        crop[:] = np.round(np.array(CLIP_MEAN) * 255)  # pad with CLIP's mean colour
         crop[:ch, :cw] = resized[y0 : y0 + ch, x0 : x0 + cw]
         if flip:
             crop = crop[:, ::-1]
@@ -174,7 +187,7 @@ class MaskDataset(Dataset):
             xs = np.minimum(((x0 + np.minimum(centres, cw - 1)) / (rw / w)).astype(int), w - 1)
             if flip:
                 xs = xs[::-1]
-            grids = [decode_rle(r)[np.ix_(ys, xs)].astype(bool) & keep for r in read_rles(path.with_suffix(".json"), h, w)]
+            grids = [decode_rle(r)[np.ix_(ys, xs)].astype(bool) & keep for r in read_rles(item.annotation, h, w)]
             grids = sorted((g for g in grids if g.sum() > 1), key=lambda g: -int(g.sum()))  # PixelCLIP drops masks of <= 1 pixel
             if grids:
                 masks = np.stack(grids)

@@ -40,6 +40,7 @@ class TrainConfig:
     data: Path
     out: Path
     masks: str = "sa1b"  # "sa1b": IMAGE.json beside each image; "dino": DINOv2 k-means masks on the fly
+    annotations: Path | None = None  # SA-1B JSONs in a tree mirroring data/ instead of beside the images
     clip: str = DEFAULT_CLIP
     clip_weights: Path | None = None
     random_weights: bool = False
@@ -183,10 +184,9 @@ def train(cfg: TrainConfig, clip_model: open_clip.CLIP | None = None, dinov2_mod
 def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, resume_path: Path | None) -> TrainResult:
     if cfg.batch % world:
         raise TrainError(f"--batch {cfg.batch} does not split over {world} processes")
-    per_rank = cfg.batch // world
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True  # PixelCLIP: float32 matmul precision "high"
-    images = find_images(Path(cfg.data), cfg.masks)
+    images = find_images(Path(cfg.data), cfg.masks, cfg.annotations and Path(cfg.annotations))
 
     if clip_model is None:
         clip_model, _ = load_clip(cfg.clip, cfg.clip_weights, cfg.random_weights)
@@ -212,19 +212,7 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
     if start >= cfg.iters:
         raise TrainError(f"the checkpoint is at step {start}: raise --iters above it to train further")
 
-    masker = None
-    if cfg.masks == "dino":
-        crop_cfg = CropConfig(**{**asdict(cfg.crop), "dino_size": cfg.dino_size})
-        if dinov2_model is None:
-            dinov2_model, _ = load_dinov2(cfg.dinov2, cfg.random_weights)
-        masker = DinoMasker(dinov2_model, cfg.dino_size, cfg.dino_clusters, cfg.crop.mask_size, cfg.kmeans_iters, cfg.seed).to(device)
-    else:
-        crop_cfg = cfg.crop
-    dataset = MaskDataset(images, cfg.masks, crop_cfg, cfg.seed)
-    loader = DataLoader(
-        dataset, batch_size=per_rank, sampler=InfiniteDraws(len(dataset), rank, world, cfg.seed, skip=start * per_rank),
-        num_workers=cfg.workers, collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-    )
+    loader, masker = _data(cfg, images, rank, world, start, dinov2_model, device)
     model = DistributedDataParallel(student, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False) if world > 1 else student
 
     files = {"checkpoint": cfg.out / CHECKPOINT, "log": cfg.out / LOG}
@@ -266,9 +254,8 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
         value = _mean_over_ranks(loss, world)
         losses.append(value)
         if rank == 0:
-            lr = optimizer.param_groups[0]["lr"]
-            with files["log"].open("a", newline="") as f:
-                csv.writer(f).writerow([step + 1, f"{value:.6f}", f"{lr:.3e}", len(targets.assignment), targets.clusters_used, f"{time.perf_counter() - tick:.3f}"])
+            with files["log"].open("a", newline="") as f:  # lr: the base (head) rate; CLIP and prompts scale it
+                csv.writer(f).writerow([step + 1, f"{value:.6f}", f"{cfg.lr * factor:.3e}", len(targets.assignment), targets.clusters_used, f"{time.perf_counter() - tick:.3f}"])
             bar.set_postfix(loss=f"{value:.4f}", clusters=targets.clusters_used)
             bar.update(1)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.iters:
@@ -283,6 +270,23 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
     if world > 1:
         dist.barrier()
     return TrainResult(cfg.iters, losses, files, student, teacher)
+
+
+def _data(cfg: TrainConfig, items, rank: int, world: int, start: int, dinov2_model, device: torch.device) -> tuple[DataLoader, DinoMasker | None]:
+    """This rank's endless loader, resumed after ``start`` steps, and the DINOv2 masker when masks are made on the fly."""
+    masker, crop = None, cfg.crop
+    if cfg.masks == "dino":
+        crop = CropConfig(**{**asdict(cfg.crop), "dino_size": cfg.dino_size})
+        if dinov2_model is None:
+            dinov2_model, _ = load_dinov2(cfg.dinov2, cfg.random_weights)
+        masker = DinoMasker(dinov2_model, cfg.dino_size, cfg.dino_clusters, cfg.crop.mask_size, cfg.kmeans_iters, cfg.seed).to(device)
+    per_rank = cfg.batch // world
+    dataset = MaskDataset(items, cfg.masks, crop, cfg.seed)
+    loader = DataLoader(
+        dataset, batch_size=per_rank, sampler=InfiniteDraws(len(dataset), rank, world, cfg.seed, skip=start * per_rank),
+        num_workers=cfg.workers, collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+    )
+    return loader, masker
 
 
 def _checkpoint(step: int, cfg: TrainConfig, student: Student, teacher: DenseClip, optimizer, scaler) -> dict:
