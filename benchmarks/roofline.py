@@ -1,0 +1,113 @@
+"""Roofline: the encoders' FLOPs per frame, counted from their ONNX graphs, against a GEMM peak measured here.
+
+FLOPs are 2 per multiply-add of every MatMul, Gemm and Conv (shapes from ONNX Runtime's symbolic
+shape inference with the batch fixed to 1); softmax, normalisation and activations are not counted, so the
+achieved rate is a slight underestimate of the work done. The peak is one ONNX Runtime MatMul of
+two n x n fp32 matrices on the same thread count, timed in the same loop as the encoders.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+GEMM_SIZE = 2048  # large enough that packing and threading overheads are a few percent of the product
+
+
+@dataclass
+class FlopCount:
+    """Multiply-add work of one encoder at batch 1."""
+
+    file: str
+    gflop: float
+    by_op: dict[str, float] = field(default_factory=dict)  # op type -> GFLOP
+    nodes: int = 0  # MatMul/Gemm/Conv nodes counted
+    unresolved: list[str] = field(default_factory=list)  # nodes whose shapes inference could not give
+
+
+def _dims(value_info) -> list[int] | None:
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return None if any(d is None for d in dims) else dims
+
+
+def count_flops(path: str | Path, image_size: int) -> FlopCount:
+    """FLOPs of the ONNX model at ``path`` for one (1, 3, S, S) image.
+
+    Shapes come from ONNX Runtime's symbolic shape inference, which follows the Shape/Reshape
+    arithmetic of attention that plain ONNX shape inference leaves unknown.
+    """
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = onnx.load(str(path))
+    for graph_input in model.graph.input:
+        for d, value in zip(graph_input.type.tensor_type.shape.dim, (1, 3, image_size, image_size)):
+            d.Clear()
+            d.dim_value = value
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    shapes: dict[str, list[int] | None] = {}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        shapes[vi.name] = _dims(vi)
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    count = FlopCount(Path(path).name, 0.0)
+    for node in inferred.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        out = shapes.get(node.output[0])
+        if a is None or b is None or out is None:
+            count.unresolved.append(node.name or node.op_type)
+            continue
+        if node.op_type == "Conv":
+            groups = next((attr.i for attr in node.attribute if attr.name == "group"), 1)
+            flops = 2 * int(np.prod(out)) * (a[1] // groups) * int(np.prod(b[2:]))
+        elif node.op_type == "Gemm":
+            trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+            k = a[0] if trans_a else a[1]
+            flops = 2 * int(np.prod(out)) * k
+        else:
+            flops = 2 * int(np.prod(out)) * a[-1]  # out (..., m, n), contraction over A's last axis
+        count.nodes += 1
+        count.by_op[node.op_type] = count.by_op.get(node.op_type, 0.0) + flops / 1e9
+        count.gflop += flops / 1e9
+    return count
+
+
+class GemmPeak:
+    """One n x n x n fp32 MatMul in ONNX Runtime with ``threads`` intra-op threads: ``run()`` returns milliseconds."""
+
+    def __init__(self, threads: int, n: int = GEMM_SIZE):
+        import onnx
+        from onnx import TensorProto, helper
+
+        self.n = n
+        self.gflop = 2 * n**3 / 1e9
+        rng = np.random.default_rng(0)
+        b = onnx.numpy_helper.from_array(rng.standard_normal((n, n), np.float32), "B")  # a constant, as weights are
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm",
+            [helper.make_tensor_value_info("A", TensorProto.FLOAT, (n, n))],
+            [helper.make_tensor_value_info("C", TensorProto.FLOAT, (n, n))], [b],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.a = rng.standard_normal((n, n), np.float32)
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        self.session.run(None, {"A": self.a})
+        return (time.perf_counter() - start) * 1000
+
+    def gflops(self, ms: float) -> float:
+        return self.gflop / (ms / 1000)
