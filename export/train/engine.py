@@ -213,7 +213,7 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
         raise TrainError(f"the checkpoint is at step {start}: raise --iters above it to train further")
 
     loader, masker = _data(cfg, images, rank, world, start, dinov2_model, device)
-    model = DistributedDataParallel(student, device_ids=[local] if device.type == "cuda" else None, broadcast_buffers=False) if world > 1 else student
+    model = DistributedDataParallel(student, device_ids=[local] if device.type == "cuda" else None) if world > 1 else student
 
     files = {"checkpoint": cfg.out / CHECKPOINT, "log": cfg.out / LOG}
     if rank == 0:

@@ -20,11 +20,16 @@ PLACEHOLDER = "{}"
 
 
 class DenseClip(ClipDenseVisual):
-    """ClipDenseVisual for training: the export wrapper freezes its resized position table when built, so here it
-    is re-derived from the live parameter on every call and the position embedding gets its gradient."""
+    """ClipDenseVisual for training. The export wrapper freezes its resized position table in a buffer when built;
+    here the table is re-derived from the live parameter on every call (a plain attribute, not a buffer, so DDP
+    never syncs it), and the position embedding gets its gradient."""
+
+    def __init__(self, visual, image_size: int, method: str):
+        super().__init__(visual, image_size, method)
+        del self._buffers["pos"]
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._buffers["pos"] = _resize_pos_embed(self.visual.positional_embedding, self.grid)
+        object.__setattr__(self, "pos", _resize_pos_embed(self.visual.positional_embedding, self.grid))
         return super().forward(pixel_values)
 
     def dense(self, pixel_values: torch.Tensor) -> torch.Tensor:

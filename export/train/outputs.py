@@ -28,6 +28,7 @@ def save_visual(visual: torch.nn.Module, path: Path) -> Path:
     state = {f"visual.{k}": v.detach().float().cpu().contiguous() for k, v in visual.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "source": "ovseg-train"})
+    os.chmod(tmp, 0o644)  # safetensors creates files readable by the owner only
     os.replace(tmp, path)
     return path
 
