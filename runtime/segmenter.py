@@ -51,7 +51,7 @@ class SegmenterConfig:
     top_k: int = 3  # labels looked up per segment: the best and top_k - 1 alternatives
     score_threshold: float | None = None  # below it a segment is "unknown"
     refine: str | None = None  # None | "segments" (guided) | "edges" (both modes)
-    keyframe_interval: int = 1  # run CLIP every N-th frame; segments move with DINOv2 in between
+    keyframe_interval: int = 1  # CLIP every N-th frame, segments move with DINOv2 in between (whenever DINOv2 runs)
     hysteresis: int = 3  # frames a new label must win in a row before a segment takes it
     seed: int = 0  # k-means++ seeding of the first frame
     kmeans_iters: int = 10
