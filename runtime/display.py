@@ -31,13 +31,17 @@ def has_display() -> bool:
 def draw_status(image: np.ndarray, fps: float, timings: dict[str, float]) -> np.ndarray:
     """Draw "12.3 FPS | dinov2 20.1 | clip 31.0 | ... | total 80.2 ms" along the bottom of ``image`` (the legend is at the top), in place."""
     stages = [f"{name} {ms:.1f}" for name, ms in timings.items() if name != "total" and ms > 0]
-    if "total" in timings:
-        stages.append(f"total {timings['total']:.1f}")
-    text = " | ".join([f"{fps:.1f} FPS", *stages]) + " ms"
-    scale = max(0.35, min(0.7, image.shape[1] / 1400))
-    thickness = 1
+    total = [f"total {timings['total']:.1f}"] if "total" in timings else []
+    pad, thickness = 4, 1
+    room = image.shape[1] - 2 * pad
+    for text in (" | ".join([f"{fps:.1f} FPS", *stages, *total]) + " ms", " | ".join([f"{fps:.1f} FPS", *total]) + " ms"):
+        # As large as reads well, shrunk until it fits; too long even at the smallest size: FPS and total only.
+        scale = min(0.7, max(0.4, image.shape[1] / 1400))
+        while scale > 0.3 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] > room:
+            scale *= 0.95  # Hershey glyph widths do not scale linearly: shrink step by step
+        if cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] <= room:
+            break
     (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    pad = 4
     band_top = max(0, image.shape[0] - (h + base + 2 * pad))
     band = image[band_top:, : min(image.shape[1], w + 2 * pad)]
     band[...] = (band * 0.4).astype(image.dtype)  # darken behind the text so it reads on any frame

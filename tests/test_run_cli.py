@@ -254,6 +254,11 @@ def test_display_detection_and_status_line(monkeypatch):
     image = np.zeros((120, 400, 3), np.uint8)
     draw_status(image, 12.3, {"dinov2": 20.0, "clip": 30.0, "total": 55.0})
     assert image[-20:].max() == 255 and image[:60].max() == 0
+    many = {"preprocess": 0.7, "dinov2": 3388.8, "kmeans": 38.5, "clip": 13049.6, "pooling": 16.8, "lookup": 2.7, "render": 47.9, "total": 16583.2}
+    for width in (160, 640):
+        image = np.zeros((100, width, 3), np.uint8)
+        draw_status(image, 0.1, many)
+        assert image.max() == 255 and image[:, -3:].max() < 255  # drawn, and it fits the width
 
 
 def test_importing_the_cli_does_not_import_torch():
