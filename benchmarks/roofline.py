@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .timing import Stats
+
 GEMM_SIZE = 2048  # large enough that packing and threading overheads are a few percent of the product
 
 
@@ -111,3 +113,56 @@ class GemmPeak:
 
     def gflops(self, ms: float) -> float:
         return self.gflop / (ms / 1000)
+
+
+def cached_flops(path: Path, image_size: int, sha256: str | None, cache: Path) -> FlopCount:
+    """count_flops, remembered per file digest (from the manifest) and size: parsing a 350 MB graph takes seconds."""
+    import json
+    from dataclasses import asdict
+
+    key = cache / "flops" / f"{sha256 or Path(path).stat().st_mtime_ns}-{image_size}.json"
+    if key.is_file():
+        try:
+            return FlopCount(**json.loads(key.read_text()))
+        except (ValueError, TypeError):
+            pass
+    count = count_flops(path, image_size)
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text(json.dumps(asdict(count)))
+    return count
+
+
+@dataclass
+class EncoderRoofline:
+    gflop: float  # per frame
+    ms: float  # median time per frame
+    gflops: float  # gflop / median time
+    fraction_of_peak: float  # median over frames of (this encoder's GFLOP/s) / (the GEMM's GFLOP/s just before)
+    by_op: dict[str, float]
+    unresolved: list[str]
+
+
+@dataclass
+class Roofline:
+    gemm_size: int
+    gemm_ms: Stats
+    gemm_gflops: float  # at the median GEMM time
+    fraction_of_peak: Stats  # per frame: both encoders' GFLOP / their time, over the GEMM's GFLOP/s just before
+    encoders: dict[str, EncoderRoofline]
+    note: str = ("FLOPs: 2 per multiply-add of MatMul/Gemm/Conv (ONNX Runtime symbolic shape inference, batch 1); "
+                 "the GEMM runs right before every timed frame, so each ratio compares runs under the same load")
+
+
+def roofline(flops: dict[str, FlopCount], per_frame: dict[str, list[float]], gemm: GemmPeak) -> Roofline:
+    """Achieved GFLOP/s of the encoders against the GEMM, frame by frame (per_frame: ms of dinov2, clip, gemm)."""
+    g = np.asarray(per_frame["gemm"])
+    peak = gemm.gflop / (g / 1000)  # GFLOP/s of each GEMM run
+    encoders = {}
+    for role, count in flops.items():
+        t = np.asarray(per_frame[role])
+        ms = float(np.median(t))
+        encoders[role] = EncoderRoofline(count.gflop, ms, count.gflop / (ms / 1000),
+                                         float(np.median(count.gflop / (t / 1000) / peak)), count.by_op, count.unresolved)
+    both = sum(c.gflop for c in flops.values()) / (sum(np.asarray(per_frame[r]) for r in flops) / 1000)
+    g_stats = Stats.of(g)
+    return Roofline(gemm.n, g_stats, gemm.gflops(g_stats.p50), Stats.of(both / peak), encoders)

@@ -1,0 +1,219 @@
+"""Per-stage latency of the Segmenter: the main measurement, the K sweep and the backend/precision sweep.
+
+The main Segmenter is built from the runtime's public pieces with its encoders wrapped in a
+``Recorder``, so one measurement loop also yields the encoder outputs that the K sweep replays
+(``Replay``): that sweep then times only what depends on K (k-means, pooling, lookup, render).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ovseg import _native
+from ovseg.runtime.bundle import Manifest, read_manifest
+from ovseg.runtime.lookup import LabelIndex, PromptEmbedder
+from ovseg.runtime.segmenter import Segmenter, SegmenterConfig
+from ovseg.runtime.sessions import OnnxEncoder, SegmenterError, open_engine, providers
+from ovseg.runtime.text import ClipTokenizer
+
+from .roofline import GemmPeak
+from .timing import Budget, Stats, peak_rss_mb, repeat
+
+STAGES = ("preprocess", "dinov2", "kmeans", "clip", "pooling", "lookup", "render")  # "refine" only runs with refine=
+
+
+class Recorder:
+    """An engine that passes runs through and keeps the outputs of the first ``keep`` runs (and the last one)."""
+
+    def __init__(self, engine, keep: int):
+        self.engine, self.keep = engine, keep
+        self.outputs: list[dict[str, np.ndarray]] = []
+        self.last: dict[str, np.ndarray] | None = None
+
+    @property
+    def input(self) -> np.ndarray:
+        return self.engine.input
+
+    def run(self) -> dict[str, np.ndarray]:
+        self.last = self.engine.run()
+        if len(self.outputs) < self.keep:
+            self.outputs.append(self.last)
+        return self.last
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class Replay:
+    """An engine that returns recorded outputs in order, cyclically, at no cost."""
+
+    def __init__(self, recorder: Recorder):
+        if not recorder.outputs:
+            raise ValueError("nothing was recorded to replay")
+        self.input = np.zeros_like(recorder.input)
+        self.outputs = recorder.outputs
+        self.calls = 0
+
+    def run(self) -> dict[str, np.ndarray]:
+        out = self.outputs[self.calls % len(self.outputs)]
+        self.calls += 1
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Opened:
+    """A Segmenter and the recording engines inside it."""
+
+    segmenter: Segmenter
+    manifest: Manifest
+    clip: Recorder
+    dinov2: Recorder
+    index: LabelIndex
+    embedder: PromptEmbedder
+
+
+def open_recorded(bundle: Path, threads: int, config: SegmenterConfig, keep: int, backend: str = "cpu",
+                  precision: str = "fp32") -> Opened:
+    """What ``Segmenter.from_bundle`` does for a bundle's own vocabulary, with the image encoders wrapped in Recorders."""
+    manifest = read_manifest(bundle)
+    _native.set_num_threads(threads)
+    size = manifest.image_size
+    clip = Recorder(open_engine(bundle, manifest.clip, "CLIP image", size, backend, precision, threads), keep)
+    dinov2 = Recorder(open_engine(bundle, manifest.dinov2, "DINOv2", size, backend, precision, threads), keep)
+    text = OnnxEncoder(bundle / manifest.text.files["fp32"], providers("cpu", "fp32", bundle), threads)
+    embedder = PromptEmbedder(text, ClipTokenizer.from_file(bundle / manifest.text.tokenizer, manifest.text.context_length))
+    index = LabelIndex.from_bundle(bundle, manifest.vocabulary)
+    seg = Segmenter(manifest, bundle, clip=clip, dinov2=dinov2, embedder=embedder, index=index, config=config,
+                    backend=backend, precision=precision)
+    return Opened(seg, manifest, clip, dinov2, index, embedder)
+
+
+def with_config(opened: Opened, config: SegmenterConfig, replay: bool) -> Segmenter:
+    """Another Segmenter on the same (or replayed) encoders, vocabulary and text encoder."""
+    clip, dinov2 = (Replay(opened.clip), Replay(opened.dinov2)) if replay else (opened.clip, opened.dinov2)
+    return Segmenter(opened.manifest, opened.segmenter.bundle_dir, clip=clip, dinov2=dinov2, embedder=opened.embedder,
+                     index=opened.index, config=config)
+
+
+@dataclass
+class StageLatency:
+    """Per-stage statistics of one configuration, with what it ran on."""
+
+    bundle: str
+    image_size: int
+    backend: str
+    precision: str
+    frame: tuple[int, int]  # width, height of the input frames
+    stages: dict[str, Stats]
+    overhead_ratio: Stats | None = None  # per frame: total / (dinov2 + clip)
+    gemm_ms: Stats | None = None  # the roofline's GEMM, timed once before every frame
+    peak_rss_mb: float | None = None
+    per_frame: dict[str, list[float]] = field(default_factory=dict)  # raw ms of dinov2, clip, total (and gemm) per timed frame
+
+
+def measure(seg: Segmenter, frames: list[np.ndarray], budget: Budget, *, bundle: Path, gemm: GemmPeak | None = None) -> StageLatency:
+    """Time ``seg`` on ``frames`` cyclically; with ``gemm``, one GEMM run before every frame (the interleaved roofline)."""
+    samples: dict[str, list[float]] = {s: [] for s in (*STAGES, "refine", "total")}
+    gemm_ms: list[float] = []
+
+    def call(i: int) -> None:
+        g = gemm.run() if gemm is not None else None
+        t = seg(frames[i % len(frames)]).timings
+        if i < budget.warmup:
+            return
+        for stage in samples:
+            samples[stage].append(t.get(stage, 0.0))
+        if g is not None:
+            gemm_ms.append(g)
+
+    repeat(call, budget)
+    stages = {s: Stats.of(v) for s, v in samples.items() if any(v)}
+    ratios = [t / (d + c) for t, d, c in zip(samples["total"], samples["dinov2"], samples["clip"]) if d + c > 0]
+    per_frame = {s: samples[s] for s in ("dinov2", "clip", "total")} | ({"gemm": gemm_ms} if gemm_ms else {})
+    h, w = frames[0].shape[:2]
+    return StageLatency(
+        str(bundle), seg.manifest.image_size, seg.backend, seg.precision, (w, h), stages,
+        Stats.of(ratios) if ratios else None, Stats.of(gemm_ms) if gemm_ms else None, round(peak_rss_mb(), 1), per_frame,
+    )
+
+
+@dataclass
+class KPoint:
+    k: int
+    stages: dict[str, Stats]  # kmeans, pooling, lookup, render, and "post_encoders" = total with replayed encoders
+
+
+def sweep_k(opened: Opened, frames: list[np.ndarray], ks: list[int], budget: Budget) -> list[KPoint]:
+    """Stages that depend on K, with the recorded encoder outputs replayed in the order they were recorded."""
+    points = []
+    for k in ks:
+        base = opened.segmenter.config
+        seg = with_config(opened, SegmenterConfig(num_segments=k, top_k=base.top_k, hysteresis=base.hysteresis,
+                                                  seed=base.seed), replay=True)
+        samples: dict[str, list[float]] = {s: [] for s in ("kmeans", "pooling", "lookup", "render", "post_encoders")}
+        n = len(opened.dinov2.outputs)
+
+        def call(i: int) -> None:
+            t = seg(frames[i % n]).timings
+            if i >= budget.warmup:
+                for s in ("kmeans", "pooling", "lookup", "render"):
+                    samples[s].append(t[s])
+                samples["post_encoders"].append(t["total"] - t["dinov2"] - t["clip"])
+
+        repeat(call, budget)
+        points.append(KPoint(k, {s: Stats.of(v) for s, v in samples.items()}))
+    return points
+
+
+@dataclass
+class BackendPoint:
+    backend: str
+    precision: str
+    latency: StageLatency | None = None
+    skipped: str = ""  # why it was not measured
+
+
+def sweep_backends(bundle: Path, manifest: Manifest, frames: list[np.ndarray], budget: Budget, threads: int,
+                   measured: StageLatency, available: list[str]) -> list[BackendPoint]:
+    """ORT fp32 (the main run), fp16 and int8 when the bundle has them, CUDA / TensorRT when ONNX Runtime has them."""
+    points = [BackendPoint("cpu", "fp32", measured)]
+    gpu = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+    combos = [("cpu", "fp16"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"), ("tensorrt", "fp16")]
+    for backend, precision in combos:
+        if backend in gpu and gpu[backend] not in available:
+            points.append(BackendPoint(backend, precision, skipped=f"no GPU: ONNX Runtime has {', '.join(available)}"))
+            continue
+        missing = [role for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2))
+                   if precision not in info.files and f"trt_{precision}" not in info.files and backend != "tensorrt"]
+        if missing:
+            points.append(BackendPoint(backend, precision, skipped=f"the bundle has no {precision} {' or '.join(missing)} encoder"))
+            continue
+        try:
+            seg = Segmenter.from_bundle(bundle, backend=backend, precision=precision, threads=threads)
+        except SegmenterError as e:
+            points.append(BackendPoint(backend, precision, skipped=str(e).splitlines()[0]))
+            continue
+        try:
+            points.append(BackendPoint(backend, precision, measure(seg, frames, budget, bundle=bundle)))
+        finally:
+            seg.close()
+    return points
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a == b))
+
+
+def pixel_labels(result, names: list[str]) -> np.ndarray:
+    """The vocabulary index of every pixel's label (-1 for "unknown")."""
+    position = {n: i for i, n in enumerate(names)}
+    lut = np.full(int(result.label_map.max()) + 1, -1, np.int64)
+    for sid, label in result.labels.items():
+        lut[sid] = position.get(label, -1)
+    return lut[result.label_map]
+

@@ -1,0 +1,216 @@
+"""Sweeps that need more than the main bundle: vocabulary size (exact vs HNSW) and input size (one bundle per size).
+
+Both cache what is slow to build under ``$OVSEG_HOME/bench`` (default ~/.cache/ovseg/bench): the
+HNSW indexes of the random vocabularies, and random-weights bundles of the main bundle's
+architectures at each input size. Delete the directory to rebuild.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from ovseg.runtime.bundle import BundleError, Manifest, read_manifest
+from ovseg.runtime.lookup import DEFAULT_HNSW, LabelIndex, l2_normalise
+
+from .timing import Budget, Stats, repeat
+
+CACHE = Path(os.environ.get("OVSEG_HOME", Path.home() / ".cache" / "ovseg")) / "bench"
+DIM = 512  # CLIP ViT-B text embedding width
+QUERIES_PER_FRAME = 15  # TAG's K segments
+TOP_K = 3  # the Segmenter's default top_k
+RECALL_QUERIES = 300  # per query kind; recall@1 is a mean over these
+LARGE = 100_000  # from this size on the index is built with LARGE_HNSW (2 cores: the defaults take too long at 1M)
+LARGE_HNSW = {"M": 16, "ef_construction": 100}
+PLANTED_COSINE = 0.3  # about the cosine of a CLIP segment embedding with its label's text embedding
+
+
+# ---- vocabulary size -------------------------------------------------------------------------------------------
+
+@dataclass
+class VocabPoint:
+    """Lookup of one frame's segments in a vocabulary of ``size`` random unit vectors."""
+
+    size: int
+    hnsw_params: dict[str, int]  # M, ef_construction the index was built with
+    build_s: float | None  # None: loaded from the cache
+    exact: Stats  # ms per frame (QUERIES_PER_FRAME queries, top-TOP_K)
+    hnsw: dict[int, Stats]  # ef -> ms per frame
+    recall: dict[int, float]  # ef -> recall@1 against exact, uniformly random queries
+    recall_planted: dict[int, float]  # ef -> recall@1 against exact, queries at PLANTED_COSINE to one entry
+
+
+@dataclass
+class VocabSweep:
+    dim: int
+    queries_per_frame: int
+    top_k: int
+    default_ef: int
+    points: list[VocabPoint]
+    crossover: float | None  # vocabulary size where HNSW (default ef) becomes faster than exact, by median times
+    crossover_note: str
+    crossover_fastest: float | None  # the same by the fastest run of each (least distorted on a busy machine)
+    crossover_fastest_note: str
+    notes: list[str] = field(default_factory=list)
+
+
+def random_unit(rows: int, seed: int, dim: int = DIM, chunk: int = 100_000) -> np.ndarray:
+    """Deterministic random unit vectors, generated and normalised in chunks (1M x 512 is 2 GB)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((rows, dim), np.float32)
+    for start in range(0, rows, chunk):
+        block = rng.standard_normal((min(chunk, rows - start), dim), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start : start + len(block)] = block
+    return out
+
+
+def exact_top1(vocab: np.ndarray, queries: np.ndarray, chunk: int = 200_000) -> np.ndarray:
+    best = np.full(len(queries), -np.inf, np.float32)
+    arg = np.zeros(len(queries), np.int64)
+    for start in range(0, len(vocab), chunk):
+        scores = queries @ vocab[start : start + chunk].T
+        j = scores.argmax(axis=1)
+        s = scores[np.arange(len(queries)), j]
+        better = s > best
+        best[better], arg[better] = s[better], j[better] + start
+    return arg
+
+
+def cached_hnsw(vocab: np.ndarray, params: dict[str, int], seed: int, threads: int, say) -> tuple[hnswlib.Index, float | None]:
+    """The hnswlib index of ``vocab``: loaded from the cache, or built (and cached, written atomically)."""
+    path = CACHE / f"hnsw-v{len(vocab)}-d{vocab.shape[1]}-M{params['M']}-efc{params['ef_construction']}-seed{seed}.bin"
+    index = hnswlib.Index(space="cosine", dim=vocab.shape[1])
+    if path.is_file():
+        try:
+            index.load_index(str(path), max_elements=len(vocab))
+            if index.get_current_count() == len(vocab):
+                return index, None
+        except RuntimeError:
+            pass
+        index = hnswlib.Index(space="cosine", dim=vocab.shape[1])
+    say(f"building an HNSW index of {len(vocab):,} vectors (M={params['M']}, ef_construction={params['ef_construction']}); "
+        f"cached in {path.parent}")
+    start = time.perf_counter()
+    index.init_index(max_elements=len(vocab), M=params["M"], ef_construction=params["ef_construction"], random_seed=seed)
+    index.add_items(vocab, np.arange(len(vocab)), num_threads=threads)
+    built = time.perf_counter() - start
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    index.save_index(str(tmp))
+    os.replace(tmp, path)
+    return index, built
+
+
+def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: int, say, seed: int = 0) -> VocabSweep:
+    default_ef = DEFAULT_HNSW["ef"]
+    efs = sorted(set(efs) | {default_ef})
+    points = []
+    for size in sizes:
+        vocab = random_unit(size, seed + size)
+        names = [""] * size  # LabelIndex wants names; lookups return indices
+        uniform = random_unit(RECALL_QUERIES, seed + 1)
+        anchors = np.random.default_rng(seed + 2).choice(size, RECALL_QUERIES, replace=size < RECALL_QUERIES)
+        planted = l2_normalise(PLANTED_COSINE * vocab[anchors] + np.sqrt(1 - PLANTED_COSINE**2) * random_unit(RECALL_QUERIES, seed + 3))
+        truth = {"uniform": exact_top1(vocab, uniform), "planted": exact_top1(vocab, planted)}
+        params = dict(LARGE_HNSW) if size >= LARGE else {k: DEFAULT_HNSW[k] for k in ("M", "ef_construction")}
+        index, build_s = cached_hnsw(vocab, params, seed, threads, say)
+        exact = LabelIndex(names, vocab, "exact")
+        approx = LabelIndex(names, vocab, "hnsw", hnsw=index, hnsw_params=params, ef=default_ef)
+        frames = [uniform[i : i + QUERIES_PER_FRAME] for i in range(0, RECALL_QUERIES, QUERIES_PER_FRAME)]
+        exact_ms = _time_lookup(exact, frames, budget)
+        hnsw_ms, recall, recall_planted = {}, {}, {}
+        for ef in efs:
+            approx.hnsw.set_ef(ef)
+            hnsw_ms[ef] = _time_lookup(approx, frames, budget)
+            recall[ef] = float(np.mean(approx.search(uniform, TOP_K).index[:, 0] == truth["uniform"]))
+            recall_planted[ef] = float(np.mean(approx.search(planted, TOP_K).index[:, 0] == truth["planted"]))
+        points.append(VocabPoint(size, params, None if build_s is None else round(build_s, 1), exact_ms, hnsw_ms, recall, recall_planted))
+        say(f"vocabulary {size:>9,}: exact {exact_ms.p50:.3f} ms, HNSW(ef={default_ef}) {hnsw_ms[default_ef].p50:.3f} ms, "
+            f"recall@1 {recall[default_ef]:.3f}")
+        del vocab, index, exact, approx
+    crossover, note = _crossover(points, default_ef)
+    fastest, fastest_note = _crossover(points, default_ef, "min")
+    notes = [f"random unit vectors, D={DIM}; {QUERIES_PER_FRAME} queries per frame, top-{TOP_K}, one search thread (as the runtime)",
+             f"indexes below {LARGE:,} use the runtime's defaults (M={DEFAULT_HNSW['M']}, ef_construction="
+             f"{DEFAULT_HNSW['ef_construction']}); from {LARGE:,} on M={LARGE_HNSW['M']}, ef_construction="
+             f"{LARGE_HNSW['ef_construction']} (building the defaults at 1M takes too long on this machine)",
+             f"recall@1 over {RECALL_QUERIES} uniformly random queries (the hardest case: near-ties everywhere); "
+             f"'planted' queries sit at cosine {PLANTED_COSINE} to one entry, like a segment to its label"]
+    return VocabSweep(DIM, QUERIES_PER_FRAME, TOP_K, default_ef, points, crossover, note, fastest, fastest_note, notes)
+
+
+def _time_lookup(index: LabelIndex, frames: list[np.ndarray], budget: Budget) -> Stats:
+    samples = []
+
+    def call(i: int) -> None:
+        q = frames[i % len(frames)]
+        start = time.perf_counter()
+        index.search(q, TOP_K)
+        if i >= budget.warmup:
+            samples.append((time.perf_counter() - start) * 1000)
+
+    repeat(call, budget)
+    return Stats.of(samples)
+
+
+def _crossover(points: list[VocabPoint], ef: int, stat: str = "p50") -> tuple[float | None, str]:
+    """Where log(exact / hnsw) of ``stat`` times crosses zero, interpolated linearly in log(size) between measured sizes."""
+    logs = [(np.log(p.size), np.log(getattr(p.exact, stat) / getattr(p.hnsw[ef], stat))) for p in points]
+    by = "median" if stat == "p50" else "fastest"
+    for (x0, y0), (x1, y1) in zip(logs, logs[1:]):
+        if y0 <= 0 < y1:
+            at = float(np.exp(x0 - y0 * (x1 - x0) / (y1 - y0)))
+            return at, (f"by {by} times, HNSW (ef={ef}) overtakes exact at about {at:,.0f} entries "
+                        f"(between {np.exp(x0):,.0f} and {np.exp(x1):,.0f})")
+    if logs and logs[0][1] > 0:
+        return None, f"by {by} times, HNSW (ef={ef}) is already faster at the smallest size measured ({points[0].size:,})"
+    return None, f"by {by} times, exact stays faster up to the largest size measured ({points[-1].size:,})" if points else "not measured"
+
+
+# ---- input size ------------------------------------------------------------------------------------------------
+
+@dataclass
+class SizeBundle:
+    size: int
+    bundle: Path | None
+    skipped: str = ""
+    export_s: float | None = None  # seconds spent exporting it now (None: it existed)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
+
+
+def bundle_for_size(main: Path, manifest: Manifest, size: int, say) -> SizeBundle:
+    """The main bundle at its own size; elsewhere a cached random-weights bundle of the same architectures, exported if absent."""
+    if size == manifest.image_size:
+        return SizeBundle(size, main)
+    for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2)):
+        if size % info.patch_size:
+            return SizeBundle(size, None, f"{size} is not a multiple of {role}'s patch size {info.patch_size}, "
+                                          f"and one S x S input feeds both encoders")
+    if "injected" in (manifest.clip.weights, manifest.dinov2.weights):
+        return SizeBundle(size, None, "the main bundle's models were injected by a script: the CLI cannot export them at other sizes")
+    out = CACHE / "bundles" / f"{_slug(manifest.clip.model)}__{_slug(manifest.dinov2.model)}__{manifest.dense_method}__{size}"
+    try:
+        read_manifest(out, verify=False)
+        return SizeBundle(size, out)
+    except BundleError:
+        pass
+    cmd = [sys.executable, "-m", "ovseg.export.cli", "--out", str(out), "--random-weights", "--force", "--clip", manifest.clip.model,
+           "--dinov2", manifest.dinov2.model, "--dense", manifest.dense_method, "--image-size", str(size), "--vocab", "voc21"]
+    say(f"exporting a random-weights bundle at {size} into {out} (once; reused from the cache afterwards)")
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [l for l in done.stderr.strip().splitlines() if l.strip()]
+        return SizeBundle(size, None, f"export failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+    return SizeBundle(size, out, export_s=round(time.perf_counter() - start, 1))

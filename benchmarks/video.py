@@ -1,0 +1,109 @@
+"""Video throughput: ``ovseg-run`` end to end on a generated clip (decode, segment, overlay, save), with and without keyframe reuse.
+
+Each run is its own process, as a user would start it; the frame rate is ovseg-run's own count
+(frames / time from the first frame to the last), the wall time includes opening the bundle.
+Both runs write per-frame label maps, and their labels are compared pixel by pixel.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+COUNTS = re.compile(r"(\d+) frames in ([\d.]+) s \(([\d.]+) FPS\)")
+STAGE_ROW = re.compile(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
+
+
+class VideoError(RuntimeError):
+    """ovseg-run failed; the message is its last error line."""
+
+
+@dataclass
+class VideoRun:
+    keyframe_interval: int
+    frames: int
+    fps: float  # ovseg-run's count: capture + segment + overlay + save, first frame to last
+    wall_s: float  # process start to exit: imports, bundle check, sessions, the loop, closing the video
+    mean_ms: dict[str, float]  # ovseg-run's per-stage means
+    peak_rss_mb: float
+    command: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VideoThroughput:
+    clip: str
+    frame: tuple[int, int]
+    runs: list[VideoRun]
+    agreement: float  # per-pixel label agreement, keyframe reuse vs every frame
+    speedup: float  # fps with reuse / fps without
+
+
+def run_ovseg(bundle: Path, clip: Path, out: Path, frames: int, threads: int, interval: int) -> VideoRun:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "ovseg.runtime.cli", "--bundle", str(bundle), "--video", str(clip),
+           "--save", str(out / "overlay.mp4"), "--save-dir", str(out / "frames"), "--no-show", "--max-frames", str(frames),
+           "--threads", str(threads), "--keyframe-interval", str(interval)]
+    log = out / "stderr.txt"
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text()
+    counts = COUNTS.search(text)
+    if proc.returncode != 0 or counts is None:
+        lines = [l for l in text.splitlines() if l.strip()]
+        raise VideoError(f"ovseg-run exited {proc.returncode}: {lines[-1] if lines else 'no output'}")
+    means = {m.group(1): float(m.group(2)) for m in map(STAGE_ROW.match, text.splitlines()) if m and m.group(1) != "stage"}
+    rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+    return VideoRun(interval, int(counts.group(1)), float(counts.group(3)), round(wall, 2), means, round(rss, 1), cmd)
+
+
+def frame_labels(frames_dir: Path) -> dict[str, np.ndarray]:
+    """Per frame file stem: the label name index of every pixel, names interned across frames."""
+    out = {}
+    for record in sorted(frames_dir.glob("frame_*.json")):
+        meta = json.loads(record.read_text())
+        ids = cv2.imread(str(frames_dir / meta["label_map"]), cv2.IMREAD_UNCHANGED).astype(np.int64)
+        lut = np.full(ids.max() + 1, -1, np.int64)
+        for sid, name in meta["labels"].items():
+            if int(sid) < len(lut):
+                lut[int(sid)] = _intern(name)
+        out[record.stem] = lut[ids]
+    return out
+
+
+_NAMES: dict[str, int] = {}
+
+
+def _intern(name: str) -> int:
+    return _NAMES.setdefault(name, len(_NAMES))
+
+
+def label_agreement(a: Path, b: Path) -> float:
+    la, lb = frame_labels(a), frame_labels(b)
+    common = sorted(set(la) & set(lb))
+    if not common:
+        raise VideoError(f"no common frames in {a} and {b}")
+    same = sum(int((la[k] == lb[k]).sum()) for k in common)
+    return same / sum(la[k].size for k in common)
+
+
+def measure_video(bundle: Path, clip: Path, workdir: Path, frames: int, threads: int, interval: int) -> VideoThroughput:
+    """Every-frame run, then the keyframe-reuse run (the order is fixed; timings are noisy: see the load average)."""
+    every = run_ovseg(bundle, clip, workdir / "every-frame", frames, threads, 1)
+    reuse = run_ovseg(bundle, clip, workdir / f"keyframe-{interval}", frames, threads, interval)
+    agree = label_agreement(workdir / "every-frame" / "frames", workdir / f"keyframe-{interval}" / "frames")
+    cap = cv2.VideoCapture(str(clip))
+    size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    cap.release()
+    return VideoThroughput(str(clip), size, [every, reuse], agree, reuse.fps / every.fps if every.fps else float("nan"))
