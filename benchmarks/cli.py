@@ -1,0 +1,303 @@
+"""ovseg-bench: per-stage latency, scaling sweeps, the naive TAG reference, a roofline and video throughput.
+
+    ovseg-bench --bundle DIR [--quick] [--out results.json] [--csv results.csv] [--plot DIR]
+
+Timings on a shared machine are noisy: comparisons are ratios of runs interleaved in one loop
+(GEMM and encoders, ovseg and the naive reference), and the load average is recorded.
+Exit status: 0 when every section ran (targets may still be missed: they are results), 1 when a
+section failed (its one-line error is in the table and the JSON), 2 for a usage or bundle error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PROG = "ovseg-bench"
+SECTIONS = ("roofline", "segments", "backends", "vocabulary", "video", "sizes", "naive")
+DEFAULT_SIZES = (224, 336, 448, 518)  # the issue's sizes; 518 (DINOv2's native size) is not a multiple of CLIP's 16
+DEFAULT_KS = (5, 10, 15, 24, 32, 48, 64)
+DEFAULT_VOCAB = (1_000, 10_000, 100_000, 1_000_000)
+DEFAULT_EFS = (16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class Plan:
+    """What one run measures and for how long; --quick picks the small version of each."""
+
+    main_seconds: float
+    min_runs: int
+    warmup: int
+    sizes: list[int]
+    ks: list[int]
+    vocab_sizes: list[int]
+    efs: list[int]
+    video_frames: int
+    naive_pairs: int
+    record_frames: int
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _frame_size(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    if not (w.isdigit() and h.isdigit()) or int(w) < 16 or int(h) < 16:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480, got {text!r}")
+    return int(w), int(h)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ovseg.runtime.bundle import DEFAULT_BUNDLE
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR", help=f"bundle to measure (default {DEFAULT_BUNDLE})")
+    p.add_argument("--quick", action="store_true", help="short budgets and small sweeps (vocabulary up to 100k): under 2 minutes")
+    p.add_argument("--out", type=Path, metavar="results.json", help="write every result as JSON")
+    p.add_argument("--csv", type=Path, metavar="results.csv", help="write every result as CSV rows (section, key, value)")
+    p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts here")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N", help="threads for ONNX Runtime, torch and the native core (default: all CPUs)")
+    p.add_argument("--seconds", type=float, metavar="S", help="time budget of the main latency measurement (default 30, --quick 6)")
+    p.add_argument("--min-runs", type=int, metavar="N", help="timed frames at least, per measurement (default 20, --quick 4)")
+    p.add_argument("--frame", type=_frame_size, default=(640, 480), metavar="WxH", help="size of the generated video frames (default 640x480)")
+    p.add_argument("--sizes", type=_ints, metavar="S,S,...", help=f"input sizes (default {','.join(map(str, DEFAULT_SIZES))}; --quick: 224 and the bundle's)")
+    p.add_argument("--segments", type=_ints, metavar="K,K,...", help=f"K values (default {','.join(map(str, DEFAULT_KS))}; --quick 5,15,64)")
+    p.add_argument("--vocab-sizes", type=_ints, metavar="V,V,...", help="vocabulary sizes (default 1000,10000,100000,1000000; --quick up to 100000)")
+    p.add_argument("--efs", type=_ints, metavar="EF,EF,...", help=f"HNSW ef values (default {','.join(map(str, DEFAULT_EFS))}; --quick 16,64,256)")
+    p.add_argument("--video-frames", type=int, metavar="N", help="frames per ovseg-run video run (default 30, --quick 4)")
+    p.add_argument("--keyframe-interval", type=int, default=4, metavar="N", help="keyframe interval of the reuse run (default 4)")
+    p.add_argument("--skip", type=lambda t: [s.strip() for s in t.split(",") if s.strip()], default=[], metavar="A,B",
+                   help=f"sections to leave out: {', '.join(SECTIONS)}")
+    p.add_argument("--tiny-models", action="store_true", help="the bundle was exported from tiny_clip() and a seeded random tiny DINOv2 (the tests' fixture)")
+    p.add_argument("--cache", type=Path, metavar="DIR", help="cache of sweep bundles and HNSW indexes (default $OVSEG_HOME/bench)")
+    return p
+
+
+def make_plan(args: argparse.Namespace, bundle_size: int) -> Plan:
+    q = args.quick
+    return Plan(
+        main_seconds=args.seconds if args.seconds is not None else (6.0 if q else 30.0),
+        min_runs=args.min_runs or (4 if q else 20),
+        warmup=1 if q else 2,
+        sizes=args.sizes or (sorted({224, bundle_size}) if q else list(DEFAULT_SIZES)),
+        ks=args.segments or ([5, 15, 64] if q else list(DEFAULT_KS)),
+        vocab_sizes=args.vocab_sizes or ([v for v in DEFAULT_VOCAB if v <= 100_000] if q else list(DEFAULT_VOCAB)),
+        efs=args.efs or ([16, 64, 256] if q else list(DEFAULT_EFS)),
+        video_frames=args.video_frames or (4 if q else 30),
+        naive_pairs=2 if q else 5,
+        record_frames=4 if q else 8,
+    )
+
+
+def say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def clip_frames(path: Path, frame: tuple[int, int], count: int) -> list:
+    """A generated clip (the ovseg-run --sample pan across photos) and its first ``count`` frames."""
+    from ovseg.runtime.sources import VideoFileSource, sample_clip
+
+    sample_clip(path, size=frame)
+    frames = []
+    with VideoFileSource(path) as source:
+        for f in source:
+            frames.append(f.image)
+            if len(frames) == count:
+                break
+    return frames
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Every section in order; sections that fail leave a one-line error in doc["errors"]."""
+    import cv2
+    import numpy as np
+
+    from ovseg.runtime.bundle import read_manifest
+    from ovseg.runtime.segmenter import SegmenterConfig
+
+    from . import latency, sweeps
+    from .report import targets
+    from .roofline import GemmPeak, cached_flops, roofline
+    from .timing import Budget, environment, peak_rss_mb
+
+    if args.cache:
+        sweeps.CACHE = args.cache
+    bundle = args.bundle.expanduser()
+    manifest = read_manifest(bundle)
+    plan = make_plan(args, manifest.image_size)
+    doc: dict = {"schema": "ovseg-bench/1", "command": [PROG, *argv], "environment": environment(args.threads),
+                 "plan": asdict(plan), "errors": {}}
+    skip = set(args.skip)
+    say(f"bundle {bundle} ({manifest.image_size}x{manifest.image_size}, CLIP {manifest.clip.model}, DINOv2 {manifest.dinov2.model}"
+        f"{', random weights' if manifest.random_weights else ''}); {args.threads} threads")
+
+    def section(name: str, fn):
+        if name in skip:
+            doc["errors"].pop(name, None)
+            return None
+        started = time.perf_counter()
+        try:
+            return fn()
+        except Exception as e:  # recorded and reported, never swallowed: the exit status says a section failed
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            doc["errors"][name] = f"{type(e).__name__}: {message}"
+            say(f"{name} failed: {doc['errors'][name]}")
+        finally:
+            say(f"{name}: {time.perf_counter() - started:.1f} s")
+
+    work = Path(tempfile.mkdtemp(prefix="ovseg-bench-"))
+    clip_path = work / "clip.mp4"
+    frames = clip_frames(clip_path, args.frame, max(plan.record_frames, 8))
+    main_budget = Budget(plan.warmup, plan.min_runs, plan.main_seconds)
+    small_budget = Budget(plan.warmup, max(3, plan.min_runs // 2), plan.main_seconds / 2)
+
+    # 1. the main measurement; the roofline's GEMM runs right before every frame when the roofline is on
+    opened = latency.open_recorded(bundle, args.threads, SegmenterConfig(), keep=plan.record_frames)
+    gemm = GemmPeak(args.threads) if "roofline" not in skip else None
+    say(f"timing every stage on {len(frames)} clip frames ({args.frame[0]}x{args.frame[1]}), "
+        f"{plan.main_seconds:.0f} s and {plan.min_runs} frames at least")
+    main = latency.measure(opened.segmenter, frames, main_budget, bundle=bundle, gemm=gemm)
+    doc["latency"] = asdict(main)
+    doc["peak_rss_mb_ovseg"] = round(peak_rss_mb(), 1)  # before the FLOP count, the sweeps and torch add to it
+
+    def roofline_section():
+        flops = {role: cached_flops(bundle / info.files["fp32"], manifest.image_size, manifest.sha256.get(info.files["fp32"]),
+                                    sweeps.CACHE) for role, info in (("dinov2", manifest.dinov2), ("clip", manifest.clip))}
+        return roofline(flops, main.per_frame, gemm)
+
+    if gemm is not None:
+        roof = section("roofline", roofline_section)
+        if roof is not None:
+            doc["roofline"] = asdict(roof)
+    gemm = None
+    doc["sweeps"] = {}
+
+    # 2. sweeps on the same process (the encoders' recorded outputs serve the K sweep)
+    ks = section("segments", lambda: latency.sweep_k(opened, frames, plan.ks, Budget(plan.warmup, max(5, plan.min_runs), 1.0 if args.quick else 3.0)))
+    if ks is not None:
+        doc["sweeps"]["segments"] = [asdict(p) for p in ks]
+    import onnxruntime as ort
+
+    backends = section("backends", lambda: latency.sweep_backends(bundle, manifest, frames, small_budget, args.threads, main,
+                                                                  ort.get_available_providers()))
+    if backends is not None:
+        doc["sweeps"]["backends"] = [asdict(p) for p in backends]
+    vocab_budget = Budget(2, 10, 0.3 if args.quick else 1.0)
+    vocab = section("vocabulary", lambda: sweeps.sweep_vocabulary(plan.vocab_sizes, plan.efs, vocab_budget, args.threads, say))
+    if vocab is not None:
+        doc["sweeps"]["vocabulary"] = asdict(vocab)
+
+    # 3. other processes: ovseg-run on the clip, exports for the size sweep
+    from .video import measure_video
+
+    video = section("video", lambda: measure_video(bundle, clip_path, work / "video", plan.video_frames, args.threads, args.keyframe_interval))
+    if video is not None:
+        doc["video"] = asdict(video)
+
+    def size_sweep():
+        points = []
+        for size in plan.sizes:
+            where = sweeps.bundle_for_size(bundle, manifest, size, say)
+            point = {"size": size, "bundle": str(where.bundle) if where.bundle else None, "skipped": where.skipped,
+                     "export_s": where.export_s, "latency": None}
+            if where.bundle == bundle:
+                point["latency"] = doc["latency"]
+            elif where.bundle is not None:
+                other = latency.open_recorded(where.bundle, args.threads, SegmenterConfig(), keep=0)
+                try:
+                    point["latency"] = asdict(latency.measure(other.segmenter, frames, small_budget, bundle=where.bundle))
+                finally:
+                    other.segmenter.close()
+            points.append(point)
+        return points
+
+    sizes = section("sizes", size_sweep)
+    if sizes is not None:
+        doc["sweeps"]["input_size"] = sizes
+
+    # 4. last, as it imports torch: the naive reference on an S x S frame
+    def naive_section():
+        from .naive import compare
+
+        s = manifest.image_size
+        square = cv2.resize(frames[0], (s, s), interpolation=cv2.INTER_AREA)
+        # no warm-up pair: the label check's frame already warmed both pipelines up
+        return compare(opened, np.ascontiguousarray(square), Budget(0, plan.naive_pairs, 0.0), args.threads, args.tiny_models)
+
+    naive = section("naive", naive_section)
+    if naive is not None:
+        doc["naive"] = asdict(naive)
+    opened.segmenter.close()
+
+    doc["environment"]["load_average_end"] = round(os.getloadavg()[0], 2)
+    doc["peak_rss_mb_process"] = round(peak_rss_mb(), 1)
+    doc = json.loads(json.dumps(doc, default=_jsonable))  # what the JSON file holds (e.g. ef keys become strings)
+    doc["targets"] = [{**asdict(t), "verdict": t.verdict} for t in targets(doc)]
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    unknown = set(args.skip) - set(SECTIONS)
+    if unknown:
+        print(f"{PROG}: error: --skip takes {', '.join(SECTIONS)}; got {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    if args.threads < 1 or (args.min_runs is not None and args.min_runs < 1) or args.keyframe_interval < 1:
+        print(f"{PROG}: error: --threads, --min-runs and --keyframe-interval must be at least 1", file=sys.stderr)
+        return 2
+    from ovseg.runtime.bundle import BundleError
+    from ovseg.runtime.sessions import SegmenterError
+
+    from .report import table, write_csv
+
+    started = time.perf_counter()
+    try:
+        doc = run(args, argv)
+    except (BundleError, SegmenterError, OSError) as e:
+        print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    doc["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print(table(doc))
+    print(f"\n{PROG}: {doc['elapsed_s']:.0f} s", file=sys.stderr)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(doc, args.csv)
+    if args.plot:
+        from .plots import write_plots
+
+        for path in write_plots(doc, args.plot):
+            say(f"wrote {path}")
+    return 1 if doc["errors"] else 0
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
