@@ -279,14 +279,14 @@ def test_runtime_import_leaves_torch_out():
 
 @pytest.mark.slow
 def test_real_architectures_end_to_end_with_random_weights(tmp_path):
-    """ViT-B/16 and DINOv2-S/14 at 448 (random weights): export, fp16, checks, and a vocabulary preset."""
+    """ViT-B/16 and DINOv2-S/14 at 448 (random weights): export, checks, and a vocabulary preset (fp16 is covered on tiny models)."""
     out = tmp_path / "real"
-    assert export_main(["--out", str(out), "--random-weights", "--vocab", "voc21", "--fp16"]) == 0
+    assert export_main(["--out", str(out), "--random-weights", "--vocab", "voc21"]) == 0
     manifest = read_manifest(out)
     assert manifest.random_weights and manifest.clip.grid == (28, 28) and manifest.dinov2.grid == (32, 32)
     assert manifest.clip.embed_dim == 512 and manifest.dinov2.embed_dim == 384
     assert manifest.checks["clip_visual.onnx"]["patch_embeddings.min_cosine"] >= 0.9999
-    assert manifest.checks["dinov2.fp16.onnx"]["tokens.min_cosine"] >= 0.99
+    assert manifest.checks["dinov2.onnx"]["tokens.min_cosine"] >= 0.9999
     image = np.random.default_rng(0).normal(size=(1, 3, 448, 448)).astype(np.float32)
     pooled, dense = run_onnx(out / "clip_visual.onnx", {"pixel_values": image})
     assert pooled.shape == (1, 512) and dense.shape == (1, 784, 512)
