@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, metavar="results.json", help="write every result as JSON")
     p.add_argument("--csv", type=Path, metavar="results.csv", help="write every result as CSV rows (section, key, value)")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts here")
+    p.add_argument("--markdown", type=Path, metavar="FILE.md", help="write a README 'Performance' section from this run")
+    p.add_argument("--backend", choices=("cpu", "cuda", "tensorrt"), default="cpu", help="backend of the main measurement (default cpu)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="encoder precision of the main measurement (default fp32)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N", help="threads for ONNX Runtime, torch and the native core (default: all CPUs)")
     p.add_argument("--seconds", type=float, metavar="S", help="time budget of the main latency measurement (default 30, --quick 6)")
     p.add_argument("--min-runs", type=int, metavar="N", help="timed frames at least, per measurement (default 20, --quick 4)")
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
     from . import latency, sweeps
     from .report import targets
-    from .roofline import GemmPeak, cached_flops, roofline
+    from .roofline import GemmPeak, cached_flops, profile_ops, roofline
     from .timing import Budget, environment, peak_rss_mb
 
     if args.cache:
@@ -138,14 +141,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     manifest = read_manifest(bundle)
     plan = make_plan(args, manifest.image_size)
     doc: dict = {"schema": "ovseg-bench/1", "command": [PROG, *argv], "environment": environment(args.threads),
-                 "plan": asdict(plan), "errors": {}}
+                 "plan": asdict(plan), "errors": {}, "skipped": {}}
     skip = set(args.skip)
     say(f"bundle {bundle} ({manifest.image_size}x{manifest.image_size}, CLIP {manifest.clip.model}, DINOv2 {manifest.dinov2.model}"
         f"{', random weights' if manifest.random_weights else ''}); {args.threads} threads")
 
     def section(name: str, fn):
         if name in skip:
-            doc["errors"].pop(name, None)
+            doc["skipped"].setdefault(name, "left out with --skip")
             return None
         started = time.perf_counter()
         try:
@@ -164,7 +167,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     small_budget = Budget(plan.warmup, max(3, plan.min_runs // 2), plan.main_seconds / 2)
 
     # 1. the main measurement; the roofline's GEMM runs right before every frame when the roofline is on
-    opened = latency.open_recorded(bundle, args.threads, SegmenterConfig(), keep=plan.record_frames)
+    opened = latency.open_recorded(bundle, args.threads, SegmenterConfig(), keep=plan.record_frames, backend=args.backend,
+                                   precision=args.precision)
+    if args.backend != "cpu" and "roofline" not in skip:
+        skip.add("roofline")
+        doc["skipped"]["roofline"] = "the GEMM peak is measured on the CPU, the encoders ran on the GPU"
     gemm = GemmPeak(args.threads) if "roofline" not in skip else None
     say(f"timing every stage on {len(frames)} clip frames ({args.frame[0]}x{args.frame[1]}), "
         f"{plan.main_seconds:.0f} s and {plan.min_runs} frames at least")
@@ -175,7 +182,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     def roofline_section():
         flops = {role: cached_flops(bundle / info.files["fp32"], manifest.image_size, manifest.sha256.get(info.files["fp32"]),
                                     sweeps.CACHE) for role, info in (("dinov2", manifest.dinov2), ("clip", manifest.clip))}
-        return roofline(flops, main.per_frame, gemm)
+        roof = roofline(flops, main.per_frame, gemm)
+        for role, info in (("dinov2", manifest.dinov2), ("clip", manifest.clip)):
+            roof.encoders[role].profile = profile_ops(bundle / info.files["fp32"], manifest.image_size, args.threads,
+                                                      flops[role].gflop, roof.gemm_gflops)
+        return roof
 
     if gemm is not None:
         roof = section("roofline", roofline_section)
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     from ovseg.runtime.bundle import BundleError
     from ovseg.runtime.sessions import SegmenterError
 
-    from .report import table, write_csv
+    from .report import markdown, table, write_csv
 
     started = time.perf_counter()
     try:
@@ -281,12 +292,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         write_csv(doc, args.csv)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(doc, [_reproduce(doc)]))
     if args.plot:
         from .plots import write_plots
 
         for path in write_plots(doc, args.plot):
             say(f"wrote {path}")
     return 1 if doc["errors"] else 0
+
+
+def _reproduce(doc: dict) -> str:
+    """The command line of this run, without the output options (shell-quoted)."""
+    import shlex
+
+    words, drop = doc["command"], {"--out", "--csv", "--plot", "--markdown"}
+    kept = [w for i, w in enumerate(words) if w not in drop and (i == 0 or words[i - 1] not in drop)]
+    return " ".join(shlex.quote(w) for w in kept)
 
 
 def _jsonable(value):

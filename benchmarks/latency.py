@@ -180,11 +180,13 @@ class BackendPoint:
 
 def sweep_backends(bundle: Path, manifest: Manifest, frames: list[np.ndarray], budget: Budget, threads: int,
                    measured: StageLatency, available: list[str]) -> list[BackendPoint]:
-    """ORT fp32 (the main run), fp16 and int8 when the bundle has them, CUDA / TensorRT when ONNX Runtime has them."""
-    points = [BackendPoint("cpu", "fp32", measured)]
+    """ORT fp32, fp16 and int8 when the bundle has them, CUDA / TensorRT when ONNX Runtime has them; the main run is one."""
+    points = [BackendPoint(measured.backend, measured.precision, measured)]
     gpu = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-    combos = [("cpu", "fp16"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"), ("tensorrt", "fp16")]
+    combos = [("cpu", "fp32"), ("cpu", "fp16"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"), ("tensorrt", "fp16")]
     for backend, precision in combos:
+        if (backend, precision) == (measured.backend, measured.precision):
+            continue
         if backend in gpu and gpu[backend] not in available:
             points.append(BackendPoint(backend, precision, skipped=f"no GPU: ONNX Runtime has {', '.join(available)}"))
             continue

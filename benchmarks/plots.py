@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STAGE_ORDER = ("preprocess", "dinov2", "kmeans", "assign", "clip", "pooling", "lookup", "render", "total")
+from .report import STAGE_ORDER
 
 
 def write_plots(doc: dict, out: Path) -> list[Path]:

@@ -140,6 +140,7 @@ class EncoderRoofline:
     fraction_of_peak: float  # median over frames of (this encoder's GFLOP/s) / (the GEMM's GFLOP/s just before)
     by_op: dict[str, float]
     unresolved: list[str]
+    profile: "OpProfile | None" = None  # one profiled run: kernel time by op type
 
 
 @dataclass
@@ -166,3 +167,48 @@ def roofline(flops: dict[str, FlopCount], per_frame: dict[str, list[float]], gem
     both = sum(c.gflop for c in flops.values()) / (sum(np.asarray(per_frame[r]) for r in flops) / 1000)
     g_stats = Stats.of(g)
     return Roofline(gemm.n, g_stats, gemm.gflops(g_stats.p50), Stats.of(both / peak), encoders)
+
+
+GEMM_CLASS = ("MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv", "MatMulInteger", "QLinearMatMul",
+              "DynamicQuantizeMatMul", "QGemm", "MatMulNBits", "NhwcFusedConv")
+
+
+@dataclass
+class OpProfile:
+    """Where one encoder run spends its time, by ONNX Runtime kernel type (from ORT's own profiler)."""
+
+    run_ms: float  # sum of the kernel times of the profiled run
+    by_op_ms: dict[str, float]  # op type -> ms, largest first
+    gemm_class_ms: float  # MatMul/Gemm/Conv and their fused forms
+    gemm_class_gflops: float  # counted FLOPs / gemm_class_ms
+    gemm_class_fraction_of_peak: float
+
+
+def profile_ops(path: str | Path, image_size: int, threads: int, gflop: float, peak_gflops: float) -> OpProfile:
+    """One warm-up and one profiled run of the encoder at ``path`` on a random input, kernel times grouped by op type."""
+    import json
+    import tempfile
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as the runtime's sessions
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="ovseg-profile-") as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, image_size, image_size), np.float32)}
+        session.run(None, feed)
+        session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+    last = runs[-1]
+    by_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and last["ts"] <= e["ts"] <= last["ts"] + last["dur"]:
+            op = e.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1000
+    by_op = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+    gemm_ms = sum(v for k, v in by_op.items() if k in GEMM_CLASS)
+    rate = gflop / (gemm_ms / 1000) if gemm_ms > 0 else 0.0
+    return OpProfile(sum(by_op.values()), by_op, gemm_ms, rate, rate / peak_gflops if peak_gflops > 0 else 0.0)
