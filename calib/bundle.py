@@ -1,0 +1,245 @@
+"""Calibrate a bundle's image encoders to INT8, gate every lower precision against fp32, write the result atomically.
+
+``calibrate_bundle`` (ovseg-calib) works on a copy-on-write twin of the bundle (hard links to the unchanged files,
+new files written beside them) that replaces the bundle in one rename only when everything passed, or failed with
+--force. ``calibrate_export`` (ovseg-export --int8) runs the same steps inside the export's temporary directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+from tqdm import tqdm
+
+from ovseg.runtime.bundle import MANIFEST, BundleError, EncoderInfo, Manifest, atomic_bundle_dir, read_manifest, sha256_file
+
+from . import gate
+from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT, CalibrationData, CalibrationError, Norm, load_calibration
+from .quantize import METHODS, cache_path, calibrate, quantize, quantized_nodes, sensitivity
+
+MODELS = ("clip", "dinov2")  # --models names = Manifest attributes
+PRECISIONS = ("int8", "fp16")
+FALLBACK_ROUNDS = 3  # at most this many re-quantisations per encoder when its cosine is under the gate
+FALLBACK_STEP = 4  # nodes moved back to float per round, the most sensitive first
+
+
+class GateFailed(CalibrationError):
+    """A precision fell under the gate's thresholds and --force was not given: nothing was written."""
+
+
+@dataclass
+class CalibOptions:
+    source: Path  # folder of images or a video
+    method: str = "minmax"
+    frames: int = DEFAULT_FRAMES
+    holdout: float = DEFAULT_HOLDOUT
+    thresholds: gate.Thresholds = field(default_factory=gate.Thresholds)
+    models: tuple[str, ...] = MODELS  # encoders to (re)calibrate; the gate always covers every int8 encoder
+    precisions: tuple[str, ...] = ("int8",)  # "fp16": also gate the bundle's fp16 variants (nothing new is written)
+    force: bool = False  # write a precision that failed its gate, recorded as passed=False
+    fallback_rounds: int = FALLBACK_ROUNDS
+    timing_runs: int = 5
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise CalibrationError(f"unknown calibration method {self.method!r}: choose one of {', '.join(METHODS)}")
+        unknown = [m for m in self.models if m not in MODELS] + [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.models:
+            raise CalibrationError(f"unknown or no models/precisions {unknown}: models are {', '.join(MODELS)}, precisions {', '.join(PRECISIONS)}")
+        if self.timing_runs < 1 or self.fallback_rounds < 0:
+            raise CalibrationError("--timing-runs must be at least 1 and --fallback-rounds at least 0")
+
+
+def say(message: str) -> None:
+    tqdm.write(f"ovseg-calib: {message}")
+
+
+def norms(manifest: Manifest) -> dict[str, Norm]:
+    return {m: Norm(getattr(manifest, m).mean, getattr(manifest, m).std) for m in MODELS}
+
+
+def check_fp32(bundle_dir: Path, manifest: Manifest, models: tuple[str, ...]) -> None:
+    for m in models:
+        name = getattr(manifest, m).files.get("fp32")
+        if not name or not (bundle_dir / name).is_file():
+            raise CalibrationError(f"the bundle at {bundle_dir} has no fp32 {m} model to calibrate: re-export it with `ovseg-export`")
+
+
+def calibrate_bundle(bundle: str | Path, opts: CalibOptions) -> dict:
+    """ovseg-calib: calibrate, gate and rewrite ``bundle`` (or leave it untouched); returns the manifest's gates."""
+    opts.check()
+    bundle = Path(bundle).expanduser()
+    manifest = read_manifest(bundle)
+    check_fp32(bundle, manifest, opts.models)
+    data = load_calibration(opts.source, manifest.image_size, norms(manifest), opts.frames, opts.holdout)
+    say(f"{data.n_calib} calibration + {data.n_holdout} held-out frames from {data.source}")
+    with atomic_bundle_dir(bundle, force=True) as tmp:
+        _link_tree(bundle, tmp)
+        manifest = calibrate_dir(tmp, manifest, data, opts)
+        write_manifest(tmp, manifest)
+    return manifest.gates
+
+
+def calibrate_export(tmp: Path, manifest: Manifest, opts: CalibOptions, previous: Path | None = None) -> Manifest:
+    """ovseg-export --int8: the same steps inside the export's temporary bundle directory, before its manifest is written.
+
+    Calibration caches of the bundle being replaced (``previous``) are reused when their key still matches.
+    """
+    opts.check()
+    check_fp32(tmp, manifest, opts.models)
+    for m in opts.models:
+        old = previous and cache_path(previous / getattr(manifest, m).files["fp32"])
+        if old and old.is_file():
+            shutil.copy2(old, cache_path(tmp / getattr(manifest, m).files["fp32"]))
+    data = load_calibration(opts.source, manifest.image_size, norms(manifest), opts.frames, opts.holdout)
+    return calibrate_dir(tmp, manifest, data, opts)
+
+
+def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: CalibOptions) -> Manifest:
+    """Write the int8 encoders into ``d``, gate every asked-for precision, return the manifest with files and gates.
+
+    Raises GateFailed (having written nothing that the caller keeps) when a gate fails without ``opts.force``.
+    """
+    manifest = dataclasses.replace(manifest, gates=dict(manifest.gates))
+    details: dict[str, dict] = {}
+    if "int8" in opts.precisions:
+        for m in opts.models:
+            info = getattr(manifest, m)
+            say(f"int8 {m}: calibrating {info.files['fp32']} ({opts.method})")
+            files, details[m] = _quantize_encoder(d, info, data, m, opts)
+            setattr(manifest, m, dataclasses.replace(info, files=files))
+        lacking = [m for m in MODELS if "int8" not in getattr(manifest, m).files]
+        if lacking:
+            raise CalibrationError(f"int8 needs every image encoder: the bundle has no int8 {', '.join(lacking)}; add it to --models")
+    write_manifest(d, manifest)  # the Segmenter reads the bundle from disk
+    failed = []
+    for precision in opts.precisions:
+        if not all(precision in getattr(manifest, m).files for m in MODELS):
+            raise CalibrationError(f"the bundle has no {precision} variant of every image encoder to gate: re-export with --{precision}")
+        record = gate_precision(d, manifest, precision, data, opts, details if precision == "int8" else {})
+        manifest.gates[precision] = record
+        say(_summary(precision, record))
+        if not record["passed"]:
+            failed.append(precision)
+    if failed and not opts.force:
+        worst = manifest.gates[failed[0]]
+        raise GateFailed(
+            f"{failed[0]} failed its gate (min cosine {worst['min_cosine']:.4f} < {opts.thresholds.cosine} or label agreement "
+            f"{worst['label_agreement']:.3f} < {opts.thresholds.agreement}): nothing written; pass --force to keep it, recorded as failed"
+        )
+    return manifest
+
+
+def _quantize_encoder(d: Path, info: EncoderInfo, data: CalibrationData, m: str, opts: CalibOptions) -> tuple[dict, dict]:
+    """Calibrate (or reuse the cache), quantise, and move the most sensitive nodes back to float while the cosine is short."""
+    fp32 = d / info.files["fp32"]
+    out = d / (fp32.name.removesuffix(".onnx") + ".int8.onnx")
+    cache = cache_path(fp32)
+    ranges, recalibrated = calibrate(fp32, data.calib[m], data.digest, opts.method, cache)
+    if not recalibrated:
+        say(f"int8 {m}: calibration reused from {cache.name} (same model, frames and method)")
+    reference = gate.session(fp32)
+    excluded: list[str] = []
+    rounds = []
+    for round_ in range(opts.fallback_rounds + 1):
+        _unlink(out)  # never write through a hard link into the bundle being replaced
+        kept, quantized = quantize(fp32, out, ranges, tuple(excluded))
+        check = gate.encoder_check(reference, gate.session(out), data.holdout[m])
+        rounds.append({"excluded": len(excluded), "min_cosine": check.min_cosine, "mean_cosine": check.mean_cosine})
+        if check.min_cosine >= opts.thresholds.cosine or round_ == opts.fallback_rounds or not quantized:
+            break
+        ranked = [n for n, _ in sensitivity(fp32, out, data.holdout[m][:2]) if n not in excluded]
+        excluded += ranked[:FALLBACK_STEP]
+        say(f"int8 {m}: min cosine {check.min_cosine:.4f} < {opts.thresholds.cosine}; keeping {', '.join(ranked[:FALLBACK_STEP])} in float")
+    files = {**info.files, "int8": out.name}
+    return files, {
+        "file": out.name, "cache": cache.name, "recalibrated": recalibrated, "int8_nodes": len(quantized),
+        "float_nodes": len(kept), "fallback": excluded, "rounds": rounds, "weights": info.weights,
+    }
+
+
+def gate_precision(d: Path, manifest: Manifest, precision: str, data: CalibrationData, opts: CalibOptions, details: dict) -> dict:
+    """The gate record of ``precision`` against fp32: encoder cosines, speed, pipeline agreement."""
+    models: dict[str, dict] = {}
+    fp32_ms = candidate_ms = 0.0
+    cosines = []
+    for m in MODELS:
+        info = getattr(manifest, m)
+        reference, candidate = gate.session(d / info.files["fp32"]), gate.session(d / info.files[precision])
+        check = gate.encoder_check(reference, candidate, data.holdout[m])
+        timing = gate.time_pair(reference, candidate, data.holdout[m][:1], opts.timing_runs)
+        fp32_ms += timing.fp32_ms
+        candidate_ms += timing.candidate_ms
+        cosines.append(check)
+        models[m] = {
+            **details.get(m, {}), "min_cosine": check.min_cosine, "mean_cosine": check.mean_cosine, "outputs": check.outputs,
+            "fp32_ms": timing.fp32_ms, f"{precision}_ms": timing.candidate_ms, "speedup_vs_fp32": timing.speedup,
+            "weights": info.weights,
+        }
+    say(f"{precision}: pipeline agreement on {data.n_holdout} held-out frames")
+    reference, candidate = gate.open_segmenter(d, "fp32"), gate.open_segmenter(d, precision)
+    try:
+        label_agreement, pixel_agreement = gate.pipeline_agreement(reference, candidate, data.holdout_frames)
+    finally:
+        reference.close()
+        candidate.close()
+    min_cosine = min(c.min_cosine for c in cosines)
+    passed = min_cosine >= opts.thresholds.cosine and label_agreement >= opts.thresholds.agreement
+    return {
+        "passed": bool(passed),
+        "min_cosine": min_cosine,
+        "mean_cosine": min(c.mean_cosine for c in cosines),
+        "label_agreement": label_agreement,
+        "pixel_agreement": pixel_agreement,
+        "speedup_vs_fp32": fp32_ms / candidate_ms,
+        "frames": data.n_holdout,
+        "calibration_frames": data.n_calib if precision == "int8" else 0,
+        "method": opts.method if precision == "int8" else None,
+        "thresholds": {"cosine": opts.thresholds.cosine, "label_agreement": opts.thresholds.agreement},
+        "weights": "random weights" if manifest.random_weights else "trained weights",
+        "measured_on": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPU",
+        "models": models,
+    }
+
+
+def write_manifest(d: Path, manifest: Manifest) -> None:
+    """sha256 of every file, then manifest.json last, replaced in one rename."""
+    manifest.sha256 = {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    tmp = d / f".{MANIFEST}.tmp"
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, d / MANIFEST)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) every file of ``src`` into ``dst`` except the manifest, which is always written anew."""
+    for path in src.rglob("*"):
+        rel = path.relative_to(src)
+        if path.is_dir() or rel == Path(MANIFEST):
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _summary(precision: str, r: dict) -> str:
+    verdict = "PASSED" if r["passed"] else "FAILED"
+    return (
+        f"{precision} {verdict}: min cosine {r['min_cosine']:.4f}, mean {r['mean_cosine']:.4f}, label agreement "
+        f"{r['label_agreement']:.3f}, pixel agreement {r['pixel_agreement']:.3f}, {r['speedup_vs_fp32']:.2f}x vs fp32 "
+        f"({r['frames']} held-out frames, {r['weights']})"
+    )

@@ -1,0 +1,104 @@
+"""ovseg-calib: INT8 encoders for a bundle, calibrated on your frames and gated against fp32.
+
+The int8 files and the gate result (per-token cosine of the encoders, segment-label and pixel agreement of the
+whole pipeline, measured speed-up) go into the bundle's manifest. A precision under the thresholds is not written
+unless --force, and then it is recorded as failed: the runtime never picks it by itself.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ovseg.runtime.bundle import DEFAULT_BUNDLE, BundleError
+
+
+def _csv(choices: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(t.strip() for t in text.split(",") if t.strip())
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (comma-separated), got {text!r}")
+        return items
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def add_gate_arguments(p, *method_flags: str) -> None:
+    """The flags ovseg-calib and ovseg-export --int8 share (``method_flags``: the calibration method's flag names)."""
+    from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT
+    from .gate import DEFAULT_AGREEMENT, DEFAULT_COSINE
+
+    p.add_argument(*(method_flags or ("--calib-method",)), dest="method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="activation range calibration (default minmax)")
+    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, metavar="N", help=f"frames sampled evenly from the source (default {DEFAULT_FRAMES})")
+    p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT, metavar="F",
+                   help=f"fraction held out for the gate, at least 2 frames (default {DEFAULT_HOLDOUT})")
+    p.add_argument("--gate-cosine", type=_fraction, default=DEFAULT_COSINE, metavar="C",
+                   help=f"worst per-token cosine vs fp32 to pass (default {DEFAULT_COSINE})")
+    p.add_argument("--gate-agreement", type=_fraction, default=DEFAULT_AGREEMENT, metavar="A",
+                   help=f"segment-label agreement vs fp32 to pass (default {DEFAULT_AGREEMENT})")
+    p.add_argument("--timing-runs", type=int, default=5, metavar="N", help="timed runs per encoder and precision for the speed-up (default 5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bundle import MODELS, PRECISIONS
+
+    p = argparse.ArgumentParser(prog="ovseg-calib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR", help=f"bundle to add int8 encoders to (default {DEFAULT_BUNDLE})")
+    p.add_argument("--calib-images", type=Path, required=True, metavar="DIR_OR_VIDEO", help="a folder of images or a video like the ones you will segment")
+    add_gate_arguments(p, "--method")
+    p.add_argument("--models", type=_csv(MODELS), default=MODELS, metavar="LIST", help="encoders to calibrate (default clip,dinov2)")
+    p.add_argument("--precisions", type=_csv(PRECISIONS), default=("int8",), metavar="LIST",
+                   help="precisions to gate (default int8; fp16 gates the bundle's fp16 variants on this CPU)")
+    p.add_argument("--fallback-rounds", type=int, default=3, metavar="N",
+                   help="times to move the most sensitive nodes back to float when an encoder's cosine is short (default 3)")
+    p.add_argument("--force", action="store_true", help="write a precision that failed its gate (recorded as failed; never auto-picked)")
+    return p
+
+
+def options_from(args: argparse.Namespace, source: Path, force: bool, models=None, precisions=("int8",)):
+    from .bundle import MODELS, CalibOptions
+    from .gate import Thresholds
+
+    return CalibOptions(
+        source=source, method=args.method, frames=args.frames, holdout=args.holdout,
+        thresholds=Thresholds(args.gate_cosine, args.gate_agreement), models=tuple(models or MODELS),
+        precisions=tuple(precisions), force=force, timing_runs=args.timing_runs,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="ovseg-calib: %(message)s")
+    from ovseg.runtime.sessions import SegmenterError
+
+    from .bundle import calibrate_bundle
+    from .data import CalibrationError
+
+    opts = options_from(args, args.calib_images, args.force, args.models, args.precisions)
+    opts.fallback_rounds = args.fallback_rounds
+    try:
+        gates = calibrate_bundle(args.bundle, opts)
+    except (CalibrationError, BundleError, SegmenterError) as e:
+        print(f"ovseg-calib: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ovseg-calib: interrupted; {args.bundle} is unchanged", file=sys.stderr)
+        return 130
+    failed = [p for p in opts.precisions if not gates[p]["passed"]]
+    verdict = f"written with --force, recorded as failed: {', '.join(failed)}" if failed else "passed"
+    print(f"ovseg-calib: {', '.join(opts.precisions)} {verdict}; manifest updated in {args.bundle}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
