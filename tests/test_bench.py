@@ -18,7 +18,7 @@ def bench(tiny_bundle, tmp_path_factory):
     argv = ["--bundle", str(tiny_bundle), "--quick", "--tiny-models", "--seconds", "0.5", "--min-runs", "3",
             "--sizes", f"{112},518", "--segments", "5,15", "--vocab-sizes", "500,2000", "--efs", "16,64",
             "--video-frames", "3", "--keyframe-interval", "2", "--threads", "2", "--cache", str(out / "cache"),
-            "--out", str(out / "r.json"), "--csv", str(out / "r.csv"), "--plot", str(out / "plots")]
+            "--out", str(out / "r.json"), "--csv", str(out / "r.csv"), "--plot", str(out / "plots"), "--markdown", str(out / "perf.md")]
     code = cli.main(argv)
     return code, json.loads((out / "r.json").read_text()), out
 
@@ -29,7 +29,7 @@ def _is_stats(d: dict) -> bool:
 
 def test_runs_every_section_without_errors(bench):
     code, doc, _ = bench
-    assert doc["errors"] == {}
+    assert doc["errors"] == {} and doc["skipped"] == {}
     assert code == 0
     assert doc["schema"] == "ovseg-bench/1" and doc["command"][:3] == ["ovseg-bench", "--bundle", doc["latency"]["bundle"]]
     for key in ("environment", "plan", "latency", "roofline", "sweeps", "naive", "video", "targets", "elapsed_s"):
@@ -86,6 +86,7 @@ def test_roofline_video_targets_and_files(bench):
     roof = doc["roofline"]
     assert roof["gemm_gflops"] > 0 and 0 < roof["fraction_of_peak"]["p50"]
     assert all(e["gflop"] > 0 and e["unresolved"] == [] for e in roof["encoders"].values())
+    assert all(e["profile"]["run_ms"] > 0 and "MatMul" in e["profile"]["by_op_ms"] for e in roof["encoders"].values())
     video = doc["video"]
     assert [r["keyframe_interval"] for r in video["runs"]] == [1, 2]
     assert all(r["frames"] == 3 and r["fps"] > 0 for r in video["runs"])
@@ -95,6 +96,8 @@ def test_roofline_video_targets_and_files(bench):
     assert doc["targets"][3]["verdict"] == "n/a"  # no 1M vocabulary in this run
     rows = (out / "r.csv").read_text().splitlines()
     assert rows[0] == "section,key,value" and any(r.startswith("latency,stages.total.p50,") for r in rows)
+    md = (out / "perf.md").read_text()
+    assert md.startswith("## Performance") and "### GPU" in md and "--out" not in md
     for name in ("stage_breakdown", "latency_vs_size", "latency_vs_k", "lookup_vs_vocabulary", "hnsw_recall_vs_ef"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
