@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 PROG = "ovseg-bench"
-SECTIONS = ("roofline", "segments", "backends", "vocabulary", "video", "sizes", "naive")
+SECTIONS = ("roofline", "segments", "backends", "int8", "vocabulary", "video", "sizes", "naive")
 DEFAULT_SIZES = (224, 336, 448, 518)  # the issue's sizes; 518 (DINOv2's native size) is not a multiple of CLIP's 16
 DEFAULT_KS = (5, 10, 15, 24, 32, 48, 64)
 DEFAULT_VOCAB = (1_000, 10_000, 100_000, 1_000_000)
@@ -123,17 +124,28 @@ def clip_frames(path: Path, frame: tuple[int, int], count: int) -> list:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    """Every section in order; sections that fail leave a one-line error in doc["errors"]."""
+    """Every section in order, in a scratch directory removed afterwards; a failed section leaves a one-line error in doc["errors"]."""
+    work = Path(tempfile.mkdtemp(prefix="ovseg-bench-"))
+    try:
+        return _run(args, argv, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     import cv2
     import numpy as np
 
     from ovseg.runtime.bundle import read_manifest
     from ovseg.runtime.segmenter import SegmenterConfig
 
+    import onnxruntime as ort
+
     from . import latency, sweeps
     from .report import targets
     from .roofline import GemmPeak, cached_flops, profile_ops, roofline
     from .timing import Budget, environment, peak_rss_mb
+    from .video import measure_video
 
     if args.cache:
         sweeps.CACHE = args.cache
@@ -146,25 +158,34 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     say(f"bundle {bundle} ({manifest.image_size}x{manifest.image_size}, CLIP {manifest.clip.model}, DINOv2 {manifest.dinov2.model}"
         f"{', random weights' if manifest.random_weights else ''}); {args.threads} threads")
 
-    def section(name: str, fn):
+    def section(name: str, fn, *where: str):
+        """Run one section; store its result at doc[where...]; a failure is recorded (and sets the exit status), never raised."""
         if name in skip:
             doc["skipped"].setdefault(name, "left out with --skip")
             return None
         started = time.perf_counter()
         try:
-            return fn()
+            result = fn()
         except Exception as e:  # recorded and reported, never swallowed: the exit status says a section failed
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             doc["errors"][name] = f"{type(e).__name__}: {message}"
             say(f"{name} failed: {doc['errors'][name]}")
+            return None
         finally:
             say(f"{name}: {time.perf_counter() - started:.1f} s")
+        if where:
+            parent = doc
+            for key in where[:-1]:
+                parent = parent.setdefault(key, {})
+            parent[where[-1]] = [_plain(r) for r in result] if isinstance(result, list) else _plain(result)
+        return result
 
-    work = Path(tempfile.mkdtemp(prefix="ovseg-bench-"))
     clip_path = work / "clip.mp4"
     frames = clip_frames(clip_path, args.frame, max(plan.record_frames, 8))
     main_budget = Budget(plan.warmup, plan.min_runs, plan.main_seconds)
     small_budget = Budget(plan.warmup, max(3, plan.min_runs // 2), plan.main_seconds / 2)
+    k_budget = Budget(plan.warmup, max(5, plan.min_runs), 1.0 if args.quick else 3.0)
+    vocab_budget = Budget(2, 10, 0.3 if args.quick else 1.0)
 
     # 1. the main measurement; the roofline's GEMM runs right before every frame when the roofline is on
     opened = latency.open_recorded(bundle, args.threads, SegmenterConfig(), keep=plan.record_frames, backend=args.backend,
@@ -180,76 +201,61 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     doc["peak_rss_mb_ovseg"] = round(peak_rss_mb(), 1)  # before the FLOP count, the sweeps and torch add to it
 
     def roofline_section():
+        encoders = {"dinov2": manifest.dinov2, "clip": manifest.clip}
         flops = {role: cached_flops(bundle / info.files["fp32"], manifest.image_size, manifest.sha256.get(info.files["fp32"]),
-                                    sweeps.CACHE) for role, info in (("dinov2", manifest.dinov2), ("clip", manifest.clip))}
+                                    sweeps.CACHE) for role, info in encoders.items()}
         roof = roofline(flops, main.per_frame, gemm)
-        for role, info in (("dinov2", manifest.dinov2), ("clip", manifest.clip)):
+        for role, info in encoders.items():
             roof.encoders[role].profile = profile_ops(bundle / info.files["fp32"], manifest.image_size, args.threads,
                                                       flops[role].gflop, roof.gemm_gflops)
         return roof
 
-    if gemm is not None:
-        roof = section("roofline", roofline_section)
-        if roof is not None:
-            doc["roofline"] = asdict(roof)
+    section("roofline", roofline_section, "roofline")
     gemm = None
+
+    # 2. sweeps in this process (the encoders' recorded outputs serve the K sweep)
     doc["sweeps"] = {}
+    section("segments", lambda: latency.sweep_k(opened, frames, plan.ks, k_budget), "sweeps", "segments")
+    section("backends", lambda: latency.sweep_backends(bundle, manifest, frames, small_budget, args.threads, main,
+                                                       ort.get_available_providers()), "sweeps", "backends")
+    def int8_section():
+        from .bench_int8 import run as int8_encoders  # fp32 vs int8 encoders alone, interleaved (ovseg-calib's benchmark)
 
-    # 2. sweeps on the same process (the encoders' recorded outputs serve the K sweep)
-    ks = section("segments", lambda: latency.sweep_k(opened, frames, plan.ks, Budget(plan.warmup, max(5, plan.min_runs), 1.0 if args.quick else 3.0)))
-    if ks is not None:
-        doc["sweeps"]["segments"] = [asdict(p) for p in ks]
-    import onnxruntime as ort
+        return int8_encoders(bundle, args.threads, small_budget)
 
-    backends = section("backends", lambda: latency.sweep_backends(bundle, manifest, frames, small_budget, args.threads, main,
-                                                                  ort.get_available_providers()))
-    if backends is not None:
-        doc["sweeps"]["backends"] = [asdict(p) for p in backends]
-    vocab_budget = Budget(2, 10, 0.3 if args.quick else 1.0)
-    vocab = section("vocabulary", lambda: sweeps.sweep_vocabulary(plan.vocab_sizes, plan.efs, vocab_budget, args.threads, say))
-    if vocab is not None:
-        doc["sweeps"]["vocabulary"] = asdict(vocab)
+    if all("int8" in info.files for info in (manifest.clip, manifest.dinov2)):
+        section("int8", int8_section, "sweeps", "int8_encoders")
+    section("vocabulary", lambda: sweeps.sweep_vocabulary(plan.vocab_sizes, plan.efs, vocab_budget, args.threads, say),
+            "sweeps", "vocabulary")
 
     # 3. other processes: ovseg-run on the clip, exports for the size sweep
-    from .video import measure_video
+    section("video", lambda: measure_video(bundle, clip_path, work / "video", plan.video_frames, args.threads,
+                                           args.keyframe_interval), "video")
 
-    video = section("video", lambda: measure_video(bundle, clip_path, work / "video", plan.video_frames, args.threads, args.keyframe_interval))
-    if video is not None:
-        doc["video"] = asdict(video)
+    def size_point(size: int) -> dict:
+        where = sweeps.bundle_for_size(bundle, manifest, size, say)
+        point = {"size": size, "bundle": str(where.bundle) if where.bundle else None, "skipped": where.skipped,
+                 "export_s": where.export_s, "latency": doc["latency"] if where.bundle == bundle else None}
+        if where.bundle is not None and where.bundle != bundle:  # sweep bundles are fp32 only
+            other = latency.open_recorded(where.bundle, args.threads, SegmenterConfig(), keep=0, backend=args.backend)
+            try:
+                point["latency"] = asdict(latency.measure(other.segmenter, frames, small_budget, bundle=where.bundle))
+            finally:
+                other.segmenter.close()
+        return point
 
-    def size_sweep():
-        points = []
-        for size in plan.sizes:
-            where = sweeps.bundle_for_size(bundle, manifest, size, say)
-            point = {"size": size, "bundle": str(where.bundle) if where.bundle else None, "skipped": where.skipped,
-                     "export_s": where.export_s, "latency": None}
-            if where.bundle == bundle:
-                point["latency"] = doc["latency"]
-            elif where.bundle is not None:
-                other = latency.open_recorded(where.bundle, args.threads, SegmenterConfig(), keep=0)
-                try:
-                    point["latency"] = asdict(latency.measure(other.segmenter, frames, small_budget, bundle=where.bundle))
-                finally:
-                    other.segmenter.close()
-            points.append(point)
-        return points
-
-    sizes = section("sizes", size_sweep)
-    if sizes is not None:
-        doc["sweeps"]["input_size"] = sizes
+    section("sizes", lambda: [size_point(size) for size in plan.sizes], "sweeps", "input_size")
 
     # 4. last, as it imports torch: the naive reference on an S x S frame
     def naive_section():
         from .naive import compare
 
         s = manifest.image_size
-        square = cv2.resize(frames[0], (s, s), interpolation=cv2.INTER_AREA)
+        square = np.ascontiguousarray(cv2.resize(frames[0], (s, s), interpolation=cv2.INTER_AREA))
         # no warm-up pair: the label check's frame already warmed both pipelines up
-        return compare(opened, np.ascontiguousarray(square), Budget(0, plan.naive_pairs, 0.0), args.threads, args.tiny_models)
+        return compare(opened, square, Budget(0, plan.naive_pairs, 0.0), args.threads, args.tiny_models)
 
-    naive = section("naive", naive_section)
-    if naive is not None:
-        doc["naive"] = asdict(naive)
+    section("naive", naive_section, "naive")
     opened.segmenter.close()
 
     doc["environment"]["load_average_end"] = round(os.getloadavg()[0], 2)
@@ -310,6 +316,10 @@ def _reproduce(doc: dict) -> str:
     words, drop = doc["command"], {"--out", "--csv", "--plot", "--markdown"}
     kept = [w for i, w in enumerate(words) if w not in drop and (i == 0 or words[i - 1] not in drop)]
     return " ".join(shlex.quote(w) for w in kept)
+
+
+def _plain(value):
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else value
 
 
 def _jsonable(value):

@@ -15,7 +15,7 @@ from ovseg import _native
 from ovseg.runtime.bundle import Manifest, read_manifest
 from ovseg.runtime.lookup import LabelIndex, PromptEmbedder
 from ovseg.runtime.segmenter import Segmenter, SegmenterConfig
-from ovseg.runtime.sessions import OnnxEncoder, SegmenterError, open_engine, providers
+from ovseg.runtime.sessions import OnnxEncoder, SegmenterError, open_engine, providers, resolve_backend
 from ovseg.runtime.text import ClipTokenizer
 
 from .roofline import GemmPeak
@@ -81,6 +81,7 @@ def open_recorded(bundle: Path, threads: int, config: SegmenterConfig, keep: int
                   precision: str = "fp32") -> Opened:
     """What ``Segmenter.from_bundle`` does for a bundle's own vocabulary, with the image encoders wrapped in Recorders."""
     manifest = read_manifest(bundle)
+    backend = resolve_backend(backend)  # an unavailable provider is an error here, not a silent CPU fallback in ORT
     _native.set_num_threads(threads)
     size = manifest.image_size
     clip = Recorder(open_engine(bundle, manifest.clip, "CLIP image", size, backend, precision, threads), keep)

@@ -188,6 +188,9 @@ def table(doc: dict) -> str:
         for p in sweeps["backends"]:
             what = f"{p['latency']['stages']['total']['p50']:.1f}" if p.get("latency") else f"skipped: {p['skipped']}"
             lines.append(f"  {p['backend']:<8} {p['precision']:<6}  {what}")
+    for role, r in ((sweeps.get("int8_encoders") or {}).get("encoders") or {}).items():
+        lines.append(f"  int8 {role}: {r['speedup_p50']:.2f}x fp32 by medians ({r['speedup_min']:.2f}x by fastest runs), "
+                     f"{r['verdict']} (bench_int8)")
     vocab = sweeps.get("vocabulary")
     if vocab:
         ef = str(vocab["default_ef"])
