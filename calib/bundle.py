@@ -201,7 +201,7 @@ def gate_precision(d: Path, manifest: Manifest, precision: str, data: Calibratio
         "calibration_frames": data.n_calib if precision == "int8" else 0,
         "method": opts.method if precision == "int8" else None,
         "thresholds": {"cosine": opts.thresholds.cosine, "label_agreement": opts.thresholds.agreement},
-        "weights": "random weights" if manifest.random_weights else "trained weights",
+        "weights": "random weights" if manifest.random_weights else "weights as exported",  # per encoder: models.*.weights
         "measured_on": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPU",
         "models": models,
     }

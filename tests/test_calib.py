@@ -224,3 +224,45 @@ def test_pick_precision(tiny_bundle, caplog):
     with pytest.raises(ValueError, match="unknown precision"):
         pick_precision(m, "cpu", "int4")
     assert pick_precision(m, "cpu", "fp32") == "fp32"
+
+
+def _gpu_reason() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT INT8 calibration needs a CUDA GPU and the tensorrt package; this machine has neither (tensorrt does not import)"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "TensorRT INT8 calibration needs a CUDA GPU; ONNX Runtime sees none here"
+    return None
+
+
+def test_tensorrt_calibrator_without_tensorrt_is_a_one_line_error(tmp_path):
+    if _gpu_reason() is None:
+        pytest.skip("tensorrt imports here: the GPU test below covers the calibrator")
+    from ovseg.calib.tensorrt import entropy_calibrator
+
+    with pytest.raises(CalibrationError, match="tensorrt") as info:
+        entropy_calibrator(np.zeros((2, 3, 112, 112), np.float32), tmp_path / "x.calib")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_reason() is not None, reason=_gpu_reason() or "")
+def test_tensorrt_int8_engine_with_entropy_calibrator_and_cache(tiny_bundle, photos, tmp_path):
+    from ovseg.calib.tensorrt import entropy_calibrator, trt_cache_path
+    from ovseg.export.tensorrt import EngineSpec, build_engine
+
+    manifest = read_manifest(tiny_bundle)
+    data = load_calibration(photos, manifest.image_size, {"dinov2": Norm(manifest.dinov2.mean, manifest.dinov2.std)}, frames=6)
+    cache = trt_cache_path(tmp_path / "dinov2.onnx")
+    shape = (1, 3, manifest.image_size, manifest.image_size)
+    calibrator = entropy_calibrator(data.calib["dinov2"], cache)
+    spec = EngineSpec(fp16=True, int8=True, calibrator=calibrator, shapes={"pixel_values": (shape, shape, shape)})
+    build_engine(tiny_bundle / "dinov2.onnx", tmp_path / "dinov2.int8.plan", spec)
+    calibrator.close()
+    assert cache.is_file() and cache.stat().st_size > 0  # written by TensorRT after calibrating
+    again = entropy_calibrator(data.calib["dinov2"][:1], cache)
+    assert again.read_calibration_cache() == cache.read_bytes()  # a rebuild reads it instead of calibrating
+    again.close()
