@@ -7,7 +7,6 @@ Both runs write per-frame label maps, and their labels are compared pixel by pix
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -33,7 +32,7 @@ class VideoRun:
     fps: float  # ovseg-run's count: capture + segment + overlay + save, first frame to last
     wall_s: float  # process start to exit: imports, bundle check, sessions, the loop, closing the video
     mean_ms: dict[str, float]  # ovseg-run's per-stage means
-    peak_rss_mb: float
+    peak_rss_mb: float  # VmHWM polled every 0.2 s (0 where /proc is missing)
     command: list[str] = field(default_factory=list)
 
 
@@ -53,19 +52,32 @@ def run_ovseg(bundle: Path, clip: Path, out: Path, frames: int, threads: int, in
            "--threads", str(threads), "--keyframe-interval", str(interval)]
     log = out / "stderr.txt"
     start = time.perf_counter()
+    peak_kib = 0
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while proc.poll() is None:
+            peak_kib = max(peak_kib, _vm_hwm_kib(proc.pid))
+            time.sleep(0.2)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     text = log.read_text()
     counts = COUNTS.search(text)
     if proc.returncode != 0 or counts is None:
         lines = [l for l in text.splitlines() if l.strip()]
         raise VideoError(f"ovseg-run exited {proc.returncode}: {lines[-1] if lines else 'no output'}")
     means = {m.group(1): float(m.group(2)) for m in map(STAGE_ROW.match, text.splitlines()) if m and m.group(1) != "stage"}
-    rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
-    return VideoRun(interval, int(counts.group(1)), float(counts.group(3)), round(wall, 2), means, round(rss, 1), cmd)
+    return VideoRun(interval, int(counts.group(1)), float(counts.group(3)), round(wall, 2), means, round(peak_kib / 1024, 1), cmd)
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    """The process's own peak RSS (VmHWM, reset at exec, unlike ru_maxrss which a child inherits from its forking parent)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def frame_labels(frames_dir: Path) -> dict[str, np.ndarray]:

@@ -89,7 +89,7 @@ def test_roofline_video_targets_and_files(bench):
     assert all(e["profile"]["run_ms"] > 0 and "MatMul" in e["profile"]["by_op_ms"] for e in roof["encoders"].values())
     video = doc["video"]
     assert [r["keyframe_interval"] for r in video["runs"]] == [1, 2]
-    assert all(r["frames"] == 3 and r["fps"] > 0 for r in video["runs"])
+    assert all(r["frames"] == 3 and r["fps"] > 0 and r["peak_rss_mb"] > 0 for r in video["runs"])
     assert 0 <= video["agreement"] <= 1
     assert [t["name"] for t in doc["targets"]] == ["runtime overhead", "vs naive TAG", "encoders vs GEMM peak", "HNSW at 1M"]
     assert all(t["verdict"] in ("PASS", "MISS", "n/a") for t in doc["targets"])
