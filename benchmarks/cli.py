@@ -1,6 +1,6 @@
 """ovseg-bench: per-stage latency, scaling sweeps, the naive TAG reference, a roofline and video throughput.
 
-    ovseg-bench --bundle DIR [--quick] [--out results.json] [--csv results.csv] [--plot DIR]
+    ovseg-bench --bundle DIR [--quick] [--out results.json] [--csv results.csv] [--plot DIR] [--markdown perf.md]
 
 Timings on a shared machine are noisy: comparisons are ratios of runs interleaved in one loop
 (GEMM and encoders, ovseg and the naive reference), and the load average is recorded.
@@ -274,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"{PROG}: error: --skip takes {', '.join(SECTIONS)}; got {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    if args.threads < 1 or (args.min_runs is not None and args.min_runs < 1) or args.keyframe_interval < 1:
-        print(f"{PROG}: error: --threads, --min-runs and --keyframe-interval must be at least 1", file=sys.stderr)
+    counts = (args.threads, args.min_runs, args.keyframe_interval, args.video_frames)
+    if any(n is not None and n < 1 for n in counts) or (args.seconds is not None and args.seconds < 0):
+        print(f"{PROG}: error: --threads, --min-runs, --keyframe-interval and --video-frames must be at least 1, "
+              "--seconds at least 0", file=sys.stderr)
         return 2
     from ovseg.runtime.bundle import BundleError
     from ovseg.runtime.sessions import SegmenterError

@@ -132,7 +132,7 @@ def lookup_vs_vocabulary(doc: dict, out: Path) -> Path | None:
     if vocab.get("crossover"):
         ax.axvline(vocab["crossover"], color="red", linestyle=":", label=f"crossover (medians) ~{vocab['crossover']:,.0f}")
     ax.set_xlabel("vocabulary size (random unit vectors, D=%d)" % vocab["dim"])
-    ax.set_ylabel(f"p50 ms per frame ({vocab['queries_per_frame']} queries, top-{vocab['top_k']})")
+    ax.set_ylabel(f"ms per frame ({vocab['queries_per_frame']} queries, top-{vocab['top_k']})")
     ax.set_title(_title(doc, "Label lookup time vs vocabulary size"))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
