@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -177,11 +178,22 @@ class BackendPoint:
     precision: str
     latency: StageLatency | None = None
     skipped: str = ""  # why it was not measured
+    note: str = ""  # e.g. measured on another bundle of the same architectures
+
+
+def _has(manifest: Manifest, backend: str, precision: str) -> list[str]:
+    """The image encoders without a file for ``precision`` (TensorRT builds its engine from fp32)."""
+    return [role for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2))
+            if precision not in info.files and f"trt_{precision}" not in info.files and backend != "tensorrt"]
 
 
 def sweep_backends(bundle: Path, manifest: Manifest, frames: list[np.ndarray], budget: Budget, threads: int,
-                   measured: StageLatency, available: list[str]) -> list[BackendPoint]:
-    """ORT fp32, fp16 and int8 when the bundle has them, CUDA / TensorRT when ONNX Runtime has them; the main run is one."""
+                   measured: StageLatency, available: list[str], fallback: Callable[[], Path | None] | None = None) -> list[BackendPoint]:
+    """ORT fp32, fp16 and int8 when the bundle has them, CUDA / TensorRT when ONNX Runtime has them; the main run is one.
+
+    A precision the bundle lacks is measured on ``fallback()`` (a random-weights bundle of the same architectures and
+    size; weights do not change latency) when that has it, and says so.
+    """
     points = [BackendPoint(measured.backend, measured.precision, measured)]
     gpu = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
     combos = [("cpu", "fp32"), ("cpu", "fp16"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"), ("tensorrt", "fp16")]
@@ -191,18 +203,20 @@ def sweep_backends(bundle: Path, manifest: Manifest, frames: list[np.ndarray], b
         if backend in gpu and gpu[backend] not in available:
             points.append(BackendPoint(backend, precision, skipped=f"no GPU: ONNX Runtime has {', '.join(available)}"))
             continue
-        missing = [role for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2))
-                   if precision not in info.files and f"trt_{precision}" not in info.files and backend != "tensorrt"]
+        where, note = bundle, ""
+        missing = _has(manifest, backend, precision)
+        if missing and fallback is not None and (other := fallback()) is not None and not _has(read_manifest(other), backend, precision):
+            where, note, missing = other, f"measured on the random-weights sweep bundle {other.name} (same architectures and size)", []
         if missing:
             points.append(BackendPoint(backend, precision, skipped=f"the bundle has no {precision} {' or '.join(missing)} encoder"))
             continue
         try:
-            seg = Segmenter.from_bundle(bundle, backend=backend, precision=precision, threads=threads)
+            seg = Segmenter.from_bundle(where, backend=backend, precision=precision, threads=threads)
         except SegmenterError as e:
-            points.append(BackendPoint(backend, precision, skipped=str(e).splitlines()[0]))
+            points.append(BackendPoint(backend, precision, skipped=str(e).splitlines()[0], note=note))
             continue
         try:
-            points.append(BackendPoint(backend, precision, measure(seg, frames, budget, bundle=bundle)))
+            points.append(BackendPoint(backend, precision, measure(seg, frames, budget, bundle=where), note=note))
         finally:
             seg.close()
     return points

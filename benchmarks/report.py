@@ -187,7 +187,7 @@ def table(doc: dict) -> str:
         lines.append("\nbackend / precision   total p50 ms")
         for p in sweeps["backends"]:
             what = f"{p['latency']['stages']['total']['p50']:.1f}" if p.get("latency") else f"skipped: {p['skipped']}"
-            lines.append(f"  {p['backend']:<8} {p['precision']:<6}  {what}")
+            lines.append(f"  {p['backend']:<8} {p['precision']:<6}  {what}" + (f"  ({p['note']})" if p.get("note") else ""))
     for role, r in ((sweeps.get("int8_encoders") or {}).get("encoders") or {}).items():
         lines.append(f"  int8 {role}: {r['speedup_p50']:.2f}x fp32 by medians ({r['speedup_min']:.2f}x by fastest runs), "
                      f"{r['verdict']} (bench_int8)")
@@ -302,6 +302,16 @@ def markdown(doc: dict, reproduce: list[str]) -> str:
                            f"{1000 / st['total']['p50']:.2f} |")
             else:
                 out.append(f"| {p['size']} | — | — | — | {p['skipped']} |")
+        out.append("")
+    if sweeps.get("backends"):
+        out += ["### Backend and precision", "", "| backend | precision | DINOv2 ms | CLIP ms | total ms p50 | note |", "|---|---|---:|---:|---:|---|"]
+        for p in sweeps["backends"]:
+            if p.get("latency"):
+                st = p["latency"]["stages"]
+                out.append(f"| {p['backend']} | {p['precision']} | {st['dinov2']['p50']:.0f} | {st['clip']['p50']:.0f} | "
+                           f"{st['total']['p50']:.0f} | {p.get('note', '')} |")
+            else:
+                out.append(f"| {p['backend']} | {p['precision']} | — | — | — | not measured: {p['skipped']} |")
         out.append("")
     if sweeps.get("segments"):
         out += ["### Segments K (encoder outputs replayed; p50 ms)", "", "| K | k-means | pooling | lookup | render |",

@@ -189,9 +189,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
-def bundle_for_size(main: Path, manifest: Manifest, size: int, say) -> SizeBundle:
-    """The main bundle at its own size; elsewhere a cached random-weights bundle of the same architectures, exported if absent."""
-    if size == manifest.image_size:
+def bundle_for_size(main: Path, manifest: Manifest, size: int, say, own: bool = True, export: bool = True) -> SizeBundle:
+    """The main bundle at its own size (``own``); otherwise a cached random-weights bundle of the same architectures
+    with fp16 variants, exported if absent and ``export``."""
+    if own and size == manifest.image_size:
         return SizeBundle(size, main)
     for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2)):
         if size % info.patch_size:
@@ -199,14 +200,16 @@ def bundle_for_size(main: Path, manifest: Manifest, size: int, say) -> SizeBundl
                                           f"and one S x S input feeds both encoders")
     if "injected" in (manifest.clip.weights, manifest.dinov2.weights):
         return SizeBundle(size, None, "the main bundle's models were injected by a script: the CLI cannot export them at other sizes")
-    out = CACHE / "bundles" / f"{_slug(manifest.clip.model)}__{_slug(manifest.dinov2.model)}__{manifest.dense_method}__{size}"
+    out = CACHE / "bundles" / f"{_slug(manifest.clip.model)}__{_slug(manifest.dinov2.model)}__{manifest.dense_method}__{size}__fp16"
     try:
         read_manifest(out, verify=False)
         return SizeBundle(size, out)
     except BundleError:
         pass
+    if not export:
+        return SizeBundle(size, None, f"no cached random-weights bundle at {size} (--quick does not export one)")
     cmd = [sys.executable, "-m", "ovseg.export.cli", "--out", str(out), "--random-weights", "--force", "--clip", manifest.clip.model,
-           "--dinov2", manifest.dinov2.model, "--dense", manifest.dense_method, "--image-size", str(size), "--vocab", "voc21"]
+           "--dinov2", manifest.dinov2.model, "--dense", manifest.dense_method, "--image-size", str(size), "--vocab", "voc21", "--fp16"]
     say(f"exporting a random-weights bundle at {size} into {out} (once; reused from the cache afterwards)")
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
