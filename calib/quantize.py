@@ -179,10 +179,29 @@ def quantize(model_path: Path, out_path: Path, ranges: TensorsData, exclude: tup
             )
     qmodel = onnx.load(str(out_path))
     qmodel.ir_version = model.ir_version  # the exporter's IR version (the quantiser may stamp a newer one ORT refuses)
+    shapes_read_float(qmodel.graph)
     onnx.checker.check_model(qmodel, full_check=True)
     onnx.save(qmodel, str(out_path))
     quantized = quantized_nodes(qmodel)
     return keep, quantized
+
+
+def shapes_read_float(graph: onnx.GraphProto) -> None:
+    """Point Shape nodes back at the float tensor: the quantiser feeds them a Q -> DQ pair, a dequantisation per run
+    (two per DINOv2 block) just to read a shape. Q/DQ nodes left without consumers are dropped."""
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "Shape" else None
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            node.input[0] = q.input[0]
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
 
 
 @contextlib.contextmanager
