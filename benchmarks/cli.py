@@ -220,11 +220,12 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     doc["sweeps"] = {}
     section("segments", lambda: latency.sweep_k(opened, frames, plan.ks, k_budget), "sweeps", "segments")
     @functools.cache
-    def same_size_bundle() -> Path | None:  # for precisions the main bundle lacks (fp16); --quick uses it only if cached
-        return sweeps.bundle_for_size(bundle, manifest, manifest.image_size, say, own=False, export=not args.quick).bundle
+    def same_size_bundle() -> Path | None:  # for precisions the main bundle lacks (fp16); not in --quick
+        return sweeps.bundle_for_size(bundle, manifest, manifest.image_size, say, own=False).bundle
 
     section("backends", lambda: latency.sweep_backends(bundle, manifest, frames, small_budget, args.threads, main,
-                                                       ort.get_available_providers(), same_size_bundle), "sweeps", "backends")
+                                                       ort.get_available_providers(), None if args.quick else same_size_bundle),
+            "sweeps", "backends")
     def int8_section():
         from .bench_int8 import run as int8_encoders  # fp32 vs int8 encoders alone, interleaved (ovseg-calib's benchmark)
 
