@@ -24,7 +24,7 @@ from .lookup import LOOKUPS, LabelIndex, PromptEmbedder, l2_normalise
 from .preprocess import Preprocessor, check_frame, to_bgr8
 from .refine import EdgeRefiner
 from .result import Result, Segment
-from .sessions import Engine, OnnxEncoder, SegmenterError, _pick_precision, open_engine, providers, resolve_backend
+from .sessions import Engine, OnnxEncoder, SegmenterError, choose_precision, open_engine, providers, resolve_backend
 from .text import ClipTokenizer
 from .vocabulary import GUIDED_TEMPLATES, VocabularyError, load_vocabulary
 
@@ -185,7 +185,7 @@ class Segmenter:
         except BundleError as e:
             raise SegmenterBundleError(str(e)) from None
         backend = resolve_backend(backend)
-        precision = _pick_precision(precision, backend, {"CLIP image": manifest.clip, "DINOv2": manifest.dinov2})
+        precision = choose_precision(manifest, backend, precision)
         if threads:
             _native.set_num_threads(threads)
         size = manifest.image_size

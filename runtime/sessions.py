@@ -12,11 +12,11 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import EncoderInfo
+from .bundle import EncoderInfo, Manifest
+from .precision import pick_precision
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 BACKENDS = ("auto", *PROVIDERS)
-PRECISIONS = ("auto", "fp32", "fp16")  # issue 6 adds int8
 TRT_CACHE = "trt_cache"  # TensorRT EP engine cache, inside the bundle directory
 
 
@@ -47,21 +47,12 @@ def resolve_backend(backend: str, available: list[str] | None = None) -> str:
     return backend
 
 
-def _pick_precision(precision: str, backend: str, encoders: dict[str, EncoderInfo]) -> str:
-    """"auto": fp16 on a GPU when every image encoder has an fp16 variant, fp32 otherwise; explicit ones must exist."""
-    if precision not in PRECISIONS:
-        raise SegmenterError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        on_gpu = backend in ("cuda", "tensorrt")
-        has_fp16 = all("fp16" in info.files or "trt_fp16" in info.files for info in encoders.values())
-        return "fp16" if on_gpu and has_fp16 else "fp32"
-    for role, info in encoders.items():
-        if precision not in info.files and f"trt_{precision}" not in info.files:
-            raise SegmenterError(
-                f"the bundle has no {precision} variant of the {role} encoder (it has {', '.join(sorted(info.files))}): "
-                f"re-export with `ovseg-export --{precision}` or pick precision='fp32'"
-            )
-    return precision
+def choose_precision(manifest: Manifest, backend: str, requested: str) -> str:
+    """The image encoders' precision (runtime.precision.pick_precision: gated, never a silent fallback)."""
+    try:
+        return pick_precision(manifest, backend, requested)
+    except ValueError as e:
+        raise SegmenterError(str(e)) from None
 
 
 def tensorrt_importable() -> bool:

@@ -9,7 +9,9 @@ import pytest
 from ovseg.runtime import Segmenter, SegmenterError
 from ovseg.runtime import segmenter as segmenter_module
 from ovseg.runtime.bundle import BundleError, sha256_file
-from ovseg.runtime.sessions import OnnxEncoder, _pick_precision, resolve_backend, tensorrt_importable
+import dataclasses
+
+from ovseg.runtime.sessions import OnnxEncoder, choose_precision, resolve_backend, tensorrt_importable
 from ovseg.runtime.vocabulary import VocabularyError
 
 CPU_ONLY = ["CPUExecutionProvider"]
@@ -93,17 +95,18 @@ def test_backend_resolution():
 
 def test_precision_choice(tiny_bundle):
     seg = Segmenter.from_bundle(tiny_bundle, backend="cpu")
-    encoders = {"CLIP image": seg.manifest.clip, "DINOv2": seg.manifest.dinov2}
-    assert _pick_precision("auto", "cpu", encoders) == "fp32"  # fp16 ONNX on a CPU is slower, not faster
-    assert _pick_precision("auto", "cuda", encoders) == "fp16"
-    assert _pick_precision("fp16", "cpu", encoders) == "fp16"  # asked for explicitly: honoured
-    without_fp16 = {role: type(info)(**{**info.__dict__, "files": {"fp32": info.files["fp32"]}}) for role, info in encoders.items()}
-    assert _pick_precision("auto", "cuda", without_fp16) == "fp32"
+    manifest = seg.manifest
+    assert choose_precision(manifest, "cpu", "auto") == "fp32"  # fp16 ONNX on a CPU is slower, not faster
+    assert choose_precision(manifest, "cuda", "auto") == "fp16"
+    assert choose_precision(manifest, "cpu", "fp16") == "fp16"  # asked for explicitly: honoured
+    drop = lambda info: dataclasses.replace(info, files={"fp32": info.files["fp32"]})
+    without_fp16 = dataclasses.replace(manifest, clip=drop(manifest.clip), dinov2=drop(manifest.dinov2))
+    assert choose_precision(without_fp16, "cuda", "auto") == "fp32"
     with pytest.raises(SegmenterError) as err:
-        _pick_precision("fp16", "cuda", without_fp16)
+        choose_precision(without_fp16, "cuda", "fp16")
     one_line(err, "no fp16 variant", "ovseg-export --fp16")
     with pytest.raises(SegmenterError, match="unknown precision 'int4'"):
-        _pick_precision("int4", "cpu", encoders)
+        choose_precision(manifest, "cpu", "int4")
 
 
 def test_missing_precision_file_in_a_bundle(bundle_copy):
