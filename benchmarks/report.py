@@ -296,14 +296,15 @@ def markdown(doc: dict, reproduce: list[str]) -> str:
                 "brute-force retrieval; k-means is ovseg's kernel on both sides.", ""]
     sweeps = doc.get("sweeps") or {}
     if sweeps.get("input_size"):
-        out += ["### Input size", "", "| S | DINOv2 ms | CLIP ms | total ms | FPS |", "|---:|---:|---:|---:|---:|"]
+        out += ["### Input size (p50)", "", "| S | DINOv2 ms | CLIP ms | total ms | FPS | note |", "|---:|---:|---:|---:|---:|---|"]
         for p in sweeps["input_size"]:
             if p.get("latency"):
                 st = p["latency"]["stages"]
+                note = "this bundle" if p["bundle"] == (lat or {}).get("bundle") else "random-weights sweep bundle"
                 out.append(f"| {p['size']} | {st['dinov2']['p50']:.0f} | {st['clip']['p50']:.0f} | {st['total']['p50']:.0f} | "
-                           f"{1000 / st['total']['p50']:.2f} |")
+                           f"{1000 / st['total']['p50']:.2f} | {note} |")
             else:
-                out.append(f"| {p['size']} | — | — | — | {p['skipped']} |")
+                out.append(f"| {p['size']} | — | — | — | — | not measured: {p['skipped']} |")
         out.append("")
     if sweeps.get("backends"):
         out += ["### Backend and precision", "", "| backend | precision | DINOv2 ms | CLIP ms | total ms p50 | note |", "|---|---|---:|---:|---:|---|"]
