@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -117,8 +118,10 @@ def compute_ranges(model_path: Path, frames: np.ndarray, method: str) -> Tensors
             calibrate_method=METHODS[method], extra_options={"symmetric": method == "percentile"},
         )
         for x in tqdm(frames, desc=f"calibrating {model_path.name} ({method})", unit="frame", leave=False):
-            calibrator.collect_data(_OneBatch({input_name: x[None]}))
-        ranges = calibrator.compute_data()
+            with contextlib.redirect_stdout(io.StringIO()):  # the histogram collector prints a line per call
+                calibrator.collect_data(_OneBatch({input_name: x[None]}))
+        with contextlib.redirect_stdout(io.StringIO()):
+            ranges = calibrator.compute_data()
         del calibrator
     return ranges
 

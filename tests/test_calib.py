@@ -65,6 +65,8 @@ def test_int8_files_are_checked_qdq_with_float_kept_ops_really_float(calibrated)
         for node in model.graph.node:
             if node.op_type in q.FLOAT_OPS or node.name in kept:
                 assert not any(i in dq for i in node.input), f"{node.name} ({node.op_type}) was quantised"
+        shape_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Shape"}
+        assert not shape_inputs & set(dq), "a Shape reads a dequantised tensor"
         gemms = [n for n in model.graph.node if n.name in set(q.quantized_nodes(model))]
         assert gemms, "nothing was quantised"
         for node in gemms:  # int8 weights, one scale per output channel
