@@ -175,8 +175,9 @@ from test_run_cli import FakeSegmenter
 from ovseg.runtime import cli
 
 class Slow(FakeSegmenter):
+    # slow enough that a loaded machine cannot finish the 200 frames before the test's signal arrives
     def __call__(self, image):
-        time.sleep(0.1)
+        time.sleep(0.1 if self.calls < 3 else 1.0)
         return super().__call__(image)
 
 sys.exit(cli.main({argv!r}, open_segmenter=Slow().open))
