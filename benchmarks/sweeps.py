@@ -125,11 +125,12 @@ def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: 
         exact = LabelIndex(names, vocab, "exact")
         approx = LabelIndex(names, vocab, "hnsw", hnsw=index, hnsw_params=params, ef=default_ef)
         frames = [uniform[i : i + QUERIES_PER_FRAME] for i in range(0, RECALL_QUERIES, QUERIES_PER_FRAME)]
-        exact_ms = _time_lookup(exact, frames, budget)
-        hnsw_ms, recall, recall_planted = {}, {}, {}
+        searches = {"exact": lambda q: exact.search(q, TOP_K)} | {ef: _at_ef(approx, ef) for ef in efs}
+        timed = _time_interleaved(searches, frames, budget)
+        exact_ms, hnsw_ms = timed.pop("exact"), timed
+        recall, recall_planted = {}, {}
         for ef in efs:
             approx.hnsw.set_ef(ef)
-            hnsw_ms[ef] = _time_lookup(approx, frames, budget)
             recall[ef] = float(np.mean(approx.search(uniform, TOP_K).index[:, 0] == truth["uniform"]))
             recall_planted[ef] = float(np.mean(approx.search(planted, TOP_K).index[:, 0] == truth["planted"]))
         points.append(VocabPoint(size, params, None if build_s is None else round(build_s, 1), exact_ms, hnsw_ms, recall, recall_planted))
@@ -138,7 +139,8 @@ def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: 
         del vocab, index, exact, approx
     crossover, note = _crossover(points, default_ef)
     fastest, fastest_note = _crossover(points, default_ef, "min")
-    notes = [f"random unit vectors, D={DIM}; {QUERIES_PER_FRAME} queries per frame, top-{TOP_K}, one search thread (as the runtime)",
+    notes = [f"random unit vectors, D={DIM}; {QUERIES_PER_FRAME} queries per frame, top-{TOP_K}, one search thread (as the runtime); "
+             "exact and every ef run on each frame in turn",
              f"indexes below {LARGE:,} use the runtime's defaults (M={DEFAULT_HNSW['M']}, ef_construction="
              f"{DEFAULT_HNSW['ef_construction']}); from {LARGE:,} on M={LARGE_HNSW['M']}, ef_construction="
              f"{LARGE_HNSW['ef_construction']} (building the defaults at 1M takes too long on this machine)",
@@ -147,18 +149,28 @@ def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: 
     return VocabSweep(DIM, QUERIES_PER_FRAME, TOP_K, default_ef, points, crossover, note, fastest, fastest_note, notes)
 
 
-def _time_lookup(index: LabelIndex, frames: list[np.ndarray], budget: Budget) -> Stats:
-    samples = []
+def _at_ef(index: LabelIndex, ef: int):
+    def search(q: np.ndarray):
+        index.hnsw.set_ef(ef)
+        return index.search(q, TOP_K)
+
+    return search
+
+
+def _time_interleaved(searches: dict, frames: list[np.ndarray], budget: Budget) -> dict:
+    """ms per frame of each search, all run on every frame in turn so that they share the machine's load alike."""
+    samples: dict = {key: [] for key in searches}
 
     def call(i: int) -> None:
         q = frames[i % len(frames)]
-        start = time.perf_counter()
-        index.search(q, TOP_K)
-        if i >= budget.warmup:
-            samples.append((time.perf_counter() - start) * 1000)
+        for key, search in searches.items():
+            start = time.perf_counter()
+            search(q)
+            if i >= budget.warmup:
+                samples[key].append((time.perf_counter() - start) * 1000)
 
     repeat(call, budget)
-    return Stats.of(samples)
+    return {key: Stats.of(v) for key, v in samples.items()}
 
 
 def _crossover(points: list[VocabPoint], ef: int, stat: str = "p50") -> tuple[float | None, str]:
