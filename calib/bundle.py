@@ -110,7 +110,7 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
     if "int8" in opts.precisions:
         for m in opts.models:
             info = getattr(manifest, m)
-            say(f"int8 {m}: calibrating {info.files['fp32']} ({opts.method})")
+            say(f"int8 {m}: {info.files['fp32']} ({opts.method} calibration)")
             files, details[m] = _quantize_encoder(d, info, data, m, opts)
             setattr(manifest, m, dataclasses.replace(info, files=files))
         lacking = [m for m in MODELS if "int8" not in getattr(manifest, m).files]
