@@ -1,6 +1,6 @@
 """INT8 vs fp32 image encoders of a bundle on this machine: per encoder, runs interleaved in one process, ratios.
 
-    python -m ovseg.benchmarks.bench_int8 --bundle DIR [--json OUT] [--seconds 30] [--min-runs 10] [--threads N]
+    python -m ovseg.benchmarks.bench_int8 --bundle DIR [--json OUT] [--seconds 30] [--min-runs 10] [--threads N] [--profile]
 
 Each timed iteration runs fp32 and int8 back to back (order alternating), so load from other processes hits both
 alike; the speed-up is the ratio of median latencies (also of minima, and of process CPU time, which contention
@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -56,7 +57,48 @@ def measure(fp32_path: Path, int8_path: Path, image_size: int, threads: int | No
     }
 
 
-def run(bundle: Path, threads: int | None, budget: Budget) -> dict:
+def op_split(fp32_path: Path, model_path: Path, image_size: int, threads: int | None, runs: int = 3) -> dict[str, float]:
+    """Milliseconds per op group (weight GEMMs, attention MatMuls, softmax, other) from ORT's profiler, per-node minimum
+    over ``runs`` runs. It says where int8 can help: only weight GEMMs are quantised, so 1 / (1 - their share of fp32
+    time) bounds the speed-up."""
+    import onnx
+    import onnxruntime as ort
+
+    from ovseg.calib.quantize import attention_matmuls
+
+    attention = set(attention_matmuls(onnx.load(str(fp32_path), load_external_data=False)))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: np.zeros((1, 3, image_size, image_size), np.float32)}
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_node: dict[str, list[float]] = {}
+    op_of: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            name = e["name"].removesuffix("_kernel_time")
+            per_node.setdefault(name, []).append(e["dur"] / 1e3)
+            op_of[name] = e["args"]["op_name"]
+    groups = dict.fromkeys(("weight GEMMs", "attention MatMuls", "softmax", "other"), 0.0)
+    for name, durations in per_node.items():
+        op = op_of[name]
+        if op == "FusedMatMul" or (op == "MatMul" and name in attention):
+            group = "attention MatMuls"
+        elif op in ("MatMul", "Gemm", "Conv", "MatMulIntegerToFloat", "QLinearMatMul", "QLinearConv"):
+            group = "weight GEMMs"
+        else:
+            group = "softmax" if op == "Softmax" else "other"
+        groups[group] += min(durations[1:] or durations)  # the first run warms up
+    return groups
+
+
+def run(bundle: Path, threads: int | None, budget: Budget, profile: bool = False) -> dict:
     manifest = read_manifest(bundle)
     gate = manifest.gates.get("int8")
     missing = [role for role in ENCODERS if "int8" not in getattr(manifest, role).files]
@@ -71,6 +113,11 @@ def run(bundle: Path, threads: int | None, budget: Budget) -> dict:
         result["gate_min_cosine"] = model_gate.get("min_cosine")
         result["weights"] = info.weights
         result["verdict"] = "PASS" if result["speedup_p50"] >= TARGET and gate.get("passed") else "MISS"
+        if profile:
+            split = {p: op_split(bundle / info.files["fp32"], bundle / info.files[p], manifest.image_size, threads) for p in ("fp32", "int8")}
+            share = split["fp32"]["weight GEMMs"] / sum(split["fp32"].values())
+            result["op_split_ms"] = split
+            result["ceiling_if_weight_gemms_free"] = 1.0 / (1.0 - share)
         report["encoders"][role] = result
     report["environment"]["load_average_end"] = round(os.getloadavg()[0], 2)
     return report
@@ -91,6 +138,12 @@ def table(report: dict) -> str:
             f"{role:10s} {r['fp32']['p50']:8.0f}ms {r['int8']['p50']:8.0f}ms {r['speedup_p50']:5.2f}x {r['speedup_min']:5.2f}x "
             f"{r['speedup_cpu']:5.2f}x {r['runs']:5d}  {cos if cos is None else f'{cos:.4f}'}  {r['verdict']}  ({r['weights']})"
         )
+    for role, r in report["encoders"].items():
+        if "op_split_ms" in r:
+            for p, split in r["op_split_ms"].items():
+                total = sum(split.values())
+                lines.append(f"  {role} {p}: " + ", ".join(f"{g} {ms:.0f}ms ({100 * ms / total:.0f}%)" for g, ms in split.items()))
+            lines.append(f"  {role}: int8 quantises only the weight GEMMs: even at zero cost the speed-up is at most {r['ceiling_if_weight_gemms_free']:.2f}x")
     return "\n".join(lines)
 
 
@@ -101,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=30.0, help="measure each encoder at least this long (default 30)")
     p.add_argument("--min-runs", type=int, default=10, help="and at least this many interleaved iterations (default 10)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores, as the runtime)")
+    p.add_argument("--profile", action="store_true", help="also split each encoder's time by op group (ORT profiler) and bound the speed-up")
     args = p.parse_args(argv)
     try:
-        report = run(args.bundle.expanduser(), args.threads, Budget(warmup=2, min_runs=args.min_runs, seconds=args.seconds))
+        report = run(args.bundle.expanduser(), args.threads, Budget(warmup=2, min_runs=args.min_runs, seconds=args.seconds), args.profile)
     except BundleError as e:
         print(f"bench_int8: error: {e}", file=sys.stderr)
         return 2
