@@ -105,7 +105,8 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
 
     Raises GateFailed (having written nothing that the caller keeps) when a gate fails without ``opts.force``.
     """
-    manifest = dataclasses.replace(manifest, gates=dict(manifest.gates))
+    # the gates being re-measured are dropped until then (an old failed verdict would only make the Segmenter warn)
+    manifest = dataclasses.replace(manifest, gates={p: g for p, g in manifest.gates.items() if p not in opts.precisions})
     details: dict[str, dict] = {}
     if "int8" in opts.precisions:
         for m in opts.models:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ovseg.runtime.sessions import SegmenterError, open_engine
 
 DEFAULT_COSINE = 0.98
 DEFAULT_AGREEMENT = 0.95
@@ -142,23 +141,7 @@ def pipeline_agreement(reference, candidate, frames: list[np.ndarray]) -> tuple[
 
 
 def open_segmenter(bundle_dir: Path, precision: str):
-    """The guidance-free Segmenter on the CPU at ``precision``.
-
-    Until the runtime's precision choice knows "int8", the int8 encoders are injected into a Segmenter opened at
-    fp32 (same text encoder, index and settings); once ``Segmenter.from_bundle(precision="int8")`` works, it is used.
-    """
+    """The guidance-free Segmenter on the CPU at ``precision`` (asked for by name: a failed gate does not stop it)."""
     from ovseg.runtime.segmenter import Segmenter  # the native module loads here, not when the CLIs build their parsers
 
-    try:
-        return Segmenter.from_bundle(bundle_dir, backend="cpu", precision=precision, mode="guidance-free")
-    except SegmenterError as e:
-        if precision == "fp32" or "unknown precision" not in str(e):
-            raise
-    base = Segmenter.from_bundle(bundle_dir, backend="cpu", precision="fp32", mode="guidance-free")
-    m = base.manifest
-    base._clip.close()
-    base._dinov2.close()
-    clip = open_engine(base.bundle_dir, m.clip, "CLIP image", m.image_size, "cpu", precision, None)
-    dinov2 = open_engine(base.bundle_dir, m.dinov2, "DINOv2", m.image_size, "cpu", precision, None)
-    return Segmenter(m, base.bundle_dir, clip=clip, dinov2=dinov2, embedder=base._embedder, index=base._index,
-                     config=base.config, backend="cpu", precision=precision)
+    return Segmenter.from_bundle(bundle_dir, backend="cpu", precision=precision, mode="guidance-free")
