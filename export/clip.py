@@ -221,10 +221,10 @@ def _self_self_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     scale = q.shape[-1] ** -0.5
     inv_temp = x.norm(dim=-1).mean(dim=-1).reshape(-1, 1, 1, 1) * scale
     out = 0
-    for p in (v, k, q):
+    for p in (v, k, q):  # the temperature scales one N x d operand, not the N x N logits: same math, less memory traffic
         p = F.normalize(p, dim=-1)
-        p = F.normalize(torch.softmax(p @ p.transpose(-2, -1) * inv_temp, dim=-1) @ p, dim=-1)
-        out = out + torch.softmax(p @ p.transpose(-2, -1) * inv_temp, dim=-1) @ v
+        p = F.normalize(torch.softmax((p * inv_temp) @ p.transpose(-2, -1), dim=-1) @ p, dim=-1)
+        out = out + torch.softmax((p * inv_temp) @ p.transpose(-2, -1), dim=-1) @ v
     out = (out / 3).transpose(1, 2).reshape(x.shape)
     return block.attn.out_proj(out)
 
