@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR", help=f"bundle to measure (default {DEFAULT_BUNDLE})")
-    p.add_argument("--quick", action="store_true", help="short budgets and small sweeps (vocabulary up to 100k): under 2 minutes")
+    p.add_argument("--quick", action="store_true", help="short budgets and small sweeps (vocabulary up to 10k): under 2 minutes")
     p.add_argument("--out", type=Path, metavar="results.json", help="write every result as JSON")
     p.add_argument("--csv", type=Path, metavar="results.csv", help="write every result as CSV rows (section, key, value)")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts here")
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame", type=_frame_size, default=(640, 480), metavar="WxH", help="size of the generated video frames (default 640x480)")
     p.add_argument("--sizes", type=_ints, metavar="S,S,...", help=f"input sizes (default {','.join(map(str, DEFAULT_SIZES))}; --quick: 224 and the bundle's)")
     p.add_argument("--segments", type=_ints, metavar="K,K,...", help=f"K values (default {','.join(map(str, DEFAULT_KS))}; --quick 5,15,64)")
-    p.add_argument("--vocab-sizes", type=_ints, metavar="V,V,...", help="vocabulary sizes (default 1000,10000,100000,1000000; --quick up to 100000)")
+    p.add_argument("--vocab-sizes", type=_ints, metavar="V,V,...", help="vocabulary sizes (default 1000,10000,100000,1000000; --quick up to 10000)")
     p.add_argument("--efs", type=_ints, metavar="EF,EF,...", help=f"HNSW ef values (default {','.join(map(str, DEFAULT_EFS))}; --quick 16,64,256)")
     p.add_argument("--video-frames", type=int, metavar="N", help="frames per ovseg-run video run (default 30, --quick 4)")
     p.add_argument("--keyframe-interval", type=int, default=4, metavar="N", help="keyframe interval of the reuse run (default 4)")
@@ -98,7 +98,7 @@ def make_plan(args: argparse.Namespace, bundle_size: int) -> Plan:
         warmup=1 if q else 2,
         sizes=args.sizes or (sorted({224, bundle_size}) if q else list(DEFAULT_SIZES)),
         ks=args.segments or ([5, 15, 64] if q else list(DEFAULT_KS)),
-        vocab_sizes=args.vocab_sizes or ([v for v in DEFAULT_VOCAB if v <= 100_000] if q else list(DEFAULT_VOCAB)),
+        vocab_sizes=args.vocab_sizes or ([v for v in DEFAULT_VOCAB if v <= 10_000] if q else list(DEFAULT_VOCAB)),
         efs=args.efs or ([16, 64, 256] if q else list(DEFAULT_EFS)),
         video_frames=args.video_frames or (4 if q else 30),
         naive_pairs=2 if q else 5,

@@ -131,7 +131,7 @@ def lookup_vs_vocabulary(doc: dict, out: Path) -> Path | None:
     ax.axhline(1.0, color="grey", linestyle=":", label="1 ms target")
     if vocab.get("crossover"):
         ax.axvline(vocab["crossover"], color="red", linestyle=":", label=f"crossover (medians) ~{vocab['crossover']:,.0f}")
-    ax.set_xlabel("vocabulary size (random unit vectors, D=%d)" % vocab["dim"])
+    ax.set_xlabel("vocabulary size (phrase embeddings, D=%d)" % vocab["dim"])
     ax.set_ylabel(f"ms per frame ({vocab['queries_per_frame']} queries, top-{vocab['top_k']})")
     ax.set_title(_title(doc, "Label lookup time vs vocabulary size"))
     ax.legend(fontsize=8)
@@ -148,9 +148,7 @@ def recall_vs_ef(doc: dict, out: Path) -> Path | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for p in vocab["points"]:
         efs = sorted(int(e) for e in p["recall"])
-        line, = left.plot(efs, [p["recall"][str(e)] for e in efs], marker="o", label=f"{p['size']:,} uniform")
-        left.plot(efs, [p["recall_planted"][str(e)] for e in efs], marker="x", linestyle="--", color=line.get_color(),
-                  label=f"{p['size']:,} planted")
+        line, = left.plot(efs, [p["recall"][str(e)] for e in efs], marker="o", label=f"{p['size']:,}")
         right.plot(efs, [p["hnsw"][str(e)]["p50"] for e in efs], marker="o", color=line.get_color(),
                    label=f"{p['size']:,} (M={p['hnsw_params']['M']})")
     left.axhline(0.99, color="grey", linestyle=":", label="0.99 target")

@@ -1,7 +1,7 @@
 """Sweeps that need more than the main bundle: vocabulary size (exact vs HNSW) and input size (one bundle per size).
 
 Both cache what is slow to build under ``$OVSEG_HOME/bench`` (default ~/.cache/ovseg/bench): the
-HNSW indexes of the random vocabularies, and random-weights bundles of the main bundle's
+phrase embeddings and HNSW indexes of the vocabulary sweep, and random-weights bundles of the main bundle's
 architectures at each input size. Delete the directory to rebuild.
 """
 from __future__ import annotations
@@ -20,31 +20,30 @@ import numpy as np
 from ovseg.runtime.bundle import BundleError, Manifest, read_manifest
 from ovseg.runtime.lookup import DEFAULT_HNSW, LabelIndex, l2_normalise
 
+from .phrases import MODEL, QUERY_TEMPLATE, PhraseEmbedder, phrases, to_clip_width
 from .timing import Budget, Stats, repeat
 
 CACHE = Path(os.environ.get("OVSEG_HOME", Path.home() / ".cache" / "ovseg")) / "bench"
 DIM = 512  # CLIP ViT-B text embedding width
 QUERIES_PER_FRAME = 15  # TAG's K segments
 TOP_K = 3  # the Segmenter's default top_k
-RECALL_QUERIES = 300  # per query kind; recall@1 is a mean over these
+RECALL_QUERIES = 300  # recall@1 is a mean over these
 LARGE = 100_000  # from this size on the index is built with LARGE_HNSW (2 cores: the defaults take too long at 1M)
 LARGE_HNSW = {"M": 16, "ef_construction": 100}
-PLANTED_COSINE = 0.3  # about the cosine of a CLIP segment embedding with its label's text embedding
 
 
 # ---- vocabulary size -------------------------------------------------------------------------------------------
 
 @dataclass
 class VocabPoint:
-    """Lookup of one frame's segments in a vocabulary of ``size`` random unit vectors."""
+    """Lookup of one frame's segments in a vocabulary of ``size`` phrase embeddings (benchmarks.phrases)."""
 
     size: int
     hnsw_params: dict[str, int]  # M, ef_construction the index was built with
     build_s: float | None  # None: loaded from the cache
     exact: Stats  # ms per frame (QUERIES_PER_FRAME queries, top-TOP_K)
     hnsw: dict[int, Stats]  # ef -> ms per frame
-    recall: dict[int, float]  # ef -> recall@1 against exact, uniformly random queries
-    recall_planted: dict[int, float]  # ef -> recall@1 against exact, queries at PLANTED_COSINE to one entry
+    recall: dict[int, float]  # ef -> recall@1 against exact, queries "a photo of a <entry>." of random entries
 
 
 @dataclass
@@ -61,17 +60,6 @@ class VocabSweep:
     notes: list[str] = field(default_factory=list)
 
 
-def random_unit(rows: int, seed: int, dim: int = DIM, chunk: int = 100_000) -> np.ndarray:
-    """Deterministic random unit vectors, generated and normalised in chunks (1M x 512 is 2 GB)."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((rows, dim), np.float32)
-    for start in range(0, rows, chunk):
-        block = rng.standard_normal((min(chunk, rows - start), dim), dtype=np.float32)
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start : start + len(block)] = block
-    return out
-
-
 def exact_top1(vocab: np.ndarray, queries: np.ndarray, chunk: int = 200_000) -> np.ndarray:
     best = np.full(len(queries), -np.inf, np.float32)
     arg = np.zeros(len(queries), np.int64)
@@ -84,9 +72,9 @@ def exact_top1(vocab: np.ndarray, queries: np.ndarray, chunk: int = 200_000) -> 
     return arg
 
 
-def cached_hnsw(vocab: np.ndarray, params: dict[str, int], seed: int, threads: int, say) -> tuple[hnswlib.Index, float | None]:
-    """The hnswlib index of ``vocab``: loaded from the cache, or built (and cached, written atomically)."""
-    path = CACHE / f"hnsw-v{len(vocab)}-d{vocab.shape[1]}-M{params['M']}-efc{params['ef_construction']}-seed{seed}.bin"
+def cached_hnsw(vocab: np.ndarray, params: dict[str, int], source: str, threads: int, say) -> tuple[hnswlib.Index, float | None]:
+    """The hnswlib index of ``vocab`` (the first len(vocab) of ``source``): loaded from the cache, or built and cached."""
+    path = CACHE / f"hnsw-{source}-v{len(vocab)}-d{vocab.shape[1]}-M{params['M']}-efc{params['ef_construction']}.bin"
     index = hnswlib.Index(space="cosine", dim=vocab.shape[1])
     if path.is_file():
         try:
@@ -99,7 +87,7 @@ def cached_hnsw(vocab: np.ndarray, params: dict[str, int], seed: int, threads: i
     say(f"building an HNSW index of {len(vocab):,} vectors (M={params['M']}, ef_construction={params['ef_construction']}); "
         f"cached in {path.parent}")
     start = time.perf_counter()
-    index.init_index(max_elements=len(vocab), M=params["M"], ef_construction=params["ef_construction"], random_seed=seed)
+    index.init_index(max_elements=len(vocab), M=params["M"], ef_construction=params["ef_construction"], random_seed=0)
     index.add_items(vocab, np.arange(len(vocab)), num_threads=threads)
     built = time.perf_counter() - start
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -112,40 +100,42 @@ def cached_hnsw(vocab: np.ndarray, params: dict[str, int], seed: int, threads: i
 def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: int, say, seed: int = 0) -> VocabSweep:
     default_ef = DEFAULT_HNSW["ef"]
     efs = sorted(set(efs) | {default_ef})
+    embedder = PhraseEmbedder(CACHE)
+    largest = embedder.vocabulary(max(sizes), say)  # every size is a prefix of the largest
     points = []
     for size in sizes:
-        vocab = random_unit(size, seed + size)
-        names = [""] * size  # LabelIndex wants names; lookups return indices
-        uniform = random_unit(RECALL_QUERIES, seed + 1)
-        anchors = np.random.default_rng(seed + 2).choice(size, RECALL_QUERIES, replace=size < RECALL_QUERIES)
-        planted = l2_normalise(PLANTED_COSINE * vocab[anchors] + np.sqrt(1 - PLANTED_COSINE**2) * random_unit(RECALL_QUERIES, seed + 3))
-        truth = {"uniform": exact_top1(vocab, uniform), "planted": exact_top1(vocab, planted)}
+        vocab = l2_normalise(to_clip_width(largest[:size], DIM))
+        names = phrases(size)
+        picked = np.random.default_rng(seed + size).choice(size, RECALL_QUERIES, replace=size < RECALL_QUERIES)
+        queries = l2_normalise(to_clip_width(embedder([QUERY_TEMPLATE.format(names[i]) for i in picked]), DIM))
+        truth = exact_top1(vocab, queries)
         params = dict(LARGE_HNSW) if size >= LARGE else {k: DEFAULT_HNSW[k] for k in ("M", "ef_construction")}
-        index, build_s = cached_hnsw(vocab, params, seed, threads, say)
+        index, build_s = cached_hnsw(vocab, params, embedder.cache.name, threads, say)
         exact = LabelIndex(names, vocab, "exact")
         approx = LabelIndex(names, vocab, "hnsw", hnsw=index, hnsw_params=params, ef=default_ef)
-        frames = [uniform[i : i + QUERIES_PER_FRAME] for i in range(0, RECALL_QUERIES, QUERIES_PER_FRAME)]
+        frames = [queries[i : i + QUERIES_PER_FRAME] for i in range(0, RECALL_QUERIES, QUERIES_PER_FRAME)]
         searches = {"exact": lambda q: exact.search(q, TOP_K)} | {ef: _at_ef(approx, ef) for ef in efs}
         timed = _time_interleaved(searches, frames, budget)
         exact_ms, hnsw_ms = timed.pop("exact"), timed
-        recall, recall_planted = {}, {}
+        recall = {}
         for ef in efs:
             approx.hnsw.set_ef(ef)
-            recall[ef] = float(np.mean(approx.search(uniform, TOP_K).index[:, 0] == truth["uniform"]))
-            recall_planted[ef] = float(np.mean(approx.search(planted, TOP_K).index[:, 0] == truth["planted"]))
-        points.append(VocabPoint(size, params, None if build_s is None else round(build_s, 1), exact_ms, hnsw_ms, recall, recall_planted))
+            recall[ef] = float(np.mean(approx.search(queries, TOP_K).index[:, 0] == truth))
+        points.append(VocabPoint(size, params, None if build_s is None else round(build_s, 1), exact_ms, hnsw_ms, recall))
         say(f"vocabulary {size:>9,}: exact {exact_ms.p50:.3f} ms, HNSW(ef={default_ef}) {hnsw_ms[default_ef].p50:.3f} ms, "
             f"recall@1 {recall[default_ef]:.3f}")
         del vocab, index, exact, approx
     crossover, note = _crossover(points, default_ef)
     fastest, fastest_note = _crossover(points, default_ef, "min")
-    notes = [f"random unit vectors, D={DIM}; {QUERIES_PER_FRAME} queries per frame, top-{TOP_K}, one search thread (as the runtime); "
+    notes = [f"vocabulary: {MODEL} embeddings of the concept list's names, then of '<attribute> <concept>' phrases, mapped "
+             f"isometrically to D={DIM} (benchmarks/phrases.py); queries: '{QUERY_TEMPLATE.format('<entry>')}' for "
+             f"{RECALL_QUERIES} random entries, {QUERIES_PER_FRAME} per frame, top-{TOP_K}, one search thread (as the runtime); "
              "exact and every ef run on each frame in turn",
              f"indexes below {LARGE:,} use the runtime's defaults (M={DEFAULT_HNSW['M']}, ef_construction="
              f"{DEFAULT_HNSW['ef_construction']}); from {LARGE:,} on M={LARGE_HNSW['M']}, ef_construction="
              f"{LARGE_HNSW['ef_construction']} (building the defaults at 1M takes too long on this machine)",
-             f"recall@1 over {RECALL_QUERIES} uniformly random queries (the hardest case: near-ties everywhere); "
-             f"'planted' queries sit at cosine {PLANTED_COSINE} to one entry, like a segment to its label"]
+             "recall@1 is HNSW's top entry against the exact one; these queries are text, so they sit closer to their "
+             "entries than CLIP segment embeddings do to their labels"]
     return VocabSweep(DIM, QUERIES_PER_FRAME, TOP_K, default_ef, points, crossover, note, fastest, fastest_note, notes)
 
 

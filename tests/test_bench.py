@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from ovseg.benchmarks import cli
@@ -118,7 +119,7 @@ def test_crossover_is_interpolated_in_log_size():
 
     def point(size, exact, hnsw):
         s = lambda ms: Stats(1, ms, 0, ms, ms, ms, ms, 1000 / ms)
-        return VocabPoint(size, {}, None, s(exact), {64: s(hnsw)}, {}, {})
+        return VocabPoint(size, {}, None, s(exact), {64: s(hnsw)}, {})
 
     at, note = _crossover([point(1000, 0.1, 0.2), point(10000, 0.4, 0.2)], 64)
     assert 1000 < at < 10000 and "overtakes" in note
@@ -132,3 +133,17 @@ def test_injected_weights_cannot_be_rebuilt(tiny_bundle):
 
     with pytest.raises(NaiveError, match="injected"):
         rebuild(read_manifest(tiny_bundle))
+
+
+def test_vocabulary_phrases_are_distinct_nested_and_kept_isometric():
+    from ovseg.benchmarks.phrases import phrases, to_clip_width
+    from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS, load_vocabulary
+
+    concepts = len(load_vocabulary(DEFAULT_CONCEPTS))
+    big = phrases(concepts + 5000)
+    assert len(set(big)) == len(big) and phrases(300) == big[:300]  # every size is a prefix of the larger ones
+    assert all(" " in p for p in big[concepts:]) and set(big[:concepts]) == set(load_vocabulary(DEFAULT_CONCEPTS))
+    x = np.random.default_rng(0).standard_normal((50, 384)).astype(np.float32)
+    y = to_clip_width(x, 512)
+    assert y.shape == (50, 512)
+    np.testing.assert_allclose(y @ y.T, x @ x.T, rtol=1e-4, atol=1e-3)  # cosines and norms unchanged
