@@ -21,6 +21,7 @@ from ovseg.runtime.bundle import MANIFEST, BundleError, EncoderInfo, Manifest, a
 from . import gate
 from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT, CalibrationData, CalibrationError, Norm, load_calibration
 from .quantize import METHODS, cache_path, calibrate, quantize, quantized_nodes, sensitivity
+from .tensorrt import build_int8_plans
 
 MODELS = ("clip", "dinov2")  # --models names = Manifest attributes
 PRECISIONS = ("int8", "fp16")
@@ -117,6 +118,11 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
         lacking = [m for m in MODELS if "int8" not in getattr(manifest, m).files]
         if lacking:
             raise CalibrationError(f"int8 needs every image encoder: the bundle has no int8 {', '.join(lacking)}; add it to --models")
+        plans = build_int8_plans(d, {m: getattr(manifest, m).files for m in opts.models}, {m: data.calib[m] for m in opts.models},
+                                 manifest.image_size, {m: not details[m]["recalibrated"] for m in opts.models}, say)
+        for m, plan in plans.items():
+            info = getattr(manifest, m)
+            setattr(manifest, m, dataclasses.replace(info, files={**info.files, "trt_int8": plan}))
     write_manifest(d, manifest)  # the Segmenter reads the bundle from disk
     failed = []
     for precision in opts.precisions:

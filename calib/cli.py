@@ -3,6 +3,10 @@
 The int8 files and the gate result (per-token cosine of the encoders, segment-label and pixel agreement of the
 whole pipeline, measured speed-up) go into the bundle's manifest. A precision under the thresholds is not written
 unless --force, and then it is recorded as failed: the runtime never picks it by itself.
+
+Where tensorrt imports (on the GPU device that will run them), TensorRT INT8 plans are built too, calibrated by
+TensorRT's entropy calibrator on the same frames (for --backend tensorrt --precision int8; the gate measures ONNX
+Runtime on the CPU, not these plans).
 """
 from __future__ import annotations
 

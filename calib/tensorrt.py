@@ -78,3 +78,39 @@ def entropy_calibrator(frames: np.ndarray, cache: Path, batch_size: int = 1):
                 self.device = None
 
     return EntropyCalibrator()
+
+
+def build_int8_plans(d: Path, files: dict[str, dict[str, str]], frames: dict[str, np.ndarray], image_size: int,
+                     reuse_cache: dict[str, bool], say) -> dict[str, str]:
+    """TensorRT INT8 plans (``<model>.int8.plan``) of the image encoders in ``d``, where TensorRT imports; role -> plan.
+
+    Implicit quantisation of the fp32 ONNX (TensorRT's explicit Q/DQ path wants symmetric int8 activations, the
+    ONNX Runtime model has asymmetric uint8 ones), calibrated by the entropy calibrator on the same frames. A role's
+    calibration cache is kept only when ``reuse_cache[role]`` (its ONNX Runtime calibration was reused: same model,
+    frames and method). LayerNorm and Softmax stay fp32, the rest may run fp16. These plans are not gated here: the
+    gate measures ONNX Runtime on the CPU.
+    """
+    from ovseg.export.errors import ExportError
+    from ovseg.export.tensorrt import EngineSpec, build_engine, tensorrt_available
+
+    version = tensorrt_available()
+    if version is None:
+        return {}
+    shape = (1, 3, image_size, image_size)
+    plans = {}
+    for role, role_files in files.items():
+        fp32 = d / role_files["fp32"]
+        cache = trt_cache_path(fp32)
+        if not reuse_cache.get(role, False):
+            cache.unlink(missing_ok=True)
+        plan = fp32.with_name(fp32.name.removesuffix(".onnx") + ".int8.plan")
+        say(f"TensorRT {version}: building {plan.name} (INT8, entropy calibration on {len(frames[role])} frames)")
+        calibrator = entropy_calibrator(frames[role], cache)
+        try:
+            build_engine(fp32, plan, EngineSpec(fp16=True, int8=True, calibrator=calibrator, shapes={"pixel_values": (shape, shape, shape)}))
+        except ExportError as e:
+            raise CalibrationError(str(e)) from None
+        finally:
+            calibrator.close()
+        plans[role] = plan.name
+    return plans

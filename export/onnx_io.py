@@ -11,14 +11,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from .errors import ExportError  # noqa: F401  (raised here, imported from here by the export modules)
+
 # Opset 17 has LayerNormalization and runs on onnxruntime >= 1.12 and TensorRT >= 8.6 (JetPack 5/6).
 OPSET = 17
 # The IR version that goes with opset 17. onnx 1.23 would stamp IR 14, which onnxruntime 1.31 refuses.
 IR_VERSION = 8
-
-
-class ExportError(RuntimeError):
-    """An export step failed in a way the user can act on."""
 
 
 @dataclass

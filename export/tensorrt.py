@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .onnx_io import ExportError
+from .errors import ExportError
 
 
 @dataclass
@@ -69,6 +69,8 @@ def build_engine(onnx_path: Path, plan_path: Path, spec: EngineSpec) -> Path:
             fixed = tuple(1 if d < 0 else d for d in tensor.shape)
             profile.set_shape(tensor.name, fixed, fixed, fixed)
     config.add_optimization_profile(profile)
+    if spec.int8 and spec.calibrator is not None:
+        config.set_calibration_profile(profile)  # calibration runs at these shapes (the inputs may be dynamic)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)")

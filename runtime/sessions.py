@@ -71,6 +71,12 @@ def open_engine(
     plan = info.files.get(f"trt_{precision}")
     if backend == "tensorrt" and plan and tensorrt_importable():
         return TensorRTEngine(bundle_dir / plan, shape)
+    if backend == "tensorrt" and precision == "int8":  # the EP cannot take the CPU's uint8 Q/DQ model, nor calibrate
+        raise SegmenterError(
+            f"int8 on TensorRT runs the {role} encoder's int8 plan, and "
+            + ("the bundle has none: run `ovseg-calib` on this device (with tensorrt installed) to build it" if not plan
+               else "the tensorrt package does not import here: pip install 'ovseg[tensorrt]'")
+        )
     onnx_file = info.files.get(precision)
     if backend == "tensorrt":
         onnx_file = info.files.get("fp32")  # the EP builds its own fp16 engine from the fp32 graph

@@ -268,3 +268,24 @@ def test_tensorrt_int8_engine_with_entropy_calibrator_and_cache(tiny_bundle, pho
     again = entropy_calibrator(data.calib["dinov2"][:1], cache)
     assert again.read_calibration_cache() == cache.read_bytes()  # a rebuild reads it instead of calibrating
     again.close()
+
+
+def test_int8_on_tensorrt_without_a_plan_is_a_one_line_error(calibrated):
+    from ovseg.runtime.sessions import SegmenterError, open_engine
+
+    manifest = read_manifest(calibrated)
+    with pytest.raises(SegmenterError, match="int8 plan.*ovseg-calib") as info:
+        open_engine(calibrated, manifest.dinov2, "DINOv2", manifest.image_size, "tensorrt", "int8", None)
+    assert "\n" not in str(info.value)  # never the EP's fp32 engine in place of int8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_reason() is not None, reason=_gpu_reason() or "")
+def test_ovseg_calib_builds_tensorrt_int8_plans_the_runtime_opens(calibrated):
+    from ovseg.runtime.sessions import open_engine
+
+    manifest = read_manifest(calibrated)
+    for role, info in (("CLIP image", manifest.clip), ("DINOv2", manifest.dinov2)):
+        assert (calibrated / info.files["trt_int8"]).is_file()
+        engine = open_engine(calibrated, info, role, manifest.image_size, "tensorrt", "int8", None)
+        assert type(engine).__name__ == "TensorRTEngine"
