@@ -29,7 +29,7 @@ UNTIMED_VIDEO_FPS = 10.0
 USER_ERRORS: tuple[type[Exception], ...] = (BundleError, VocabularyError, SourceError, SinkError)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -56,16 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--vocab", metavar="PRESET_OR_FILE", help="guided mode with a preset (voc21, ade150, ...) or a file, one name per line")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto", help="inference backend (default auto)")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto", help="encoder precision (default auto)")
-    p.add_argument("--segments", type=_positive_int, default=15, metavar="K", help="DINOv2 segment candidates per frame (default 15, as TAG)")
+    p.add_argument("--segments", type=positive_int, default=15, metavar="K", help="DINOv2 segment candidates per frame (default 15, as TAG)")
     p.add_argument("--refine", choices=("segments", "edges"), help="sharpen guided-mode labels by voting inside segments, or along edges")
     p.add_argument("--threshold", type=float, metavar="T", help="label segments scoring under T 'unknown'")
-    p.add_argument("--keyframe-interval", type=_positive_int, default=1, metavar="N", help="run the encoders every N-th frame (default 1)")
+    p.add_argument("--keyframe-interval", type=positive_int, default=1, metavar="N", help="run CLIP every N-th frame; DINOv2 runs on every frame and the segments carry the last CLIP labels (default 1)")
     p.add_argument("--save", type=Path, metavar="OUT.mp4", help="write the annotated video here")
     p.add_argument("--save-dir", type=Path, metavar="DIR", help="write per-frame PNG label maps and JSON here")
     p.add_argument("--json", action="store_true", help="print one JSON object per frame on stdout")
     p.add_argument("--no-show", action="store_true", help="do not open a window")
-    p.add_argument("--max-frames", type=_positive_int, metavar="N", help="stop after N frames")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
+    p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
     return p
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ovseg.runtime.bundle import DEFAULT_BUNDLE, MANIFEST, BundleError
+from ovseg.runtime.cli import positive_int
 from ovseg.runtime.vocabulary import VocabularyError
 
 from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
@@ -28,13 +29,6 @@ RANDOM_WEIGHTS_BANNER = "WARNING: this bundle has random weights: its CLIP-side 
 RESUME_KEYS = ("dataset", "data", "protocol", "bundle", "bundle_manifest_sha256", "backend", "precision", "segments",
                "refine", "match_with", "vocab", "boundary_tolerance")
 USER_ERRORS: tuple[type[Exception], ...] = (LayoutError, BundleError, VocabularyError, MatcherError, StateError)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _non_negative_int(text: str) -> int:
@@ -53,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guided: the dataset's class names; free: open-vocabulary labels matched to them (TAG); oracle: segment quality")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto", help="inference backend (default auto)")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto", help="encoder precision (default auto)")
-    p.add_argument("--segments", type=_positive_int, default=15, metavar="K", help="DINOv2 segment candidates per image (default 15, as TAG)")
+    p.add_argument("--segments", type=positive_int, default=15, metavar="K", help="DINOv2 segment candidates per image (default 15, as TAG)")
     p.add_argument("--refine", choices=("segments", "edges"), help="guided: vote inside segments or follow edges; free/oracle: edges")
     p.add_argument("--match-with", default="clip", metavar="clip|minilm|DIR",
                    help="free protocol: text embeddings that map labels to class names: the bundle's CLIP text encoder (default), "
@@ -61,13 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", metavar="PRESET_OR_FILE", help="free protocol: the open vocabulary (default: the bundle's)")
     p.add_argument("--boundary-tolerance", type=_non_negative_int, default=3, metavar="PX",
                    help="oracle protocol: boundary match distance in pixels (default 3: VOC's void outlines are 5 px wide)")
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="evaluate the first N images only")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N images only")
     p.add_argument("--out", type=Path, metavar="results.json", help="write every number and the configuration here (and results.state.npz)")
     p.add_argument("--resume", action="store_true", help="continue the run whose state --out holds")
-    p.add_argument("--save-every", type=_positive_int, default=25, metavar="N", help="write the state every N images (default 25)")
+    p.add_argument("--save-every", type=positive_int, default=25, metavar="N", help="write the state every N images (default 25)")
     p.add_argument("--save-vis", type=Path, metavar="DIR", help="write side-by-side PNGs (photo, ground truth, prediction, legend)")
-    p.add_argument("--vis-count", type=_positive_int, default=8, metavar="N", help="with --save-vis: the first N images (default 8)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
+    p.add_argument("--vis-count", type=positive_int, default=8, metavar="N", help="with --save-vis: the first N images (default 8)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
     return p
 
 
