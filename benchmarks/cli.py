@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, metavar="S", help="time budget of the main latency measurement (default 30, --quick 6)")
     p.add_argument("--min-runs", type=int, metavar="N", help="timed frames at least, per measurement (default 20, --quick 4)")
     p.add_argument("--frame", type=_frame_size, default=(640, 480), metavar="WxH", help="size of the generated video frames (default 640x480)")
-    p.add_argument("--sizes", type=_ints, metavar="S,S,...", help=f"input sizes (default {','.join(map(str, DEFAULT_SIZES))}; --quick: 224 and the bundle's)")
+    p.add_argument("--sizes", type=_ints, metavar="S,S,...", help=f"input sizes (default {','.join(map(str, DEFAULT_SIZES))}; --quick: the bundle's, and 224 if a sweep bundle of it is cached; --quick exports none)")
     p.add_argument("--segments", type=_ints, metavar="K,K,...", help=f"K values (default {','.join(map(str, DEFAULT_KS))}; --quick 5,15,64)")
     p.add_argument("--vocab-sizes", type=_ints, metavar="V,V,...", help="vocabulary sizes (default 1000,10000,100000,1000000; --quick up to 10000)")
     p.add_argument("--efs", type=_ints, metavar="EF,EF,...", help=f"HNSW ef values (default {','.join(map(str, DEFAULT_EFS))}; --quick 16,64,256)")
@@ -241,7 +241,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
                                            args.keyframe_interval), "video")
 
     def size_point(size: int) -> dict:
-        where = sweeps.bundle_for_size(bundle, manifest, size, say)
+        where = sweeps.bundle_for_size(bundle, manifest, size, say, export=not args.quick)  # --quick: cached sizes only
         point = {"size": size, "bundle": str(where.bundle) if where.bundle else None, "skipped": where.skipped,
                  "export_s": where.export_s, "latency": doc["latency"] if where.bundle == bundle else None}
         if where.bundle is not None and where.bundle != bundle:  # sweep bundles are fp32 only

@@ -15,6 +15,7 @@ PEAK_FRACTION_MIN = 0.75
 HNSW_SIZE = 1_000_000
 HNSW_MAX_MS = 1.0
 HNSW_MIN_RECALL = 0.99
+IDLE_LOAD = 0.25  # load average per CPU at the start under which the machine counts as otherwise idle
 STAGE_ORDER = ("preprocess", "dinov2", "kmeans", "assign", "refine", "clip", "pooling", "lookup", "render", "total")
 
 
@@ -256,16 +257,26 @@ def write_csv(doc: dict, path: Path) -> None:
 
 # ---- README section ------------------------------------------------------------------------------------------------
 
+def _load_sentence(env: dict) -> str:
+    """What the load average says about the machine; at the end it includes the benchmark's own threads."""
+    start, cpus = env.get("load_average_start"), env["logical_cpus"]
+    if start is None:
+        return "The load of the machine was not recorded."
+    if start < IDLE_LOAD * cpus:
+        return f"The machine was otherwise idle (load average {start} at the start, on {cpus} CPUs)."
+    return (f"The machine was busy when the run started (load average {start} on {cpus} CPUs), so absolute times "
+            "may be inflated and noisy.")
+
+
 def markdown(doc: dict, reproduce: list[str]) -> str:
     """A README "Performance" section from one run; ``reproduce`` holds the commands that produce it."""
     env, lat = doc["environment"], doc.get("latency")
     out = ["## Performance", ""]
     out.append(f"Measured by `ovseg-bench` on {env['cpu_model']} ({env['logical_cpus']} logical CPUs, "
                f"{', '.join(env['cpu_flags'])}; no GPU), {env['threads']} threads, onnxruntime {env['onnxruntime']}, "
-               f"ovseg {env['ovseg']}, in {doc.get('elapsed_s', 0) / 60:.0f} min. The machine was shared with other jobs "
-               f"(load average {env['load_average_start']} at the start, {env.get('load_average_end')} at the end, on "
-               f"{env['logical_cpus']} CPUs), so absolute times are inflated and noisy; every ratio below compares runs "
-               f"interleaved in one loop (GEMM before each frame, ovseg and the naive reference in pairs).")
+               f"ovseg {env['ovseg']}, in {doc.get('elapsed_s', 0) / 60:.0f} min. " + _load_sentence(env)
+               + " Every ratio below compares runs interleaved in one loop (GEMM before each frame, ovseg and the naive "
+               "reference in pairs).")
     out += ["", "```sh", *reproduce, "```", ""]
     if lat:
         w, h = lat["frame"]

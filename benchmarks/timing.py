@@ -92,7 +92,7 @@ def cpu_model() -> str:
 
 def cpu_flags() -> list[str]:
     """The SIMD extensions GEMM speed depends on (from /proc/cpuinfo)."""
-    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "neon", "asimd")
+    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd")
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -134,10 +134,11 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
         if not record["passed"]:
             failed.append(precision)
     if failed and not opts.force:
-        worst = manifest.gates[failed[0]]
+        worst, t = manifest.gates[failed[0]], opts.thresholds
+        short = [f"min cosine {worst['min_cosine']:.4f} < {t.cosine}"] if worst["min_cosine"] < t.cosine else []
+        short += [f"label agreement {worst['label_agreement']:.3f} < {t.agreement}"] if worst["label_agreement"] < t.agreement else []
         raise GateFailed(
-            f"{failed[0]} failed its gate (min cosine {worst['min_cosine']:.4f} < {opts.thresholds.cosine} or label agreement "
-            f"{worst['label_agreement']:.3f} < {opts.thresholds.agreement}): nothing written; pass --force to keep it, recorded as failed"
+            f"{failed[0]} failed its gate ({' and '.join(short)}): nothing written; pass --force to keep it, recorded as failed"
         )
     return manifest
 

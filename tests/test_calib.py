@@ -113,7 +113,7 @@ def test_failing_gate_writes_nothing_then_force_records_failure(calibrated, phot
     code = calib_main(["--bundle", str(bundle), "--calib-images", str(photos), "--frames", "6", "--timing-runs", "1",
                        "--gate-cosine", "1", "--gate-agreement", "1", "--models", "dinov2", "--fallback-rounds", "0"])
     err = [line for line in capsys.readouterr().err.splitlines() if "ovseg-calib: error" in line]  # the rest is progress bars
-    assert code == 2 and len(err) == 1 and "failed its gate" in err[0] and "--force" in err[0]
+    assert code == 2 and len(err) == 1 and "failed its gate (min cosine" in err[0] and "--force" in err[0]
     assert _tree(bundle) == before
     assert not list(tmp_path.glob(".bundle.tmp-*"))
 
