@@ -474,17 +474,31 @@ def segment_palette(n: int) -> np.ndarray:
     return _native.default_palette(n + 1)[1:]
 
 
-def draw_legend(image: np.ndarray, segments: list[Segment], palette: np.ndarray, max_rows: int = 20) -> None:
-    """A colour swatch and ``label score`` per segment (largest first), top-left, in place."""
+def draw_legend(image: np.ndarray, segments: list[Segment], palette: np.ndarray, max_rows: int = 20) -> list[tuple[int, int, int, int]]:
+    """A colour swatch and ``label score`` per segment (largest first), top-left, in place; returns the boxes drawn
+    (x0, y0, x1, y1), exclusive.
+
+    The text is white on a darkened band, not outlined: a thicker Hershey outline has wider glyph advances than the
+    text it outlines and smears into ghost characters.
+    """
     scale = max(0.4, min(image.shape[:2]) / 900)
     line = int(22 * scale / 0.5)
+    h, w = image.shape[:2]
+    boxes = []
     for row, seg in enumerate(segments[:max_rows]):
         y = 6 + row * line
-        if y + line > image.shape[0]:
+        if y + line > h:
             break
         colour = tuple(int(v) for v in palette[seg.id])
         cv2.rectangle(image, (6, y), (6 + line - 4, y + line - 4), colour, -1)
+        boxes.append((6, y, min(w, 6 + line - 3), min(h, y + line - 3)))
         text = f"{seg.label} {seg.score:.2f}"
         origin = (10 + line, y + line - 8)
-        cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        x0, y0, x1, y1 = origin[0] - 2, max(0, origin[1] - th - 3), min(w, origin[0] + tw + 2), min(h, origin[1] + base + 1)
+        if x1 > x0 and y1 > y0:
+            band = image[y0:y1, x0:x1]
+            band[...] = (band * 0.4).astype(image.dtype)
+            boxes.append((x0, y0, x1, y1))
         cv2.putText(image, text, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return boxes

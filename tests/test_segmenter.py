@@ -350,5 +350,21 @@ def test_render_draws_the_overlay_and_legend(seg, photo):
     assert not np.array_equal(with_legend[:40, :120], plain[:40, :120]) and np.array_equal(with_legend[-40:, -120:], plain[-40:, -120:])
     gray = cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY)
     assert seg.render(gray, seg(gray)).shape == photo.shape
+
+
+def test_legend_draws_only_inside_its_boxes(seg, photo):
+    from ovseg.runtime.segmenter import draw_legend, segment_palette
+
+    seg.reset()
+    result = seg(photo)
+    plain = seg.render(photo, result, legend=False)
+    drawn = plain.copy()
+    boxes = draw_legend(drawn, result.segments, segment_palette(max(s.id for s in result.segments) + 1))
+    assert len(boxes) == 2 * min(len(result.segments), 20)  # a swatch and a text band per row
+    inside = np.zeros(plain.shape[:2], bool)
+    for x0, y0, x1, y1 in boxes:
+        inside[y0:y1, x0:x1] = True
+    changed = (drawn != plain).any(axis=2)
+    assert changed.any() and not (changed & ~inside).any()  # no outline spilling past the text (ghost glyphs)
     with pytest.raises(SegmenterError, match="label map"):
         seg.render(photo[:10], result)
