@@ -17,17 +17,12 @@ from .text import ClipTokenizer
 from .vocabulary import prompts_for
 
 LOOKUPS = ("auto", "exact", "hnsw")
-# Measured with `OPENBLAS_NUM_THREADS=1 python -m ovseg.runtime.lookup` (best of 100; 15 random unit queries,
-# top-3, D=512, random unit vocabulary; hnswlib M=32 ef_construction=200 ef=64) on the 2-core dev VM while it
-# ran other jobs (load ~8), ms per frame:
-#   V=   1000 exact  1.33  hnsw  2.58
-#   V=   5000 exact  4.78  hnsw  6.13
-#   V=  10000 exact  9.13  hnsw  8.80
-#   V=  15000 exact 12.73  hnsw 10.49
-#   V=  20000 exact 27.22  hnsw 19.75
-# (multi-threaded BLAS, same load: V=50000 exact 68.3, hnsw 22.1). The lines cross near 10k; below it the product
-# is as fast and exact. Random vectors are HNSW's worst case; clustered text embeddings favour it a little more.
-EXACT_MAX = 10000
+# Where the exact product stops: ovseg-bench's vocabulary sweep (real text embeddings mapped to D=512, 15 queries,
+# top-3, one search thread, exact and HNSW interleaved; README "Performance") puts HNSW (M=32, ef_construction=200,
+# ef=64; recall@1 1.000 up to 10k) ahead from about 3,000-4,400 entries: p50 ms per frame, exact 1.09 / 6.95 and
+# HNSW 1.70 / 5.45 at 1k / 10k. Up to 5,000 the product costs the same and is exact. `python -m ovseg.runtime.lookup`
+# times both on random unit vectors, HNSW's worst case, where the lines cross near 10k instead.
+EXACT_MAX = 5000
 DEFAULT_HNSW = {"M": 32, "ef_construction": 200, "ef": 64}
 
 
