@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS, load_vocabulary
 
 MODEL = "all-MiniLM-L6-v2"
+WIDTH = 384  # its embedding width
 CHUNK = 10_000  # rows per cache file
 BATCH = 256
 QUERY_TEMPLATE = "a photo of a {}."
@@ -75,16 +76,17 @@ class PhraseEmbedder:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         order = np.argsort([len(t) for t in texts], kind="stable")  # batches of similar length pad less
-        out = np.empty((len(texts), 384), np.float32)
+        out = np.empty((len(texts), WIDTH), np.float32)
         for start in range(0, len(texts), BATCH):
             rows = order[start : start + BATCH]
             out[rows] = self.embed([texts[i] for i in rows])
         return out
 
-    def vocabulary(self, n: int, say) -> np.ndarray:
-        """Embeddings of ``phrases(n)``, from the cache where it has them (chunks of CHUNK rows, written atomically)."""
-        texts = phrases(n)
-        out = np.empty((n, 384), np.float32)
+    def vocabulary(self, texts: list[str], say) -> np.ndarray:
+        """Embeddings of ``texts`` = ``phrases(len(texts))``, from the cache where it has them (chunks of CHUNK rows,
+        written atomically)."""
+        n = len(texts)
+        out = np.empty((n, WIDTH), np.float32)
         missing = n - sum(min(len(self._load(c)), min(CHUNK, n - c * CHUNK)) for c in range(-(-n // CHUNK)))
         if missing:
             say(f"embedding {missing:,} vocabulary phrases with {MODEL}; cached in {self.cache}")
@@ -107,10 +109,10 @@ class PhraseEmbedder:
         path = self._path(chunk)
         if path.is_file():
             try:
-                return np.load(path, allow_pickle=False)
+                return np.load(path, mmap_mode="r", allow_pickle=False)  # counting rows reads the header only
             except (OSError, ValueError):
                 pass  # a damaged cache file is recomputed
-        return np.empty((0, 384), np.float16)
+        return np.empty((0, WIDTH), np.float16)
 
     def _save(self, chunk: int, rows: np.ndarray) -> None:
         self.cache.mkdir(parents=True, exist_ok=True)

@@ -101,11 +101,11 @@ def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: 
     default_ef = DEFAULT_HNSW["ef"]
     efs = sorted(set(efs) | {default_ef})
     embedder = PhraseEmbedder(CACHE)
-    largest = embedder.vocabulary(max(sizes), say)  # every size is a prefix of the largest
+    all_names = phrases(max(sizes))  # every size is a prefix of the largest
+    largest = l2_normalise(to_clip_width(embedder.vocabulary(all_names, say), DIM))
     points = []
     for size in sizes:
-        vocab = l2_normalise(to_clip_width(largest[:size], DIM))
-        names = phrases(size)
+        vocab, names = largest[:size], all_names[:size]
         picked = np.random.default_rng(seed + size).choice(size, RECALL_QUERIES, replace=size < RECALL_QUERIES)
         queries = l2_normalise(to_clip_width(embedder([QUERY_TEMPLATE.format(names[i]) for i in picked]), DIM))
         truth = exact_top1(vocab, queries)
