@@ -1,0 +1,22 @@
+"""Facts that several parts of ovseg state: one place each, importable without torch, onnxruntime or numpy."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Per-frame stages the Segmenter times, in pipeline order; "refine" runs only with refine=, "total" is the whole call.
+STAGES = ("preprocess", "dinov2", "kmeans", "refine", "clip", "pooling", "lookup", "render", "total")
+
+# hnswlib parameters of a bundle's vocabulary index (cosine space); the lookup section of docs/DESIGN.md has the sweep.
+HNSW_PARAMS = {"M": 32, "ef_construction": 200, "ef": 64}
+
+RANDOM_WEIGHTS_WARNING = "this bundle has random weights: its segments are real, its labels are meaningless"
+
+
+def ovseg_home() -> Path:
+    """$OVSEG_HOME, else ~/.cache/ovseg: bundles, benchmark caches and engine caches live under it (read per call)."""
+    return Path(os.environ.get("OVSEG_HOME") or Path.home() / ".cache" / "ovseg").expanduser()
+
+
+def default_bundle() -> Path:
+    return ovseg_home() / "bundles" / "default"

@@ -1,0 +1,5 @@
+"""The one error base: every failure a user can act on is an OvsegError, and every ovseg-* CLI prints it as one line."""
+
+
+class OvsegError(Exception):
+    """A failure the user can act on; the message is one line that says what to do."""
