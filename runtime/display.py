@@ -21,11 +21,30 @@ def gui_backend() -> str | None:
     return None
 
 
+def has_gstreamer() -> bool:
+    """True when this OpenCV can open GStreamer pipelines (JetPack's can; PyPI's wheels cannot)."""
+    for line in cv2.getBuildInformation().splitlines():
+        key, _, value = line.strip().partition(":")
+        if key.strip() == "GStreamer":
+            return value.strip().upper().startswith("YES")
+    return False
+
+
+def display_problem() -> str | None:
+    """Why no window can open, with the fix; None when one can (an X11 or Wayland display and a GUI build of OpenCV)."""
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display: DISPLAY and WAYLAND_DISPLAY are unset (a headless machine, or ssh without -X)"
+    if gui_backend() is None:
+        return (
+            "this OpenCV has no GUI (opencv-python-headless): for windows run "
+            "`pip uninstall -y opencv-python-headless && pip install opencv-python`, or `make setup OPENCV=gui`"
+        )
+    return None
+
+
 def has_display() -> bool:
     """True when a window can open: an X11 or Wayland display is set and OpenCV was built with a GUI."""
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        return False
-    return gui_backend() is not None
+    return display_problem() is None
 
 
 def draw_status(image: np.ndarray, fps: float, timings: dict[str, float]) -> np.ndarray:

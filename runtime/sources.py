@@ -62,9 +62,21 @@ class Source:
         self.close()
 
 
+def is_gstreamer_pipeline(uri: int | str) -> bool:
+    """A GStreamer pipeline ending in appsink, e.g. a Jetson CSI camera: "nvarguscamerasrc ! ... ! appsink"."""
+    return isinstance(uri, str) and " ! " in uri
+
+
+def is_live(uri: int | str) -> bool:
+    """Cameras, network streams and GStreamer pipelines deliver frames in real time: only the newest one counts."""
+    return isinstance(uri, int) or "://" in uri or is_gstreamer_pipeline(uri)
+
+
 def _describe(uri: int | str) -> str:
     if isinstance(uri, int):
         return f"camera {uri}"
+    if is_gstreamer_pipeline(uri):
+        return f"GStreamer pipeline {uri.split(' ! ')[0]} ! ..."
     return f"stream {uri}" if "://" in uri else f"video {uri}"
 
 
@@ -73,7 +85,17 @@ def _parse_uri(uri: int | str) -> int | str:
 
 
 def open_video_capture(uri: int | str) -> cv2.VideoCapture:
-    """cv2.VideoCapture, with open and read timeouts for network streams."""
+    """cv2.VideoCapture, with open and read timeouts for network streams; GStreamer pipelines through GStreamer."""
+    if is_gstreamer_pipeline(uri):
+        from .display import has_gstreamer
+
+        if not has_gstreamer():
+            raise SourceError(
+                "this OpenCV cannot open GStreamer pipelines (PyPI's OpenCV wheels have no GStreamer): use an OpenCV built "
+                "with it, e.g. JetPack's (`sudo apt-get install python3-opencv`, venv with --system-site-packages; "
+                "`make setup` does this on a Jetson)"
+            )
+        return cv2.VideoCapture(uri, cv2.CAP_GSTREAMER)
     if isinstance(uri, str) and "://" in uri:
         timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS]
         return cv2.VideoCapture(uri, cv2.CAP_ANY, timeouts)
@@ -83,6 +105,8 @@ def open_video_capture(uri: int | str) -> cv2.VideoCapture:
 def _open_failure(uri: int | str) -> SourceError:
     if isinstance(uri, int):
         return SourceError(f"camera {uri} cannot be opened: check the device (ls /dev/video*) or use --video/--image")
+    if is_gstreamer_pipeline(uri):
+        return SourceError(f"{_describe(uri)} cannot be started: check it with `gst-launch-1.0 <pipeline>` (fakesink for appsink)")
     if "://" in uri:
         return SourceError(f"stream {uri} cannot be opened: check the URL and the network, or use --video PATH for a file")
     return _video_open_failure(uri)
@@ -119,7 +143,7 @@ class LatestFrameCapture(Source):
         self.max_reconnect_time = max_reconnect_time
         self.reconnects = 0
         self._open_capture = open_capture
-        self._is_file = isinstance(self.uri, str) and "://" not in self.uri
+        self._is_file = not is_live(self.uri)
         self._cap = self._open()
         if self._cap is None:
             raise _open_failure(self.uri)
