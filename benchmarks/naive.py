@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg import _native
+from ovseg.errors import OvsegError
 from ovseg.runtime.bundle import Manifest
 
 from .latency import Opened, pixel_labels
@@ -33,7 +34,7 @@ SAME_WEIGHTS_COSINE = 0.999  # fp32 exports pass 0.9999 against torch; a differe
 NAIVE_STAGES = ("preprocess", "dinov2", "kmeans", "assign", "clip", "pooling", "lookup", "render")
 
 
-class NaiveError(RuntimeError):
+class NaiveError(OvsegError, RuntimeError):
     """The naive reference cannot be built for this bundle; one line saying why."""
 
 

@@ -17,11 +17,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ovseg.errors import OvsegError
+
 COUNTS = re.compile(r"(\d+) frames in ([\d.]+) s \(([\d.]+) FPS\)")
 STAGE_ROW = re.compile(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
 
 
-class VideoError(RuntimeError):
+class VideoError(OvsegError, RuntimeError):
     """ovseg-run failed; the message is its last error line."""
 
 

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ovseg.errors import OvsegError
 from ovseg.runtime.preprocess import Preprocessor
 from ovseg.runtime.sessions import SegmenterError
 from ovseg.runtime.sources import IMAGE_SUFFIXES
@@ -27,7 +28,7 @@ MIN_HOLDOUT = 2  # one held-out frame says little about agreement
 MIN_CALIB = 2
 
 
-class CalibrationError(RuntimeError):
+class CalibrationError(OvsegError, RuntimeError):
     """Calibration cannot go on; the message is one line saying what to do. Nothing has been written."""
 
 

@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ovseg.errors import OvsegError
+
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 PACKAGE_DIR = Path(__file__).resolve().parent
 SOURCES_DIR = PACKAGE_DIR / "concept_sources"
@@ -61,8 +63,8 @@ COCO_STUFF_RENAMES = {"window-blind": "window blind"}
 NOUN_SENSE = "1"  # ss_type of nouns in a sense key
 
 
-class WordNetMissing(RuntimeError):
-    pass
+class WordNetMissing(OvsegError, RuntimeError):
+    """WordNet's database files are not where --wordnet points."""
 
 
 @dataclass(frozen=True)

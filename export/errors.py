@@ -1,5 +1,7 @@
 """The export side's one user-facing error type, importable without torch (the TensorRT builder needs no torch)."""
 
+from ovseg.errors import OvsegError
 
-class ExportError(RuntimeError):
+
+class ExportError(OvsegError, RuntimeError):
     """An export step failed in a way the user can act on."""

@@ -8,6 +8,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from ovseg.runtime.text import EOT, SOT
 
+from .errors import ExportError
+
 # open_clip's pre-tokenisation pattern (without its special-token alternatives, which are never in user text).
 WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -15,7 +17,7 @@ WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 def build_clip_tokenizer() -> Tokenizer:
     simple = SimpleTokenizer()
     if simple.encoder.get(SOT) is None or simple.encoder.get(EOT) is None:
-        raise RuntimeError(f"open_clip's tokenizer has no {SOT}/{EOT} tokens: this open_clip version is not supported")
+        raise ExportError(f"open_clip's tokenizer has no {SOT}/{EOT} tokens: this open_clip version is not supported")
     merges = [pair for pair, _ in sorted(simple.bpe_ranks.items(), key=lambda item: item[1])]
     bpe = models.BPE(vocab=dict(simple.encoder), merges=merges, end_of_word_suffix="</w>", unk_token=None, fuse_unk=False)
     tokenizer = Tokenizer(bpe)

@@ -270,6 +270,23 @@ def test_cli_refuses_existing_bundle_without_force(bundle, capsys):
     assert "--force" in capsys.readouterr().err
 
 
+def test_build_side_errors_are_ovseg_errors():
+    """Every ovseg-* CLI prints an OvsegError as one line; the build side's errors keep the base class callers catch."""
+    from ovseg.benchmarks.eval.datasets import LayoutError
+    from ovseg.benchmarks.eval.state import StateError
+    from ovseg.benchmarks.naive import NaiveError
+    from ovseg.benchmarks.video import VideoError
+    from ovseg.calib.bundle import GateFailed
+    from ovseg.calib.data import CalibrationError
+    from ovseg.errors import OvsegError
+    from ovseg.export.build_concepts import WordNetMissing
+    from ovseg.export.train.data import TrainError
+
+    for error in (ExportError, WordNetMissing, TrainError, CalibrationError, GateFailed, NaiveError, VideoError, LayoutError, StateError):
+        assert issubclass(error, OvsegError), error
+    assert issubclass(TrainError, ValueError) and issubclass(LayoutError, ValueError) and issubclass(ExportError, RuntimeError)
+
+
 def test_runtime_import_leaves_torch_out():
     code = "import sys, ovseg.runtime, ovseg.runtime.bundle, ovseg.runtime.text, ovseg.runtime.vocabulary; " \
            "print([m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules])"

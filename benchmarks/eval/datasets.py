@@ -19,12 +19,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ovseg.errors import OvsegError
 from ovseg.runtime.vocabulary import load_vocabulary
 
 IGNORE = 255
 
 
-class LayoutError(ValueError):
+class LayoutError(OvsegError, ValueError):
     """The path does not hold the dataset in the expected layout; the message names that layout."""
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ovseg.errors import OvsegError
+
 from .metrics import BoundaryCounts, ConfusionMatrix
 from .protocols import Outcome
 
 STATE_VERSION = 1
 
 
-class StateError(RuntimeError):
+class StateError(OvsegError, RuntimeError):
     """A state file cannot be resumed; the message is one line saying why."""
 
 

@@ -21,13 +21,14 @@ from torch.utils.data import Dataset, Sampler
 
 from ovseg import _native
 from ovseg.export.clip import CLIP_MEAN
+from ovseg.errors import OvsegError
 from ovseg.export.dinov2 import IMAGENET_MEAN, IMAGENET_STD, Dinov2PatchTokens
 
 MASK_SOURCES = ("sa1b", "dino")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class TrainError(ValueError):
+class TrainError(OvsegError, ValueError):
     """Training cannot go on; the message is one line saying why."""
 
 
