@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ovseg.errors import OvsegError
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_BUNDLE = Path(os.environ.get("OVSEG_HOME", Path.home() / ".cache" / "ovseg")) / "bundles" / "default"
 
 
-class BundleError(RuntimeError):
+class BundleError(OvsegError):
     """A bundle is missing, incomplete or from an incompatible version."""
 
 

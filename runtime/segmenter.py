@@ -37,14 +37,6 @@ STAGES = ("preprocess", "dinov2", "kmeans", "refine", "clip", "pooling", "lookup
 _warned_random: set[Path] = set()
 
 
-class SegmenterBundleError(SegmenterError, BundleError):
-    """A bundle problem met by the Segmenter: catchable as either."""
-
-
-class SegmenterVocabularyError(SegmenterError, VocabularyError):
-    """A vocabulary problem met by the Segmenter: catchable as either."""
-
-
 @dataclass
 class SegmenterConfig:
     num_segments: int = 15  # TAG's K
@@ -183,7 +175,7 @@ class Segmenter:
         try:
             manifest = read_manifest(bundle_dir)
         except BundleError as e:
-            raise SegmenterBundleError(str(e)) from None
+            raise SegmenterError(str(e)) from None  # the Segmenter API raises one type
         backend = resolve_backend(backend)
         precision = choose_precision(manifest, backend, precision)
         if threads:
@@ -425,10 +417,10 @@ def _names(names: list[str] | str, what: str) -> list[str]:
     try:
         listed = load_vocabulary(names) if isinstance(names, str) else list(names)
     except VocabularyError as e:
-        raise SegmenterVocabularyError(str(e)) from None
+        raise SegmenterError(str(e)) from None
     clean = list(dict.fromkeys(n.strip() for n in listed if isinstance(n, str) and n.strip()))
     if not clean:
-        raise SegmenterVocabularyError(f"{what} got no class names ({names!r}); give at least one, e.g. ['person', 'chair']")
+        raise SegmenterError(f"{what} got no class names ({names!r}); give at least one, e.g. ['person', 'chair']")
     return clean
 
 

@@ -12,6 +12,8 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from ovseg.errors import OvsegError
+
 from .bundle import EncoderInfo, Manifest
 from .precision import pick_precision
 
@@ -20,7 +22,7 @@ BACKENDS = ("auto", *PROVIDERS)
 TRT_CACHE = "trt_cache"  # TensorRT EP engine cache, inside the bundle directory
 
 
-class SegmenterError(RuntimeError):
+class SegmenterError(OvsegError):
     """The Segmenter cannot do what was asked; the message is one line saying what is missing."""
 
 

@@ -13,13 +13,15 @@ from typing import IO
 import cv2
 import numpy as np
 
+from ovseg.errors import OvsegError
+
 from .result import Result
 from .sources import Frame
 
 VIDEO_FOURCC = "mp4v"
 
 
-class SinkError(RuntimeError):
+class SinkError(OvsegError):
     """An output cannot be written; the message is one line saying which and why."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from ovseg.errors import OvsegError
+
 VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
 DEFAULT_CONCEPTS = "concepts"
 _PRESET_NAMES = ("voc20", "voc21", "context59", "context60", "ade150", "cocostuff171", "cityscapes19", DEFAULT_CONCEPTS)
@@ -31,7 +33,7 @@ GUIDED_TEMPLATES: list[str] = [
 CONCEPT_TEMPLATES: list[str] = ["a photo of a {}."]
 
 
-class VocabularyError(ValueError):
+class VocabularyError(OvsegError, ValueError):
     """A vocabulary could not be loaded; the message is one line saying what to do."""
 
 

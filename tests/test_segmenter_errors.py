@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 
+from ovseg.errors import OvsegError
 from ovseg.runtime import Segmenter, SegmenterError
 from ovseg.runtime import segmenter as segmenter_module
 from ovseg.runtime.bundle import BundleError, sha256_file
@@ -33,7 +34,7 @@ def test_missing_bundle_says_to_run_ovseg_export(tmp_path):
     with pytest.raises(SegmenterError) as err:
         Segmenter.from_bundle(tmp_path / "nowhere")
     one_line(err, "no bundle at", "ovseg-export")
-    assert isinstance(err.value, BundleError)  # callers catching either type see it
+    assert isinstance(err.value, OvsegError)  # what every ovseg-* command prints as one line
 
 
 def test_corrupted_file_fails_its_sha256(bundle_copy):
@@ -46,7 +47,7 @@ def test_corrupted_file_fails_its_sha256(bundle_copy):
 
 def test_bundle_from_another_schema_version(bundle_copy):
     bundle = bundle_copy(lambda m: m.update(schema_version=99))
-    with pytest.raises(BundleError) as err:
+    with pytest.raises(SegmenterError) as err:
         Segmenter.from_bundle(bundle)
     one_line(err, "schema version 99", "re-export")
 
@@ -171,6 +172,15 @@ def test_bad_settings_are_one_line_errors(tiny_bundle, kwargs, message):
     one_line(err, message)
 
 
-def test_vocabulary_errors_are_both_types(tiny_bundle):
-    with pytest.raises(VocabularyError):
+def test_vocabulary_errors_keep_their_message(tiny_bundle):
+    with pytest.raises(SegmenterError) as err:
         Segmenter.from_bundle(tiny_bundle, backend="cpu", classes="/no/such/file.txt")
+    one_line(err, "unknown vocabulary '/no/such/file.txt'")
+
+
+def test_runtime_errors_share_one_base():
+    from ovseg.runtime.sinks import SinkError
+
+    for error in (SegmenterError, BundleError, VocabularyError, SinkError):
+        assert issubclass(error, OvsegError), error
+    assert issubclass(VocabularyError, ValueError)  # callers that caught ValueError still do
