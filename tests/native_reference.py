@@ -2,8 +2,8 @@
 
 - pooling: TAG's computation as written — upsample the features to the label
   map's size, then average inside each mask and L2-normalise;
-- rendering: cv2.resize of the K score channels, argmax, palette lookup and
-  blend;
+- label maps: cv2.resize of the K score channels and argmax; the overlay
+  blend (the CUDA render kernel's);
 - spherical k-means: the same algorithm as the native one, vectorised.
 """
 from __future__ import annotations
@@ -81,14 +81,16 @@ def blend(frame: np.ndarray, palette: np.ndarray, labels: np.ndarray, alpha: flo
     return np.rint((1.0 - alpha) * frame.astype(np.float64) + alpha * colour).astype(np.uint8)
 
 
-def render(scores, out_h, out_w, frame=None, palette=None, alpha=0.5):
-    """cv2.resize of the K channels + argmax (+ palette + blend). Returns (labels, upsampled scores, overlay)."""
+def upsample_argmax(scores: np.ndarray, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """cv2.resize of the K channels + argmax. Returns (labels int32, upsampled scores [out_h, out_w, K])."""
     up = resize_channels(scores, out_h, out_w)
-    labels = up.argmax(axis=2).astype(np.int32)
-    overlay = None
-    if frame is not None:
-        overlay = blend(frame, voc_palette_bgr(len(scores)) if palette is None else palette, labels, alpha)
-    return labels, up, overlay
+    return up.argmax(axis=2).astype(np.int32), up
+
+
+def one_hot(labels: np.ndarray, k: int) -> np.ndarray:
+    """Score maps float32 [k, H, W] whose argmax at their own size is `labels` (values in [0, k)):
+    how the tests give ``pool_segments_from_scores`` an arbitrary label map."""
+    return (labels == np.arange(k, dtype=labels.dtype)[:, None, None]).astype(np.float32)
 
 
 def near_tie_mismatches(labels: np.ndarray, upsampled: np.ndarray, tol: float = 1e-5) -> int:

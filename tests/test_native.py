@@ -38,6 +38,14 @@ def block_labels(shape: tuple[int, int], k: int, cells: int, seed: int = 0) -> n
     return cv2.resize(small, shape[::-1], interpolation=cv2.INTER_NEAREST).astype(np.int32)
 
 
+def pool_labels(labels: np.ndarray, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """pool_segments_from_scores for a given label map (values in [0, k)): its one-hot maps,
+    upsampled to their own size, arg-max to exactly those labels."""
+    emb, areas, got = nat.pool_segments_from_scores(ref.one_hot(labels, k), features, *labels.shape)
+    np.testing.assert_array_equal(got, labels)
+    return emb, areas
+
+
 def assert_pooling_matches(labels, features, k, emb, areas):
     want, want_areas = ref.pool_segments(labels, features, k)
     np.testing.assert_array_equal(areas, want_areas)
@@ -64,7 +72,7 @@ def test_reference_bilinear_is_cv2_and_torch(out):
     np.testing.assert_allclose(got, t[0].permute(1, 2, 0).numpy(), atol=1e-5)
 
 
-# ---- upsample_argmax / render ----
+# ---- upsample_argmax ----
 
 @SETTINGS
 @given(
@@ -81,17 +89,13 @@ def test_upsample_argmax_matches_reference(k, h, w, out_h, out_w, seed):
 
 
 @pytest.mark.parametrize("kind", ["smooth", "noise"])
-def test_render_frame_size_matches_opencv(kind):
+def test_upsample_argmax_at_frame_size_matches_opencv(kind):
     rng = np.random.default_rng(1)
     scores = smooth_scores(15, 32, 32) if kind == "smooth" else rng.standard_normal((15, 32, 32)).astype(np.float32)
-    frame = rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8)
-    labels, overlay = nat.render(scores, 720, 1280, frame)
-    want_labels, up, want_overlay = ref.render(scores, 720, 1280, frame)
+    labels = nat.upsample_argmax(scores, 720, 1280)
+    want_labels, up = ref.upsample_argmax(scores, 720, 1280)
     assert ref.near_tie_mismatches(labels, up) == 0
-    differ = labels != want_labels
-    assert differ.mean() < 1e-4
-    np.testing.assert_array_equal(overlay[~differ], want_overlay[~differ])
-    np.testing.assert_array_equal(labels, nat.upsample_argmax(scores, 720, 1280))
+    assert (labels != want_labels).mean() < 1e-4
 
 
 def test_exact_ties_take_the_lowest_index():
@@ -102,51 +106,8 @@ def test_exact_ties_take_the_lowest_index():
     assert (nat.upsample_argmax(np.ones((1, 4, 4), np.float32), 17, 3) == 0).all()
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.75, 1.0])
-@pytest.mark.parametrize("label_dtype", ["int32", "uint16", "uint8"])
-def test_render_overlay_is_the_exact_blend(alpha, label_dtype):
-    rng = np.random.default_rng(3)
-    scores = smooth_scores(7, 9, 11, seed=3)
-    frame = rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)
-    palette = rng.integers(0, 256, (7, 3), dtype=np.uint8)
-    labels, overlay = nat.render(scores, 50, 70, frame, palette, alpha, label_dtype)
-    assert labels.dtype == np.dtype(label_dtype) and overlay.dtype == np.uint8
-    np.testing.assert_array_equal(labels, nat.upsample_argmax(scores, 50, 70))
-    np.testing.assert_array_equal(overlay, ref.blend(frame, palette, labels, alpha))
-    addweighted = cv2.addWeighted(frame, 1 - alpha, palette[labels], alpha, 0)
-    assert np.abs(overlay.astype(int) - addweighted).max() <= 1
-    frame_before = frame.copy()
-    nat.render(scores, 50, 70, frame, palette, alpha, label_dtype)
-    np.testing.assert_array_equal(frame, frame_before)
-
-
-def test_render_without_frame_and_default_palette():
-    scores = smooth_scores(5, 8, 8)
-    labels, overlay = nat.render(scores, 16, 16)
-    assert overlay is None and labels.dtype == np.int32
-    frame = np.full((16, 16, 3), 200, np.uint8)
-    _, overlay = nat.render(scores, 16, 16, frame, alpha=0.25)
-    np.testing.assert_array_equal(overlay, ref.blend(frame, ref.voc_palette_bgr(5), labels, 0.25))
+def test_default_palette_is_the_voc_colour_map_in_bgr():
     np.testing.assert_array_equal(nat.default_palette(300), ref.voc_palette_bgr(300))
-
-
-def test_label_dtype_limits():
-    scores = np.random.default_rng(4).standard_normal((256, 2, 2)).astype(np.float32)
-    labels, _ = nat.render(scores, 4, 4, label_dtype="uint8")
-    np.testing.assert_array_equal(labels, nat.upsample_argmax(scores, 4, 4))
-    big = np.random.default_rng(4).standard_normal((257, 2, 2)).astype(np.float32)
-    with pytest.raises(ValueError, match="257 score maps do not fit label_dtype uint8"):
-        nat.render(big, 4, 4, label_dtype="uint8")
-    assert nat.render(big, 4, 4, label_dtype="uint16")[0].dtype == np.uint16
-
-
-def test_render_many_labels_without_lookup_table():
-    rng = np.random.default_rng(5)
-    scores = rng.standard_normal((1500, 3, 3)).astype(np.float32)
-    frame = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    palette = rng.integers(0, 256, (1500, 3), dtype=np.uint8)
-    labels, overlay = nat.render(scores, 6, 6, frame, palette, 0.3, "uint16")
-    np.testing.assert_array_equal(overlay, ref.blend(frame, palette, labels, 0.3))
 
 
 # ---- pooling ----
@@ -159,69 +120,57 @@ def test_render_many_labels_without_lookup_table():
 def test_pool_segments_matches_literal_tag(h, w, hf, wf, d, k, blocky, seed):
     rng = np.random.default_rng(seed)
     if blocky:
-        labels = block_labels((h, w), k + 2, 1 + seed % 9, seed) - 1  # -1 and k are ignored
+        labels = block_labels((h, w), k, 1 + seed % 9, seed)
     else:
-        labels = rng.integers(-1, k + 1, (h, w)).astype(np.int32)
+        labels = rng.integers(0, k, (h, w)).astype(np.int32)
     features = rng.standard_normal((hf, wf, d)).astype(np.float32)
-    emb, areas = nat.pool_segments(labels, features, k)
+    emb, areas = pool_labels(labels, features, k)
     assert emb.shape == (k, d) and emb.dtype == np.float32 and areas.dtype == np.float32
     assert_pooling_matches(labels, features, k, emb, areas)
 
 
 @pytest.mark.parametrize("grid", [28, 32])  # ViT /16 and /14 at 448
-def test_pool_segments_at_448(grid):
-    labels = nat.upsample_argmax(smooth_scores(15, 32, 32, seed=grid), 448, 448)
+def test_pool_segments_from_scores_at_448_is_argmax_then_pool(grid):
+    scores = smooth_scores(15, 32, 32, seed=grid)
     features = np.random.default_rng(grid).standard_normal((grid, grid, 24)).astype(np.float32)
-    emb, areas = nat.pool_segments(labels, features, 15)
+    emb, areas, labels = nat.pool_segments_from_scores(scores, features, 448, 448)
+    np.testing.assert_array_equal(labels, nat.upsample_argmax(scores, 448, 448))
     assert_pooling_matches(labels, features, 15, emb, areas)
+    same_labels = pool_labels(labels, features, 15)  # the pooling sees nothing but the label map
+    np.testing.assert_array_equal(emb, same_labels[0])
+    np.testing.assert_array_equal(areas, same_labels[1])
 
 
-def test_pool_single_segment_empty_segments_and_ignored_labels():
-    rng = np.random.default_rng(6)
-    features = rng.standard_normal((5, 7, 8)).astype(np.float32)
-    everything = np.zeros((40, 56), np.int32)
-    emb, areas = nat.pool_segments(everything, features, 3)
+def test_pool_single_segment_and_empty_segments():
+    features = np.random.default_rng(6).standard_normal((5, 7, 8)).astype(np.float32)
+    emb, areas = pool_labels(np.zeros((40, 56), np.int32), features, 3)
     mean = ref.upsample_bilinear(features, 40, 56).reshape(-1, 8).mean(0)
     np.testing.assert_allclose(emb[0], mean / np.linalg.norm(mean), atol=1e-6)
     assert areas.tolist() == [40 * 56, 0, 0] and not emb[1:].any()
-    ignored = np.full((40, 56), -1, np.int32)
-    ignored[:, 10:20] = 7
-    emb, areas = nat.pool_segments(ignored, features, 3)
-    assert not emb.any() and not areas.any()
 
 
 def test_pool_more_segments_than_patches():
     rng = np.random.default_rng(7)
     labels = rng.integers(0, 64, (37, 29)).astype(np.int32)
     features = rng.standard_normal((2, 2, 6)).astype(np.float32)
-    emb, areas = nat.pool_segments(labels, features, 64)
+    emb, areas = pool_labels(labels, features, 64)
     assert_pooling_matches(labels, features, 64, emb, areas)
 
 
 def test_pool_zero_features_give_zero_rows():
-    emb, areas = nat.pool_segments(np.zeros((8, 8), np.int32), np.zeros((2, 2, 4), np.float32), 2)
+    emb, areas = pool_labels(np.zeros((8, 8), np.int32), np.zeros((2, 2, 4), np.float32), 2)
     assert not emb.any() and np.isfinite(emb).all() and areas.tolist() == [64, 0]
 
 
 def test_pool_does_not_materialise_the_upsampled_features():
-    labels = nat.upsample_argmax(smooth_scores(15, 32, 32), 448, 448)
+    scores = smooth_scores(15, 32, 32)
     features = np.random.default_rng(8).standard_normal((28, 28, 512)).astype(np.float32)
+    nat.set_num_threads(2)  # the label pass's scratch grows with the threads
     nat.peak_allocated_bytes(reset=True)
-    nat.pool_segments(labels, features, 15)
+    nat.pool_segments_from_scores(scores, features, 448, 448)
     peak = nat.peak_allocated_bytes()
-    accumulator_and_outputs = 15 * 28 * 28 * 4 + 15 * 512 * 4 + 15 * 4
-    assert peak < accumulator_and_outputs + 64 * 1024, peak  # U(F) would be 448*448*512*4 = 411 MB
-
-
-def test_pool_segments_from_scores_is_argmax_then_pool():
-    scores = smooth_scores(15, 32, 32, seed=9)
-    features = np.random.default_rng(9).standard_normal((28, 28, 16)).astype(np.float32)
-    emb, areas, labels = nat.pool_segments_from_scores(scores, features, 448, 448)
-    np.testing.assert_array_equal(labels, nat.upsample_argmax(scores, 448, 448))
-    want_emb, want_areas = nat.pool_segments(labels, features, 15)
-    np.testing.assert_array_equal(emb, want_emb)
-    np.testing.assert_array_equal(areas, want_areas)
-    assert_pooling_matches(labels, features, 15, emb, areas)
+    labels_accumulator_and_outputs = 448 * 448 * 4 + 15 * 28 * 28 * 4 + 15 * 512 * 4 + 15 * 4
+    assert peak < labels_accumulator_and_outputs + 64 * 1024, peak  # U(F) would be 448*448*512*4 = 411 MB
 
 
 # ---- spherical k-means ----
@@ -307,12 +256,11 @@ def test_kmeans_more_centres_than_points_and_zero_rows():
 def test_results_do_not_depend_on_the_thread_count():
     scores = smooth_scores(15, 32, 32, seed=15)
     features = np.random.default_rng(15).standard_normal((28, 28, 64)).astype(np.float32)
-    frame = np.random.default_rng(15).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
     outs = []
     for threads in (1, 2, 3):
         nat.set_num_threads(threads)
         assert nat.get_num_threads() == threads
-        outs.append((*nat.pool_segments_from_scores(scores, features, 448, 448), *nat.render(scores, 720, 1280, frame)))
+        outs.append((*nat.pool_segments_from_scores(scores, features, 448, 448), nat.upsample_argmax(scores, 720, 1280)))
     for out in outs[1:]:
         for a, b in zip(out, outs[0]):
             np.testing.assert_array_equal(a, b)
@@ -355,7 +303,7 @@ def test_kernels_work_in_a_forked_child():
 # ---- bad arguments ----
 
 F = np.zeros((2, 3, 3), np.float32)
-L = np.zeros((6, 6), np.int32)
+L = np.zeros((6, 6), np.int32)  # pool_segments_cuda's labels
 FEAT = np.zeros((2, 2, 4), np.float32)
 X = np.ones((10, 4), np.float32)
 NAN = np.full((2, 3, 3), np.nan, np.float32)
@@ -368,21 +316,12 @@ BAD = [
     (lambda: nat.upsample_argmax(F, 0, 4), ValueError, "out_h must be >= 1, got 0"),
     (lambda: nat.upsample_argmax(F, 4, 2.5), TypeError, "out_w must be an int, got float"),
     (lambda: nat.upsample_argmax(NAN, 4, 4), ValueError, "scores contains NaN or Inf"),
-    (lambda: nat.render(F, 4, 4, np.zeros((4, 5, 3), np.uint8)), ValueError, r"frame must have shape \(out_h, out_w, 3\) = \(4, 4, 3\), got \(4, 5, 3\)"),
-    (lambda: nat.render(F, 4, 4, np.zeros((4, 4, 3), np.float32)), TypeError, "frame must have dtype uint8, got float32"),
-    (lambda: nat.render(F, 4, 4, palette=np.zeros((3, 3), np.uint8)), ValueError, r"palette must have shape \(K, 3\) = \(2, 3\)"),
-    (lambda: nat.render(F, 4, 4, alpha=1.5), ValueError, "alpha must be in"),
-    (lambda: nat.render(F, 4, 4, alpha=float("nan")), ValueError, "alpha must be finite"),
-    (lambda: nat.render(F, 4, 4, alpha="0.5"), TypeError, "alpha must be a float, got str"),
-    (lambda: nat.render(F, 4, 4, label_dtype="int8"), ValueError, "label_dtype must be 'int32', 'uint16' or 'uint8', got 'int8'"),
-    (lambda: nat.render(F, 4, 4, label_dtype=np.uint8), TypeError, "label_dtype must be a str"),
-    (lambda: nat.pool_segments(L.astype(np.int64), FEAT, 2), TypeError, "labels must have dtype int32, got int64"),
-    (lambda: nat.pool_segments(L, FEAT[0], 2), ValueError, r"features must be 3-D \[hf, wf, D\]"),
-    (lambda: nat.pool_segments(L, FEAT, 0), ValueError, "num_segments must be >= 1, got 0"),
-    (lambda: nat.pool_segments(L, np.full((2, 2, 4), np.inf, np.float32), 2), ValueError, "features contains NaN or Inf"),
-    (lambda: nat.pool_segments(L.T, FEAT, 2), ValueError, "labels must be C-contiguous"),
+    (lambda: nat.pool_segments_from_scores(F, FEAT.astype(np.float64), 4, 4), TypeError, "features must have dtype float32, got float64"),
+    (lambda: nat.pool_segments_from_scores(F, FEAT[0], 4, 4), ValueError, r"features must be 3-D \[hf, wf, D\]"),
+    (lambda: nat.pool_segments_from_scores(F, FEAT.transpose(1, 0, 2), 4, 4), ValueError, "features must be C-contiguous"),
     (lambda: nat.pool_segments_from_scores(F, FEAT, 0, 4), ValueError, "out_h must be >= 1"),
-    (lambda: nat.pool_segments_from_scores(F, NAN, 4, 4), ValueError, "features contains NaN or Inf"),
+    (lambda: nat.pool_segments_from_scores(F, np.full((2, 2, 4), np.inf, np.float32), 4, 4), ValueError, "features contains NaN or Inf"),
+    (lambda: nat.pool_segments_from_scores(NAN, FEAT, 4, 4), ValueError, "scores contains NaN or Inf"),
     (lambda: nat.spherical_kmeans(X, 0), ValueError, "k must be >= 1, got 0"),
     (lambda: nat.spherical_kmeans(X[0], 2), ValueError, r"x must be 2-D \[N, D\]"),
     (lambda: nat.spherical_kmeans(X, 2, init=np.ones((3, 4), np.float32)), ValueError, r"init must have shape \(k, D\) = \(2, 4\), got \(3, 4\)"),

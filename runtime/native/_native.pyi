@@ -25,32 +25,14 @@ def upsample_argmax(scores: F32, out_h: int, out_w: int) -> I32:
     """Bilinearly upsample scores [K, h, w] to (out_h, out_w) and take the argmax
     over K (the lowest index wins exact ties): int32 [out_h, out_w]."""
 
-def pool_segments(labels: I32, features: F32, num_segments: int) -> tuple[F32, F32]:
-    """TAG's segment embedding: mean of the features [hf, wf, D], bilinearly upsampled to
-    labels' [H, W], over each label's pixels, L2-normalised — computed through the adjoint of
-    the upsampling, never materialising it. Returns (embeddings [K, D], areas [K] in pixels,
-    exact up to 2**24); empty segments give a zero row and area 0; labels outside [0, K) are
-    ignored."""
-
 def pool_segments_from_scores(
     scores: F32, features: F32, out_h: int, out_w: int
 ) -> tuple[F32, F32, I32]:
-    """upsample_argmax(scores, out_h, out_w) then pool_segments with K = scores.shape[0]:
-    (embeddings [K, D], areas [K], labels [out_h, out_w])."""
-
-def render(
-    scores: F32,
-    out_h: int,
-    out_w: int,
-    frame: U8 | None = None,
-    palette: U8 | None = None,
-    alpha: float = 0.5,
-    label_dtype: LabelDtype = "int32",
-) -> tuple[npt.NDArray[np.int32 | np.uint16 | np.uint8], U8 | None]:
-    """One pass of upsample_argmax plus, with a frame [out_h, out_w, 3], the overlay
-    round_half_even((1 - alpha) * frame + alpha * palette[label]) evaluated in float64, as a new
-    uint8 array (else None). palette [K, 3] is in the frame's channel order (default:
-    default_palette(K)); label_dtype must hold K labels (uint8: K <= 256, uint16: K <= 65536)."""
+    """TAG's segment embeddings of the label map upsample_argmax(scores, out_h, out_w), K =
+    scores.shape[0]: the mean of the features [hf, wf, D], bilinearly upsampled to (out_h, out_w),
+    over each label's pixels, L2-normalised — computed through the adjoint of the upsampling, never
+    materialising it. Returns (embeddings [K, D], areas [K] in pixels, exact up to 2**24, labels
+    [out_h, out_w]); empty segments give a zero row and area 0."""
 
 def spherical_kmeans(
     x: F32,
@@ -74,8 +56,9 @@ def cuda_available() -> bool:
     """True if the module was built with CUDA and a CUDA device can be used."""
 
 def pool_segments_cuda(labels: I32, features: F32, num_segments: int) -> tuple[F32, F32]:
-    """pool_segments on the GPU (host arrays in and out). RuntimeError when built without CUDA
-    or without a usable GPU."""
+    """The pooling of pool_segments_from_scores for given labels [H, W], on the GPU (host arrays
+    in and out): (embeddings [K, D], areas [K]) with K = num_segments; labels outside [0, K) are
+    ignored. RuntimeError when built without CUDA or without a usable GPU."""
 
 def render_cuda(
     scores: F32,
@@ -86,8 +69,11 @@ def render_cuda(
     alpha: float = 0.5,
     label_dtype: LabelDtype = "int32",
 ) -> tuple[npt.NDArray[np.int32 | np.uint16 | np.uint8], U8 | None]:
-    """render on the GPU (host arrays in and out). RuntimeError when built without CUDA or
-    without a usable GPU."""
+    """upsample_argmax on the GPU (host arrays in and out) plus, with a frame [out_h, out_w, 3],
+    the overlay round_half_even((1 - alpha) * frame + alpha * palette[label]) evaluated in float64,
+    as a new uint8 array (else None). palette [K, 3] is in the frame's channel order (default:
+    default_palette(K)); label_dtype must hold K labels (uint8: K <= 256, uint16: K <= 65536).
+    RuntimeError when built without CUDA or without a usable GPU."""
 
 def set_num_threads(n: int) -> None:
     """Threads used by the CPU kernels (1..1024; default: the hardware concurrency)."""

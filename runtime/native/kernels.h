@@ -5,23 +5,11 @@
 
 namespace ovseg {
 
-enum class LabelType { kInt32, kUint16, kUint8 };
-
-struct RenderArgs {
-  const float* scores;  // [K, h, w]
-  int64_t K, h, w;
-  int64_t out_h, out_w;
-  void* labels;  // [out_h, out_w] of label_type
-  LabelType label_type;
-  const uint8_t* frame;    // [out_h, out_w, 3] or null
-  const uint8_t* palette;  // [K, 3], needed with frame
-  double alpha;
-  uint8_t* overlay;  // [out_h, out_w, 3], needed with frame
-};
-
-// Bilinear upsampling of the K score maps, argmax over K (lowest index wins
-// ties) and, with a frame, the palette blend — one pass over the output.
-void render(const RenderArgs& a);
+// Bilinear upsampling of the K score maps [K, h, w] to [out_h, out_w] and the
+// argmax over K (lowest index wins ties), one pass over the output: labels
+// [out_h, out_w] (render.cpp).
+void upsample_argmax(const float* scores, int64_t K, int64_t h, int64_t w, int64_t out_h,
+                     int64_t out_w, int32_t* labels);
 
 // Segment sums of the bilinearly upsampled features through the adjoint of the
 // upsampling: emb[K, D] L2-normalised, areas[K] in pixels. Returns false (and
@@ -45,13 +33,30 @@ bool all_finite(const float* p, int64_t n);
 // Scales each row to unit L2 norm; all-zero rows stay zero.
 void normalise_rows(float* p, int64_t rows, int64_t cols);
 
-// round-half-even((1 - alpha) * f + alpha * p) evaluated in double precision
-// without fused multiply-add, so numpy reproduces it exactly (blend.cpp).
-uint8_t blend_value(double alpha, int f, int p);
-// lut[(k * 3 + c) * 256 + f] = blend_value(alpha, f, palette[k * 3 + c]).
-void blend_lut(double alpha, const uint8_t* palette, int64_t K, uint8_t* lut);
-
 // The PASCAL VOC colour map (bit-interleaved label index) in BGR order, any K.
 void default_palette(int64_t K, uint8_t* out);
+
+// ---- for the CUDA render kernel (cuda_kernels.h) only ----
+// The CPU side makes int32 label maps only (upsample_argmax); the overlay and
+// the narrower label types exist for render_cuda.
+
+enum class LabelType { kInt32, kUint16, kUint8 };
+
+struct RenderArgs {
+  const float* scores;  // [K, h, w]
+  int64_t K, h, w;
+  int64_t out_h, out_w;
+  void* labels;  // [out_h, out_w] of label_type
+  LabelType label_type;
+  const uint8_t* frame;    // [out_h, out_w, 3] or null
+  const uint8_t* palette;  // [K, 3], needed with frame
+  double alpha;
+  uint8_t* overlay;  // [out_h, out_w, 3], needed with frame
+};
+
+// lut[(k * 3 + c) * 256 + f] = round-half-even((1 - alpha) * f + alpha * p)
+// with p = palette[k * 3 + c], evaluated in double precision without fused
+// multiply-add so numpy reproduces it exactly (blend.cpp).
+void blend_lut(double alpha, const uint8_t* palette, int64_t K, uint8_t* lut);
 
 }  // namespace ovseg

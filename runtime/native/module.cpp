@@ -147,10 +147,106 @@ nb::object wrap(Buffer<T>& buf, std::initializer_list<size_t> shape,
   return nb::cast(nb::ndarray<nb::numpy>(p, shape, owner, {}, dt));
 }
 
-// ---- render / upsample_argmax ----
+// ---- upsample_argmax / pooling ----
+
+// scores [K, h, w] and the output size (out_h, out_w).
+struct ScoresCall {
+  Array scores;
+  int64_t K = 0, h = 0, w = 0, out_h = 0, out_w = 0;
+};
+
+ScoresCall parse_scores(nb::handle scores, nb::handle out_h, nb::handle out_w) {
+  ScoresCall c;
+  c.scores = array_arg<float>(scores, "scores", 3, "[K, h, w]");
+  c.K = dim(c.scores, 0);
+  c.h = dim(c.scores, 1);
+  c.w = dim(c.scores, 2);
+  c.out_h = int_at_least(out_h, "out_h", 1);
+  c.out_w = int_at_least(out_w, "out_w", 1);
+  return c;
+}
+
+// The int32 label map [out_h, out_w]; call with the GIL released.
+void argmax_into(const ScoresCall& c, int32_t* labels) {
+  check_finite(ptr<float>(c.scores), c.K * c.h * c.w, "scores");
+  ovseg::upsample_argmax(ptr<float>(c.scores), c.K, c.h, c.w, c.out_h, c.out_w, labels);
+}
+
+nb::object upsample_argmax(nb::handle scores, nb::handle out_h, nb::handle out_w) {
+  const ScoresCall c = parse_scores(scores, out_h, out_w);
+  Buffer<int32_t> labels(c.out_h * c.out_w);
+  {
+    nb::gil_scoped_release release;
+    argmax_into(c, labels.data());
+  }
+  return wrap(labels, {size_t(c.out_h), size_t(c.out_w)});
+}
+
+nb::tuple pool_from_scores(nb::handle scores, nb::handle features, nb::handle out_h,
+                           nb::handle out_w) {
+  const ScoresCall s = parse_scores(scores, out_h, out_w);
+  const Array f = array_arg<float>(features, "features", 3, "[hf, wf, D]");
+  const int64_t H = s.out_h, W = s.out_w, K = s.K, D = dim(f, 2);
+  Buffer<int32_t> labels(H * W);
+  Buffer<float> emb(K * D), areas(K);
+  {
+    nb::gil_scoped_release release;
+    argmax_into(s, labels.data());
+    if (!ovseg::pool_segments(labels.data(), H, W, ptr<float>(f), dim(f, 0), dim(f, 1), D, K,
+                              emb.data(), areas.data()))
+      throw nb::value_error("features contains NaN or Inf");
+  }
+  return nb::make_tuple(wrap(emb, {size_t(K), size_t(D)}), wrap(areas, {size_t(K)}),
+                        wrap(labels, {size_t(H), size_t(W)}));
+}
+
+// ---- k-means ----
+
+nb::tuple kmeans(nb::handle x_, nb::handle k_, nb::handle max_iter_, nb::handle seed_,
+                 nb::handle init_, nb::handle tol_) {
+  const Array x = array_arg<float>(x_, "x", 2, "[N, D]");
+  const int64_t N = dim(x, 0), D = dim(x, 1);
+  const int64_t k = int_at_least(k_, "k", 1);
+  const int64_t max_iter = int_at_least(max_iter_, "max_iter", 0);
+  const uint64_t seed = uint64_arg(seed_, "seed");
+  const double tol = float_arg(tol_, "tol");
+  if (tol < 0.0) value_error("tol must be >= 0, got " + std::to_string(tol));
+  Array init;
+  if (!init_.is_none()) {
+    init = array_arg<float>(init_, "init", 2, "[k, D]");
+    if (dim(init, 0) != k || dim(init, 1) != D)
+      value_error("init must have shape (k, D) = " + dims({k, D}) + ", got " + shape_str(init));
+  }
+  Buffer<float> centres(k * D), scores(N * k);
+  Buffer<int32_t> assign(N);
+  {
+    nb::gil_scoped_release release;
+    check_finite(ptr<float>(x), N * D, "x");
+    if (init.is_valid()) {
+      check_finite(ptr<float>(init), k * D, "init");
+      for (int64_t j = 0; j < k; ++j) {
+        const float* row = ptr<float>(init) + j * D;
+        if (std::all_of(row, row + D, [](float v) { return v == 0.0f; }))
+          value_error("init row " + std::to_string(j) + " is all zeros");
+      }
+    }
+    ovseg::spherical_kmeans(ptr<float>(x), N, D, k, max_iter, seed,
+                            init.is_valid() ? ptr<float>(init) : nullptr, tol, centres.data(),
+                            assign.data(), scores.data());
+  }
+  return nb::make_tuple(wrap(centres, {size_t(k), size_t(D)}), wrap(assign, {size_t(N)}),
+                        wrap(scores, {size_t(N), size_t(k)}));
+}
+
+// ---- CUDA ----
+
+#ifdef OVSEG_WITH_CUDA
+// Arguments of render_cuda and pool_segments_cuda: the CPU side has no overlay,
+// narrower label types or labels-in pooling.
 
 struct RenderCall {
-  Array scores, frame, palette;
+  ScoresCall s;
+  Array frame, palette;
   Buffer<uint8_t> default_palette;
   ovseg::RenderArgs args{};
   nb::dlpack::dtype label_dtype = nb::dtype<int32_t>();
@@ -159,14 +255,9 @@ struct RenderCall {
 RenderCall parse_render(nb::handle scores, nb::handle out_h, nb::handle out_w, nb::handle frame,
                         nb::handle palette, nb::handle alpha, nb::handle label_dtype) {
   RenderCall c;
-  c.scores = array_arg<float>(scores, "scores", 3, "[K, h, w]");
+  c.s = parse_scores(scores, out_h, out_w);
   auto& a = c.args;
-  a.scores = ptr<float>(c.scores);
-  a.K = dim(c.scores, 0);
-  a.h = dim(c.scores, 1);
-  a.w = dim(c.scores, 2);
-  a.out_h = int_at_least(out_h, "out_h", 1);
-  a.out_w = int_at_least(out_w, "out_w", 1);
+  a = {ptr<float>(c.s.scores), c.s.K, c.s.h, c.s.w, c.s.out_h, c.s.out_w};
   if (!nb::isinstance<nb::str>(label_dtype))
     type_error("label_dtype must be a str, got " + py_type(label_dtype));
   const std::string ld = nb::borrow<nb::str>(label_dtype).c_str();
@@ -229,26 +320,20 @@ nb::tuple run_render(RenderCall& c, RenderKernel kernel) {
   return nb::make_tuple(lab, a.frame ? wrap(overlay, {H, W, 3}) : nb::none());
 }
 
-// ---- pooling ----
-
 struct PoolCall {
   Array labels, features;
   int64_t H = 0, W = 0, hf = 0, wf = 0, D = 0, K = 0;
 };
-
-void parse_features(PoolCall& c, nb::handle features) {
-  c.features = array_arg<float>(features, "features", 3, "[hf, wf, D]");
-  c.hf = dim(c.features, 0);
-  c.wf = dim(c.features, 1);
-  c.D = dim(c.features, 2);
-}
 
 PoolCall parse_pool(nb::handle labels, nb::handle features, nb::handle num_segments) {
   PoolCall c;
   c.labels = array_arg<int32_t>(labels, "labels", 2, "[H, W]");
   c.H = dim(c.labels, 0);
   c.W = dim(c.labels, 1);
-  parse_features(c, features);
+  c.features = array_arg<float>(features, "features", 3, "[hf, wf, D]");
+  c.hf = dim(c.features, 0);
+  c.wf = dim(c.features, 1);
+  c.D = dim(c.features, 2);
   c.K = int_at_least(num_segments, "num_segments", 1);
   return c;
 }
@@ -265,71 +350,7 @@ nb::tuple run_pool(const PoolCall& c, Kernel&& kernel) {
   }
   return nb::make_tuple(wrap(emb, {size_t(c.K), size_t(c.D)}), wrap(areas, {size_t(c.K)}));
 }
-
-nb::tuple pool_from_scores(nb::handle scores, nb::handle features, nb::handle out_h,
-                           nb::handle out_w) {
-  RenderCall r = parse_render(scores, out_h, out_w, nb::none(), nb::none(), nb::float_(0.5),
-                              nb::str("int32"));
-  PoolCall c;
-  parse_features(c, features);
-  auto& a = r.args;
-  c.H = a.out_h;
-  c.W = a.out_w;
-  c.K = a.K;
-  Buffer<int32_t> labels(c.H * c.W);
-  Buffer<float> emb(c.K * c.D), areas(c.K);
-  a.labels = labels.data();
-  {
-    nb::gil_scoped_release release;
-    check_finite(a.scores, a.K * a.h * a.w, "scores");
-    ovseg::render(a);
-    if (!ovseg::pool_segments(labels.data(), c.H, c.W, ptr<float>(c.features), c.hf, c.wf, c.D,
-                              c.K, emb.data(), areas.data()))
-      throw nb::value_error("features contains NaN or Inf");
-  }
-  return nb::make_tuple(wrap(emb, {size_t(c.K), size_t(c.D)}), wrap(areas, {size_t(c.K)}),
-                        wrap(labels, {size_t(c.H), size_t(c.W)}));
-}
-
-// ---- k-means ----
-
-nb::tuple kmeans(nb::handle x_, nb::handle k_, nb::handle max_iter_, nb::handle seed_,
-                 nb::handle init_, nb::handle tol_) {
-  const Array x = array_arg<float>(x_, "x", 2, "[N, D]");
-  const int64_t N = dim(x, 0), D = dim(x, 1);
-  const int64_t k = int_at_least(k_, "k", 1);
-  const int64_t max_iter = int_at_least(max_iter_, "max_iter", 0);
-  const uint64_t seed = uint64_arg(seed_, "seed");
-  const double tol = float_arg(tol_, "tol");
-  if (tol < 0.0) value_error("tol must be >= 0, got " + std::to_string(tol));
-  Array init;
-  if (!init_.is_none()) {
-    init = array_arg<float>(init_, "init", 2, "[k, D]");
-    if (dim(init, 0) != k || dim(init, 1) != D)
-      value_error("init must have shape (k, D) = " + dims({k, D}) + ", got " + shape_str(init));
-  }
-  Buffer<float> centres(k * D), scores(N * k);
-  Buffer<int32_t> assign(N);
-  {
-    nb::gil_scoped_release release;
-    check_finite(ptr<float>(x), N * D, "x");
-    if (init.is_valid()) {
-      check_finite(ptr<float>(init), k * D, "init");
-      for (int64_t j = 0; j < k; ++j) {
-        const float* row = ptr<float>(init) + j * D;
-        if (std::all_of(row, row + D, [](float v) { return v == 0.0f; }))
-          value_error("init row " + std::to_string(j) + " is all zeros");
-      }
-    }
-    ovseg::spherical_kmeans(ptr<float>(x), N, D, k, max_iter, seed,
-                            init.is_valid() ? ptr<float>(init) : nullptr, tol, centres.data(),
-                            assign.data(), scores.data());
-  }
-  return nb::make_tuple(wrap(centres, {size_t(k), size_t(D)}), wrap(assign, {size_t(N)}),
-                        wrap(scores, {size_t(N), size_t(k)}));
-}
-
-// ---- CUDA ----
+#endif
 
 [[noreturn]] void no_cuda(const std::string& reason) {
 #ifdef OVSEG_WITH_CUDA
@@ -358,28 +379,7 @@ void require_cuda() {
 NB_MODULE(_native, m) {
   m.doc() = "ovseg native core: fused segment pooling, label-map rendering, spherical k-means";
 
-  m.def("upsample_argmax",
-        [](nb::handle scores, nb::handle out_h, nb::handle out_w) {
-          RenderCall c = parse_render(scores, out_h, out_w, nb::none(), nb::none(),
-                                      nb::float_(0.5), nb::str("int32"));
-          return nb::object(run_render(c, ovseg::render)[0]);
-        },
-        "scores"_a, "out_h"_a, "out_w"_a);
-
-  m.def("render",
-        [](nb::handle scores, nb::handle out_h, nb::handle out_w, nb::handle frame,
-           nb::handle palette, nb::handle alpha, nb::handle label_dtype) {
-          RenderCall c = parse_render(scores, out_h, out_w, frame, palette, alpha, label_dtype);
-          return run_render(c, ovseg::render);
-        },
-        "scores"_a, "out_h"_a, "out_w"_a, "frame"_a = nb::none(), "palette"_a = nb::none(),
-        "alpha"_a = 0.5, "label_dtype"_a = "int32");
-
-  m.def("pool_segments",
-        [](nb::handle labels, nb::handle features, nb::handle num_segments) {
-          return run_pool(parse_pool(labels, features, num_segments), ovseg::pool_segments);
-        },
-        "labels"_a, "features"_a, "num_segments"_a);
+  m.def("upsample_argmax", &upsample_argmax, "scores"_a, "out_h"_a, "out_w"_a);
 
   m.def("pool_segments_from_scores", &pool_from_scores, "scores"_a, "features"_a, "out_h"_a,
         "out_w"_a);

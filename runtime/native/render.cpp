@@ -1,9 +1,8 @@
-// Label-map rendering: the K score maps are resampled along x one source row
-// at a time (two rows cached per thread), blended along y per output row and
-// arg-maxed over K in registers; then the labels are stored and, with a frame,
-// blended through a per-call (label, channel, value) table. Output pixels
-// between four source points where one channel strictly wins skip the
-// per-pixel work altogether.
+// Label maps (upsample_argmax): the K score maps are resampled along x one
+// source row at a time (two rows cached per thread), blended along y per
+// output row and arg-maxed over K in registers. Output pixels between four
+// source points where one channel strictly wins skip the per-pixel work
+// altogether.
 #include <algorithm>
 #include <cstring>
 
@@ -15,8 +14,13 @@
 namespace ovseg {
 namespace {
 
-constexpr int kBlock = 32;          // output columns per argmax block
-constexpr int64_t kMaxLutK = 1024;  // K * 768 bytes of blend table at most
+constexpr int kBlock = 32;  // output columns per argmax block
+
+// The score maps [K, h, w] and the output width.
+struct Maps {
+  const float* scores;
+  int64_t K, h, w, out_w;
+};
 
 // One source row of every channel, resampled to the output width: out[k, x]
 // for x < W, rows row_len >= W long, padded with the last value.
@@ -68,26 +72,10 @@ OVSEG_MULTIVERSION void argmax_blocks(const float* r0, const float* r1, float a0
   }
 }
 
-template <class T>
-void store_labels(const int32_t* arg, int64_t n, void* out) {
-  T* o = static_cast<T*>(out);
-  for (int64_t x = 0; x < n; ++x) o[x] = static_cast<T>(arg[x]);
-}
-
-void overlay_row(const int32_t* __restrict arg, const uint8_t* __restrict frame,
-                 const uint8_t* __restrict lut, int64_t W, uint8_t* __restrict out) {
-  for (int64_t x = 0; x < W; ++x) {
-    const uint8_t* t = lut + static_cast<int64_t>(arg[x]) * 768;
-    out[3 * x] = t[frame[3 * x]];
-    out[3 * x + 1] = t[256 + frame[3 * x + 1]];
-    out[3 * x + 2] = t[512 + frame[3 * x + 2]];
-  }
-}
-
 // Holds the two resampled source rows the current output row needs.
 class RowCache {
  public:
-  RowCache(const RenderArgs& a, const Axis& ax, int64_t row_len)
+  RowCache(const Maps& a, const Axis& ax, int64_t row_len)
       : a_(a), ax_(ax), row_len_(row_len), buf_(2 * a.K * row_len) {}
 
   // Returns the resampled source row ys, keeping row `keep` if cached.
@@ -102,7 +90,7 @@ class RowCache {
 
  private:
   float* slot(int s) { return buf_.data() + s * a_.K * row_len_; }
-  const RenderArgs& a_;
+  const Maps& a_;
   const Axis& ax_;
   const int64_t row_len_;
   Buffer<float> buf_;
@@ -129,13 +117,12 @@ Buffer<int32_t> source_winners(const float* scores, int64_t K, int64_t hw) {
   return win;
 }
 
-void render_rows(const RenderArgs& a, const Axis& ay, const Axis& ax, const int32_t* winners,
-                 const uint8_t* lut, int64_t y_begin, int64_t y_end) {
+void argmax_rows(const Maps& a, const Axis& ay, const Axis& ax, const int32_t* winners,
+                 int32_t* labels, int64_t y_begin, int64_t y_end) {
   const int64_t W = a.out_w, w = a.w;
   const int64_t row_len = (W + kBlock - 1) / kBlock * kBlock;
   RowCache cache(a, ax, row_len);
   Buffer<int32_t> arg(row_len);
-  const size_t label_size = a.label_type == LabelType::kInt32 ? 4 : a.label_type == LabelType::kUint16 ? 2 : 1;
   for (int64_t y = y_begin; y < y_end; ++y) {
     const int32_t* win0 = winners + ay.i0[y] * w;
     const int32_t* win1 = winners + ay.i1[y] * w;
@@ -163,39 +150,20 @@ void render_rows(const RenderArgs& a, const Axis& ay, const Axis& ax, const int3
       x = end;
     }
     if (mixed >= 0) evaluate(mixed, W);
-
-    void* labels = static_cast<char*>(a.labels) + y * W * label_size;
-    switch (a.label_type) {
-      case LabelType::kInt32: std::memcpy(labels, arg.data(), W * 4); break;
-      case LabelType::kUint16: store_labels<uint16_t>(arg.data(), W, labels); break;
-      case LabelType::kUint8: store_labels<uint8_t>(arg.data(), W, labels); break;
-    }
-    if (!a.frame) continue;
-    const uint8_t* f = a.frame + y * W * 3;
-    uint8_t* o = a.overlay + y * W * 3;
-    if (lut) {
-      overlay_row(arg.data(), f, lut, W, o);
-    } else {
-      for (int64_t x = 0; x < W; ++x)
-        for (int c = 0; c < 3; ++c)
-          o[3 * x + c] = blend_value(a.alpha, f[3 * x + c], a.palette[arg[x] * 3 + c]);
-    }
+    std::memcpy(labels + y * W, arg.data(), W * sizeof(int32_t));
   }
 }
 
 }  // namespace
 
-void render(const RenderArgs& a) {
-  const Axis ay(a.h, a.out_h), ax(a.w, a.out_w);
-  const Buffer<int32_t> winners = source_winners(a.scores, a.K, a.h * a.w);
-  Buffer<uint8_t> lut;
-  if (a.frame && a.K <= kMaxLutK) {
-    lut = Buffer<uint8_t>(a.K * 768);
-    blend_lut(a.alpha, a.palette, a.K, lut.data());
-  }
+void upsample_argmax(const float* scores, int64_t K, int64_t h, int64_t w, int64_t out_h,
+                     int64_t out_w, int32_t* labels) {
+  const Maps maps{scores, K, h, w, out_w};
+  const Axis ay(h, out_h), ax(w, out_w);
+  const Buffer<int32_t> winners = source_winners(scores, K, h * w);
   // Bands of rows, at least 8 rows each: a band re-resamples its first source rows.
-  parallel_for(a.out_h, 8, [&](int64_t y0, int64_t y1) {
-    render_rows(a, ay, ax, winners.data(), lut.data(), y0, y1);
+  parallel_for(out_h, 8, [&](int64_t y0, int64_t y1) {
+    argmax_rows(maps, ay, ax, winners.data(), labels, y0, y1);
   });
 }
 
