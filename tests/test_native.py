@@ -1,8 +1,11 @@
 """ovseg._native against the plain numpy references in native_reference.py."""
 from __future__ import annotations
 
+import ast
 import multiprocessing
+import re
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -350,3 +353,27 @@ def test_cuda_entry_points_without_a_gpu():
         nat.pool_segments_cuda(L, FEAT, 2)
     with pytest.raises(RuntimeError, match="ovseg was built without CUDA|no CUDA GPU"):
         nat.render_cuda(F, 4, 4)
+
+
+# ---- the stub ----
+
+STUB = Path(__file__).resolve().parents[1] / "runtime" / "native" / "_native.pyi"
+
+
+def parameters(fn: ast.FunctionDef) -> list[tuple]:
+    """(name,) or (name, default) per parameter."""
+    a = fn.args
+    plain = len(a.args) - len(a.defaults)
+    return [(p.arg, *([] if i < plain else [ast.literal_eval(a.defaults[i - plain])])) for i, p in enumerate(a.args)]
+
+
+def test_stub_matches_the_module():
+    body = ast.parse(STUB.read_text()).body
+    stub = {f.name: parameters(f) for f in body if isinstance(f, ast.FunctionDef)}
+    aliases = {t.id for a in body if isinstance(a, ast.Assign) for t in a.targets}
+    assert all(n.startswith("_") for n in aliases), "stub-only names must be private"
+    assert set(stub) == {n for n in dir(nat) if not n.startswith("_")}
+    for name, params in stub.items():
+        (text, _, defaults), = getattr(nat, name).__nb_signature__  # the text holds the defaults as \0, \1, ...
+        text = re.sub(r"\\(\d+)", lambda m, d=defaults: repr(d[int(m[1])]), text)
+        assert parameters(ast.parse(text + ": ...").body[0]) == params, name

@@ -16,18 +16,19 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-F32 = npt.NDArray[np.float32]
-I32 = npt.NDArray[np.int32]
-U8 = npt.NDArray[np.uint8]
-LabelDtype = Literal["int32", "uint16", "uint8"]
+# Stub-only aliases (private: the module has no such attributes).
+_F32 = npt.NDArray[np.float32]
+_I32 = npt.NDArray[np.int32]
+_U8 = npt.NDArray[np.uint8]
+_LabelDtype = Literal["int32", "uint16", "uint8"]
 
-def upsample_argmax(scores: F32, out_h: int, out_w: int) -> I32:
+def upsample_argmax(scores: _F32, out_h: int, out_w: int) -> _I32:
     """Bilinearly upsample scores [K, h, w] to (out_h, out_w) and take the argmax
     over K (the lowest index wins exact ties): int32 [out_h, out_w]."""
 
 def pool_segments_from_scores(
-    scores: F32, features: F32, out_h: int, out_w: int
-) -> tuple[F32, F32, I32]:
+    scores: _F32, features: _F32, out_h: int, out_w: int
+) -> tuple[_F32, _F32, _I32]:
     """TAG's segment embeddings of the label map upsample_argmax(scores, out_h, out_w), K =
     scores.shape[0]: the mean of the features [hf, wf, D], bilinearly upsampled to (out_h, out_w),
     over each label's pixels, L2-normalised — computed through the adjoint of the upsampling, never
@@ -35,13 +36,13 @@ def pool_segments_from_scores(
     [out_h, out_w]); empty segments give a zero row and area 0."""
 
 def spherical_kmeans(
-    x: F32,
+    x: _F32,
     k: int,
     max_iter: int = 10,
     seed: int = 0,
-    init: F32 | None = None,
+    init: _F32 | None = None,
     tol: float = 1e-4,
-) -> tuple[F32, I32, F32]:
+) -> tuple[_F32, _I32, _F32]:
     """Spherical k-means of the L2-normalised rows of x [N, D] (x is not modified): k-means++
     seeding from `seed` (splitmix64, deterministic), or a warm start from init [k, D]
     (normalised; rows must be non-zero). Assignment by max cosine (lowest index wins ties),
@@ -55,20 +56,20 @@ def spherical_kmeans(
 def cuda_available() -> bool:
     """True if the module was built with CUDA and a CUDA device can be used."""
 
-def pool_segments_cuda(labels: I32, features: F32, num_segments: int) -> tuple[F32, F32]:
+def pool_segments_cuda(labels: _I32, features: _F32, num_segments: int) -> tuple[_F32, _F32]:
     """The pooling of pool_segments_from_scores for given labels [H, W], on the GPU (host arrays
     in and out): (embeddings [K, D], areas [K]) with K = num_segments; labels outside [0, K) are
     ignored. RuntimeError when built without CUDA or without a usable GPU."""
 
 def render_cuda(
-    scores: F32,
+    scores: _F32,
     out_h: int,
     out_w: int,
-    frame: U8 | None = None,
-    palette: U8 | None = None,
+    frame: _U8 | None = None,
+    palette: _U8 | None = None,
     alpha: float = 0.5,
-    label_dtype: LabelDtype = "int32",
-) -> tuple[npt.NDArray[np.int32 | np.uint16 | np.uint8], U8 | None]:
+    label_dtype: _LabelDtype = "int32",
+) -> tuple[npt.NDArray[np.int32 | np.uint16 | np.uint8], _U8 | None]:
     """upsample_argmax on the GPU (host arrays in and out) plus, with a frame [out_h, out_w, 3],
     the overlay round_half_even((1 - alpha) * frame + alpha * palette[label]) evaluated in float64,
     as a new uint8 array (else None). palette [K, 3] is in the frame's channel order (default:
@@ -81,7 +82,7 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """Threads used by the CPU kernels."""
 
-def default_palette(k: int) -> U8:
+def default_palette(k: int) -> _U8:
     """The PASCAL VOC colour map for k labels in BGR order: uint8 [k, 3]."""
 
 def peak_allocated_bytes(reset: bool = True) -> int:
