@@ -182,8 +182,8 @@ def bench_labels(rounds: int) -> list[Row]:
              ("iid noise", rng.standard_normal((15, 32, 32)).astype(np.float32), False)]
     for kind, scores, is_target in cases:
         agree = float((nat.upsample_argmax(scores, 720, 1280) == labels_opencv(scores, 720, 1280)).mean())
-        cv_t, nat_t = alternate(lambda: labels_opencv(scores, 720, 1280),
-                                lambda: nat.upsample_argmax(scores, 720, 1280), rounds * 2, native_calls=5)
+        cv_t, nat_t = alternate(lambda s=scores: labels_opencv(s, 720, 1280),
+                                lambda s=scores: nat.upsample_argmax(s, 720, 1280), rounds * 2, native_calls=5)
         t_cv, t_nat = cv_t.median, nat_t.median
         ratio = t_cv / t_nat
         note = f"1280x720 labels from 15 maps at 32x32 ({kind} scores); agree on {agree:.6f} of pixels"
