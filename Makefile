@@ -25,7 +25,7 @@ PACKAGE_DIRS   := ovseg export export/train runtime calib benchmarks benchmarks/
 
 setup: $(VENV)/.ovseg-built
 
-ifdef JETSON
+ifneq ($(JETSON),)
 $(VENV)/.ovseg-deps: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/pip install --quiet 'numpy<2' $(filter-out numpy,$(BUILD_DEPS))
@@ -47,16 +47,22 @@ endif
 # folder changed, so tests never run against a stale build.
 $(VENV)/.ovseg-built: $(VENV)/.ovseg-deps CMakeLists.txt $(NATIVE_SOURCES) $(PACKAGE_DIRS)
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
-	$(BIN)/python -m ovseg.runtime.environment
+	$(BIN)/python -m ovseg.environment
 	touch $@
 
 test: setup
 	$(BIN)/python -m pytest -q
 
+# mypy reads the package as it is installed (ovseg.runtime, ovseg._native's stub), through links in build/typecheck.
+TYPECHECK := build/typecheck
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/ovseg
+	ln -s $(CURDIR)/ovseg/*.py $(TYPECHECK)/ovseg/
+	ln -s $(CURDIR)/runtime $(TYPECHECK)/ovseg/runtime
+	ln -s $(CURDIR)/runtime/native/_native.pyi $(TYPECHECK)/ovseg/_native.pyi
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p ovseg
 
 demo: setup
 	$(BIN)/python -m ovseg.runtime.demo

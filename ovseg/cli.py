@@ -67,7 +67,7 @@ def run_cli(prog: str, body: Callable[[], int], aftermath: str = "") -> int:
 
 def _entry(module: str, prog: str) -> Callable[[], None]:
     """A console script: imports the command's module inside the runner, so that an install problem met while
-    importing (ovseg.runtime.environment.InstallError) is one line too."""
+    importing (ovseg.environment.InstallError) is one line too."""
 
     def entry() -> None:
         try:

@@ -1,13 +1,13 @@
 """ovseg's torch-free runtime: ``Segmenter.from_bundle(...)(frame) -> Result``.
 
 The Segmenter (and onnxruntime with it) loads on first use, so ``import ovseg.runtime`` stays cheap; importing it
-checks the install (runtime.environment) and raises InstallError, an ImportError, saying what to run.
+checks the install (ovseg.environment) and raises InstallError, an ImportError, saying what to run.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .environment import check_install
+from ovseg.environment import check_install
 from .result import Result, Segment
 
 check_install()  # two ONNX Runtimes or two OpenCVs overwrite each other: refuse them before anything loads

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from ovseg.runtime import display, environment, sources
-from ovseg.runtime.environment import InstallError
+from ovseg import environment
+from ovseg.environment import InstallError
+from ovseg.runtime import display, sources
 from ovseg.runtime.sources import SourceError
 
 
@@ -56,7 +57,7 @@ def test_a_gpu_that_onnxruntime_cannot_use_is_reported(monkeypatch):
 
 
 def test_this_environment_passes_and_reports_itself():
-    out = subprocess.run([sys.executable, "-m", "ovseg.runtime.environment"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "ovseg.environment"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ONNX Runtime:" in out.stdout and "OpenCV:" in out.stdout
 

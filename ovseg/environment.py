@@ -1,7 +1,7 @@
 """Is this install right for this machine? One ONNX Runtime and one OpenCV, the GPU one where a GPU is, a GUI build
 where windows are wanted. Each problem is one line with the command that fixes it.
 
-``python -m ovseg.runtime.environment`` prints what was found (``make setup`` runs it) and exits 2 on a problem.
+``python -m ovseg.environment`` prints what was found (``make setup`` runs it) and exits 2 on a problem.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from ovseg.errors import OvsegError
+from .errors import OvsegError
 
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
 OPENCV_DISTRIBUTIONS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless")
@@ -102,7 +102,7 @@ def report() -> list[str]:
     import cv2
     import onnxruntime as ort
 
-    from .display import gui_backend, has_gstreamer
+    from ovseg.runtime.display import gui_backend, has_gstreamer
 
     ort_dist = ", ".join(f"{n} {v}" for n, v in installed(ORT_DISTRIBUTIONS).items()) or f"onnxruntime {ort.__version__} (not from pip)"
     cv_dist = ", ".join(f"{n} {v}" for n, v in installed(OPENCV_DISTRIBUTIONS).items()) or f"OpenCV {cv2.__version__} (system)"
