@@ -1,11 +1,12 @@
 """Per-stage latency of the Segmenter: the main measurement, the K sweep and the backend/precision sweep.
 
-The main Segmenter is built from the runtime's public pieces with its encoders wrapped in a
-``Recorder``, so one measurement loop also yields the encoder outputs that the K sweep replays
+The main Segmenter is opened as ``Segmenter.from_bundle`` opens it (``Engines.open``), with its image encoders
+wrapped in a ``Recorder``, so one measurement loop also yields the encoder outputs that the K sweep replays
 (``Replay``): that sweep then times only what depends on K (k-means, pooling, lookup, render).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,10 +15,10 @@ import numpy as np
 
 from ovseg import _native
 from ovseg.runtime.bundle import Manifest, read_manifest
-from ovseg.runtime.lookup import LabelIndex, PromptEmbedder
+from ovseg.runtime.engines import Engines
+from ovseg.runtime.lookup import LabelIndex
 from ovseg.runtime.segmenter import Segmenter, SegmenterConfig
-from ovseg.runtime.sessions import OnnxEncoder, SegmenterError, open_engine, providers, resolve_backend
-from ovseg.runtime.text import ClipTokenizer
+from ovseg.runtime.sessions import SegmenterError
 
 from .roofline import GemmPeak
 from .timing import Budget, Stats, peak_rss_mb, repeat
@@ -74,32 +75,25 @@ class Opened:
     manifest: Manifest
     clip: Recorder
     dinov2: Recorder
-    index: LabelIndex
-    embedder: PromptEmbedder
 
 
 def open_recorded(bundle: Path, threads: int, config: SegmenterConfig, keep: int, backend: str = "cpu",
                   precision: str = "fp32") -> Opened:
-    """What ``Segmenter.from_bundle`` does for a bundle's own vocabulary, with the image encoders wrapped in Recorders."""
+    """The Segmenter of a bundle's own vocabulary, opened as ``Segmenter.from_bundle`` opens it, its image encoders
+    wrapped in Recorders. The benchmark owns its process, so it also sets the native kernels' threads."""
     manifest = read_manifest(bundle)
-    backend = resolve_backend(backend)  # an unavailable provider is an error here, not a silent CPU fallback in ORT
     _native.set_num_threads(threads)
-    size = manifest.image_size
-    clip = Recorder(open_engine(bundle, manifest.clip, "CLIP image", size, backend, precision, threads), keep)
-    dinov2 = Recorder(open_engine(bundle, manifest.dinov2, "DINOv2", size, backend, precision, threads), keep)
-    text = OnnxEncoder(bundle / manifest.text.files["fp32"], providers("cpu", "fp32", bundle), threads)
-    embedder = PromptEmbedder(text, ClipTokenizer.from_file(bundle / manifest.text.tokenizer, manifest.text.context_length))
-    index = LabelIndex.from_bundle(bundle, manifest.vocabulary)
-    seg = Segmenter(manifest, bundle, clip=clip, dinov2=dinov2, embedder=embedder, index=index, config=config,
-                    backend=backend, precision=precision)
-    return Opened(seg, manifest, clip, dinov2, index, embedder)
+    engines = Engines.open(bundle, manifest, backend, precision, threads)
+    recorded = dataclasses.replace(engines, clip=Recorder(engines.clip, keep), dinov2=Recorder(engines.dinov2, keep))
+    seg = Segmenter(manifest, bundle, recorded, config, LabelIndex.from_bundle(bundle, manifest.vocabulary))
+    return Opened(seg, manifest, recorded.clip, recorded.dinov2)
 
 
-def with_config(opened: Opened, config: SegmenterConfig, replay: bool) -> Segmenter:
-    """Another Segmenter on the same (or replayed) encoders, vocabulary and text encoder."""
-    clip, dinov2 = (Replay(opened.clip), Replay(opened.dinov2)) if replay else (opened.clip, opened.dinov2)
-    return Segmenter(opened.manifest, opened.segmenter.bundle_dir, clip=clip, dinov2=dinov2, embedder=opened.embedder,
-                     index=opened.index, config=config)
+def replayed(opened: Opened, config: SegmenterConfig) -> Segmenter:
+    """A Segmenter with ``config`` on the recorded encoder outputs, the same vocabulary and text encoder."""
+    seg = opened.segmenter
+    engines = dataclasses.replace(seg.engines, clip=Replay(opened.clip), dinov2=Replay(opened.dinov2))
+    return Segmenter(opened.manifest, seg.bundle_dir, engines, config, seg.index)
 
 
 @dataclass
@@ -155,8 +149,7 @@ def sweep_k(opened: Opened, frames: list[np.ndarray], ks: list[int], budget: Bud
     points = []
     for k in ks:
         base = opened.segmenter.config
-        seg = with_config(opened, SegmenterConfig(num_segments=k, top_k=base.top_k, hysteresis=base.hysteresis,
-                                                  seed=base.seed), replay=True)
+        seg = replayed(opened, SegmenterConfig(num_segments=k, top_k=base.top_k, hysteresis=base.hysteresis, seed=base.seed))
         samples: dict[str, list[float]] = {s: [] for s in ("kmeans", "pooling", "lookup", "render", "post_encoders")}
         n = len(opened.dinov2.outputs)
 

@@ -20,12 +20,12 @@ import numpy as np
 
 from .. import _native
 from .bundle import DEFAULT_BUNDLE, BundleError, Manifest, read_manifest
-from .lookup import LOOKUPS, LabelIndex, PromptEmbedder, l2_normalise
+from .engines import Engines
+from .lookup import LOOKUPS, LabelIndex, l2_normalise
 from .preprocess import Preprocessor, check_frame, to_bgr8
 from .refine import EdgeRefiner
 from .result import Result, Segment
-from .sessions import Engine, OnnxEncoder, SegmenterError, choose_precision, open_engine, providers, resolve_backend
-from .text import ClipTokenizer
+from .sessions import SegmenterError
 from .vocabulary import GUIDED_TEMPLATES, VocabularyError, load_vocabulary
 
 log = logging.getLogger("ovseg")
@@ -128,15 +128,14 @@ class Segmenter:
     Segment areas are counted on the label map at the frame's size; bounding boxes likewise.
     """
 
-    def __init__(self, manifest: Manifest, bundle_dir: Path, *, clip: Engine, dinov2: Engine, embedder: PromptEmbedder,
-                 index: LabelIndex, config: SegmenterConfig, classes: list[str] | None = None, backend: str = "cpu",
-                 precision: str = "fp32"):
+    def __init__(self, manifest: Manifest, bundle_dir: Path, engines: Engines, config: SegmenterConfig, index: LabelIndex,
+                 classes: list[str] | None = None):
         config.check()
         self.manifest = manifest
         self.bundle_dir = Path(bundle_dir)
+        self.engines = engines
         self.config = config
-        self._clip, self._dinov2, self._embedder, self._index = clip, dinov2, embedder, index
-        self._backend, self._precision = backend, precision
+        self._index = index
         size = manifest.image_size
         self._pre = Preprocessor(size)
         self._edges = EdgeRefiner(size)
@@ -158,8 +157,13 @@ class Segmenter:
                     top_k: int = 3, score_threshold: float | None = None, refine: str | None = None, lookup: str = "auto",
                     ef: int | None = None, keyframe_interval: int = 1, hysteresis: int = 3, threads: int | None = None,
                     seed: int = 0) -> "Segmenter":
-        """Open a bundle (``path=None``: the default bundle) on ``backend``; raises SegmenterError naming what is missing."""
-        config = SegmenterConfig(num_segments, top_k, score_threshold, refine, keyframe_interval, hysteresis, seed)
+        """Open a bundle (``path=None``: the default bundle) on ``backend``; raises SegmenterError naming what is missing.
+
+        ``threads`` is ONNX Runtime's intra-op threads per session; the native kernels' thread pool is the process's
+        (``ovseg._native.set_num_threads``, which ``ovseg-run --threads`` calls) and is left as it is.
+        """
+        config = SegmenterConfig(num_segments=num_segments, top_k=top_k, score_threshold=score_threshold, refine=refine,
+                                 keyframe_interval=keyframe_interval, hysteresis=hysteresis, seed=seed)
         config.check()
         if mode not in MODES:
             raise SegmenterError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -176,25 +180,24 @@ class Segmenter:
             manifest = read_manifest(bundle_dir)
         except BundleError as e:
             raise SegmenterError(str(e)) from None  # the Segmenter API raises one type
-        backend = resolve_backend(backend)
-        precision = choose_precision(manifest, backend, precision)
-        if threads:
-            _native.set_num_threads(threads)
-        size = manifest.image_size
-        clip = open_engine(bundle_dir, manifest.clip, "CLIP image", size, backend, precision, threads)
-        dinov2 = open_engine(bundle_dir, manifest.dinov2, "DINOv2", size, backend, precision, threads)
-        # The text tower runs only when the vocabulary changes; fp32 keeps it next to the exported embeddings.
-        text_backend = "cpu" if backend == "cpu" else "cuda"
-        text = OnnxEncoder(bundle_dir / manifest.text.files["fp32"], providers(text_backend, "fp32", bundle_dir), threads)
-        tokenizer = ClipTokenizer.from_file(bundle_dir / manifest.text.tokenizer, manifest.text.context_length)
-        embedder = PromptEmbedder(text, tokenizer)
-        if vocab is None:
-            index = LabelIndex.from_bundle(bundle_dir, manifest.vocabulary, lookup, ef)
-        else:
-            embeddings = embedder(vocab, manifest.text.templates)
-            index = LabelIndex(vocab, embeddings, lookup, hnsw_params=manifest.vocabulary.hnsw_params, ef=ef)
-        return cls(manifest, bundle_dir, clip=clip, dinov2=dinov2, embedder=embedder, index=index, config=config,
-                   classes=classes, backend=backend, precision=precision)
+        engines = Engines.open(bundle_dir, manifest, backend, precision, threads)
+        try:
+            if vocab is None:
+                index = LabelIndex.from_bundle(bundle_dir, manifest.vocabulary, lookup, ef)
+            else:
+                embeddings = engines.embedder(vocab, manifest.text.templates)
+                index = LabelIndex(vocab, embeddings, lookup, hnsw_params=manifest.vocabulary.hnsw_params, ef=ef)
+            return cls(manifest, bundle_dir, engines, config, index, classes)
+        except BaseException:
+            engines.close()
+            raise
+
+    def with_config(self, config: SegmenterConfig) -> "Segmenter":
+        """A Segmenter with ``config`` over this one's engines, vocabulary and classes, with video state of its own.
+
+        Opens no session; the engines are shared, so closing either Segmenter closes them for both.
+        """
+        return type(self)(self.manifest, self.bundle_dir, self.engines, config, self._index, self._classes)
 
     # ---- properties and run-time changes -------------------------------------------------------------------------
 
@@ -208,12 +211,17 @@ class Segmenter:
         return list(self._classes if self._classes is not None else self._index.names)
 
     @property
+    def index(self) -> LabelIndex:
+        """The guidance-free vocabulary's names, embeddings and search (replaced by ``set_vocabulary``)."""
+        return self._index
+
+    @property
     def backend(self) -> str:
-        return self._backend
+        return self.engines.backend
 
     @property
     def precision(self) -> str:
-        return self._precision
+        return self.engines.precision
 
     @property
     def random_weights(self) -> bool:
@@ -223,7 +231,7 @@ class Segmenter:
         """Guidance-free vocabulary (names, or a preset / text file), embedded with the bundle's text encoder."""
         names = _names(names, "set_vocabulary")
         with self._lock:
-            embeddings = self._embedder(names, self.manifest.text.templates)
+            embeddings = self.engines.embedder(names, self.manifest.text.templates)
             old = self._index
             self._index = LabelIndex(names, embeddings, old.requested, hnsw_params=old.params, ef=old.params.get("ef"))
             self._vocab_version += 1
@@ -237,7 +245,7 @@ class Segmenter:
             return
         names = _names(names, "set_classes")
         with self._lock:
-            self._class_embeddings = self._embedder(names, GUIDED_TEMPLATES)
+            self._class_embeddings = self.engines.embedder(names, GUIDED_TEMPLATES)
             self._classes = names
             self._vocab_version += 1
 
@@ -247,8 +255,7 @@ class Segmenter:
 
     def close(self) -> None:
         with self._lock:
-            for engine in (self._clip, self._dinov2, self._embedder.encoder):
-                engine.close()
+            self.engines.close()
 
     def _stream(self) -> _Stream:
         stream = getattr(self._local, "stream", None)
@@ -295,8 +302,8 @@ class Segmenter:
         """DINOv2 + spherical k-means: the K segment score maps (K, h, w), refined when refine="edges"."""
         info, K = self.manifest.dinov2, self.config.num_segments
         with timer("dinov2"):
-            self._pre.normalise(self._dinov2.input, info.mean, info.std)
-            tokens = _grid_output(self._dinov2.run(), "tokens", info.grid, "DINOv2")
+            self._pre.normalise(self.engines.dinov2.input, info.mean, info.std)
+            tokens = _grid_output(self.engines.dinov2.run(), "tokens", info.grid, "DINOv2")
         with timer("kmeans"):
             x = tokens.reshape(-1, tokens.shape[-1])
             centres, _, scores = _native.spherical_kmeans(x, K, self.config.kmeans_iters, self.config.seed, stream.centres)
@@ -314,8 +321,8 @@ class Segmenter:
             return stream.clip_grid
         info = self.manifest.clip
         with timer("clip"):
-            self._pre.normalise(self._clip.input, info.mean, info.std)
-            grid = _grid_output(self._clip.run(), "patch_embeddings", info.grid, "CLIP")
+            self._pre.normalise(self.engines.clip.input, info.mean, info.std)
+            grid = _grid_output(self.engines.clip.run(), "patch_embeddings", info.grid, "CLIP")
         if stream is not None:
             stream.clip_grid, stream.since_keyframe = grid, 1
         return grid

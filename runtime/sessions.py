@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ovseg.errors import OvsegError
+from ovseg.onnx_helpers import session_options
 
 from .bundle import EncoderInfo, Manifest
 from .precision import pick_precision
@@ -108,13 +109,9 @@ class OnnxEncoder:
 
     def __init__(self, path: Path, providers: list, threads: int | None = None, input_shape: tuple[int, ...] | None = None,
                  io_binding: bool | None = None):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or 0
-        options.log_severity_level = 3
         self.path = Path(path)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
         except Exception as e:  # ORT raises several unrelated types; all mean "this file cannot run here"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SegmenterError(f"ONNX Runtime cannot load {self.path.name}: {first}") from None

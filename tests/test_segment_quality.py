@@ -52,8 +52,7 @@ def test_oracle_miou_of_segment_candidates(voc_bundle, voc, capsys):
     base = Segmenter.from_bundle(voc_bundle, backend="cpu")
 
     def segmenter(**config) -> Segmenter:  # on the base's sessions: loading DINOv2 once is enough
-        return Segmenter(base.manifest, base.bundle_dir, clip=base._clip, dinov2=base._dinov2, embedder=base._embedder,
-                         index=base._index, config=SegmenterConfig(num_segments=K, **config))
+        return base.with_config(SegmenterConfig(num_segments=K, **config))
 
     scores = {"a": [], "b": [], "c": []}
     for seed in SEEDS:

@@ -37,9 +37,10 @@ def make(seg):
     """Segmenters of other settings on the shared one's engines (sessions take a second each to create)."""
 
     def build(classes=None, **config) -> Segmenter:
-        config = SegmenterConfig(**{"num_segments": 6, **config})
-        return Segmenter(seg.manifest, seg.bundle_dir, clip=seg._clip, dinov2=seg._dinov2, embedder=seg._embedder,
-                         index=seg._index, config=config, classes=classes)
+        other = seg.with_config(SegmenterConfig(**{"num_segments": 6, **config}))
+        if classes is not None:
+            other.set_classes(classes)
+        return other
 
     return build
 
@@ -136,7 +137,7 @@ def test_refine_segments_is_a_no_op_without_classes(make, tiny_bundle, photo, se
 
 def test_explicit_fp16_runs_the_fp16_variants(tiny_bundle, photo):
     seg = Segmenter.from_bundle(tiny_bundle, backend="cpu", precision="fp16", num_segments=6)
-    assert seg.precision == "fp16" and seg._clip.path.name.endswith(".fp16.onnx")
+    assert seg.precision == "fp16" and seg.engines.clip.path.name.endswith(".fp16.onnx")
     check_result(seg(photo), photo.shape[:2], seg.labels)
 
 
@@ -149,6 +150,32 @@ def test_score_threshold_makes_unknown_segments_that_do_not_merge(make, tiny_bun
     assert all(len(s.alternatives) == 2 for s in result.segments)  # the real labels it did not trust
     none_unknown = make(num_segments=6, score_threshold=-1.01)(photo)
     assert UNKNOWN not in {s.label for s in none_unknown.segments}
+
+
+# --- construction -----------------------------------------------------------------------------------------------
+
+
+def test_with_config_equals_from_bundle_with_that_config(seg, tiny_bundle, photo):
+    settings = {"num_segments": 5, "refine": "edges", "keyframe_interval": 2, "hysteresis": 1, "seed": 3}
+    frames = [np.roll(photo, 9 * i, axis=1) for i in range(3)]
+    opened = Segmenter.from_bundle(tiny_bundle, backend="cpu", **settings)
+    derived = seg.with_config(SegmenterConfig(**settings))
+    assert derived.engines is seg.engines and derived.index is seg.index and derived.config == opened.config
+    assert all(same(a, b) for a, b in zip(map(opened, frames), map(derived, frames)))
+    guided = Segmenter.from_bundle(tiny_bundle, backend="cpu", classes=CLASSES, **settings)
+    assert same(guided(photo), guided.with_config(guided.config)(photo)) and guided.with_config(guided.config).mode == "guided"
+    opened.close()
+    guided.close()
+
+
+def test_threads_set_onnx_runtime_sessions_only(tiny_bundle):
+    from ovseg import _native
+
+    before = _native.get_num_threads()
+    seg = Segmenter.from_bundle(tiny_bundle, backend="cpu", threads=1 if before != 1 else 2)
+    assert _native.get_num_threads() == before  # a constructor changes nothing process-wide
+    assert seg.engines.clip.session.get_session_options().intra_op_num_threads == (1 if before != 1 else 2)
+    seg.close()
 
 
 # --- frames -----------------------------------------------------------------------------------------------------
@@ -261,8 +288,8 @@ class ScriptedIndex:
 @pytest.mark.parametrize("frames, expected", [(3, "aaaaaaaab"), (1, "aabaaabbb")])
 def test_label_hysteresis_ignores_one_frame_flips(make, tiny_bundle, photo, frames, expected):
     script = [0, 0, 1, 0, 0, 0, 1, 1, 1]  # a one-frame flip to "b" at frame 2, a lasting change from frame 6
-    seg = make(num_segments=4, hysteresis=frames)
-    seg._index = ScriptedIndex(["a", "b", "c"], script)
+    base = make(num_segments=4, hysteresis=frames)
+    seg = Segmenter(base.manifest, base.bundle_dir, base.engines, base.config, ScriptedIndex(["a", "b", "c"], script))
     labels = ["".join(sorted({s.label for s in seg(photo).segments})) for _ in script]
     assert "".join(labels) == expected  # with hysteresis=3 the change wins on its third frame in a row
 
@@ -288,7 +315,7 @@ def test_set_vocabulary_changes_the_labels(make, tiny_bundle, photo):
     check_result(result, photo.shape[:2], ["forklift", "pallet", "wet floor"])
     assert seg.labels == ["forklift", "pallet", "wet floor"]
     seg.set_vocabulary("voc21")
-    np.testing.assert_allclose(seg._index.embeddings, np.load(tiny_bundle / "text_embeddings.fp32.npy"), atol=1e-4)
+    np.testing.assert_allclose(seg.index.embeddings, np.load(tiny_bundle / "text_embeddings.fp32.npy"), atol=1e-4)
     from_start = Segmenter.from_bundle(tiny_bundle, backend="cpu", vocab=["forklift", "pallet"])
     assert from_start.labels == ["forklift", "pallet"]
 
@@ -296,11 +323,11 @@ def test_set_vocabulary_changes_the_labels(make, tiny_bundle, photo):
 def test_a_large_vocabulary_gets_an_hnsw_index(tiny_bundle, photo, monkeypatch):
     monkeypatch.setattr(lookup_module, "EXACT_MAX", 10)
     seg = Segmenter.from_bundle(tiny_bundle, backend="cpu", num_segments=6, lookup="auto")
-    assert seg._index.method == "hnsw"  # voc21's 21 names > 10: the bundle's index
+    assert seg.index.method == "hnsw"  # voc21's 21 names > 10: the bundle's index
     seg.set_vocabulary([f"thing {i}" for i in range(5)])
-    assert seg._index.method == "exact"
+    assert seg.index.method == "exact"
     seg.set_vocabulary([f"thing {i}" for i in range(40)])
-    assert seg._index.method == "hnsw" and len(seg._index) == 40
+    assert seg.index.method == "hnsw" and len(seg.index) == 40
     check_result(seg(photo), photo.shape[:2], seg.labels)
 
 

@@ -40,14 +40,10 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 def clip_text_embedder(bundle_dir: Path) -> Embed:
     """The bundle's CLIP text encoder through the runtime (ONNX Runtime on the CPU, no torch), prompt "a photo of a {}."."""
     from ovseg.runtime.bundle import read_manifest
-    from ovseg.runtime.lookup import PromptEmbedder
-    from ovseg.runtime.sessions import OnnxEncoder
-    from ovseg.runtime.text import ClipTokenizer
+    from ovseg.runtime.engines import open_embedder
     from ovseg.runtime.vocabulary import CONCEPT_TEMPLATES
 
-    text = read_manifest(bundle_dir, verify=False).text
-    encoder = OnnxEncoder(Path(bundle_dir) / text.files["fp32"], ["CPUExecutionProvider"])
-    embed = PromptEmbedder(encoder, ClipTokenizer.from_file(Path(bundle_dir) / text.tokenizer, text.context_length))
+    embed = open_embedder(Path(bundle_dir), read_manifest(bundle_dir, verify=False), backend="cpu")
     return lambda names: embed(list(names), CONCEPT_TEMPLATES)
 
 

@@ -1,0 +1,46 @@
+"""The encoders a Segmenter runs, opened in one place: CLIP's and DINOv2's image encoders on the chosen backend and
+precision, and CLIP's text encoder with its tokenizer for names given at run time.
+
+Segmenters of other settings share one ``Engines`` (``Segmenter.with_config``): sessions are the slow part to open.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bundle import Manifest
+from .lookup import PromptEmbedder
+from .sessions import Engine, OnnxEncoder, choose_precision, open_engine, providers, resolve_backend
+from .text import ClipTokenizer
+
+
+@dataclass
+class Engines:
+    clip: Engine  # pixel_values -> patch_embeddings (1, gh * gw, D)
+    dinov2: Engine  # pixel_values -> tokens (1, h * w, Dd)
+    embedder: PromptEmbedder  # names -> prompt-ensembled text embeddings
+    backend: str  # "cpu", "cuda" or "tensorrt": what "auto" resolved to
+    precision: str  # of the image encoders: what "auto" resolved to
+
+    @classmethod
+    def open(cls, bundle_dir: Path, manifest: Manifest, backend: str = "auto", precision: str = "auto",
+             threads: int | None = None) -> "Engines":
+        """``threads``: ONNX Runtime's intra-op threads per session (None: every core); nothing process-wide changes."""
+        backend = resolve_backend(backend)
+        precision = choose_precision(manifest, backend, precision)
+        size = manifest.image_size
+        clip = open_engine(bundle_dir, manifest.clip, "CLIP image", size, backend, precision, threads)
+        dinov2 = open_engine(bundle_dir, manifest.dinov2, "DINOv2", size, backend, precision, threads)
+        return cls(clip, dinov2, open_embedder(bundle_dir, manifest, backend, threads), backend, precision)
+
+    def close(self) -> None:
+        for engine in (self.clip, self.dinov2, self.embedder.encoder):
+            engine.close()
+
+
+def open_embedder(bundle_dir: Path, manifest: Manifest, backend: str = "cpu", threads: int | None = None) -> PromptEmbedder:
+    """The bundle's text encoder, run only when names change: in fp32, next to the exported embeddings; on CUDA
+    when the image encoders run on a GPU backend, else on the CPU."""
+    device = "cpu" if backend == "cpu" else "cuda"
+    encoder = OnnxEncoder(bundle_dir / manifest.text.files["fp32"], providers(device, "fp32", bundle_dir), threads)
+    return PromptEmbedder(encoder, ClipTokenizer.from_file(bundle_dir / manifest.text.tokenizer, manifest.text.context_length))
