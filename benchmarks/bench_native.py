@@ -81,7 +81,7 @@ def smooth_scores(k: int, h: int, w: int, seed: int = 0, dim: int = 32) -> np.nd
     rng = np.random.default_rng(seed)
     f = cv2.GaussianBlur(rng.standard_normal((h, w, dim)).astype(np.float32), (0, 0), 2.0)
     f /= np.linalg.norm(f, axis=2, keepdims=True)
-    centres = f.reshape(-1, dim)[rng.choice(h * w, k, replace=False)]
+    centres = f.reshape(-1, dim)[rng.choice(h * w, k, replace=k > h * w)]
     return np.ascontiguousarray((f.reshape(-1, dim) @ centres.T).T.reshape(k, h, w))
 
 

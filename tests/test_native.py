@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import native_reference as ref
 from ovseg import _native as nat
+from ovseg.benchmarks.bench_native import smooth_scores
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -24,15 +25,6 @@ def restore_threads():
     before = nat.get_num_threads()
     yield
     nat.set_num_threads(before)
-
-
-def smooth_scores(k: int, h: int, w: int, seed: int = 0, dim: int = 32) -> np.ndarray:
-    """Patch scores like k-means on patch tokens gives: cosine of smooth features with k centres."""
-    rng = np.random.default_rng(seed)
-    f = cv2.GaussianBlur(rng.standard_normal((h, w, dim)).astype(np.float32), (0, 0), 2.0)
-    f /= np.linalg.norm(f, axis=2, keepdims=True)
-    centres = f.reshape(-1, dim)[rng.choice(h * w, k, replace=k > h * w)]
-    return np.ascontiguousarray((f.reshape(-1, dim) @ centres.T).T.reshape(k, h, w))
 
 
 def block_labels(shape: tuple[int, int], k: int, cells: int, seed: int = 0) -> np.ndarray:
