@@ -9,6 +9,7 @@ barely moves). PASS when the speed-up reaches the target (1.8x) and the bundle's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -19,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+import ovseg.cli
 from ovseg.benchmarks.timing import Budget, Stats, environment, repeat
 from ovseg.runtime.bundle import BundleError, read_manifest
+
+PROG = "bench_int8"
 
 TARGET = 1.8
 ENCODERS = {"clip": "CLIP image", "dinov2": "DINOv2"}
@@ -157,10 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="also split each encoder's time by op group (ORT profiler) and bound the speed-up")
     args = p.parse_args(argv)
     try:
-        report = run(args.bundle.expanduser(), args.threads, Budget(warmup=2, min_runs=args.min_runs, seconds=args.seconds), args.profile)
-    except BundleError as e:
-        print(f"bench_int8: error: {e}", file=sys.stderr)
+        return ovseg.cli.run_cli(PROG, functools.partial(bench, args))
+    except BundleError as e:  # the runtime's, until it is an OvsegError too
+        ovseg.cli.say(PROG, f"error: {ovseg.cli.first_line(e)}")
         return 2
+
+
+def bench(args: argparse.Namespace) -> int:
+    report = run(args.bundle.expanduser(), args.threads, Budget(warmup=2, min_runs=args.min_runs, seconds=args.seconds), args.profile)
     print(table(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -20,12 +20,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ovseg.cli
+from ovseg.errors import OvsegError
+
 PROG = "ovseg-bench"
 SECTIONS = ("roofline", "segments", "backends", "int8", "vocabulary", "video", "sizes", "naive")
 DEFAULT_SIZES = (224, 336, 448, 518)  # the issue's sizes; 518 (DINOv2's native size) is not a multiple of CLIP's 16
 DEFAULT_KS = (5, 10, 15, 24, 32, 48, 64)
 DEFAULT_VOCAB = (1_000, 10_000, 100_000, 1_000_000)
 DEFAULT_EFS = (16, 32, 64, 128, 256, 512)
+
+
+class BenchError(OvsegError):
+    """ovseg-bench cannot run at all (its options, the bundle, a file it must read or write); a section's failure is a result."""
+
+
+say = functools.partial(ovseg.cli.say, PROG)
 
 
 @dataclass
@@ -106,10 +116,6 @@ def make_plan(args: argparse.Namespace, bundle_size: int) -> Plan:
     )
 
 
-def say(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-
-
 def clip_frames(path: Path, frame: tuple[int, int], count: int) -> list:
     """A generated clip (the ovseg-run --sample pan across photos) and its first ``count`` frames."""
     from ovseg.runtime.sources import VideoFileSource, sample_clip
@@ -168,8 +174,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
         try:
             result = fn()
         except Exception as e:  # recorded and reported, never swallowed: the exit status says a section failed
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            doc["errors"][name] = f"{type(e).__name__}: {message}"
+            doc["errors"][name] = f"{type(e).__name__}: {ovseg.cli.first_line(e)}"
             say(f"{name} failed: {doc['errors'][name]}")
             return None
         finally:
@@ -276,15 +281,16 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    return ovseg.cli.run_cli(PROG, functools.partial(bench, args, argv))
+
+
+def bench(args: argparse.Namespace, argv: list[str]) -> int:
     unknown = set(args.skip) - set(SECTIONS)
     if unknown:
-        print(f"{PROG}: error: --skip takes {', '.join(SECTIONS)}; got {', '.join(sorted(unknown))}", file=sys.stderr)
-        return 2
+        raise BenchError(f"--skip takes {', '.join(SECTIONS)}; got {', '.join(sorted(unknown))}")
     counts = (args.threads, args.min_runs, args.keyframe_interval, args.video_frames)
     if any(n is not None and n < 1 for n in counts) or (args.seconds is not None and args.seconds < 0):
-        print(f"{PROG}: error: --threads, --min-runs, --keyframe-interval and --video-frames must be at least 1, "
-              "--seconds at least 0", file=sys.stderr)
-        return 2
+        raise BenchError("--threads, --min-runs, --keyframe-interval and --video-frames must be at least 1, --seconds at least 0")
     from ovseg.runtime.bundle import BundleError
     from ovseg.runtime.sessions import SegmenterError
 
@@ -293,12 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         doc = run(args, argv)
-    except (BundleError, SegmenterError, OSError) as e:
-        print(f"{PROG}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except (BundleError, SegmenterError, OSError) as e:  # the runtime's errors, until they are OvsegErrors too
+        raise BenchError(ovseg.cli.first_line(e)) from e
     doc["elapsed_s"] = round(time.perf_counter() - started, 1)
     print(table(doc))
     print(f"\n{PROG}: {doc['elapsed_s']:.0f} s", file=sys.stderr)

@@ -7,6 +7,7 @@ new files written beside them) that replaces the bundle in one rename only when 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import shutil
@@ -14,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime as ort
-from tqdm import tqdm
 
+import ovseg.cli
 from ovseg.runtime.bundle import MANIFEST, BundleError, EncoderInfo, Manifest, atomic_bundle_dir, read_manifest, sha256_file
 
 from . import gate
+from .cli import PROG
 from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT, CalibrationData, CalibrationError, Norm, load_calibration
 from .quantize import METHODS, cache_path, calibrate, quantize, quantized_nodes, sensitivity
 from .tensorrt import build_int8_plans
@@ -56,8 +58,7 @@ class CalibOptions:
             raise CalibrationError("--timing-runs must be at least 1 and --fallback-rounds at least 0")
 
 
-def say(message: str) -> None:
-    tqdm.write(f"ovseg-calib: {message}")
+say = functools.partial(ovseg.cli.say, PROG)
 
 
 def norms(manifest: Manifest) -> dict[str, Norm]:

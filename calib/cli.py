@@ -11,11 +11,15 @@ Runtime on the CPU, not these plans).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
 
+from ovseg.cli import first_line, run_cli
 from ovseg.runtime.bundle import DEFAULT_BUNDLE, BundleError
+
+PROG = "ovseg-calib"
 
 
 def _csv(choices: tuple[str, ...]):
@@ -57,7 +61,7 @@ def add_gate_arguments(p, *method_flags: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .bundle import MODELS, PRECISIONS
 
-    p = argparse.ArgumentParser(prog="ovseg-calib", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR", help=f"bundle to add int8 encoders to (default {DEFAULT_BUNDLE})")
     p.add_argument("--calib-images", type=Path, required=True, metavar="DIR_OR_VIDEO", help="a folder of images or a video like the ones you will segment")
     add_gate_arguments(p, "--method")
@@ -83,7 +87,11 @@ def options_from(args: argparse.Namespace, source: Path, force: bool, models=Non
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="ovseg-calib: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
+    return run_cli(PROG, functools.partial(calibrate, args), aftermath=f"{args.bundle} is unchanged")
+
+
+def calibrate(args: argparse.Namespace) -> int:
     from ovseg.runtime.sessions import SegmenterError
 
     from .bundle import calibrate_bundle
@@ -93,15 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     opts.fallback_rounds = args.fallback_rounds
     try:
         gates = calibrate_bundle(args.bundle, opts)
-    except (CalibrationError, BundleError, SegmenterError) as e:
-        print(f"ovseg-calib: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ovseg-calib: interrupted; {args.bundle} is unchanged", file=sys.stderr)
-        return 130
+    except (BundleError, SegmenterError) as e:  # the runtime's errors, until they are OvsegErrors too
+        raise CalibrationError(first_line(e)) from e
     failed = [p for p in opts.precisions if not gates[p]["passed"]]
     verdict = f"written with --force, recorded as failed: {', '.join(failed)}" if failed else "passed"
-    print(f"ovseg-calib: {', '.join(opts.precisions)} {verdict}; manifest updated in {args.bundle}")
+    print(f"{PROG}: {', '.join(opts.precisions)} {verdict}; manifest updated in {args.bundle}")
     return 0
 
 

@@ -18,11 +18,13 @@ the output depends only on that package and this repository.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ovseg.cli import run_cli
 from ovseg.errors import OvsegError
 
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
@@ -241,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wordnet", type=Path, default=DEFAULT_WORDNET_DIR, help="WordNet dict dir (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output file (default: runtime/vocab/concepts.txt)")
     args = parser.parse_args(argv)
-    try:
-        names = build_concepts(args.wordnet)
-    except WordNetMissing as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_cli(parser.prog, functools.partial(write_concepts, args))
+
+
+def write_concepts(args: argparse.Namespace) -> int:
+    names = build_concepts(args.wordnet)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(names), encoding="utf-8")
     print(f"wrote {len(names)} concepts to {args.out}")

@@ -1,6 +1,7 @@
 """Write a bundle: ONNX encoders (checked against torch), tokenizer, vocabulary embeddings and HNSW index."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import Dinov2Model
 
+import ovseg.cli
 from ovseg.runtime.bundle import (
     DEFAULT_BUNDLE,
     MANIFEST,
@@ -26,6 +28,7 @@ from ovseg.runtime.text import ClipTokenizer
 from ovseg.runtime.vocabulary import CONCEPT_TEMPLATES, DEFAULT_CONCEPTS, GUIDED_TEMPLATES, load_vocabulary, prompts_for
 
 from . import dinov2 as dino
+from .cli import PROG
 from .clip import CLIP_MEAN, CLIP_STD, DEFAULT_CLIP, ClipDenseVisual, ClipTextEncoder, load_clip
 from .onnx_io import OPSET, ExportError, check_parity, export_onnx
 from .precision import to_fp16
@@ -57,8 +60,7 @@ class ExportConfig:
         return self.dense or ("pixelclip" if self.clip_weights else "gem")
 
 
-def say(message: str) -> None:
-    tqdm.write(f"ovseg-export: {message}")
+say = functools.partial(ovseg.cli.say, PROG)
 
 
 def export_bundle(cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, dinov2_model: Dinov2Model | None = None) -> Path:

@@ -2,21 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 from ovseg.calib.cli import add_gate_arguments, options_from
-from ovseg.runtime.bundle import DEFAULT_BUNDLE, BundleError
+from ovseg.cli import first_line, run_cli
+from ovseg.constants import default_bundle
+from ovseg.runtime.bundle import BundleError
 from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS, VocabularyError
 
 from .clip import DEFAULT_CLIP, DENSE_METHODS
 from .dinov2 import DEFAULT_MODEL
-from .onnx_io import ExportError
+from .errors import ExportError
+
+PROG = "ovseg-export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ovseg-export", description=__doc__)
-    p.add_argument("--out", type=Path, default=DEFAULT_BUNDLE, help=f"bundle directory (default {DEFAULT_BUNDLE}, which ovseg-run reads)")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    out = default_bundle()
+    p.add_argument("--out", type=Path, default=out, help=f"bundle directory (default {out}, which ovseg-run reads)")
     p.add_argument("--clip", default=DEFAULT_CLIP, metavar="MODEL[:PRETRAINED]", help=f"open_clip model and weights tag (default {DEFAULT_CLIP})")
     p.add_argument("--clip-weights", type=Path, metavar="PATH", help="local checkpoint: open_clip, OpenAI, PixelCLIP or ovseg-train")
     p.add_argument("--dense", choices=DENSE_METHODS, help="dense CLIP features (default: gem for stock CLIP, pixelclip with --clip-weights)")
@@ -40,14 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.int8 != (args.calib_images is not None):
         parser.error("--int8 and --calib-images DIR go together: INT8 needs calibration frames, and frames need --int8")
-    from ovseg.calib.data import CalibrationError, read_frames
+    return run_cli(PROG, functools.partial(export, args), aftermath=f"{args.out} is unchanged")
+
+
+def export(args: argparse.Namespace) -> int:
+    from ovseg.calib.data import read_frames
+    from ovseg.runtime.sessions import SegmenterError
 
     if args.int8:  # bad calibration input fails now, not after minutes of export
-        try:
-            read_frames(args.calib_images, args.frames)
-        except CalibrationError as e:
-            print(f"ovseg-export: error: {e}", file=sys.stderr)
-            return 2
+        read_frames(args.calib_images, args.frames)
     from .bundle import ExportConfig, export_bundle  # torch loads here, after --help and argument errors
 
     cfg = ExportConfig(
@@ -58,12 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         export_bundle(cfg)
-    except (ExportError, BundleError, VocabularyError, CalibrationError) as e:
-        print(f"ovseg-export: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ovseg-export: interrupted; {cfg.out} is unchanged", file=sys.stderr)
-        return 130
+    except (BundleError, VocabularyError, SegmenterError) as e:  # the runtime's errors, until they are OvsegErrors too
+        raise ExportError(first_line(e)) from e
     return 0
 
 

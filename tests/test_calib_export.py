@@ -67,3 +67,26 @@ def test_export_cli_int8_flags(frames, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"ovseg-export: error: no images in {empty}")
     assert not (tmp_path / "b").exists()
+
+
+def test_export_cli_int8_gate_error_is_one_line(frames, tmp_path, monkeypatch, capsys):
+    """A SegmenterError from the gate's pipeline check ends ovseg-export --int8 with one line and exit 2, not a traceback."""
+    from ovseg.calib import gate
+    from ovseg.export import bundle as export_module
+    from ovseg.runtime.sessions import SegmenterError
+
+    export = export_module.export_bundle
+    tiny = lambda cfg: export(cfg, clip_model=tiny_clip(), dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()))
+    monkeypatch.setattr(export_module, "export_bundle", tiny)
+
+    def no_segmenter(*args, **kwargs):
+        raise SegmenterError("the Segmenter cannot open this bundle here")
+
+    monkeypatch.setattr(gate, "open_segmenter", no_segmenter)
+    out = tmp_path / "b"
+    code = export_main(["--int8", "--calib-images", str(frames), "--frames", "5", "--timing-runs", "1", "--out", str(out),
+                        "--image-size", "112", "--vocab", "voc21", "--random-weights"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == ["ovseg-export: error: the Segmenter cannot open this bundle here"]
+    assert not out.exists()

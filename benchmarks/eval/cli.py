@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import platform
 import sys
@@ -12,6 +13,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+import ovseg.cli
 from ovseg.runtime.bundle import DEFAULT_BUNDLE, MANIFEST, BundleError
 from ovseg.runtime.cli import positive_int
 from ovseg.runtime.vocabulary import VocabularyError
@@ -28,7 +30,6 @@ RANDOM_WEIGHTS_BANNER = "WARNING: this bundle has random weights: its CLIP-side 
 # What must be equal for --resume to add to the counts; --limit may grow, the rest only changes output.
 RESUME_KEYS = ("dataset", "data", "protocol", "bundle", "bundle_manifest_sha256", "backend", "precision", "segments",
                "refine", "match_with", "vocab", "boundary_tolerance")
-USER_ERRORS: tuple[type[Exception], ...] = (LayoutError, BundleError, VocabularyError, MatcherError, StateError)
 
 
 def _non_negative_int(text: str) -> int:
@@ -65,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def say(message: str) -> None:
-    tqdm.write(f"{PROG}: {message}", file=sys.stderr)
+say = functools.partial(ovseg.cli.say, PROG)
 
 
 def _manifest_sha(bundle: Path) -> str | None:
@@ -212,7 +212,7 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
                 write_json(args.out, report)
             return report
 
-        interrupted = False
+        stopped: KeyboardInterrupt | None = None  # Ctrl-C, or SIGTERM through ovseg.cli.run_cli
         bar = tqdm(total=len(samples), initial=tally.done, unit="img", desc=args.dataset, dynamic_ncols=True, file=sys.stderr)
         try:
             for i in range(tally.done, len(samples)):
@@ -230,8 +230,8 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
                 bar.set_postfix_str(f"mIoU {tally.matrix.scores().miou:.2f}", refresh=False)
                 if args.out is not None and tally.done % args.save_every == 0:
                     save()
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as e:
+            stopped = e
         finally:
             bar.close()
             report = save()  # whatever ends the loop, the counts so far are kept and resumable
@@ -240,9 +240,8 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
             say(f"wrote {args.out} and {state}" + ("; continue with --resume" if not report["progress"]["complete"] else ""))
         if args.save_vis is not None:
             say(f"side-by-side pictures in {args.save_vis}")
-        if interrupted:
-            say("interrupted")
-            return 130
+        if stopped is not None:
+            raise stopped  # run_cli says "interrupted" (130) or "terminated" (143)
         return 0
     finally:
         seg.close()
@@ -267,22 +266,16 @@ def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = Non
     args = parser.parse_args(argv)
     if args.refine == "segments" and args.protocol != "guided":
         parser.error("--refine segments votes guided-mode logits inside segments: use it with --protocol guided, or --refine edges")
-    errors = USER_ERRORS
+    from ovseg.runtime.sessions import SegmenterError
+
+    if open_segmenter is None:
+        from ovseg.runtime.segmenter import Segmenter
+
+        open_segmenter = Segmenter.from_bundle
     try:
-        from ovseg.runtime.sessions import SegmenterError
-
-        errors += (SegmenterError,)
-        if open_segmenter is None:
-            from ovseg.runtime.segmenter import Segmenter
-
-            open_segmenter = Segmenter.from_bundle
-        return _run(args, open_segmenter)
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    except errors as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        return ovseg.cli.run_cli(PROG, functools.partial(_run, args, open_segmenter))
+    except (BundleError, VocabularyError, SegmenterError, MatcherError) as e:  # not OvsegErrors yet (the runtime's, protocols.py's)
+        say(f"error: {ovseg.cli.first_line(e)}")
         return 2
 
 

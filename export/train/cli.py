@@ -2,23 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
+from ovseg.cli import run_cli
+from ovseg.errors import OvsegError
 from ovseg.export.clip import DEFAULT_CLIP
-from ovseg.export.onnx_io import ExportError
 from ovseg.runtime.vocabulary import VocabularyError
 
 from .data import MASK_SOURCES, CropConfig, TrainError
 from .engine import TrainConfig, train
 from .model import FINETUNE
 
+PROG = "ovseg-train"
+
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(data=Path("."), out=Path("."))
     c = CropConfig()
     p = argparse.ArgumentParser(
-        prog="ovseg-train",
+        prog=PROG,
         description="Fine-tune CLIP's image encoder from unlabelled masks (PixelCLIP). Writes OUT/student_visual.safetensors "
         "for `ovseg-export --clip-weights`, OUT/prompts.npy and OUT/prompt_names.json. Several GPUs: torchrun --nproc-per-node N $(which ovseg-train) ...",
     )
@@ -79,27 +83,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _one_line(error: Exception) -> str:
-    """Errors raised in a data-loader worker come back wrapped in a traceback; keep the original message."""
+    """An error raised in a data-loader worker comes back as the same type wrapped in its traceback; keep the original
+    message (the traceback's last line, after the type's name)."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     last = lines[-1] if lines else type(error).__name__
-    for marker in ("TrainError: ", "VocabularyError: "):
-        if marker in last:
-            return last.split(marker, 1)[1]
-    return last
+    marker = f"{type(error).__name__}: "
+    return last.split(marker, 1)[1] if marker in last else last
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(PROG, functools.partial(run, args), aftermath="continue with --resume from the last checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         result = train(config_from_args(args))
-    except (TrainError, ExportError, VocabularyError) as e:
-        print(f"ovseg-train: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ovseg-train: interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
-        return 130
+    except (OvsegError, VocabularyError) as e:  # VocabularyError: the runtime's, until it is an OvsegError too
+        raise TrainError(_one_line(e)) from e
     if "visual" in result.files:
-        print(f"ovseg-train: {result.steps} steps; export with: ovseg-export --clip-weights {result.files['visual']}")
+        print(f"{PROG}: {result.steps} steps; export with: ovseg-export --clip-weights {result.files['visual']}")
     return 0
 
 
