@@ -8,9 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import Manifest
+import numpy as np
+
+from .bundle import EncoderInfo, Manifest
 from .lookup import PromptEmbedder
-from .sessions import Engine, OnnxEncoder, choose_precision, open_engine, providers, resolve_backend
+from .preprocess import Preprocessor
+from .sessions import Engine, OnnxEncoder, SegmenterError, choose_precision, open_engine, providers, resolve_backend
 from .text import ClipTokenizer
 
 
@@ -24,7 +27,7 @@ class Engines:
 
     @classmethod
     def open(cls, bundle_dir: Path, manifest: Manifest, backend: str = "auto", precision: str = "auto",
-             threads: int | None = None) -> "Engines":
+             threads: int | None = None) -> Engines:
         """``threads``: ONNX Runtime's intra-op threads per session (None: every core); nothing process-wide changes."""
         backend = resolve_backend(backend)
         precision = choose_precision(manifest, backend, precision)
@@ -44,3 +47,14 @@ def open_embedder(bundle_dir: Path, manifest: Manifest, backend: str = "cpu", th
     device = "cpu" if backend == "cpu" else "cuda"
     encoder = OnnxEncoder(bundle_dir / manifest.text.files["fp32"], providers(device, "fp32", bundle_dir), threads)
     return PromptEmbedder(encoder, ClipTokenizer.from_file(bundle_dir / manifest.text.tokenizer, manifest.text.context_length))
+
+
+def run_encoder(engine: Engine, pre: Preprocessor, info: EncoderInfo, output: str, role: str) -> np.ndarray:
+    """The preprocessed frame through an image encoder: its ``output`` as a (rows, cols, D) float32 grid."""
+    pre.normalise(engine.input, info.mean, info.std)
+    x = engine.run().get(output)
+    rows, cols = info.grid
+    if x is None or x.ndim != 3 or x.shape[0] != 1 or x.shape[1] != rows * cols:
+        got = None if x is None else x.shape
+        raise SegmenterError(f"the {role} encoder returned {output} {got}, the manifest says (1, {rows * cols}, D): re-export the bundle")
+    return np.ascontiguousarray(x[0], dtype=np.float32).reshape(rows, cols, -1)

@@ -1,9 +1,16 @@
-"""What the Segmenter returns for one frame."""
+"""What the Segmenter returns for one frame, and how its stage timings are taken."""
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from ovseg.constants import STAGES
+
+UNKNOWN = "unknown"  # the label of a segment whose score is under the threshold
 
 
 @dataclass
@@ -34,3 +41,20 @@ class Result:
             "segments": [s.to_dict() for s in self.segments],
             "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
         }
+
+
+def largest_first(segments: list[Segment]) -> list[Segment]:
+    return sorted(segments, key=lambda s: (-s.area, s.id))
+
+
+class StageTimer:
+    """Milliseconds per stage of one frame (every name in STAGES, 0 for stages that did not run)."""
+
+    def __init__(self):
+        self.ms = dict.fromkeys(STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.ms[stage] += (time.perf_counter() - start) * 1000

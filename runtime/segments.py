@@ -1,0 +1,46 @@
+"""Segment candidates (TAG): DINOv2 patch tokens -> spherical k-means into K segments -> K score maps on the token grid.
+
+In video the k-means starts from the previous frame's centres, so a segment keeps its id while it moves.
+refine="edges" makes the maps follow the frame's edges (runtime/refine.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _native
+from .bundle import EncoderInfo
+from .engines import run_encoder
+from .preprocess import Preprocessor
+from .refine import EdgeRefiner
+from .result import StageTimer
+from .sessions import Engine
+
+
+@dataclass
+class SegmentMaps:
+    scores: np.ndarray  # (K, h, w) float32: every cell's score for every segment; a cell belongs to its argmax
+    centres: np.ndarray  # (K, Dd) the k-means centres: the next frame's warm start
+
+
+class SegmentCandidates:
+    def __init__(self, dinov2: Engine, info: EncoderInfo, pre: Preprocessor, num_segments: int, iterations: int, seed: int,
+                 edges: EdgeRefiner | None = None):
+        self.dinov2, self.info, self.pre = dinov2, info, pre
+        self.num_segments, self.iterations, self.seed = num_segments, iterations, seed
+        self.edges = edges
+
+    def __call__(self, rgb: np.ndarray, warm_start: np.ndarray | None, timer: StageTimer) -> SegmentMaps:
+        """Segments of the preprocessed frame ``rgb`` (S x S); ``warm_start``: the previous frame's centres, or None."""
+        K = self.num_segments
+        with timer("dinov2"):
+            tokens = run_encoder(self.dinov2, self.pre, self.info, "tokens", "DINOv2")
+        with timer("kmeans"):
+            x = tokens.reshape(-1, tokens.shape[-1])
+            centres, _, scores = _native.spherical_kmeans(x, K, self.iterations, self.seed, warm_start)
+            maps = np.ascontiguousarray(scores.T).reshape(K, *self.info.grid)
+        if self.edges is not None:
+            with timer("refine"):
+                maps = self.edges(maps, rgb)
+        return SegmentMaps(maps, centres)
