@@ -160,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores, as the runtime)")
     p.add_argument("--profile", action="store_true", help="also split each encoder's time by op group (ORT profiler) and bound the speed-up")
     args = p.parse_args(argv)
-    try:
-        return ovseg.cli.run_cli(PROG, functools.partial(bench, args))
-    except BundleError as e:  # the runtime's, until it is an OvsegError too
-        ovseg.cli.say(PROG, f"error: {ovseg.cli.first_line(e)}")
-        return 2
+    return ovseg.cli.run_cli(PROG, functools.partial(bench, args))
 
 
 def bench(args: argparse.Namespace) -> int:

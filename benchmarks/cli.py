@@ -291,15 +291,12 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     counts = (args.threads, args.min_runs, args.keyframe_interval, args.video_frames)
     if any(n is not None and n < 1 for n in counts) or (args.seconds is not None and args.seconds < 0):
         raise BenchError("--threads, --min-runs, --keyframe-interval and --video-frames must be at least 1, --seconds at least 0")
-    from ovseg.runtime.bundle import BundleError
-    from ovseg.runtime.sessions import SegmenterError
-
     from .report import markdown, table, write_csv
 
     started = time.perf_counter()
     try:
         doc = run(args, argv)
-    except (BundleError, SegmenterError, OSError) as e:  # the runtime's errors, until they are OvsegErrors too
+    except OSError as e:  # a file the run must read or write
         raise BenchError(ovseg.cli.first_line(e)) from e
     doc["elapsed_s"] = round(time.perf_counter() - started, 1)
     print(table(doc))

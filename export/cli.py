@@ -7,14 +7,12 @@ import sys
 from pathlib import Path
 
 from ovseg.calib.cli import add_gate_arguments, options_from
-from ovseg.cli import first_line, run_cli
+from ovseg.cli import run_cli
 from ovseg.constants import default_bundle
-from ovseg.runtime.bundle import BundleError
-from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS, VocabularyError
+from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS
 
 from .clip import DEFAULT_CLIP, DENSE_METHODS
 from .dinov2 import DEFAULT_MODEL
-from .errors import ExportError
 
 PROG = "ovseg-export"
 
@@ -51,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def export(args: argparse.Namespace) -> int:
     from ovseg.calib.data import read_frames
-    from ovseg.runtime.sessions import SegmenterError
 
     if args.int8:  # bad calibration input fails now, not after minutes of export
         read_frames(args.calib_images, args.frames)
@@ -63,10 +60,7 @@ def export(args: argparse.Namespace) -> int:
         force=args.force, workspace_mib=args.workspace,
         int8=options_from(args, args.calib_images, args.force_precision) if args.int8 else None,
     )
-    try:
-        export_bundle(cfg)
-    except (BundleError, VocabularyError, SegmenterError) as e:  # the runtime's errors, until they are OvsegErrors too
-        raise ExportError(first_line(e)) from e
+    export_bundle(cfg)
     return 0
 
 

@@ -14,9 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 import ovseg.cli
-from ovseg.runtime.bundle import DEFAULT_BUNDLE, MANIFEST, BundleError
+from ovseg.runtime.bundle import DEFAULT_BUNDLE, MANIFEST
 from ovseg.runtime.cli import positive_int
-from ovseg.runtime.vocabulary import VocabularyError
 
 from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
 from .metrics import Scores
@@ -266,15 +265,13 @@ def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = Non
     args = parser.parse_args(argv)
     if args.refine == "segments" and args.protocol != "guided":
         parser.error("--refine segments votes guided-mode logits inside segments: use it with --protocol guided, or --refine edges")
-    from ovseg.runtime.sessions import SegmenterError
-
     if open_segmenter is None:
         from ovseg.runtime.segmenter import Segmenter
 
         open_segmenter = Segmenter.from_bundle
     try:
         return ovseg.cli.run_cli(PROG, functools.partial(_run, args, open_segmenter))
-    except (BundleError, VocabularyError, SegmenterError, MatcherError) as e:  # not OvsegErrors yet (the runtime's, protocols.py's)
+    except MatcherError as e:  # not an OvsegError yet (protocols.py)
         say(f"error: {ovseg.cli.first_line(e)}")
         return 2
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from ovseg.cli import run_cli
 from ovseg.errors import OvsegError
 from ovseg.export.clip import DEFAULT_CLIP
-from ovseg.runtime.vocabulary import VocabularyError
 
 from .data import MASK_SOURCES, CropConfig, TrainError
 from .engine import TrainConfig, train
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         result = train(config_from_args(args))
-    except (OvsegError, VocabularyError) as e:  # VocabularyError: the runtime's, until it is an OvsegError too
+    except OvsegError as e:
         raise TrainError(_one_line(e)) from e
     if "visual" in result.files:
         print(f"{PROG}: {result.steps} steps; export with: ovseg-export --clip-weights {result.files['visual']}")
