@@ -16,11 +16,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ovseg.constants import default_bundle
 from ovseg.errors import OvsegError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-DEFAULT_BUNDLE = Path(os.environ.get("OVSEG_HOME", Path.home() / ".cache" / "ovseg")) / "bundles" / "default"
+
+
+def __getattr__(name: str):
+    if name == "DEFAULT_BUNDLE":  # the former constant, read at import; ovseg.constants.default_bundle() reads $OVSEG_HOME per call
+        return default_bundle()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BundleError(OvsegError):

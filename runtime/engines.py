@@ -5,16 +5,21 @@ Segmenters of other settings share one ``Engines`` (``Segmenter.with_config``): 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ovseg.constants import RANDOM_WEIGHTS_WARNING
 
 from .bundle import EncoderInfo, Manifest
 from .lookup import PromptEmbedder
 from .preprocess import Preprocessor
 from .sessions import Engine, OnnxEncoder, SegmenterError, choose_precision, open_engine, providers, resolve_backend
 from .text import ClipTokenizer
+
+log = logging.getLogger("ovseg")
 
 
 @dataclass
@@ -28,12 +33,15 @@ class Engines:
     @classmethod
     def open(cls, bundle_dir: Path, manifest: Manifest, backend: str = "auto", precision: str = "auto",
              threads: int | None = None) -> Engines:
-        """``threads``: ONNX Runtime's intra-op threads per session (None: every core); nothing process-wide changes."""
+        """``threads``: ONNX Runtime's intra-op threads per session (None: every core); nothing process-wide changes.
+        A bundle with random weights is said once per opening (Segmenters sharing these engines do not repeat it)."""
         backend = resolve_backend(backend)
         precision = choose_precision(manifest, backend, precision)
         size = manifest.image_size
         clip = open_engine(bundle_dir, manifest.clip, "CLIP image", size, backend, precision, threads)
         dinov2 = open_engine(bundle_dir, manifest.dinov2, "DINOv2", size, backend, precision, threads)
+        if manifest.random_weights:
+            log.warning("%s: %s", bundle_dir, RANDOM_WEIGHTS_WARNING)
         return cls(clip, dinov2, open_embedder(bundle_dir, manifest, backend, threads), backend, precision)
 
     def close(self) -> None:

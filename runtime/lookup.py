@@ -83,9 +83,7 @@ class LabelIndex:
     def search(self, queries: np.ndarray, k: int) -> Matches:
         """Top-``k`` labels of L2-normalised ``queries`` (Q, D); k is capped at the vocabulary size."""
         k = min(k, len(self.names))
-        if self.hnsw is not None:
-            if self.hnsw.ef < k:
-                self.hnsw.set_ef(k)
+        if self.hnsw is not None:  # hnswlib searches with max(ef, k): ef is the index's for every call
             labels, distances = self.hnsw.knn_query(queries, k=k, num_threads=1)
             return Matches(labels.astype(np.int64), (1.0 - distances).astype(np.float32))
         scores = queries @ self.embeddings.T

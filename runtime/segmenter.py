@@ -12,7 +12,6 @@ each thread's video state.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import _native
-from ..constants import STAGES
-from .bundle import DEFAULT_BUNDLE, BundleError, Manifest, read_manifest
+from ..constants import STAGES, default_bundle
+from .bundle import BundleError, Manifest, read_manifest
 from .engines import Engines
 from .features import ClipFeatures, Keyframe
 from .guided import GuidedHead
@@ -39,11 +38,8 @@ from .vocabulary import GUIDED_TEMPLATES, VocabularyError, load_vocabulary
 __all__ = ["Segmenter", "SegmenterConfig", "SegmenterError", "STAGES", "UNKNOWN", "LabelHysteresis", "draw_legend",
            "label_stats", "segment_palette"]
 
-log = logging.getLogger("ovseg")
-
 MODES = ("auto", "guided", "guidance-free")
 REFINES = (None, "segments", "edges")
-_warned_random: set[Path] = set()
 
 
 @dataclass
@@ -114,9 +110,6 @@ class Segmenter:
         self._class_embeddings: np.ndarray | None = None
         if classes is not None:
             self.set_classes(classes)
-        if manifest.random_weights and self.bundle_dir not in _warned_random:
-            _warned_random.add(self.bundle_dir)
-            log.warning("bundle %s has random weights: its segments are real, its labels are meaningless", self.bundle_dir)
 
     @classmethod
     def from_bundle(cls, path: str | Path | None = None, *, backend: str = "auto", precision: str = "auto", mode: str = "auto",
@@ -142,7 +135,7 @@ class Segmenter:
             raise SegmenterError(f"unknown lookup {lookup!r}: choose one of {', '.join(LOOKUPS)}")
         classes = _names(classes, "classes") if classes is not None else None  # fail before the sessions load
         vocab = _names(vocab, "vocab") if vocab is not None else None
-        bundle_dir = Path(path if path is not None else DEFAULT_BUNDLE).expanduser()
+        bundle_dir = Path(path if path is not None else default_bundle()).expanduser()
         try:
             manifest = read_manifest(bundle_dir)
         except BundleError as e:

@@ -57,6 +57,16 @@ def test_auto_chooses_by_size(monkeypatch):
     assert index.method == "hnsw" and index.requested == "auto" and index.hnsw.ef == 80
 
 
+def test_a_search_for_more_than_ef_labels_leaves_ef_alone():
+    rng = np.random.default_rng(5)
+    names = [str(i) for i in range(300)]
+    index = LabelIndex(names, random_unit(rng, 300, 16), "hnsw", ef=8)
+    q = random_unit(rng, 4, 16)
+    assert index.search(q, 20).index.shape == (4, 20) and index.hnsw.ef == 8
+    exact = LabelIndex(names, index.embeddings, "exact").search(q, 3)
+    np.testing.assert_array_equal(index.search(q, 3).index[:, 0], exact.index[:, 0])
+
+
 def test_the_bundle_index_loads_and_agrees(tiny_bundle):
     manifest = read_manifest(tiny_bundle)
     exact = LabelIndex.from_bundle(tiny_bundle, manifest.vocabulary, "exact")

@@ -1,6 +1,7 @@
 """What the Segmenter refuses, and how it says so: bundles, backends, precisions, settings; one line each."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -8,10 +9,8 @@ import pytest
 
 from ovseg.errors import OvsegError
 from ovseg.runtime import Segmenter, SegmenterError
-from ovseg.runtime import segmenter as segmenter_module
-from ovseg.runtime.bundle import BundleError, sha256_file
-import dataclasses
-
+from ovseg.runtime.bundle import BundleError
+from ovseg.runtime.segmenter import SegmenterConfig
 from ovseg.runtime.sessions import OnnxEncoder, choose_precision, resolve_backend, tensorrt_importable
 from ovseg.runtime.vocabulary import VocabularyError
 
@@ -35,6 +34,13 @@ def test_missing_bundle_says_to_run_ovseg_export(tmp_path):
         Segmenter.from_bundle(tmp_path / "nowhere")
     one_line(err, "no bundle at", "ovseg-export")
     assert isinstance(err.value, OvsegError)  # what every ovseg-* command prints as one line
+
+
+def test_the_default_bundle_follows_ovseg_home_when_called(tmp_path, monkeypatch):
+    monkeypatch.setenv("OVSEG_HOME", str(tmp_path))
+    with pytest.raises(SegmenterError) as err:
+        Segmenter.from_bundle()
+    one_line(err, f"no bundle at {tmp_path / 'bundles' / 'default'}")
 
 
 def test_corrupted_file_fails_its_sha256(bundle_copy):
@@ -61,14 +67,13 @@ def test_onnx_model_whose_input_does_not_fit(bundle_copy):
     one_line(err, "clip_text.onnx", "input_ids", "does not fit")
 
 
-def test_random_weights_warn_once(bundle_copy, caplog):
+def test_random_weights_warn_once_per_opening(bundle_copy, caplog):
     bundle = bundle_copy(lambda m: m.update(random_weights=True))
-    segmenter_module._warned_random.discard(bundle)
     with caplog.at_level(logging.WARNING, logger="ovseg"):
         first = Segmenter.from_bundle(bundle, backend="cpu")
-        Segmenter.from_bundle(bundle, backend="cpu")
+        first.with_config(SegmenterConfig(num_segments=4))  # the same engines: said already
     warnings = [r for r in caplog.records if "random weights" in r.getMessage()]
-    assert len(warnings) == 1 and "meaningless" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "meaningless" in warnings[0].getMessage() and str(bundle) in warnings[0].getMessage()
     assert first.random_weights
 
 
