@@ -69,11 +69,10 @@ def op_split(fp32_path: Path, model_path: Path, image_size: int, threads: int | 
     import onnxruntime as ort
 
     from ovseg.calib.quantize import attention_matmuls
+    from ovseg.onnx_helpers import session_options
 
     attention = set(attention_matmuls(onnx.load(str(fp32_path), load_external_data=False)))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    options.log_severity_level = 3
+    options = session_options(threads)
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "profile")

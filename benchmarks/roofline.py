@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ovseg.onnx_helpers import session_options
+
 from .timing import Stats
 
 GEMM_SIZE = 2048  # large enough that packing and threading overheads are a few percent of the product
@@ -100,10 +102,7 @@ class GemmPeak:
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
         self.a = rng.standard_normal((n, n), np.float32)
 
     def run(self) -> float:
@@ -189,10 +188,7 @@ def profile_ops(path: str | Path, image_size: int, threads: int, gflop: float, p
     import json
     import tempfile
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as the runtime's sessions
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options = session_options(threads)  # as the runtime's sessions
     options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="ovseg-profile-") as tmp:
         options.profile_file_prefix = str(Path(tmp) / "ort")

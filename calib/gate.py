@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ovseg.onnx_helpers import row_cosines, session_options
 
 DEFAULT_COSINE = 0.98
 DEFAULT_AGREEMENT = 0.95
@@ -49,18 +50,7 @@ class Timing:
 
 def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     """A CPU session with the runtime's settings (all graph optimisations, the default thread count)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or 0
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of matching tokens (rows over the last axis)."""
-    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
-    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def encoder_check(fp32: ort.InferenceSession, candidate: ort.InferenceSession, frames: np.ndarray) -> EncoderCheck:

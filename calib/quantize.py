@@ -24,6 +24,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import CalibrationCacheEncoder, TensorData, TensorsData, create_calibrator, save_tensors_data
 from tqdm import tqdm
 
+from ovseg.onnx_helpers import session_options
 from ovseg.runtime.bundle import sha256_file
 
 from .data import CalibrationError
@@ -260,9 +261,7 @@ def sensitivity(fp32_path: Path, qmodel_path: Path, frames: np.ndarray) -> list[
     model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in known)
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     signal = dict.fromkeys(tensors, 0.0)
     noise = dict.fromkeys(tensors, 0.0)
     for x in frames:

