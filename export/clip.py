@@ -11,6 +11,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from .hub import hub_reachable
+from .errors import WeightsUnavailable
 from .onnx_io import ExportError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -79,7 +80,7 @@ def _create_pretrained(arch: str, model_name: str, pretrained: str) -> open_clip
         if pretrained not in open_clip.list_pretrained_tags_by_model(model_name) and not Path(pretrained).is_file():
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name))
             raise ExportError(f"unknown pretrained tag {pretrained!r} for {model_name}: choose one of {tags}") from None
-        raise ExportError(
+        raise WeightsUnavailable(
             f"could not download CLIP weights {model_name}:{pretrained} ({type(e).__name__}); "
             f"pass a local checkpoint with --clip-weights PATH, or --random-weights to build a bundle whose labels are meaningless"
         ) from None

