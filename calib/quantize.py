@@ -24,7 +24,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import CalibrationCacheEncoder, TensorData, TensorsData, create_calibrator, save_tensors_data
 from tqdm import tqdm
 
-from ovseg.onnx_helpers import session_options
+from ovseg.onnx_helpers import output_projections, session_options
 from ovseg.runtime.bundle import sha256_file
 
 from .data import CalibrationError
@@ -52,24 +52,6 @@ def cache_key(model_sha256: str, frames_digest: str, method: str) -> str:
 def _const_inputs(model: onnx.ModelProto) -> set[str]:
     names = {i.name for i in model.graph.initializer}
     names |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    return names
-
-
-def output_projections(model: onnx.ModelProto) -> list[str]:
-    """The MatMul/Gemm nodes whose results are graph outputs (through shape-only ops): CLIP's final projections.
-
-    The same rule as ``ovseg.export.precision.output_projections``, restated here so that calibration (which may run
-    on an edge device) does not import torch through the export package.
-    """
-    outputs = {o.name for o in model.graph.output}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    names = []
-    for name in outputs:
-        node = producers.get(name)
-        while node is not None and node.op_type in ("Identity", "Reshape", "Cast", "Squeeze", "Transpose"):
-            node = producers.get(node.input[0])
-        if node is not None and node.op_type in ("MatMul", "Gemm"):
-            names.append(node.name)
     return names
 
 

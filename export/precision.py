@@ -6,24 +6,12 @@ from pathlib import Path
 import onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from ovseg.onnx_helpers import output_projections
+
 from .onnx_io import IR_VERSION
 
 # ViTs lose accuracy when these run in fp16: LayerNorm statistics, softmax over long rows, L2 norms.
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceL2", "ReduceMean", "Pow"]
-
-
-def output_projections(model: onnx.ModelProto) -> list[str]:
-    """Names of the MatMul nodes whose results are graph outputs: CLIP's final projections."""
-    outputs = {o.name for o in model.graph.output}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    names = []
-    for name in outputs:
-        node = producers.get(name)
-        while node is not None and node.op_type in ("Identity", "Reshape", "Cast", "Squeeze"):
-            node = producers.get(node.input[0])
-        if node is not None and node.op_type in ("MatMul", "Gemm"):
-            names.append(node.name)
-    return names
 
 
 def to_fp16(src: Path, dst: Path) -> Path:

@@ -76,6 +76,51 @@ def test_int8_files_are_checked_qdq_with_float_kept_ops_really_float(calibrated)
         assert (calibrated / q.cache_path(calibrated / info.files["fp32"]).name).is_file()
 
 
+def _fp32_gemms(model: onnx.ModelProto) -> set[str]:
+    """MatMul/Gemm nodes every input of which is float32 (the rest of an fp16 file computes in float16)."""
+    model = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    types |= {i.name: i.data_type for i in model.graph.initializer}
+    return {n.name for n in model.graph.node
+            if n.op_type in ("MatMul", "Gemm") and all(types.get(i) == onnx.TensorProto.FLOAT for i in n.input)}
+
+
+def test_fp16_export_and_int8_calibration_keep_the_same_output_projections(tiny_bundle):
+    """One rule (ovseg.onnx_helpers.output_projections) names CLIP's final projections: the fp16 file keeps exactly
+    them in fp32 and calibration keeps them in float."""
+    manifest = read_manifest(tiny_bundle)
+    for info in (manifest.clip, manifest.text):
+        fp32 = onnx.load(str(tiny_bundle / info.files["fp32"]))
+        projections = set(q.output_projections(fp32))
+        assert projections, info.files["fp32"]
+        assert _fp32_gemms(onnx.load(str(tiny_bundle / info.files["fp16"]))) == projections
+        assert projections <= set(q.float_nodes(fp32))
+
+
+def test_a_projection_read_through_a_transpose_is_an_output_projection(tmp_path):
+    """A Transpose between the projection and the output changes the layout, not the values: the fp16 export keeps that
+    MatMul in fp32 and calibration keeps it in float, as for a projection that is the output itself."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ovseg.export.onnx_io import IR_VERSION, OPSET
+    from ovseg.export.precision import to_fp16
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "W")
+    v = numpy_helper.from_array(np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32), "V")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "V"], ["h"], name="hidden"), helper.make_node("MatMul", ["h", "W"], ["p"], name="projection"),
+         helper.make_node("Transpose", ["p"], ["y"], perm=[1, 0])],
+        "projection", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (2, 8))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (4, 2))], [w, v],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    assert q.output_projections(model) == ["projection"] and "projection" in q.float_nodes(model)
+    fp16 = onnx.load(str(to_fp16(tmp_path / "m.onnx", tmp_path / "m.fp16.onnx")))
+    assert _fp32_gemms(fp16) == {"projection"}
+
+
 def test_gate_numbers_in_the_manifest(calibrated):
     manifest = read_manifest(calibrated)
     gate = manifest.gates["int8"]
