@@ -5,9 +5,7 @@ import argparse
 import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,17 +14,18 @@ from typing import Callable
 
 import numpy as np
 
-from .bundle import DEFAULT_BUNDLE, BundleError
+from ovseg.cli import run_cli, say
+from ovseg.constants import RANDOM_WEIGHTS_WARNING, default_bundle
+
 from .display import Window, draw_status, has_display
-from .sinks import FrameDirSink, JsonLinesSink, Sink, SinkError, VideoSink
-from .sources import ImageSource, LatestFrameCapture, SourceError, Source, VideoFileSource, sample_clip
-from .vocabulary import VocabularyError, parse_class_list
+from .sinks import FrameDirSink, JsonLinesSink, Sink, VideoSink
+from .sources import ImageSource, LatestFrameCapture, Source, VideoFileSource, sample_clip
+from .vocabulary import parse_class_list
 
 PROG = "ovseg-run"
-RANDOM_WEIGHTS_BANNER = "WARNING: this bundle has random weights: labels are meaningless (export real weights with ovseg-export)"
+RANDOM_WEIGHTS_BANNER = f"WARNING: {RANDOM_WEIGHTS_WARNING} (export real weights with ovseg-export)"
 # Live and image sources keep only the frames that were processed, at a rate not known up front.
 UNTIMED_VIDEO_FPS = 10.0
-USER_ERRORS: tuple[type[Exception], ...] = (BundleError, VocabularyError, SourceError, SinkError)
 
 
 def positive_int(text: str) -> int:
@@ -45,7 +44,7 @@ def _camera_index(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR", help=f"bundle written by ovseg-export (default {DEFAULT_BUNDLE})")
+    p.add_argument("--bundle", type=Path, default=default_bundle(), metavar="DIR", help="bundle written by ovseg-export (default $OVSEG_HOME/bundles/default, OVSEG_HOME defaulting to ~/.cache/ovseg)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--camera", type=_camera_index, metavar="N", help="camera index (live: only the newest frame is processed)")
     src.add_argument("--video", metavar="PATH_OR_URL", help="video file (every frame) or stream URL such as rtsp:// (live)")
@@ -69,15 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def say(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-
-
 class _StderrHandler(logging.Handler):
     """Source warnings as `ovseg-run: ...` lines on whatever sys.stderr is at the time."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        say(record.getMessage())
+        say(PROG, record.getMessage())
 
 
 def _configure_output() -> None:
@@ -136,7 +131,7 @@ def _open_source(args: argparse.Namespace, stack: contextlib.ExitStack) -> Sourc
     if args.image is not None:
         return ImageSource(args.image)
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ovseg-sample-")))
-    say("--sample: a 4 s clip panning across scikit-image's astronaut, coffee and cat photos")
+    say(PROG, "--sample: a 4 s clip panning across scikit-image's astronaut, coffee and cat photos")
     return VideoFileSource(sample_clip(tmp / "sample.mp4"))
 
 
@@ -162,6 +157,10 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(_open_source(args, stack))
             sinks = [stack.enter_context(s) for s in _open_sinks(args, source)]
+            if args.threads:  # this process is ovseg-run's: the native kernels take --threads too, not only ONNX Runtime
+                from .. import _native
+
+                _native.set_num_threads(args.threads)
             seg = open_segmenter(
                 args.bundle, backend=args.backend, precision=args.precision, classes=classes, vocab=args.vocab,
                 num_segments=args.segments, score_threshold=args.threshold, refine=args.refine,
@@ -176,10 +175,10 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
                     window = Window(PROG)
                     stack.callback(window.close)
                 else:
-                    say("no display (DISPLAY/WAYLAND_DISPLAY unset or OpenCV built without a GUI): running headless")
+                    say(PROG, "no display (DISPLAY/WAYLAND_DISPLAY unset or OpenCV built without a GUI): running headless")
             if window is None and not sinks:
-                say("nothing is shown or saved: add --save OUT.mp4, --save-dir DIR or --json to keep the results")
-            say(f"{seg.mode} mode, backend {seg.backend}, {seg.precision}; reading {source.name}")
+                say(PROG, "nothing is shown or saved: add --save OUT.mp4, --save-dir DIR or --json to keep the results")
+            say(PROG, f"{seg.mode} mode, backend {seg.backend}, {seg.precision}; reading {source.name}")
             started = time.perf_counter()
             _loop(args, source, seg, sinks, window, stats, started)
     finally:
@@ -188,9 +187,9 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
             print(stats.table(started, dropped, source.skipped if source else 0), file=sys.stderr, flush=True)
         for sink in sinks:
             if isinstance(sink, VideoSink) and sink.frames:
-                say(f"wrote {sink.path} ({sink.frames} frames)")
+                say(PROG, f"wrote {sink.path} ({sink.frames} frames)")
             elif isinstance(sink, FrameDirSink) and sink.frames:
-                say(f"wrote {sink.frames} label maps + JSON to {sink.dir}")
+                say(PROG, f"wrote {sink.frames} label maps + JSON to {sink.dir}")
     return 0
 
 
@@ -217,53 +216,20 @@ def _loop(args, source: Source, seg, sinks: list[Sink], window: Window | None, s
             break
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, systemd, docker stop), unwound like Ctrl-C so outputs are finalised."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds():
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = None) -> int:
     """Run ovseg-run; ``open_segmenter`` replaces ``Segmenter.from_bundle`` (tests inject a fake)."""
     args = build_parser().parse_args(argv)
     _configure_output()
-    errors = USER_ERRORS
-    try:
-        with _sigterm_unwinds():
-            if open_segmenter is None:
-                from .segmenter import Segmenter, SegmenterError  # onnxruntime loads here, after --help and argument errors
 
-                open_segmenter = Segmenter.from_bundle
-                errors += (SegmenterError,)
-            return _run(args, open_segmenter)
-    except Terminated:
-        say("terminated")
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    except BrokenPipeError:  # `ovseg-run --json | head`: the reader left; stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
-    except errors as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-        return 2
+    def body() -> int:
+        opener = open_segmenter
+        if opener is None:
+            from .segmenter import Segmenter  # onnxruntime loads here, after --help and argument errors
+
+            opener = Segmenter.from_bundle
+        return _run(args, opener)
+
+    return run_cli(PROG, body)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
+from ovseg.errors import OvsegError
+
 log = logging.getLogger("ovseg.sources")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm", ".exr", ".hdr")
@@ -28,7 +30,7 @@ MAX_CONSECUTIVE_BAD_FRAMES = 16
 STREAM_TIMEOUT_MS = 10_000
 
 
-class SourceError(RuntimeError):
+class SourceError(OvsegError):
     """A source cannot be opened or stopped delivering frames; the message is one line saying what to do."""
 
 

@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 import pytest
 
+from ovseg import _native
+from ovseg.constants import RANDOM_WEIGHTS_WARNING
 from ovseg.runtime import cli
 from ovseg.runtime.bundle import BundleError
 from ovseg.runtime.display import draw_status, has_display
@@ -119,7 +121,12 @@ def test_flags_reach_the_segmenter(video, tmp_path):
     argv = ["--bundle", str(tmp_path), "--video", str(video), "--classes", "cat, dog,,cat", "--backend", "cpu", "--precision", "fp16",
             "--segments", "7", "--refine", "edges", "--threshold", "0.2", "--keyframe-interval", "3", "--threads", "2",
             "--max-frames", "1", "--no-show"]
-    assert run(argv, fake) == 0
+    before = _native.get_num_threads()
+    try:
+        assert run(argv, fake) == 0
+        assert _native.get_num_threads() == 2  # ovseg-run owns its process: --threads sizes the native kernels' pool too
+    finally:
+        _native.set_num_threads(before)
     assert fake.path == tmp_path
     assert fake.kwargs == dict(backend="cpu", precision="fp16", classes=["cat", "dog"], vocab=None, num_segments=7,
                                score_threshold=0.2, refine="edges", keyframe_interval=3, threads=2)
@@ -156,7 +163,8 @@ def test_random_weights_banner_and_headless_notice(video, capsys, monkeypatch):
     assert run(["--video", str(video), "--max-frames", "2"], FakeSegmenter(random_weights=True)) == 0
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "WARNING: this bundle has random weights: labels are meaningless (export real weights with ovseg-export)" in captured.err
+    assert f"WARNING: {RANDOM_WEIGHTS_WARNING} (export real weights with ovseg-export)" in captured.err
+    assert "WARNING: this bundle has random weights: its segments are real, its labels are meaningless" in captured.err
     assert captured.err.count("running headless") == 1
     assert "nothing is shown or saved" in captured.err
 

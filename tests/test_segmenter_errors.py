@@ -185,7 +185,8 @@ def test_vocabulary_errors_keep_their_message(tiny_bundle):
 
 def test_runtime_errors_share_one_base():
     from ovseg.runtime.sinks import SinkError
+    from ovseg.runtime.sources import SourceError
 
-    for error in (SegmenterError, BundleError, VocabularyError, SinkError):
+    for error in (SegmenterError, BundleError, VocabularyError, SinkError, SourceError):
         assert issubclass(error, OvsegError), error
     assert issubclass(VocabularyError, ValueError)  # callers that caught ValueError still do
