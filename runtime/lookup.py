@@ -11,19 +11,15 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from ovseg.constants import HNSW_PARAMS
+
 from .bundle import VocabularyInfo
 from .sessions import OnnxEncoder, SegmenterError
 from .text import ClipTokenizer
 from .vocabulary import prompts_for
 
 LOOKUPS = ("auto", "exact", "hnsw")
-# Where the exact product stops: ovseg-bench's vocabulary sweep (real text embeddings mapped to D=512, 15 queries,
-# top-3, one search thread, exact and HNSW interleaved; README "Performance") puts HNSW (M=32, ef_construction=200,
-# ef=64; recall@1 1.000 up to 10k) ahead from about 3,000-4,400 entries: p50 ms per frame, exact 1.09 / 6.95 and
-# HNSW 1.70 / 5.45 at 1k / 10k. Up to 5,000 the product costs the same and is exact. `python -m ovseg.runtime.lookup`
-# times both on random unit vectors, HNSW's worst case, where the lines cross near 10k instead.
-EXACT_MAX = 5000
-DEFAULT_HNSW = {"M": 32, "ef_construction": 200, "ef": 64}
+EXACT_MAX = 5000  # lookup="auto" searches exactly up to here: docs/DESIGN.md, "Lookup: exact vs HNSW", has the sweep
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -52,7 +48,7 @@ class LabelIndex:
         self.embeddings = np.ascontiguousarray(embeddings, np.float32)
         self.requested = method
         self.method = method if method != "auto" else ("exact" if len(names) <= EXACT_MAX else "hnsw")
-        self.params = {**DEFAULT_HNSW, **(hnsw_params or {})}
+        self.params = {**HNSW_PARAMS, **(hnsw_params or {})}
         if ef is not None:
             self.params["ef"] = ef
         self.hnsw = None

@@ -1,4 +1,4 @@
-// Fused per-segment pooling (DESIGN.md, "Fused per-segment pooling — the exact
+// Fused per-segment pooling (docs/DESIGN.md, "Fused per-segment pooling — the exact
 // math"). The mean of the upsampled features over segment k is
 //   E_k = (1/|S_k|) sum_{p in S_k} sum_n U(p, n) F_n = (1/|S_k|) (U^T M_k) F,
 // so the masks are pooled down with the adjoint of the separable bilinear
