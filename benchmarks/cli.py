@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ovseg.cli
+from ovseg.constants import default_bundle
 from ovseg.errors import OvsegError
 
 PROG = "ovseg-bench"
@@ -72,10 +73,9 @@ def _frame_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ovseg.runtime.bundle import DEFAULT_BUNDLE
-
+    bundle = default_bundle()
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR", help=f"bundle to measure (default {DEFAULT_BUNDLE})")
+    p.add_argument("--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle to measure (default {bundle})")
     p.add_argument("--quick", action="store_true", help="short budgets and small sweeps (vocabulary up to 10k): under 2 minutes")
     p.add_argument("--out", type=Path, metavar="results.json", help="write every result as JSON")
     p.add_argument("--csv", type=Path, metavar="results.csv", help="write every result as CSV rows (section, key, value)")

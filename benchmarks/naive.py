@@ -31,6 +31,7 @@ from .latency import Opened, pixel_labels
 from .timing import Budget, Stats, peak_rss_mb, repeat
 
 SAME_WEIGHTS_COSINE = 0.999  # fp32 exports pass 0.9999 against torch; a different model is near 0
+# Not ovseg.constants.STAGES: TAG assigns every pixel to a centre at full resolution ("assign"), and has no "refine".
 NAIVE_STAGES = ("preprocess", "dinov2", "kmeans", "assign", "clip", "pooling", "lookup", "render")
 
 

@@ -5,6 +5,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from ovseg.constants import STAGES
+
 from .roofline import GEMM_CLASS
 
 TARGET_SIZE = 448
@@ -16,7 +18,9 @@ HNSW_SIZE = 1_000_000
 HNSW_MAX_MS = 1.0
 HNSW_MIN_RECALL = 0.99
 IDLE_LOAD = 0.25  # load average per CPU at the start under which the machine counts as otherwise idle
-STAGE_ORDER = ("preprocess", "dinov2", "kmeans", "assign", "refine", "clip", "pooling", "lookup", "render", "total")
+# Table order: the Segmenter's stages, and the naive reference's "assign" (pixels to k-means centres; naive.NAIVE_STAGES)
+# right after k-means.
+STAGE_ORDER = tuple(s for stage in STAGES for s in ((stage, "assign") if stage == "kmeans" else (stage,)))
 
 
 @dataclass

@@ -18,7 +18,8 @@ import hnswlib
 import numpy as np
 
 from ovseg.runtime.bundle import BundleError, Manifest, read_manifest
-from ovseg.runtime.lookup import DEFAULT_HNSW, LabelIndex, l2_normalise
+from ovseg.constants import HNSW_PARAMS
+from ovseg.runtime.lookup import LabelIndex, l2_normalise
 
 from .phrases import MODEL, QUERY_TEMPLATE, PhraseEmbedder, phrases, to_clip_width
 from .timing import Budget, Stats, repeat
@@ -98,7 +99,7 @@ def cached_hnsw(vocab: np.ndarray, params: dict[str, int], source: str, threads:
 
 
 def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: int, say, seed: int = 0) -> VocabSweep:
-    default_ef = DEFAULT_HNSW["ef"]
+    default_ef = HNSW_PARAMS["ef"]
     efs = sorted(set(efs) | {default_ef})
     embedder = PhraseEmbedder(CACHE)
     all_names = phrases(max(sizes))  # every size is a prefix of the largest
@@ -109,7 +110,7 @@ def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: 
         picked = np.random.default_rng(seed + size).choice(size, RECALL_QUERIES, replace=size < RECALL_QUERIES)
         queries = l2_normalise(to_clip_width(embedder([QUERY_TEMPLATE.format(names[i]) for i in picked]), DIM))
         truth = exact_top1(vocab, queries)
-        params = dict(LARGE_HNSW) if size >= LARGE else {k: DEFAULT_HNSW[k] for k in ("M", "ef_construction")}
+        params = dict(LARGE_HNSW) if size >= LARGE else {k: HNSW_PARAMS[k] for k in ("M", "ef_construction")}
         index, build_s = cached_hnsw(vocab, params, embedder.cache.name, threads, say)
         exact = LabelIndex(names, vocab, "exact")
         approx = LabelIndex(names, vocab, "hnsw", hnsw=index, hnsw_params=params, ef=default_ef)
@@ -131,8 +132,8 @@ def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: 
              f"isometrically to D={DIM} (benchmarks/phrases.py); queries: '{QUERY_TEMPLATE.format('<entry>')}' for "
              f"{RECALL_QUERIES} random entries, {QUERIES_PER_FRAME} per frame, top-{TOP_K}, one search thread (as the runtime); "
              "exact and every ef run on each frame in turn",
-             f"indexes below {LARGE:,} use the runtime's defaults (M={DEFAULT_HNSW['M']}, ef_construction="
-             f"{DEFAULT_HNSW['ef_construction']}); from {LARGE:,} on M={LARGE_HNSW['M']}, ef_construction="
+             f"indexes below {LARGE:,} use the runtime's defaults (M={HNSW_PARAMS['M']}, ef_construction="
+             f"{HNSW_PARAMS['ef_construction']}); from {LARGE:,} on M={LARGE_HNSW['M']}, ef_construction="
              f"{LARGE_HNSW['ef_construction']} (building the defaults at 1M takes too long on this machine)",
              "recall@1 is HNSW's top entry against the exact one; these queries are text, so they sit closer to their "
              "entries than CLIP segment embeddings do to their labels"]

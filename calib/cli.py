@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ovseg.cli import run_cli
-from ovseg.runtime.bundle import DEFAULT_BUNDLE
+from ovseg.constants import default_bundle
 
 PROG = "ovseg-calib"
 
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .bundle import MODELS, PRECISIONS
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR", help=f"bundle to add int8 encoders to (default {DEFAULT_BUNDLE})")
+    bundle = default_bundle()
+    p.add_argument("--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle to add int8 encoders to (default {bundle})")
     p.add_argument("--calib-images", type=Path, required=True, metavar="DIR_OR_VIDEO", help="a folder of images or a video like the ones you will segment")
     add_gate_arguments(p, "--method")
     p.add_argument("--models", type=_csv(MODELS), default=MODELS, metavar="LIST", help="encoders to calibrate (default clip,dinov2)")

@@ -14,8 +14,8 @@ from tqdm import tqdm
 from transformers import Dinov2Model
 
 import ovseg.cli
+from ovseg.constants import HNSW_PARAMS, default_bundle
 from ovseg.runtime.bundle import (
-    DEFAULT_BUNDLE,
     MANIFEST,
     EncoderInfo,
     Manifest,
@@ -40,7 +40,7 @@ FP16_MIN_COSINE = 0.99  # fp16 against the fp32 torch model; fp32 exports must r
 
 @dataclass
 class ExportConfig:
-    out: Path = DEFAULT_BUNDLE
+    out: Path = field(default_factory=default_bundle)
     clip: str = DEFAULT_CLIP
     clip_weights: Path | None = None
     dense: str | None = None  # None: gem for stock CLIP (TAG), pixelclip for a fine-tuned checkpoint
@@ -51,7 +51,7 @@ class ExportConfig:
     random_weights: bool = False
     force: bool = False
     workspace_mib: int = 2048
-    hnsw: dict[str, int] = field(default_factory=lambda: {"M": 32, "ef_construction": 200, "ef": 64})
+    hnsw: dict[str, int] = field(default_factory=lambda: dict(HNSW_PARAMS))
     text_batch: int = 256
     int8: object | None = None  # ovseg.calib.bundle.CalibOptions: calibrate INT8 encoders and gate them (ovseg-export --int8)
 

@@ -8,6 +8,8 @@ import pytest
 
 from ovseg.benchmarks import cli
 from ovseg.benchmarks.latency import STAGES
+from ovseg.benchmarks.naive import NAIVE_STAGES
+from ovseg.benchmarks.report import STAGE_ORDER
 from ovseg.benchmarks.timing import Stats
 
 STAT_KEYS = set(Stats.__dataclass_fields__)
@@ -78,6 +80,8 @@ def test_naive_reference_agrees(bench):
     assert min(naive["same_weights_cosine"].values()) > 0.999
     assert naive["agreement"] >= 0.99
     assert naive["speedup"]["n"] >= 2 and naive["speedup"]["p50"] > 0
+    assert set(naive["naive"]) == {*NAIVE_STAGES, "total"}
+    assert set(STAGE_ORDER) >= set(naive["naive"]) | set(naive["ovseg"])  # the report lists every stage either side timed
     for stage in ("dinov2", "kmeans", "assign", "clip", "pooling", "lookup", "render", "total"):
         assert naive["naive"][stage]["p50"] >= 0, stage
 

@@ -14,7 +14,8 @@ import numpy as np
 from tqdm import tqdm
 
 import ovseg.cli
-from ovseg.runtime.bundle import DEFAULT_BUNDLE, MANIFEST
+from ovseg.constants import RANDOM_WEIGHTS_WARNING, default_bundle
+from ovseg.runtime.bundle import MANIFEST
 from ovseg.runtime.cli import positive_int
 
 from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
@@ -25,7 +26,7 @@ from .vis import save_side_by_side
 
 PROG = "ovseg-eval"
 REPORT_VERSION = 1
-RANDOM_WEIGHTS_BANNER = "WARNING: this bundle has random weights: its CLIP-side numbers are meaningless (export real weights with ovseg-export)"
+RANDOM_WEIGHTS_BANNER = f"WARNING: {RANDOM_WEIGHTS_WARNING}, and so are this evaluation's CLIP-side numbers (export real weights with ovseg-export)"
 # What must be equal for --resume to add to the counts; --limit may grow, the rest only changes output.
 RESUME_KEYS = ("dataset", "data", "protocol", "bundle", "bundle_manifest_sha256", "backend", "precision", "segments",
                "refine", "match_with", "vocab", "boundary_tolerance")
@@ -40,7 +41,8 @@ def _non_negative_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, metavar="DIR", help=f"bundle written by ovseg-export (default {DEFAULT_BUNDLE})")
+    bundle = default_bundle()
+    p.add_argument("--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle written by ovseg-export (default {bundle})")
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="benchmark and class list")
     p.add_argument("--data", required=True, type=Path, metavar="PATH", help="the dataset's directory in its usual layout (see the README)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="guided",
