@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -271,6 +272,15 @@ def test_resume_continues_the_run(data, tmp_path):
     assert len(result.losses) == 1
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
     assert len((out / "log.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_cli_defaults_are_the_config_defaults():
+    """ovseg-train's flags take their defaults from TrainConfig and CropConfig: nothing restated that could drift."""
+    args = cli.build_parser().parse_args(["--data", "d", "--out", "o"])
+    assert cli.config_from_args(args) == TrainConfig(data=Path("d"), out=Path("o"))
+    args = cli.build_parser().parse_args(["--data", "d", "--out", "o", "--no-names", "--fp32", "--no-strong-aug", "--crop", "32"])
+    config = cli.config_from_args(args)
+    assert (config.vocab, config.amp, config.crop.strong, config.crop.crop) == (None, False, False, 32)
 
 
 def test_bad_data_fails_with_one_line(tmp_path, capsys):
