@@ -16,17 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ovseg.constants import default_bundle
 from ovseg.errors import OvsegError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def __getattr__(name: str):
-    if name == "DEFAULT_BUNDLE":  # the former constant, read at import; ovseg.constants.default_bundle() reads $OVSEG_HOME per call
-        return default_bundle()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BundleError(OvsegError):
