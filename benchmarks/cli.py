@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ovseg.cli
-from ovseg.constants import default_bundle
+from ovseg.constants import default_bundle, ovseg_home
 from ovseg.errors import OvsegError
 
 PROG = "ovseg-bench"
@@ -154,8 +154,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     from .timing import Budget, environment, peak_rss_mb
     from .video import measure_video
 
-    if args.cache:
-        sweeps.CACHE = args.cache
+    cache = (args.cache or ovseg_home() / "bench").expanduser()
     bundle = args.bundle.expanduser()
     manifest = read_manifest(bundle)
     plan = make_plan(args, manifest.image_size)
@@ -209,7 +208,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     def roofline_section():
         encoders = {"dinov2": manifest.dinov2, "clip": manifest.clip}
         flops = {role: cached_flops(bundle / info.files["fp32"], manifest.image_size, manifest.sha256.get(info.files["fp32"]),
-                                    sweeps.CACHE) for role, info in encoders.items()}
+                                    cache) for role, info in encoders.items()}
         roof = roofline(flops, main.per_frame, gemm)
         if args.quick and roof.fraction_of_peak.p50 >= PEAK_FRACTION_MIN:
             return roof  # the op profile explains a miss; --quick spends its two extra runs per encoder only then
@@ -226,7 +225,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     section("segments", lambda: latency.sweep_k(opened, frames, plan.ks, k_budget), "sweeps", "segments")
     @functools.cache
     def same_size_bundle() -> Path | None:  # for precisions the main bundle lacks (fp16); not in --quick
-        return sweeps.bundle_for_size(bundle, manifest, manifest.image_size, say, own=False).bundle
+        return sweeps.bundle_for_size(bundle, manifest, manifest.image_size, cache, say, own=False).bundle
 
     section("backends", lambda: latency.sweep_backends(bundle, manifest, frames, small_budget, args.threads, main,
                                                        ort.get_available_providers(), None if args.quick else same_size_bundle),
@@ -238,7 +237,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
 
     if all("int8" in info.files for info in (manifest.clip, manifest.dinov2)):
         section("int8", int8_section, "sweeps", "int8_encoders")
-    section("vocabulary", lambda: sweeps.sweep_vocabulary(plan.vocab_sizes, plan.efs, vocab_budget, args.threads, say),
+    section("vocabulary", lambda: sweeps.sweep_vocabulary(plan.vocab_sizes, plan.efs, vocab_budget, args.threads, cache, say),
             "sweeps", "vocabulary")
 
     # 3. other processes: ovseg-run on the clip, exports for the size sweep
@@ -246,7 +245,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
                                            args.keyframe_interval), "video")
 
     def size_point(size: int) -> dict:
-        where = sweeps.bundle_for_size(bundle, manifest, size, say, export=not args.quick)  # --quick: cached sizes only
+        where = sweeps.bundle_for_size(bundle, manifest, size, cache, say, export=not args.quick)  # --quick: cached sizes only
         point = {"size": size, "bundle": str(where.bundle) if where.bundle else None, "skipped": where.skipped,
                  "export_s": where.export_s, "latency": doc["latency"] if where.bundle == bundle else None}
         if where.bundle is not None and where.bundle != bundle:  # sweep bundles are fp32 only

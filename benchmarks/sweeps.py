@@ -1,8 +1,8 @@
 """Sweeps that need more than the main bundle: vocabulary size (exact vs HNSW) and input size (one bundle per size).
 
-Both cache what is slow to build under ``$OVSEG_HOME/bench`` (default ~/.cache/ovseg/bench): the
-phrase embeddings and HNSW indexes of the vocabulary sweep, and random-weights bundles of the main bundle's
-architectures at each input size. Delete the directory to rebuild.
+Both cache what is slow to build in the directory they are given (ovseg-bench: ``--cache``, default
+``$OVSEG_HOME/bench``): the phrase embeddings and HNSW indexes of the vocabulary sweep, and random-weights bundles of
+the main bundle's architectures at each input size. Delete the directory to rebuild.
 """
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from ovseg.runtime.bundle import BundleError, Manifest, read_manifest
 from ovseg.constants import HNSW_PARAMS
+from ovseg.runtime.bundle import BundleError, Manifest, read_manifest
 from ovseg.runtime.lookup import LabelIndex, l2_normalise
 
 from .phrases import MODEL, QUERY_TEMPLATE, PhraseEmbedder, phrases, to_clip_width
 from .timing import Budget, Stats, repeat
 
-CACHE = Path(os.environ.get("OVSEG_HOME", Path.home() / ".cache" / "ovseg")) / "bench"
 DIM = 512  # CLIP ViT-B text embedding width
 QUERIES_PER_FRAME = 15  # TAG's K segments
 TOP_K = 3  # the Segmenter's default top_k
@@ -73,9 +72,9 @@ def exact_top1(vocab: np.ndarray, queries: np.ndarray, chunk: int = 200_000) -> 
     return arg
 
 
-def cached_hnsw(vocab: np.ndarray, params: dict[str, int], source: str, threads: int, say) -> tuple[hnswlib.Index, float | None]:
-    """The hnswlib index of ``vocab`` (the first len(vocab) of ``source``): loaded from the cache, or built and cached."""
-    path = CACHE / f"hnsw-{source}-v{len(vocab)}-d{vocab.shape[1]}-M{params['M']}-efc{params['ef_construction']}.bin"
+def cached_hnsw(vocab: np.ndarray, params: dict[str, int], source: str, cache: Path, threads: int, say) -> tuple[hnswlib.Index, float | None]:
+    """The hnswlib index of ``vocab`` (the first len(vocab) of ``source``): loaded from ``cache``, or built and cached there."""
+    path = cache / f"hnsw-{source}-v{len(vocab)}-d{vocab.shape[1]}-M{params['M']}-efc{params['ef_construction']}.bin"
     index = hnswlib.Index(space="cosine", dim=vocab.shape[1])
     if path.is_file():
         try:
@@ -91,17 +90,17 @@ def cached_hnsw(vocab: np.ndarray, params: dict[str, int], source: str, threads:
     index.init_index(max_elements=len(vocab), M=params["M"], ef_construction=params["ef_construction"], random_seed=0)
     index.add_items(vocab, np.arange(len(vocab)), num_threads=threads)
     built = time.perf_counter() - start
-    CACHE.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     index.save_index(str(tmp))
     os.replace(tmp, path)
     return index, built
 
 
-def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: int, say, seed: int = 0) -> VocabSweep:
+def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: int, cache: Path, say, seed: int = 0) -> VocabSweep:
     default_ef = HNSW_PARAMS["ef"]
     efs = sorted(set(efs) | {default_ef})
-    embedder = PhraseEmbedder(CACHE)
+    embedder = PhraseEmbedder(cache)
     all_names = phrases(max(sizes))  # every size is a prefix of the largest
     largest = l2_normalise(to_clip_width(embedder.vocabulary(all_names, say), DIM))
     points = []
@@ -111,7 +110,7 @@ def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: 
         queries = l2_normalise(to_clip_width(embedder([QUERY_TEMPLATE.format(names[i]) for i in picked]), DIM))
         truth = exact_top1(vocab, queries)
         params = dict(LARGE_HNSW) if size >= LARGE else {k: HNSW_PARAMS[k] for k in ("M", "ef_construction")}
-        index, build_s = cached_hnsw(vocab, params, embedder.cache.name, threads, say)
+        index, build_s = cached_hnsw(vocab, params, embedder.cache.name, cache, threads, say)
         exact = LabelIndex(names, vocab, "exact")
         approx = LabelIndex(names, vocab, "hnsw", hnsw=index, hnsw_params=params, ef=default_ef)
         frames = [queries[i : i + QUERIES_PER_FRAME] for i in range(0, RECALL_QUERIES, QUERIES_PER_FRAME)]
@@ -192,9 +191,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
-def bundle_for_size(main: Path, manifest: Manifest, size: int, say, own: bool = True, export: bool = True) -> SizeBundle:
-    """The main bundle at its own size (``own``); otherwise a cached random-weights bundle of the same architectures
-    with fp16 variants, exported if absent and ``export``."""
+def bundle_for_size(main: Path, manifest: Manifest, size: int, cache: Path, say, own: bool = True, export: bool = True) -> SizeBundle:
+    """The main bundle at its own size (``own``); otherwise a random-weights bundle of the same architectures with fp16
+    variants, cached under ``cache``, exported if absent and ``export``."""
     if own and size == manifest.image_size:
         return SizeBundle(size, main)
     for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2)):
@@ -203,7 +202,7 @@ def bundle_for_size(main: Path, manifest: Manifest, size: int, say, own: bool = 
                                           f"and one S x S input feeds both encoders")
     if "injected" in (manifest.clip.weights, manifest.dinov2.weights):
         return SizeBundle(size, None, "the main bundle's models were injected by a script: the CLI cannot export them at other sizes")
-    out = CACHE / "bundles" / f"{_slug(manifest.clip.model)}__{_slug(manifest.dinov2.model)}__{manifest.dense_method}__{size}__fp16"
+    out = cache / "bundles" / f"{_slug(manifest.clip.model)}__{_slug(manifest.dinov2.model)}__{manifest.dense_method}__{size}__fp16"
     try:
         read_manifest(out, verify=False)
         return SizeBundle(size, out)
