@@ -1,17 +1,19 @@
 """CLIP for export: loading (open_clip, local or PixelCLIP checkpoints), the dense visual encoder, the text encoder."""
 from __future__ import annotations
 
-import contextlib
+import os
 from pathlib import Path
 
+import huggingface_hub
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .hub import hub_reachable
 from .errors import WeightsUnavailable
+from .hub import hub_reachable
 from .onnx_io import ExportError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -59,31 +61,41 @@ def load_clip(spec: str = DEFAULT_CLIP, weights: str | Path | None = None, rando
     return model.float().eval(), source
 
 
-@contextlib.contextmanager
-def _offline_hub(offline: bool):
-    """Make huggingface_hub use only its cache (no retries against an unreachable hub) inside the block."""
-    from huggingface_hub import constants
-
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = saved or offline
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
 def _create_pretrained(arch: str, model_name: str, pretrained: str) -> open_clip.CLIP:
+    weights = pretrained if hub_reachable() else _cached_weights(arch, pretrained)
+    if weights is None:
+        raise _unavailable(model_name, pretrained, "the hub is unreachable and they are not cached")
     try:
-        with _offline_hub(not hub_reachable()):
-            return open_clip.create_model(arch, pretrained=pretrained)
+        return open_clip.create_model(arch, pretrained=weights)
     except Exception as e:
         if pretrained not in open_clip.list_pretrained_tags_by_model(model_name) and not Path(pretrained).is_file():
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name))
             raise ExportError(f"unknown pretrained tag {pretrained!r} for {model_name}: choose one of {tags}") from None
-        raise WeightsUnavailable(
-            f"could not download CLIP weights {model_name}:{pretrained} ({type(e).__name__}); "
-            f"pass a local checkpoint with --clip-weights PATH, or --random-weights to build a bundle whose labels are meaningless"
-        ) from None
+        raise _unavailable(model_name, pretrained, type(e).__name__) from None
+
+
+def _unavailable(model_name: str, pretrained: str, why: str) -> WeightsUnavailable:
+    return WeightsUnavailable(
+        f"could not download CLIP weights {model_name}:{pretrained} ({why}); "
+        f"pass a local checkpoint with --clip-weights PATH, or --random-weights to build a bundle whose labels are meaningless"
+    )
+
+
+def _cached_weights(arch: str, pretrained: str) -> str | None:
+    """With the hub out of reach: the file of the tag's hub weights in the local cache (None when it is not there), so
+    that open_clip loads it as a file. open_clip has no cache-only switch, and given the tag it would retry the hub
+    before looking in the cache. Tags without hub weights, unknown tags and file paths are handed on unchanged."""
+    hub = open_clip.get_pretrained_cfg(arch, pretrained).get("hf_hub", "")
+    if not hub:
+        return pretrained
+    repo_id, filename = os.path.split(hub)  # open_clip's form: "org/repo/file", or "org/repo/" for its default file
+    filename = filename or HF_WEIGHTS_NAME
+    safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else str(Path(filename).with_suffix(".safetensors"))
+    for name in dict.fromkeys((safe, filename)):  # open_clip prefers the safetensors file, as here
+        path = huggingface_hub.try_to_load_from_cache(repo_id, name)
+        if isinstance(path, str):
+            return path
+    return None
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

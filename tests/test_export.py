@@ -249,6 +249,31 @@ def test_clip_weights_that_cannot_be_downloaded_fail_fast(monkeypatch):
         load_clip("ViT-Q-99:openai")
 
 
+def test_clip_weights_come_from_the_hub_cache_when_the_hub_is_out_of_reach(monkeypatch, tmp_path):
+    """Offline, open_clip gets the cached file of the tag's weights (huggingface_hub's cache lookup reads no network);
+    no global setting of huggingface_hub changes on the way."""
+    import huggingface_hub
+
+    cached = tmp_path / "open_clip_model.safetensors"
+    lookups, calls = [], []
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+
+    def lookup(repo_id, filename, **kwargs):
+        lookups.append((repo_id, filename))
+        return str(cached) if filename == cached.name else None
+
+    def create_model(arch, pretrained=None, **kwargs):
+        calls.append((arch, pretrained, huggingface_hub.constants.HF_HUB_OFFLINE))
+        return open_clip.CLIP(**_tiny_kwargs())
+
+    monkeypatch.setattr(clip_mod, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lookup)
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    _, source = load_clip("ViT-B-16:openai")
+    assert lookups[0] == ("timm/vit_base_patch16_clip_224.openai", "open_clip_model.safetensors")
+    assert calls == [("ViT-B-16-quickgelu", str(cached), offline)] and source == "open_clip ViT-B-16:openai"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
