@@ -11,9 +11,11 @@ Runtime on the CPU, not these plans).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ovseg.cli import run_cli
@@ -88,8 +90,31 @@ def options_from(args: argparse.Namespace, source: Path, force: bool, models=Non
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
-    return run_cli(PROG, functools.partial(calibrate, args), aftermath=f"{args.bundle} is unchanged")
+    with _warnings_on_stderr():
+        return run_cli(PROG, functools.partial(calibrate, args), aftermath=f"{args.bundle} is unchanged")
+
+
+@contextlib.contextmanager
+def _warnings_on_stderr() -> Iterator[None]:
+    """ovseg's warnings (a frame that cannot be read, a damaged calibration cache) as ``ovseg-calib: ...`` lines while
+    the command runs, written above the progress bars. Only the "ovseg" logger is touched, and only until it returns:
+    the root logger is the caller's."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logger = logging.getLogger("ovseg")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False  # not twice: ONNX Runtime's quantiser may give the root logger a handler of its own
+    try:
+        with logging_redirect_tqdm([logger]):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def calibrate(args: argparse.Namespace) -> int:

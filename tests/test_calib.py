@@ -213,6 +213,19 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tiny_bundle, photos, tmp_
     assert _tree(bundle) == before
 
 
+def test_calib_warnings_are_its_own_lines_and_the_root_logger_is_left_alone(tiny_bundle, tmp_path, capsys):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "broken.jpg").write_bytes(b"not a jpeg")
+    root, ovseg = logging.getLogger(), logging.getLogger("ovseg")
+    before = (root.level, list(root.handlers), ovseg.level, list(ovseg.handlers), ovseg.propagate)
+    assert calib_main(["--bundle", str(tiny_bundle), "--calib-images", str(frames)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert f"ovseg-calib: calibration image {frames / 'broken.jpg'} cannot be read, skipping" in err
+    assert err[-1].startswith("ovseg-calib: error: none of the 1 image(s)")
+    assert (root.level, list(root.handlers), ovseg.level, list(ovseg.handlers), ovseg.propagate) == before
+
+
 def test_split_and_video_sampling(tmp_path):
     assert split_sizes(10, 0.2) == (8, 2) and split_sizes(40, 0.2) == (32, 8) and split_sizes(4, 0.2) == (2, 2)
     with pytest.raises(CalibrationError, match="too few"):
