@@ -26,10 +26,10 @@ class DenseClip(ClipDenseVisual):
 
     def __init__(self, visual, image_size: int, method: str):
         super().__init__(visual, image_size, method)
-        del self._buffers["pos"]
+        del self.pos  # the buffer goes; forward sets a plain attribute in its place
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        object.__setattr__(self, "pos", _resize_pos_embed(self.visual.positional_embedding, self.grid))
+        self.pos = _resize_pos_embed(self.visual.positional_embedding, self.grid)
         return super().forward(pixel_values)
 
     def dense(self, pixel_values: torch.Tensor) -> torch.Tensor:
