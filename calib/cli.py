@@ -48,8 +48,8 @@ def add_gate_arguments(p, *method_flags: str) -> None:
     from .gate import DEFAULT_AGREEMENT, DEFAULT_COSINE
 
     p.add_argument(*(method_flags or ("--calib-method",)), dest="method", choices=("minmax", "entropy", "percentile"), default="minmax",
-                   help="activation range calibration (default minmax: on DINOv2-S/14 at 448, real weights, worst-token cosine "
-                        "minmax 0.983, entropy 0.969, percentile 0.926)")
+                   help="activation range calibration (default minmax, the closest to fp32 of the three on DINOv2: "
+                        "docs/DESIGN.md has the numbers)")
     p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, metavar="N", help=f"frames sampled evenly from the source (default {DEFAULT_FRAMES})")
     p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT, metavar="F",
                    help=f"fraction held out for the gate, at least 2 frames (default {DEFAULT_HOLDOUT})")

@@ -64,9 +64,9 @@ def attention_matmuls(model: onnx.ModelProto) -> list[str]:
 def float_nodes(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> list[str]:
     """Every node that must not be quantised: FLOAT_OPS, the output projections, the attention MatMuls, ``exclude``.
 
-    Attention stays float because it is both worse and slower in int8 here (measured on DINOv2-S/14 at 448, real
-    weights: all attention in int8 drops the worst token cosine to 0.27 - softmax rows of 1025 probabilities do not
-    survive a 1/255 step - and ORT's int8 kernels for activation x activation products were no faster than fp32).
+    Attention stays float because it is both worse and slower in int8 here: softmax rows of a thousand probabilities do
+    not survive a 1/255 step, and ORT's int8 kernels for activation x activation products are no faster than fp32
+    (docs/DESIGN.md, "Measurements behind defaults").
     """
     names = [n.name for n in model.graph.node if n.op_type in FLOAT_OPS]
     names += output_projections(model)
@@ -156,8 +156,8 @@ def quantize(model_path: Path, out_path: Path, ranges: TensorsData, exclude: tup
                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
                 calibrate_method=ranges.calibration_method, calibration_cache_path=str(ort_cache),
                 # GEMM outputs stay float: ORT fuses DQ -> MatMul into MatMulIntegerToFloat (dequantised in the kernel),
-                # measured faster and closer to fp32 than requantised outputs (QLinearMatMul): DINOv2 1.70x vs 1.42x
-                # CPU time, worst token cosine 0.984 vs 0.970.
+                # faster and closer to fp32 than requantised outputs (QLinearMatMul): docs/DESIGN.md, "Measurements
+                # behind defaults".
                 extra_options={
                     "ActivationSymmetric": False, "WeightSymmetric": True, "MatMulConstBOnly": True,
                     "OpTypesToExcludeOutputQuantization": list(QUANT_OPS),
