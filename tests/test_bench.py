@@ -151,3 +151,8 @@ def test_vocabulary_phrases_are_distinct_nested_and_kept_isometric():
     y = to_clip_width(x, 512)
     assert y.shape == (50, 512)
     np.testing.assert_allclose(y @ y.T, x @ x.T, rtol=1e-4, atol=1e-3)  # cosines and norms unchanged
+
+
+def test_default_sizes_can_all_run():
+    """One S x S input feeds both encoders: every default size is a multiple of DINOv2's 14 and CLIP's 16."""
+    assert all(size % 14 == 0 and size % 16 == 0 for size in cli.DEFAULT_SIZES)
