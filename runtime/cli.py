@@ -17,9 +17,9 @@ import numpy as np
 from ovseg.cli import run_cli, say
 from ovseg.constants import RANDOM_WEIGHTS_WARNING, default_bundle
 
-from .display import Window, draw_status, has_display
+from .display import Window, display_problem, draw_status
 from .sinks import FrameDirSink, JsonLinesSink, Sink, VideoSink
-from .sources import ImageSource, LatestFrameCapture, Source, VideoFileSource, sample_clip
+from .sources import ImageSource, LatestFrameCapture, Source, VideoFileSource, is_live, sample_clip
 from .vocabulary import parse_class_list
 
 PROG = "ovseg-run"
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, default=default_bundle(), metavar="DIR", help="bundle written by ovseg-export (default $OVSEG_HOME/bundles/default, OVSEG_HOME defaulting to ~/.cache/ovseg)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--camera", type=_camera_index, metavar="N", help="camera index (live: only the newest frame is processed)")
-    src.add_argument("--video", metavar="PATH_OR_URL", help="video file (every frame) or stream URL such as rtsp:// (live)")
+    src.add_argument("--video", metavar="PATH_OR_URL", help="video file (every frame), stream URL such as rtsp:// (live), or a GStreamer pipeline ending in appsink (live; Jetson CSI cameras, README)")
     src.add_argument("--image", metavar="PATH_DIR_OR_GLOB", help="an image, a directory of images, or a quoted glob")
     src.add_argument("--sample", action="store_true", help="a 4 s clip panning across scikit-image photos, for trying ovseg without a camera")
     vocab = p.add_mutually_exclusive_group()
@@ -127,7 +127,7 @@ def _open_source(args: argparse.Namespace, stack: contextlib.ExitStack) -> Sourc
     if args.camera is not None:
         return LatestFrameCapture(args.camera)
     if args.video is not None:
-        return LatestFrameCapture(args.video) if "://" in args.video else VideoFileSource(args.video)
+        return LatestFrameCapture(args.video) if is_live(args.video) else VideoFileSource(args.video)
     if args.image is not None:
         return ImageSource(args.image)
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ovseg-sample-")))
@@ -171,11 +171,12 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
                 print(RANDOM_WEIGHTS_BANNER, file=sys.stderr, flush=True)
             window = None
             if not args.no_show:
-                if has_display():
+                problem = display_problem()
+                if problem is None:
                     window = Window(PROG)
                     stack.callback(window.close)
                 else:
-                    say(PROG, "no display (DISPLAY/WAYLAND_DISPLAY unset or OpenCV built without a GUI): running headless")
+                    say(PROG, f"{problem}; running headless")
             if window is None and not sinks:
                 say(PROG, "nothing is shown or saved: add --save OUT.mp4, --save-dir DIR or --json to keep the results")
             say(PROG, f"{seg.mode} mode, backend {seg.backend}, {seg.precision}; reading {source.name}")
