@@ -87,14 +87,17 @@ def check_install() -> None:
     check_opencv()
 
 
+def gpu_onnxruntime_fix() -> str:
+    """The commands that replace this ONNX Runtime with the GPU one."""
+    gpu = _flavour_fix().replace("[cpu]", "[gpu]")
+    return f"run `pip uninstall -y {' '.join(installed(ORT_DISTRIBUTIONS)) or 'onnxruntime'}` then `{gpu}`"
+
+
 def gpu_unused_warning(available_providers: list[str]) -> str | None:
     """A line for an NVIDIA GPU that ONNX Runtime cannot use (the CPU build is installed), else None."""
     if not nvidia_gpu_present() or "CUDAExecutionProvider" in available_providers:
         return None
-    return (
-        "an NVIDIA GPU is present but this ONNX Runtime has no CUDA provider, so everything runs on the CPU: "
-        f"run `pip uninstall -y {' '.join(installed(ORT_DISTRIBUTIONS)) or 'onnxruntime'}` then `{_flavour_fix().replace('[cpu]', '[gpu]')}`"
-    )
+    return f"an NVIDIA GPU is present but this ONNX Runtime has no CUDA provider, so everything runs on the CPU: {gpu_onnxruntime_fix()}"
 
 
 def report() -> list[str]:

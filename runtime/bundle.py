@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class BundleError(OvsegError):
+class BundleError(OvsegError, RuntimeError):
     """A bundle is missing, incomplete or from an incompatible version."""
 
 

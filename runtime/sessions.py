@@ -6,24 +6,28 @@ What is asked for and not available (a provider, a precision file) is a one-line
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
+from ovseg.environment import gpu_onnxruntime_fix, gpu_unused_warning
 from ovseg.errors import OvsegError
 from ovseg.onnx_helpers import session_options
 
 from .bundle import EncoderInfo, Manifest
 from .precision import pick_precision
 
+log = logging.getLogger("ovseg")
+
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 BACKENDS = ("auto", *PROVIDERS)
 TRT_CACHE = "trt_cache"  # TensorRT EP engine cache, inside the bundle directory
 
 
-class SegmenterError(OvsegError):
+class SegmenterError(OvsegError, RuntimeError):
     """The Segmenter cannot do what was asked; the message is one line saying what is missing."""
 
 
@@ -41,11 +45,14 @@ def resolve_backend(backend: str, available: list[str] | None = None) -> str:
         raise SegmenterError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     available = ort.get_available_providers() if available is None else available
     if backend == "auto":
+        unused = gpu_unused_warning(available)
+        if unused:
+            log.warning(unused)
         return "cuda" if PROVIDERS["cuda"] in available else "cpu"
     if PROVIDERS[backend] not in available:
         raise SegmenterError(
             f"backend {backend!r} needs ONNX Runtime's {PROVIDERS[backend]}, which this onnxruntime {ort.__version__} "
-            f"does not have (it has {', '.join(available)}): install onnxruntime-gpu or use backend='cpu'"
+            f"does not have (it has {', '.join(available)}): {gpu_onnxruntime_fix()}, or use backend='cpu'"
         )
     return backend
 

@@ -21,7 +21,7 @@ from .sources import Frame
 VIDEO_FOURCC = "mp4v"
 
 
-class SinkError(OvsegError):
+class SinkError(OvsegError, RuntimeError):
     """An output cannot be written; the message is one line saying which and why."""
 
 

@@ -30,7 +30,7 @@ MAX_CONSECUTIVE_BAD_FRAMES = 16
 STREAM_TIMEOUT_MS = 10_000
 
 
-class SourceError(OvsegError):
+class SourceError(OvsegError, RuntimeError):
     """A source cannot be opened or stopped delivering frames; the message is one line saying what to do."""
 
 

@@ -99,3 +99,17 @@ def test_console_scripts_turn_an_install_problem_at_import_into_one_line(monkeyp
 def test_console_scripts_run_their_command():
     out = subprocess.run([f"{sys.prefix}/bin/ovseg-run", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--camera" in out.stdout
+
+
+def test_auto_backend_warns_when_a_gpu_is_present_without_a_cuda_provider(monkeypatch, caplog):
+    from ovseg.runtime.sessions import SegmenterError, resolve_backend
+
+    _pretend_installed(monkeypatch, {"onnxruntime": "1.31.1"})
+    monkeypatch.setattr(environment, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(environment, "is_jetson", lambda: False)
+    monkeypatch.setattr(environment.platform, "machine", lambda: "x86_64")
+    with caplog.at_level("WARNING", logger="ovseg"):
+        assert resolve_backend("auto", ["CPUExecutionProvider"]) == "cpu"
+    assert any("no CUDA provider" in r.getMessage() and "'.[gpu]'" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SegmenterError, match=r"pip uninstall -y onnxruntime` then `pip install -e '.\[gpu\]'`, or use backend='cpu'"):
+        resolve_backend("cuda", ["CPUExecutionProvider"])
