@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ovseg.cli import run_cli
+from ovseg.cli import fraction, log_lines, run_cli
 from ovseg.constants import default_bundle
 
 PROG = "ovseg-calib"
@@ -35,13 +35,6 @@ def _csv(choices: tuple[str, ...]):
     return parse
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def add_gate_arguments(p, *method_flags: str) -> None:
     """The flags ovseg-calib and ovseg-export --int8 share (``method_flags``: the calibration method's flag names)."""
     from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT
@@ -53,9 +46,9 @@ def add_gate_arguments(p, *method_flags: str) -> None:
     p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, metavar="N", help=f"frames sampled evenly from the source (default {DEFAULT_FRAMES})")
     p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT, metavar="F",
                    help=f"fraction held out for the gate, at least 2 frames (default {DEFAULT_HOLDOUT})")
-    p.add_argument("--gate-cosine", type=_fraction, default=DEFAULT_COSINE, metavar="C",
+    p.add_argument("--gate-cosine", type=fraction, default=DEFAULT_COSINE, metavar="C",
                    help=f"worst per-token cosine vs fp32 to pass (default {DEFAULT_COSINE})")
-    p.add_argument("--gate-agreement", type=_fraction, default=DEFAULT_AGREEMENT, metavar="A",
+    p.add_argument("--gate-agreement", type=fraction, default=DEFAULT_AGREEMENT, metavar="A",
                    help=f"segment-label agreement vs fp32 to pass (default {DEFAULT_AGREEMENT})")
     p.add_argument("--timing-runs", type=int, default=5, metavar="N", help="timed runs per encoder and precision for the speed-up (default 5)")
 
@@ -97,24 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def _warnings_on_stderr() -> Iterator[None]:
     """ovseg's warnings (a frame that cannot be read, a damaged calibration cache) as ``ovseg-calib: ...`` lines while
-    the command runs, written above the progress bars. Only the "ovseg" logger is touched, and only until it returns:
-    the root logger is the caller's."""
+    the command runs, written above the progress bars."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    logger = logging.getLogger("ovseg")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False  # not twice: ONNX Runtime's quantiser may give the root logger a handler of its own
-    try:
-        with logging_redirect_tqdm([logger]):
-            yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
+    with log_lines(PROG, logging.WARNING) as logger, logging_redirect_tqdm([logger]):
+        yield
 
 
 def calibrate(args: argparse.Namespace) -> int:

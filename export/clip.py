@@ -12,15 +12,15 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from ovseg.constants import DEFAULT_CLIP, DENSE_METHODS
+
 from .errors import WeightsUnavailable
 from .hub import hub_reachable
 from .onnx_io import ExportError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DENSE_METHODS = ("pixelclip", "gem", "maskclip")
 GEM_DEPTH = 6  # TAG applies self-self attention to the last 6 blocks
-DEFAULT_CLIP = "ViT-B-16:openai"
 
 
 def parse_clip_spec(spec: str) -> tuple[str, str | None]:

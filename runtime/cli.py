@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from ovseg.cli import run_cli, say
+from ovseg.cli import log_lines, non_negative_int, positive_int, run_cli, say
 from ovseg.constants import RANDOM_WEIGHTS_WARNING, default_bundle
 
 from .display import Window, display_problem, draw_status
@@ -28,18 +28,11 @@ RANDOM_WEIGHTS_BANNER = f"WARNING: {RANDOM_WEIGHTS_WARNING} (export real weights
 UNTIMED_VIDEO_FPS = 10.0
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _camera_index(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a camera index is 0 or more, got {value}")
-    return value
+    try:
+        return non_negative_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"a camera index is 0 or more, got {text}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,19 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _StderrHandler(logging.Handler):
-    """Source warnings as `ovseg-run: ...` lines on whatever sys.stderr is at the time."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        say(PROG, record.getMessage())
-
-
-def _configure_output() -> None:
-    logger = logging.getLogger("ovseg")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler())
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+def quiet_opencv() -> None:
     # OpenCV and FFmpeg print their own warnings for every failed open or bad packet; ours say what to do.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     import cv2.utils.logging
@@ -220,7 +201,7 @@ def _loop(args, source: Source, seg, sinks: list[Sink], window: Window | None, s
 def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = None) -> int:
     """Run ovseg-run; ``open_segmenter`` replaces ``Segmenter.from_bundle`` (tests inject a fake)."""
     args = build_parser().parse_args(argv)
-    _configure_output()
+    quiet_opencv()
 
     def body() -> int:
         opener = open_segmenter
@@ -228,7 +209,8 @@ def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = Non
             from .segmenter import Segmenter  # onnxruntime loads here, after --help and argument errors
 
             opener = Segmenter.from_bundle
-        return _run(args, opener)
+        with log_lines(PROG):
+            return _run(args, opener)
 
     return run_cli(PROG, body)
 

@@ -72,7 +72,7 @@ def camera_opens(index: int = 0) -> bool:
 def demo() -> int:
     bundle = default_bundle()
     ensure_bundle(bundle)
-    cli._configure_output()  # quiet OpenCV's own messages while probing the camera
+    cli.quiet_opencv()  # OpenCV's own messages while probing the camera say less than ours
     saving = ["--max-frames", str(DEMO_FRAMES), "--save", str(OUT_VIDEO), "--save-dir", str(OUT_FRAMES), "--no-show"]
     if camera_opens(0):
         if has_display():

@@ -26,3 +26,9 @@ def test_running_the_segmenter_leaves_torch_out(tiny_bundle):
         "seg.render(np.zeros((20, 30), np.uint8), seg(np.zeros((20, 30), np.uint8)))"
     )
     assert imported_after(code) == set()
+
+
+def test_the_shared_core_and_the_export_help_leave_torch_out():
+    """ovseg/ (errors, CLI runner, constants, install check) serves both sides; ovseg-export --help needs no torch."""
+    assert imported_after("import ovseg.cli, ovseg.constants, ovseg.environment, ovseg.errors, ovseg.onnx_helpers") == set()
+    assert imported_after("import ovseg.export.cli as c; c.build_parser()") == set()

