@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ovseg import _native
+from ovseg.constants import STAGES
 from ovseg.runtime.bundle import Manifest, read_manifest
 from ovseg.runtime.engines import Engines
 from ovseg.runtime.lookup import LabelIndex
@@ -23,7 +24,6 @@ from ovseg.runtime.sessions import SegmenterError
 from .roofline import GemmPeak
 from .timing import Budget, Stats, peak_rss_mb, repeat
 
-STAGES = ("preprocess", "dinov2", "kmeans", "clip", "pooling", "lookup", "render")  # "refine" only runs with refine=
 
 
 class Recorder:
@@ -114,7 +114,7 @@ class StageLatency:
 
 def measure(seg: Segmenter, frames: list[np.ndarray], budget: Budget, *, bundle: Path, gemm: GemmPeak | None = None) -> StageLatency:
     """Time ``seg`` on ``frames`` cyclically; with ``gemm``, one GEMM run before every frame (the interleaved roofline)."""
-    samples: dict[str, list[float]] = {s: [] for s in (*STAGES, "refine", "total")}
+    samples: dict[str, list[float]] = {s: [] for s in STAGES}
     gemm_ms: list[float] = []
 
     def call(i: int) -> None:

@@ -8,15 +8,17 @@ from pathlib import Path
 from ovseg.constants import STAGES
 
 from .roofline import GEMM_CLASS
+from .targets import (
+    HNSW_MAX_MS,
+    HNSW_MIN_RECALL,
+    HNSW_SIZE,
+    NAIVE_MIN_AGREEMENT,
+    NAIVE_MIN_SPEEDUP,
+    OVERHEAD_MAX,
+    PEAK_FRACTION_MIN,
+    TARGET_SIZE,
+)
 
-TARGET_SIZE = 448
-OVERHEAD_MAX = 1.10
-NAIVE_MIN_SPEEDUP = 3.0
-NAIVE_MIN_AGREEMENT = 0.99
-PEAK_FRACTION_MIN = 0.75
-HNSW_SIZE = 1_000_000
-HNSW_MAX_MS = 1.0
-HNSW_MIN_RECALL = 0.99
 IDLE_LOAD = 0.25  # load average per CPU at the start under which the machine counts as otherwise idle
 # Table order: the Segmenter's stages, and the naive reference's "assign" (pixels to k-means centres; naive.NAIVE_STAGES)
 # right after k-means.
