@@ -144,11 +144,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     import cv2
     import numpy as np
+    import onnxruntime as ort
 
     from ovseg.runtime.bundle import read_manifest
     from ovseg.runtime.segmenter import SegmenterConfig
-
-    import onnxruntime as ort
 
     from . import latency, sweeps
     from .report import PEAK_FRACTION_MIN, targets
@@ -233,7 +232,9 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
                                                        ort.get_available_providers(), None if args.quick else same_size_bundle),
             "sweeps", "backends")
     def int8_section():
-        from .bench_int8 import run as int8_encoders  # fp32 vs int8 encoders alone, interleaved (ovseg-calib's benchmark)
+        from .bench_int8 import (
+            run as int8_encoders,  # fp32 vs int8 encoders alone, interleaved (ovseg-calib's benchmark)
+        )
 
         return int8_encoders(bundle, args.threads, small_budget)
 

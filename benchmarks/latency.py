@@ -7,9 +7,9 @@ wrapped in a ``Recorder``, so one measurement loop also yields the encoder outpu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -23,7 +23,6 @@ from ovseg.runtime.sessions import SegmenterError
 
 from .roofline import GemmPeak
 from .timing import Budget, Stats, peak_rss_mb, repeat
-
 
 
 class Recorder:
@@ -146,23 +145,26 @@ class KPoint:
 
 def sweep_k(opened: Opened, frames: list[np.ndarray], ks: list[int], budget: Budget) -> list[KPoint]:
     """Stages that depend on K, with the recorded encoder outputs replayed in the order they were recorded."""
+    base = opened.segmenter.config
     points = []
     for k in ks:
-        base = opened.segmenter.config
         seg = replayed(opened, SegmenterConfig(num_segments=k, top_k=base.top_k, hysteresis=base.hysteresis, seed=base.seed))
-        samples: dict[str, list[float]] = {s: [] for s in ("kmeans", "pooling", "lookup", "render", "post_encoders")}
-        n = len(opened.dinov2.outputs)
-
-        def call(i: int) -> None:
-            t = seg(frames[i % n]).timings
-            if i >= budget.warmup:
-                for s in ("kmeans", "pooling", "lookup", "render"):
-                    samples[s].append(t[s])
-                samples["post_encoders"].append(t["total"] - t["dinov2"] - t["clip"])
-
-        repeat(call, budget)
-        points.append(KPoint(k, {s: Stats.of(v) for s, v in samples.items()}))
+        points.append(KPoint(k, _time_post_encoders(seg, frames[: len(opened.dinov2.outputs)], budget)))
     return points
+
+
+def _time_post_encoders(seg: Segmenter, frames: list[np.ndarray], budget: Budget) -> dict[str, Stats]:
+    samples: dict[str, list[float]] = {s: [] for s in ("kmeans", "pooling", "lookup", "render", "post_encoders")}
+
+    def call(i: int) -> None:
+        t = seg(frames[i % len(frames)]).timings
+        if i >= budget.warmup:
+            for s in ("kmeans", "pooling", "lookup", "render"):
+                samples[s].append(t[s])
+            samples["post_encoders"].append(t["total"] - t["dinov2"] - t["clip"])
+
+    repeat(call, budget)
+    return {s: Stats.of(v) for s, v in samples.items()}
 
 
 @dataclass

@@ -119,7 +119,8 @@ class NaiveTAG:
         self.enc, self.manifest = enc, manifest
         self.vocab = torch.from_numpy(np.ascontiguousarray(vocabulary, np.float32))
         self.k, self.iters, self.seed = num_segments, kmeans_iters, seed
-        norm = lambda info: (torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1))
+        def norm(info):
+            return (torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1))
         self.clip_norm, self.dino_norm = norm(manifest.clip), norm(manifest.dinov2)
 
     @torch.inference_mode()

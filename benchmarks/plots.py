@@ -131,7 +131,7 @@ def lookup_vs_vocabulary(doc: dict, out: Path) -> Path | None:
     ax.axhline(1.0, color="grey", linestyle=":", label="1 ms target")
     if vocab.get("crossover"):
         ax.axvline(vocab["crossover"], color="red", linestyle=":", label=f"crossover (medians) ~{vocab['crossover']:,.0f}")
-    ax.set_xlabel("vocabulary size (phrase embeddings, D=%d)" % vocab["dim"])
+    ax.set_xlabel(f"vocabulary size (phrase embeddings, D={vocab['dim']})")
     ax.set_ylabel(f"ms per frame ({vocab['queries_per_frame']} queries, top-{vocab['top_k']})")
     ax.set_title(_title(doc, "Label lookup time vs vocabulary size"))
     ax.legend(fontsize=8)

@@ -139,7 +139,7 @@ class EncoderRoofline:
     fraction_of_peak: float  # median over frames of (this encoder's GFLOP/s) / (the GEMM's GFLOP/s just before)
     by_op: dict[str, float]
     unresolved: list[str]
-    profile: "OpProfile | None" = None  # one profiled run: kernel time by op type
+    profile: OpProfile | None = None  # one profiled run: kernel time by op type
 
 
 @dataclass

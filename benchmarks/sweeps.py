@@ -6,6 +6,7 @@ the main bundle's architectures at each input size. Delete the directory to rebu
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -114,7 +115,7 @@ def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: 
         exact = LabelIndex(names, vocab, "exact")
         approx = LabelIndex(names, vocab, "hnsw", hnsw=index, hnsw_params=params, ef=default_ef)
         frames = [queries[i : i + QUERIES_PER_FRAME] for i in range(0, RECALL_QUERIES, QUERIES_PER_FRAME)]
-        searches = {"exact": lambda q: exact.search(q, TOP_K)} | {ef: _at_ef(approx, ef) for ef in efs}
+        searches = {"exact": functools.partial(exact.search, k=TOP_K)} | {ef: _at_ef(approx, ef) for ef in efs}
         timed = _time_interleaved(searches, frames, budget)
         exact_ms, hnsw_ms = timed.pop("exact"), timed
         recall = {}
@@ -216,6 +217,6 @@ def bundle_for_size(main: Path, manifest: Manifest, size: int, cache: Path, say,
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        lines = [l for l in done.stderr.strip().splitlines() if l.strip()]
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         return SizeBundle(size, None, f"export failed: {lines[-1] if lines else f'exit {done.returncode}'}")
     return SizeBundle(size, out, export_s=round(time.perf_counter() - start, 1))

@@ -10,8 +10,8 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class Stats:
     fps: float
 
     @classmethod
-    def of(cls, samples_ms) -> "Stats":
+    def of(cls, samples_ms) -> Stats:
         v = np.asarray(list(samples_ms), np.float64)
         if v.size == 0:
             raise ValueError("no samples to summarise")

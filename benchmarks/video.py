@@ -64,7 +64,7 @@ def run_ovseg(bundle: Path, clip: Path, out: Path, frames: int, threads: int, in
     text = log.read_text()
     counts = COUNTS.search(text)
     if proc.returncode != 0 or counts is None:
-        lines = [l for l in text.splitlines() if l.strip()]
+        lines = [line for line in text.splitlines() if line.strip()]
         raise VideoError(f"ovseg-run exited {proc.returncode}: {lines[-1] if lines else 'no output'}")
     means = {m.group(1): float(m.group(2)) for m in map(STAGE_ROW.match, text.splitlines()) if m and m.group(1) != "stage"}
     return VideoRun(interval, int(counts.group(1)), float(counts.group(3)), round(wall, 2), means, round(peak_kib / 1024, 1), cmd)

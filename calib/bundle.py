@@ -17,12 +17,19 @@ from pathlib import Path
 import onnxruntime as ort
 
 import ovseg.cli
-from ovseg.runtime.bundle import MANIFEST, BundleError, EncoderInfo, Manifest, atomic_bundle_dir, read_manifest, sha256_file
+from ovseg.runtime.bundle import (
+    MANIFEST,
+    EncoderInfo,
+    Manifest,
+    atomic_bundle_dir,
+    read_manifest,
+    sha256_file,
+)
 
 from . import gate
 from .cli import PROG
 from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT, CalibrationData, CalibrationError, Norm, load_calibration
-from .quantize import METHODS, cache_path, calibrate, quantize, quantized_nodes, sensitivity
+from .quantize import METHODS, cache_path, calibrate, quantize, sensitivity
 from .tensorrt import build_int8_plans
 
 MODELS = ("clip", "dinov2")  # --models names = Manifest attributes

@@ -21,7 +21,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.calibrate import CalibrationCacheEncoder, TensorData, TensorsData, create_calibrator, save_tensors_data
+from onnxruntime.quantization.calibrate import (
+    CalibrationCacheEncoder,
+    TensorData,
+    TensorsData,
+    create_calibrator,
+    save_tensors_data,
+)
 from tqdm import tqdm
 
 from ovseg.onnx_helpers import output_projections, session_options
@@ -211,7 +217,8 @@ def activation_inputs(qmodel: onnx.ModelProto) -> dict[str, list[tuple[str, floa
     """For every int8 node: its quantised activation inputs as (float tensor, scale, zero point)."""
     inits = {i.name: i for i in qmodel.graph.initializer}
     producer = {o: n for n in qmodel.graph.node for o in n.output}
-    value = lambda name: numpy_helper.to_array(inits[name]) if name in inits else None
+    def value(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
     found: dict[str, list[tuple[str, float, int]]] = {}
     for node in qmodel.graph.node:
         if node.op_type not in QUANT_OPS:

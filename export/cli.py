@@ -11,7 +11,6 @@ from ovseg.cli import run_cli
 from ovseg.constants import DEFAULT_CLIP, DEFAULT_DINOV2, DENSE_METHODS, default_bundle
 from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS
 
-
 PROG = "ovseg-export"
 
 

@@ -207,7 +207,8 @@ def _qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     attn = block.attn
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     heads = attn.num_heads
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+    def split(t):
+        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
     return split(q), split(k), split(v), heads
 
 

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import OvsegError
 

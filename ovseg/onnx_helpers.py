@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 SHAPE_ONLY_OPS = ("Identity", "Reshape", "Cast", "Squeeze", "Transpose")
 
 
-def session_options(threads: int | None = None) -> "onnxruntime.SessionOptions":
+def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
     """The options of every ONNX Runtime session ovseg opens: all graph optimisations, ``threads`` intra-op threads
     (None: ORT's default, every core), ORT's own log quiet (ovseg reports what went wrong itself)."""
     import onnxruntime as ort
@@ -34,7 +34,7 @@ def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-30)
 
 
-def output_projections(model: "onnx.ModelProto") -> list[str]:
+def output_projections(model: onnx.ModelProto) -> list[str]:
     """The MatMul/Gemm nodes whose results are graph outputs through shape-only ops: CLIP's final projections,
     kept in fp32 by the fp16 export and in float by INT8 calibration."""
     outputs = {o.name for o in model.graph.output}

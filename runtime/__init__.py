@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ovseg.environment import check_install
+
 from .result import Result, Segment
 
 check_install()  # two ONNX Runtimes or two OpenCVs overwrite each other: refuse them before anything loads

@@ -12,9 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ovseg.errors import OvsegError
 
@@ -83,14 +83,15 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: dict) -> Manifest:
         d = dict(d)
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
             raise BundleError(
                 f"bundle schema version {version} is not {SCHEMA_VERSION}: re-export it with this ovseg (ovseg-export --force)"
             )
-        enc = lambda e: EncoderInfo(**{**e, "grid": tuple(e["grid"]), "mean": tuple(e["mean"]), "std": tuple(e["std"])})
+        def enc(e):
+            return EncoderInfo(**{**e, "grid": tuple(e["grid"]), "mean": tuple(e["mean"]), "std": tuple(e["std"])})
         d["clip"] = enc(d["clip"])
         d["dinov2"] = enc(d["dinov2"])
         d["text"] = TextInfo(**d["text"])

@@ -57,7 +57,7 @@ class LabelIndex:
             self.hnsw.set_ef(max(1, int(self.params["ef"])))
 
     @classmethod
-    def from_bundle(cls, bundle_dir: Path, info: VocabularyInfo, method: str = "auto", ef: int | None = None) -> "LabelIndex":
+    def from_bundle(cls, bundle_dir: Path, info: VocabularyInfo, method: str = "auto", ef: int | None = None) -> LabelIndex:
         names = (bundle_dir / info.names).read_text(encoding="utf-8").splitlines()
         embeddings = np.load(bundle_dir / info.embeddings["fp32"], allow_pickle=False)
         wants_hnsw = method == "hnsw" or (method == "auto" and len(names) > EXACT_MAX)

@@ -1,8 +1,8 @@
 """CLIP tokenisation with the `tokenizers` library, shared by the export side and the runtime."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -28,7 +28,7 @@ class ClipTokenizer:
             raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
 
     @classmethod
-    def from_file(cls, path: str | Path, context_length: int = 77) -> "ClipTokenizer":
+    def from_file(cls, path: str | Path, context_length: int = 77) -> ClipTokenizer:
         return cls(Tokenizer.from_file(str(path)), context_length)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:

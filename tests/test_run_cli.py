@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -351,9 +350,8 @@ def test_a_real_run_never_imports_torch(bundle, tmp_path):
 
 
 def test_demo_falls_back_to_random_weights_and_the_sample_clip(tmp_path, monkeypatch, capsys):
-    from ovseg.runtime import demo
-
     from ovseg.export.errors import WeightsUnavailable
+    from ovseg.runtime import demo
 
     exports: list[tuple] = []
     runs: list[list[str]] = []

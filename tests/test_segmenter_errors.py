@@ -105,7 +105,8 @@ def test_precision_choice(tiny_bundle):
     assert choose_precision(manifest, "cpu", "auto") == "fp32"  # fp16 ONNX on a CPU is slower, not faster
     assert choose_precision(manifest, "cuda", "auto") == "fp16"
     assert choose_precision(manifest, "cpu", "fp16") == "fp16"  # asked for explicitly: honoured
-    drop = lambda info: dataclasses.replace(info, files={"fp32": info.files["fp32"]})
+    def drop(info):
+        return dataclasses.replace(info, files={"fp32": info.files["fp32"]})
     without_fp16 = dataclasses.replace(manifest, clip=drop(manifest.clip), dinov2=drop(manifest.dinov2))
     assert choose_precision(without_fp16, "cuda", "auto") == "fp32"
     with pytest.raises(SegmenterError) as err:

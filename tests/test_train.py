@@ -149,7 +149,8 @@ def test_annotations_may_live_in_a_mirrored_tree(data, tmp_path):
 
 
 def test_draws_split_across_ranks_and_resume_where_they_left_off():
-    take = lambda sampler, n: [d for _, d in zip(range(n), iter(sampler))]
+    def take(sampler, n):
+        return [d for _, d in zip(range(n), iter(sampler))]
     r0, r1 = take(InfiniteDraws(10, 0, 2, seed=1), 10), take(InfiniteDraws(10, 1, 2, seed=1), 10)
     assert sorted(d % 10 for d in r0[:5] + r1[:5]) == list(range(10))
     assert take(InfiniteDraws(10, 1, 2, seed=1, skip=3), 7) == r1[3:]

@@ -7,8 +7,8 @@ import hashlib
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -20,7 +20,7 @@ from ovseg.runtime.bundle import MANIFEST
 
 from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
 from .metrics import Scores
-from .protocols import PROTOCOLS, Free, Guided, LabelMatcher, MatcherError, Oracle, open_embedder
+from .protocols import PROTOCOLS, Free, Guided, LabelMatcher, Oracle, open_embedder
 from .state import StateError, Tally, read_report, state_path, write_json
 from .vis import save_side_by_side
 
@@ -146,7 +146,8 @@ def build_report(config: dict, runtime: dict, dataset: SegDataset, total: int, l
 def format_table(report: dict) -> str:
     """The per-class table and the one-line dataset summary, as printed at the end of a run."""
     m, cfg, rt = report["metrics"], report["config"], report["runtime"]
-    fmt = lambda v: f"{v:6.2f}" if v is not None and np.isfinite(v) else "   n/a"
+    def fmt(v):
+        return f"{v:6.2f}" if v is not None and np.isfinite(v) else "   n/a"
     width = max([len(r["class"]) for r in m["per_class"]] + [5])
     lines = [f"{'class':<{width}}    IoU    Acc      GT px    pred px"]
     for r in m["per_class"]:

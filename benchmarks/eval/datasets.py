@@ -219,7 +219,7 @@ class CocoStuff(SegDataset):
                 labels, table = base / "annotations/val2017", lut({cid - 1: i for i, cid in enumerate(COCO_STUFF_IDS)})
             else:
                 continue
-            return self._pairs(images, labels, "*.jpg", lambda im: labels / f"{im.stem}.png"), table
+            return self._pairs(images, labels, "*.jpg", lambda im, labels=labels: labels / f"{im.stem}.png"), table
         raise self.layout_error("val2017 photos or their label PNGs not found")
 
 
@@ -240,7 +240,8 @@ class Cityscapes(SegDataset):
         if base is None:
             raise self.layout_error("leftImg8bit/val/ or gtFine/val/ not found")
         images, labels = base / "leftImg8bit/val", base / "gtFine/val"
-        stem = lambda im: im.name.replace("_leftImg8bit.png", "")
+        def stem(im):
+            return im.name.replace("_leftImg8bit.png", "")
         first = next(iter(sorted(images.glob("*/*_leftImg8bit.png"))), None)
         if first is not None and not (labels / first.parent.name / f"{stem(first)}_gtFine_labelTrainIds.png").is_file():
             label_of, table = (lambda im: labels / im.parent.name / f"{stem(im)}_gtFine_labelIds.png"), lut(

@@ -154,5 +154,5 @@ class BoundaryCounts:
         return np.array([self.gt_total, self.gt_matched, self.pred_total, self.pred_matched], np.int64)
 
     @classmethod
-    def from_array(cls, tolerance: int, a: np.ndarray) -> "BoundaryCounts":
+    def from_array(cls, tolerance: int, a: np.ndarray) -> BoundaryCounts:
         return cls(tolerance, *(int(v) for v in a))

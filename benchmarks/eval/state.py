@@ -70,7 +70,7 @@ class Tally:
             np.savez(f, **arrays)
 
     @classmethod
-    def load(cls, path: Path, num_classes: int, tolerance: int, with_segments: bool) -> "Tally":
+    def load(cls, path: Path, num_classes: int, tolerance: int, with_segments: bool) -> Tally:
         try:
             with np.load(path, allow_pickle=False) as z:
                 a = {k: z[k] for k in z.files}

@@ -20,8 +20,8 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset, Sampler
 
 from ovseg import _native
-from ovseg.export.clip import CLIP_MEAN
 from ovseg.errors import OvsegError
+from ovseg.export.clip import CLIP_MEAN
 from ovseg.export.dinov2 import IMAGENET_MEAN, IMAGENET_STD, Dinov2PatchTokens
 
 MASK_SOURCES = ("sa1b", "dino")
@@ -60,14 +60,14 @@ class Batch:
     keep: torch.Tensor
     dino: torch.Tensor | None
 
-    def _map(self, fn) -> "Batch":
+    def _map(self, fn) -> Batch:
         dino = None if self.dino is None else fn(self.dino)
         return Batch(fn(self.teacher), fn(self.student), [fn(m) for m in self.masks], fn(self.keep), dino)
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=True))
 
-    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
         return self._map(lambda t: t.pin_memory())
 
 
@@ -269,7 +269,7 @@ class DinoMasker:
         self.clusters, self.mask_size, self.iters, self.seed = clusters, mask_size, iters, seed
         self.grid = self.tokens.grid
 
-    def to(self, device: torch.device) -> "DinoMasker":
+    def to(self, device: torch.device) -> DinoMasker:
         self.tokens.to(device)
         return self
 

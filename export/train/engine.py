@@ -99,7 +99,7 @@ def param_groups(student: Student, cfg: TrainConfig) -> list[dict]:
     """CLIP at lr x 0.01, prompts at lr x 10, the head at lr; no weight decay on normalisation layers."""
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for module_name, module in student.named_modules():
-        for name, p in module.named_parameters(recurse=False):
+        for _, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
             role = "clip" if module_name.startswith("dense.") else "prompts" if module_name == "prompts" else "head"
@@ -224,7 +224,8 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
     trained = [p for g in optimizer.param_groups for p in g["params"]]
     mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
-    normalise = lambda x: (x.float() / 255 - mean) / std
+    def normalise(x):
+        return (x.float() / 255 - mean) / std
     losses: list[float] = []
     bar = tqdm(total=cfg.iters, initial=start, desc="ovseg-train", unit="step", disable=rank != 0, dynamic_ncols=True)
     batches = iter(loader)
@@ -292,7 +293,8 @@ def _data(cfg: TrainConfig, items, rank: int, world: int, start: int, dinov2_mod
 def _checkpoint(step: int, cfg: TrainConfig, student: Student, teacher: DenseClip, optimizer, scaler) -> dict:
     """Tensors and plain values only (torch.load(weights_only=True) reads it); "student" holds open_clip's
     ``visual.*`` keys, so ovseg-export --clip-weights also takes this file."""
-    visual = lambda v: {f"visual.{k}": t.detach().cpu() for k, t in v.state_dict().items()}
+    def visual(v):
+        return {f"visual.{k}": t.detach().cpu() for k, t in v.state_dict().items()}
     return {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -307,7 +309,8 @@ def _checkpoint(step: int, cfg: TrainConfig, student: Student, teacher: DenseCli
 
 
 def _restore(state: dict, student: Student, teacher: DenseClip, optimizer, scaler) -> None:
-    strip = lambda d: {k.removeprefix("visual."): v for k, v in d.items()}
+    def strip(d):
+        return {k.removeprefix("visual."): v for k, v in d.items()}
     try:
         student.dense.visual.load_state_dict(strip(state["student"]))
         teacher.visual.load_state_dict(strip(state["teacher"]))

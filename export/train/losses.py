@@ -84,5 +84,6 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     valid = targets.sum(dim=1) > 0  # (B, M, M)
     if not valid.any():
         return logits.sum() * 0  # keeps every parameter in the graph, so DDP's reduction still runs
-    pick = lambda t: t.permute(0, 2, 3, 1)[valid]
+    def pick(t):
+        return t.permute(0, 2, 3, 1)[valid]
     return F.binary_cross_entropy_with_logits(pick(logits).float(), pick(targets))
