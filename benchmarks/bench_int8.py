@@ -6,6 +6,7 @@ Each timed iteration runs fp32 and int8 back to back (order alternating), so loa
 alike; the speed-up is the ratio of median latencies (also of minima, and of process CPU time, which contention
 barely moves). PASS when the speed-up reaches the target (1.8x) and the bundle's int8 gate passed; MISS otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,12 +36,16 @@ def measure(fp32_path: Path, int8_path: Path, image_size: int, threads: int | No
     from ovseg.calib.gate import session
 
     sessions = {"fp32": session(fp32_path, threads), "int8": session(int8_path, threads)}
-    feed = {sessions["fp32"].get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, image_size, image_size), np.float32)}
+    feed = {
+        sessions["fp32"].get_inputs()[0].name: np.random.default_rng(0).standard_normal(
+            (1, 3, image_size, image_size), np.float32
+        )
+    }
     wall: dict[str, list[float]] = {"fp32": [], "int8": []}
     cpu: dict[str, list[float]] = {"fp32": [], "int8": []}
 
     def call(i: int) -> None:
-        for name in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):
+        for name in ("fp32", "int8") if i % 2 == 0 else ("int8", "fp32"):
             start, start_cpu = time.perf_counter(), time.process_time()
             sessions[name].run(None, feed)
             if i >= budget.warmup:
@@ -61,7 +66,9 @@ def measure(fp32_path: Path, int8_path: Path, image_size: int, threads: int | No
     }
 
 
-def op_split(fp32_path: Path, model_path: Path, image_size: int, threads: int | None, runs: int = 3) -> dict[str, float]:
+def op_split(
+    fp32_path: Path, model_path: Path, image_size: int, threads: int | None, runs: int = 3
+) -> dict[str, float]:
     """Milliseconds per op group (weight GEMMs, attention MatMuls, softmax, other) from ORT's profiler, per-node minimum
     over ``runs`` runs. It says where int8 can help: only weight GEMMs are quantised, so 1 / (1 - their share of fp32
     time) bounds the speed-up."""
@@ -106,18 +113,32 @@ def run(bundle: Path, threads: int | None, budget: Budget, profile: bool = False
     gate = manifest.gates.get("int8")
     missing = [role for role in ENCODERS if "int8" not in getattr(manifest, role).files]
     if missing or gate is None:
-        raise BundleError(f"{bundle} has no gated int8 {', '.join(missing) or 'encoders'}: run `ovseg-calib --bundle {bundle} --calib-images DIR` first")
-    report = {"environment": environment(threads or 0), "target": INT8_MIN_SPEEDUP, "bundle": str(bundle), "gate": gate, "encoders": {}}
+        raise BundleError(
+            f"{bundle} has no gated int8 {', '.join(missing) or 'encoders'}: run `ovseg-calib --bundle {bundle} --calib-images DIR` first"
+        )
+    report = {
+        "environment": environment(threads or 0),
+        "target": INT8_MIN_SPEEDUP,
+        "bundle": str(bundle),
+        "gate": gate,
+        "encoders": {},
+    }
     for role, title in ENCODERS.items():
         info = getattr(manifest, role)
-        print(f"{title}: {info.files['fp32']} vs {info.files['int8']} at {manifest.image_size}x{manifest.image_size} ...", flush=True)
+        print(
+            f"{title}: {info.files['fp32']} vs {info.files['int8']} at {manifest.image_size}x{manifest.image_size} ...",
+            flush=True,
+        )
         result = measure(bundle / info.files["fp32"], bundle / info.files["int8"], manifest.image_size, threads, budget)
         model_gate = gate.get("models", {}).get(role, {})
         result["gate_min_cosine"] = model_gate.get("min_cosine")
         result["weights"] = info.weights
         result["verdict"] = "PASS" if result["speedup_p50"] >= INT8_MIN_SPEEDUP and gate.get("passed") else "MISS"
         if profile:
-            split = {p: op_split(bundle / info.files["fp32"], bundle / info.files[p], manifest.image_size, threads) for p in ("fp32", "int8")}
+            split = {
+                p: op_split(bundle / info.files["fp32"], bundle / info.files[p], manifest.image_size, threads)
+                for p in ("fp32", "int8")
+            }
             share = split["fp32"]["weight GEMMs"] / sum(split["fp32"].values())
             result["op_split_ms"] = split
             result["ceiling_if_weight_gemms_free"] = 1.0 / (1.0 - share)
@@ -145,25 +166,49 @@ def table(report: dict) -> str:
         if "op_split_ms" in r:
             for p, split in r["op_split_ms"].items():
                 total = sum(split.values())
-                lines.append(f"  {role} {p}: " + ", ".join(f"{g} {ms:.0f}ms ({100 * ms / total:.0f}%)" for g, ms in split.items()))
-            lines.append(f"  {role}: int8 quantises only the weight GEMMs: even at zero cost the speed-up is at most {r['ceiling_if_weight_gemms_free']:.2f}x")
+                lines.append(
+                    f"  {role} {p}: "
+                    + ", ".join(f"{g} {ms:.0f}ms ({100 * ms / total:.0f}%)" for g, ms in split.items())
+                )
+            lines.append(
+                f"  {role}: int8 quantises only the weight GEMMs: even at zero cost the speed-up is at most {r['ceiling_if_weight_gemms_free']:.2f}x"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ovseg.benchmarks.bench_int8", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="a bundle with int8 encoders (ovseg-calib)")
+    p = argparse.ArgumentParser(
+        prog="python -m ovseg.benchmarks.bench_int8",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--bundle", type=Path, required=True, metavar="DIR", help="a bundle with int8 encoders (ovseg-calib)"
+    )
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the full report as JSON")
     p.add_argument("--seconds", type=float, default=30.0, help="measure each encoder at least this long (default 30)")
-    p.add_argument("--min-runs", type=int, default=10, help="and at least this many interleaved iterations (default 10)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores, as the runtime)")
-    p.add_argument("--profile", action="store_true", help="also split each encoder's time by op group (ORT profiler) and bound the speed-up")
+    p.add_argument(
+        "--min-runs", type=int, default=10, help="and at least this many interleaved iterations (default 10)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores, as the runtime)"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also split each encoder's time by op group (ORT profiler) and bound the speed-up",
+    )
     args = p.parse_args(argv)
     return ovseg.cli.run_cli(PROG, functools.partial(bench, args))
 
 
 def bench(args: argparse.Namespace) -> int:
-    report = run(args.bundle.expanduser(), args.threads, Budget(warmup=2, min_runs=args.min_runs, seconds=args.seconds), args.profile)
+    report = run(
+        args.bundle.expanduser(),
+        args.threads,
+        Budget(warmup=2, min_runs=args.min_runs, seconds=args.seconds),
+        args.profile,
+    )
     print(table(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -8,6 +8,7 @@ the Segmenter calls: pool_segments_from_scores, upsample_argmax,
 spherical_kmeans. The targets are in benchmarks/targets.py (the overlay is
 cv2.addWeighted in the Segmenter, not native).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,11 +51,10 @@ class Row:
 @dataclass
 class Timing:
     median: float  # seconds per call
-    best: float    # the fastest round: closest to an idle machine
+    best: float  # the fastest round: closest to an idle machine
 
 
-def alternate(baseline, native, rounds: int, native_calls: int = 20,
-              baseline_calls: int = 1) -> tuple[Timing, Timing]:
+def alternate(baseline, native, rounds: int, native_calls: int = 20, baseline_calls: int = 1) -> tuple[Timing, Timing]:
     """Seconds per call of each, timed in alternating rounds."""
     baseline(), native()  # warm-up
     b, n = [], []
@@ -91,9 +91,12 @@ def smooth_scores(k: int, h: int, w: int, seed: int = 0, dim: int = 32) -> np.nd
 
 # ---- baselines ----
 
+
 def labels_opencv(scores: np.ndarray, h: int, w: int) -> np.ndarray:
     """cv2.resize of the K score maps + argmax over K."""
-    return cv2.resize(np.ascontiguousarray(scores.transpose(1, 2, 0)), (w, h), interpolation=cv2.INTER_LINEAR).argmax(axis=2)
+    return cv2.resize(np.ascontiguousarray(scores.transpose(1, 2, 0)), (w, h), interpolation=cv2.INTER_LINEAR).argmax(
+        axis=2
+    )
 
 
 def tag_pooling_literal(scores: np.ndarray, features: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -138,6 +141,7 @@ def kmeans_numpy(x: np.ndarray, k: int, iters: int, seed: int = 0):
 
 # ---- benchmarks ----
 
+
 def bench_pooling(rounds: int) -> list[Row]:
     k, d, size = 15, 512, 448
     scores = smooth_scores(k, 32, 32, seed=1)
@@ -160,42 +164,90 @@ def bench_pooling(rounds: int) -> list[Row]:
 
     a = np.random.default_rng(2).random((k, n)).astype(np.float32)
     f2 = features.reshape(n, d)
-    mm_t, nat2_t = alternate(lambda: (nat.upsample_argmax(scores, size, size), a @ f2), native,
-                             rounds * 4, native_calls=50, baseline_calls=50)
+    mm_t, nat2_t = alternate(
+        lambda: (nat.upsample_argmax(scores, size, size), a @ f2),
+        native,
+        rounds * 4,
+        native_calls=50,
+        baseline_calls=50,
+    )
     t_mm, t_nat2 = mm_t.median, nat2_t.median
     shape = "15 maps 32x32 -> 448x448 labels, 28x28x512 features"
     return [
-        Row("pooling time", "literal TAG (cv2 upsample + argmax + masked means)", t_lit * 1e3, t_nat * 1e3, "ms",
-            t_lit / t_nat, f">= {POOLING_MIN_SPEEDUP:.0f}x", t_lit / t_nat >= POOLING_MIN_SPEEDUP, f"{shape}; worst cosine vs literal {worst_cos:.7f}",
-            lit_t.best / nat_t.best),
-        Row("pooling peak memory", "literal TAG (tracemalloc peak)", mem_lit / 2**20, mem_nat / 2**20, "MiB",
-            mem_lit / mem_nat, f">= {POOLING_MIN_MEMORY_RATIO:.0f}x", mem_lit / mem_nat >= POOLING_MIN_MEMORY_RATIO,
+        Row(
+            "pooling time",
+            "literal TAG (cv2 upsample + argmax + masked means)",
+            t_lit * 1e3,
+            t_nat * 1e3,
+            "ms",
+            t_lit / t_nat,
+            f">= {POOLING_MIN_SPEEDUP:.0f}x",
+            t_lit / t_nat >= POOLING_MIN_SPEEDUP,
+            f"{shape}; worst cosine vs literal {worst_cos:.7f}",
+            lit_t.best / nat_t.best,
+        ),
+        Row(
+            "pooling peak memory",
+            "literal TAG (tracemalloc peak)",
+            mem_lit / 2**20,
+            mem_nat / 2**20,
+            "MiB",
+            mem_lit / mem_nat,
+            f">= {POOLING_MIN_MEMORY_RATIO:.0f}x",
+            mem_lit / mem_nat >= POOLING_MIN_MEMORY_RATIO,
             f"native: measured peak of its own allocations (labels {size * size * 4} B, accumulator K*N*4 = "
-            f"{k * n * 4} B, outputs, tables)"),
-        Row("pooling vs one matmul", "upsample_argmax + numpy (K x N)(N x D) float32", t_mm * 1e3, t_nat2 * 1e3, "ms",
-            t_mm / t_nat2, f"native <= {POOLING_MAX_VS_MATMUL:g}x matmul", t_nat2 <= POOLING_MAX_VS_MATMUL * t_mm,
+            f"{k * n * 4} B, outputs, tables)",
+        ),
+        Row(
+            "pooling vs one matmul",
+            "upsample_argmax + numpy (K x N)(N x D) float32",
+            t_mm * 1e3,
+            t_nat2 * 1e3,
+            "ms",
+            t_mm / t_nat2,
+            f"native <= {POOLING_MAX_VS_MATMUL:g}x matmul",
+            t_nat2 <= POOLING_MAX_VS_MATMUL * t_mm,
             "both sides make the label map (upsample_argmax); the matmul alone, dense A; the native call "
-            "adds the pass over the labels and the normalisation", mm_t.best / nat2_t.best),
+            "adds the pass over the labels and the normalisation",
+            mm_t.best / nat2_t.best,
+        ),
     ]
 
 
 def bench_labels(rounds: int) -> list[Row]:
     rng = np.random.default_rng(3)
     rows = []
-    cases = [("smooth", smooth_scores(15, 32, 32, seed=3), True),
-             ("iid noise", rng.standard_normal((15, 32, 32)).astype(np.float32), False)]
+    cases = [
+        ("smooth", smooth_scores(15, 32, 32, seed=3), True),
+        ("iid noise", rng.standard_normal((15, 32, 32)).astype(np.float32), False),
+    ]
     for kind, scores, is_target in cases:
         agree = float((nat.upsample_argmax(scores, 720, 1280) == labels_opencv(scores, 720, 1280)).mean())
-        cv_t, nat_t = alternate(lambda s=scores: labels_opencv(s, 720, 1280),
-                                lambda s=scores: nat.upsample_argmax(s, 720, 1280), rounds * 2, native_calls=5)
+        cv_t, nat_t = alternate(
+            lambda s=scores: labels_opencv(s, 720, 1280),
+            lambda s=scores: nat.upsample_argmax(s, 720, 1280),
+            rounds * 2,
+            native_calls=5,
+        )
         t_cv, t_nat = cv_t.median, nat_t.median
         ratio = t_cv / t_nat
         note = f"1280x720 labels from 15 maps at 32x32 ({kind} scores); agree on {agree:.6f} of pixels"
         if not is_target:
             note += "; informational: every 2x2 source cell is mixed, so no shortcut applies"
-        rows.append(Row(f"label map ({kind})", "cv2.resize + argmax", t_cv * 1e3, t_nat * 1e3, "ms", ratio,
-                        f">= {LABELS_MIN_SPEEDUP:.0f}x" if is_target else "(info)", ratio >= LABELS_MIN_SPEEDUP if is_target else True, note,
-                        cv_t.best / nat_t.best))
+        rows.append(
+            Row(
+                f"label map ({kind})",
+                "cv2.resize + argmax",
+                t_cv * 1e3,
+                t_nat * 1e3,
+                "ms",
+                ratio,
+                f">= {LABELS_MIN_SPEEDUP:.0f}x" if is_target else "(info)",
+                ratio >= LABELS_MIN_SPEEDUP if is_target else True,
+                note,
+                cv_t.best / nat_t.best,
+            )
+        )
     return rows
 
 
@@ -203,12 +255,28 @@ def bench_kmeans(rounds: int) -> list[Row]:
     rng = np.random.default_rng(4)
     centres = rng.standard_normal((15, 384))
     x = (centres[rng.integers(0, 15, 1024)] + 2.0 * rng.standard_normal((1024, 384))).astype(np.float32)
-    np_t, nat_t = alternate(lambda: kmeans_numpy(x, 15, 10), lambda: nat.spherical_kmeans(x, 15, max_iter=10, tol=0.0),
-                            rounds * 2, native_calls=5, baseline_calls=2)
+    np_t, nat_t = alternate(
+        lambda: kmeans_numpy(x, 15, 10),
+        lambda: nat.spherical_kmeans(x, 15, max_iter=10, tol=0.0),
+        rounds * 2,
+        native_calls=5,
+        baseline_calls=2,
+    )
     t_np, t_nat = np_t.median, nat_t.median
-    return [Row("k-means", "vectorised numpy (BLAS), k-means++ + 10 iterations", t_np * 1e3, t_nat * 1e3, "ms",
-                t_np / t_nat, f">= {KMEANS_MIN_SPEEDUP:.0f}x", t_np / t_nat >= KMEANS_MIN_SPEEDUP, "N=1024, D=384, K=15, 10 iterations (tol=0)",
-                np_t.best / nat_t.best)]
+    return [
+        Row(
+            "k-means",
+            "vectorised numpy (BLAS), k-means++ + 10 iterations",
+            t_np * 1e3,
+            t_nat * 1e3,
+            "ms",
+            t_np / t_nat,
+            f">= {KMEANS_MIN_SPEEDUP:.0f}x",
+            t_np / t_nat >= KMEANS_MIN_SPEEDUP,
+            "N=1024, D=384, K=15, 10 iterations (tol=0)",
+            np_t.best / nat_t.best,
+        )
+    ]
 
 
 def print_table(rows: list[Row]) -> None:
@@ -217,8 +285,10 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         verdict = "-" if r.target == "(info)" else "PASS" if r.passed else "MISS"
         best = f"{r.best_ratio:>7.1f}x" if r.best_ratio is not None else f"{'':>8}"
-        print(f"{r.name:<24} {r.baseline_value:>8.3f}{r.unit:>3} {r.native_value:>7.3f}{r.unit:>3} "
-              f"{r.ratio:>7.1f}x {best}  {r.target:<36} {verdict}")
+        print(
+            f"{r.name:<24} {r.baseline_value:>8.3f}{r.unit:>3} {r.native_value:>7.3f}{r.unit:>3} "
+            f"{r.ratio:>7.1f}x {best}  {r.target:<36} {verdict}"
+        )
         print(f"{'':<24} baseline: {r.baseline}; {r.note}")
 
 
@@ -231,18 +301,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be >= 1")
 
     env = {
-        "python": sys.version.split()[0], "numpy": np.__version__, "opencv": cv2.__version__,
-        "machine": platform.machine(), "cpus": os.cpu_count(), "native_threads": nat.get_num_threads(),
-        "cuda_available": nat.cuda_available(), "load_average_before": round(os.getloadavg()[0], 2),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "opencv": cv2.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "native_threads": nat.get_num_threads(),
+        "cuda_available": nat.cuda_available(),
+        "load_average_before": round(os.getloadavg()[0], 2),
     }
     print("ovseg native core benchmark  " + "  ".join(f"{k}={v}" for k, v in env.items()))
     rows = bench_pooling(args.rounds) + bench_labels(args.rounds) + bench_kmeans(args.rounds)
     env["load_average_after"] = round(os.getloadavg()[0], 2)
     print_table(rows)
     if max(env["load_average_before"], env["load_average_after"]) > (os.cpu_count() or 1):
-        print(f"warning: the machine was busy (load average {env['load_average_before']} -> "
-              f"{env['load_average_after']} on {os.cpu_count()} CPUs): absolute times are inflated, "
-              "and multi-threaded code (BLAS, the native pool) suffers most")
+        print(
+            f"warning: the machine was busy (load average {env['load_average_before']} -> "
+            f"{env['load_average_after']} on {os.cpu_count()} CPUs): absolute times are inflated, "
+            "and multi-threaded code (BLAS, the native pool) suffers most"
+        )
     misses = [r.name for r in rows if not r.passed]
     print("all targets met" if not misses else "missed: " + ", ".join(misses))
     if args.json:

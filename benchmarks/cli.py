@@ -7,6 +7,7 @@ Timings on a shared machine are noisy: comparisons are ratios of runs interleave
 Exit status: 0 when every section ran (targets may still be missed: they are results), 1 when a
 section failed (its one-line error is in the table and the JSON), 2 for a usage or bundle error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,27 +79,96 @@ def build_parser() -> argparse.ArgumentParser:
     bundle = default_bundle()
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle to measure (default {bundle})")
-    p.add_argument("--quick", action="store_true", help="short budgets and small sweeps (vocabulary up to 10k; run time in docs/DESIGN.md)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="short budgets and small sweeps (vocabulary up to 10k; run time in docs/DESIGN.md)",
+    )
     p.add_argument("--out", type=Path, metavar="results.json", help="write every result as JSON")
-    p.add_argument("--csv", type=Path, metavar="results.csv", help="write every result as CSV rows (section, key, value)")
+    p.add_argument(
+        "--csv", type=Path, metavar="results.csv", help="write every result as CSV rows (section, key, value)"
+    )
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts here")
-    p.add_argument("--markdown", type=Path, metavar="FILE.md", help="write a README 'Performance' section from this run")
-    p.add_argument("--backend", choices=("cpu", "cuda", "tensorrt"), default="cpu", help="backend of the main measurement (default cpu)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="encoder precision of the main measurement (default fp32)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N", help="threads for ONNX Runtime, torch and the native core (default: all CPUs)")
-    p.add_argument("--seconds", type=float, metavar="S", help="time budget of the main latency measurement (default 30, --quick 6)")
-    p.add_argument("--min-runs", type=int, metavar="N", help="timed frames at least, per measurement (default 20, --quick 4)")
-    p.add_argument("--frame", type=_frame_size, default=(640, 480), metavar="WxH", help="size of the generated video frames (default 640x480)")
-    p.add_argument("--sizes", type=_ints, metavar="S,S,...", help=f"input sizes (default {','.join(map(str, DEFAULT_SIZES))}; --quick: the bundle's, and 224 if a sweep bundle of it is cached; --quick exports none)")
-    p.add_argument("--segments", type=_ints, metavar="K,K,...", help=f"K values (default {','.join(map(str, DEFAULT_KS))}; --quick 5,15,64)")
-    p.add_argument("--vocab-sizes", type=_ints, metavar="V,V,...", help="vocabulary sizes (default 1000,10000,100000,1000000; --quick up to 10000)")
-    p.add_argument("--efs", type=_ints, metavar="EF,EF,...", help=f"HNSW ef values (default {','.join(map(str, DEFAULT_EFS))}; --quick 16,64,256)")
-    p.add_argument("--video-frames", type=int, metavar="N", help="frames per ovseg-run video run (default 30, --quick 4)")
-    p.add_argument("--keyframe-interval", type=int, default=4, metavar="N", help="keyframe interval of the reuse run (default 4)")
-    p.add_argument("--skip", type=lambda t: [s.strip() for s in t.split(",") if s.strip()], default=[], metavar="A,B",
-                   help=f"sections to leave out: {', '.join(SECTIONS)}")
-    p.add_argument("--tiny-models", action="store_true", help="the bundle was exported from tiny_clip() and a seeded random tiny DINOv2 (the tests' fixture)")
-    p.add_argument("--cache", type=Path, metavar="DIR", help="cache of sweep bundles and HNSW indexes (default $OVSEG_HOME/bench)")
+    p.add_argument(
+        "--markdown", type=Path, metavar="FILE.md", help="write a README 'Performance' section from this run"
+    )
+    p.add_argument(
+        "--backend",
+        choices=("cpu", "cuda", "tensorrt"),
+        default="cpu",
+        help="backend of the main measurement (default cpu)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8"),
+        default="fp32",
+        help="encoder precision of the main measurement (default fp32)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="threads for ONNX Runtime, torch and the native core (default: all CPUs)",
+    )
+    p.add_argument(
+        "--seconds", type=float, metavar="S", help="time budget of the main latency measurement (default 30, --quick 6)"
+    )
+    p.add_argument(
+        "--min-runs", type=int, metavar="N", help="timed frames at least, per measurement (default 20, --quick 4)"
+    )
+    p.add_argument(
+        "--frame",
+        type=_frame_size,
+        default=(640, 480),
+        metavar="WxH",
+        help="size of the generated video frames (default 640x480)",
+    )
+    p.add_argument(
+        "--sizes",
+        type=_ints,
+        metavar="S,S,...",
+        help=f"input sizes (default {','.join(map(str, DEFAULT_SIZES))}; --quick: the bundle's, and 224 if a sweep bundle of it is cached; --quick exports none)",
+    )
+    p.add_argument(
+        "--segments",
+        type=_ints,
+        metavar="K,K,...",
+        help=f"K values (default {','.join(map(str, DEFAULT_KS))}; --quick 5,15,64)",
+    )
+    p.add_argument(
+        "--vocab-sizes",
+        type=_ints,
+        metavar="V,V,...",
+        help="vocabulary sizes (default 1000,10000,100000,1000000; --quick up to 10000)",
+    )
+    p.add_argument(
+        "--efs",
+        type=_ints,
+        metavar="EF,EF,...",
+        help=f"HNSW ef values (default {','.join(map(str, DEFAULT_EFS))}; --quick 16,64,256)",
+    )
+    p.add_argument(
+        "--video-frames", type=int, metavar="N", help="frames per ovseg-run video run (default 30, --quick 4)"
+    )
+    p.add_argument(
+        "--keyframe-interval", type=int, default=4, metavar="N", help="keyframe interval of the reuse run (default 4)"
+    )
+    p.add_argument(
+        "--skip",
+        type=lambda t: [s.strip() for s in t.split(",") if s.strip()],
+        default=[],
+        metavar="A,B",
+        help=f"sections to leave out: {', '.join(SECTIONS)}",
+    )
+    p.add_argument(
+        "--tiny-models",
+        action="store_true",
+        help="the bundle was exported from tiny_clip() and a seeded random tiny DINOv2 (the tests' fixture)",
+    )
+    p.add_argument(
+        "--cache", type=Path, metavar="DIR", help="cache of sweep bundles and HNSW indexes (default $OVSEG_HOME/bench)"
+    )
     return p
 
 
@@ -159,11 +229,19 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     bundle = args.bundle.expanduser()
     manifest = read_manifest(bundle)
     plan = make_plan(args, manifest.image_size)
-    doc: dict = {"schema": "ovseg-bench/1", "command": [PROG, *argv], "environment": environment(args.threads),
-                 "plan": asdict(plan), "errors": {}, "skipped": {}}
+    doc: dict = {
+        "schema": "ovseg-bench/1",
+        "command": [PROG, *argv],
+        "environment": environment(args.threads),
+        "plan": asdict(plan),
+        "errors": {},
+        "skipped": {},
+    }
     skip = set(args.skip)
-    say(f"bundle {bundle} ({manifest.image_size}x{manifest.image_size}, CLIP {manifest.clip.model}, DINOv2 {manifest.dinov2.model}"
-        f"{', random weights' if manifest.random_weights else ''}); {args.threads} threads")
+    say(
+        f"bundle {bundle} ({manifest.image_size}x{manifest.image_size}, CLIP {manifest.clip.model}, DINOv2 {manifest.dinov2.model}"
+        f"{', random weights' if manifest.random_weights else ''}); {args.threads} threads"
+    )
 
     def section(name: str, fn, *where: str):
         """Run one section; store its result at doc[where...]; a failure is recorded (and sets the exit status), never raised."""
@@ -194,28 +272,36 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     vocab_budget = Budget(2, 10, 0.3 if args.quick else 1.0)
 
     # 1. the main measurement; the roofline's GEMM runs right before every frame when the roofline is on
-    opened = latency.open_recorded(bundle, args.threads, SegmenterConfig(), keep=plan.record_frames, backend=args.backend,
-                                   precision=args.precision)
+    opened = latency.open_recorded(
+        bundle, args.threads, SegmenterConfig(), keep=plan.record_frames, backend=args.backend, precision=args.precision
+    )
     if args.backend != "cpu" and "roofline" not in skip:
         skip.add("roofline")
         doc["skipped"]["roofline"] = "the GEMM peak is measured on the CPU, the encoders ran on the GPU"
     gemm = GemmPeak(args.threads) if "roofline" not in skip else None
-    say(f"timing every stage on {len(frames)} clip frames ({args.frame[0]}x{args.frame[1]}), "
-        f"{plan.main_seconds:.0f} s and {plan.min_runs} frames at least")
+    say(
+        f"timing every stage on {len(frames)} clip frames ({args.frame[0]}x{args.frame[1]}), "
+        f"{plan.main_seconds:.0f} s and {plan.min_runs} frames at least"
+    )
     main = latency.measure(opened.segmenter, frames, main_budget, bundle=bundle, gemm=gemm)
     doc["latency"] = asdict(main)
     doc["peak_rss_mb_ovseg"] = round(peak_rss_mb(), 1)  # before the FLOP count, the sweeps and torch add to it
 
     def roofline_section():
         encoders = {"dinov2": manifest.dinov2, "clip": manifest.clip}
-        flops = {role: cached_flops(bundle / info.files["fp32"], manifest.image_size, manifest.sha256.get(info.files["fp32"]),
-                                    cache) for role, info in encoders.items()}
+        flops = {
+            role: cached_flops(
+                bundle / info.files["fp32"], manifest.image_size, manifest.sha256.get(info.files["fp32"]), cache
+            )
+            for role, info in encoders.items()
+        }
         roof = roofline(flops, main.per_frame, gemm)
         if args.quick and roof.fraction_of_peak.p50 >= PEAK_FRACTION_MIN:
             return roof  # the op profile explains a miss; --quick spends its two extra runs per encoder only then
         for role, info in encoders.items():
-            roof.encoders[role].profile = profile_ops(bundle / info.files["fp32"], manifest.image_size, args.threads,
-                                                      flops[role].gflop, roof.gemm_gflops)
+            roof.encoders[role].profile = profile_ops(
+                bundle / info.files["fp32"], manifest.image_size, args.threads, flops[role].gflop, roof.gemm_gflops
+            )
         return roof
 
     section("roofline", roofline_section, "roofline")
@@ -224,13 +310,27 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     # 2. sweeps in this process (the encoders' recorded outputs serve the K sweep)
     doc["sweeps"] = {}
     section("segments", lambda: latency.sweep_k(opened, frames, plan.ks, k_budget), "sweeps", "segments")
+
     @functools.cache
     def same_size_bundle() -> Path | None:  # for precisions the main bundle lacks (fp16); not in --quick
         return sweeps.bundle_for_size(bundle, manifest, manifest.image_size, cache, say, own=False).bundle
 
-    section("backends", lambda: latency.sweep_backends(bundle, manifest, frames, small_budget, args.threads, main,
-                                                       ort.get_available_providers(), None if args.quick else same_size_bundle),
-            "sweeps", "backends")
+    section(
+        "backends",
+        lambda: latency.sweep_backends(
+            bundle,
+            manifest,
+            frames,
+            small_budget,
+            args.threads,
+            main,
+            ort.get_available_providers(),
+            None if args.quick else same_size_bundle,
+        ),
+        "sweeps",
+        "backends",
+    )
+
     def int8_section():
         from .bench_int8 import (
             run as int8_encoders,  # fp32 vs int8 encoders alone, interleaved (ovseg-calib's benchmark)
@@ -240,17 +340,33 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
 
     if all("int8" in info.files for info in (manifest.clip, manifest.dinov2)):
         section("int8", int8_section, "sweeps", "int8_encoders")
-    section("vocabulary", lambda: sweeps.sweep_vocabulary(plan.vocab_sizes, plan.efs, vocab_budget, args.threads, cache, say),
-            "sweeps", "vocabulary")
+    section(
+        "vocabulary",
+        lambda: sweeps.sweep_vocabulary(plan.vocab_sizes, plan.efs, vocab_budget, args.threads, cache, say),
+        "sweeps",
+        "vocabulary",
+    )
 
     # 3. other processes: ovseg-run on the clip, exports for the size sweep
-    section("video", lambda: measure_video(bundle, clip_path, work / "video", plan.video_frames, args.threads,
-                                           args.keyframe_interval), "video")
+    section(
+        "video",
+        lambda: measure_video(
+            bundle, clip_path, work / "video", plan.video_frames, args.threads, args.keyframe_interval
+        ),
+        "video",
+    )
 
     def size_point(size: int) -> dict:
-        where = sweeps.bundle_for_size(bundle, manifest, size, cache, say, export=not args.quick)  # --quick: cached sizes only
-        point = {"size": size, "bundle": str(where.bundle) if where.bundle else None, "skipped": where.skipped,
-                 "export_s": where.export_s, "latency": doc["latency"] if where.bundle == bundle else None}
+        where = sweeps.bundle_for_size(
+            bundle, manifest, size, cache, say, export=not args.quick
+        )  # --quick: cached sizes only
+        point = {
+            "size": size,
+            "bundle": str(where.bundle) if where.bundle else None,
+            "skipped": where.skipped,
+            "export_s": where.export_s,
+            "latency": doc["latency"] if where.bundle == bundle else None,
+        }
         if where.bundle is not None and where.bundle != bundle:  # sweep bundles are fp32 only
             other = latency.open_recorded(where.bundle, args.threads, SegmenterConfig(), keep=0, backend=args.backend)
             try:
@@ -292,7 +408,9 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         raise BenchError(f"--skip takes {', '.join(SECTIONS)}; got {', '.join(sorted(unknown))}")
     counts = (args.threads, args.min_runs, args.keyframe_interval, args.video_frames)
     if any(n is not None and n < 1 for n in counts) or (args.seconds is not None and args.seconds < 0):
-        raise BenchError("--threads, --min-runs, --keyframe-interval and --video-frames must be at least 1, --seconds at least 0")
+        raise BenchError(
+            "--threads, --min-runs, --keyframe-interval and --video-frames must be at least 1, --seconds at least 0"
+        )
     from .report import markdown, table, write_csv
 
     started = time.perf_counter()

@@ -4,6 +4,7 @@ The main Segmenter is opened as ``Segmenter.from_bundle`` opens it (``Engines.op
 wrapped in a ``Recorder``, so one measurement loop also yields the encoder outputs that the K sweep replays
 (``Replay``): that sweep then times only what depends on K (k-means, pooling, lookup, render).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,8 +77,9 @@ class Opened:
     dinov2: Recorder
 
 
-def open_recorded(bundle: Path, threads: int, config: SegmenterConfig, keep: int, backend: str = "cpu",
-                  precision: str = "fp32") -> Opened:
+def open_recorded(
+    bundle: Path, threads: int, config: SegmenterConfig, keep: int, backend: str = "cpu", precision: str = "fp32"
+) -> Opened:
     """The Segmenter of a bundle's own vocabulary, opened as ``Segmenter.from_bundle`` opens it, its image encoders
     wrapped in Recorders. The benchmark owns its process, so it also sets the native kernels' threads."""
     manifest = read_manifest(bundle)
@@ -108,10 +110,14 @@ class StageLatency:
     overhead_ratio: Stats | None = None  # per frame: total / (dinov2 + clip)
     gemm_ms: Stats | None = None  # the roofline's GEMM, timed once before every frame
     peak_rss_mb: float | None = None
-    per_frame: dict[str, list[float]] = field(default_factory=dict)  # raw ms of dinov2, clip, total (and gemm) per timed frame
+    per_frame: dict[str, list[float]] = field(
+        default_factory=dict
+    )  # raw ms of dinov2, clip, total (and gemm) per timed frame
 
 
-def measure(seg: Segmenter, frames: list[np.ndarray], budget: Budget, *, bundle: Path, gemm: GemmPeak | None = None) -> StageLatency:
+def measure(
+    seg: Segmenter, frames: list[np.ndarray], budget: Budget, *, bundle: Path, gemm: GemmPeak | None = None
+) -> StageLatency:
     """Time ``seg`` on ``frames`` cyclically; with ``gemm``, one GEMM run before every frame (the interleaved roofline)."""
     samples: dict[str, list[float]] = {s: [] for s in STAGES}
     gemm_ms: list[float] = []
@@ -132,8 +138,16 @@ def measure(seg: Segmenter, frames: list[np.ndarray], budget: Budget, *, bundle:
     per_frame = {s: samples[s] for s in ("dinov2", "clip", "total")} | ({"gemm": gemm_ms} if gemm_ms else {})
     h, w = frames[0].shape[:2]
     return StageLatency(
-        str(bundle), seg.manifest.image_size, seg.backend, seg.precision, (w, h), stages,
-        Stats.of(ratios) if ratios else None, Stats.of(gemm_ms) if gemm_ms else None, round(peak_rss_mb(), 1), per_frame,
+        str(bundle),
+        seg.manifest.image_size,
+        seg.backend,
+        seg.precision,
+        (w, h),
+        stages,
+        Stats.of(ratios) if ratios else None,
+        Stats.of(gemm_ms) if gemm_ms else None,
+        round(peak_rss_mb(), 1),
+        per_frame,
     )
 
 
@@ -148,7 +162,9 @@ def sweep_k(opened: Opened, frames: list[np.ndarray], ks: list[int], budget: Bud
     base = opened.segmenter.config
     points = []
     for k in ks:
-        seg = replayed(opened, SegmenterConfig(num_segments=k, top_k=base.top_k, hysteresis=base.hysteresis, seed=base.seed))
+        seg = replayed(
+            opened, SegmenterConfig(num_segments=k, top_k=base.top_k, hysteresis=base.hysteresis, seed=base.seed)
+        )
         points.append(KPoint(k, _time_post_encoders(seg, frames[: len(opened.dinov2.outputs)], budget)))
     return points
 
@@ -178,12 +194,23 @@ class BackendPoint:
 
 def _has(manifest: Manifest, backend: str, precision: str) -> list[str]:
     """The image encoders without a file for ``precision`` (TensorRT builds its engine from fp32)."""
-    return [role for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2))
-            if precision not in info.files and f"trt_{precision}" not in info.files and backend != "tensorrt"]
+    return [
+        role
+        for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2))
+        if precision not in info.files and f"trt_{precision}" not in info.files and backend != "tensorrt"
+    ]
 
 
-def sweep_backends(bundle: Path, manifest: Manifest, frames: list[np.ndarray], budget: Budget, threads: int,
-                   measured: StageLatency, available: list[str], fallback: Callable[[], Path | None] | None = None) -> list[BackendPoint]:
+def sweep_backends(
+    bundle: Path,
+    manifest: Manifest,
+    frames: list[np.ndarray],
+    budget: Budget,
+    threads: int,
+    measured: StageLatency,
+    available: list[str],
+    fallback: Callable[[], Path | None] | None = None,
+) -> list[BackendPoint]:
     """ORT fp32, fp16 and int8 when the bundle has them, CUDA / TensorRT when ONNX Runtime has them; the main run is one.
 
     A precision the bundle lacks is measured on ``fallback()`` (a random-weights bundle of the same architectures and
@@ -191,7 +218,14 @@ def sweep_backends(bundle: Path, manifest: Manifest, frames: list[np.ndarray], b
     """
     points = [BackendPoint(measured.backend, measured.precision, measured)]
     gpu = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-    combos = [("cpu", "fp32"), ("cpu", "fp16"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"), ("tensorrt", "fp16")]
+    combos = [
+        ("cpu", "fp32"),
+        ("cpu", "fp16"),
+        ("cpu", "int8"),
+        ("cuda", "fp32"),
+        ("cuda", "fp16"),
+        ("tensorrt", "fp16"),
+    ]
     for backend, precision in combos:
         if (backend, precision) == (measured.backend, measured.precision):
             continue
@@ -200,10 +234,23 @@ def sweep_backends(bundle: Path, manifest: Manifest, frames: list[np.ndarray], b
             continue
         where, note = bundle, ""
         missing = _has(manifest, backend, precision)
-        if missing and fallback is not None and (other := fallback()) is not None and not _has(read_manifest(other), backend, precision):
-            where, note, missing = other, f"measured on the random-weights sweep bundle {other.name} (same architectures and size)", []
+        if (
+            missing
+            and fallback is not None
+            and (other := fallback()) is not None
+            and not _has(read_manifest(other), backend, precision)
+        ):
+            where, note, missing = (
+                other,
+                f"measured on the random-weights sweep bundle {other.name} (same architectures and size)",
+                [],
+            )
         if missing:
-            points.append(BackendPoint(backend, precision, skipped=f"the bundle has no {precision} {' or '.join(missing)} encoder"))
+            points.append(
+                BackendPoint(
+                    backend, precision, skipped=f"the bundle has no {precision} {' or '.join(missing)} encoder"
+                )
+            )
             continue
         try:
             seg = Segmenter.from_bundle(where, backend=backend, precision=precision, threads=threads)
@@ -228,4 +275,3 @@ def pixel_labels(result, names: list[str]) -> np.ndarray:
     for sid, label in result.labels.items():
         lut[sid] = position.get(label, -1)
     return lut[result.label_map]
-

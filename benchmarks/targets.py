@@ -13,6 +13,7 @@
 | label map (bilinear + argmax, 1280x720 from 15 maps) vs cv2.resize + argmax | >= 3x | bench_native |
 | spherical k-means (N=1024, D=384, K=15, 10 iterations) vs vectorised numpy | >= 3x | bench_native |
 """
+
 from __future__ import annotations
 
 TARGET_SIZE = 448

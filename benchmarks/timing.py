@@ -3,6 +3,7 @@
 Other engineers' tests share this machine, so absolute times are noisy: every comparison in
 ovseg-bench is a ratio of runs interleaved in one loop, and the load average is recorded with them.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,16 @@ class Stats:
             raise ValueError("no samples to summarise")
         p50, p90, p99 = np.percentile(v, [50, 90, 99])
         mean = float(v.mean())
-        return cls(int(v.size), mean, float(v.std()), float(v.min()), float(p50), float(p90), float(p99),
-                   1000.0 / mean if mean > 0 else float("inf"))
+        return cls(
+            int(v.size),
+            mean,
+            float(v.std()),
+            float(v.min()),
+            float(p50),
+            float(p90),
+            float(p99),
+            1000.0 / mean if mean > 0 else float("inf"),
+        )
 
 
 def repeat(call: Callable[[int], None], budget: Budget) -> int:
@@ -92,7 +101,19 @@ def cpu_model() -> str:
 
 def cpu_flags() -> list[str]:
     """The SIMD extensions GEMM speed depends on (from /proc/cpuinfo)."""
-    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd")
+    wanted = (
+        "avx",
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_vnni",
+        "avx512_bf16",
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+        "neon",
+        "asimd",
+    )
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

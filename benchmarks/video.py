@@ -4,6 +4,7 @@ Each run is its own process, as a user would start it; the frame rate is ovseg-r
 (frames / time from the first frame to the last), the wall time includes opening the bundle.
 Both runs write per-frame label maps, and their labels are compared pixel by pixel.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,9 +50,26 @@ class VideoThroughput:
 
 def run_ovseg(bundle: Path, clip: Path, out: Path, frames: int, threads: int, interval: int) -> VideoRun:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "ovseg.runtime.cli", "--bundle", str(bundle), "--video", str(clip),
-           "--save", str(out / "overlay.mp4"), "--save-dir", str(out / "frames"), "--no-show", "--max-frames", str(frames),
-           "--threads", str(threads), "--keyframe-interval", str(interval)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ovseg.runtime.cli",
+        "--bundle",
+        str(bundle),
+        "--video",
+        str(clip),
+        "--save",
+        str(out / "overlay.mp4"),
+        "--save-dir",
+        str(out / "frames"),
+        "--no-show",
+        "--max-frames",
+        str(frames),
+        "--threads",
+        str(threads),
+        "--keyframe-interval",
+        str(interval),
+    ]
     log = out / "stderr.txt"
     start = time.perf_counter()
     peak_kib = 0
@@ -66,8 +84,12 @@ def run_ovseg(bundle: Path, clip: Path, out: Path, frames: int, threads: int, in
     if proc.returncode != 0 or counts is None:
         lines = [line for line in text.splitlines() if line.strip()]
         raise VideoError(f"ovseg-run exited {proc.returncode}: {lines[-1] if lines else 'no output'}")
-    means = {m.group(1): float(m.group(2)) for m in map(STAGE_ROW.match, text.splitlines()) if m and m.group(1) != "stage"}
-    return VideoRun(interval, int(counts.group(1)), float(counts.group(3)), round(wall, 2), means, round(peak_kib / 1024, 1), cmd)
+    means = {
+        m.group(1): float(m.group(2)) for m in map(STAGE_ROW.match, text.splitlines()) if m and m.group(1) != "stage"
+    }
+    return VideoRun(
+        interval, int(counts.group(1)), float(counts.group(3)), round(wall, 2), means, round(peak_kib / 1024, 1), cmd
+    )
 
 
 def _vm_hwm_kib(pid: int) -> int:

@@ -4,6 +4,7 @@
 new files written beside them) that replaces the bundle in one rename only when everything passed, or failed with
 --force. ``calibrate_export`` (ovseg-export --int8) runs the same steps inside the export's temporary directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,7 +61,9 @@ class CalibOptions:
             raise CalibrationError(f"unknown calibration method {self.method!r}: choose one of {', '.join(METHODS)}")
         unknown = [m for m in self.models if m not in MODELS] + [p for p in self.precisions if p not in PRECISIONS]
         if unknown or not self.models:
-            raise CalibrationError(f"unknown or no models/precisions {unknown}: models are {', '.join(MODELS)}, precisions {', '.join(PRECISIONS)}")
+            raise CalibrationError(
+                f"unknown or no models/precisions {unknown}: models are {', '.join(MODELS)}, precisions {', '.join(PRECISIONS)}"
+            )
         if self.timing_runs < 1 or self.fallback_rounds < 0:
             raise CalibrationError("--timing-runs must be at least 1 and --fallback-rounds at least 0")
 
@@ -76,7 +79,9 @@ def check_fp32(bundle_dir: Path, manifest: Manifest, models: tuple[str, ...]) ->
     for m in models:
         name = getattr(manifest, m).files.get("fp32")
         if not name or not (bundle_dir / name).is_file():
-            raise CalibrationError(f"the bundle at {bundle_dir} has no fp32 {m} model to calibrate: re-export it with `ovseg-export`")
+            raise CalibrationError(
+                f"the bundle at {bundle_dir} has no fp32 {m} model to calibrate: re-export it with `ovseg-export`"
+            )
 
 
 def calibrate_bundle(bundle: str | Path, opts: CalibOptions) -> dict:
@@ -115,7 +120,9 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
     Raises GateFailed (having written nothing that the caller keeps) when a gate fails without ``opts.force``.
     """
     # the gates being re-measured are dropped until then (an old failed verdict would only make the Segmenter warn)
-    manifest = dataclasses.replace(manifest, gates={p: g for p, g in manifest.gates.items() if p not in opts.precisions})
+    manifest = dataclasses.replace(
+        manifest, gates={p: g for p, g in manifest.gates.items() if p not in opts.precisions}
+    )
     details: dict[str, dict] = {}
     if "int8" in opts.precisions:
         for m in opts.models:
@@ -125,9 +132,17 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
             setattr(manifest, m, dataclasses.replace(info, files=files))
         lacking = [m for m in MODELS if "int8" not in getattr(manifest, m).files]
         if lacking:
-            raise CalibrationError(f"int8 needs every image encoder: the bundle has no int8 {', '.join(lacking)}; add it to --models")
-        plans = build_int8_plans(d, {m: getattr(manifest, m).files for m in opts.models}, {m: data.calib[m] for m in opts.models},
-                                 manifest.image_size, {m: not details[m]["recalibrated"] for m in opts.models}, say)
+            raise CalibrationError(
+                f"int8 needs every image encoder: the bundle has no int8 {', '.join(lacking)}; add it to --models"
+            )
+        plans = build_int8_plans(
+            d,
+            {m: getattr(manifest, m).files for m in opts.models},
+            {m: data.calib[m] for m in opts.models},
+            manifest.image_size,
+            {m: not details[m]["recalibrated"] for m in opts.models},
+            say,
+        )
         for m, plan in plans.items():
             info = getattr(manifest, m)
             setattr(manifest, m, dataclasses.replace(info, files={**info.files, "trt_int8": plan}))
@@ -135,7 +150,9 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
     failed = []
     for precision in opts.precisions:
         if not all(precision in getattr(manifest, m).files for m in MODELS):
-            raise CalibrationError(f"the bundle has no {precision} variant of every image encoder to gate: re-export with --{precision}")
+            raise CalibrationError(
+                f"the bundle has no {precision} variant of every image encoder to gate: re-export with --{precision}"
+            )
         record = gate_precision(d, manifest, precision, data, opts, details if precision == "int8" else {})
         manifest.gates[precision] = record
         say(_summary(precision, record))
@@ -144,14 +161,20 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
     if failed and not opts.force:
         worst, t = manifest.gates[failed[0]], opts.thresholds
         short = [f"min cosine {worst['min_cosine']:.4f} < {t.cosine}"] if worst["min_cosine"] < t.cosine else []
-        short += [f"label agreement {worst['label_agreement']:.3f} < {t.agreement}"] if worst["label_agreement"] < t.agreement else []
+        short += (
+            [f"label agreement {worst['label_agreement']:.3f} < {t.agreement}"]
+            if worst["label_agreement"] < t.agreement
+            else []
+        )
         raise GateFailed(
             f"{failed[0]} failed its gate ({' and '.join(short)}): nothing written; pass --force to keep it, recorded as failed"
         )
     return manifest
 
 
-def _quantize_encoder(d: Path, info: EncoderInfo, data: CalibrationData, m: str, opts: CalibOptions) -> tuple[dict, dict]:
+def _quantize_encoder(
+    d: Path, info: EncoderInfo, data: CalibrationData, m: str, opts: CalibOptions
+) -> tuple[dict, dict]:
     """Calibrate (or reuse the cache), quantise, and move the most sensitive nodes back to float while the cosine is short."""
     fp32 = d / info.files["fp32"]
     out = d / (fp32.name.removesuffix(".onnx") + ".int8.onnx")
@@ -171,15 +194,25 @@ def _quantize_encoder(d: Path, info: EncoderInfo, data: CalibrationData, m: str,
             break
         ranked = [n for n, _ in sensitivity(fp32, out, data.holdout[m][:2]) if n not in excluded]
         excluded += ranked[:FALLBACK_STEP]
-        say(f"int8 {m}: min cosine {check.min_cosine:.4f} < {opts.thresholds.cosine}; keeping {', '.join(ranked[:FALLBACK_STEP])} in float")
+        say(
+            f"int8 {m}: min cosine {check.min_cosine:.4f} < {opts.thresholds.cosine}; keeping {', '.join(ranked[:FALLBACK_STEP])} in float"
+        )
     files = {**info.files, "int8": out.name}
     return files, {
-        "file": out.name, "cache": cache.name, "recalibrated": recalibrated, "int8_nodes": len(quantized),
-        "float_nodes": len(kept), "fallback": excluded, "rounds": rounds, "weights": info.weights,
+        "file": out.name,
+        "cache": cache.name,
+        "recalibrated": recalibrated,
+        "int8_nodes": len(quantized),
+        "float_nodes": len(kept),
+        "fallback": excluded,
+        "rounds": rounds,
+        "weights": info.weights,
     }
 
 
-def gate_precision(d: Path, manifest: Manifest, precision: str, data: CalibrationData, opts: CalibOptions, details: dict) -> dict:
+def gate_precision(
+    d: Path, manifest: Manifest, precision: str, data: CalibrationData, opts: CalibOptions, details: dict
+) -> dict:
     """The gate record of ``precision`` against fp32: encoder cosines, speed, pipeline agreement."""
     models: dict[str, dict] = {}
     fp32_ms = candidate_ms = 0.0
@@ -193,8 +226,13 @@ def gate_precision(d: Path, manifest: Manifest, precision: str, data: Calibratio
         candidate_ms += timing.candidate_ms
         cosines.append(check)
         models[m] = {
-            **details.get(m, {}), "min_cosine": check.min_cosine, "mean_cosine": check.mean_cosine, "outputs": check.outputs,
-            "fp32_ms": timing.fp32_ms, f"{precision}_ms": timing.candidate_ms, "speedup_vs_fp32": timing.speedup,
+            **details.get(m, {}),
+            "min_cosine": check.min_cosine,
+            "mean_cosine": check.mean_cosine,
+            "outputs": check.outputs,
+            "fp32_ms": timing.fp32_ms,
+            f"{precision}_ms": timing.candidate_ms,
+            "speedup_vs_fp32": timing.speedup,
             "weights": info.weights,
         }
     say(f"{precision}: pipeline agreement on {data.n_holdout} held-out frames")
@@ -217,7 +255,9 @@ def gate_precision(d: Path, manifest: Manifest, precision: str, data: Calibratio
         "calibration_frames": data.n_calib if precision == "int8" else 0,
         "method": opts.method if precision == "int8" else None,
         "thresholds": {"cosine": opts.thresholds.cosine, "label_agreement": opts.thresholds.agreement},
-        "weights": "random weights" if manifest.random_weights else "weights as exported",  # per encoder: models.*.weights
+        "weights": "random weights"
+        if manifest.random_weights
+        else "weights as exported",  # per encoder: models.*.weights
         "measured_on": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPU",
         "models": models,
     }
@@ -225,7 +265,11 @@ def gate_precision(d: Path, manifest: Manifest, precision: str, data: Calibratio
 
 def write_manifest(d: Path, manifest: Manifest) -> None:
     """sha256 of every file, then manifest.json last, replaced in one rename."""
-    manifest.sha256 = {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    manifest.sha256 = {
+        p.name: sha256_file(p)
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
     tmp = d / f".{MANIFEST}.tmp"
     tmp.write_text(manifest.to_json())
     os.replace(tmp, d / MANIFEST)

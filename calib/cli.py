@@ -8,6 +8,7 @@ Where tensorrt imports (on the GPU device that will run them), TensorRT INT8 pla
 TensorRT's entropy calibrator on the same frames (for --backend tensorrt --precision int8; the gate measures ONNX
 Runtime on the CPU, not these plans).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,17 +41,49 @@ def add_gate_arguments(p, *method_flags: str) -> None:
     from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT
     from .gate import DEFAULT_AGREEMENT, DEFAULT_COSINE
 
-    p.add_argument(*(method_flags or ("--calib-method",)), dest="method", choices=("minmax", "entropy", "percentile"), default="minmax",
-                   help="activation range calibration (default minmax, the closest to fp32 of the three on DINOv2: "
-                        "docs/DESIGN.md has the numbers)")
-    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES, metavar="N", help=f"frames sampled evenly from the source (default {DEFAULT_FRAMES})")
-    p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT, metavar="F",
-                   help=f"fraction held out for the gate, at least 2 frames (default {DEFAULT_HOLDOUT})")
-    p.add_argument("--gate-cosine", type=fraction, default=DEFAULT_COSINE, metavar="C",
-                   help=f"worst per-token cosine vs fp32 to pass (default {DEFAULT_COSINE})")
-    p.add_argument("--gate-agreement", type=fraction, default=DEFAULT_AGREEMENT, metavar="A",
-                   help=f"segment-label agreement vs fp32 to pass (default {DEFAULT_AGREEMENT})")
-    p.add_argument("--timing-runs", type=int, default=5, metavar="N", help="timed runs per encoder and precision for the speed-up (default 5)")
+    p.add_argument(
+        *(method_flags or ("--calib-method",)),
+        dest="method",
+        choices=("minmax", "entropy", "percentile"),
+        default="minmax",
+        help="activation range calibration (default minmax, the closest to fp32 of the three on DINOv2: "
+        "docs/DESIGN.md has the numbers)",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=DEFAULT_FRAMES,
+        metavar="N",
+        help=f"frames sampled evenly from the source (default {DEFAULT_FRAMES})",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=DEFAULT_HOLDOUT,
+        metavar="F",
+        help=f"fraction held out for the gate, at least 2 frames (default {DEFAULT_HOLDOUT})",
+    )
+    p.add_argument(
+        "--gate-cosine",
+        type=fraction,
+        default=DEFAULT_COSINE,
+        metavar="C",
+        help=f"worst per-token cosine vs fp32 to pass (default {DEFAULT_COSINE})",
+    )
+    p.add_argument(
+        "--gate-agreement",
+        type=fraction,
+        default=DEFAULT_AGREEMENT,
+        metavar="A",
+        help=f"segment-label agreement vs fp32 to pass (default {DEFAULT_AGREEMENT})",
+    )
+    p.add_argument(
+        "--timing-runs",
+        type=int,
+        default=5,
+        metavar="N",
+        help="timed runs per encoder and precision for the speed-up (default 5)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,15 +91,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bundle = default_bundle()
-    p.add_argument("--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle to add int8 encoders to (default {bundle})")
-    p.add_argument("--calib-images", type=Path, required=True, metavar="DIR_OR_VIDEO", help="a folder of images or a video like the ones you will segment")
+    p.add_argument(
+        "--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle to add int8 encoders to (default {bundle})"
+    )
+    p.add_argument(
+        "--calib-images",
+        type=Path,
+        required=True,
+        metavar="DIR_OR_VIDEO",
+        help="a folder of images or a video like the ones you will segment",
+    )
     add_gate_arguments(p, "--method")
-    p.add_argument("--models", type=_csv(MODELS), default=MODELS, metavar="LIST", help="encoders to calibrate (default clip,dinov2)")
-    p.add_argument("--precisions", type=_csv(PRECISIONS), default=("int8",), metavar="LIST",
-                   help="precisions to gate (default int8; fp16 gates the bundle's fp16 variants on this CPU)")
-    p.add_argument("--fallback-rounds", type=int, default=3, metavar="N",
-                   help="times to move the most sensitive nodes back to float when an encoder's cosine is short (default 3)")
-    p.add_argument("--force", action="store_true", help="write a precision that failed its gate (recorded as failed; never auto-picked)")
+    p.add_argument(
+        "--models",
+        type=_csv(MODELS),
+        default=MODELS,
+        metavar="LIST",
+        help="encoders to calibrate (default clip,dinov2)",
+    )
+    p.add_argument(
+        "--precisions",
+        type=_csv(PRECISIONS),
+        default=("int8",),
+        metavar="LIST",
+        help="precisions to gate (default int8; fp16 gates the bundle's fp16 variants on this CPU)",
+    )
+    p.add_argument(
+        "--fallback-rounds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="times to move the most sensitive nodes back to float when an encoder's cosine is short (default 3)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write a precision that failed its gate (recorded as failed; never auto-picked)",
+    )
     return p
 
 
@@ -75,9 +136,15 @@ def options_from(args: argparse.Namespace, source: Path, force: bool, models=Non
     from .gate import Thresholds
 
     return CalibOptions(
-        source=source, method=args.method, frames=args.frames, holdout=args.holdout,
-        thresholds=Thresholds(args.gate_cosine, args.gate_agreement), models=tuple(models or MODELS),
-        precisions=tuple(precisions), force=force, timing_runs=args.timing_runs,
+        source=source,
+        method=args.method,
+        frames=args.frames,
+        holdout=args.holdout,
+        thresholds=Thresholds(args.gate_cosine, args.gate_agreement),
+        models=tuple(models or MODELS),
+        precisions=tuple(precisions),
+        force=force,
+        timing_runs=args.timing_runs,
     )
 
 

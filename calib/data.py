@@ -4,6 +4,7 @@ Every frame goes through the runtime's own ``Preprocessor`` (resize to S x S, th
 calibrated ranges are those of the tensors the runtime will feed. A held-out part (interleaved across the source)
 is kept for the accuracy gate and never calibrated on.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -135,8 +136,13 @@ def read_frames(source: str | Path, n: int) -> list[np.ndarray]:
     raise CalibrationError(f"{source} does not exist: give a folder of images or a video file")
 
 
-def load_calibration(source: str | Path, image_size: int, norms: dict[str, Norm], frames: int = DEFAULT_FRAMES,
-                     holdout: float = DEFAULT_HOLDOUT) -> CalibrationData:
+def load_calibration(
+    source: str | Path,
+    image_size: int,
+    norms: dict[str, Norm],
+    frames: int = DEFAULT_FRAMES,
+    holdout: float = DEFAULT_HOLDOUT,
+) -> CalibrationData:
     """Read, split and preprocess; raises CalibrationError (one line) for every bad input."""
     decoded = read_frames(source, frames)
     pre = Preprocessor(image_size)
@@ -163,6 +169,9 @@ def load_calibration(source: str | Path, image_size: int, norms: dict[str, Norm]
         if i not in held:
             digest.update(rgb.tobytes())
     return CalibrationData(
-        source=str(source), calib=parts["calib"], holdout=parts["holdout"],
-        holdout_frames=[kept[i] for i in sorted(held)], digest=digest.hexdigest(),
+        source=str(source),
+        calib=parts["calib"],
+        holdout=parts["holdout"],
+        holdout_frames=[kept[i] for i in sorted(held)],
+        digest=digest.hexdigest(),
     )

@@ -10,6 +10,7 @@ before comparing:
     the Segmenter's merge, so matching by name is matching by label); the fraction of pixels named alike.
 Speed: the two encoder sessions timed interleaved (warm-up, then ``runs`` each, median) with the runtime's settings.
 """
+
 from __future__ import annotations
 
 import time
@@ -63,7 +64,10 @@ def encoder_check(fp32: ort.InferenceSession, candidate: ort.InferenceSession, f
         have = candidate.run(outputs, {name: x[None]})
         for o, a, b in zip(outputs, want, have):
             per[o].append(row_cosines(a, b))
-    stats = {o: {"min_cosine": float(np.concatenate(c).min()), "mean_cosine": float(np.concatenate(c).mean())} for o, c in per.items()}
+    stats = {
+        o: {"min_cosine": float(np.concatenate(c).min()), "mean_cosine": float(np.concatenate(c).mean())}
+        for o, c in per.items()
+    }
     return EncoderCheck(
         min_cosine=min(s["min_cosine"] for s in stats.values()),
         mean_cosine=float(np.mean([s["mean_cosine"] for s in stats.values()])),
@@ -99,7 +103,9 @@ def agreement(reference, candidate) -> tuple[int, int, float]:
     """(matching segments, reference segments, pixel agreement) of two Results of one frame."""
     ref, cand = reference.label_map, candidate.label_map
     n_ref, n_cand = int(ref.max()) + 1, int(cand.max()) + 1
-    joint = np.bincount(ref.ravel().astype(np.int64) * n_cand + cand.ravel(), minlength=n_ref * n_cand).reshape(n_ref, n_cand)
+    joint = np.bincount(ref.ravel().astype(np.int64) * n_cand + cand.ravel(), minlength=n_ref * n_cand).reshape(
+        n_ref, n_cand
+    )
     area_ref, area_cand = joint.sum(1), joint.sum(0)
     iou = joint / np.maximum(area_ref[:, None] + area_cand[None, :] - joint, 1)
     matches = total = 0

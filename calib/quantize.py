@@ -6,6 +6,7 @@ Steps, each a pure function of files and arrays:
   excluded), and rank quantised nodes by ``sensitivity`` (the SQNR of their int8 inputs on held-out frames) for the
   gate's fallback loop.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,11 @@ from .data import CalibrationError
 
 log = logging.getLogger("ovseg.calib")
 
-METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
 # What runs in int8: the GEMMs. Everything else (LayerNorm, Softmax, GELU, adds) stays float between them.
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
 # Kept in float whatever the op list says: ViT accuracy dies on int8 LayerNorm statistics and softmax rows.
@@ -80,7 +85,9 @@ def float_nodes(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> list[s
     return list(dict.fromkeys(names + list(exclude)))
 
 
-def calibrate(model_path: Path, frames: np.ndarray, digest: str, method: str, cache: Path | None = None) -> tuple[TensorsData, bool]:
+def calibrate(
+    model_path: Path, frames: np.ndarray, digest: str, method: str, cache: Path | None = None
+) -> tuple[TensorsData, bool]:
     """Tensor ranges of ``model_path`` on ``frames`` (N, 3, S, S): from the cache when its key matches, else computed and cached.
 
     Returns (ranges, recalibrated). The cache is JSON (no pickle), written atomically.
@@ -103,8 +110,11 @@ def compute_ranges(model_path: Path, frames: np.ndarray, method: str) -> Tensors
     input_name = model.graph.input[0].name
     with tempfile.TemporaryDirectory(prefix="ovseg-calib-") as tmp:
         calibrator = create_calibrator(
-            model_path, list(QUANT_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=METHODS[method], extra_options={"symmetric": method == "percentile"},
+            model_path,
+            list(QUANT_OPS),
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=METHODS[method],
+            extra_options={"symmetric": method == "percentile"},
         )
         for x in tqdm(frames, desc=f"calibrating {model_path.name} ({method})", unit="frame", leave=False):
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram collector prints a line per call
@@ -139,14 +149,18 @@ def read_cache(cache: Path, key: str) -> TensorsData | None:
 
 
 def write_cache(cache: Path, key: str, ranges: TensorsData, about: dict) -> None:
-    ranges = TensorsData(ranges.calibration_method, {k: TensorData(lowest=v.lowest, highest=v.highest) for k, v in ranges.items()})
+    ranges = TensorsData(
+        ranges.calibration_method, {k: TensorData(lowest=v.lowest, highest=v.highest) for k, v in ranges.items()}
+    )
     payload = {"key": key, "version": CACHE_VERSION, **about, "ranges": ranges.to_dict()}  # ranges only, no histograms
     tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, cls=CalibrationCacheEncoder))
     os.replace(tmp, cache)
 
 
-def quantize(model_path: Path, out_path: Path, ranges: TensorsData, exclude: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+def quantize(
+    model_path: Path, out_path: Path, ranges: TensorsData, exclude: tuple[str, ...] = ()
+) -> tuple[list[str], list[str]]:
     """Write the QDQ int8 model (per-channel int8 weights, uint8 activations) and check it; returns (float, quantised) nodes.
 
     uint8 activations: with int8 ones ORT left the q/k/v projections as float MatMuls after dequantising.
@@ -158,14 +172,24 @@ def quantize(model_path: Path, out_path: Path, ranges: TensorsData, exclude: tup
         save_tensors_data(ranges, ort_cache)
         with _quiet_root_logger():  # ORT's "consider pre-processing" advice: its shape inference runs inside anyway
             quantize_static(
-                str(model_path), str(out_path), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANT_OPS),
-                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
-                calibrate_method=ranges.calibration_method, calibration_cache_path=str(ort_cache),
+                str(model_path),
+                str(out_path),
+                None,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANT_OPS),
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=keep,
+                calibrate_method=ranges.calibration_method,
+                calibration_cache_path=str(ort_cache),
                 # GEMM outputs stay float: ORT fuses DQ -> MatMul into MatMulIntegerToFloat (dequantised in the kernel),
                 # faster and closer to fp32 than requantised outputs (QLinearMatMul): docs/DESIGN.md, "Measurements
                 # behind defaults".
                 extra_options={
-                    "ActivationSymmetric": False, "WeightSymmetric": True, "MatMulConstBOnly": True,
+                    "ActivationSymmetric": False,
+                    "WeightSymmetric": True,
+                    "MatMulConstBOnly": True,
                     "OpTypesToExcludeOutputQuantization": list(QUANT_OPS),
                 },
             )
@@ -189,7 +213,11 @@ def shapes_read_float(graph: onnx.GraphProto) -> None:
             node.input[0] = q.input[0]
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)]
+        dead = [
+            n
+            for n in graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)
+        ]
         if not dead:
             return
         for n in dead:
@@ -217,8 +245,10 @@ def activation_inputs(qmodel: onnx.ModelProto) -> dict[str, list[tuple[str, floa
     """For every int8 node: its quantised activation inputs as (float tensor, scale, zero point)."""
     inits = {i.name: i for i in qmodel.graph.initializer}
     producer = {o: n for n in qmodel.graph.node for o in n.output}
+
     def value(name):
         return numpy_helper.to_array(inits[name]) if name in inits else None
+
     found: dict[str, list[tuple[str, float, int]]] = {}
     for node in qmodel.graph.node:
         if node.op_type not in QUANT_OPS:
@@ -254,7 +284,9 @@ def sensitivity(fp32_path: Path, qmodel_path: Path, frames: np.ndarray) -> list[
     signal = dict.fromkeys(tensors, 0.0)
     noise = dict.fromkeys(tensors, 0.0)
     for x in frames:
-        outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: x[None]})))
+        outs = dict(
+            zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: x[None]}))
+        )
         for ins in inputs.values():
             for t, scale, zero in ins:
                 a = outs[t].astype(np.float64)

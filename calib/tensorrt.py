@@ -4,6 +4,7 @@ Pass it to the plan builder: ``EngineSpec(fp16=True, int8=True, calibrator=entro
 TensorRT reads the cache file when it exists (no calibration run then) and writes it after calibrating. Device
 memory comes from NVIDIA's cuda-python, which the runtime's TensorRT runner uses too.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,9 @@ def entropy_calibrator(frames: np.ndarray, cache: Path, batch_size: int = 1):
     try:
         import tensorrt as trt
     except ImportError:
-        raise CalibrationError("TensorRT INT8 calibration needs the tensorrt package and a CUDA GPU: pip install 'ovseg[tensorrt]' on the device") from None
+        raise CalibrationError(
+            "TensorRT INT8 calibration needs the tensorrt package and a CUDA GPU: pip install 'ovseg[tensorrt]' on the device"
+        ) from None
     from ovseg.runtime.sessions import SegmenterError, _cudart
 
     try:
@@ -35,7 +38,9 @@ def entropy_calibrator(frames: np.ndarray, cache: Path, batch_size: int = 1):
         raise CalibrationError(str(e)) from None
     frames = np.ascontiguousarray(frames, dtype=np.float32)
     if frames.ndim != 4 or len(frames) < batch_size:
-        raise CalibrationError(f"TensorRT calibration needs (N >= {batch_size}, 3, S, S) frames, got shape {frames.shape}")
+        raise CalibrationError(
+            f"TensorRT calibration needs (N >= {batch_size}, 3, S, S) frames, got shape {frames.shape}"
+        )
 
     def check(result):
         err, *values = result
@@ -80,8 +85,14 @@ def entropy_calibrator(frames: np.ndarray, cache: Path, batch_size: int = 1):
     return EntropyCalibrator()
 
 
-def build_int8_plans(d: Path, files: dict[str, dict[str, str]], frames: dict[str, np.ndarray], image_size: int,
-                     reuse_cache: dict[str, bool], say) -> dict[str, str]:
+def build_int8_plans(
+    d: Path,
+    files: dict[str, dict[str, str]],
+    frames: dict[str, np.ndarray],
+    image_size: int,
+    reuse_cache: dict[str, bool],
+    say,
+) -> dict[str, str]:
     """TensorRT INT8 plans (``<model>.int8.plan``) of the image encoders in ``d``, where TensorRT imports; role -> plan.
 
     Implicit quantisation of the fp32 ONNX (TensorRT's explicit Q/DQ path wants symmetric int8 activations, the
@@ -107,7 +118,11 @@ def build_int8_plans(d: Path, files: dict[str, dict[str, str]], frames: dict[str
         say(f"TensorRT {version}: building {plan.name} (INT8, entropy calibration on {len(frames[role])} frames)")
         calibrator = entropy_calibrator(frames[role], cache)
         try:
-            build_engine(fp32, plan, EngineSpec(fp16=True, int8=True, calibrator=calibrator, shapes={"pixel_values": (shape, shape, shape)}))
+            build_engine(
+                fp32,
+                plan,
+                EngineSpec(fp16=True, int8=True, calibrator=calibrator, shapes={"pixel_values": (shape, shape, shape)}),
+            )
         except ExportError as e:
             raise CalibrationError(str(e)) from None
         finally:

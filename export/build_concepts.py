@@ -95,7 +95,9 @@ def parse_data_noun(path: Path) -> dict[int, Synset]:
             pointer_count = int(tokens[pointer_at])
             pointers = tokens[pointer_at + 1 : pointer_at + 1 + 4 * pointer_count]
             hypernyms = tuple(
-                int(pointers[i + 1]) for i in range(0, len(pointers), 4) if pointers[i] == "@" and pointers[i + 2] == "n"
+                int(pointers[i + 1])
+                for i in range(0, len(pointers), 4)
+                if pointers[i] == "@" and pointers[i + 2] == "n"
             )
             synsets[offset] = Synset(offset, lexfile, lemmas, hypernyms, gloss.strip())
     return synsets
@@ -161,9 +163,7 @@ def is_common_compound(name: str, word_frequency: dict[str, int]) -> bool:
 
 
 def offensive_lemmas(synsets: dict[int, Synset]) -> set[str]:
-    return {
-        readable(word).lower() for s in synsets.values() if OFFENSIVE_GLOSS.search(s.gloss) for word, _ in s.lemmas
-    }
+    return {readable(word).lower() for s in synsets.values() if OFFENSIVE_GLOSS.search(s.gloss) for word, _ in s.lemmas}
 
 
 def wordnet_concepts(wordnet_dir: Path) -> set[str]:
@@ -216,7 +216,12 @@ def read_class_list(path: Path) -> list[str]:
 
 
 def source_concepts(sources_dir: Path) -> set[str]:
-    return {name for path in sorted(sources_dir.glob("*.txt")) for line in read_class_list(path) for name in class_list_names(line)}
+    return {
+        name
+        for path in sorted(sources_dir.glob("*.txt"))
+        for line in read_class_list(path)
+        for name in class_list_names(line)
+    }
 
 
 def build_concepts(wordnet_dir: Path = DEFAULT_WORDNET_DIR, sources_dir: Path = SOURCES_DIR) -> list[str]:
@@ -240,8 +245,12 @@ def render(names: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ovseg.export.build_concepts", description=__doc__.splitlines()[0])
-    parser.add_argument("--wordnet", type=Path, default=DEFAULT_WORDNET_DIR, help="WordNet dict dir (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output file (default: runtime/vocab/concepts.txt)")
+    parser.add_argument(
+        "--wordnet", type=Path, default=DEFAULT_WORDNET_DIR, help="WordNet dict dir (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output file (default: runtime/vocab/concepts.txt)"
+    )
     args = parser.parse_args(argv)
     return run_cli(parser.prog, functools.partial(write_concepts, args))
 

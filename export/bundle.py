@@ -1,4 +1,5 @@
 """Write a bundle: ONNX encoders (checked against torch), tokenizer, vocabulary embeddings and HNSW index."""
+
 from __future__ import annotations
 
 import functools
@@ -53,7 +54,9 @@ class ExportConfig:
     workspace_mib: int = 2048
     hnsw: dict[str, int] = field(default_factory=lambda: dict(HNSW_PARAMS))
     text_batch: int = 256
-    int8: object | None = None  # ovseg.calib.bundle.CalibOptions: calibrate INT8 encoders and gate them (ovseg-export --int8)
+    int8: object | None = (
+        None  # ovseg.calib.bundle.CalibOptions: calibrate INT8 encoders and gate them (ovseg-export --int8)
+    )
 
     @property
     def dense_method(self) -> str:
@@ -63,7 +66,9 @@ class ExportConfig:
 say = functools.partial(ovseg.cli.say, PROG)
 
 
-def export_bundle(cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, dinov2_model: Dinov2Model | None = None) -> Path:
+def export_bundle(
+    cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, dinov2_model: Dinov2Model | None = None
+) -> Path:
     """Export everything into ``cfg.out`` atomically. Models may be injected (tests); otherwise they are loaded."""
     names = load_vocabulary(cfg.vocab)
     dino.check_image_size(cfg.image_size)
@@ -84,7 +89,13 @@ def export_bundle(cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, d
         visual = ClipDenseVisual(clip_model.visual, cfg.image_size, cfg.dense_method).eval()
         image = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
         clip_files = _export_checked(
-            visual, {"pixel_values": image}, ["image_embedding", "patch_embeddings"], tmp, "clip_visual", cfg, checks,
+            visual,
+            {"pixel_values": image},
+            ["image_embedding", "patch_embeddings"],
+            tmp,
+            "clip_visual",
+            cfg,
+            checks,
             {"pixel_values": {0: "batch"}, "image_embedding": {0: "batch"}, "patch_embeddings": {0: "batch"}},
         )
         _check_pooled_output(visual, clip_model, checks)
@@ -95,14 +106,22 @@ def export_bundle(cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, d
         dino_files = {"fp32": "dinov2.onnx"}
         if cfg.fp16:
             wrapper = dino.Dinov2PatchTokens(dinov2_model, cfg.image_size).eval()
-            dino_files["fp16"] = _fp16_variant(tmp / "dinov2.onnx", wrapper, {"pixel_values": image}, ["tokens"], checks)
+            dino_files["fp16"] = _fp16_variant(
+                tmp / "dinov2.onnx", wrapper, {"pixel_values": image}, ["tokens"], checks
+            )
 
         text_encoder = ClipTextEncoder(clip_model).eval()
         save_clip_tokenizer(tmp / "tokenizer.json")
         tokenizer = ClipTokenizer.from_file(tmp / "tokenizer.json", clip_model.context_length)
         ids = torch.from_numpy(tokenizer(["a photo of a forklift.", "wet floor", "person"]))
         text_files = _export_checked(
-            text_encoder, {"input_ids": ids}, ["text_embeddings"], tmp, "clip_text", cfg, checks,
+            text_encoder,
+            {"input_ids": ids},
+            ["text_embeddings"],
+            tmp,
+            "clip_text",
+            cfg,
+            checks,
             {"input_ids": {0: "batch", 1: "length"}, "text_embeddings": {0: "batch"}},
         )
 
@@ -117,16 +136,32 @@ def export_bundle(cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, d
         manifest = Manifest(
             image_size=cfg.image_size,
             clip=EncoderInfo(
-                model=cfg.clip, weights=clip_source, patch_size=cfg.image_size // grid[0], grid=grid,
-                embed_dim=int(clip_model.visual.output_dim), mean=CLIP_MEAN, std=CLIP_STD, files=clip_files,
+                model=cfg.clip,
+                weights=clip_source,
+                patch_size=cfg.image_size // grid[0],
+                grid=grid,
+                embed_dim=int(clip_model.visual.output_dim),
+                mean=CLIP_MEAN,
+                std=CLIP_STD,
+                files=clip_files,
             ),
             dinov2=EncoderInfo(
-                model=cfg.dinov2, weights=dino_source, patch_size=dino_info["patch_size"], grid=tuple(dino_info["grid"]),
-                embed_dim=dino_info["embed_dim"], mean=tuple(dino_info["mean"]), std=tuple(dino_info["std"]), files=dino_files,
+                model=cfg.dinov2,
+                weights=dino_source,
+                patch_size=dino_info["patch_size"],
+                grid=tuple(dino_info["grid"]),
+                embed_dim=dino_info["embed_dim"],
+                mean=tuple(dino_info["mean"]),
+                std=tuple(dino_info["std"]),
+                files=dino_files,
             ),
             text=TextInfo(
-                context_length=clip_model.context_length, embed_dim=int(embeddings.shape[1]), templates=templates,
-                tokenizer="tokenizer.json", files=text_files, logit_scale=float(clip_model.logit_scale.detach().exp()),
+                context_length=clip_model.context_length,
+                embed_dim=int(embeddings.shape[1]),
+                templates=templates,
+                tokenizer="tokenizer.json",
+                files=text_files,
+                logit_scale=float(clip_model.logit_scale.detach().exp()),
             ),
             vocabulary=vocab_info,
             dense_method=cfg.dense_method,
@@ -135,7 +170,9 @@ def export_bundle(cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, d
             opset=OPSET,
             checks=checks,
         )
-        if cfg.int8 is not None:  # int8 files, calibration caches and gate results; a failed gate without --force raises
+        if (
+            cfg.int8 is not None
+        ):  # int8 files, calibration caches and gate results; a failed gate without --force raises
             from ovseg.calib.bundle import calibrate_export
 
             manifest = calibrate_export(tmp, manifest, cfg.int8, previous=Path(cfg.out))
@@ -145,7 +182,9 @@ def export_bundle(cfg: ExportConfig, clip_model: open_clip.CLIP | None = None, d
     return Path(cfg.out)
 
 
-def _export_checked(module, inputs, outputs, tmp: Path, stem: str, cfg: ExportConfig, checks, dynamic_axes) -> dict[str, str]:
+def _export_checked(
+    module, inputs, outputs, tmp: Path, stem: str, cfg: ExportConfig, checks, dynamic_axes
+) -> dict[str, str]:
     files = {"fp32": f"{stem}.onnx"}
     export_onnx(module, tuple(inputs.values()), tmp / files["fp32"], list(inputs), outputs, dynamic_axes)
     parity = check_parity(tmp / files["fp32"], module, inputs, outputs)
@@ -176,7 +215,9 @@ def _check_pooled_output(visual: ClipDenseVisual, clip_model: open_clip.CLIP, ch
 
 
 @torch.no_grad()
-def embed_names(text_encoder: ClipTextEncoder, tokenizer: ClipTokenizer, names: list[str], templates: list[str], batch: int) -> np.ndarray:
+def embed_names(
+    text_encoder: ClipTextEncoder, tokenizer: ClipTokenizer, names: list[str], templates: list[str], batch: int
+) -> np.ndarray:
     """Prompt-ensembled embeddings (per template L2-normalised, averaged, L2-normalised), as open_clip's zero-shot classifier."""
     out = None
     per_batch = max(1, batch // len(templates))
@@ -196,20 +237,27 @@ def _write_vocabulary(tmp: Path, cfg: ExportConfig, names: list[str], embeddings
     np.save(tmp / "text_embeddings.fp32.npy", embeddings, allow_pickle=False)
     np.save(tmp / "text_embeddings.fp16.npy", embeddings.astype(np.float16), allow_pickle=False)
     index = hnswlib.Index(space="cosine", dim=embeddings.shape[1])
-    index.init_index(max_elements=len(names), ef_construction=cfg.hnsw["ef_construction"], M=cfg.hnsw["M"], random_seed=0)
+    index.init_index(
+        max_elements=len(names), ef_construction=cfg.hnsw["ef_construction"], M=cfg.hnsw["M"], random_seed=0
+    )
     index.add_items(embeddings, np.arange(len(names)), num_threads=1)  # one thread: the same index on every run
     index.save_index(str(tmp / "vocabulary.hnsw"))
     return VocabularyInfo(
-        source=cfg.vocab, size=len(names), names="vocabulary.txt",
+        source=cfg.vocab,
+        size=len(names),
+        names="vocabulary.txt",
         embeddings={"fp32": "text_embeddings.fp32.npy", "fp16": "text_embeddings.fp16.npy"},
-        hnsw="vocabulary.hnsw", hnsw_params=dict(cfg.hnsw),
+        hnsw="vocabulary.hnsw",
+        hnsw_params=dict(cfg.hnsw),
     )
 
 
 def _tensorrt_plans(tmp: Path, models: dict[str, dict[str, str]], cfg: ExportConfig) -> None:
     version = tensorrt_available()
     if version is None:
-        say("TensorRT is not installed: kept the fp16 ONNX variants; build plans on the device (pip install 'ovseg[tensorrt]')")
+        say(
+            "TensorRT is not installed: kept the fp16 ONNX variants; build plans on the device (pip install 'ovseg[tensorrt]')"
+        )
         return
     for role, files in models.items():
         plan = tmp / f"{role}.fp16.plan"

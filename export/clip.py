@@ -1,4 +1,5 @@
 """CLIP for export: loading (open_clip, local or PixelCLIP checkpoints), the dense visual encoder, the text encoder."""
+
 from __future__ import annotations
 
 import os
@@ -27,11 +28,15 @@ def parse_clip_spec(spec: str) -> tuple[str, str | None]:
     model, _, pretrained = spec.partition(":")
     if model not in open_clip.list_models():
         vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
-        raise ExportError(f"unknown CLIP model {model!r}: choose one of {', '.join(vits[:12])}, ... (open_clip.list_models())")
+        raise ExportError(
+            f"unknown CLIP model {model!r}: choose one of {', '.join(vits[:12])}, ... (open_clip.list_models())"
+        )
     return model, pretrained or None
 
 
-def load_clip(spec: str = DEFAULT_CLIP, weights: str | Path | None = None, random_weights: bool = False) -> tuple[open_clip.CLIP, str]:
+def load_clip(
+    spec: str = DEFAULT_CLIP, weights: str | Path | None = None, random_weights: bool = False
+) -> tuple[open_clip.CLIP, str]:
     """Build an open_clip CLIP from ``MODEL[:PRETRAINED]``; returns the model (eval, fp32) and where its weights came from.
 
     ``weights`` is a local checkpoint: open_clip's, OpenAI's state dict, or a PixelCLIP / ovseg-train fine-tune
@@ -39,7 +44,9 @@ def load_clip(spec: str = DEFAULT_CLIP, weights: str | Path | None = None, rando
     """
     model_name, pretrained = parse_clip_spec(spec)
     if pretrained == "openai" and not model_name.endswith("-quickgelu"):
-        model_name_arch = f"{model_name}-quickgelu" if f"{model_name}-quickgelu" in open_clip.list_models() else model_name
+        model_name_arch = (
+            f"{model_name}-quickgelu" if f"{model_name}-quickgelu" in open_clip.list_models() else model_name
+        )
     else:
         model_name_arch = model_name
     if random_weights:
@@ -48,7 +55,9 @@ def load_clip(spec: str = DEFAULT_CLIP, weights: str | Path | None = None, rando
     checkpoint = _read_checkpoint(Path(weights)) if weights else None
     needs_pretrained = checkpoint is None or not any(k.startswith("transformer.") for k in checkpoint)
     if needs_pretrained and not pretrained:
-        raise ExportError(f"--clip {spec} names no pretrained weights: use MODEL:PRETRAINED (e.g. {DEFAULT_CLIP}), --clip-weights PATH or --random-weights")
+        raise ExportError(
+            f"--clip {spec} names no pretrained weights: use MODEL:PRETRAINED (e.g. {DEFAULT_CLIP}), --clip-weights PATH or --random-weights"
+        )
     if needs_pretrained:
         model = _create_pretrained(model_name_arch, model_name, pretrained)
         source = f"open_clip {model_name}:{pretrained}"
@@ -109,7 +118,9 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ExportError(f"--clip-weights {path} cannot be read as a weights-only checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        raise ExportError(
+            f"--clip-weights {path} cannot be read as a weights-only checkpoint ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
     for key in ("state_dict", "model", "student"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -136,12 +147,18 @@ def _load_state(model: open_clip.CLIP, state: dict[str, torch.Tensor], path, ful
     wanted = {k for k in own if full or k.startswith("visual.")}
     missing = sorted(wanted - state.keys())
     if missing:
-        raise ExportError(f"--clip-weights {path} does not fit {type(model).__name__}: missing {len(missing)} keys, e.g. {missing[:3]}")
+        raise ExportError(
+            f"--clip-weights {path} does not fit {type(model).__name__}: missing {len(missing)} keys, e.g. {missing[:3]}"
+        )
     for key in wanted:
         if key == "visual.positional_embedding" and state[key].shape != own[key].shape:
-            raise ExportError(f"--clip-weights {path}: position embedding {tuple(state[key].shape)} does not fit {tuple(own[key].shape)}")
+            raise ExportError(
+                f"--clip-weights {path}: position embedding {tuple(state[key].shape)} does not fit {tuple(own[key].shape)}"
+            )
         if state[key].shape != own[key].shape:
-            raise ExportError(f"--clip-weights {path}: {key} has shape {tuple(state[key].shape)}, the model wants {tuple(own[key].shape)}")
+            raise ExportError(
+                f"--clip-weights {path}: {key} has shape {tuple(state[key].shape)}, the model wants {tuple(own[key].shape)}"
+            )
     model.load_state_dict({k: state[k] for k in wanted}, strict=False)
 
 
@@ -178,7 +195,9 @@ class ClipDenseVisual(nn.Module):
         self.visual = visual
         self.method = method
         self.grid = (image_size // patch, image_size // patch)
-        self.register_buffer("pos", _resize_pos_embed(visual.positional_embedding.detach(), self.grid), persistent=False)
+        self.register_buffer(
+            "pos", _resize_pos_embed(visual.positional_embedding.detach(), self.grid), persistent=False
+        )
         self.blocks = visual.transformer.resblocks
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +226,10 @@ def _qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     attn = block.attn
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     heads = attn.num_heads
+
     def split(t):
         return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
     return split(q), split(k), split(v), heads
 
 
@@ -235,7 +256,11 @@ def _self_self_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     scale = q.shape[-1] ** -0.5
     inv_temp = x.norm(dim=-1).mean(dim=-1).reshape(-1, 1, 1, 1) * scale
     out = 0
-    for p in (v, k, q):  # the temperature scales one N x d operand, not the N x N logits: same math, less memory traffic
+    for p in (
+        v,
+        k,
+        q,
+    ):  # the temperature scales one N x d operand, not the N x N logits: same math, less memory traffic
         p = F.normalize(p, dim=-1)
         p = F.normalize(torch.softmax((p * inv_temp) @ p.transpose(-2, -1), dim=-1) @ p, dim=-1)
         out = out + torch.softmax((p * inv_temp) @ p.transpose(-2, -1), dim=-1) @ v

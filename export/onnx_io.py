@@ -1,4 +1,5 @@
 """ONNX export and the check every exported file passes: onnx.checker, then ONNX Runtime vs torch."""
+
 from __future__ import annotations
 
 import warnings
@@ -94,7 +95,9 @@ def check_parity(
     for name, want, have in zip(output_names, expected, got):
         want = want.float().numpy()
         if want.shape != have.shape:
-            raise ExportError(f"{path.name}: output {name} has shape {have.shape} in ONNX Runtime but {want.shape} in torch")
+            raise ExportError(
+                f"{path.name}: output {name} has shape {have.shape} in ONNX Runtime but {want.shape} in torch"
+            )
         cos = row_cosines(want, have)
         parity = Parity(name, float(cos.min()), float(np.abs(want - have.astype(np.float32)).max()))
         if not np.isfinite(parity.min_cosine) or parity.min_cosine < min_cosine:

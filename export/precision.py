@@ -1,4 +1,5 @@
 """Lower-precision variants of an exported ONNX model."""
+
 from __future__ import annotations
 
 from pathlib import Path

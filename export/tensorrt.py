@@ -2,6 +2,7 @@
 
 Written against the TensorRT 10 Python API; needs a CUDA GPU (not exercised on CPU-only machines).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """open_clip's BPE tokenizer rebuilt as a `tokenizers` JSON, so the runtime can tokenise with no torch."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,9 @@ def build_clip_tokenizer() -> Tokenizer:
     if simple.encoder.get(SOT) is None or simple.encoder.get(EOT) is None:
         raise ExportError(f"open_clip's tokenizer has no {SOT}/{EOT} tokens: this open_clip version is not supported")
     merges = [pair for pair, _ in sorted(simple.bpe_ranks.items(), key=lambda item: item[1])]
-    bpe = models.BPE(vocab=dict(simple.encoder), merges=merges, end_of_word_suffix="</w>", unk_token=None, fuse_unk=False)
+    bpe = models.BPE(
+        vocab=dict(simple.encoder), merges=merges, end_of_word_suffix="</w>", unk_token=None, fuse_unk=False
+    )
     tokenizer = Tokenizer(bpe)
     tokenizer.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(), normalizers.Lowercase()]

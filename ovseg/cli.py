@@ -1,5 +1,6 @@
 """How every ``ovseg-*`` command ends: an OvsegError is ``prog: error: ...`` and exit 2, Ctrl-C 130, SIGTERM 143
 (unwound like Ctrl-C, so outputs are finalised), a closed stdout pipe 0."""
+
 from __future__ import annotations
 
 import argparse

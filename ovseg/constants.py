@@ -1,4 +1,5 @@
 """Facts that several parts of ovseg state: one place each, importable without torch, onnxruntime or numpy."""
+
 from __future__ import annotations
 
 import os

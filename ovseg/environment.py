@@ -3,6 +3,7 @@ where windows are wanted. Each problem is one line with the command that fixes i
 
 ``python -m ovseg.environment`` prints what was found (``make setup`` runs it) and exits 2 on a problem.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,12 @@ from pathlib import Path
 from .errors import OvsegError
 
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
-OPENCV_DISTRIBUTIONS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless")
+OPENCV_DISTRIBUTIONS = (
+    "opencv-python",
+    "opencv-python-headless",
+    "opencv-contrib-python",
+    "opencv-contrib-python-headless",
+)
 JETSON_RELEASE = Path("/etc/nv_tegra_release")
 
 
@@ -49,7 +55,11 @@ def nvidia_gpu_present() -> bool:
 def _flavour_fix() -> str:
     if is_jetson():
         return "pip install onnxruntime-gpu from NVIDIA's Jetson index (README: Jetson)"
-    return "pip install -e '.[gpu]'" if nvidia_gpu_present() and platform.machine() == "x86_64" else "pip install -e '.[cpu]'"
+    return (
+        "pip install -e '.[gpu]'"
+        if nvidia_gpu_present() and platform.machine() == "x86_64"
+        else "pip install -e '.[cpu]'"
+    )
 
 
 def check_onnxruntime() -> None:
@@ -75,7 +85,11 @@ def check_opencv() -> None:
             f"run `pip uninstall -y {' '.join(cv)}` then `pip install {keep}`"
         )
     if importlib.util.find_spec("cv2") is None:
-        how = "pip install -e '.[gui]'" if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") else "pip install -e '.[headless]'"
+        how = (
+            "pip install -e '.[gui]'"
+            if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+            else "pip install -e '.[headless]'"
+        )
         if is_jetson():
             how = "sudo apt-get install python3-opencv (JetPack's OpenCV, with GStreamer), in a venv made with --system-site-packages"
         raise InstallError(f"OpenCV is not installed: run `{how}`")
@@ -107,8 +121,14 @@ def report() -> list[str]:
 
     from ovseg.runtime.display import gui_backend, has_gstreamer
 
-    ort_dist = ", ".join(f"{n} {v}" for n, v in installed(ORT_DISTRIBUTIONS).items()) or f"onnxruntime {ort.__version__} (not from pip)"
-    cv_dist = ", ".join(f"{n} {v}" for n, v in installed(OPENCV_DISTRIBUTIONS).items()) or f"OpenCV {cv2.__version__} (system)"
+    ort_dist = (
+        ", ".join(f"{n} {v}" for n, v in installed(ORT_DISTRIBUTIONS).items())
+        or f"onnxruntime {ort.__version__} (not from pip)"
+    )
+    cv_dist = (
+        ", ".join(f"{n} {v}" for n, v in installed(OPENCV_DISTRIBUTIONS).items())
+        or f"OpenCV {cv2.__version__} (system)"
+    )
     lines = [
         f"machine: {platform.machine()}{', Jetson' if is_jetson() else ''}{', NVIDIA GPU' if nvidia_gpu_present() else ''}",
         f"ONNX Runtime: {ort_dist}; providers {', '.join(ort.get_available_providers())}",

@@ -1,4 +1,5 @@
 """ONNX facts shared by export, calibration, the runtime and the benchmarks (numpy; onnx and onnxruntime on use)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

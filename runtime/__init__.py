@@ -3,6 +3,7 @@
 The Segmenter (and onnxruntime with it) loads on first use, so ``import ovseg.runtime`` stays cheap; importing it
 checks the install (ovseg.environment) and raises InstallError, an ImportError, saying what to run.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

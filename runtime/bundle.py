@@ -4,6 +4,7 @@ A bundle holds ``manifest.json`` plus the files it lists (ONNX encoders per
 precision, text embeddings, HNSW index, vocabulary, tokenizer). Every file is
 listed with its sha256; the runtime refuses a bundle whose files do not match.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -90,8 +91,10 @@ class Manifest:
             raise BundleError(
                 f"bundle schema version {version} is not {SCHEMA_VERSION}: re-export it with this ovseg (ovseg-export --force)"
             )
+
         def enc(e):
             return EncoderInfo(**{**e, "grid": tuple(e["grid"]), "mean": tuple(e["mean"]), "std": tuple(e["std"])})
+
         d["clip"] = enc(d["clip"])
         d["dinov2"] = enc(d["dinov2"])
         d["text"] = TextInfo(**d["text"])
@@ -118,14 +121,18 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     except BundleError:
         raise
     except (ValueError, TypeError, KeyError) as e:
-        raise BundleError(f"{path} is not a valid ovseg manifest ({e}): re-export with `ovseg-export --force`") from None
+        raise BundleError(
+            f"{path} is not a valid ovseg manifest ({e}): re-export with `ovseg-export --force`"
+        ) from None
     if verify:
         for name, digest in manifest.sha256.items():
             f = bundle_dir / name
             if not f.is_file():
                 raise BundleError(f"bundle file {f} is missing: re-export with `ovseg-export --force`")
             if sha256_file(f) != digest:
-                raise BundleError(f"bundle file {f} does not match its sha256 in the manifest: re-export with `ovseg-export --force`")
+                raise BundleError(
+                    f"bundle file {f} does not match its sha256 in the manifest: re-export with `ovseg-export --force`"
+                )
     return manifest
 
 

@@ -1,4 +1,5 @@
 """ovseg-run: segment a camera, stream, video or images and name every segment from an open vocabulary."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,21 +37,64 @@ def _camera_index(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument("--bundle", type=Path, default=default_bundle(), metavar="DIR", help="bundle written by ovseg-export (default $OVSEG_HOME/bundles/default, OVSEG_HOME defaulting to ~/.cache/ovseg)")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=default_bundle(),
+        metavar="DIR",
+        help="bundle written by ovseg-export (default $OVSEG_HOME/bundles/default, OVSEG_HOME defaulting to ~/.cache/ovseg)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--camera", type=_camera_index, metavar="N", help="camera index (live: only the newest frame is processed)")
-    src.add_argument("--video", metavar="PATH_OR_URL", help="video file (every frame), stream URL such as rtsp:// (live), or a GStreamer pipeline ending in appsink (live; Jetson CSI cameras, README)")
+    src.add_argument(
+        "--camera", type=_camera_index, metavar="N", help="camera index (live: only the newest frame is processed)"
+    )
+    src.add_argument(
+        "--video",
+        metavar="PATH_OR_URL",
+        help="video file (every frame), stream URL such as rtsp:// (live), or a GStreamer pipeline ending in appsink (live; Jetson CSI cameras, README)",
+    )
     src.add_argument("--image", metavar="PATH_DIR_OR_GLOB", help="an image, a directory of images, or a quoted glob")
-    src.add_argument("--sample", action="store_true", help="a 4 s clip panning across scikit-image photos, for trying ovseg without a camera")
+    src.add_argument(
+        "--sample",
+        action="store_true",
+        help="a 4 s clip panning across scikit-image photos, for trying ovseg without a camera",
+    )
     vocab = p.add_mutually_exclusive_group()
     vocab.add_argument("--classes", metavar="a,b,c", help="guided mode: label every pixel with one of these classes")
-    vocab.add_argument("--vocab", metavar="PRESET_OR_FILE", help="guided mode with a preset (voc21, ade150, ...) or a file, one name per line")
-    p.add_argument("--backend", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto", help="inference backend (default auto)")
-    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto", help="encoder precision (default auto)")
-    p.add_argument("--segments", type=positive_int, default=15, metavar="K", help="DINOv2 segment candidates per frame (default 15, as TAG)")
-    p.add_argument("--refine", choices=("segments", "edges"), help="sharpen guided-mode labels by voting inside segments, or along edges")
+    vocab.add_argument(
+        "--vocab",
+        metavar="PRESET_OR_FILE",
+        help="guided mode with a preset (voc21, ade150, ...) or a file, one name per line",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "cpu", "cuda", "tensorrt"),
+        default="auto",
+        help="inference backend (default auto)",
+    )
+    p.add_argument(
+        "--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto", help="encoder precision (default auto)"
+    )
+    p.add_argument(
+        "--segments",
+        type=positive_int,
+        default=15,
+        metavar="K",
+        help="DINOv2 segment candidates per frame (default 15, as TAG)",
+    )
+    p.add_argument(
+        "--refine",
+        choices=("segments", "edges"),
+        help="sharpen guided-mode labels by voting inside segments, or along edges",
+    )
     p.add_argument("--threshold", type=float, metavar="T", help="label segments scoring under T 'unknown'")
-    p.add_argument("--keyframe-interval", type=positive_int, default=1, metavar="N", help="run CLIP every N-th frame; DINOv2 runs on every frame and the segments carry the last CLIP labels (default 1)")
+    p.add_argument(
+        "--keyframe-interval",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="run CLIP every N-th frame; DINOv2 runs on every frame and the segments carry the last CLIP labels (default 1)",
+    )
     p.add_argument("--save", type=Path, metavar="OUT.mp4", help="write the annotated video here")
     p.add_argument("--save-dir", type=Path, metavar="DIR", help="write per-frame PNG label maps and JSON here")
     p.add_argument("--json", action="store_true", help="print one JSON object per frame on stdout")
@@ -137,14 +181,23 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(_open_source(args, stack))
             sinks = [stack.enter_context(s) for s in _open_sinks(args, source)]
-            if args.threads:  # this process is ovseg-run's: the native kernels take --threads too, not only ONNX Runtime
+            if (
+                args.threads
+            ):  # this process is ovseg-run's: the native kernels take --threads too, not only ONNX Runtime
                 from .. import _native
 
                 _native.set_num_threads(args.threads)
             seg = open_segmenter(
-                args.bundle, backend=args.backend, precision=args.precision, classes=classes, vocab=args.vocab,
-                num_segments=args.segments, score_threshold=args.threshold, refine=args.refine,
-                keyframe_interval=args.keyframe_interval, threads=args.threads,
+                args.bundle,
+                backend=args.backend,
+                precision=args.precision,
+                classes=classes,
+                vocab=args.vocab,
+                num_segments=args.segments,
+                score_threshold=args.threshold,
+                refine=args.refine,
+                keyframe_interval=args.keyframe_interval,
+                threads=args.threads,
             )
             stack.callback(seg.close)
             if seg.random_weights:
@@ -174,7 +227,9 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
     return 0
 
 
-def _loop(args, source: Source, seg, sinks: list[Sink], window: Window | None, stats: LatencyStats, started: float) -> None:
+def _loop(
+    args, source: Source, seg, sinks: list[Sink], window: Window | None, stats: LatencyStats, started: float
+) -> None:
     need_overlay = window is not None or any(s.needs_overlay for s in sinks)
     for frame in source:
         if source.independent_frames:

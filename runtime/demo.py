@@ -6,6 +6,7 @@
 2. Run `ovseg-run --camera 0` when a camera opens; otherwise run it on the sample clip, headless,
    saving the annotated video and per-frame label maps under out/.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -81,11 +82,17 @@ def demo() -> int:
         say(PROG, f"camera 0 opens but there is no display: segmenting {DEMO_FRAMES} frames and saving them")
         argv = ["--camera", "0", *saving]
     else:
-        say(PROG, "no camera opens at index 0 (none attached, or no permission on /dev/video0): using the sample clip instead")
+        say(
+            PROG,
+            "no camera opens at index 0 (none attached, or no permission on /dev/video0): using the sample clip instead",
+        )
         argv = ["--sample", *saving]
     code = cli.main(["--bundle", str(bundle), *argv])
     if code in (0, 130) and OUT_VIDEO.is_file():
-        say(PROG, f"outputs: {OUT_VIDEO.resolve()} (annotated video), {OUT_FRAMES.resolve()}/ (label maps frame_NNNNNN.png + JSON)")
+        say(
+            PROG,
+            f"outputs: {OUT_VIDEO.resolve()} (annotated video), {OUT_FRAMES.resolve()}/ (label maps frame_NNNNNN.png + JSON)",
+        )
     return code
 
 

@@ -1,4 +1,5 @@
 """The live window of ovseg-run: is there a display, the status line, show a frame, 'q' or Esc to quit."""
+
 from __future__ import annotations
 
 import functools
@@ -53,7 +54,10 @@ def draw_status(image: np.ndarray, fps: float, timings: dict[str, float]) -> np.
     total = [f"total {timings['total']:.1f}"] if "total" in timings else []
     pad, thickness = 4, 1
     room = image.shape[1] - 2 * pad
-    for text in (" | ".join([f"{fps:.1f} FPS", *stages, *total]) + " ms", " | ".join([f"{fps:.1f} FPS", *total]) + " ms"):
+    for text in (
+        " | ".join([f"{fps:.1f} FPS", *stages, *total]) + " ms",
+        " | ".join([f"{fps:.1f} FPS", *total]) + " ms",
+    ):
         # As large as reads well, shrunk until it fits; too long even at the smallest size: FPS and total only.
         scale = min(0.7, max(0.4, image.shape[1] / 1400))
         while scale > 0.3 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] > room:
@@ -64,7 +68,16 @@ def draw_status(image: np.ndarray, fps: float, timings: dict[str, float]) -> np.
     band_top = max(0, image.shape[0] - (h + base + 2 * pad))
     band = image[band_top:, : min(image.shape[1], w + 2 * pad)]
     band[...] = (band * 0.4).astype(image.dtype)  # darken behind the text so it reads on any frame
-    cv2.putText(image, text, (pad, image.shape[0] - pad - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    cv2.putText(
+        image,
+        text,
+        (pad, image.shape[0] - pad - base),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        scale,
+        (255, 255, 255),
+        thickness,
+        cv2.LINE_AA,
+    )
     return image
 
 

@@ -3,6 +3,7 @@ precision, and CLIP's text encoder with its tokenizer for names given at run tim
 
 Segmenters of other settings share one ``Engines`` (``Segmenter.with_config``): sessions are the slow part to open.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,14 @@ class Engines:
     precision: str  # of the image encoders: what "auto" resolved to
 
     @classmethod
-    def open(cls, bundle_dir: Path, manifest: Manifest, backend: str = "auto", precision: str = "auto",
-             threads: int | None = None) -> Engines:
+    def open(
+        cls,
+        bundle_dir: Path,
+        manifest: Manifest,
+        backend: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+    ) -> Engines:
         """``threads``: ONNX Runtime's intra-op threads per session (None: every core); nothing process-wide changes.
         A bundle with random weights is said once per opening (Segmenters sharing these engines do not repeat it)."""
         backend = resolve_backend(backend)
@@ -49,12 +56,16 @@ class Engines:
             engine.close()
 
 
-def open_embedder(bundle_dir: Path, manifest: Manifest, backend: str = "cpu", threads: int | None = None) -> PromptEmbedder:
+def open_embedder(
+    bundle_dir: Path, manifest: Manifest, backend: str = "cpu", threads: int | None = None
+) -> PromptEmbedder:
     """The bundle's text encoder, run only when names change: in fp32, next to the exported embeddings; on CUDA
     when the image encoders run on a GPU backend, else on the CPU."""
     device = "cpu" if backend == "cpu" else "cuda"
     encoder = OnnxEncoder(bundle_dir / manifest.text.files["fp32"], providers(device, "fp32", bundle_dir), threads)
-    return PromptEmbedder(encoder, ClipTokenizer.from_file(bundle_dir / manifest.text.tokenizer, manifest.text.context_length))
+    return PromptEmbedder(
+        encoder, ClipTokenizer.from_file(bundle_dir / manifest.text.tokenizer, manifest.text.context_length)
+    )
 
 
 def run_encoder(engine: Engine, pre: Preprocessor, info: EncoderInfo, output: str, role: str) -> np.ndarray:
@@ -64,5 +75,7 @@ def run_encoder(engine: Engine, pre: Preprocessor, info: EncoderInfo, output: st
     rows, cols = info.grid
     if x is None or x.ndim != 3 or x.shape[0] != 1 or x.shape[1] != rows * cols:
         got = None if x is None else x.shape
-        raise SegmenterError(f"the {role} encoder returned {output} {got}, the manifest says (1, {rows * cols}, D): re-export the bundle")
+        raise SegmenterError(
+            f"the {role} encoder returned {output} {got}, the manifest says (1, {rows * cols}, D): re-export the bundle"
+        )
     return np.ascontiguousarray(x[0], dtype=np.float32).reshape(rows, cols, -1)

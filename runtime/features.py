@@ -3,6 +3,7 @@
 With keyframe_interval=N a stream runs CLIP on every N-th frame; in between the segments keep moving with DINOv2
 and are named from the keyframe's features.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

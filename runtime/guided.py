@@ -4,6 +4,7 @@ embeddings -> bilinear upsampling + argmax at the frame's size.
 refine="segments" votes instead: each DINOv2 segment takes the class of its mean logits. refine="edges" makes the
 class maps follow the frame's edges before the argmax.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,8 +38,16 @@ class GuidedHead:
         self.size, self.top_k, self.score_threshold = size, top_k, score_threshold
         self.edges = edges
 
-    def __call__(self, rgb: np.ndarray, features: DenseFeatures, maps: SegmentMaps | None, classes: list[str],
-                 text: np.ndarray, shape: tuple[int, int], timer: StageTimer) -> tuple[np.ndarray, list[Segment]]:
+    def __call__(
+        self,
+        rgb: np.ndarray,
+        features: DenseFeatures,
+        maps: SegmentMaps | None,
+        classes: list[str],
+        text: np.ndarray,
+        shape: tuple[int, int],
+        timer: StageTimer,
+    ) -> tuple[np.ndarray, list[Segment]]:
         """The label map at ``shape`` (class indices) and one segment per class present; ``maps``: vote in these
         segments (refine="segments"), else per patch. ``text``: (C, D) L2-normalised class embeddings."""
         gh, gw, dim = features.grid.shape
@@ -47,7 +56,9 @@ class GuidedHead:
         if maps is not None:
             with timer("pooling"):
                 pooled = pool_segments(maps.scores, patches.reshape(gh, gw, dim), self.size)
-                voters = Voters(pooled.vectors @ text.T, pooled.areas)  # mean logits per segment (up to a positive scale)
+                voters = Voters(
+                    pooled.vectors @ text.T, pooled.areas
+                )  # mean logits per segment (up to a positive scale)
             with timer("render"):
                 label_map = voters.cls.astype(np.int32)[_native.upsample_argmax(maps.scores, *shape)]
         else:
@@ -64,17 +75,30 @@ class GuidedHead:
             pixel_areas, boxes = label_stats(label_map, len(classes))
         return label_map, self.segments(voters, pixel_areas, boxes, classes)
 
-    def segments(self, voters: Voters, pixel_areas: np.ndarray, boxes: dict[int, tuple[int, int, int, int]],
-                 classes: list[str]) -> list[Segment]:
+    def segments(
+        self, voters: Voters, pixel_areas: np.ndarray, boxes: dict[int, tuple[int, int, int, int]], classes: list[str]
+    ) -> list[Segment]:
         segments = []
         for c in np.flatnonzero(pixel_areas):
             mine = voters.cls == c
             # a class can win pixels between patches without winning a patch: score it by its best voter then
-            row = (np.average(voters.logits[mine], axis=0, weights=voters.weight[mine] + 1e-12) if mine.any()
-                   else voters.logits[np.argmax(voters.logits[:, c])])
+            row = (
+                np.average(voters.logits[mine], axis=0, weights=voters.weight[mine] + 1e-12)
+                if mine.any()
+                else voters.logits[np.argmax(voters.logits[:, c])]
+            )
             score = float(row[c])
             known = self.score_threshold is None or score >= self.score_threshold
             label = classes[c] if known else UNKNOWN
             order = [int(j) for j in np.argsort(-row, kind="stable") if classes[j] != label][: self.top_k - 1]
-            segments.append(Segment(int(c), label, score, int(pixel_areas[c]), boxes[int(c)], [(classes[j], float(row[j])) for j in order]))
+            segments.append(
+                Segment(
+                    int(c),
+                    label,
+                    score,
+                    int(pixel_areas[c]),
+                    boxes[int(c)],
+                    [(classes[j], float(row[j])) for j in order],
+                )
+            )
         return largest_first(segments)

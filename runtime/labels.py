@@ -1,5 +1,6 @@
 """Guidance-free naming (TAG): fused per-segment pooling of the CLIP features -> the top-k labels of every segment from
 the vocabulary -> label hysteresis across frames -> segments with one label merge -> the label map and its segments."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,8 +64,15 @@ class GuidanceFreeHead:
     def __init__(self, size: int, num_segments: int, top_k: int, score_threshold: float | None):
         self.size, self.num_segments, self.top_k, self.score_threshold = size, num_segments, top_k, score_threshold
 
-    def __call__(self, maps: SegmentMaps, features: DenseFeatures, index: LabelIndex, hysteresis: LabelHysteresis,
-                 shape: tuple[int, int], timer: StageTimer) -> tuple[np.ndarray, list[Segment]]:
+    def __call__(
+        self,
+        maps: SegmentMaps,
+        features: DenseFeatures,
+        index: LabelIndex,
+        hysteresis: LabelHysteresis,
+        shape: tuple[int, int],
+        timer: StageTimer,
+    ) -> tuple[np.ndarray, list[Segment]]:
         """The label map at ``shape`` (merged segment ids) and its segments, largest first."""
         with timer("pooling"):
             pooled = pool_segments(maps.scores, features.grid, self.size)
@@ -84,8 +92,14 @@ class GuidanceFreeHead:
         known = score >= self.score_threshold if self.score_threshold is not None else np.ones(len(ids), bool)
         return SegmentLabels(ids, matches, held, score, known, merge(ids, held, known))
 
-    def segments(self, labels: SegmentLabels, areas: np.ndarray, pixel_areas: np.ndarray,
-                 boxes: dict[int, tuple[int, int, int, int]], names: list[str]) -> list[Segment]:
+    def segments(
+        self,
+        labels: SegmentLabels,
+        areas: np.ndarray,
+        pixel_areas: np.ndarray,
+        boxes: dict[int, tuple[int, int, int, int]],
+        names: list[str],
+    ) -> list[Segment]:
         """One Segment per merged group present at the frame's size: the held label, its area-weighted score, and the
         largest member's other top labels as alternatives."""
         segments = []
@@ -101,9 +115,13 @@ class GuidanceFreeHead:
             largest = rows[int(np.argmax(weights))]
             top = zip(labels.matches.index[largest], labels.matches.score[largest])
             alternatives = [(names[j], float(s)) for j, s in top if names[j] != label]
-            segments.append(Segment(root, label, score, int(pixel_areas[root]), boxes[root], alternatives[: self.top_k - 1]))
+            segments.append(
+                Segment(root, label, score, int(pixel_areas[root]), boxes[root], alternatives[: self.top_k - 1])
+            )
         listed = {s.id for s in segments}
-        for i in np.flatnonzero(pixel_areas).tolist():  # empty at S x S, yet a few pixels at the frame's size: no embedding
+        for i in np.flatnonzero(
+            pixel_areas
+        ).tolist():  # empty at S x S, yet a few pixels at the frame's size: no embedding
             if i not in listed:
                 segments.append(Segment(i, UNKNOWN, 0.0, int(pixel_areas[i]), boxes[i], []))
         return largest_first(segments)

@@ -2,6 +2,7 @@
 
 ``python -m ovseg.runtime.lookup`` re-measures the exact/HNSW crossover on this machine.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,12 +39,21 @@ class Matches:
 class LabelIndex:
     """Names and their L2-normalised text embeddings, searched by cosine: exact product or an hnswlib index."""
 
-    def __init__(self, names: list[str], embeddings: np.ndarray, method: str = "auto", hnsw: hnswlib.Index | None = None,
-                 hnsw_params: dict[str, int] | None = None, ef: int | None = None):
+    def __init__(
+        self,
+        names: list[str],
+        embeddings: np.ndarray,
+        method: str = "auto",
+        hnsw: hnswlib.Index | None = None,
+        hnsw_params: dict[str, int] | None = None,
+        ef: int | None = None,
+    ):
         if method not in LOOKUPS:
             raise SegmenterError(f"unknown lookup {method!r}: choose one of {', '.join(LOOKUPS)}")
         if len(names) == 0 or len(names) != len(embeddings):
-            raise SegmenterError(f"a vocabulary needs names and one embedding each, got {len(names)} names and {len(embeddings)} embeddings")
+            raise SegmenterError(
+                f"a vocabulary needs names and one embedding each, got {len(names)} names and {len(embeddings)} embeddings"
+            )
         self.names = list(names)
         self.embeddings = np.ascontiguousarray(embeddings, np.float32)
         self.requested = method
@@ -57,7 +67,9 @@ class LabelIndex:
             self.hnsw.set_ef(max(1, int(self.params["ef"])))
 
     @classmethod
-    def from_bundle(cls, bundle_dir: Path, info: VocabularyInfo, method: str = "auto", ef: int | None = None) -> LabelIndex:
+    def from_bundle(
+        cls, bundle_dir: Path, info: VocabularyInfo, method: str = "auto", ef: int | None = None
+    ) -> LabelIndex:
         names = (bundle_dir / info.names).read_text(encoding="utf-8").splitlines()
         embeddings = np.load(bundle_dir / info.embeddings["fp32"], allow_pickle=False)
         wants_hnsw = method == "hnsw" or (method == "auto" and len(names) > EXACT_MAX)
@@ -69,7 +81,12 @@ class LabelIndex:
 
     def _build(self) -> hnswlib.Index:
         index = hnswlib.Index(space="cosine", dim=self.embeddings.shape[1])
-        index.init_index(max_elements=len(self.names), ef_construction=self.params["ef_construction"], M=self.params["M"], random_seed=0)
+        index.init_index(
+            max_elements=len(self.names),
+            ef_construction=self.params["ef_construction"],
+            M=self.params["M"],
+            random_seed=0,
+        )
         index.add_items(self.embeddings, np.arange(len(self.names)))
         return index
 
@@ -83,10 +100,16 @@ class LabelIndex:
             labels, distances = self.hnsw.knn_query(queries, k=k, num_threads=1)
             return Matches(labels.astype(np.int64), (1.0 - distances).astype(np.float32))
         scores = queries @ self.embeddings.T
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(np.arange(k), (len(scores), 1))
+        top = (
+            np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            if k < scores.shape[1]
+            else np.tile(np.arange(k), (len(scores), 1))
+        )
         top_scores = np.take_along_axis(scores, top, axis=1)
         order = np.argsort(-top_scores, axis=1, kind="stable")
-        return Matches(np.take_along_axis(top, order, axis=1).astype(np.int64), np.take_along_axis(top_scores, order, axis=1))
+        return Matches(
+            np.take_along_axis(top, order, axis=1).astype(np.int64), np.take_along_axis(top_scores, order, axis=1)
+        )
 
     def score(self, queries: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Cosine of each query with one given label each."""
@@ -117,7 +140,13 @@ class PromptEmbedder:
         return np.concatenate(chunks)
 
 
-def measure_crossover(sizes=(1000, 2000, 5000, 10000, 15000, 20000, 50000), dim: int = 512, queries: int = 15, k: int = 3, repeats: int = 100) -> None:
+def measure_crossover(
+    sizes=(1000, 2000, 5000, 10000, 15000, 20000, 50000),
+    dim: int = 512,
+    queries: int = 15,
+    k: int = 3,
+    repeats: int = 100,
+) -> None:
     """Print the best-of-``repeats`` ms per frame of the exact product and of HNSW at each size (the numbers behind EXACT_MAX).
 
     Best-of rather than mean: on a shared machine the minimum is the cost without interference. The two

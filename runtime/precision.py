@@ -5,6 +5,7 @@ measured speed-up on the machine that calibrated). On a CPU, "auto" is the faste
 on a GPU, fp16 when the bundle has it (and its gate, if measured, passed). A precision that failed its gate is
 never picked by "auto"; asked for by name it runs, with a warning.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,10 +39,18 @@ def pick_precision(manifest: Manifest, device: str, requested: str = "auto") -> 
         raise ValueError(f"unknown precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if requested == "auto":
         return _auto(manifest, device in GPU_DEVICES)
-    missing = [role for role, info in encoders(manifest).items() if requested not in info.files and f"trt_{requested}" not in info.files]
+    missing = [
+        role
+        for role, info in encoders(manifest).items()
+        if requested not in info.files and f"trt_{requested}" not in info.files
+    ]
     if missing:
         have = sorted(set.intersection(*(set(info.files) for info in encoders(manifest).values())))
-        how = "run `ovseg-calib --bundle DIR --calib-images DIR`" if requested == "int8" else f"re-export with `ovseg-export --{requested}`"
+        how = (
+            "run `ovseg-calib --bundle DIR --calib-images DIR`"
+            if requested == "int8"
+            else f"re-export with `ovseg-export --{requested}`"
+        )
         raise ValueError(
             f"the bundle has no {requested} variant of the {' and '.join(missing)} encoder{'s' if len(missing) > 1 else ''} "
             f"(every encoder has {', '.join(have) or 'nothing in common'}): {how}, or pick precision='fp32'"
@@ -50,7 +59,9 @@ def pick_precision(manifest: Manifest, device: str, requested: str = "auto") -> 
         gate = manifest.gates[requested]
         log.warning(
             "precision %s failed its accuracy gate (min cosine %s, label agreement %s) and runs only because it was asked for",
-            requested, _num(gate.get("min_cosine")), _num(gate.get("label_agreement")),
+            requested,
+            _num(gate.get("min_cosine")),
+            _num(gate.get("label_agreement")),
         )
     return requested
 
@@ -61,7 +72,12 @@ def _auto(manifest: Manifest, gpu: bool) -> str:
     best, best_speedup = "fp32", 1.0
     for precision, gate in manifest.gates.items():
         speedup = gate.get("speedup_vs_fp32")
-        if gate.get("passed") is True and isinstance(speedup, (int, float)) and speedup > best_speedup and has_precision(manifest, precision):
+        if (
+            gate.get("passed") is True
+            and isinstance(speedup, (int, float))
+            and speedup > best_speedup
+            and has_precision(manifest, precision)
+        ):
             best, best_speedup = precision, float(speedup)
     return best
 

@@ -3,6 +3,7 @@
 Frames are resized *before* any colour or bit-depth conversion, so the work per frame is at S x S
 whatever the frame's size, and every buffer is allocated once per input kind.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -20,9 +21,13 @@ AREA_BELOW = 0.5
 def check_frame(frame: object) -> np.ndarray:
     """The frame as an (H, W, C) view, C in 1/3/4, uint8 or uint16; anything else is a one-line SegmenterError."""
     if not isinstance(frame, np.ndarray):
-        raise SegmenterError(f"a frame must be a numpy array (H, W[, C]) of uint8 or uint16, got {type(frame).__name__}")
+        raise SegmenterError(
+            f"a frame must be a numpy array (H, W[, C]) of uint8 or uint16, got {type(frame).__name__}"
+        )
     if frame.dtype not in _MAX:
-        raise SegmenterError(f"frames must be uint8 or uint16 (8-/16-bit images), got {frame.dtype}; convert with frame.astype(np.uint8)")
+        raise SegmenterError(
+            f"frames must be uint8 or uint16 (8-/16-bit images), got {frame.dtype}; convert with frame.astype(np.uint8)"
+        )
     if frame.ndim == 2:
         frame = frame[:, :, None]
     if frame.ndim != 3 or frame.shape[2] not in _TO_RGB:

@@ -9,6 +9,7 @@ On the VOC photo with real DINOv2-S/14 at 448 (tests/test_segment_quality.py) it
 mIoU of the K=15 segments from 0.405 to 0.424. OpenCV's ximgproc.guidedFilter is not in
 opencv-python-headless, hence box filters here; a native kernel would be the next step.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -20,7 +21,9 @@ CV_MAX_CHANNELS = 128  # cv2.boxFilter / cv2.resize refuse more channels (OpenCV
 class EdgeRefiner:
     """Score maps (K, h, w) + the S x S RGB frame -> refined maps (K, L, L) at L = S / subsample, same argmax semantics."""
 
-    def __init__(self, size: int, subsample: int = 4, radius_fraction: float = 0.05, eps: float = 1e-3, temperature: float = 50.0):
+    def __init__(
+        self, size: int, subsample: int = 4, radius_fraction: float = 0.05, eps: float = 1e-3, temperature: float = 50.0
+    ):
         self.side = max(8, size // subsample)
         self.radius = max(1, round(self.side * radius_fraction))
         self.eps = eps  # regularises flat windows: smaller follows weaker edges
@@ -32,7 +35,9 @@ class EdgeRefiner:
         p = np.empty((L, L, K), np.float32)
         for k0 in range(0, K, CV_MAX_CHANNELS):
             part = np.ascontiguousarray(maps[:, :, k0 : k0 + CV_MAX_CHANNELS])
-            p[:, :, k0 : k0 + part.shape[2]] = cv2.resize(part, (L, L), interpolation=cv2.INTER_LINEAR).reshape(L, L, -1)
+            p[:, :, k0 : k0 + part.shape[2]] = cv2.resize(part, (L, L), interpolation=cv2.INTER_LINEAR).reshape(
+                L, L, -1
+            )
         p -= p.max(axis=2, keepdims=True)
         np.exp(p * np.float32(self.temperature), out=p)
         p /= p.sum(axis=2, keepdims=True)
@@ -54,7 +59,10 @@ class EdgeRefiner:
         mean = self._box(guide)
         m = [mean[:, :, c, None] for c in range(3)]
         g = [guide[:, :, c, None] for c in range(3)]
-        cov = [[self._box(g[i] * g[j]) - m[i] * m[j] + np.float32(self.eps if i == j else 0.0) for j in range(3)] for i in range(3)]
+        cov = [
+            [self._box(g[i] * g[j]) - m[i] * m[j] + np.float32(self.eps if i == j else 0.0) for j in range(3)]
+            for i in range(3)
+        ]
         (a, b, c), (_, d, e), (_, _, f) = cov
         rr, rg, rb = d * f - e * e, c * e - b * f, b * e - c * d
         gg, gb, bb = a * f - c * c, b * c - a * e, a * d - b * b

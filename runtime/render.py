@@ -1,4 +1,5 @@
 """What a label map looks like: per-segment pixel counts and boxes, the palette, the legend, the tinted overlay."""
+
 from __future__ import annotations
 
 import cv2
@@ -10,7 +11,9 @@ from .result import Result, Segment
 from .sessions import SegmenterError
 
 
-def label_stats(label_map: np.ndarray, n: int, chunk: int = 1 << 20) -> tuple[np.ndarray, dict[int, tuple[int, int, int, int]]]:
+def label_stats(
+    label_map: np.ndarray, n: int, chunk: int = 1 << 20
+) -> tuple[np.ndarray, dict[int, tuple[int, int, int, int]]]:
     """Pixels per id (n,) and the bounding box (x0, y0, x1, y1), exclusive, of every id present; bounded temporaries."""
     h, w = label_map.shape
     rows = max(1, chunk // w)
@@ -35,7 +38,9 @@ def overlay(frame_bgr: np.ndarray, result: Result, alpha: float = 0.5, legend: b
     """The frame (uint8 BGR) with each segment tinted in its colour and, with ``legend``, a swatch + label per segment."""
     frame = to_bgr8(frame_bgr)
     if frame.shape[:2] != result.label_map.shape:
-        raise SegmenterError(f"the frame is {frame.shape[1]}x{frame.shape[0]}, the result's label map {result.label_map.shape[1]}x{result.label_map.shape[0]}")
+        raise SegmenterError(
+            f"the frame is {frame.shape[1]}x{frame.shape[0]}, the result's label map {result.label_map.shape[1]}x{result.label_map.shape[0]}"
+        )
     palette = segment_palette(max((s.id for s in result.segments), default=0) + 1)
     tinted = cv2.addWeighted(frame, 1.0 - alpha, palette[result.label_map], alpha, 0.0)
     if legend:
@@ -43,7 +48,9 @@ def overlay(frame_bgr: np.ndarray, result: Result, alpha: float = 0.5, legend: b
     return tinted
 
 
-def draw_legend(image: np.ndarray, segments: list[Segment], palette: np.ndarray, max_rows: int = 20) -> list[tuple[int, int, int, int]]:
+def draw_legend(
+    image: np.ndarray, segments: list[Segment], palette: np.ndarray, max_rows: int = 20
+) -> list[tuple[int, int, int, int]]:
     """A colour swatch and ``label score`` per segment (largest first), top-left, in place; returns the boxes drawn
     (x0, y0, x1, y1), exclusive.
 
@@ -64,7 +71,12 @@ def draw_legend(image: np.ndarray, segments: list[Segment], palette: np.ndarray,
         text = f"{seg.label} {seg.score:.2f}"
         origin = (10 + line, y + line - 8)
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-        x0, y0, x1, y1 = origin[0] - 2, max(0, origin[1] - th - 3), min(w, origin[0] + tw + 2), min(h, origin[1] + base + 1)
+        x0, y0, x1, y1 = (
+            origin[0] - 2,
+            max(0, origin[1] - th - 3),
+            min(w, origin[0] + tw + 2),
+            min(h, origin[1] + base + 1),
+        )
         if x1 > x0 and y1 > y0:
             band = image[y0:y1, x0:x1]
             band[...] = (band * 0.4).astype(image.dtype)

@@ -1,4 +1,5 @@
 """What the Segmenter returns for one frame, and how its stage timings are taken."""
+
 from __future__ import annotations
 
 import contextlib

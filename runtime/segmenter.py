@@ -10,6 +10,7 @@ One frame goes through stages, each a module with a typed hand-off (docs/DESIGN.
 render.py draws results. The Segmenter keeps what outlives a frame: the engines, the vocabulary or classes, and
 each thread's video state.
 """
+
 from __future__ import annotations
 
 import threading
@@ -35,8 +36,17 @@ from .segments import SegmentCandidates, SegmentMaps
 from .sessions import SegmenterError
 from .vocabulary import GUIDED_TEMPLATES, VocabularyError, load_vocabulary
 
-__all__ = ["Segmenter", "SegmenterConfig", "SegmenterError", "STAGES", "UNKNOWN", "LabelHysteresis", "draw_legend",
-           "label_stats", "segment_palette"]
+__all__ = [
+    "Segmenter",
+    "SegmenterConfig",
+    "SegmenterError",
+    "STAGES",
+    "UNKNOWN",
+    "LabelHysteresis",
+    "draw_legend",
+    "label_stats",
+    "segment_palette",
+]
 
 MODES = ("auto", "guided", "guidance-free")
 REFINES = (None, "segments", "edges")
@@ -87,8 +97,15 @@ class Segmenter:
     Segment areas are counted on the label map at the frame's size; bounding boxes likewise.
     """
 
-    def __init__(self, manifest: Manifest, bundle_dir: Path, engines: Engines, config: SegmenterConfig, index: LabelIndex,
-                 classes: list[str] | None = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        bundle_dir: Path,
+        engines: Engines,
+        config: SegmenterConfig,
+        index: LabelIndex,
+        classes: list[str] | None = None,
+    ):
         config.check()
         self.manifest = manifest
         self.bundle_dir = Path(bundle_dir)
@@ -97,12 +114,23 @@ class Segmenter:
         self._index = index
         size, edges = manifest.image_size, config.refine == "edges"
         self._pre = Preprocessor(size)
-        self._segment_candidates = SegmentCandidates(engines.dinov2, manifest.dinov2, self._pre, config.num_segments,
-                                           config.kmeans_iters, config.seed, EdgeRefiner(size) if edges else None)
+        self._segment_candidates = SegmentCandidates(
+            engines.dinov2,
+            manifest.dinov2,
+            self._pre,
+            config.num_segments,
+            config.kmeans_iters,
+            config.seed,
+            EdgeRefiner(size) if edges else None,
+        )
         self._clip_features = ClipFeatures(engines.clip, manifest.clip, self._pre, config.keyframe_interval)
         self._free_head = GuidanceFreeHead(size, config.num_segments, config.top_k, config.score_threshold)
-        self._guided_head = GuidedHead(size, config.top_k, config.score_threshold,
-                                       EdgeRefiner(size, temperature=manifest.text.logit_scale) if edges else None)
+        self._guided_head = GuidedHead(
+            size,
+            config.top_k,
+            config.score_threshold,
+            EdgeRefiner(size, temperature=manifest.text.logit_scale) if edges else None,
+        )
         self._lock = threading.RLock()
         self._local = threading.local()
         self._vocab_version = 0
@@ -112,18 +140,40 @@ class Segmenter:
             self.set_classes(classes)
 
     @classmethod
-    def from_bundle(cls, path: str | Path | None = None, *, backend: str = "auto", precision: str = "auto", mode: str = "auto",
-                    classes: list[str] | str | None = None, vocab: list[str] | str | None = None, num_segments: int = 15,
-                    top_k: int = 3, score_threshold: float | None = None, refine: str | None = None, lookup: str = "auto",
-                    ef: int | None = None, keyframe_interval: int = 1, hysteresis: int = 3, threads: int | None = None,
-                    seed: int = 0) -> Segmenter:
+    def from_bundle(
+        cls,
+        path: str | Path | None = None,
+        *,
+        backend: str = "auto",
+        precision: str = "auto",
+        mode: str = "auto",
+        classes: list[str] | str | None = None,
+        vocab: list[str] | str | None = None,
+        num_segments: int = 15,
+        top_k: int = 3,
+        score_threshold: float | None = None,
+        refine: str | None = None,
+        lookup: str = "auto",
+        ef: int | None = None,
+        keyframe_interval: int = 1,
+        hysteresis: int = 3,
+        threads: int | None = None,
+        seed: int = 0,
+    ) -> Segmenter:
         """Open a bundle (``path=None``: the default bundle) on ``backend``; raises SegmenterError naming what is missing.
 
         ``threads`` is ONNX Runtime's intra-op threads per session; the native kernels' thread pool is the process's
         (``ovseg._native.set_num_threads``, which ``ovseg-run --threads`` calls) and is left as it is.
         """
-        config = SegmenterConfig(num_segments=num_segments, top_k=top_k, score_threshold=score_threshold, refine=refine,
-                                 keyframe_interval=keyframe_interval, hysteresis=hysteresis, seed=seed)
+        config = SegmenterConfig(
+            num_segments=num_segments,
+            top_k=top_k,
+            score_threshold=score_threshold,
+            refine=refine,
+            keyframe_interval=keyframe_interval,
+            hysteresis=hysteresis,
+            seed=seed,
+        )
         config.check()
         if mode not in MODES:
             raise SegmenterError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -233,12 +283,16 @@ class Segmenter:
             if self._classes is None:
                 maps = self._warm_segments(rgb, stream, timer)
                 features = self._clip_features(stream.keyframe, timer)
-                label_map, segments = self._free_head(maps, features, self._index, self._hysteresis(stream), shape, timer)
+                label_map, segments = self._free_head(
+                    maps, features, self._index, self._hysteresis(stream), shape, timer
+                )
             else:  # per patch, or voted inside the segments
                 voting = self.config.refine == "segments"
                 features = self._clip_features(stream.keyframe if voting else None, timer)
                 maps = self._warm_segments(rgb, stream, timer) if voting else None
-                label_map, segments = self._guided_head(rgb, features, maps, self._classes, self._class_embeddings, shape, timer)
+                label_map, segments = self._guided_head(
+                    rgb, features, maps, self._classes, self._class_embeddings, shape, timer
+                )
         stream.frame_index += 1
         timer.ms["total"] = (time.perf_counter() - start) * 1000
         return Result(label_map, segments, {s.id: s.label for s in segments}, timer.ms, stream.frame_index - 1)

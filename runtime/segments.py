@@ -3,6 +3,7 @@
 In video the k-means starts from the previous frame's centres, so a segment keeps its id while it moves.
 refine="edges" makes the maps follow the frame's edges (runtime/refine.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,16 @@ class SegmentMaps:
 
 
 class SegmentCandidates:
-    def __init__(self, dinov2: Engine, info: EncoderInfo, pre: Preprocessor, num_segments: int, iterations: int, seed: int,
-                 edges: EdgeRefiner | None = None):
+    def __init__(
+        self,
+        dinov2: Engine,
+        info: EncoderInfo,
+        pre: Preprocessor,
+        num_segments: int,
+        iterations: int,
+        seed: int,
+        edges: EdgeRefiner | None = None,
+    ):
         self.dinov2, self.info, self.pre = dinov2, info, pre
         self.num_segments, self.iterations, self.seed = num_segments, iterations, seed
         self.edges = edges

@@ -4,6 +4,7 @@ Every engine is created once and owns its input buffer: the preprocessor writes 
 ``engine.input`` and ``engine.run()`` returns the outputs by name (arrays the caller may keep).
 What is asked for and not available (a provider, a precision file) is a one-line SegmenterError.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,7 +41,7 @@ class Engine(Protocol):
 
 
 def resolve_backend(backend: str, available: list[str] | None = None) -> str:
-    """"auto" -> "cuda" when ONNX Runtime has CUDA, else "cpu"; an explicit backend must be available."""
+    """ "auto" -> "cuda" when ONNX Runtime has CUDA, else "cpu"; an explicit backend must be available."""
     if backend not in BACKENDS:
         raise SegmenterError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     available = ort.get_available_providers() if available is None else available
@@ -84,8 +85,11 @@ def open_engine(
     if backend == "tensorrt" and precision == "int8":  # the EP cannot take the CPU's uint8 Q/DQ model, nor calibrate
         raise SegmenterError(
             f"int8 on TensorRT runs the {role} encoder's int8 plan, and "
-            + ("the bundle has none: run `ovseg-calib` on this device (with tensorrt installed) to build it" if not plan
-               else "the tensorrt package does not import here: pip install 'ovseg[tensorrt]'")
+            + (
+                "the bundle has none: run `ovseg-calib` on this device (with tensorrt installed) to build it"
+                if not plan
+                else "the tensorrt package does not import here: pip install 'ovseg[tensorrt]'"
+            )
         )
     onnx_file = info.files.get(precision)
     if backend == "tensorrt":
@@ -114,8 +118,14 @@ def providers(backend: str, precision: str, bundle_dir: Path) -> list:
 class OnnxEncoder:
     """One ONNX Runtime session, created once, with a preallocated input and IO binding on a GPU."""
 
-    def __init__(self, path: Path, providers: list, threads: int | None = None, input_shape: tuple[int, ...] | None = None,
-                 io_binding: bool | None = None):
+    def __init__(
+        self,
+        path: Path,
+        providers: list,
+        threads: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        io_binding: bool | None = None,
+    ):
         self.path = Path(path)
         try:
             self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
@@ -124,7 +134,9 @@ class OnnxEncoder:
             raise SegmenterError(f"ONNX Runtime cannot load {self.path.name}: {first}") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise SegmenterError(f"{self.path.name} has {len(inputs)} inputs, the runtime feeds one: re-export the bundle")
+            raise SegmenterError(
+                f"{self.path.name} has {len(inputs)} inputs, the runtime feeds one: re-export the bundle"
+            )
         self.input_name = inputs[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input = np.zeros(input_shape, np.float32) if input_shape else np.zeros(0, np.float32)
@@ -171,7 +183,9 @@ class TensorRTEngine:
         self.path = Path(plan)
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise SegmenterError(f"TensorRT cannot load {self.path.name} (plans are per device and TensorRT version): rebuild it here")
+            raise SegmenterError(
+                f"TensorRT cannot load {self.path.name} (plans are per device and TensorRT version): rebuild it here"
+            )
         self.context = self.engine.create_execution_context()
         self.stream = self._cuda(self._cudart.cudaStreamCreate())
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -190,7 +204,9 @@ class TensorRTEngine:
             self.context.set_tensor_address(n, self.device[n])
         self.input = self.host[self.input_name]
         if self.input.shape != tuple(input_shape) or self.input.dtype != np.float32:
-            raise SegmenterError(f"{self.path.name} takes {self.input.dtype} {self.input.shape}, the runtime feeds float32 {input_shape}")
+            raise SegmenterError(
+                f"{self.path.name} takes {self.input.dtype} {self.input.shape}, the runtime feeds float32 {input_shape}"
+            )
         self.output_names = [n for n in names if not is_input[n]]
 
     def _cuda(self, result):
@@ -202,7 +218,11 @@ class TensorRTEngine:
     def run(self) -> dict[str, np.ndarray]:
         rt = self._cudart
         h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._cuda(rt.cudaMemcpyAsync(self.device[self.input_name], self.input.ctypes.data, self.input.nbytes, h2d, self.stream))
+        self._cuda(
+            rt.cudaMemcpyAsync(
+                self.device[self.input_name], self.input.ctypes.data, self.input.nbytes, h2d, self.stream
+            )
+        )
         if not self.context.execute_async_v3(self.stream):
             raise SegmenterError(f"TensorRT failed to run {self.path.name}")
         for n in self.output_names:
@@ -227,5 +247,7 @@ def _cudart():
         try:
             from cuda import cudart as runtime
         except ImportError:
-            raise SegmenterError("the TensorRT runner needs NVIDIA's cuda-python for device memory: pip install cuda-python") from None
+            raise SegmenterError(
+                "the TensorRT runner needs NVIDIA's cuda-python for device memory: pip install cuda-python"
+            ) from None
     return runtime

@@ -3,6 +3,7 @@
 Every sink has ``write(frame, result, overlay)`` and ``close()``. Files appear whole or not at all:
 each is written under a temporary name and renamed into place.
 """
+
 from __future__ import annotations
 
 import json

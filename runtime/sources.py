@@ -4,6 +4,7 @@ Every source is an iterator of ``Frame`` with ``close()`` and context-manager su
 what it could not deliver: ``dropped`` (live frames replaced by newer ones before they were
 processed) and ``skipped`` (unreadable images or video frames).
 """
+
 from __future__ import annotations
 
 import glob
@@ -99,7 +100,12 @@ def open_video_capture(uri: int | str) -> cv2.VideoCapture:
             )
         return cv2.VideoCapture(uri, cv2.CAP_GSTREAMER)
     if isinstance(uri, str) and "://" in uri:
-        timeouts = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS]
+        timeouts = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            STREAM_TIMEOUT_MS,
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            STREAM_TIMEOUT_MS,
+        ]
         return cv2.VideoCapture(uri, cv2.CAP_ANY, timeouts)
     return cv2.VideoCapture(uri)
 
@@ -108,9 +114,13 @@ def _open_failure(uri: int | str) -> SourceError:
     if isinstance(uri, int):
         return SourceError(f"camera {uri} cannot be opened: check the device (ls /dev/video*) or use --video/--image")
     if is_gstreamer_pipeline(uri):
-        return SourceError(f"{_describe(uri)} cannot be started: check it with `gst-launch-1.0 <pipeline>` (fakesink for appsink)")
+        return SourceError(
+            f"{_describe(uri)} cannot be started: check it with `gst-launch-1.0 <pipeline>` (fakesink for appsink)"
+        )
     if "://" in uri:
-        return SourceError(f"stream {uri} cannot be opened: check the URL and the network, or use --video PATH for a file")
+        return SourceError(
+            f"stream {uri} cannot be opened: check the URL and the network, or use --video PATH for a file"
+        )
     return _video_open_failure(uri)
 
 
@@ -282,7 +292,9 @@ class VideoFileSource(Source):
             self.skipped = self.expected_frames - delivered
             log.warning(
                 "video %s: %d of %d frames could not be read (corrupt or truncated file)",
-                self.path, self.skipped, self.expected_frames,
+                self.path,
+                self.skipped,
+                self.expected_frames,
             )
 
     def close(self) -> None:
@@ -322,7 +334,9 @@ class ImageSource(Source):
             if not found:
                 raise SourceError(f"no files match {spec}")
             return found
-        raise SourceError(f"{spec} does not exist: give an image file, a directory of images or a glob like 'dir/*.png'")
+        raise SourceError(
+            f"{spec} does not exist: give an image file, a directory of images or a glob like 'dir/*.png'"
+        )
 
     def __iter__(self) -> Iterator[Frame]:
         delivered = 0
@@ -343,17 +357,24 @@ def sample_clip(path: str | Path, seconds: float = 4, fps: int = 15, size: tuple
     try:
         from skimage import data
     except ImportError:
-        raise SourceError("the sample clip needs scikit-image: pip install scikit-image, or pass --video PATH") from None
+        raise SourceError(
+            "the sample clip needs scikit-image: pip install scikit-image, or pass --video PATH"
+        ) from None
     width, height = size
     strip_height = int(height * 1.25)  # taller than the frame, so the pan also drifts vertically
     photos = [data.astronaut(), data.coffee(), data.chelsea()]
-    resized = [cv2.resize(p, (round(p.shape[1] * strip_height / p.shape[0]), strip_height), interpolation=cv2.INTER_AREA) for p in photos]
+    resized = [
+        cv2.resize(p, (round(p.shape[1] * strip_height / p.shape[0]), strip_height), interpolation=cv2.INTER_AREA)
+        for p in photos
+    ]
     strip = cv2.cvtColor(np.concatenate(resized, axis=1), cv2.COLOR_RGB2BGR)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
     if not writer.isOpened():
-        raise SourceError(f"cannot write the sample clip to {path}: this OpenCV has no mp4v encoder or the path is not writable")
+        raise SourceError(
+            f"cannot write the sample clip to {path}: this OpenCV has no mp4v encoder or the path is not writable"
+        )
     n = max(1, round(seconds * fps))
     span_x = strip.shape[1] - width
     span_y = strip_height - height

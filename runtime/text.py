@@ -1,4 +1,5 @@
 """CLIP tokenisation with the `tokenizers` library, shared by the export side and the runtime."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

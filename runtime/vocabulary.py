@@ -83,7 +83,9 @@ def parse_class_list(text: str) -> list[str]:
     """Class names from a comma-separated list (`--classes cat,dog,sofa`): stripped, empties and duplicates dropped."""
     names = _unique(name.strip() for name in text.split(",") if name.strip())
     if not names:
-        raise VocabularyError(f"class list {text!r} has no class names; give names separated by commas, e.g. cat,dog,sofa")
+        raise VocabularyError(
+            f"class list {text!r} has no class names; give names separated by commas, e.g. cat,dog,sofa"
+        )
     return names
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: bundles exported once per test session (they need torch; the runtime under test does not)."""
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@
   blend (the CUDA render kernel's);
 - spherical k-means: the same algorithm as the native one, vectorised.
 """
+
 from __future__ import annotations
 
 import cv2

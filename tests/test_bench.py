@@ -1,4 +1,5 @@
 """ovseg-bench on the tiny bundle: every section runs, the JSON has its schema, every stage was timed."""
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,40 @@ STAT_KEYS = set(Stats.__dataclass_fields__)
 @pytest.fixture(scope="module")
 def bench(tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--bundle", str(tiny_bundle), "--quick", "--tiny-models", "--seconds", "0.5", "--min-runs", "3",
-            "--sizes", f"{112},518", "--segments", "5,15", "--vocab-sizes", "500,2000", "--efs", "16,64",
-            "--video-frames", "3", "--keyframe-interval", "2", "--threads", "2", "--cache", str(out / "cache"),
-            "--out", str(out / "r.json"), "--csv", str(out / "r.csv"), "--plot", str(out / "plots"), "--markdown", str(out / "perf.md")]
+    argv = [
+        "--bundle",
+        str(tiny_bundle),
+        "--quick",
+        "--tiny-models",
+        "--seconds",
+        "0.5",
+        "--min-runs",
+        "3",
+        "--sizes",
+        f"{112},518",
+        "--segments",
+        "5,15",
+        "--vocab-sizes",
+        "500,2000",
+        "--efs",
+        "16,64",
+        "--video-frames",
+        "3",
+        "--keyframe-interval",
+        "2",
+        "--threads",
+        "2",
+        "--cache",
+        str(out / "cache"),
+        "--out",
+        str(out / "r.json"),
+        "--csv",
+        str(out / "r.csv"),
+        "--plot",
+        str(out / "plots"),
+        "--markdown",
+        str(out / "perf.md"),
+    ]
     code = cli.main(argv)
     return code, json.loads((out / "r.json").read_text()), out
 
@@ -34,7 +65,11 @@ def test_runs_every_section_without_errors(bench):
     code, doc, _ = bench
     assert doc["errors"] == {} and doc["skipped"] == {}
     assert code == 0
-    assert doc["schema"] == "ovseg-bench/1" and doc["command"][:3] == ["ovseg-bench", "--bundle", doc["latency"]["bundle"]]
+    assert doc["schema"] == "ovseg-bench/1" and doc["command"][:3] == [
+        "ovseg-bench",
+        "--bundle",
+        doc["latency"]["bundle"],
+    ]
     for key in ("environment", "plan", "latency", "roofline", "sweeps", "naive", "video", "targets", "elapsed_s"):
         assert key in doc, key
     env = doc["environment"]
@@ -81,7 +116,9 @@ def test_naive_reference_agrees(bench):
     assert naive["agreement"] >= 0.99
     assert naive["speedup"]["n"] >= 2 and naive["speedup"]["p50"] > 0
     assert set(naive["naive"]) == {*NAIVE_STAGES, "total"}
-    assert set(STAGE_ORDER) >= set(naive["naive"]) | set(naive["ovseg"])  # the report lists every stage either side timed
+    assert set(STAGE_ORDER) >= set(naive["naive"]) | set(
+        naive["ovseg"]
+    )  # the report lists every stage either side timed
     for stage in ("dinov2", "kmeans", "assign", "clip", "pooling", "lookup", "render", "total"):
         assert naive["naive"][stage]["p50"] >= 0, stage
 
@@ -96,7 +133,12 @@ def test_roofline_video_targets_and_files(bench):
     assert [r["keyframe_interval"] for r in video["runs"]] == [1, 2]
     assert all(r["frames"] == 3 and r["fps"] > 0 and r["peak_rss_mb"] > 0 for r in video["runs"])
     assert 0 <= video["agreement"] <= 1
-    assert [t["name"] for t in doc["targets"]] == ["runtime overhead", "vs naive TAG", "encoders vs GEMM peak", "HNSW at 1M"]
+    assert [t["name"] for t in doc["targets"]] == [
+        "runtime overhead",
+        "vs naive TAG",
+        "encoders vs GEMM peak",
+        "HNSW at 1M",
+    ]
     assert all(t["verdict"] in ("PASS", "MISS", "n/a") for t in doc["targets"])
     assert doc["targets"][3]["verdict"] == "n/a"  # no 1M vocabulary in this run
     rows = (out / "r.csv").read_text().splitlines()
@@ -124,6 +166,7 @@ def test_crossover_is_interpolated_in_log_size():
     def point(size, exact, hnsw):
         def s(ms):
             return Stats(1, ms, 0, ms, ms, ms, ms, 1000 / ms)
+
         return VocabPoint(size, {}, None, s(exact), {64: s(hnsw)}, {})
 
     at, note = _crossover([point(1000, 0.1, 0.2), point(10000, 0.4, 0.2)], 64)

@@ -1,5 +1,6 @@
 """ovseg-calib on the tiny bundle: QDQ int8 files whose float-kept ops are float, the calibration cache, the gate in
 the manifest, failing gates, bad inputs, and the runtime's precision choice."""
+
 from __future__ import annotations
 
 import json
@@ -78,10 +79,15 @@ def test_int8_files_are_checked_qdq_with_float_kept_ops_really_float(calibrated)
 def _fp32_gemms(model: onnx.ModelProto) -> set[str]:
     """MatMul/Gemm nodes every input of which is float32 (the rest of an fp16 file computes in float16)."""
     model = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    }
     types |= {i.name: i.data_type for i in model.graph.initializer}
-    return {n.name for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm") and all(types.get(i) == onnx.TensorProto.FLOAT for i in n.input)}
+    return {
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and all(types.get(i) == onnx.TensorProto.FLOAT for i in n.input)
+    }
 
 
 def test_fp16_export_and_int8_calibration_keep_the_same_output_projections(tiny_bundle):
@@ -107,10 +113,15 @@ def test_a_projection_read_through_a_transpose_is_an_output_projection(tmp_path)
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "W")
     v = numpy_helper.from_array(np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32), "V")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "V"], ["h"], name="hidden"), helper.make_node("MatMul", ["h", "W"], ["p"], name="projection"),
-         helper.make_node("Transpose", ["p"], ["y"], perm=[1, 0])],
-        "projection", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (2, 8))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (4, 2))], [w, v],
+        [
+            helper.make_node("MatMul", ["x", "V"], ["h"], name="hidden"),
+            helper.make_node("MatMul", ["h", "W"], ["p"], name="projection"),
+            helper.make_node("Transpose", ["p"], ["y"], perm=[1, 0]),
+        ],
+        "projection",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (2, 8))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (4, 2))],
+        [w, v],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
@@ -154,23 +165,50 @@ def test_failing_gate_writes_nothing_then_force_records_failure(calibrated, phot
     shutil.copytree(calibrated, bundle)
     before = _tree(bundle)
     monkeypatch.setattr(q, "compute_ranges", lambda *a: pytest.fail("recalibrated although the cache matches"))
-    code = calib_main(["--bundle", str(bundle), "--calib-images", str(photos), "--frames", "6", "--timing-runs", "1",
-                       "--gate-cosine", "1", "--gate-agreement", "1", "--models", "dinov2", "--fallback-rounds", "0"])
-    err = [line for line in capsys.readouterr().err.splitlines() if "ovseg-calib: error" in line]  # the rest is progress bars
+    code = calib_main(
+        [
+            "--bundle",
+            str(bundle),
+            "--calib-images",
+            str(photos),
+            "--frames",
+            "6",
+            "--timing-runs",
+            "1",
+            "--gate-cosine",
+            "1",
+            "--gate-agreement",
+            "1",
+            "--models",
+            "dinov2",
+            "--fallback-rounds",
+            "0",
+        ]
+    )
+    err = [
+        line for line in capsys.readouterr().err.splitlines() if "ovseg-calib: error" in line
+    ]  # the rest is progress bars
     assert code == 2 and len(err) == 1 and "failed its gate (min cosine" in err[0] and "--force" in err[0]
     assert _tree(bundle) == before
     assert not list(tmp_path.glob(".bundle.tmp-*"))
 
-    opts = CalibOptions(source=photos, thresholds=Thresholds(1.5, 1.5), models=("dinov2",), force=True, fallback_rounds=1, **FAST)
+    opts = CalibOptions(
+        source=photos, thresholds=Thresholds(1.5, 1.5), models=("dinov2",), force=True, fallback_rounds=1, **FAST
+    )
     calibrate_bundle(bundle, opts)
     manifest = read_manifest(bundle)
     gate = manifest.gates["int8"]
     assert gate["passed"] is False
     fallback = gate["models"]["dinov2"]
-    assert len(fallback["fallback"]) == FALLBACK_STEP and len(fallback["rounds"]) == 2  # the most sensitive nodes went float
+    assert (
+        len(fallback["fallback"]) == FALLBACK_STEP and len(fallback["rounds"]) == 2
+    )  # the most sensitive nodes went float
     assert pick_precision(manifest, "cpu") == "fp32"
     with pytest.raises(GateFailed):
-        calibrate_bundle(bundle, CalibOptions(source=photos, thresholds=Thresholds(1.5, 1.5), models=("dinov2",), fallback_rounds=0, **FAST))
+        calibrate_bundle(
+            bundle,
+            CalibOptions(source=photos, thresholds=Thresholds(1.5, 1.5), models=("dinov2",), fallback_rounds=0, **FAST),
+        )
 
 
 def test_bad_inputs_fail_in_one_line_and_write_nothing(tiny_bundle, photos, tmp_path):
@@ -257,7 +295,11 @@ def test_segment_matching_for_agreement():
 def _manifest(tiny_bundle, gates, int8=True, fp16=True):
     manifest = read_manifest(tiny_bundle, verify=False)
     for info in (manifest.clip, manifest.dinov2):
-        info.files = {"fp32": "x.onnx", **({"int8": "x.int8.onnx"} if int8 else {}), **({"fp16": "x.fp16.onnx"} if fp16 else {})}
+        info.files = {
+            "fp32": "x.onnx",
+            **({"int8": "x.int8.onnx"} if int8 else {}),
+            **({"fp16": "x.fp16.onnx"} if fp16 else {}),
+        }
     manifest.gates = gates
     return manifest
 
@@ -314,7 +356,9 @@ def test_tensorrt_int8_engine_with_entropy_calibrator_and_cache(tiny_bundle, pho
     from ovseg.export.tensorrt import EngineSpec, build_engine
 
     manifest = read_manifest(tiny_bundle)
-    data = load_calibration(photos, manifest.image_size, {"dinov2": Norm(manifest.dinov2.mean, manifest.dinov2.std)}, frames=6)
+    data = load_calibration(
+        photos, manifest.image_size, {"dinov2": Norm(manifest.dinov2.mean, manifest.dinov2.std)}, frames=6
+    )
     cache = trt_cache_path(tmp_path / "dinov2.onnx")
     shape = (1, 3, manifest.image_size, manifest.image_size)
     calibrator = entropy_calibrator(data.calib["dinov2"], cache)

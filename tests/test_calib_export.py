@@ -1,4 +1,5 @@
 """ovseg-export --int8: calibration and gate inside the export, the cache reused by a rebuild, failures write nothing."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,7 +41,9 @@ def test_export_int8_writes_gated_files_and_a_rebuild_reuses_the_calibration(fra
     opts = CalibOptions(source=frames, frames=5, timing_runs=1, thresholds=Thresholds(0.0, 0.0))
     out = _export(tmp_path / "bundle", opts)
     manifest = read_manifest(out)  # every file, int8 and caches included, matches its sha256
-    assert manifest.clip.files["int8"] == "clip_visual.int8.onnx" and manifest.dinov2.files["int8"] == "dinov2.int8.onnx"
+    assert (
+        manifest.clip.files["int8"] == "clip_visual.int8.onnx" and manifest.dinov2.files["int8"] == "dinov2.int8.onnx"
+    )
     assert manifest.gates["int8"]["passed"] and manifest.gates["int8"]["frames"] == 2
     assert {"clip_visual.int8.calib.json", "dinov2.int8.calib.json"} <= set(manifest.sha256)
     assert sorted(calls) == ["clip_visual.onnx", "dinov2.onnx"]
@@ -48,21 +51,28 @@ def test_export_int8_writes_gated_files_and_a_rebuild_reuses_the_calibration(fra
     # A rebuild with the same weights and frames reuses the previous bundle's ranges; an impossible gate stops it,
     # and the previous bundle stays as it was.
     with pytest.raises(GateFailed, match="nothing written"):
-        _export(out, CalibOptions(source=frames, frames=5, timing_runs=1, thresholds=Thresholds(1.5, 1.5), fallback_rounds=0))
+        _export(
+            out,
+            CalibOptions(source=frames, frames=5, timing_runs=1, thresholds=Thresholds(1.5, 1.5), fallback_rounds=0),
+        )
     assert len(calls) == 2
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
 
 
 def test_export_cli_int8_flags(frames, tmp_path, capsys):
-    args = build_parser().parse_args(["--int8", "--calib-images", str(frames), "--calib-method", "percentile", "--force-precision"])
+    args = build_parser().parse_args(
+        ["--int8", "--calib-images", str(frames), "--calib-method", "percentile", "--force-precision"]
+    )
     assert args.int8 and args.method == "percentile" and args.force_precision and args.gate_cosine == 0.98
     with pytest.raises(SystemExit) as exit_:
         export_main(["--int8", "--out", str(tmp_path / "b")])
     assert exit_.value.code == 2 and "--calib-images" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert export_main(["--int8", "--calib-images", str(empty), "--out", str(tmp_path / "b")]) == 2  # before any model loads
+    assert (
+        export_main(["--int8", "--calib-images", str(empty), "--out", str(tmp_path / "b")]) == 2
+    )  # before any model loads
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"ovseg-export: error: no images in {empty}")
     assert not (tmp_path / "b").exists()
@@ -75,8 +85,10 @@ def test_export_cli_int8_gate_error_is_one_line(frames, tmp_path, monkeypatch, c
     from ovseg.runtime.sessions import SegmenterError
 
     export = export_module.export_bundle
+
     def tiny(cfg):
         return export(cfg, clip_model=tiny_clip(), dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()))
+
     monkeypatch.setattr(export_module, "export_bundle", tiny)
 
     def no_segmenter(*args, **kwargs):
@@ -84,9 +96,27 @@ def test_export_cli_int8_gate_error_is_one_line(frames, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(gate, "open_segmenter", no_segmenter)
     out = tmp_path / "b"
-    code = export_main(["--int8", "--calib-images", str(frames), "--frames", "5", "--timing-runs", "1", "--out", str(out),
-                        "--image-size", "112", "--vocab", "voc21", "--random-weights"])
+    code = export_main(
+        [
+            "--int8",
+            "--calib-images",
+            str(frames),
+            "--frames",
+            "5",
+            "--timing-runs",
+            "1",
+            "--out",
+            str(out),
+            "--image-size",
+            "112",
+            "--vocab",
+            "voc21",
+            "--random-weights",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert [line for line in err.splitlines() if "error" in line] == ["ovseg-export: error: the Segmenter cannot open this bundle here"]
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "ovseg-export: error: the Segmenter cannot open this bundle here"
+    ]
     assert not out.exists()

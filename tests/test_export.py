@@ -1,4 +1,5 @@
 """The export side: CLIP dense methods against literal references, tokenizer, text encoder, bundle writing and errors."""
+
 from __future__ import annotations
 
 import json
@@ -128,7 +129,9 @@ def test_tokenizer_json_matches_open_clip():
 
 
 def test_text_encoder_on_trimmed_tokens_equals_full_context(model):
-    ids = open_clip.tokenize(["a photo of a pallet.", "person", "a very long description of a red forklift in a warehouse"])
+    ids = open_clip.tokenize(
+        ["a photo of a pallet.", "person", "a very long description of a red forklift in a warehouse"]
+    )
     length = int((ids > 0).sum(1).max())
     with torch.no_grad():
         full = model.encode_text(ids)
@@ -154,7 +157,13 @@ def test_bundle_contents_and_manifest(bundle):
         assert all(v >= floor for k, v in check.items() if "cosine" in k or "vs_encode" in k), name
     emb = np.load(bundle / "text_embeddings.fp32.npy", allow_pickle=False)
     assert emb.shape == (21, 48) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    assert set(manifest.sha256) >= {"clip_visual.onnx", "dinov2.onnx", "clip_text.onnx", "tokenizer.json", "vocabulary.hnsw"}
+    assert set(manifest.sha256) >= {
+        "clip_visual.onnx",
+        "dinov2.onnx",
+        "clip_text.onnx",
+        "tokenizer.json",
+        "vocabulary.hnsw",
+    }
 
 
 def test_bundle_text_encoder_reproduces_the_stored_embeddings(bundle):
@@ -209,7 +218,8 @@ def test_existing_bundle_needs_force_and_failed_export_keeps_it(bundle, monkeypa
     with pytest.raises(ExportError, match="half-way"):
         export_bundle(
             ExportConfig(out=bundle, image_size=112, vocab="voc21", force=True),
-            clip_model=tiny_clip(), dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()),
+            clip_model=tiny_clip(),
+            dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()),
         )
     assert (bundle / "manifest.json").read_bytes() == before
     assert not [p for p in bundle.parent.iterdir() if ".tmp-" in p.name]
@@ -217,7 +227,9 @@ def test_existing_bundle_needs_force_and_failed_export_keeps_it(bundle, monkeypa
 
 def test_clip_checkpoints_load_in_every_layout(model, tmp_path):
     state = model.state_dict()
-    torch.save({"model": {f"sem_seg_head.predictor.clip_model.{k}": v for k, v in state.items()}}, tmp_path / "pixelclip.pth")
+    torch.save(
+        {"model": {f"sem_seg_head.predictor.clip_model.{k}": v for k, v in state.items()}}, tmp_path / "pixelclip.pth"
+    )
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "open_clip.pt")
     for path in (tmp_path / "pixelclip.pth", tmp_path / "open_clip.pt"):
         state_dict = clip_mod._read_checkpoint(path)
@@ -227,7 +239,9 @@ def test_clip_checkpoints_load_in_every_layout(model, tmp_path):
     broken = {k: v for k, v in state.items() if "ln_post" not in k}
     torch.save(broken, tmp_path / "broken.pt")
     with pytest.raises(ExportError, match="missing 2 keys"):
-        clip_mod._load_state(open_clip.CLIP(**_tiny_kwargs()), clip_mod._read_checkpoint(tmp_path / "broken.pt"), "broken.pt", full=True)
+        clip_mod._load_state(
+            open_clip.CLIP(**_tiny_kwargs()), clip_mod._read_checkpoint(tmp_path / "broken.pt"), "broken.pt", full=True
+        )
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ExportError, match="weights-only checkpoint"):
         clip_mod._read_checkpoint(tmp_path / "junk.pt")
@@ -307,14 +321,30 @@ def test_build_side_errors_are_ovseg_errors():
     from ovseg.export.build_concepts import WordNetMissing
     from ovseg.export.train.data import TrainError
 
-    for error in (ExportError, WordNetMissing, TrainError, CalibrationError, GateFailed, NaiveError, VideoError, LayoutError, StateError):
+    for error in (
+        ExportError,
+        WordNetMissing,
+        TrainError,
+        CalibrationError,
+        GateFailed,
+        NaiveError,
+        VideoError,
+        LayoutError,
+        StateError,
+    ):
         assert issubclass(error, OvsegError), error
-    assert issubclass(TrainError, ValueError) and issubclass(LayoutError, ValueError) and issubclass(ExportError, RuntimeError)
+    assert (
+        issubclass(TrainError, ValueError)
+        and issubclass(LayoutError, ValueError)
+        and issubclass(ExportError, RuntimeError)
+    )
 
 
 def test_runtime_import_leaves_torch_out():
-    code = "import sys, ovseg.runtime, ovseg.runtime.bundle, ovseg.runtime.text, ovseg.runtime.vocabulary; " \
-           "print([m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules])"
+    code = (
+        "import sys, ovseg.runtime, ovseg.runtime.bundle, ovseg.runtime.text, ovseg.runtime.vocabulary; "
+        "print([m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -1,4 +1,5 @@
 """LabelIndex: exact and HNSW search agree, auto picks by size, the bundle's index loads."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,9 @@ def test_hnsw_agrees_with_exact_on_a_20k_vocabulary(vocab20k):
     names, emb = vocab20k
     rng = np.random.default_rng(1)
     # segment embeddings sit near some label's text embedding, not uniformly on the sphere
-    queries = l2_normalise(emb[rng.integers(0, len(names), 300)] + 0.1 * rng.standard_normal((300, 48)).astype(np.float32))
+    queries = l2_normalise(
+        emb[rng.integers(0, len(names), 300)] + 0.1 * rng.standard_normal((300, 48)).astype(np.float32)
+    )
     exact = LabelIndex(names, emb, "exact").search(queries, 5)
     # a lighter graph than the bundle's M=32/200 keeps the build quick; recall holds all the same
     hnsw = LabelIndex(names, emb, "hnsw", hnsw_params={"M": 16, "ef_construction": 100}).search(queries, 5)

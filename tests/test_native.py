@@ -1,4 +1,5 @@
 """ovseg._native against the plain numpy references in native_reference.py."""
+
 from __future__ import annotations
 
 import ast
@@ -56,6 +57,7 @@ def assert_pooling_matches(labels, features, k, emb, areas):
 
 # ---- the bilinear convention itself ----
 
+
 @pytest.mark.parametrize("out", [(20, 33), (64, 100), (7, 9), (3, 4)])
 def test_reference_bilinear_is_cv2_and_torch(out):
     torch = pytest.importorskip("torch")
@@ -70,10 +72,15 @@ def test_reference_bilinear_is_cv2_and_torch(out):
 
 # ---- upsample_argmax ----
 
+
 @SETTINGS
 @given(
-    k=st.integers(1, 64), h=st.integers(1, 12), w=st.integers(1, 12),
-    out_h=st.integers(1, 64), out_w=st.integers(1, 64), seed=st.integers(0, 2**32 - 1),
+    k=st.integers(1, 64),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    out_h=st.integers(1, 64),
+    out_w=st.integers(1, 64),
+    seed=st.integers(0, 2**32 - 1),
 )
 def test_upsample_argmax_matches_reference(k, h, w, out_h, out_w, seed):
     scores = np.random.default_rng(seed).standard_normal((k, h, w)).astype(np.float32)
@@ -108,10 +115,17 @@ def test_default_palette_is_the_voc_colour_map_in_bgr():
 
 # ---- pooling ----
 
+
 @SETTINGS
 @given(
-    h=st.integers(1, 96), w=st.integers(1, 96), hf=st.integers(1, 12), wf=st.integers(1, 12),
-    d=st.integers(1, 16), k=st.integers(1, 64), blocky=st.booleans(), seed=st.integers(0, 2**32 - 1),
+    h=st.integers(1, 96),
+    w=st.integers(1, 96),
+    hf=st.integers(1, 12),
+    wf=st.integers(1, 12),
+    d=st.integers(1, 16),
+    k=st.integers(1, 64),
+    blocky=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
 )
 def test_pool_segments_matches_literal_tag(h, w, hf, wf, d, k, blocky, seed):
     rng = np.random.default_rng(seed)
@@ -173,6 +187,7 @@ def test_pool_does_not_materialise_the_upsampled_features():
 
 # ---- spherical k-means ----
 
+
 def clustered(n: int, d: int, k: int, seed: int, spread: float = 0.3) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((k, d))
@@ -226,8 +241,11 @@ def test_kmeans_seeding_picks_distinct_points():
 
 @SETTINGS
 @given(
-    n=st.integers(1, 200), d=st.integers(1, 40), k=st.integers(1, 20),
-    max_iter=st.integers(0, 12), seed=st.integers(0, 2**64 - 1),
+    n=st.integers(1, 200),
+    d=st.integers(1, 40),
+    k=st.integers(1, 20),
+    max_iter=st.integers(0, 12),
+    seed=st.integers(0, 2**64 - 1),
 )
 def test_kmeans_properties(n, d, k, max_iter, seed):
     rng = np.random.default_rng(seed % 2**32)
@@ -251,6 +269,7 @@ def test_kmeans_more_centres_than_points_and_zero_rows():
 
 # ---- threads, concurrency, fork ----
 
+
 def test_results_do_not_depend_on_the_thread_count():
     scores = smooth_scores(15, 32, 32, seed=15)
     features = np.random.default_rng(15).standard_normal((28, 28, 64)).astype(np.float32)
@@ -258,7 +277,9 @@ def test_results_do_not_depend_on_the_thread_count():
     for threads in (1, 2, 3):
         nat.set_num_threads(threads)
         assert nat.get_num_threads() == threads
-        outs.append((*nat.pool_segments_from_scores(scores, features, 448, 448), nat.upsample_argmax(scores, 720, 1280)))
+        outs.append(
+            (*nat.pool_segments_from_scores(scores, features, 448, 448), nat.upsample_argmax(scores, 720, 1280))
+        )
     for out in outs[1:]:
         for a, b in zip(out, outs[0]):
             np.testing.assert_array_equal(a, b)
@@ -314,15 +335,31 @@ BAD = [
     (lambda: nat.upsample_argmax(F, 0, 4), ValueError, "out_h must be >= 1, got 0"),
     (lambda: nat.upsample_argmax(F, 4, 2.5), TypeError, "out_w must be an int, got float"),
     (lambda: nat.upsample_argmax(NAN, 4, 4), ValueError, "scores contains NaN or Inf"),
-    (lambda: nat.pool_segments_from_scores(F, FEAT.astype(np.float64), 4, 4), TypeError, "features must have dtype float32, got float64"),
+    (
+        lambda: nat.pool_segments_from_scores(F, FEAT.astype(np.float64), 4, 4),
+        TypeError,
+        "features must have dtype float32, got float64",
+    ),
     (lambda: nat.pool_segments_from_scores(F, FEAT[0], 4, 4), ValueError, r"features must be 3-D \[hf, wf, D\]"),
-    (lambda: nat.pool_segments_from_scores(F, FEAT.transpose(1, 0, 2), 4, 4), ValueError, "features must be C-contiguous"),
+    (
+        lambda: nat.pool_segments_from_scores(F, FEAT.transpose(1, 0, 2), 4, 4),
+        ValueError,
+        "features must be C-contiguous",
+    ),
     (lambda: nat.pool_segments_from_scores(F, FEAT, 0, 4), ValueError, "out_h must be >= 1"),
-    (lambda: nat.pool_segments_from_scores(F, np.full((2, 2, 4), np.inf, np.float32), 4, 4), ValueError, "features contains NaN or Inf"),
+    (
+        lambda: nat.pool_segments_from_scores(F, np.full((2, 2, 4), np.inf, np.float32), 4, 4),
+        ValueError,
+        "features contains NaN or Inf",
+    ),
     (lambda: nat.pool_segments_from_scores(NAN, FEAT, 4, 4), ValueError, "scores contains NaN or Inf"),
     (lambda: nat.spherical_kmeans(X, 0), ValueError, "k must be >= 1, got 0"),
     (lambda: nat.spherical_kmeans(X[0], 2), ValueError, r"x must be 2-D \[N, D\]"),
-    (lambda: nat.spherical_kmeans(X, 2, init=np.ones((3, 4), np.float32)), ValueError, r"init must have shape \(k, D\) = \(2, 4\), got \(3, 4\)"),
+    (
+        lambda: nat.spherical_kmeans(X, 2, init=np.ones((3, 4), np.float32)),
+        ValueError,
+        r"init must have shape \(k, D\) = \(2, 4\), got \(3, 4\)",
+    ),
     (lambda: nat.spherical_kmeans(X, 2, init=np.zeros((2, 4), np.float32)), ValueError, "init row 0 is all zeros"),
     (lambda: nat.spherical_kmeans(X, 2, tol=-1.0), ValueError, "tol must be >= 0"),
     (lambda: nat.spherical_kmeans(X, 2, max_iter=-1), ValueError, "max_iter must be >= 0"),
@@ -369,6 +406,6 @@ def test_stub_matches_the_module():
     assert all(n.startswith("_") for n in aliases), "stub-only names must be private"
     assert set(stub) == {n for n in dir(nat) if not n.startswith("_")}
     for name, params in stub.items():
-        (text, _, defaults), = getattr(nat, name).__nb_signature__  # the text holds the defaults as \0, \1, ...
+        ((text, _, defaults),) = getattr(nat, name).__nb_signature__  # the text holds the defaults as \0, \1, ...
         text = re.sub(r"\\(\d+)", lambda m, d=defaults: repr(d[int(m[1])]), text)
         assert parameters(ast.parse(text + ": ...").body[0]) == params, name

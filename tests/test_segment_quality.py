@@ -6,6 +6,7 @@ Each segment is given its majority ground-truth class; mIoU is over the classes 
 (c) (a) with refine="edges" (guided filter of the score maps by the frame).
 Numbers are means over three k-means seeds; `pytest -s` is not needed to see them.
 """
+
 from __future__ import annotations
 
 import cv2

@@ -1,4 +1,5 @@
 """The Segmenter on the tiny bundle: both modes, refinements, odd frames, video state, threads, vocabulary changes."""
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,9 @@ def check_result(result: Result, shape: tuple[int, int], names: list[str], top_k
 
 
 def same(a: Result, b: Result) -> bool:
-    return np.array_equal(a.label_map, b.label_map) and [s.to_dict() for s in a.segments] == [s.to_dict() for s in b.segments]
+    return np.array_equal(a.label_map, b.label_map) and [s.to_dict() for s in a.segments] == [
+        s.to_dict() for s in b.segments
+    ]
 
 
 # --- modes -------------------------------------------------------------------------------------------------------
@@ -163,7 +166,10 @@ def test_with_config_equals_from_bundle_with_that_config(seg, tiny_bundle, photo
     assert derived.engines is seg.engines and derived.index is seg.index and derived.config == opened.config
     assert all(same(a, b) for a, b in zip(map(opened, frames), map(derived, frames)))
     guided = Segmenter.from_bundle(tiny_bundle, backend="cpu", classes=CLASSES, **settings)
-    assert same(guided(photo), guided.with_config(guided.config)(photo)) and guided.with_config(guided.config).mode == "guided"
+    assert (
+        same(guided(photo), guided.with_config(guided.config)(photo))
+        and guided.with_config(guided.config).mode == "guided"
+    )
     opened.close()
     guided.close()
 
@@ -374,7 +380,9 @@ def test_render_draws_the_overlay_and_legend(seg, photo):
     with_legend = seg.render(photo, result)
     assert plain.shape == photo.shape and plain.dtype == np.uint8
     assert not np.array_equal(plain, photo)
-    assert not np.array_equal(with_legend[:40, :120], plain[:40, :120]) and np.array_equal(with_legend[-40:, -120:], plain[-40:, -120:])
+    assert not np.array_equal(with_legend[:40, :120], plain[:40, :120]) and np.array_equal(
+        with_legend[-40:, -120:], plain[-40:, -120:]
+    )
     gray = cv2.cvtColor(photo, cv2.COLOR_BGR2GRAY)
     assert seg.render(gray, seg(gray)).shape == photo.shape
 

@@ -1,4 +1,5 @@
 """What the Segmenter refuses, and how it says so: bundles, backends, precisions, settings; one line each."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,7 +81,9 @@ def test_random_weights_warn_once_per_opening(bundle_copy, caplog):
 # --- backends and precisions ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend, provider", [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")])
+@pytest.mark.parametrize(
+    "backend, provider", [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")]
+)
 def test_unavailable_backend_is_an_error_not_a_fallback(tiny_bundle, backend, provider):
     import onnxruntime as ort
 
@@ -105,8 +108,10 @@ def test_precision_choice(tiny_bundle):
     assert choose_precision(manifest, "cpu", "auto") == "fp32"  # fp16 ONNX on a CPU is slower, not faster
     assert choose_precision(manifest, "cuda", "auto") == "fp16"
     assert choose_precision(manifest, "cpu", "fp16") == "fp16"  # asked for explicitly: honoured
+
     def drop(info):
         return dataclasses.replace(info, files={"fp32": info.files["fp32"]})
+
     without_fp16 = dataclasses.replace(manifest, clip=drop(manifest.clip), dinov2=drop(manifest.dinov2))
     assert choose_precision(without_fp16, "cuda", "auto") == "fp32"
     with pytest.raises(SegmenterError) as err:
@@ -141,7 +146,9 @@ def test_io_binding_gives_the_same_outputs(tiny_bundle):
     assert not np.array_equal(bound.run()["image_embedding"], a["image_embedding"])
 
 
-@pytest.mark.skipif(not tensorrt_importable(), reason="tensorrt is not installed (the native TensorRT runner needs it and a CUDA GPU)")
+@pytest.mark.skipif(
+    not tensorrt_importable(), reason="tensorrt is not installed (the native TensorRT runner needs it and a CUDA GPU)"
+)
 @pytest.mark.gpu
 def test_tensorrt_engine_runs_a_plan(tmp_path, tiny_bundle):
     from ovseg.export.tensorrt import EngineSpec, build_engine

@@ -1,4 +1,5 @@
 """Sinks: annotated video (finalised even when the run is interrupted), PNG label maps + JSON, JSON lines."""
+
 from __future__ import annotations
 
 import io

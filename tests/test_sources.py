@@ -1,4 +1,5 @@
 """Frame sources: live capture (a video file through the same class), video files, images, the sample clip."""
+
 from __future__ import annotations
 
 import functools
@@ -126,7 +127,9 @@ def test_lost_stream_reconnects_with_backoff_and_warns_once_per_outage(caplog):
     open_capture, captures = opener([True, False, False, True])
     caplog.set_level(logging.WARNING, logger="ovseg")
     with pytest.raises(SourceError, match="did not come back within 0.3 s"):
-        with LatestFrameCapture("rtsp://camera/stream", backoff=(0.01, 0.04), max_reconnect_time=0.3, open_capture=open_capture) as cap:
+        with LatestFrameCapture(
+            "rtsp://camera/stream", backoff=(0.01, 0.04), max_reconnect_time=0.3, open_capture=open_capture
+        ) as cap:
             frames = []
             for frame in cap:
                 frames.append(frame)
@@ -271,7 +274,9 @@ def test_image_directory_sorted_unchanged_and_corrupt_files_skipped(image_dir, c
 
 def test_image_glob_and_single_file(image_dir):
     assert [Path(f.source).name for f in ImageSource(str(image_dir / "*.png"))] == [
-        "b_depth16.png", "c_rgba.png", "d_gray.png",
+        "b_depth16.png",
+        "c_rgba.png",
+        "d_gray.png",
     ]
     (frame,) = list(ImageSource(image_dir / "a_colour.jpg"))
     assert frame.image.shape == (40, 50, 3)

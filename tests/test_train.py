@@ -1,4 +1,5 @@
 """ovseg-train: Sinkhorn, EMA, mask pooling, targets, data, trained parameters, loss drop, resume, export to a bundle."""
+
 from __future__ import annotations
 
 import csv
@@ -140,7 +141,9 @@ def test_annotations_may_live_in_a_mirrored_tree(data, tmp_path):
     (tmp_path / "annotations" / "part").mkdir(parents=True)
     for png in sorted(data.glob("*.png"))[:2]:
         (tmp_path / "images" / "part" / png.name).write_bytes(png.read_bytes())
-        (tmp_path / "annotations" / "part" / png.with_suffix(".json").name).write_bytes(png.with_suffix(".json").read_bytes())
+        (tmp_path / "annotations" / "part" / png.with_suffix(".json").name).write_bytes(
+            png.with_suffix(".json").read_bytes()
+        )
     items = find_images(tmp_path / "images", "sa1b", tmp_path / "annotations")
     assert [i.annotation.parent.name for i in items] == ["part", "part"]
     assert len(MaskDataset(items, "sa1b", SMALL)[0].masks) > 0
@@ -151,6 +154,7 @@ def test_annotations_may_live_in_a_mirrored_tree(data, tmp_path):
 def test_draws_split_across_ranks_and_resume_where_they_left_off():
     def take(sampler, n):
         return [d for _, d in zip(range(n), iter(sampler))]
+
     r0, r1 = take(InfiniteDraws(10, 0, 2, seed=1), 10), take(InfiniteDraws(10, 1, 2, seed=1), 10)
     assert sorted(d % 10 for d in r0[:5] + r1[:5]) == list(range(10))
     assert take(InfiniteDraws(10, 1, 2, seed=1, skip=3), 7) == r1[3:]
@@ -170,7 +174,9 @@ def test_dino_masks_come_from_the_runtime_kmeans():
 def test_training_on_dino_masks(data, tmp_path):
     for json_file in data.glob("*.json"):  # DINOv2 masks need no annotations: train on bare images
         (tmp_path / "images").mkdir(exist_ok=True)
-        (tmp_path / "images" / json_file.with_suffix(".png").name).write_bytes(json_file.with_suffix(".png").read_bytes())
+        (tmp_path / "images" / json_file.with_suffix(".png").name).write_bytes(
+            json_file.with_suffix(".png").read_bytes()
+        )
     cfg = small_config(tmp_path / "images", tmp_path / "run", masks="dino", dino_size=56, dino_clusters=4)
     result = train(cfg, clip_model=tiny_clip(), dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()))
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
@@ -198,7 +204,9 @@ def test_only_the_intended_parameters_change(data, tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     teacher_changed = {k for k, v in ckpt["teacher"].items() if not torch.equal(v, before[k])}
     assert teacher_changed == expected  # the EMA moved the teacher towards the trained student only
-    assert {n for n in set_trainable(tiny_clip().visual, "full")} == {n for n, _ in tiny_clip().visual.named_parameters()}
+    assert {n for n in set_trainable(tiny_clip().visual, "full")} == {
+        n for n, _ in tiny_clip().visual.named_parameters()
+    }
 
 
 def test_dense_student_matches_the_export_and_trains_the_position_embedding():
@@ -248,18 +256,30 @@ def test_outputs_load_in_the_export_and_run_in_a_bundle(trained, tmp_path):
         for key, value in trained_clip.visual.state_dict().items():
             assert torch.equal(clip.visual.state_dict()[key], value), (path.name, key)
     bundle = export_bundle(
-        ExportConfig(out=tmp_path / "bundle", clip_weights=out / "student_visual.safetensors", image_size=112, vocab="voc21"),
-        clip_model=clip, dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()),
+        ExportConfig(
+            out=tmp_path / "bundle", clip_weights=out / "student_visual.safetensors", image_size=112, vocab="voc21"
+        ),
+        clip_model=clip,
+        dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()),
     )
     manifest = read_manifest(bundle)
-    assert manifest.dense_method == "pixelclip" and "student_visual.safetensors" in manifest.clip.weights or manifest.clip.weights == "injected"
+    assert (
+        manifest.dense_method == "pixelclip"
+        and "student_visual.safetensors" in manifest.clip.weights
+        or manifest.clip.weights == "injected"
+    )
     segmenter = pytest.importorskip("ovseg.runtime.segmenter", reason="the runtime Segmenter has not landed yet")
     frame = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
     result = segmenter.Segmenter.from_bundle(bundle)(frame)
     assert result.label_map.shape == (90, 120)
     image = tmp_path / "frame.png"
     cv2.imwrite(str(image), frame)
-    assert run_cli.main(["--bundle", str(bundle), "--image", str(image), "--no-show", "--max-frames", "1", "--threads", "1"]) == 0
+    assert (
+        run_cli.main(
+            ["--bundle", str(bundle), "--image", str(image), "--no-show", "--max-frames", "1", "--threads", "1"]
+        )
+        == 0
+    )
 
 
 def test_resume_continues_the_run(data, tmp_path):
@@ -279,7 +299,9 @@ def test_cli_defaults_are_the_config_defaults():
     """ovseg-train's flags take their defaults from TrainConfig and CropConfig: nothing restated that could drift."""
     args = cli.build_parser().parse_args(["--data", "d", "--out", "o"])
     assert cli.config_from_args(args) == TrainConfig(data=Path("d"), out=Path("o"))
-    args = cli.build_parser().parse_args(["--data", "d", "--out", "o", "--no-names", "--fp32", "--no-strong-aug", "--crop", "32"])
+    args = cli.build_parser().parse_args(
+        ["--data", "d", "--out", "o", "--no-names", "--fp32", "--no-strong-aug", "--crop", "32"]
+    )
     config = cli.config_from_args(args)
     assert (config.vocab, config.amp, config.crop.strong, config.crop.crop) == (None, False, False, 32)
 
@@ -316,8 +338,30 @@ def test_collate_keeps_ragged_masks(data):
 
 def test_cli_trains_the_real_architecture_with_random_weights(data, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["--data", str(data), "--out", str(out), "--random-weights", "--iters", "1", "--batch", "1", "--prompts", "2",
-            "--short-side", "96", "--crop", "32", "--clip-size", "32", "--mask-size", "16", "--workers", "0", "--no-names"]
+    argv = [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--random-weights",
+        "--iters",
+        "1",
+        "--batch",
+        "1",
+        "--prompts",
+        "2",
+        "--short-side",
+        "96",
+        "--crop",
+        "32",
+        "--clip-size",
+        "32",
+        "--mask-size",
+        "16",
+        "--workers",
+        "0",
+        "--no-names",
+    ]
     assert cli.main(argv) == 0
     assert "ovseg-export --clip-weights" in capsys.readouterr().out
     state = _read_checkpoint(out / "student_visual.safetensors")

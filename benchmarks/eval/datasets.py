@@ -11,6 +11,7 @@ of the same name, with 255 = ignore. The per-dataset conventions live in those t
 - COCO-Stuff-171: ``annotations_detectron2/val2017`` (0-170), or the raw stuffthingmaps (value = COCO id - 1).
 - Cityscapes-19: ``*_gtFine_labelTrainIds.png`` (0-18, 255 ignored), or ``*_gtFine_labelIds.png`` mapped.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,7 +60,9 @@ def read_label_values(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L", "I", "I;16"):
-                raise LayoutError(f"label {path} is a {im.mode} image: expected class ids as palette indices or grey levels")
+                raise LayoutError(
+                    f"label {path} is a {im.mode} image: expected class ids as palette indices or grey levels"
+                )
             values = np.asarray(im)
     except OSError as e:
         raise LayoutError(f"cannot read label {path}: {e}") from None
@@ -142,7 +145,9 @@ class VOC2012(SegDataset):
         for name in (base / self.split).read_text().split():
             sample = Sample(name, base / "JPEGImages" / f"{name}.jpg", base / "SegmentationClass" / f"{name}.png")
             if not (sample.image.is_file() and sample.label.is_file()):
-                raise self.layout_error(f"{name} is in val.txt but JPEGImages/{name}.jpg or SegmentationClass/{name}.png is missing")
+                raise self.layout_error(
+                    f"{name} is in val.txt but JPEGImages/{name}.jpg or SegmentationClass/{name}.png is missing"
+                )
             samples.append(sample)
         shift = 0 if self.background else 1  # VOC-20: background joins the ignored outlines
         return samples, lut({v: v - shift for v in range(shift, 21)})
@@ -152,8 +157,10 @@ class PascalContext(SegDataset):
     """PASCAL Context val (5105 images) as PixelCLIP prepares it: VOC2010 photos + annotations_detectron2/pc59_val."""
 
     title = "PASCAL Context"
-    layout = ("VOCdevkit/VOC2010/ with JPEGImages/ and annotations_detectron2/pc59_val/*.png "
-              "(written by PixelCLIP's datasets/prepare_pascal_context_59.py)")
+    layout = (
+        "VOCdevkit/VOC2010/ with JPEGImages/ and annotations_detectron2/pc59_val/*.png "
+        "(written by PixelCLIP's datasets/prepare_pascal_context_59.py)"
+    )
 
     def __init__(self, root: str | Path, background: bool):
         self.background = background
@@ -202,8 +209,10 @@ class CocoStuff(SegDataset):
     """COCO-Stuff 164k val2017: 5000 images, 171 classes."""
 
     title = "COCO-Stuff-171"
-    layout = ("coco-stuff/ (or coco/) with images/val2017/*.jpg (or val2017/*.jpg) and annotations_detectron2/val2017/*.png "
-              "(prepared, 0-170) or annotations/val2017/*.png (stuffthingmaps_trainval2017)")
+    layout = (
+        "coco-stuff/ (or coco/) with images/val2017/*.jpg (or val2017/*.jpg) and annotations_detectron2/val2017/*.png "
+        "(prepared, 0-170) or annotations/val2017/*.png (stuffthingmaps_trainval2017)"
+    )
 
     key = "cocostuff171"
 
@@ -240,15 +249,21 @@ class Cityscapes(SegDataset):
         if base is None:
             raise self.layout_error("leftImg8bit/val/ or gtFine/val/ not found")
         images, labels = base / "leftImg8bit/val", base / "gtFine/val"
+
         def stem(im):
             return im.name.replace("_leftImg8bit.png", "")
+
         first = next(iter(sorted(images.glob("*/*_leftImg8bit.png"))), None)
         if first is not None and not (labels / first.parent.name / f"{stem(first)}_gtFine_labelTrainIds.png").is_file():
-            label_of, table = (lambda im: labels / im.parent.name / f"{stem(im)}_gtFine_labelIds.png"), lut(
-                {label_id: i for i, label_id in enumerate(CITYSCAPES_LABEL_IDS)})
+            label_of, table = (
+                (lambda im: labels / im.parent.name / f"{stem(im)}_gtFine_labelIds.png"),
+                lut({label_id: i for i, label_id in enumerate(CITYSCAPES_LABEL_IDS)}),
+            )
         else:
-            label_of, table = (lambda im: labels / im.parent.name / f"{stem(im)}_gtFine_labelTrainIds.png"), lut(
-                {v: v for v in range(19)})
+            label_of, table = (
+                (lambda im: labels / im.parent.name / f"{stem(im)}_gtFine_labelTrainIds.png"),
+                lut({v: v for v in range(19)}),
+            )
         samples = self._pairs(images, labels, "*/*_leftImg8bit.png", label_of)
         return [Sample(stem(s.image), s.image, s.label) for s in samples], table
 

@@ -11,6 +11,7 @@ Conventions (those of detectron2's SemSegEvaluator and mmseg, and of TAG's evalu
 - no Hungarian matching: prediction k is class k.
 All numbers are accumulated over the whole dataset (one matrix), not averaged per image.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

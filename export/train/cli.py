@@ -1,4 +1,5 @@
 """ovseg-train: PixelCLIP fine-tuning from the command line (run it under torchrun for several processes)."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,17 +23,29 @@ PROG = "ovseg-train"
 FLAGS = (
     (TrainConfig, "data", "folder of images (recursively); SA-1B layout: IMAGE.jpg + IMAGE.json"),
     (TrainConfig, "out", "output folder: checkpoint.pt, log.csv, config.json, the exported files"),
-    (TrainConfig, "annotations", "SA-1B JSONs under this folder at the images' relative paths (default: beside the images)"),
+    (
+        TrainConfig,
+        "annotations",
+        "SA-1B JSONs under this folder at the images' relative paths (default: beside the images)",
+    ),
     (TrainConfig, "masks", "sa1b: COCO RLE masks from IMAGE.json; dino: DINOv2 k-means masks made on the fly"),
     (TrainConfig, "clip", "open_clip MODEL[:PRETRAINED] (default %(default)s)"),
     (TrainConfig, "clip_weights", "local CLIP checkpoint to start from (as ovseg-export takes)"),
     (TrainConfig, "random_weights", "random CLIP (and DINOv2) weights: a smoke test, not a model"),
-    (TrainConfig, "finetune", "attention: attention weights + position embedding (PixelCLIP ViT); full: the whole image encoder"),
+    (
+        TrainConfig,
+        "finetune",
+        "attention: attention weights + position embedding (PixelCLIP ViT); full: the whole image encoder",
+    ),
     (TrainConfig, "prompts", "learnable class prompts k (default %(default)s)"),
     (TrainConfig, "prompt_words", "learnable tokens per prompt (default %(default)s)"),
     (TrainConfig, "iters", "optimizer steps (default %(default)s)"),
     (TrainConfig, "batch", "images per step over all processes (default %(default)s)"),
-    (TrainConfig, "lr", "base learning rate, the head's (default %(default)s); CLIP's and the prompts' are multiples of it"),
+    (
+        TrainConfig,
+        "lr",
+        "base learning rate, the head's (default %(default)s); CLIP's and the prompts' are multiples of it",
+    ),
     (TrainConfig, "lr_end", "learning rate at the end of the cosine (default %(default)s)"),
     (TrainConfig, "warmup", "linear warm-up steps (default %(default)s, as PixelCLIP)"),
     (TrainConfig, "clip_lr_mult", "CLIP's learning rate as a multiple of --lr (default %(default)s)"),
@@ -67,7 +80,14 @@ def _add_field(p: argparse.ArgumentParser, config: type, name: str, help: str) -
         return
     kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # Path | None -> Path
     required = field.default is dataclasses.MISSING
-    p.add_argument(flag, type=kind, required=required, default=None if required else field.default, choices=CHOICES.get(name), help=help)
+    p.add_argument(
+        flag,
+        type=kind,
+        required=required,
+        default=None if required else field.default,
+        choices=CHOICES.get(name),
+        help=help,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +109,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return {name: getattr(args, name) for c, name, _ in FLAGS if c is config}
 
     crop = CropConfig(**given(CropConfig), strong=not args.no_strong_aug)
-    return TrainConfig(**{**given(TrainConfig), "vocab": None if args.no_names else args.vocab}, crop=crop, amp=not args.fp32)
+    return TrainConfig(
+        **{**given(TrainConfig), "vocab": None if args.no_names else args.vocab}, crop=crop, amp=not args.fp32
+    )
 
 
 def _one_line(error: Exception) -> str:

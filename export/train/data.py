@@ -4,6 +4,7 @@ Every sample is a random crop of the image resized to a fixed short side (PixelC
 seen twice at the CLIP input size: un-augmented by the teacher, strongly augmented by the student (colour
 jitter, grayscale, blur, a cut-out box). Masks are sampled (nearest) on a mask_size² grid over the crop.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,11 @@ class Batch:
 def collate(samples: list[Sample]) -> Batch:
     dino = torch.stack([s.dino for s in samples]) if samples[0].dino is not None else None
     return Batch(
-        torch.stack([s.teacher for s in samples]), torch.stack([s.student for s in samples]),
-        [s.masks for s in samples], torch.stack([s.keep for s in samples]), dino,
+        torch.stack([s.teacher for s in samples]),
+        torch.stack([s.student for s in samples]),
+        [s.masks for s in samples],
+        torch.stack([s.keep for s in samples]),
+        dino,
     )
 
 
@@ -117,7 +121,9 @@ def read_rles(path: Path, height: int, width: int) -> list[dict]:
         rles = [a["segmentation"] for a in annotations if not a.get("iscrowd", 0)]
         sizes = {tuple(r["size"]) for r in rles}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TrainError(f"unreadable annotation {path}: {type(e).__name__} {str(e)[:80]} (want {{'annotations': [{{'segmentation': {{'size', 'counts'}}}}]}})") from None
+        raise TrainError(
+            f"unreadable annotation {path}: {type(e).__name__} {str(e)[:80]} (want {{'annotations': [{{'segmentation': {{'size', 'counts'}}}}]}})"
+        ) from None
     if sizes - {(height, width)}:
         raise TrainError(f"annotation {path} has masks of size {sorted(sizes)[0]} for a {height}x{width} image")
     return rles
@@ -189,12 +195,20 @@ class MaskDataset(Dataset):
             if flip:
                 xs = xs[::-1]
             grids = [decode_rle(r)[np.ix_(ys, xs)].astype(bool) & keep for r in read_rles(item.annotation, h, w)]
-            grids = sorted((g for g in grids if g.sum() > 1), key=lambda g: -int(g.sum()))  # PixelCLIP drops masks of <= 1 pixel
+            grids = sorted(
+                (g for g in grids if g.sum() > 1), key=lambda g: -int(g.sum())
+            )  # PixelCLIP drops masks of <= 1 pixel
             if grids:
                 masks = np.stack(grids)
 
         dino = _resize(view, cfg.dino_size) if cfg.dino_size else None
-        return Sample(_resize(view, cfg.clip_size), _resize(student, cfg.clip_size), torch.from_numpy(masks), torch.from_numpy(keep), dino)
+        return Sample(
+            _resize(view, cfg.clip_size),
+            _resize(student, cfg.clip_size),
+            torch.from_numpy(masks),
+            torch.from_numpy(keep),
+            dino,
+        )
 
 
 def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -205,7 +219,9 @@ def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def _strong_augment(view: torch.Tensor, valid: tuple[int, int], flip: bool, rng: np.random.Generator) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+def _strong_augment(
+    view: torch.Tensor, valid: tuple[int, int], flip: bool, rng: np.random.Generator
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """PixelCLIP's student view: ColorJitter(.5, .5, .5, .25) with p .8, grayscale p .2, Gaussian blur p .5
     (sigma 0.1-2), then a black box of 10-50% of each side inside the image. Returns the box (y0, x0, y1, x1)."""
     x = view
@@ -262,7 +278,9 @@ class DinoMasker:
     """PixelCLIP's DINO masks, the ovseg way: DINOv2 patch tokens of the un-augmented crop, the runtime's spherical
     k-means (16 clusters per image), its bilinear score upsampling + argmax onto the mask grid, one mask per cluster."""
 
-    def __init__(self, model, image_size: int = 448, clusters: int = 16, mask_size: int = 256, iters: int = 10, seed: int = 0):
+    def __init__(
+        self, model, image_size: int = 448, clusters: int = 16, mask_size: int = 256, iters: int = 10, seed: int = 0
+    ):
         self.tokens = Dinov2PatchTokens(model, image_size).eval()
         for p in self.tokens.parameters():
             p.requires_grad_(False)

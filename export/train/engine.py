@@ -1,5 +1,6 @@
 """The training loop: AdamW with PixelCLIP's learning rates, warm-up + cosine schedule, gradient clipping, AMP on
 CUDA, DDP under torchrun (NCCL on GPUs, gloo on CPUs), checkpoints that resume exactly, a CSV log and a progress bar."""
+
 from __future__ import annotations
 
 import csv
@@ -107,8 +108,13 @@ def param_groups(student: Student, cfg: TrainConfig) -> list[dict]:
             groups.setdefault((role, decay), []).append(p)
     mult = {"clip": cfg.clip_lr_mult, "prompts": cfg.prompt_lr_mult, "head": 1.0}
     return [
-        {"params": ps, "name": f"{role}{'' if decay else '_no_decay'}", "base_lr": cfg.lr * mult[role], "lr": cfg.lr * mult[role],
-         "weight_decay": cfg.weight_decay if decay else 0.0}
+        {
+            "params": ps,
+            "name": f"{role}{'' if decay else '_no_decay'}",
+            "base_lr": cfg.lr * mult[role],
+            "lr": cfg.lr * mult[role],
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+        }
         for (role, decay), ps in groups.items()
     ]
 
@@ -162,7 +168,10 @@ def _load_resume(path: Path, cfg: TrainConfig) -> dict:
     now = json.loads(cfg.to_json())
     differ = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
     if differ:
-        raise TrainError(f"--resume: {path} was trained with other settings: " + ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in differ))
+        raise TrainError(
+            f"--resume: {path} was trained with other settings: "
+            + ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in differ)
+        )
     return state
 
 
@@ -196,7 +205,9 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
     torch.manual_seed(cfg.seed)
     dense = DenseClip(clip_model.visual, cfg.crop.clip_size, "pixelclip")
     teacher = make_teacher(dense)
-    student = Student(dense, ClassPrompts(clip_model, cfg.prompts, cfg.prompt_words, cfg.seed), ConvHead(), cfg.crop.mask_size)
+    student = Student(
+        dense, ClassPrompts(clip_model, cfg.prompts, cfg.prompt_words, cfg.seed), ConvHead(), cfg.crop.mask_size
+    )
     student.to(device).train()
     teacher.to(device)
     optimizer = torch.optim.AdamW(param_groups(student, cfg), lr=cfg.lr)
@@ -213,7 +224,11 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
         raise TrainError(f"the checkpoint is at step {start}: raise --iters above it to train further")
 
     loader, masker = _data(cfg, images, rank, world, start, dinov2_model, device)
-    model = DistributedDataParallel(student, device_ids=[local] if device.type == "cuda" else None) if world > 1 else student
+    model = (
+        DistributedDataParallel(student, device_ids=[local] if device.type == "cuda" else None)
+        if world > 1
+        else student
+    )
 
     files = {"checkpoint": cfg.out / CHECKPOINT, "log": cfg.out / LOG}
     if rank == 0:
@@ -224,8 +239,10 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
     trained = [p for g in optimizer.param_groups for p in g["params"]]
     mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+
     def normalise(x):
         return (x.float() / 255 - mean) / std
+
     losses: list[float] = []
     bar = tqdm(total=cfg.iters, initial=start, desc="ovseg-train", unit="step", disable=rank != 0, dynamic_ncols=True)
     batches = iter(loader)
@@ -242,7 +259,9 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
             teacher_features = teacher.dense(normalise(batch.teacher))
         with torch.autocast(device.type, amp_dtype, enabled=amp):
             logits, embeddings = model(normalise(batch.student))
-        targets = cluster_targets(masks, teacher_features.float(), embeddings.detach().float(), cfg.logit_scale, cfg.sinkhorn_iters)
+        targets = cluster_targets(
+            masks, teacher_features.float(), embeddings.detach().float(), cfg.logit_scale, cfg.sinkhorn_iters
+        )
         loss = mask_loss(logits.float(), targets.targets)
 
         optimizer.zero_grad(set_to_none=True)
@@ -256,7 +275,16 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
         losses.append(value)
         if rank == 0:
             with files["log"].open("a", newline="") as f:  # lr: the base (head) rate; CLIP and prompts scale it
-                csv.writer(f).writerow([step + 1, f"{value:.6f}", f"{cfg.lr * factor:.3e}", len(targets.assignment), targets.clusters_used, f"{time.perf_counter() - tick:.3f}"])
+                csv.writer(f).writerow(
+                    [
+                        step + 1,
+                        f"{value:.6f}",
+                        f"{cfg.lr * factor:.3e}",
+                        len(targets.assignment),
+                        targets.clusters_used,
+                        f"{time.perf_counter() - tick:.3f}",
+                    ]
+                )
             bar.set_postfix(loss=f"{value:.4f}", clusters=targets.clusters_used)
             bar.update(1)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.iters:
@@ -273,19 +301,28 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
     return TrainResult(cfg.iters, losses, files, student, teacher)
 
 
-def _data(cfg: TrainConfig, items, rank: int, world: int, start: int, dinov2_model, device: torch.device) -> tuple[DataLoader, DinoMasker | None]:
+def _data(
+    cfg: TrainConfig, items, rank: int, world: int, start: int, dinov2_model, device: torch.device
+) -> tuple[DataLoader, DinoMasker | None]:
     """This rank's endless loader, resumed after ``start`` steps, and the DINOv2 masker when masks are made on the fly."""
     masker, crop = None, cfg.crop
     if cfg.masks == "dino":
         crop = CropConfig(**{**asdict(cfg.crop), "dino_size": cfg.dino_size})
         if dinov2_model is None:
             dinov2_model, _ = load_dinov2(cfg.dinov2, cfg.random_weights)
-        masker = DinoMasker(dinov2_model, cfg.dino_size, cfg.dino_clusters, cfg.crop.mask_size, cfg.kmeans_iters, cfg.seed).to(device)
+        masker = DinoMasker(
+            dinov2_model, cfg.dino_size, cfg.dino_clusters, cfg.crop.mask_size, cfg.kmeans_iters, cfg.seed
+        ).to(device)
     per_rank = cfg.batch // world
     dataset = MaskDataset(items, cfg.masks, crop, cfg.seed)
     loader = DataLoader(
-        dataset, batch_size=per_rank, sampler=InfiniteDraws(len(dataset), rank, world, cfg.seed, skip=start * per_rank),
-        num_workers=cfg.workers, collate_fn=collate, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+        dataset,
+        batch_size=per_rank,
+        sampler=InfiniteDraws(len(dataset), rank, world, cfg.seed, skip=start * per_rank),
+        num_workers=cfg.workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
     )
     return loader, masker
 
@@ -293,8 +330,10 @@ def _data(cfg: TrainConfig, items, rank: int, world: int, start: int, dinov2_mod
 def _checkpoint(step: int, cfg: TrainConfig, student: Student, teacher: DenseClip, optimizer, scaler) -> dict:
     """Tensors and plain values only (torch.load(weights_only=True) reads it); "student" holds open_clip's
     ``visual.*`` keys, so ovseg-export --clip-weights also takes this file."""
+
     def visual(v):
         return {f"visual.{k}": t.detach().cpu() for k, t in v.state_dict().items()}
+
     return {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -311,6 +350,7 @@ def _checkpoint(step: int, cfg: TrainConfig, student: Student, teacher: DenseCli
 def _restore(state: dict, student: Student, teacher: DenseClip, optimizer, scaler) -> None:
     def strip(d):
         return {k.removeprefix("visual."): v for k, v in d.items()}
+
     try:
         student.dense.visual.load_state_dict(strip(state["student"]))
         teacher.visual.load_state_dict(strip(state["teacher"]))
@@ -321,4 +361,6 @@ def _restore(state: dict, student: Student, teacher: DenseClip, optimizer, scale
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
     except (KeyError, RuntimeError, ValueError) as e:
-        raise TrainError(f"--resume: the checkpoint does not fit this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise TrainError(
+            f"--resume: the checkpoint does not fit this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        ) from None

@@ -1,5 +1,6 @@
 """PixelCLIP's objective: masks pooled over the teacher's dense features, clustered onto the class prompts by
 Sinkhorn (hard assignment), masks of one cluster merged into its target, BCE of the student's mask logits."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,7 +64,9 @@ class Targets:
 
 
 @torch.no_grad()
-def cluster_targets(masks: list[torch.Tensor], teacher: torch.Tensor, prompts: torch.Tensor, scale: float = 100.0, iters: int = 3) -> Targets:
+def cluster_targets(
+    masks: list[torch.Tensor], teacher: torch.Tensor, prompts: torch.Tensor, scale: float = 100.0, iters: int = 3
+) -> Targets:
     """masks: per image (n_i, M, M); teacher: dense features (B, D, h, w); prompts: text embeddings (K, D)."""
     k = prompts.shape[0]
     m = masks[0].shape[-1]
@@ -84,6 +87,8 @@ def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     valid = targets.sum(dim=1) > 0  # (B, M, M)
     if not valid.any():
         return logits.sum() * 0  # keeps every parameter in the graph, so DDP's reduction still runs
+
     def pick(t):
         return t.permute(0, 2, 3, 1)[valid]
+
     return F.binary_cross_entropy_with_logits(pick(logits).float(), pick(targets))

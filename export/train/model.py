@@ -1,5 +1,6 @@
 """What PixelCLIP trains: the student's dense CLIP features (exactly the export's ClipDenseVisual "pixelclip" path),
 k learnable class prompts read by the frozen text tower, an EMA teacher, and the training-only ConvHead."""
+
 from __future__ import annotations
 
 import copy
@@ -130,7 +131,11 @@ class ConvHead(nn.Module):
 def _double_conv(channels: int) -> nn.Sequential:
     layers = []
     for _ in range(2):
-        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.GroupNorm(channels // 16, channels), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.GroupNorm(channels // 16, channels),
+            nn.ReLU(inplace=True),
+        ]
     return nn.Sequential(*layers)
 
 

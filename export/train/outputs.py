@@ -1,5 +1,6 @@
 """What training leaves for ovseg-export and for people: the student's visual weights in open_clip's key names,
 the learned prompts' text embeddings, and each prompt's nearest class names in a vocabulary."""
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,9 @@ def nearest_names(clip: open_clip.CLIP, prompts: np.ndarray, vocab: str, top: in
     ]
 
 
-def write_outputs(out: Path, visual: torch.nn.Module, embeddings: torch.Tensor, clip: open_clip.CLIP, vocab: str | None, top: int) -> dict[str, Path]:
+def write_outputs(
+    out: Path, visual: torch.nn.Module, embeddings: torch.Tensor, clip: open_clip.CLIP, vocab: str | None, top: int
+) -> dict[str, Path]:
     paths = {"visual": save_visual(visual, out / VISUAL_WEIGHTS), "prompts": out / PROMPTS}
     prompts = save_prompts(embeddings, paths["prompts"])
     if vocab:

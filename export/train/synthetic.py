@@ -1,4 +1,5 @@
 """A tiny SA-1B-style dataset whose masks follow colour regions: for tests and a first smoke run of ovseg-train."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,9 @@ import cv2
 import numpy as np
 
 # Distinct region colours (RGB); each image paints a few of them.
-COLOURS = np.array([(220, 40, 40), (40, 200, 60), (40, 70, 220), (230, 220, 50), (200, 60, 210), (60, 210, 220)], np.uint8)
+COLOURS = np.array(
+    [(220, 40, 40), (40, 200, 60), (40, 70, 220), (230, 220, 50), (200, 60, 210), (60, 210, 220)], np.uint8
+)
 
 
 def write_colour_regions(root: Path, count: int = 8, size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:
@@ -32,7 +35,16 @@ def write_colour_regions(root: Path, count: int = 8, size: tuple[int, int] = (96
         annotations = []
         for r in range(regions):
             rle = coco_mask.encode(np.asfortranarray((labels == r).astype(np.uint8)))
-            annotations.append({"id": r, "segmentation": {"size": [h, w], "counts": rle["counts"].decode()}, "area": int((labels == r).sum())})
-        record = {"image": {"image_id": i, "width": w, "height": h, "file_name": f"{name}.png"}, "annotations": annotations}
+            annotations.append(
+                {
+                    "id": r,
+                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode()},
+                    "area": int((labels == r).sum()),
+                }
+            )
+        record = {
+            "image": {"image_id": i, "width": w, "height": h, "file_name": f"{name}.png"},
+            "annotations": annotations,
+        }
         (root / f"{name}.json").write_text(json.dumps(record))
     return root

@@ -26,9 +26,7 @@ def upsample_argmax(scores: _F32, out_h: int, out_w: int) -> _I32:
     """Bilinearly upsample scores [K, h, w] to (out_h, out_w) and take the argmax
     over K (the lowest index wins exact ties): int32 [out_h, out_w]."""
 
-def pool_segments_from_scores(
-    scores: _F32, features: _F32, out_h: int, out_w: int
-) -> tuple[_F32, _F32, _I32]:
+def pool_segments_from_scores(scores: _F32, features: _F32, out_h: int, out_w: int) -> tuple[_F32, _F32, _I32]:
     """TAG's segment embeddings of the label map upsample_argmax(scores, out_h, out_w), K =
     scores.shape[0]: the mean of the features [hf, wf, D], bilinearly upsampled to (out_h, out_w),
     over each label's pixels, L2-normalised — computed through the adjoint of the upsampling, never
