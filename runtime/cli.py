@@ -163,7 +163,7 @@ def _open_sinks(args: argparse.Namespace, source: Source) -> list[Sink]:
     sinks: list[Sink] = []
     if args.save is not None:
         every_frame = isinstance(source, VideoFileSource) and source.fps
-        sinks.append(VideoSink(args.save, source.fps if every_frame else UNTIMED_VIDEO_FPS))
+        sinks.append(VideoSink(args.save, source.fps if every_frame and source.fps else UNTIMED_VIDEO_FPS))
     if args.save_dir is not None:
         sinks.append(FrameDirSink(args.save_dir))
     if args.json:
@@ -245,7 +245,7 @@ def _loop(
         t0 = time.perf_counter()
         for sink in sinks:
             sink.write(frame, result, overlay)
-        keep_going = window.show(overlay) if window is not None else True
+        keep_going = window.show(overlay) if window is not None and overlay is not None else True
         timings["output"] = (time.perf_counter() - t0) * 1000
         stats.add(timings)
         if not keep_going or (args.max_frames and stats.frames >= args.max_frames):

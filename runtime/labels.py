@@ -130,7 +130,7 @@ class GuidanceFreeHead:
 def merge(ids: np.ndarray, held: np.ndarray, known: np.ndarray) -> list[np.ndarray]:
     """Segment ids grouped by held label (unknown ones stay alone), each group sorted: its first id names it."""
     groups: dict[int, list[int]] = {}
-    alone = []
+    alone: list[int] = []
     for i, label, ok in zip(ids.tolist(), held.tolist(), known.tolist()):
         (groups.setdefault(label, []) if ok else alone).append(i)
     return sorted((np.array(sorted(g)) for g in [*groups.values(), *([a] for a in alone)]), key=lambda g: g[0])

@@ -289,9 +289,10 @@ class Segmenter:
             else:  # per patch, or voted inside the segments
                 voting = self.config.refine == "segments"
                 features = self._clip_features(stream.keyframe if voting else None, timer)
-                maps = self._warm_segments(rgb, stream, timer) if voting else None
+                votes = self._warm_segments(rgb, stream, timer) if voting else None
+                assert self._class_embeddings is not None  # set together with self._classes
                 label_map, segments = self._guided_head(
-                    rgb, features, maps, self._classes, self._class_embeddings, shape, timer
+                    rgb, features, votes, self._classes, self._class_embeddings, shape, timer
                 )
         stream.frame_index += 1
         timer.ms["total"] = (time.perf_counter() - start) * 1000

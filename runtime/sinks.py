@@ -100,7 +100,7 @@ class VideoSink(Sink):
         self._tmp.unlink(missing_ok=True)
 
     def _open(self, size: tuple[int, int]) -> cv2.VideoWriter:
-        writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter_fourcc(*VIDEO_FOURCC), self.fps, size)
+        writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter.fourcc(*VIDEO_FOURCC), self.fps, size)
         if not writer.isOpened():
             writer.release()
             self._tmp.unlink(missing_ok=True)

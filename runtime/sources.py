@@ -156,9 +156,10 @@ class LatestFrameCapture(Source):
         self.reconnects = 0
         self._open_capture = open_capture
         self._is_file = not is_live(self.uri)
-        self._cap = self._open()
-        if self._cap is None:
+        cap = self._open()
+        if cap is None:
             raise _open_failure(self.uri)
+        self._cap: cv2.VideoCapture = cap
         fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps if fps and math.isfinite(fps) and fps > 0 else None
         self._cond = threading.Condition()
@@ -181,11 +182,11 @@ class LatestFrameCapture(Source):
         return cap
 
     def _run(self) -> None:
-        cap = self._cap
+        cap: cv2.VideoCapture | None = self._cap
         period = 1.0 / self.fps if self._is_file and self.fps else 0.0
         next_due = time.monotonic()
         try:
-            while not self._stop.is_set():
+            while cap is not None and not self._stop.is_set():
                 ok, image = cap.read()
                 if not ok:
                     if self._is_file:
@@ -194,9 +195,7 @@ class LatestFrameCapture(Source):
                         self._error = SourceError(f"{self.name} stopped delivering frames (reconnecting is off)")
                         break
                     cap.release()
-                    cap = self._reopen()
-                    if cap is None:
-                        break
+                    cap = self._reopen()  # None: given up, the loop ends
                     continue
                 self._publish(image)
                 if period:
@@ -370,7 +369,7 @@ def sample_clip(path: str | Path, seconds: float = 4, fps: int = 15, size: tuple
     strip = cv2.cvtColor(np.concatenate(resized, axis=1), cv2.COLOR_RGB2BGR)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), fps, (width, height))
     if not writer.isOpened():
         raise SourceError(
             f"cannot write the sample clip to {path}: this OpenCV has no mp4v encoder or the path is not writable"

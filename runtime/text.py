@@ -23,10 +23,11 @@ class ClipTokenizer:
     def __init__(self, tokenizer: Tokenizer, context_length: int = 77):
         self.tokenizer = tokenizer
         self.context_length = context_length
-        self.sot_id = tokenizer.token_to_id(SOT)
-        self.eot_id = tokenizer.token_to_id(EOT)
-        if self.sot_id is None or self.eot_id is None:
+        sot_id, eot_id = tokenizer.token_to_id(SOT), tokenizer.token_to_id(EOT)
+        if sot_id is None or eot_id is None:
             raise ValueError(f"tokenizer has no {SOT} / {EOT} tokens: it is not a CLIP tokenizer")
+        self.sot_id: int = sot_id
+        self.eot_id: int = eot_id
 
     @classmethod
     def from_file(cls, path: str | Path, context_length: int = 77) -> ClipTokenizer:
