@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
+from .constants import BACKENDS, NUM_SEGMENTS, PRECISIONS
 from .errors import OvsegError
 
 
@@ -66,6 +67,20 @@ def fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
+
+
+def add_segmenter_arguments(p: argparse.ArgumentParser, per: str) -> None:
+    """--backend, --precision, --segments and --threads, as ovseg-run and ovseg-eval take them (``per``: "frame")."""
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="encoder precision (default auto)")
+    p.add_argument(
+        "--segments",
+        type=positive_int,
+        default=NUM_SEGMENTS,
+        metavar="K",
+        help=f"DINOv2 segment candidates per {per} (default {NUM_SEGMENTS}, as TAG)",
+    )
+    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
 
 
 def first_line(error: BaseException) -> str:

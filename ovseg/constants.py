@@ -11,6 +11,11 @@ STAGES = ("preprocess", "dinov2", "kmeans", "refine", "clip", "pooling", "lookup
 # hnswlib parameters of a bundle's vocabulary index (cosine space); the lookup section of docs/DESIGN.md has the sweep.
 HNSW_PARAMS = {"M": 32, "ef_construction": 200, "ef": 64}
 
+# What the Segmenter runs on and at: "auto" picks (runtime.sessions.resolve_backend, runtime.precision.pick_precision).
+BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+NUM_SEGMENTS = 15  # TAG's K: DINOv2 segment candidates per frame
+
 # What ovseg-export builds by default (here so that its --help loads no torch).
 DEFAULT_CLIP = "ViT-B-16:openai"
 DEFAULT_DINOV2 = "facebook/dinov2-small"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ovseg.cli import log_lines, non_negative_int, positive_int, run_cli, say
+from ovseg.cli import add_segmenter_arguments, log_lines, non_negative_int, positive_int, run_cli, say
 from ovseg.constants import RANDOM_WEIGHTS_WARNING, default_bundle
 
 from .display import Window, display_problem, draw_status
@@ -66,22 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PRESET_OR_FILE",
         help="guided mode with a preset (voc21, ade150, ...) or a file, one name per line",
     )
-    p.add_argument(
-        "--backend",
-        choices=("auto", "cpu", "cuda", "tensorrt"),
-        default="auto",
-        help="inference backend (default auto)",
-    )
-    p.add_argument(
-        "--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto", help="encoder precision (default auto)"
-    )
-    p.add_argument(
-        "--segments",
-        type=positive_int,
-        default=15,
-        metavar="K",
-        help="DINOv2 segment candidates per frame (default 15, as TAG)",
-    )
+    add_segmenter_arguments(p, per="frame")
     p.add_argument(
         "--refine",
         choices=("segments", "edges"),
@@ -100,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per frame on stdout")
     p.add_argument("--no-show", action="store_true", help="do not open a window")
     p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
     return p
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 
+from ovseg.constants import PRECISIONS
+
 from .bundle import EncoderInfo, Manifest
 
 log = logging.getLogger("ovseg")
 
-PRECISIONS = ("auto", "fp32", "fp16", "int8")
 GPU_DEVICES = ("gpu", "cuda", "tensorrt")
 
 

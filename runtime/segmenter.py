@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _native
-from ..constants import STAGES, default_bundle
+from ..constants import NUM_SEGMENTS, STAGES, default_bundle
 from .bundle import BundleError, Manifest, read_manifest
 from .engines import Engines
 from .features import ClipFeatures, Keyframe
@@ -54,7 +54,7 @@ REFINES = (None, "segments", "edges")
 
 @dataclass
 class SegmenterConfig:
-    num_segments: int = 15  # TAG's K
+    num_segments: int = NUM_SEGMENTS
     top_k: int = 3  # labels looked up per segment: the best and top_k - 1 alternatives
     score_threshold: float | None = None  # below it a segment is "unknown"
     refine: str | None = None  # None | "segments" (guided) | "edges" (both modes)
@@ -149,7 +149,7 @@ class Segmenter:
         mode: str = "auto",
         classes: list[str] | str | None = None,
         vocab: list[str] | str | None = None,
-        num_segments: int = 15,
+        num_segments: int = NUM_SEGMENTS,
         top_k: int = 3,
         score_threshold: float | None = None,
         refine: str | None = None,

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from ovseg.constants import BACKENDS
 from ovseg.environment import gpu_onnxruntime_fix, gpu_unused_warning
 from ovseg.errors import OvsegError
 from ovseg.onnx_helpers import session_options
@@ -24,7 +25,6 @@ from .precision import pick_precision
 log = logging.getLogger("ovseg")
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-BACKENDS = ("auto", *PROVIDERS)
 TRT_CACHE = "trt_cache"  # TensorRT EP engine cache, inside the bundle directory
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from ovseg.errors import OvsegError
 
 from .result import Result
-from .sources import Frame
+from .sources import Closeable, Frame
 
 VIDEO_FOURCC = "mp4v"
 
@@ -62,20 +62,11 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise SinkError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-class Sink:
+class Sink(Closeable):
     needs_overlay = False  # True when write() uses the rendered overlay
 
     def write(self, frame: Frame, result: Result, overlay: np.ndarray | None) -> None:
         raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class VideoSink(Sink):

@@ -43,7 +43,20 @@ class Frame:
     source: str  # camera index, URL or file path
 
 
-class Source:
+class Closeable:
+    """close() and ``with``, as sources and sinks have them."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Source(Closeable):
     """What every source has: counters, an optional nominal frame rate, close() and ``with``."""
 
     name: str = ""  # what the source reads, for messages
@@ -54,15 +67,6 @@ class Source:
 
     def __iter__(self) -> Iterator[Frame]:
         raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def is_gstreamer_pipeline(uri: int | str) -> bool:

@@ -94,6 +94,13 @@ def test_unavailable_backend_is_an_error_not_a_fallback(tiny_bundle, backend, pr
     one_line(err, provider, "backend='cpu'")
 
 
+def test_every_backend_the_clis_offer_has_a_provider():
+    from ovseg.constants import BACKENDS
+    from ovseg.runtime.sessions import PROVIDERS
+
+    assert BACKENDS == ("auto", *PROVIDERS)
+
+
 def test_backend_resolution():
     assert resolve_backend("auto", CPU_ONLY) == "cpu"
     assert resolve_backend("auto", WITH_CUDA) == "cuda"

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 import ovseg.cli
-from ovseg.cli import non_negative_int, positive_int
+from ovseg.cli import add_segmenter_arguments, non_negative_int, positive_int
 from ovseg.constants import RANDOM_WEIGHTS_WARNING, default_bundle
 from ovseg.runtime.bundle import MANIFEST
 
@@ -65,22 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="guided",
         help="guided: the dataset's class names; free: open-vocabulary labels matched to them (TAG); oracle: segment quality",
     )
-    p.add_argument(
-        "--backend",
-        choices=("auto", "cpu", "cuda", "tensorrt"),
-        default="auto",
-        help="inference backend (default auto)",
-    )
-    p.add_argument(
-        "--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto", help="encoder precision (default auto)"
-    )
-    p.add_argument(
-        "--segments",
-        type=positive_int,
-        default=15,
-        metavar="K",
-        help="DINOv2 segment candidates per image (default 15, as TAG)",
-    )
+    add_segmenter_arguments(p, per="image")
     p.add_argument(
         "--refine",
         choices=("segments", "edges"),
@@ -120,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vis-count", type=positive_int, default=8, metavar="N", help="with --save-vis: the first N images (default 8)"
     )
-    p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
     return p
 
 
