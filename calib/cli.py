@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ovseg.cli import fraction, log_lines, run_cli
-from ovseg.constants import default_bundle
+from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE, default_bundle
 
 PROG = "ovseg-calib"
 
@@ -39,7 +39,6 @@ def _csv(choices: tuple[str, ...]):
 def add_gate_arguments(p, *method_flags: str) -> None:
     """The flags ovseg-calib and ovseg-export --int8 share (``method_flags``: the calibration method's flag names)."""
     from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT
-    from .gate import DEFAULT_AGREEMENT, DEFAULT_COSINE
 
     p.add_argument(
         *(method_flags or ("--calib-method",)),

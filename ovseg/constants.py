@@ -16,6 +16,11 @@ BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 NUM_SEGMENTS = 15  # TAG's K: DINOv2 segment candidates per frame
 
+# What a lower precision or another backend must keep against CPU fp32 (ovseg-calib's gate, ovseg-check): the worst
+# per-token cosine of every encoder output, and the fraction of segments labelled alike.
+DEFAULT_COSINE = 0.98
+DEFAULT_AGREEMENT = 0.95
+
 # What ovseg-export builds by default (here so that its --help loads no torch).
 DEFAULT_CLIP = "ViT-B-16:openai"
 DEFAULT_DINOV2 = "facebook/dinov2-small"
