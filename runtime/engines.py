@@ -6,6 +6,7 @@ Segmenters of other settings share one ``Engines`` (``Segmenter.with_config``): 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,16 @@ from ovseg.constants import RANDOM_WEIGHTS_WARNING
 from .bundle import EncoderInfo, Manifest
 from .lookup import PromptEmbedder
 from .preprocess import Preprocessor
-from .sessions import Engine, OnnxEncoder, SegmenterError, choose_precision, open_engine, providers, resolve_backend
+from .sessions import (
+    Engine,
+    OnnxEncoder,
+    SegmenterError,
+    TensorRTEngine,
+    choose_precision,
+    open_engine,
+    resolve_backend,
+    session_plan,
+)
 from .text import ClipTokenizer
 
 log = logging.getLogger("ovseg")
@@ -28,7 +38,7 @@ class Engines:
     clip: Engine  # pixel_values -> patch_embeddings (1, gh * gw, D)
     dinov2: Engine  # pixel_values -> tokens (1, h * w, Dd)
     embedder: PromptEmbedder  # names -> prompt-ensembled text embeddings
-    backend: str  # "cpu", "cuda" or "tensorrt": what "auto" resolved to
+    backend: str  # "cpu", "cuda" or "tensorrt": what the image encoders run on, as ONNX Runtime reports it
     precision: str  # of the image encoders: what "auto" resolved to
 
     @classmethod
@@ -40,16 +50,28 @@ class Engines:
         precision: str = "auto",
         threads: int | None = None,
     ) -> Engines:
-        """``threads``: ONNX Runtime's intra-op threads per session (None: every core); nothing process-wide changes.
+        """``threads``: ONNX Runtime's intra-op threads per session (None: every core on the CPU backend, one on a GPU
+        backend); nothing process-wide changes.
         A bundle with random weights is said once per opening (Segmenters sharing these engines do not repeat it)."""
         backend = resolve_backend(backend)
         precision = choose_precision(manifest, backend, precision)
-        size = manifest.image_size
-        clip = open_engine(bundle_dir, manifest.clip, "CLIP image", size, backend, precision, threads)
-        dinov2 = open_engine(bundle_dir, manifest.dinov2, "DINOv2", size, backend, precision, threads)
+
+        def image_encoder(info: EncoderInfo, role: str, output: str) -> OnnxEncoder | TensorRTEngine:
+            size = manifest.image_size
+            return open_engine(
+                bundle_dir, info, role, size, backend, precision, threads, outputs=(output,), digests=manifest.sha256
+            )
+
+        with contextlib.ExitStack() as opened:  # closes what opened when a later part fails
+            clip = image_encoder(manifest.clip, "CLIP image", "patch_embeddings")
+            opened.callback(clip.close)
+            dinov2 = image_encoder(manifest.dinov2, "DINOv2", "tokens")
+            opened.callback(dinov2.close)
+            embedder = open_embedder(bundle_dir, manifest, backend, threads)
+            opened.pop_all()
         if manifest.random_weights:
             log.warning("%s: %s", bundle_dir, RANDOM_WEIGHTS_WARNING)
-        return cls(clip, dinov2, open_embedder(bundle_dir, manifest, backend, threads), backend, precision)
+        return cls(clip, dinov2, embedder, clip.backend, precision)
 
     def close(self) -> None:
         for engine in (self.clip, self.dinov2, self.embedder.encoder):
@@ -61,8 +83,7 @@ def open_embedder(
 ) -> PromptEmbedder:
     """The bundle's text encoder, run only when names change: in fp32, next to the exported embeddings; on CUDA
     when the image encoders run on a GPU backend, else on the CPU."""
-    device = "cpu" if backend == "cpu" else "cuda"
-    encoder = OnnxEncoder(bundle_dir / manifest.text.files["fp32"], providers(device, "fp32", bundle_dir), threads)
+    encoder = OnnxEncoder(bundle_dir / manifest.text.files["fp32"], session_plan(backend, threads=threads))
     return PromptEmbedder(
         encoder, ClipTokenizer.from_file(bundle_dir / manifest.text.tokenizer, manifest.text.context_length)
     )

@@ -227,6 +227,8 @@ class Segmenter:
 
     @property
     def backend(self) -> str:
+        """What the image encoders run on: the provider ONNX Runtime opened their sessions on (checked to be the one
+        asked for), or "tensorrt" for native plans."""
         return self.engines.backend
 
     @property

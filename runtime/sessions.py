@@ -2,30 +2,47 @@
 
 Every engine is created once and owns its input buffer: the preprocessor writes the next frame into
 ``engine.input`` and ``engine.run()`` returns the outputs by name (arrays the caller may keep).
-What is asked for and not available (a provider, a precision file) is a one-line SegmenterError.
+What is asked for and not available (a provider, a precision file) is a one-line SegmenterError, and so is a session
+that ONNX Runtime opened on another provider than the one asked for: nothing falls back silently. ``engine.backend``
+is the backend the engine runs on, as ONNX Runtime reports it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from ovseg.constants import BACKENDS
-from ovseg.environment import gpu_onnxruntime_fix, gpu_unused_warning
+from ovseg.constants import BACKENDS, ovseg_home
+from ovseg.environment import gpu_onnxruntime_fix, gpu_unused_warning, is_jetson
 from ovseg.errors import OvsegError
 from ovseg.onnx_helpers import session_options
 
-from .bundle import EncoderInfo, Manifest
+from .bundle import EncoderInfo, Manifest, sha256_file
 from .precision import pick_precision
 
 log = logging.getLogger("ovseg")
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-TRT_CACHE = "trt_cache"  # TensorRT EP engine cache, inside the bundle directory
+BACKEND_OF = {provider: backend for backend, provider in PROVIDERS.items()}
+# Session config keys, as ONNX Runtime's onnxruntime_session_options_config_keys.h spells them.
+DISABLE_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
+INTRA_OP_SPINNING = "session.intra_op.allow_spinning"
+IMAGE_INPUT, BATCH_AXIS = "pixel_values", "batch"  # the image encoders' one input and its symbolic axis (ovseg-export)
+TRT_CACHE = "trt_cache"  # under ovseg_home(): the TensorRT execution provider's engine and timing caches
 
 
 class SegmenterError(OvsegError, RuntimeError):
@@ -60,10 +77,21 @@ def resolve_backend(backend: str, available: list[str] | None = None) -> str:
 
 def choose_precision(manifest: Manifest, backend: str, requested: str) -> str:
     """The image encoders' precision (runtime.precision.pick_precision: gated, never a silent fallback)."""
+    refuse_cuda_int8(backend, requested)
     try:
         return pick_precision(manifest, backend, requested)
     except ValueError as e:
         raise SegmenterError(str(e)) from None
+
+
+def refuse_cuda_int8(backend: str, precision: str) -> None:
+    """The bundle's int8 ONNX files are ovseg-calib's CPU models: they are not for ONNX Runtime's CUDA provider."""
+    if backend == "cuda" and precision == "int8":
+        raise SegmenterError(
+            "precision int8 on backend 'cuda' would run ovseg-calib's CPU model (uint8 activations, int8 weights, made "
+            "for the CPU's integer kernels) on the GPU: use precision='fp16' on CUDA, backend='tensorrt' with the int8 "
+            "plans `ovseg-calib` builds on the device, or backend='cpu' for int8"
+        )
 
 
 def tensorrt_importable() -> bool:
@@ -74,14 +102,213 @@ def tensorrt_importable() -> bool:
     return True
 
 
+# --- how a session is opened ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """How one ONNX Runtime session is opened, decided before it is: the providers in ORT's order (names, or
+    (name, options)), intra-op threads (None: ORT's default, every core), session config entries, and the symbolic
+    input axes fixed to a size."""
+
+    providers: list
+    threads: int | None = None
+    config: dict[str, str] = field(default_factory=dict)
+    fixed_axes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def provider(self) -> str:
+        """The provider asked for: the first."""
+        first = self.providers[0]
+        return first[0] if isinstance(first, tuple) else first
+
+    def options(self) -> ort.SessionOptions:
+        options = session_options(self.threads)
+        for key, value in self.config.items():
+            options.add_session_config_entry(key, value)
+        for name, size in self.fixed_axes.items():
+            options.add_free_dimension_override_by_name(name, size)
+        return options
+
+
+def session_plan(
+    backend: str,
+    precision: str = "fp32",
+    threads: int | None = None,
+    image_size: int | None = None,
+    trt_cache: Path | None = None,
+) -> SessionPlan:
+    """The session of an image encoder at ``image_size``, or of the text encoder (``image_size=None``), on ``backend``.
+
+    cpu: ONNX Runtime's defaults with ``threads``. cuda and tensorrt: ORT's CPU thread pool is one thread (``threads``
+    overrides it) that does not spin, so it leaves the cores to the native post-processing. An image encoder runs
+    whole on the GPU: CPU fallback is disabled (ORT then refuses the CPU provider in the list), and on CUDA the batch
+    axis is fixed to 1 so that no shape arithmetic is left for ORT to place on the CPU. The text encoder's inputs stay
+    dynamic and its shape arithmetic may run on the CPU; CUDA must still be its first provider (check_providers).
+    ``trt_cache``: the TensorRT provider's cache directory (trt_cache_dir), needed for backend "tensorrt".
+    """
+    if backend == "cpu":
+        return SessionPlan([PROVIDERS["cpu"]], threads)
+    if backend not in PROVIDERS:
+        raise SegmenterError(f"unknown backend {backend!r}: choose one of {', '.join(PROVIDERS)}")
+    threads, config = threads or 1, {INTRA_OP_SPINNING: "0"}
+    if image_size is None:
+        return SessionPlan([PROVIDERS["cuda"], PROVIDERS["cpu"]], threads, config)
+    config[DISABLE_CPU_FALLBACK] = "1"
+    if backend == "cuda":
+        return SessionPlan([PROVIDERS["cuda"]], threads, config, {BATCH_AXIS: 1})
+    if trt_cache is None:
+        raise ValueError("backend 'tensorrt' needs the TensorRT provider's cache directory (trt_cache_dir)")
+    trt = (PROVIDERS["tensorrt"], tensorrt_options(precision, image_size, trt_cache))
+    return SessionPlan([trt, PROVIDERS["cuda"]], threads, config)
+
+
+def tensorrt_options(precision: str, image_size: int, cache: Path) -> dict[str, str | bool]:
+    """The TensorRT provider's options: engine and timing caches in ``cache`` (user-writable, never the bundle), and
+    one fixed profile for the one input, so the engine is built when the session is created, not inside a run."""
+    shape = f"{IMAGE_INPUT}:1x3x{image_size}x{image_size}"
+    return {
+        "trt_fp16_enable": precision == "fp16",
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+        "trt_profile_min_shapes": shape,
+        "trt_profile_opt_shapes": shape,
+        "trt_profile_max_shapes": shape,
+    }
+
+
+def trt_cache_dir(digest: str, precision: str) -> Path:
+    """Where the TensorRT provider caches the engine of the ONNX file with sha256 ``digest`` at ``precision`` on this
+    device: an engine holds to its file, precision and GPU, and the provider does not tell those apart itself."""
+    return ovseg_home() / TRT_CACHE / f"{digest[:16]}-{precision}" / device_key()
+
+
+def device_key() -> str:
+    """The GPU's name as a path component ("nvidia-geforce-rtx-4090"), or "gpu0" when nothing here tells it."""
+    name = gpu_name()
+    key = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") if name else ""
+    return key or "gpu0"
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_name() -> str | None:
+    """The first NVIDIA GPU's name: a Jetson's model from the device tree, else nvidia-smi's; None when neither tells."""
+    model = Path("/proc/device-tree/model")
+    if is_jetson() and model.is_file():
+        return model.read_text(errors="replace").strip("\0 \n") or None
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader", "--id=0"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return lines[0].strip() if lines else None
+
+
+def open_trt_cache(cache: Path, name: str) -> None:
+    """Create ``cache``, and say so when the TensorRT provider is about to build ``name``'s engine there."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SegmenterError(
+            f"cannot create the TensorRT engine cache {cache} ({e.strerror}): set OVSEG_HOME to a writable directory"
+        ) from None
+    if not any(cache.glob("*.engine")):
+        log.warning(
+            "TensorRT builds the engine of %s now, before the first frame: this takes minutes on a Jetson, once per "
+            "device and precision; it is cached in %s",
+            name,
+            cache,
+        )
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """What is written to stdout inside goes to stderr, from Python and from native code (file descriptor 1, so
+    process-wide while it lasts): ONNX Runtime prints fallbacks and provider errors to stdout, which
+    ``ovseg-run --json`` keeps for results."""
+    sys.stdout.flush()
+    try:
+        saved: int | None = os.dup(1)
+    except OSError:  # no stdout descriptor: nothing to keep clean
+        saved = None
+    if saved is not None:
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            _flush_c_stdout()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _flush_c_stdout() -> None:
+    """C's stdout buffer (and C++'s std::cout, synced with it) is written to descriptor 1 when flushed."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # no C library to reach (not Linux or macOS)
+        ctypes.CDLL(None).fflush(None)
+
+
+def check_providers(session, plan: SessionPlan, path: Path) -> str:
+    """The backend ``session`` runs on; a SegmenterError unless its first provider is the one ``plan`` asked for."""
+    asked, got = plan.provider, list(session.get_providers())
+    if got and got[0] == asked:
+        return BACKEND_OF.get(asked, asked)
+    raise SegmenterError(
+        f"ONNX Runtime {ort.__version__} was asked for {asked} to run {path.name} and opened it on "
+        f"{', '.join(got) or 'no provider'}: {provider_fix(asked)}"
+    )
+
+
+def provider_fix(provider: str) -> str:
+    """What to do when ``provider`` is asked for and ONNX Runtime does not run on it."""
+    if provider not in ort.get_available_providers():
+        return f"this onnxruntime has no {provider}: {gpu_onnxruntime_fix()}, or use backend='cpu'"
+    libraries, other = (
+        ("TensorRT", "backend='cuda' or ") if provider == PROVIDERS["tensorrt"] else ("CUDA and cuDNN", "")
+    )
+    return (
+        f"ONNX Runtime's warnings on stderr say why (a {libraries} library it could not load: install the one this "
+        f"onnxruntime-gpu was built for), or use {other}backend='cpu'"
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# --- engines -------------------------------------------------------------------------------------------------------
+
+
 def open_engine(
-    bundle_dir: Path, info: EncoderInfo, role: str, image_size: int, backend: str, precision: str, threads: int | None
-) -> Engine:
-    """The engine for one image encoder: a native TensorRT plan when there is one and TensorRT imports, else ONNX Runtime."""
+    bundle_dir: Path,
+    info: EncoderInfo,
+    role: str,
+    image_size: int,
+    backend: str,
+    precision: str,
+    threads: int | None,
+    *,
+    outputs: Sequence[str] | None = None,
+    digests: Mapping[str, str] | None = None,
+) -> OnnxEncoder | TensorRTEngine:
+    """The engine for one image encoder: a native TensorRT plan when there is one and TensorRT imports, else ONNX Runtime.
+
+    ``outputs``: the outputs the caller reads (None: all); ``digests``: the manifest's sha256 per file, for the
+    TensorRT provider's cache key (else the file is hashed here)."""
     shape = (1, 3, image_size, image_size)
+    refuse_cuda_int8(backend, precision)
     plan = info.files.get(f"trt_{precision}")
     if backend == "tensorrt" and plan and tensorrt_importable():
-        return TensorRTEngine(bundle_dir / plan, shape)
+        with stdout_to_stderr():
+            return TensorRTEngine(bundle_dir / plan, shape)
     if backend == "tensorrt" and precision == "int8":  # the EP cannot take the CPU's uint8 Q/DQ model, nor calibrate
         raise SegmenterError(
             f"int8 on TensorRT runs the {role} encoder's int8 plan, and "
@@ -99,50 +326,52 @@ def open_engine(
             f"the bundle has only {', '.join(sorted(info.files))} for the {role} encoder, not an ONNX {precision} file: "
             f"re-export with `ovseg-export --{precision}`"
         )
-    return OnnxEncoder(bundle_dir / onnx_file, providers(backend, precision, bundle_dir), threads, shape)
-
-
-def providers(backend: str, precision: str, bundle_dir: Path) -> list:
-    if backend == "cpu":
-        return [PROVIDERS["cpu"]]
-    if backend == "cuda":
-        return [PROVIDERS["cuda"], PROVIDERS["cpu"]]  # CPU only for the few ops CUDA lacks, as ORT requires
-    options = {
-        "trt_fp16_enable": precision == "fp16",
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(bundle_dir / TRT_CACHE),
-    }
-    return [(PROVIDERS["tensorrt"], options), PROVIDERS["cuda"], PROVIDERS["cpu"]]
+    path = bundle_dir / onnx_file
+    cache = None
+    if backend == "tensorrt":
+        cache = trt_cache_dir((digests or {}).get(onnx_file) or sha256_file(path), precision)
+        open_trt_cache(cache, f"the {role} encoder ({precision})")
+    return OnnxEncoder(path, session_plan(backend, precision, threads, image_size, cache), None, shape, outputs=outputs)
 
 
 class OnnxEncoder:
-    """One ONNX Runtime session, created once, with a preallocated input and IO binding on a GPU."""
+    """One ONNX Runtime session, created once on the provider asked for (checked), with a preallocated input and IO
+    binding on a GPU. ``plan``: a SessionPlan, or a providers list opened with ``threads`` and nothing else."""
 
     def __init__(
         self,
         path: Path,
-        providers: list,
+        plan: SessionPlan | list,
         threads: int | None = None,
         input_shape: tuple[int, ...] | None = None,
         io_binding: bool | None = None,
+        outputs: Sequence[str] | None = None,
     ):
         self.path = Path(path)
+        plan = plan if isinstance(plan, SessionPlan) else SessionPlan(list(plan), threads)
         try:
-            self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+            with stdout_to_stderr():
+                # enable_fallback=0: on a failure ORT's Python wrapper would print and retry on the CPU
+                self.session = ort.InferenceSession(
+                    str(path), plan.options(), providers=plan.providers, enable_fallback=0
+                )
         except Exception as e:  # ORT raises several unrelated types; all mean "this file cannot run here"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SegmenterError(f"ONNX Runtime cannot load {self.path.name}: {first}") from None
+            fix = "" if plan.provider == PROVIDERS["cpu"] else f"; {provider_fix(plan.provider)}"
+            raise SegmenterError(
+                f"ONNX Runtime cannot load {self.path.name} on {plan.provider}: {_one_line(e).rstrip('.')}{fix}"
+            ) from None
+        self.backend = check_providers(self.session, plan, self.path)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise SegmenterError(
                 f"{self.path.name} has {len(inputs)} inputs, the runtime feeds one: re-export the bundle"
             )
         self.input_name = inputs[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
         self.input = np.zeros(input_shape, np.float32) if input_shape else np.zeros(0, np.float32)
         if input_shape:
             _check_shape(self.path.name, inputs[0], input_shape)
-        self.io_binding = self.session.get_providers()[0] != PROVIDERS["cpu"] if io_binding is None else io_binding
+        self.output_names = _pick_outputs(self.path.name, [o.name for o in self.session.get_outputs()], outputs)
+        self.io_binding = self.backend != "cpu" if io_binding is None else io_binding
         self._binding = None
         if self.io_binding and input_shape:
             self._binding = self.session.io_binding()
@@ -151,16 +380,33 @@ class OnnxEncoder:
 
     def run(self, x: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Run on ``x``, or on the preallocated ``self.input`` when ``x`` is None."""
-        if x is None and self._binding is not None:
-            self._binding.bind_cpu_input(self.input_name, self.input)  # ORT copies it to the device inside the run
-            self.session.run_with_iobinding(self._binding)
-            return dict(zip(self.output_names, self._binding.copy_outputs_to_cpu()))
-        outputs = self.session.run(self.output_names, {self.input_name: self.input if x is None else x})
+        if self.session is None:
+            raise SegmenterError(f"the session of {self.path.name} is closed: open the Segmenter again")
+        try:
+            if x is None and self._binding is not None:
+                self._binding.bind_cpu_input(self.input_name, self.input)  # ORT copies it to the device inside the run
+                self.session.run_with_iobinding(self._binding)
+                outputs = self._binding.copy_outputs_to_cpu()
+            else:
+                outputs = self.session.run(self.output_names, {self.input_name: self.input if x is None else x})
+        except Exception as e:  # ORT's exception types share no base below Exception
+            raise SegmenterError(
+                f"ONNX Runtime failed to run {self.path.name} on {self.backend}: {_one_line(e)}"
+            ) from None
         return dict(zip(self.output_names, outputs))
 
     def close(self) -> None:
         self._binding = None
         self.session = None
+
+
+def _pick_outputs(file: str, have: list[str], wanted: Sequence[str] | None) -> list[str]:
+    missing = [n for n in wanted or () if n not in have]
+    if missing:
+        raise SegmenterError(
+            f"{file} has no output {', '.join(missing)} (it has {', '.join(have)}): re-export the bundle"
+        )
+    return list(wanted) if wanted else have
 
 
 def _check_shape(name: str, node, shape: tuple[int, ...]) -> None:
@@ -175,6 +421,8 @@ def _check_shape(name: str, node, shape: tuple[int, ...]) -> None:
 
 class TensorRTEngine:
     """A TensorRT 10 plan: deserialised once, device buffers allocated once, run with execute_async_v3 on one stream."""
+
+    backend = "tensorrt"
 
     def __init__(self, plan: Path, input_shape: tuple[int, ...]):
         import tensorrt as trt

@@ -423,6 +423,31 @@ def test_real_segmenter_guided_on_odd_images(bundle, tmp_path, capsys):
     assert len(list(VideoFileSource(tmp_path / "o.mp4"))) == 3
 
 
+def test_json_lines_stay_valid_while_onnxruntime_prints(bundle, video, monkeypatch, capfd):
+    """ONNX Runtime prints fallbacks and provider errors to stdout (Python and native); --json owns stdout."""
+    import ctypes
+    import os
+
+    from ovseg.runtime import sessions
+
+    real = sessions.ort.InferenceSession
+
+    def printing_session(*args, **kwargs):
+        print("EP Error ... Falling back to ['CPUExecutionProvider'] and retrying.")
+        os.write(1, b"provider warning on descriptor 1\n")
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).printf(b"native provider message\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", printing_session)
+    argv = ["--bundle", str(bundle), "--video", str(video), "--max-frames", "3", "--json", "--no-show"]
+    assert cli.main(argv) == 0
+    out, err = capfd.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]  # every line is one JSON object
+    assert [r["frame"] for r in records] == [0, 1, 2]
+    assert "Falling back" in err and "provider warning on descriptor 1" in err
+
+
 def test_unknown_vocabulary_is_a_one_line_error(bundle, video, capsys):
     assert cli.main(["--bundle", str(bundle), "--video", str(video), "--vocab", "no-such-preset", "--no-show"]) == 2
     assert (

@@ -10,9 +10,9 @@ import pytest
 
 from ovseg.errors import OvsegError
 from ovseg.runtime import Segmenter, SegmenterError
-from ovseg.runtime.bundle import BundleError
+from ovseg.runtime.bundle import BundleError, read_manifest
 from ovseg.runtime.segmenter import SegmenterConfig
-from ovseg.runtime.sessions import OnnxEncoder, choose_precision, resolve_backend, tensorrt_importable
+from ovseg.runtime.sessions import OnnxEncoder, choose_precision, open_engine, resolve_backend, tensorrt_importable
 from ovseg.runtime.vocabulary import VocabularyError
 
 CPU_ONLY = ["CPUExecutionProvider"]
@@ -84,7 +84,7 @@ def test_random_weights_warn_once_per_opening(bundle_copy, caplog):
 @pytest.mark.parametrize(
     "backend, provider", [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")]
 )
-def test_unavailable_backend_is_an_error_not_a_fallback(tiny_bundle, backend, provider):
+def test_unavailable_backend_is_an_error_not_a_fallback(tiny_bundle, backend, provider, tmp_path, monkeypatch):
     import onnxruntime as ort
 
     if provider in ort.get_available_providers():
@@ -92,6 +92,33 @@ def test_unavailable_backend_is_an_error_not_a_fallback(tiny_bundle, backend, pr
     with pytest.raises(SegmenterError) as err:
         Segmenter.from_bundle(tiny_bundle, backend=backend)
     one_line(err, provider, "backend='cpu'")
+    # Past the availability check, ONNX Runtime itself is asked: the session is refused, not opened on the CPU.
+    monkeypatch.setenv("OVSEG_HOME", str(tmp_path))  # the TensorRT provider's cache
+    manifest = read_manifest(tiny_bundle)
+    with pytest.warns(UserWarning) as warned, pytest.raises(SegmenterError) as err:
+        open_engine(tiny_bundle, manifest.clip, "CLIP image", manifest.image_size, backend, "fp32", None)
+    one_line(err, "clip_visual.onnx", provider, "backend='cpu'")
+    assert any(provider in str(w.message) for w in warned)  # ORT's own word on it
+
+
+def test_cuda_with_the_cpu_int8_model_is_refused(tiny_bundle):
+    manifest = read_manifest(tiny_bundle)
+    for requested in ("cuda", "auto"):
+        backend = resolve_backend(requested, WITH_CUDA)
+        with pytest.raises(SegmenterError) as err:
+            choose_precision(manifest, backend, "int8")
+        one_line(err, "int8 on backend 'cuda'", "CPU", "precision='fp16'", "backend='tensorrt'")
+    with pytest.raises(SegmenterError) as err:
+        open_engine(tiny_bundle, manifest.dinov2, "DINOv2", manifest.image_size, "cuda", "int8", None)
+    one_line(err, "int8 on backend 'cuda'")
+    calibrated = dataclasses.replace(
+        manifest,
+        clip=dataclasses.replace(manifest.clip, files={**manifest.clip.files, "int8": "clip_visual.onnx"}),
+        dinov2=dataclasses.replace(manifest.dinov2, files={**manifest.dinov2.files, "int8": "dinov2.onnx"}),
+        gates={"int8": {"passed": True, "speedup_vs_fp32": 1.7}},
+    )
+    assert choose_precision(calibrated, "cpu", "auto") == "int8"
+    assert choose_precision(calibrated, "cuda", "auto") == "fp16"  # auto never picks the CPU's int8 on a GPU
 
 
 def test_every_backend_the_clis_offer_has_a_provider():

@@ -1,0 +1,330 @@
+"""How sessions are opened on a device: the provider in use is checked, GPU sessions keep ORT's threads quiet and
+every node of an image encoder on the GPU, the TensorRT provider's caches live under OVSEG_HOME, ORT's prints stay
+off stdout, and run failures are one line. Everything here runs on the CPU build of ONNX Runtime; the GPU halves of
+these paths are README's "What has not been run here"."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import stat
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from ovseg.runtime import Segmenter, sessions
+from ovseg.runtime.bundle import read_manifest, sha256_file
+from ovseg.runtime.sessions import (
+    DISABLE_CPU_FALLBACK,
+    INTRA_OP_SPINNING,
+    OnnxEncoder,
+    SegmenterError,
+    SessionPlan,
+    check_providers,
+    open_engine,
+    open_trt_cache,
+    session_plan,
+    stdout_to_stderr,
+    trt_cache_dir,
+)
+
+SHAPE = (1, 3, 112, 112)  # the tiny bundle's input (conftest)
+CUDA, TRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
+WITH_GPU = [TRT, CUDA, CPU]
+
+
+def one_line(err: pytest.ExceptionInfo, *parts: str) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert part in message, message
+    return message
+
+
+class FakeSession:
+    def __init__(self, providers: list[str]):
+        self.providers = providers
+
+    def get_providers(self) -> list[str]:
+        return self.providers
+
+
+def config_entry(options: ort.SessionOptions, key: str) -> str | None:
+    try:
+        return options.get_session_config_entry(key)
+    except RuntimeError:  # ORT's answer for a key never set
+        return None
+
+
+# --- the provider in use -------------------------------------------------------------------------------------------
+
+
+def test_the_provider_asked_for_is_the_one_in_use(tmp_path):
+    plan = session_plan("cuda", image_size=112)
+    assert check_providers(FakeSession([CUDA, CPU]), plan, tmp_path / "dinov2.onnx") == "cuda"
+    assert check_providers(FakeSession([CPU]), session_plan("cpu"), tmp_path / "dinov2.onnx") == "cpu"
+
+
+@pytest.mark.parametrize(
+    "backend, given, fix",
+    [
+        ("cuda", [CPU], "a CUDA and cuDNN library it could not load"),
+        ("tensorrt", [CUDA, CPU], "a TensorRT library it could not load"),
+    ],
+)
+def test_a_session_that_fell_back_is_refused(tmp_path, monkeypatch, backend, given, fix):
+    monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: WITH_GPU)  # an onnxruntime-gpu whose libs fail
+    plan = session_plan(backend, image_size=112, trt_cache=tmp_path)
+    with pytest.raises(SegmenterError) as err:
+        check_providers(FakeSession(given), plan, tmp_path / "clip_visual.onnx")
+    one_line(err, sessions.PROVIDERS[backend], "clip_visual.onnx", ", ".join(given), fix, "backend='cpu'")
+
+
+def test_a_provider_this_onnxruntime_lacks_says_which_onnxruntime_to_install(tmp_path):
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDAExecutionProvider")
+    with pytest.raises(SegmenterError) as err:
+        check_providers(FakeSession([CPU]), session_plan("cuda"), tmp_path / "clip_text.onnx")
+    one_line(err, "this onnxruntime has no CUDAExecutionProvider", "pip", "backend='cpu'")
+
+
+def test_a_real_session_that_onnxruntime_moved_to_the_cpu_is_refused(tiny_bundle):
+    """ORT given [CUDA, CPU] without CUDA warns and opens on the CPU: the text encoder's plan must not accept that."""
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDAExecutionProvider")
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"), pytest.raises(SegmenterError) as err:
+        OnnxEncoder(tiny_bundle / "clip_text.onnx", session_plan("cuda"))
+    one_line(err, "asked for CUDAExecutionProvider", "opened it on CPUExecutionProvider")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "tensorrt"])
+def test_an_image_encoder_off_the_gpu_fails_to_open(tiny_bundle, tmp_path, backend):
+    """With CPU fallback disabled ORT refuses to open the session at all when a node would land on the CPU."""
+    if CUDA in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDAExecutionProvider")
+    plan = session_plan(backend, image_size=112, trt_cache=tmp_path)
+    with pytest.warns(UserWarning), pytest.raises(SegmenterError) as err:
+        OnnxEncoder(tiny_bundle / "dinov2.onnx", plan, input_shape=SHAPE)
+    one_line(err, "cannot load dinov2.onnx on", plan.provider, "fallback to CPU EP has been explicitly disabled")
+
+
+def test_the_segmenter_reports_the_backend_its_sessions_run_on(tiny_bundle):
+    seg = Segmenter.from_bundle(tiny_bundle, backend="cpu")
+    assert seg.backend == seg.engines.clip.backend == seg.engines.dinov2.backend == "cpu"
+    assert seg.engines.embedder.encoder.backend == "cpu"
+
+
+def test_image_encoders_return_only_the_outputs_the_runtime_reads(tiny_bundle):
+    seg = Segmenter.from_bundle(tiny_bundle, backend="cpu")
+    assert list(seg.engines.clip.run()) == ["patch_embeddings"]  # not image_embedding
+    assert list(seg.engines.dinov2.run()) == ["tokens"]
+    with pytest.raises(SegmenterError) as err:
+        OnnxEncoder(tiny_bundle / "dinov2.onnx", [CPU], input_shape=SHAPE, outputs=("patch_embeddings",))
+    one_line(err, "dinov2.onnx has no output patch_embeddings", "tokens")
+
+
+# --- session options -----------------------------------------------------------------------------------------------
+
+
+def test_cpu_sessions_are_as_before():
+    plan = session_plan("cpu", threads=3)
+    options = plan.options()
+    assert plan.providers == [CPU] and plan.fixed_axes == {}
+    assert options.intra_op_num_threads == 3
+    assert config_entry(options, INTRA_OP_SPINNING) is None and config_entry(options, DISABLE_CPU_FALLBACK) is None
+    assert session_plan("cpu").options().intra_op_num_threads == 0  # ORT's default: every core
+
+
+@pytest.mark.parametrize("backend", ["cuda", "tensorrt"])
+def test_gpu_sessions_keep_one_cpu_thread_that_does_not_spin(tmp_path, backend):
+    image = session_plan(backend, "fp16", image_size=112, trt_cache=tmp_path)
+    text = session_plan(backend)
+    for plan in (image, text):
+        options = plan.options()
+        assert options.intra_op_num_threads == 1
+        assert config_entry(options, INTRA_OP_SPINNING) == "0"
+    assert session_plan(backend, threads=4, image_size=112, trt_cache=tmp_path).options().intra_op_num_threads == 4
+    # An image encoder runs whole on the GPU (ORT refuses the CPU provider listed next to disabled fallback);
+    # the text encoder's shape arithmetic may take the CPU, and it runs on CUDA under both GPU backends.
+    assert config_entry(image.options(), DISABLE_CPU_FALLBACK) == "1" and CPU not in image.providers
+    assert config_entry(text.options(), DISABLE_CPU_FALLBACK) is None and text.providers == [CUDA, CPU]
+
+
+def test_a_fixed_batch_axis_leaves_no_shape_arithmetic_for_the_cpu(tiny_bundle, tmp_path):
+    """Why CUDA sessions fix the batch axis: ORT folds every Shape node away, so nothing small and int64 is left for the
+    CUDA provider to hand to the CPU (which disabled fallback would refuse). Checked with the same graph optimisations
+    on the CPU provider."""
+    onnx = pytest.importorskip("onnx")
+    fixed = session_plan("cuda", image_size=112).fixed_axes
+    assert fixed == {"batch": 1}
+    for name in ("clip_visual.onnx", "dinov2.onnx", "clip_visual.fp16.onnx"):
+        counts = []
+        for axes in ({}, fixed):
+            options = SessionPlan([CPU], fixed_axes=axes).options()
+            options.optimized_model_filepath = str(tmp_path / f"optimised_{name}")
+            session = ort.InferenceSession(str(tiny_bundle / name), options, providers=[CPU])
+            counts.append(sum(n.op_type == "Shape" for n in onnx.load(options.optimized_model_filepath).graph.node))
+        assert counts[0] > 0 and counts[1] == 0, (name, counts)
+        assert session.get_inputs()[0].shape == list(SHAPE)
+
+
+# --- the TensorRT provider's caches --------------------------------------------------------------------------------
+
+
+def test_tensorrt_caches_live_under_ovseg_home_keyed_by_file_precision_and_gpu(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("OVSEG_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(sessions, "gpu_name", lambda: "NVIDIA GeForce RTX 4090")
+    digest = sha256_file(tiny_bundle / "clip_visual.onnx")
+    cache = trt_cache_dir(digest, "fp16")
+    assert cache == tmp_path / "home" / "trt_cache" / f"{digest[:16]}-fp16" / "nvidia-geforce-rtx-4090"
+    assert trt_cache_dir(digest, "fp32") != cache
+    plan = session_plan("tensorrt", "fp16", image_size=448, trt_cache=cache)
+    (name, options), *rest = plan.providers
+    assert name == TRT and rest == [CUDA]
+    assert options["trt_fp16_enable"] is True
+    assert options["trt_engine_cache_enable"] is True and options["trt_timing_cache_enable"] is True
+    for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+        assert options[key] == str(cache) and not options[key].startswith(str(tiny_bundle))
+    for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
+        assert options[key] == "pixel_values:1x3x448x448"
+    monkeypatch.setattr(sessions, "gpu_name", lambda: None)
+    assert trt_cache_dir(digest, "fp16").name == "gpu0"
+
+
+def test_the_engine_build_is_announced_once_and_an_unwritable_home_is_an_error(tmp_path, caplog):
+    cache = tmp_path / "home" / "trt_cache" / "key" / "gpu0"
+    with caplog.at_level(logging.WARNING, logger="ovseg"):
+        open_trt_cache(cache, "the DINOv2 encoder (fp16)")
+    assert cache.is_dir()
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "DINOv2" in message and "minutes on a Jetson" in message and str(cache) in message
+    caplog.clear()
+    (cache / "TensorrtExecutionProvider_TRTKernel_graph_1_sm87.engine").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="ovseg"):
+        open_trt_cache(cache, "the DINOv2 encoder (fp16)")
+    assert not caplog.records  # built already: loading it is quick
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SegmenterError) as err:
+        open_trt_cache(tmp_path / "a_file" / "trt_cache", "x")
+    one_line(err, "cannot create the TensorRT engine cache", "OVSEG_HOME")
+
+
+def test_the_tensorrt_backend_opens_its_cache_outside_the_bundle(bundle_copy, tmp_path, monkeypatch):
+    """As far as the TensorRT path runs without TensorRT: cache under OVSEG_HOME, nothing written into the bundle."""
+    if TRT in ort.get_available_providers():
+        pytest.skip("this onnxruntime has TensorrtExecutionProvider")
+    monkeypatch.setenv("OVSEG_HOME", str(tmp_path / "home"))
+    bundle = bundle_copy.dir
+    before = sorted(p.relative_to(bundle) for p in bundle.rglob("*"))
+    manifest = read_manifest(bundle)
+    with pytest.warns(UserWarning), pytest.raises(SegmenterError) as err:
+        open_engine(bundle, manifest.dinov2, "DINOv2", 112, "tensorrt", "fp16", None, digests=manifest.sha256)
+    one_line(err, "dinov2.onnx", TRT)
+    assert [p.name for p in (tmp_path / "home" / "trt_cache").iterdir()] == [
+        f"{manifest.sha256['dinov2.onnx'][:16]}-fp16"
+    ]
+    assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == before
+
+
+def test_a_read_only_bundle_runs_on_the_cpu(bundle_copy):
+    bundle = bundle_copy.dir
+    before = {p: p.stat().st_mtime_ns for p in bundle.rglob("*")}
+    for p in [*bundle.rglob("*"), bundle]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        seg = Segmenter.from_bundle(bundle, backend="cpu")
+        result = seg(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+        assert result.label_map.shape == (60, 80)
+        seg.close()
+    finally:
+        for p in [bundle, *bundle.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    assert {p: p.stat().st_mtime_ns for p in bundle.rglob("*")} == before  # root may write anyway: check nothing did
+
+
+# --- stdout and run errors -----------------------------------------------------------------------------------------
+
+
+def printing_session(monkeypatch):
+    """ONNX Runtime's session, made to print to stdout from Python, from a raw descriptor write and from C, as its
+    fallbacks and provider libraries do."""
+    real = ort.InferenceSession
+
+    def session(*args, **kwargs):
+        print("Falling back to ['CPUExecutionProvider'] and retrying.")
+        os.write(1, b"EP Error written to descriptor 1\n")
+        ctypes.CDLL(None).printf(b"native provider message\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", session)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reaches C's printf through the process's libc")
+def test_nothing_onnxruntime_prints_while_a_session_opens_reaches_stdout(tiny_bundle, monkeypatch, capfd):
+    printing_session(monkeypatch)
+    encoder = OnnxEncoder(tiny_bundle / "dinov2.onnx", [CPU], input_shape=SHAPE)
+    print("after")
+    out, err = capfd.readouterr()
+    assert out == "after\n"
+    for line in ("Falling back", "EP Error written to descriptor 1", "native provider message"):
+        assert line in err
+    assert encoder.run()["tokens"].shape == (1, 64, 32)
+
+
+def test_stdout_is_restored_after_an_error(capfd):
+    with pytest.raises(ValueError), stdout_to_stderr():
+        print("inside")
+        raise ValueError
+    print("outside")
+    out, err = capfd.readouterr()
+    assert out == "outside\n" and err == "inside\n"
+
+
+def test_run_failures_are_one_line_errors_naming_the_file(tiny_bundle):
+    plain = OnnxEncoder(tiny_bundle / "dinov2.onnx", [CPU], input_shape=SHAPE)
+    with pytest.raises(SegmenterError) as err:
+        plain.run(np.zeros((1, 3, 100, 100), np.float32))
+    one_line(err, "ONNX Runtime failed to run dinov2.onnx on cpu", "invalid dimensions", "Got: 100 Expected: 112")
+    bound = OnnxEncoder(tiny_bundle / "dinov2.onnx", [CPU], input_shape=SHAPE, io_binding=True)
+    bound.input = np.zeros((1, 3, 100, 100), np.float32)
+    with pytest.raises(SegmenterError) as err:
+        bound.run()
+    one_line(err, "dinov2.onnx", "invalid dimensions")
+    bound.close()
+    with pytest.raises(SegmenterError) as err:
+        bound.run()
+    one_line(err, "closed")
+
+
+def test_a_model_that_fails_inside_a_run(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [2, 2])],
+    )
+    path = tmp_path / "reshape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    encoder = OnnxEncoder(path, [CPU])
+    assert encoder.run(np.ones(4, np.float32))["y"].shape == (2, 2)
+    with pytest.raises(SegmenterError) as err:
+        encoder.run(np.ones(5, np.float32))
+    one_line(err, "ONNX Runtime failed to run reshape.onnx", "Reshape")
+
+
+def test_without_nvidia_smi_the_device_key_is_gpu0(monkeypatch):
+    sessions.gpu_name.cache_clear()
+    monkeypatch.setattr(sessions, "is_jetson", lambda: False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    try:
+        assert sessions.gpu_name() is None and sessions.device_key() == "gpu0"
+    finally:
+        sessions.gpu_name.cache_clear()
