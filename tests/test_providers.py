@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import sys
+import types
 
 import numpy as np
 import onnxruntime as ort
@@ -318,6 +319,146 @@ def test_a_model_that_fails_inside_a_run(tmp_path):
     with pytest.raises(SegmenterError) as err:
         encoder.run(np.ones(5, np.float32))
     one_line(err, "ONNX Runtime failed to run reshape.onnx", "Reshape")
+
+
+# --- the native TensorRT runner, against stand-ins for TensorRT and CUDA ------------------------------------------
+
+
+class FakeCudart:
+    """cuda-python's runtime calls the runner makes, on host memory; counts what was allocated, copied and freed."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = "h2d", "d2h"
+
+    def __init__(self):
+        self.buffers: dict[int, ctypes.Array] = {}
+        self.pinned: set[int] = set()
+        self.copies: list[tuple[str, int]] = []
+
+    def _alloc(self, nbytes):
+        buffer = ctypes.create_string_buffer(nbytes)
+        self.buffers[ctypes.addressof(buffer)] = buffer
+        return 0, ctypes.addressof(buffer)
+
+    def cudaMalloc(self, nbytes):
+        return self._alloc(nbytes)
+
+    def cudaMallocHost(self, nbytes):
+        err, ptr = self._alloc(nbytes)
+        self.pinned.add(ptr)
+        return err, ptr
+
+    def cudaFree(self, ptr):
+        del self.buffers[ptr]
+        return (0,)
+
+    def cudaFreeHost(self, ptr):
+        self.pinned.remove(ptr)
+        return self.cudaFree(ptr)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst, src, nbytes)
+        self.copies.append((kind, nbytes))
+        return (0,)
+
+    def cudaStreamCreate(self):
+        return 0, "stream"
+
+    def cudaStreamSynchronize(self, stream):
+        return (0,)
+
+    def cudaStreamDestroy(self, stream):
+        return (0,)
+
+
+def fake_tensorrt(accepts_shape: bool = True):
+    """A plan with pixel_values -> image_embedding (1, 4), patch_embeddings (1, 3, 4): patch = mean of the input."""
+    shapes = {"pixel_values": SHAPE, "image_embedding": (1, 4), "patch_embeddings": (1, 3, 4)}
+
+    class Context:
+        addresses: dict[str, int] = {}
+
+        def set_input_shape(self, name, shape):
+            return accepts_shape
+
+        def get_tensor_shape(self, name):
+            return shapes[name]
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+
+        def execute_async_v3(self, stream):
+            def view(name):
+                n = int(np.prod(shapes[name])) * 4
+                buffer = (ctypes.c_byte * n).from_address(self.addresses[name])
+                return np.frombuffer(buffer, np.float32).reshape(shapes[name])
+
+            view("patch_embeddings")[...] = view("pixel_values").mean()
+            return True
+
+    class Engine:
+        num_io_tensors = len(shapes)
+
+        def get_tensor_name(self, i):
+            return list(shapes)[i]
+
+        def get_tensor_mode(self, name):
+            return "in" if name == "pixel_values" else "out"
+
+        def get_tensor_dtype(self, name):
+            return np.float32
+
+        def create_execution_context(self):
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return Engine()
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    return types.SimpleNamespace(
+        Runtime=Runtime, Logger=Logger, TensorIOMode=types.SimpleNamespace(INPUT="in"), nptype=lambda t: t
+    )
+
+
+def test_the_tensorrt_runner_copies_each_used_output_once_through_pinned_memory(tmp_path, monkeypatch):
+    cudart = FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    monkeypatch.setattr(sessions, "_cudart", lambda: cudart)
+    plan = tmp_path / "clip.plan"
+    plan.write_bytes(b"plan")
+    engine = sessions.TensorRTEngine(plan, SHAPE, outputs=("patch_embeddings",))
+    assert engine.backend == "tensorrt"
+    assert len(cudart.pinned) == 2  # the input and the one output read; image_embedding stays on the device
+    engine.input[...] = 0.5
+    first = engine.run()
+    assert list(first) == ["patch_embeddings"] and np.all(first["patch_embeddings"] == 0.5)
+    assert cudart.copies == [("h2d", int(np.prod(SHAPE)) * 4), ("d2h", 3 * 4 * 4)]
+    engine.input[...] = 2.0
+    engine.run()
+    assert np.all(first["patch_embeddings"] == 0.5)  # what a caller kept is its own
+    engine.close()
+    assert not cudart.buffers and not cudart.pinned and engine.input.size == 0
+
+
+def test_the_tensorrt_runner_refuses_an_input_shape_outside_its_profile(tmp_path, monkeypatch):
+    cudart = FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(accepts_shape=False))
+    monkeypatch.setattr(sessions, "_cudart", lambda: cudart)
+    plan = tmp_path / "clip.plan"
+    plan.write_bytes(b"plan")
+    with pytest.raises(SegmenterError) as err:
+        sessions.TensorRTEngine(plan, SHAPE)
+    one_line(err, "clip.plan does not take pixel_values of shape (1, 3, 112, 112)", "rebuild the plan")
+    assert not cudart.buffers  # nothing left allocated
 
 
 def test_without_nvidia_smi_the_device_key_is_gpu0(monkeypatch):
