@@ -104,6 +104,21 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM arriving inside the block take effect when it ends (POSIX; elsewhere a no-op), so that a
+    step that must not be cut in half (a frame written to every output) completes."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def run_cli(prog: str, body: Callable[[], int], aftermath: str = "") -> int:
     """Run a command's body and map how it ended to an exit status; ``aftermath`` (e.g. "DIR is unchanged") follows
     the word interrupted or terminated."""

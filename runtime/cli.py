@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ovseg.cli import add_segmenter_arguments, log_lines, non_negative_int, positive_int, run_cli, say
+from ovseg.cli import (
+    add_segmenter_arguments,
+    log_lines,
+    non_negative_int,
+    positive_int,
+    run_cli,
+    say,
+    signals_deferred,
+)
 from ovseg.constants import RANDOM_WEIGHTS_WARNING, default_bundle
 
 from .display import Window, display_problem, draw_status
@@ -227,11 +235,12 @@ def _loop(
             draw_status(overlay, stats.fps(started) if stats.frames else 0.0, result.timings)
             timings["overlay"] = (time.perf_counter() - t0) * 1000
         t0 = time.perf_counter()
-        for sink in sinks:
-            sink.write(frame, result, overlay)
-        keep_going = window.show(overlay) if window is not None and overlay is not None else True
-        timings["output"] = (time.perf_counter() - t0) * 1000
-        stats.add(timings)
+        with signals_deferred():  # a frame reaches every sink and the frame count, or none of them
+            for sink in sinks:
+                sink.write(frame, result, overlay)
+            keep_going = window.show(overlay) if window is not None and overlay is not None else True
+            timings["output"] = (time.perf_counter() - t0) * 1000
+            stats.add(timings)
         if not keep_going or (args.max_frames and stats.frames >= args.max_frames):
             break
 

@@ -198,7 +198,11 @@ def test_gray_bgra_and_16_bit_frames_equal_their_bgr_versions(seg, photo):
     bgra = cv2.cvtColor(photo, cv2.COLOR_BGR2BGRA)
     bgra[:, :, 3] = 7
     assert same(run(bgra), run(photo))
-    assert same(run(photo.astype(np.uint16) * 257), run(photo))
+    # A 16-bit frame is resized at 16 bits, then scaled to 8: OpenCV's arm64 build rounds one pixel of this photo one
+    # level off (make test-arm64), so the 16-bit frame is held to the same labels and near-identical maps.
+    deep, flat = run(photo.astype(np.uint16) * 257), run(photo)
+    assert [s.label for s in deep.segments] == [s.label for s in flat.segments]
+    assert (deep.label_map == flat.label_map).mean() >= 0.999
     assert same(run(photo[:, ::-1]), run(np.ascontiguousarray(photo[:, ::-1])))  # non-contiguous views
 
 
