@@ -19,12 +19,12 @@ import onnxruntime as ort
 
 import ovseg.cli
 from ovseg.runtime.bundle import (
-    MANIFEST,
     EncoderInfo,
     Manifest,
     atomic_bundle_dir,
+    link_tree,
     read_manifest,
-    sha256_file,
+    write_manifest,
 )
 
 from . import gate
@@ -93,7 +93,7 @@ def calibrate_bundle(bundle: str | Path, opts: CalibOptions) -> dict:
     data = load_calibration(opts.source, manifest.image_size, norms(manifest), opts.frames, opts.holdout)
     say(f"{data.n_calib} calibration + {data.n_holdout} held-out frames from {data.source}")
     with atomic_bundle_dir(bundle, force=True) as tmp:
-        _link_tree(bundle, tmp)
+        link_tree(bundle, tmp)
         manifest = calibrate_dir(tmp, manifest, data, opts)
         write_manifest(tmp, manifest)
     return manifest.gates
@@ -261,32 +261,6 @@ def gate_precision(
         "measured_on": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPU",
         "models": models,
     }
-
-
-def write_manifest(d: Path, manifest: Manifest) -> None:
-    """sha256 of every file, then manifest.json last, replaced in one rename."""
-    manifest.sha256 = {
-        p.name: sha256_file(p)
-        for p in sorted(d.iterdir())
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-    }
-    tmp = d / f".{MANIFEST}.tmp"
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, d / MANIFEST)
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (or copy) every file of ``src`` into ``dst`` except the manifest, which is always written anew."""
-    for path in src.rglob("*"):
-        rel = path.relative_to(src)
-        if path.is_dir() or rel == Path(MANIFEST):
-            continue
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
 
 
 def _unlink(path: Path) -> None:

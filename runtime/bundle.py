@@ -39,6 +39,38 @@ class EncoderInfo:
     mean: tuple[float, float, float]  # RGB, applied to pixels in [0, 1]
     std: tuple[float, float, float]
     files: dict[str, str] = field(default_factory=dict)  # precision -> file name
+    plans: dict[str, PlanRecord] = field(default_factory=dict)  # "trt_<precision>" -> what its plan was built for
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """Where a TensorRT plan was built (a plan runs only there) and how it compared with fp32 ONNX on the CPU."""
+
+    source: str  # the ONNX file it was built from
+    tensorrt: str  # TensorRT version
+    gpu: str  # GPU name
+    compute_capability: str  # "8.7"
+    min_cosine: float  # worst per-token cosine of every output against the fp32 ONNX on the CPU
+    mean_cosine: float
+
+    def fits(self, device: DeviceInfo) -> bool:
+        return (self.tensorrt, self.gpu, self.compute_capability) == (
+            device.tensorrt,
+            device.gpu,
+            device.compute_capability,
+        )
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """This machine as a plan sees it."""
+
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+
+    def __str__(self) -> str:
+        return f"{self.gpu} (compute {self.compute_capability}), TensorRT {self.tensorrt}"
 
 
 @dataclass
@@ -93,7 +125,10 @@ class Manifest:
             )
 
         def enc(e):
-            return EncoderInfo(**{**e, "grid": tuple(e["grid"]), "mean": tuple(e["mean"]), "std": tuple(e["std"])})
+            plans = {key: PlanRecord(**r) for key, r in e.get("plans", {}).items()}
+            return EncoderInfo(
+                **{**e, "grid": tuple(e["grid"]), "mean": tuple(e["mean"]), "std": tuple(e["std"]), "plans": plans}
+            )
 
         d["clip"] = enc(d["clip"])
         d["dinov2"] = enc(d["dinov2"])
@@ -160,3 +195,31 @@ def atomic_bundle_dir(final: str | Path, force: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(d: Path, manifest: Manifest) -> None:
+    """sha256 of every file, then manifest.json last, replaced in one rename."""
+    manifest.sha256 = {
+        p.name: sha256_file(p)
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+    tmp = d / f".{MANIFEST}.tmp"
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, d / MANIFEST)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) every file of ``src`` into ``dst`` except the manifest, which is always written anew.
+
+    Replace a linked file by writing a new file and renaming it over the link, never by writing into it."""
+    for path in src.rglob("*"):
+        rel = path.relative_to(src)
+        if path.is_dir() or rel == Path(MANIFEST):
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
