@@ -31,7 +31,7 @@ from ovseg.environment import gpu_onnxruntime_fix, gpu_unused_warning, is_jetson
 from ovseg.errors import OvsegError
 from ovseg.onnx_helpers import session_options
 
-from .bundle import EncoderInfo, Manifest, sha256_file
+from .bundle import DeviceInfo, EncoderInfo, Manifest, sha256_file
 from .precision import pick_precision
 
 log = logging.getLogger("ovseg")
@@ -307,13 +307,20 @@ def open_engine(
     refuse_cuda_int8(backend, precision)
     plan = info.files.get(f"trt_{precision}")
     if backend == "tensorrt" and plan and tensorrt_importable():
-        with stdout_to_stderr():
-            return TensorRTEngine(bundle_dir / plan, shape, outputs)
+        foreign = foreign_plan(info, f"trt_{precision}")
+        if foreign is None:
+            with stdout_to_stderr():
+                return TensorRTEngine(bundle_dir / plan, shape, outputs)
+        log.warning(
+            "%s: skipped, so TensorRT's execution provider runs instead; `ovseg-build` here builds one", foreign
+        )
+        plan = None
     if backend == "tensorrt" and precision == "int8":  # the EP cannot take the CPU's uint8 Q/DQ model, nor calibrate
         raise SegmenterError(
             f"int8 on TensorRT runs the {role} encoder's int8 plan, and "
             + (
-                "the bundle has none: run `ovseg-calib` on this device (with tensorrt installed) to build it"
+                "the bundle has none for this device (int8 plans need a symmetric int8 model ovseg does not make yet): "
+                "use precision='fp16'"
                 if not plan
                 else "the tensorrt package does not import here: pip install 'ovseg[tensorrt]'"
             )
@@ -332,6 +339,32 @@ def open_engine(
         cache = trt_cache_dir((digests or {}).get(onnx_file) or sha256_file(path), precision)
         open_trt_cache(cache, f"the {role} encoder ({precision})")
     return OnnxEncoder(path, session_plan(backend, precision, threads, image_size, cache), None, shape, outputs=outputs)
+
+
+def foreign_plan(info: EncoderInfo, key: str) -> str | None:
+    """Why the plan ``info.files[key]`` was built for another device, or None (a plan without a record is tried)."""
+    record = info.plans.get(key)
+    if record is None:
+        return None
+    device = this_device()
+    if record.fits(device):
+        return None
+    return (
+        f"{info.files[key]} was built for {record.gpu} (compute {record.compute_capability}), TensorRT "
+        f"{record.tensorrt}; this is {device}"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def this_device() -> DeviceInfo:
+    """TensorRT's version and GPU 0's name and compute capability (cuda-python), as a plan's record has them."""
+    import tensorrt as trt
+
+    err, prop = _cudart().cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        raise SegmenterError(f"CUDA cannot read the GPU's properties ({err}): check the driver with nvidia-smi")
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return DeviceInfo(str(trt.__version__), name.strip("\0 "), f"{prop.major}.{prop.minor}")
 
 
 class OnnxEncoder:
