@@ -33,7 +33,7 @@ from .cli import PROG
 from .clip import CLIP_MEAN, CLIP_STD, DEFAULT_CLIP, ClipDenseVisual, ClipTextEncoder, load_clip
 from .onnx_io import OPSET, ExportError, check_parity, export_onnx
 from .precision import to_fp16
-from .tensorrt import EngineSpec, build_engine, tensorrt_available
+from .tensorrt import export_plans
 from .tokenizer import save_clip_tokenizer
 
 FP16_MIN_COSINE = 0.99  # fp16 against the fp32 torch model; fp32 exports must reach 0.9999
@@ -129,9 +129,6 @@ def export_bundle(
         embeddings = embed_names(text_encoder, tokenizer, names, templates, cfg.text_batch)
         vocab_info = _write_vocabulary(tmp, cfg, names, embeddings)
 
-        if cfg.fp16:
-            _tensorrt_plans(tmp, {"clip_visual": clip_files, "dinov2": dino_files}, cfg)
-
         grid = visual.grid
         manifest = Manifest(
             image_size=cfg.image_size,
@@ -176,6 +173,8 @@ def export_bundle(
             from ovseg.calib.bundle import calibrate_export
 
             manifest = calibrate_export(tmp, manifest, cfg.int8, previous=Path(cfg.out))
+        if cfg.fp16:  # where TensorRT can build here; it never fails the export
+            manifest = export_plans(tmp, manifest, cfg.fp16, cfg.workspace_mib, say)
         manifest.sha256 = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
         (tmp / MANIFEST).write_text(manifest.to_json())
     say(f"bundle written to {cfg.out}")
@@ -250,20 +249,6 @@ def _write_vocabulary(tmp: Path, cfg: ExportConfig, names: list[str], embeddings
         hnsw="vocabulary.hnsw",
         hnsw_params=dict(cfg.hnsw),
     )
-
-
-def _tensorrt_plans(tmp: Path, models: dict[str, dict[str, str]], cfg: ExportConfig) -> None:
-    version = tensorrt_available()
-    if version is None:
-        say(
-            "TensorRT is not installed: kept the fp16 ONNX variants; build plans on the device (pip install 'ovseg[tensorrt]')"
-        )
-        return
-    for role, files in models.items():
-        plan = tmp / f"{role}.fp16.plan"
-        say(f"TensorRT {version}: building {plan.name}")
-        build_engine(tmp / files["fp32"], plan, EngineSpec(fp16=True, workspace_mib=cfg.workspace_mib))
-        files["trt_fp16"] = plan.name
 
 
 def _version() -> str:

@@ -1,81 +1,48 @@
-"""TensorRT plans from the bundle's ONNX files. Plans are per device: build them on the device that runs them.
-
-Written against the TensorRT 10 Python API; needs a CUDA GPU (not exercised on CPU-only machines).
+"""TensorRT plans at export time: ovseg-build's builder and check (ovseg.runtime.build), run where tensorrt imports
+and can build. Plans are per GPU and TensorRT version: ``ovseg-build`` makes them on the device that runs them.
+Nothing here can make an export fail: what TensorRT cannot do is said, and the bundle keeps its ONNX files.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ExportError
+from ovseg.runtime.build import BuildError, BuildOptions, build_dir, load_tensorrt
+from ovseg.runtime.bundle import Manifest
 
 
-@dataclass
-class EngineSpec:
-    """What trtexec would be told: precision flags, workspace and the shapes of every dynamic input."""
-
-    fp16: bool = True
-    int8: bool = False
-    workspace_mib: int = 2048
-    # input name -> (min, opt, max) shapes
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None = None
-    calibrator: object | None = None  # a trt.IInt8Calibrator for --int8 without a QDQ model
+def tensorrt_unavailable() -> str | None:
+    """Why TensorRT cannot build plans here (it does not import, is older than 10.3, or has no builder), or None."""
+    try:
+        load_tensorrt()
+    except BuildError as e:
+        return str(e)
+    return None
 
 
 def tensorrt_available() -> str | None:
-    """The TensorRT version, or None when it does not import."""
-    try:
-        import tensorrt as trt
-    except ImportError:
+    """The TensorRT version when it imports and can build here, else None."""
+    if tensorrt_unavailable() is not None:
         return None
-    return trt.__version__
-
-
-def build_engine(onnx_path: Path, plan_path: Path, spec: EngineSpec) -> Path:
-    """Parse ``onnx_path`` and serialise an engine to ``plan_path`` (written to a temporary file, then renamed)."""
     import tensorrt as trt
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
-    if spec.fp16:
-        if not builder.platform_has_fast_fp16:
-            raise ExportError("--fp16 asked for, but this GPU has no fast fp16: build without --fp16")
-        config.set_flag(trt.BuilderFlag.FP16)
-    if spec.int8:
-        if not builder.platform_has_fast_int8:
-            raise ExportError("--int8 asked for, but this GPU has no fast int8: build without --int8")
-        config.set_flag(trt.BuilderFlag.INT8)
-        if spec.calibrator is not None:
-            config.int8_calibrator = spec.calibrator
-    # LayerNorm and Softmax stay in fp32, as in the ONNX fp16 variants.
-    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX):
-            layer.precision = trt.float32
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        if spec.shapes and tensor.name in spec.shapes:
-            profile.set_shape(tensor.name, *spec.shapes[tensor.name])
-        elif any(d < 0 for d in tensor.shape):
-            fixed = tuple(1 if d < 0 else d for d in tensor.shape)
-            profile.set_shape(tensor.name, fixed, fixed, fixed)
-    config.add_optimization_profile(profile)
-    if spec.int8 and spec.calibrator is not None:
-        config.set_calibration_profile(profile)  # calibration runs at these shapes (the inputs may be dynamic)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)")
-    tmp = plan_path.with_suffix(".plan.tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.replace(plan_path)
-    return plan_path
+    return str(trt.__version__)
+
+
+def export_plans(d: Path, manifest: Manifest, fp16: bool, workspace_mib: int, say: Callable[[str], None]) -> Manifest:
+    """The manifest with plans built and checked in ``d`` where TensorRT can; else as it was, having said why."""
+    keep = "kept the ONNX files; build plans on the device with `ovseg-build" + (" --fp16`" if fp16 else "`")
+    reason = tensorrt_unavailable()
+    if reason is not None:
+        say(f"no TensorRT plans ({reason}); {keep}")
+        return manifest
+    before = {p.name for p in d.glob("*.plan")}
+    try:
+        return build_dir(d, manifest, BuildOptions(d, fp16=fp16, workspace_mib=workspace_mib), load_tensorrt(), say)
+    except Exception as e:  # TensorRT and CUDA raise their own types; none of them may discard the export
+        for p in d.glob("*.plan"):
+            if p.name not in before:
+                p.unlink()
+        say(f"no TensorRT plans ({type(e).__name__}: {' '.join(str(e).split())}); {keep}")
+        return manifest

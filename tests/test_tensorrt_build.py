@@ -1,0 +1,287 @@
+"""TensorRT plans without TensorRT: a stand-in ``tensorrt`` module with only the attributes TensorRT 11 still has,
+so touching a removed one (BuilderFlag, platform_has_fast_fp16, int8_calibrator, layer precision) fails. The plans it
+"builds" name their ONNX file, and the stand-in plan runner runs that file on the CPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ovseg.runtime import build, sessions
+from ovseg.runtime.bundle import DeviceInfo, PlanRecord, read_manifest, sha256_file
+from ovseg.runtime.sessions import OnnxEncoder, SegmenterError, open_engine
+
+HERE = DeviceInfo("10.3.0", "NVIDIA Jetson AGX Orin", "8.7")
+STRONGLY_TYPED = 1
+
+
+def fake_tensorrt(version: str = "10.3.0", builder_fails: bool = False, calls: dict | None = None):
+    calls = {} if calls is None else calls
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class Input:
+        name, shape = "pixel_values", (-1, 3, 112, 112)
+
+    class Network:
+        num_inputs = 1
+
+        def __init__(self, flags):
+            calls["flags"] = flags
+
+        def get_input(self, i):
+            return Input()
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            calls["source"] = Path(path).name
+            return True
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return self.data + b"+timing"
+
+    class Config:
+        __slots__ = ("cache",)  # nothing else can be set on it: no int8_calibrator
+
+        def set_memory_pool_limit(self, pool, size):
+            calls["workspace"] = (pool, size)
+
+        def create_timing_cache(self, data):
+            return TimingCache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls["ignore_mismatch"] = ignore_mismatch
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+        def add_optimization_profile(self, profile):
+            calls["profile"] = profile.shapes
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            if builder_fails:
+                raise RuntimeError("CUDA initialization failure with error: 100")
+
+        def create_network(self, flags):
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return f"plan:{calls['source']}".encode()
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, Parser
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=STRONGLY_TYPED)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    return trt
+
+
+class PlanRunner:
+    """A "plan" runs the ONNX file it names, on the CPU; ``noise`` replaces its outputs."""
+
+    def __init__(self, path: Path, shape, noise: bool = False):
+        source = path.read_bytes().decode().removeprefix("plan:")
+        self.session = OnnxEncoder(path.parent / source, ["CPUExecutionProvider"], input_shape=shape)
+        self.input = self.session.input
+        self.noise = noise
+
+    def run(self):
+        out = self.session.run()
+        rng = np.random.default_rng(0)
+        return {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in out.items()} if self.noise else out
+
+    def close(self):
+        self.session.close()
+
+
+@pytest.fixture
+def device(monkeypatch, tmp_path):
+    monkeypatch.setenv("OVSEG_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(build, "this_device", lambda: HERE)
+    monkeypatch.setattr(build, "_open_plan", PlanRunner)
+
+
+def test_plans_are_strongly_typed_with_workspace_profile_and_timing_cache(tmp_path):
+    calls: dict = {}
+    trt = fake_tensorrt(calls=calls)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    (tmp_path / "m.fp16.onnx").write_bytes(b"")
+    spec = build.PlanSpec((1, 3, 112, 112), workspace_mib=512, timing_cache=cache)
+    plan = build.build_plan(trt, tmp_path / "m.fp16.onnx", tmp_path / "m.fp16.plan", spec)
+    assert calls["flags"] == 1 << STRONGLY_TYPED
+    assert calls["workspace"] == ("workspace", 512 << 20)
+    assert calls["profile"] == {"pixel_values": ((1, 3, 112, 112),) * 3}
+    assert calls["ignore_mismatch"] is False
+    assert plan.read_bytes() == b"plan:m.fp16.onnx"
+    assert cache.read_bytes() == b"old+timing"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary file left
+
+
+def test_ovseg_build_without_tensorrt_exits_2_with_one_line(tiny_bundle, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError
+    assert build.main(["--bundle", str(tiny_bundle), "--fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ovseg-build: error: tensorrt does not import")
+    assert "pip install 'ovseg[tensorrt]'" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("trt", "message"),
+    [
+        (fake_tensorrt(version="8.6.2"), "TensorRT 8.6.2 is older than 10.3"),
+        (fake_tensorrt(builder_fails=True), "cannot create a builder here (CUDA initialization failure"),
+    ],
+)
+def test_ovseg_build_with_an_old_or_unusable_tensorrt_exits_2(tiny_bundle, monkeypatch, capsys, trt, message):
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    assert build.main(["--bundle", str(tiny_bundle)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_ovseg_build_writes_checked_plans_and_their_records(bundle_copy, device, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    d = bundle_copy.dir
+    assert build.main(["--bundle", str(d), "--fp16", "--timing-cache", str(tmp_path / "t.cache")]) == 0
+    manifest = read_manifest(d)  # verifies every sha256
+    for info, fp32 in ((manifest.clip, "clip_visual"), (manifest.dinov2, "dinov2")):
+        plan = info.files["trt_fp16"]
+        assert plan == f"{fp32}.fp16.plan" and manifest.sha256[plan] == sha256_file(d / plan)
+        record = info.plans["trt_fp16"]
+        assert (record.source, record.tensorrt, record.gpu, record.compute_capability) == (
+            info.files["fp16"],
+            *(HERE.tensorrt, HERE.gpu, HERE.compute_capability),
+        )
+        assert 0.98 <= record.min_cosine <= record.mean_cosine <= 1.0 + 1e-6
+    assert (tmp_path / "t.cache").is_file()
+    err = capsys.readouterr().err
+    assert "building clip_visual.fp16.plan" in err and "fp16 plans written" in err
+
+
+def test_a_plan_under_the_cosine_gate_writes_nothing(bundle_copy, device, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    monkeypatch.setattr(build, "_open_plan", lambda path, shape: PlanRunner(path, shape, noise=True))
+    d = bundle_copy.dir
+    manifest = (d / "manifest.json").read_bytes()
+    assert build.main(["--bundle", str(d), "--fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ovseg-build: error: clip_visual.fp16.plan reaches a worst per-token cosine")
+    assert "nothing written" in err[-1]
+    assert (d / "manifest.json").read_bytes() == manifest and not list(d.glob("*.plan"))
+
+
+def test_int8_plans_are_refused_in_one_line(bundle_copy, device, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    assert build.main(["--bundle", str(bundle_copy.dir), "--int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "symmetric int8" in err[0] and "--fp16" in err[0]
+
+
+# --- the runtime's choice ---------------------------------------------------------------------------------------------
+
+
+def _with_plan(bundle_copy, built_for: DeviceInfo):
+    record = PlanRecord(
+        "dinov2.fp16.onnx", built_for.tensorrt, built_for.gpu, built_for.compute_capability, 0.99, 0.999
+    )
+
+    def change(m):
+        m["dinov2"]["files"]["trt_fp16"] = "dinov2.fp16.plan"
+        m["dinov2"]["plans"] = {"trt_fp16": record.__dict__}
+
+    d = bundle_copy(change)
+    return read_manifest(d, verify=False)
+
+
+@pytest.fixture
+def runtime_device(monkeypatch):
+    monkeypatch.setattr(sessions, "tensorrt_importable", lambda: True)
+    monkeypatch.setattr(sessions, "this_device", lambda: HERE)
+    opened = []
+    monkeypatch.setattr(sessions, "TensorRTEngine", lambda path, shape, outputs: opened.append(path.name) or "plan")
+    return opened
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")  # ORT's, on the way to the refusal asserted
+@pytest.mark.parametrize(
+    "other",
+    [
+        DeviceInfo("10.3.0", "NVIDIA GeForce RTX 4090", "8.9"),
+        DeviceInfo("10.3.0", HERE.gpu, "8.6"),
+        DeviceInfo("11.0.0", HERE.gpu, HERE.compute_capability),
+    ],
+)
+def test_a_plan_built_for_another_gpu_or_tensorrt_is_skipped_with_a_warning(
+    bundle_copy, runtime_device, monkeypatch, caplog, tmp_path, other
+):
+    monkeypatch.setenv("OVSEG_HOME", str(tmp_path / "home"))
+    manifest = _with_plan(bundle_copy, other)
+    with caplog.at_level(logging.WARNING, "ovseg"), pytest.raises(SegmenterError, match="TensorrtExecutionProvider"):
+        # this ONNX Runtime has no TensorRT provider: the provider it falls to is refused, in one line
+        open_engine(bundle_copy.dir, manifest.dinov2, "DINOv2", 112, "tensorrt", "fp16", None)
+    assert runtime_device == []
+    assert "dinov2.fp16.plan was built for" in caplog.text and "skipped" in caplog.text and "ovseg-build" in caplog.text
+
+
+def test_a_plan_built_here_is_opened(bundle_copy, runtime_device):
+    manifest = _with_plan(bundle_copy, HERE)
+    assert open_engine(bundle_copy.dir, manifest.dinov2, "DINOv2", 112, "tensorrt", "fp16", None) == "plan"
+    assert runtime_device == ["dinov2.fp16.plan"]
+
+
+def test_manifest_round_trips_plan_records(bundle_copy):
+    manifest = _with_plan(bundle_copy, HERE)
+    again = json.loads(manifest.to_json())
+    assert again["dinov2"]["plans"]["trt_fp16"]["gpu"] == HERE.gpu
+    assert manifest.dinov2.plans["trt_fp16"].fits(HERE)
+
+
+# --- ovseg-export ------------------------------------------------------------------------------------------------------
+
+
+def test_export_keeps_its_bundle_when_tensorrt_imports_but_cannot_build(tmp_path, monkeypatch, capsys):
+    from conftest import TINY_SIZE, _export
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(builder_fails=True))
+    out = _export(tmp_path / "bundle", image_size=TINY_SIZE, vocab="voc21", fp16=True)
+    manifest = read_manifest(out)
+    assert "fp16" in manifest.dinov2.files and "trt_fp16" not in manifest.dinov2.files
+    assert not list(out.glob("*.plan"))
+    err = capsys.readouterr().err
+    assert "no TensorRT plans (TensorRT 10.3.0 cannot create a builder here" in err and "ovseg-build --fp16" in err
