@@ -89,8 +89,8 @@ def refuse_cuda_int8(backend: str, precision: str) -> None:
     if backend == "cuda" and precision == "int8":
         raise SegmenterError(
             "precision int8 on backend 'cuda' would run ovseg-calib's CPU model (uint8 activations, int8 weights, made "
-            "for the CPU's integer kernels) on the GPU: use precision='fp16' on CUDA, backend='tensorrt' with the int8 "
-            "plans `ovseg-calib` builds on the device, or backend='cpu' for int8"
+            "for the CPU's integer kernels) on the GPU: use precision='fp16' on CUDA or on backend='tensorrt' (plans from "
+            "`ovseg-build --fp16`), or backend='cpu' for int8"
         )
 
 

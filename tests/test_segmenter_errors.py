@@ -185,10 +185,12 @@ def test_io_binding_gives_the_same_outputs(tiny_bundle):
 )
 @pytest.mark.gpu
 def test_tensorrt_engine_runs_a_plan(tmp_path, tiny_bundle):
-    from ovseg.export.tensorrt import EngineSpec, build_engine
+    from ovseg.runtime.build import PlanSpec, build_plan, load_tensorrt
     from ovseg.runtime.sessions import TensorRTEngine
 
-    plan = build_engine(tiny_bundle / "clip_visual.onnx", tmp_path / "clip.plan", EngineSpec(fp16=False))
+    plan = build_plan(
+        load_tensorrt(), tiny_bundle / "clip_visual.onnx", tmp_path / "clip.plan", PlanSpec((1, 3, 112, 112))
+    )
     engine = TensorRTEngine(plan, (1, 3, 112, 112))
     reference = OnnxEncoder(tiny_bundle / "clip_visual.onnx", ["CPUExecutionProvider"], input_shape=(1, 3, 112, 112))
     engine.input[...] = reference.input[...] = 0.5
