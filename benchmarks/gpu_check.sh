@@ -1,0 +1,254 @@
+#!/usr/bin/env bash
+# gpu_check: everything this project can check on a machine with a CUDA GPU, in one call, into one results folder.
+#
+#   bash benchmarks/gpu_check.sh          (or `make gpu-check`) from a fresh clone; under 8 minutes
+#
+# Results: $OUT when set (the device tool sets it), else gpu_check_results/. They hold summary.txt (one line per
+# step), gpu_check.log (everything printed), build.log, pytest-gpu.xml (junit), compute-sanitizer.log,
+# cuda_timing.json, and, where the later steps run, check.json, bench_cuda.json and bench_tensorrt.json. Scratch
+# (venv, CMake build, bundle) goes to $GPU_CHECK_WORK or a new folder under /tmp.
+#
+# First mode, for the lent H200 (nvcc 13, torch, nanobind, scikit-build-core, the CPU onnxruntime; no network, no
+# onnxruntime-gpu, tensorrt or hnswlib): nothing is downloaded. Wheels carried in .whl/ are installed (the device
+# README's recipe), hnswlib is built from a carried sdist (.whl/hnswlib-*.tar.gz) if there is one.
+#   1 env         nvidia-smi, nvcc, compute-sanitizer, Python and package versions, python -m ovseg.environment
+#   2 build       the native module with OVSEG_CUDA=ON, for this machine's GPUs (nvidia-smi's compute_cap; 90 without
+#                 one; CUDA_ARCHS overrides), editable into a venv that sees $PYTHON's packages; a failure stops here
+#   3 tests       pytest -m gpu: tests/test_native_cuda.py (+ the TensorRT runner's test where tensorrt imports)
+#   4 memcheck    compute-sanitizer --tool memcheck, then racecheck, over every *_cuda entry point
+#     racecheck   (python -m ovseg.benchmarks.gpu_check_cuda call); any error or hazard fails
+#   5 timing      the CUDA kernels against the CPU path, with the ratio (gpu_check_cuda time)
+# Later modes, run only where the machine has what they need:
+#   6 bundle      the tests' tiny bundle (needs torch, open_clip, hnswlib), when a later step can use it
+#     ovseg-build   TensorRT plans (needs tensorrt)
+#     ovseg-check   every backend x precision vs CPU fp32 (GPU rows need onnxruntime-gpu or tensorrt)
+#     bench-cuda, bench-tensorrt   ovseg-bench --quick on each GPU backend (needs onnxruntime-gpu)
+# Each step prints `gpu_check: <step>: PASS|FAIL|SKIP (<reason>)`; the exit status is 1 if a step that ran failed.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+RESULTS=${OUT:-$REPO/gpu_check_results}
+mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
+WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$WORK"
+SUMMARY=$RESULTS/summary.txt
+rm -f "$RESULTS"/{summary.txt,gpu_check.log,build.log,pytest-gpu.xml,compute-sanitizer.log,cuda_timing.json} \
+  "$RESULTS"/{check.json,bench_cuda.json,bench_tensorrt.json}  # a previous run's
+# Python: $PYTHON, else the one that holds torch on the lent machine (plain python3), else a `make setup` venv.
+if [[ -z ${PYTHON:-} ]]; then
+  if python3 -c 'import nanobind, scikit_build_core' 2>/dev/null; then PYTHON=python3
+  elif [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python
+  else PYTHON=python3
+  fi
+fi
+export PYTHONUNBUFFERED=1
+PATH=$PATH:/usr/local/cuda/bin  # nvcc and compute-sanitizer, where the CUDA toolkit puts them
+FAILED=0
+
+# One summary line per step, with the step's time.
+step_start() { STEP_T0=$SECONDS; echo; echo "==== gpu_check: $1"; }
+record() {  # record STEP PASS|FAIL|SKIP REASON
+  local line="gpu_check: $1: $2 ($3; $((SECONDS - STEP_T0)) s)"
+  echo "$line"
+  echo "$line" >>"$SUMMARY"
+  if [[ $2 == FAIL ]]; then FAILED=$((FAILED + 1)); fi
+}
+finish() {
+  local verdict=PASS
+  if ((FAILED > 0)); then verdict="FAIL ($FAILED steps failed)"; fi
+  echo "gpu_check: result: $verdict in $SECONDS s; results in $RESULTS" | tee -a "$SUMMARY"
+  echo
+  cat "$SUMMARY"
+  ((FAILED == 0))
+}
+py() { "$VPY" "$@"; }
+importable() { "$VPY" -c "import $1" >/dev/null 2>&1; }
+
+main() {
+  {
+    echo "gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(uname -n)"
+    echo "commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+      "($(git -C "$REPO" status --porcelain 2>/dev/null | wc -l) changed files)"
+    echo "GPU: $(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>/dev/null | paste -sd';' || true)"
+    echo "results: $RESULTS; scratch: $WORK; python: $PYTHON"
+  } >"$SUMMARY"
+  cat "$SUMMARY"
+
+  # ---- 1. environment report ----
+  step_start env
+  echo "-- nvidia-smi -L"
+  if command -v nvidia-smi >/dev/null; then nvidia-smi -L 2>&1 || true; else echo "(nvidia-smi not found)"; fi
+  nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+  echo "-- nvcc --version"; nvcc --version 2>&1 || echo "(nvcc not found)"
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || true)
+  echo "-- compute-sanitizer: ${sanitizer:-not found}"; [[ -z $sanitizer ]] || "$sanitizer" --version 2>&1 | tail -n 2
+  echo "-- uname: $(uname -srm); CPUs: $(nproc)"
+  echo "-- $PYTHON: $("$PYTHON" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
+  "$PYTHON" - <<'EOF'
+import importlib
+for name in ("numpy", "cv2", "onnxruntime", "torch", "cupy", "nanobind", "scikit_build_core", "tensorrt", "hnswlib",
+             "open_clip", "tokenizers", "pytest", "hypothesis"):
+    try:
+        mod = importlib.import_module(name)
+    except Exception as e:
+        print(f"{name}: not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        continue
+    extra = ""
+    if name == "onnxruntime":
+        extra = f" providers {mod.get_available_providers()}"
+    elif name == "torch":
+        extra = f" cuda {mod.version.cuda}, device: {mod.cuda.get_device_name(0) if mod.cuda.is_available() else 'none'}"
+    print(f"{name}: {getattr(mod, '__version__', '?')}{extra}")
+EOF
+  echo "-- python -m ovseg.environment"
+  local env_rc=0
+  "$PYTHON" -m ovseg.environment 2>&1 || env_rc=$?
+  record env PASS "report in gpu_check.log; ovseg.environment exit $env_rc"
+
+  # ---- 2. build with CUDA into a venv that sees $PYTHON's packages ----
+  step_start build
+  "$PYTHON" -m venv --without-pip --system-site-packages "$WORK/venv"
+  VPY=$WORK/venv/bin/python
+  # $PYTHON may itself be a venv (the lent machine's /opt/torch/.venv): name its site folders, without running
+  # their .pth files (a `make setup` venv's editable ovseg would shadow this build).
+  "$PYTHON" -c 'import site; print("\n".join(site.getsitepackages()))' \
+    >"$("$VPY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_gpu_check_base.pth"
+  if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+    echo "-- carried wheels: $(cd "$REPO/.whl" && ls ./*.whl | tr '\n' ' ')"
+    py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$REPO"/.whl/*.whl
+  fi
+  local hnsw_note="hnswlib: $(importable hnswlib && echo installed || echo absent)"
+  if ! importable hnswlib && compgen -G "$REPO/.whl/hnswlib-*.tar.gz" >/dev/null; then
+    if py -m pip install -q --no-index --no-deps --no-build-isolation "$REPO"/.whl/hnswlib-*.tar.gz; then
+      hnsw_note="hnswlib: built from the carried sdist"
+    else
+      hnsw_note="hnswlib: the carried sdist failed to build"
+    fi
+  fi
+  local archs=${CUDA_ARCHS:-}
+  if [[ -z $archs ]]; then
+    archs=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | tr -d '.' | sort -u | paste -sd';' || true)
+    archs=${archs:-90}
+  fi
+  echo "-- OVSEG_CUDA=ON, CUDA architectures $archs, $hnsw_note"
+  if OVSEG_CUDA=ON py -m pip install -v --no-index --no-deps --no-build-isolation \
+    -C build-dir="$WORK/build" -C cmake.define.CMAKE_CUDA_ARCHITECTURES="$archs" -e "$REPO" \
+    >"$RESULTS/build.log" 2>&1 && grep -q "ovseg: CUDA kernels for architectures" "$RESULTS/build.log" \
+    && [[ $(py -c 'import ovseg._native as n; print(n.__file__)' 2>&1) == "$WORK"/* ]]; then
+    record build PASS "OVSEG_CUDA=ON, architectures $archs; $hnsw_note; build.log"
+  else
+    tail -n 30 "$RESULTS/build.log"
+    record build FAIL "the native module did not build with CUDA: see build.log"
+    echo "gpu_check: stopping: every later step needs the CUDA build"
+    finish
+    return
+  fi
+
+  local device
+  device=$(py -m ovseg.benchmarks.gpu_check_cuda device 2>&1) || true
+  local no_device=""
+  [[ $device == ok ]] || no_device="no CUDA device: $device"
+  echo "-- CUDA device: $device"
+
+  # ---- 3. GPU-marked tests ----
+  step_start tests
+  local tests=(tests/test_native_cuda.py)
+  if importable tensorrt && importable ovseg.runtime; then tests+=(tests/test_segmenter_errors.py); fi
+  local junit=$RESULTS/pytest-gpu.xml rc=0
+  timeout 300 "$VPY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$junit" "${tests[@]}" 2>&1 || rc=$?
+  local counts
+  counts=$(py -c 'import sys, xml.etree.ElementTree as E
+s = E.parse(sys.argv[1]).getroot()
+s = s if s.tag == "testsuite" else s[0]
+n, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
+print(f"{n - f - e - k} passed, {f + e} failed, {k} skipped of {n}")' "$junit" 2>/dev/null || echo "no junit report")
+  if ((rc != 0)); then record tests FAIL "pytest exit $rc: $counts; pytest-gpu.xml"
+  elif [[ -n $no_device ]]; then record tests SKIP "$no_device; pytest: $counts"
+  else record tests PASS "$counts; pytest-gpu.xml"
+  fi
+
+  # ---- 4. compute-sanitizer over every CUDA entry point ----
+  local log=$RESULTS/compute-sanitizer.log tool  # both tools' output, one after the other
+  for tool in memcheck racecheck; do
+    step_start "$tool"
+    if [[ -n $no_device ]]; then record "$tool" SKIP "$no_device"; continue; fi
+    if [[ -z $sanitizer ]]; then record "$tool" SKIP "compute-sanitizer not found (it ships with the CUDA toolkit)"; continue; fi
+    rc=0
+    timeout 300 "$sanitizer" --tool "$tool" --error-exitcode 1 "$VPY" -m ovseg.benchmarks.gpu_check_cuda call \
+      >"$WORK/$tool.log" 2>&1 || rc=$?
+    { echo "==== compute-sanitizer --tool $tool: exit $rc"; cat "$WORK/$tool.log"; } >>"$log"
+    tail -n 4 "$WORK/$tool.log"
+    local summary_line
+    summary_line=$(grep -E "(ERROR|RACECHECK) SUMMARY" "$WORK/$tool.log" | tail -n 1 | sed 's/^=* *//' || true)
+    if grep -q "Device not supported" "$WORK/$tool.log"; then record "$tool" SKIP "compute-sanitizer cannot use this device"
+    elif ((rc == 0)) && [[ $summary_line =~ \ 0\ (errors|hazards) ]]; then record "$tool" PASS "$summary_line"
+    else record "$tool" FAIL "exit $rc, ${summary_line:-no summary}: compute-sanitizer.log"
+    fi
+  done
+
+  # ---- 5. CUDA vs CPU timing ----
+  step_start timing
+  if [[ -n $no_device ]]; then record timing SKIP "$no_device"
+  elif timeout 300 "$VPY" -m ovseg.benchmarks.gpu_check_cuda time --json "$RESULTS/cuda_timing.json" 2>&1; then
+    record timing PASS "$(py -c 'import json, sys
+rows = json.load(open(sys.argv[1]))["results"]
+print(", ".join("%s %.2fx" % (r["name"], r["ratio"]) for r in rows))' "$RESULTS/cuda_timing.json") (CPU/CUDA); cuda_timing.json"
+  else record timing FAIL "gpu_check_cuda time failed"
+  fi
+
+  # ---- 6. later modes: only where onnxruntime-gpu or tensorrt is installed ----
+  local ort_gpu="" trt="" bundle=$WORK/bundle
+  if py -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' \
+    2>/dev/null; then ort_gpu=1; fi
+  importable tensorrt && trt=1
+  local why_no_ort="onnxruntime $(py -c 'import onnxruntime as o; print(o.__version__)' 2>/dev/null || echo '(none)')"
+  why_no_ort+=" has no CUDAExecutionProvider (onnxruntime-gpu is not installed)"
+  step_start bundle
+  local have_bundle=""
+  if [[ -n $no_device ]]; then record bundle SKIP "$no_device"
+  elif [[ -z $ort_gpu && -z $trt ]]; then record bundle SKIP "nothing below can use it: $why_no_ort, tensorrt not importable"
+  elif ! importable ovseg.runtime; then record bundle SKIP "ovseg.runtime does not import (hnswlib? carry its sdist in .whl/)"
+  elif ! importable torch || ! importable open_clip; then
+    record bundle SKIP "exporting needs torch and open_clip (carry open_clip_torch and its needs as wheels in .whl/)"
+  elif timeout 300 "$VPY" -m ovseg.benchmarks.gpu_check_cuda bundle "$bundle" 2>&1; then
+    have_bundle=1; record bundle PASS "tiny bundle (112, voc21, fp16) in $bundle"
+  else record bundle FAIL "the tiny bundle's export failed"
+  fi
+  local no_bundle="no bundle (see the bundle step)"
+
+  step_start ovseg-build
+  if [[ -z $trt ]]; then record ovseg-build SKIP "tensorrt not importable"
+  elif [[ -z $have_bundle ]]; then record ovseg-build SKIP "$no_bundle"
+  elif timeout 400 "$WORK/venv/bin/ovseg-build" --bundle "$bundle" --fp16 --frames 4 2>&1; then
+    record ovseg-build PASS "fp16 plans built and checked against fp32"
+  else record ovseg-build FAIL "exit $?"
+  fi
+
+  step_start ovseg-check
+  if [[ -z $ort_gpu && -z $trt ]]; then record ovseg-check SKIP "no GPU rows can run: $why_no_ort, tensorrt not importable"
+  elif [[ -z $have_bundle ]]; then record ovseg-check SKIP "$no_bundle"
+  elif timeout 300 "$WORK/venv/bin/ovseg-check" --bundle "$bundle" --frames 4 --json "$RESULTS/check.json" 2>&1; then
+    record ovseg-check PASS "every combination that ran passed; check.json"
+  else record ovseg-check FAIL "exit $?; check.json"
+  fi
+
+  local backend
+  for backend in cuda tensorrt; do
+    step_start "bench-$backend"
+    if [[ -z $ort_gpu ]]; then record "bench-$backend" SKIP "$why_no_ort"
+    elif [[ -z $have_bundle ]]; then record "bench-$backend" SKIP "$no_bundle"
+    elif timeout 300 "$WORK/venv/bin/ovseg-bench" --bundle "$bundle" --quick --backend "$backend" --precision fp16 \
+      --out "$RESULTS/bench_$backend.json" 2>&1; then
+      record "bench-$backend" PASS "ovseg-bench --quick; bench_$backend.json"
+    else record "bench-$backend" FAIL "exit $?"
+    fi
+  done
+
+  finish
+}
+
+main 2>&1 | tee "$RESULTS/gpu_check.log"
+exit "${PIPESTATUS[0]}"
