@@ -106,17 +106,23 @@ def sigterm_unwinds() -> Iterator[None]:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM arriving inside the block take effect when it ends (POSIX; elsewhere a no-op), so that a
-    step that must not be cut in half (a frame written to every output) completes."""
-    signals = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
+    """Ctrl-C and SIGTERM arriving inside the block take effect when it ends, so that a step that must not be cut in
+    half (a frame written to every output) completes. Python handlers, not a thread's signal mask: another thread
+    (ONNX Runtime's, the native pool's) would take a signal the main thread blocks."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    received: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(received):
+            signal.raise_signal(s)  # now handled as it would have been
 
 
 def run_cli(prog: str, body: Callable[[], int], aftermath: str = "") -> int:

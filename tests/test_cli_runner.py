@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 
 import pytest
 
@@ -43,11 +45,38 @@ def test_other_errors_are_not_swallowed():
         run_cli("ovseg-x", _raises(ZeroDivisionError()))
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signal masks are POSIX")
 def test_a_signal_inside_signals_deferred_takes_effect_at_its_end():
-    reached_end = False
-    with pytest.raises(KeyboardInterrupt):
-        with signals_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            reached_end = True
-    assert reached_end
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell may have ignored it
+    try:
+        reached_end = False
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # a signal delivered now would interrupt here
+                reached_end = True
+        assert reached_end
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_signals_deferred_holds_while_other_threads_run():
+    """The process-directed signal may land on any thread; it must still wait for the block to end."""
+    stop = threading.Event()
+    workers = [threading.Thread(target=stop.wait) for _ in range(4)]
+    for w in workers:
+        w.start()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        reached_end = False
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                reached_end = True
+        assert reached_end
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        stop.set()
+        for w in workers:
+            w.join()
