@@ -121,8 +121,8 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        for s in dict.fromkeys(received):
-            signal.raise_signal(s)  # now handled as it would have been
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)  # now handled as it would have been
 
 
 def run_cli(prog: str, body: Callable[[], int], aftermath: str = "") -> int:
