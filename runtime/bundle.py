@@ -109,6 +109,8 @@ class Manifest:
     checks: dict[str, dict[str, float]] = field(default_factory=dict)  # file -> parity numbers
     # precision ("int8", "fp16") -> accuracy gate against fp32: {"passed": bool, numbers...} (ovseg-calib)
     gates: dict[str, dict] = field(default_factory=dict)
+    # device key ("NVIDIA H200, compute 9.0") -> "backend/precision" -> ovseg-check's verdict there (ovseg-check --record)
+    device_checks: dict[str, dict[str, dict]] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)  # file -> hex digest
     schema_version: int = SCHEMA_VERSION
 

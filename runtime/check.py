@@ -12,13 +12,20 @@ Segmenter runs on the same frames as the CPU fp32 reference (reset before every 
 A combination passes when its worst cosine and its label agreement reach the thresholds (by default those of
 ovseg-calib's gate, which compares with these same functions). One that cannot run here is SKIP, with the reason;
 one that cannot be opened or run, or that runs on another provider than asked, is FAIL, with the error.
-Exit status: 0 when every combination that ran passed, 1 when one failed, 2 for a usage or bundle error.
+With --record, the verdict of every GPU row that ran goes into the bundle's manifest under ``device_checks``, keyed
+by this GPU's name and compute capability, then "backend/precision" (the bundle replaced in one rename, every other
+file unchanged): precision="auto" on a GPU picks fp16 only where this records that it passed. CPU rows are not
+recorded (ovseg-calib's gates decide the CPU's precision).
+Exit status: 0 when every combination that ran passed, 1 when one failed, 2 for a usage or bundle error (also when
+--record cannot write the bundle; the table is printed first).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import datetime
 import functools
 import json
 import logging
@@ -49,11 +56,11 @@ from ovseg.environment import gpu_unused_warning, is_jetson, nvidia_gpu_present
 from ovseg.errors import OvsegError
 from ovseg.onnx_helpers import row_cosines
 
-from .bundle import Manifest, read_manifest
+from .bundle import Manifest, atomic_bundle_dir, link_tree, read_manifest, write_manifest
 from .precision import has_precision
 from .preprocess import Preprocessor
 from .result import Result
-from .sessions import PROVIDERS, OnnxEncoder, TensorRTEngine, tensorrt_importable
+from .sessions import PROVIDERS, OnnxEncoder, TensorRTEngine, gpu_key, tensorrt_importable
 from .sources import ImageSource, SourceError, VideoFileSource, sample_clip
 
 PROG = "ovseg-check"
@@ -586,6 +593,53 @@ def _finite(value):
     return value
 
 
+# ---- --record ----------------------------------------------------------------------------------------------------
+
+
+def verdicts(report: Report, device: str) -> dict[str, dict]:
+    """The GPU rows that ran (PASS or FAIL), as manifest.device_checks[device] keeps them: "backend/precision" -> ..."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return {
+        f"{r.backend}/{r.precision}": _finite(
+            {
+                "backend": r.backend,
+                "precision": r.precision,
+                "passed": r.status == PASS,
+                "min_cosine": r.min_cosine,
+                "label_agreement": r.label_agreement,
+                "ms_per_frame": r.ms_per_frame,
+                "device": device,
+                "date": date,
+                "ovseg_version": __version__,
+            }
+        )
+        for r in report.rows
+        if r.backend != "cpu" and r.status in (PASS, FAIL)
+    }
+
+
+def record(bundle: Path, manifest: Manifest, report: Report, device: str | None) -> str:
+    """Write this GPU's verdicts into the bundle's manifest (copy-on-write, one rename); what was done, one line."""
+    if device is None:
+        return "no NVIDIA GPU seen here: nothing recorded (CPU rows are not recorded; ovseg-calib gates the CPU)"
+    found = verdicts(report, device)
+    if not found:
+        return f"no GPU backend ran on {device}: nothing recorded"
+    manifest = dataclasses.replace(
+        manifest, device_checks={**manifest.device_checks, device: {**manifest.device_checks.get(device, {}), **found}}
+    )
+    try:
+        with atomic_bundle_dir(bundle, force=True) as tmp:
+            link_tree(bundle, tmp)
+            write_manifest(tmp, manifest)
+    except OSError as e:
+        raise CheckError(
+            f"--record: cannot write the bundle {bundle} ({e.strerror or e}): it is read-only; the check above ran, "
+            "nothing was recorded"
+        ) from None
+    return f"recorded {', '.join(sorted(found))} for {device} in {bundle / 'manifest.json'}"
+
+
 # ---- command line ---------------------------------------------------------------------------------------------------
 
 
@@ -627,6 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads per session (default: all cores)")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON to OUT")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="write the GPU rows' verdicts into the bundle's manifest, for this GPU (precision='auto' reads them)",
+    )
     return p
 
 
@@ -649,6 +708,8 @@ def check(args: argparse.Namespace) -> int:
             args.json.write_text(report_json(report) + "\n")
         except OSError as e:
             raise CheckError(f"cannot write --json {args.json}: {e.strerror or e}") from None
+    if args.record:
+        say(PROG, record(bundle, manifest, report, gpu_key()))
     return 0 if report.passed else 1
 
 

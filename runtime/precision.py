@@ -1,9 +1,10 @@
 """Which precision of the image encoders to run: a measured, gated choice (no torch).
 
 ``ovseg-calib`` writes, per precision, the gate result into ``manifest.gates`` (accuracy against fp32 and the
-measured speed-up on the machine that calibrated). On a CPU, "auto" is the fastest precision that passed its gate;
-on a GPU, fp16 when the bundle has it (and its gate, if measured, passed). A precision that failed its gate is
-never picked by "auto"; asked for by name it runs, with a warning.
+measured speed-up on the machine that calibrated). On a CPU, "auto" is the fastest precision that passed its gate.
+On a GPU, "auto" is fp16 only when ``ovseg-check --record`` recorded on this GPU (``manifest.device_checks``, keyed
+by GPU name and compute capability) that this backend's fp16 passed; else fp32, with a warning saying why. A
+precision that failed its gate is never picked by "auto"; asked for by name it runs, with a warning.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ def gate_passed(manifest: Manifest, precision: str) -> bool | None:
     return None if gate is None else bool(gate.get("passed", False))
 
 
-def pick_precision(manifest: Manifest, device: str, requested: str = "auto") -> str:
-    """The precision to run on ``device`` ("cpu", or "gpu"/"cuda"/"tensorrt"); ValueError (one line) for what cannot be."""
+def pick_precision(manifest: Manifest, device: str, requested: str = "auto", device_key: str | None = None) -> str:
+    """The precision to run on ``device`` ("cpu", or "gpu"/"cuda"/"tensorrt"); ValueError (one line) for what cannot be.
+    ``device_key``: this GPU as ovseg-check records it (runtime.sessions.gpu_key), None when unknown."""
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if requested == "auto":
-        return _auto(manifest, device in GPU_DEVICES)
+        return _auto_gpu(manifest, device, device_key) if device in GPU_DEVICES else _auto(manifest)
     missing = [
         role
         for role, info in encoders(manifest).items()
@@ -67,9 +69,44 @@ def pick_precision(manifest: Manifest, device: str, requested: str = "auto") -> 
     return requested
 
 
-def _auto(manifest: Manifest, gpu: bool) -> str:
-    if gpu:
-        return "fp16" if has_precision(manifest, "fp16") and gate_passed(manifest, "fp16") is not False else "fp32"
+_warned: set[tuple] = set()  # warnings of "auto" on a GPU already given in this process
+
+
+def _warn_once(key: tuple, message: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
+def _auto_gpu(manifest: Manifest, backend: str, device_key: str | None) -> str:
+    """fp16 when this GPU's record says this backend's fp16 passed ovseg-check; fp32 otherwise."""
+    if not has_precision(manifest, "fp16") or gate_passed(manifest, "fp16") is False:
+        return "fp32"
+    verdict = manifest.device_checks.get(device_key or "", {}).get(f"{backend}/fp16")
+    if verdict is None:
+        _warn_once(
+            ("unchecked", device_key, backend),
+            "precision auto runs fp32: fp16 on %s was not checked on this GPU (%s): run `ovseg-check --record`",
+            backend,
+            device_key or "unknown GPU",
+        )
+        return "fp32"
+    if verdict.get("passed") is not True:
+        _warn_once(
+            ("failed", device_key, backend),
+            "precision auto runs fp32: fp16 on %s failed ovseg-check on this GPU (%s; worst cosine %s, label "
+            "agreement %s, on %s)",
+            backend,
+            device_key,
+            _num(verdict.get("min_cosine")),
+            _num(verdict.get("label_agreement")),
+            verdict.get("date", "an unknown date"),
+        )
+        return "fp32"
+    return "fp16"
+
+
+def _auto(manifest: Manifest) -> str:
     best, best_speedup = "fp32", 1.0
     for precision, gate in manifest.gates.items():
         speedup = gate.get("speedup_vs_fp32")

@@ -32,7 +32,7 @@ from ovseg.errors import OvsegError
 from ovseg.onnx_helpers import session_options
 
 from .bundle import DeviceInfo, EncoderInfo, Manifest, sha256_file
-from .precision import pick_precision
+from .precision import GPU_DEVICES, pick_precision
 
 log = logging.getLogger("ovseg")
 
@@ -76,10 +76,12 @@ def resolve_backend(backend: str, available: list[str] | None = None) -> str:
 
 
 def choose_precision(manifest: Manifest, backend: str, requested: str) -> str:
-    """The image encoders' precision (runtime.precision.pick_precision: gated, never a silent fallback)."""
+    """The image encoders' precision (runtime.precision.pick_precision: gated, never a silent fallback); on a GPU,
+    "auto" looks up what ovseg-check recorded for this device (``gpu_key``)."""
     refuse_cuda_int8(backend, requested)
+    key = gpu_key() if backend in GPU_DEVICES and requested == "auto" else None
     try:
-        return pick_precision(manifest, backend, requested)
+        return pick_precision(manifest, backend, requested, key)
     except ValueError as e:
         raise SegmenterError(str(e)) from None
 
@@ -209,6 +211,41 @@ def gpu_name() -> str | None:
         return None
     lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
     return lines[0].strip() if lines else None
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_compute_capability() -> str | None:
+    """GPU 0's compute capability ("8.7"): cuda-python's when it imports, else nvidia-smi's; None when neither tells."""
+    try:
+        err, prop = _cudart().cudaGetDeviceProperties(0)
+        if int(err) == 0:
+            return f"{prop.major}.{prop.minor}"
+    except Exception:  # no cuda-python, no driver, no device: try nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=compute_cap", "--format=csv,noheader", "--id=0"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return lines[0].strip() if lines and re.fullmatch(r"\d+\.\d+", lines[0].strip()) else None
+
+
+def gpu_key() -> str | None:
+    """This GPU as ovseg-check records its verdicts and precision="auto" looks them up: its name and compute
+    capability ("NVIDIA H200, compute 9.0"; the TensorRT version is not part of it); None when no GPU is seen."""
+    name = gpu_name()
+    if not name:
+        return None
+    capability = gpu_compute_capability()
+    return f"{name}, compute {capability}" if capability else name
 
 
 def open_trt_cache(cache: Path, name: str) -> None:

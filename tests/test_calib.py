@@ -310,7 +310,7 @@ def test_pick_precision(tiny_bundle, caplog):
     failed = {"passed": False, "speedup_vs_fp32": 2.5, "min_cosine": 0.5, "label_agreement": 0.2}
     m = _manifest(tiny_bundle, {"int8": ok, "fp16": slow_fp16})
     assert pick_precision(m, "cpu") == "int8"  # the fastest that passed
-    assert pick_precision(m, "cuda") == "fp16" and pick_precision(m, "tensorrt") == "fp16"
+    assert pick_precision(m, "cuda") == "fp32" and pick_precision(m, "tensorrt") == "fp32"  # not checked on a GPU
     assert pick_precision(_manifest(tiny_bundle, {"int8": failed}), "cpu") == "fp32"  # never a failed one
     assert pick_precision(_manifest(tiny_bundle, {}), "cpu") == "fp32"  # ungated: not picked on a CPU
     assert pick_precision(_manifest(tiny_bundle, {"int8": ok}, int8=False), "cpu") == "fp32"  # gate without files

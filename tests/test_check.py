@@ -184,3 +184,94 @@ def test_python_m_runs_it_without_torch(tiny_bundle):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "rc 0 torch False", out.stdout + out.stderr
     assert "cpu       fp16" in out.stdout
+
+
+# ---- --record: this GPU's verdicts into the manifest, for precision="auto" -----------------------------------------
+
+FAKE_GPU = "NVIDIA Fake GPU, compute 8.7"
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """ONNX Runtime lists CUDA, and the cuda rows are made up (fp32 and fp16 pass): no GPU runs here."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *CPU_ONLY])
+    real = check.check_combination
+
+    def combination(bundle_dir, backend, precision, *args):
+        if backend != "cuda":
+            return real(bundle_dir, backend, precision, *args)
+        return check.Row(
+            backend, precision, check.PASS, "ORT CUDA", min_cosine=0.999, label_agreement=1.0, ms_per_frame=5.0
+        )
+
+    monkeypatch.setattr(check, "check_combination", combination)
+    monkeypatch.setattr(check, "gpu_key", lambda: FAKE_GPU)
+
+
+def test_record_writes_this_gpus_verdicts_and_the_bundle_still_verifies(bundle_copy, fake_cuda, monkeypatch, capsys):
+    from ovseg.runtime import sessions
+    from ovseg.runtime.bundle import read_manifest
+
+    bundle = bundle_copy(lambda m: None)
+    before = read_manifest(bundle)
+    assert check.main(["--bundle", str(bundle), "--frames", "1", "--record"]) == 0
+    captured = capsys.readouterr()
+    assert "cuda      fp16" in captured.out
+    assert f"recorded cuda/fp16, cuda/fp32 for {FAKE_GPU}" in captured.err
+    after = read_manifest(bundle)  # verifies every sha256
+    assert after.sha256 == before.sha256 and after.gates == before.gates
+    recorded = after.device_checks[FAKE_GPU]
+    assert set(recorded) == {"cuda/fp32", "cuda/fp16"}  # the cpu rows are not recorded
+    fp16 = recorded["cuda/fp16"]
+    assert fp16["passed"] is True and fp16["min_cosine"] == 0.999 and fp16["label_agreement"] == 1.0
+    assert fp16["ms_per_frame"] == 5.0 and fp16["device"] == FAKE_GPU and fp16["ovseg_version"]
+    assert len(fp16["date"]) == 10
+    monkeypatch.setattr(sessions, "gpu_key", lambda: FAKE_GPU)
+    assert sessions.choose_precision(after, "cuda", "auto") == "fp16"
+
+
+def test_record_into_a_read_only_bundle_is_one_line_after_the_table(bundle_copy, fake_cuda, monkeypatch, capsys):
+    bundle = bundle_copy(lambda m: None)
+    manifest_before = (bundle / "manifest.json").read_bytes()
+    files_before = sorted(p.name for p in bundle.iterdir())
+
+    def read_only(d, manifest):  # tests run as root, where chmod does not stop a write
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(check, "write_manifest", read_only)
+    assert check.main(["--bundle", str(bundle), "--frames", "1", "--record"]) == 2
+    captured = capsys.readouterr()
+    assert "cuda      fp16" in captured.out and "passed:" in captured.out  # the check ran and printed
+    err = [line for line in captured.err.splitlines() if "error" in line]
+    assert len(err) == 1 and "--record: cannot write the bundle" in err[0] and "read-only" in err[0], captured.err
+    assert (bundle / "manifest.json").read_bytes() == manifest_before
+    assert sorted(p.name for p in bundle.iterdir()) == files_before  # no temporary directory left either
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".bundle")]
+
+
+def test_record_without_a_gpu_records_nothing_and_says_so(bundle_copy, cpu_only, monkeypatch, capsys):
+    bundle = bundle_copy(lambda m: None)
+    before = (bundle / "manifest.json").read_bytes()
+    monkeypatch.setattr(check, "gpu_key", lambda: None)
+    assert check.main(["--bundle", str(bundle), "--frames", "1", "--record"]) == 0
+    assert "CPU rows are not recorded" in capsys.readouterr().err
+    assert (bundle / "manifest.json").read_bytes() == before
+
+
+def test_a_manifest_without_device_checks_loads(bundle_copy):
+    from ovseg.runtime.bundle import read_manifest
+
+    bundle = bundle_copy(lambda m: m.pop("device_checks", None))
+    assert read_manifest(bundle).device_checks == {}
+
+
+def test_the_device_key_is_the_gpu_name_and_compute_capability(monkeypatch):
+    from ovseg.runtime import sessions
+
+    monkeypatch.setattr(sessions, "gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(sessions, "gpu_compute_capability", lambda: "9.0")
+    assert sessions.gpu_key() == "NVIDIA H200, compute 9.0"
+    monkeypatch.setattr(sessions, "gpu_compute_capability", lambda: None)
+    assert sessions.gpu_key() == "NVIDIA H200"
+    monkeypatch.setattr(sessions, "gpu_name", lambda: None)
+    assert sessions.gpu_key() is None
