@@ -75,7 +75,7 @@ clean:
 test-arm64: setup
 	bash tests/arm64/run.sh
 
-# On a machine with a CUDA GPU: CUDA build, GPU tests, compute-sanitizer, CUDA vs CPU timing, then what it has (results: gpu_check_results/ or $OUT).
+# On a machine with a CUDA GPU: build, GPU tests, then ovseg-build/-check/-bench where it has their needs (results: gpu_check_results/ or $OUT).
 .PHONY: gpu-check
 gpu-check:
 	bash benchmarks/gpu_check.sh

@@ -307,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "native_threads": nat.get_num_threads(),
-        "cuda_available": nat.cuda_available(),
         "load_average_before": round(os.getloadavg()[0], 2),
     }
     print("ovseg native core benchmark  " + "  ".join(f"{k}={v}" for k, v in env.items()))

@@ -129,8 +129,6 @@ def environment(threads: int) -> dict:
     """Device, CPU, threads and versions, recorded with every result."""
     import onnxruntime as ort
 
-    from ovseg import _native
-
     try:
         from importlib.metadata import version
 
@@ -146,7 +144,6 @@ def environment(threads: int) -> dict:
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "ort_providers": providers,
-        "native_cuda": bool(_native.cuda_available()),
         "ovseg": ovseg_version,
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,

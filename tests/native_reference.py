@@ -2,8 +2,7 @@
 
 - pooling: TAG's computation as written — upsample the features to the label
   map's size, then average inside each mask and L2-normalise;
-- label maps: cv2.resize of the K score channels and argmax; the overlay
-  blend (the CUDA render kernel's);
+- label maps: cv2.resize of the K score channels and argmax;
 - spherical k-means: the same algorithm as the native one, vectorised.
 """
 
@@ -74,12 +73,6 @@ def voc_palette_bgr(k: int) -> np.ndarray:
             v >>= 3
         pal[i] = (b, g, r)
     return pal
-
-
-def blend(frame: np.ndarray, palette: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarray:
-    """round_half_even((1 - alpha) * frame + alpha * palette[labels]) in float64."""
-    colour = palette[labels].astype(np.float64)
-    return np.rint((1.0 - alpha) * frame.astype(np.float64) + alpha * colour).astype(np.uint8)
 
 
 def upsample_argmax(scores: np.ndarray, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:

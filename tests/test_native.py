@@ -322,7 +322,6 @@ def test_kernels_work_in_a_forked_child():
 # ---- bad arguments ----
 
 F = np.zeros((2, 3, 3), np.float32)
-L = np.zeros((6, 6), np.int32)  # pool_segments_cuda's labels
 FEAT = np.zeros((2, 2, 4), np.float32)
 X = np.ones((10, 4), np.float32)
 NAN = np.full((2, 3, 3), np.nan, np.float32)
@@ -376,15 +375,6 @@ def test_bad_arguments_raise_one_line_errors(call, error, message):
     with pytest.raises(error, match=message) as info:
         call()
     assert "\n" not in str(info.value)
-
-
-def test_cuda_entry_points_without_a_gpu():
-    if nat.cuda_available():
-        pytest.skip("a CUDA GPU is present: tests/test_native_cuda.py compares the kernels")
-    with pytest.raises(RuntimeError, match="ovseg was built without CUDA|no CUDA GPU"):
-        nat.pool_segments_cuda(L, FEAT, 2)
-    with pytest.raises(RuntimeError, match="ovseg was built without CUDA|no CUDA GPU"):
-        nat.render_cuda(F, 4, 4)
 
 
 # ---- the stub ----

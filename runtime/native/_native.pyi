@@ -1,5 +1,5 @@
 """ovseg's compiled core: fused per-segment pooling, label-map rendering and
-spherical k-means (C++17, threads, GIL released; optional CUDA kernels).
+spherical k-means (C++17, threads, GIL released).
 
 Arrays must be numpy arrays (or other CPU arrays exporting DLPack / the
 buffer protocol) of exactly the stated dtype, C-contiguous and non-empty: the
@@ -11,8 +11,6 @@ Bilinear upsampling everywhere uses half-pixel centres and clamped edges
 "bilinear" when upsampling.
 """
 
-from typing import Literal
-
 import numpy as np
 import numpy.typing as npt
 
@@ -20,7 +18,6 @@ import numpy.typing as npt
 _F32 = npt.NDArray[np.float32]
 _I32 = npt.NDArray[np.int32]
 _U8 = npt.NDArray[np.uint8]
-_LabelDtype = Literal["int32", "uint16", "uint8"]
 
 def upsample_argmax(scores: _F32, out_h: int, out_w: int) -> _I32:
     """Bilinearly upsample scores [K, h, w] to (out_h, out_w) and take the argmax
@@ -50,29 +47,6 @@ def spherical_kmeans(
     only). Returns (centres [k, D], assignment [N], scores = x_normalised @ centres.T [N, k]),
     the last two for the returned centres. k > N is allowed: the extra centres duplicate points
     and stay empty. Results do not depend on the thread count."""
-
-def cuda_available() -> bool:
-    """True if the module was built with CUDA and a CUDA device can be used."""
-
-def pool_segments_cuda(labels: _I32, features: _F32, num_segments: int) -> tuple[_F32, _F32]:
-    """The pooling of pool_segments_from_scores for given labels [H, W], on the GPU (host arrays
-    in and out): (embeddings [K, D], areas [K]) with K = num_segments; labels outside [0, K) are
-    ignored. RuntimeError when built without CUDA or without a usable GPU."""
-
-def render_cuda(
-    scores: _F32,
-    out_h: int,
-    out_w: int,
-    frame: _U8 | None = None,
-    palette: _U8 | None = None,
-    alpha: float = 0.5,
-    label_dtype: _LabelDtype = "int32",
-) -> tuple[npt.NDArray[np.int32 | np.uint16 | np.uint8], _U8 | None]:
-    """upsample_argmax on the GPU (host arrays in and out) plus, with a frame [out_h, out_w, 3],
-    the overlay round_half_even((1 - alpha) * frame + alpha * palette[label]) evaluated in float64,
-    as a new uint8 array (else None). palette [K, 3] is in the frame's channel order (default:
-    default_palette(K)); label_dtype must hold K labels (uint8: K <= 256, uint16: K <= 65536).
-    RuntimeError when built without CUDA or without a usable GPU."""
 
 def set_num_threads(n: int) -> None:
     """Threads used by the CPU kernels (1..1024; default: the hardware concurrency)."""

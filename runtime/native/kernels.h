@@ -19,7 +19,7 @@ bool pool_segments(const int32_t* labels, int64_t H, int64_t W, const float* fea
 
 // Accumulates, for every label k in [0, K) and feature cell n, the summed
 // bilinear weight of the pixels labelled k: acc[N, K] with N = hf * wf (layout
-// n-major). Used by the CPU and CUDA paths.
+// n-major).
 void segment_weights(const int32_t* labels, int64_t H, int64_t W, int64_t hf, int64_t wf,
                      int64_t K, float* acc, int64_t* areas);
 
@@ -35,28 +35,5 @@ void normalise_rows(float* p, int64_t rows, int64_t cols);
 
 // The PASCAL VOC colour map (bit-interleaved label index) in BGR order, any K.
 void default_palette(int64_t K, uint8_t* out);
-
-// ---- for the CUDA render kernel (cuda_kernels.h) only ----
-// The CPU side makes int32 label maps only (upsample_argmax); the overlay and
-// the narrower label types exist for render_cuda.
-
-enum class LabelType { kInt32, kUint16, kUint8 };
-
-struct RenderArgs {
-  const float* scores;  // [K, h, w]
-  int64_t K, h, w;
-  int64_t out_h, out_w;
-  void* labels;  // [out_h, out_w] of label_type
-  LabelType label_type;
-  const uint8_t* frame;    // [out_h, out_w, 3] or null
-  const uint8_t* palette;  // [K, 3], needed with frame
-  double alpha;
-  uint8_t* overlay;  // [out_h, out_w, 3], needed with frame
-};
-
-// lut[(k * 3 + c) * 256 + f] = round-half-even((1 - alpha) * f + alpha * p)
-// with p = palette[k * 3 + c], evaluated in double precision without fused
-// multiply-add so numpy reproduces it exactly (blend.cpp).
-void blend_lut(double alpha, const uint8_t* palette, int64_t K, uint8_t* lut);
 
 }  // namespace ovseg

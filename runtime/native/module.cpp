@@ -12,9 +12,6 @@
 #include "kernels.h"
 #include "memory.h"
 #include "threads.h"
-#ifdef OVSEG_WITH_CUDA
-#include "cuda_kernels.h"
-#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -238,142 +235,6 @@ nb::tuple kmeans(nb::handle x_, nb::handle k_, nb::handle max_iter_, nb::handle 
                         wrap(scores, {size_t(N), size_t(k)}));
 }
 
-// ---- CUDA ----
-
-#ifdef OVSEG_WITH_CUDA
-// Arguments of render_cuda and pool_segments_cuda: the CPU side has no overlay,
-// narrower label types or labels-in pooling.
-
-struct RenderCall {
-  ScoresCall s;
-  Array frame, palette;
-  Buffer<uint8_t> default_palette;
-  ovseg::RenderArgs args{};
-  nb::dlpack::dtype label_dtype = nb::dtype<int32_t>();
-};
-
-RenderCall parse_render(nb::handle scores, nb::handle out_h, nb::handle out_w, nb::handle frame,
-                        nb::handle palette, nb::handle alpha, nb::handle label_dtype) {
-  RenderCall c;
-  c.s = parse_scores(scores, out_h, out_w);
-  auto& a = c.args;
-  a = {ptr<float>(c.s.scores), c.s.K, c.s.h, c.s.w, c.s.out_h, c.s.out_w};
-  if (!nb::isinstance<nb::str>(label_dtype))
-    type_error("label_dtype must be a str, got " + py_type(label_dtype));
-  const std::string ld = nb::borrow<nb::str>(label_dtype).c_str();
-  int64_t max_k = 0;
-  if (ld == "int32") {
-    a.label_type = ovseg::LabelType::kInt32;
-    c.label_dtype = nb::dtype<int32_t>();
-    max_k = INT32_MAX;
-  } else if (ld == "uint16") {
-    a.label_type = ovseg::LabelType::kUint16;
-    c.label_dtype = nb::dtype<uint16_t>();
-    max_k = 65536;
-  } else if (ld == "uint8") {
-    a.label_type = ovseg::LabelType::kUint8;
-    c.label_dtype = nb::dtype<uint8_t>();
-    max_k = 256;
-  } else {
-    value_error("label_dtype must be 'int32', 'uint16' or 'uint8', got '" + ld + "'");
-  }
-  if (a.K > max_k)
-    value_error(std::to_string(a.K) + " score maps do not fit label_dtype " + ld);
-  a.alpha = float_arg(alpha, "alpha");
-  if (a.alpha < 0.0 || a.alpha > 1.0)
-    value_error("alpha must be in [0, 1], got " + std::to_string(a.alpha));
-  if (!palette.is_none()) {
-    c.palette = array_arg<uint8_t>(palette, "palette", 2, "[K, 3]");
-    if (dim(c.palette, 0) != a.K || dim(c.palette, 1) != 3)
-      value_error("palette must have shape (K, 3) = " + dims({a.K, 3}) + ", got " + shape_str(c.palette));
-    a.palette = ptr<uint8_t>(c.palette);
-  }
-  if (!frame.is_none()) {
-    c.frame = array_arg<uint8_t>(frame, "frame", 3, "[out_h, out_w, 3]");
-    if (dim(c.frame, 0) != a.out_h || dim(c.frame, 1) != a.out_w || dim(c.frame, 2) != 3)
-      value_error("frame must have shape (out_h, out_w, 3) = " + dims({a.out_h, a.out_w, 3}) + ", got " + shape_str(c.frame));
-    a.frame = ptr<uint8_t>(c.frame);
-    if (!a.palette) {
-      c.default_palette = Buffer<uint8_t>(a.K * 3);
-      ovseg::default_palette(a.K, c.default_palette.data());
-      a.palette = c.default_palette.data();
-    }
-  }
-  return c;
-}
-
-using RenderKernel = void (*)(const ovseg::RenderArgs&);
-
-nb::tuple run_render(RenderCall& c, RenderKernel kernel) {
-  auto& a = c.args;
-  const size_t H = a.out_h, W = a.out_w;
-  Buffer<uint8_t> labels(H * W * (c.label_dtype.bits / 8)), overlay;
-  if (a.frame) overlay = Buffer<uint8_t>(H * W * 3);
-  a.labels = labels.data();
-  a.overlay = overlay.data();
-  {
-    nb::gil_scoped_release release;
-    check_finite(a.scores, a.K * a.h * a.w, "scores");
-    kernel(a);
-  }
-  nb::object lab = wrap(labels, {H, W}, c.label_dtype);
-  return nb::make_tuple(lab, a.frame ? wrap(overlay, {H, W, 3}) : nb::none());
-}
-
-struct PoolCall {
-  Array labels, features;
-  int64_t H = 0, W = 0, hf = 0, wf = 0, D = 0, K = 0;
-};
-
-PoolCall parse_pool(nb::handle labels, nb::handle features, nb::handle num_segments) {
-  PoolCall c;
-  c.labels = array_arg<int32_t>(labels, "labels", 2, "[H, W]");
-  c.H = dim(c.labels, 0);
-  c.W = dim(c.labels, 1);
-  c.features = array_arg<float>(features, "features", 3, "[hf, wf, D]");
-  c.hf = dim(c.features, 0);
-  c.wf = dim(c.features, 1);
-  c.D = dim(c.features, 2);
-  c.K = int_at_least(num_segments, "num_segments", 1);
-  return c;
-}
-
-// kernel(...) runs with the GIL released and returns false for non-finite features.
-template <class Kernel>
-nb::tuple run_pool(const PoolCall& c, Kernel&& kernel) {
-  Buffer<float> emb(c.K * c.D), areas(c.K);
-  {
-    nb::gil_scoped_release release;
-    if (!kernel(ptr<int32_t>(c.labels), c.H, c.W, ptr<float>(c.features), c.hf, c.wf, c.D, c.K,
-                emb.data(), areas.data()))
-      throw nb::value_error("features contains NaN or Inf");
-  }
-  return nb::make_tuple(wrap(emb, {size_t(c.K), size_t(c.D)}), wrap(areas, {size_t(c.K)}));
-}
-#endif
-
-[[noreturn]] void no_cuda(const std::string& reason) {
-#ifdef OVSEG_WITH_CUDA
-  throw std::runtime_error("no CUDA GPU: " + reason);
-#else
-  (void)reason;
-  throw std::runtime_error("ovseg was built without CUDA");
-#endif
-}
-
-std::string cuda_reason() {
-#ifdef OVSEG_WITH_CUDA
-  return ovseg::cuda::unavailable_reason();
-#else
-  return "ovseg was built without CUDA";
-#endif
-}
-
-void require_cuda() {
-  const std::string reason = cuda_reason();
-  if (!reason.empty()) no_cuda(reason);
-}
-
 }  // namespace
 
 NB_MODULE(_native, m) {
@@ -386,39 +247,6 @@ NB_MODULE(_native, m) {
 
   m.def("spherical_kmeans", &kmeans, "x"_a, "k"_a, "max_iter"_a = 10, "seed"_a = 0,
         "init"_a = nb::none(), "tol"_a = 1e-4);
-
-  m.def("cuda_available", [] { return cuda_reason().empty(); });
-
-  m.def("pool_segments_cuda",
-        [](nb::handle labels, nb::handle features, nb::handle num_segments) {
-          require_cuda();
-#ifdef OVSEG_WITH_CUDA
-          return run_pool(parse_pool(labels, features, num_segments),
-                          [](const int32_t* l, int64_t H, int64_t W, const float* f, int64_t hf,
-                             int64_t wf, int64_t D, int64_t K, float* emb, float* areas) {
-                            if (!ovseg::all_finite(f, hf * wf * D)) return false;
-                            ovseg::cuda::pool_segments(l, H, W, f, hf, wf, D, K, emb, areas);
-                            return true;
-                          });
-#else
-          return nb::tuple();
-#endif
-        },
-        "labels"_a, "features"_a, "num_segments"_a);
-
-  m.def("render_cuda",
-        [](nb::handle scores, nb::handle out_h, nb::handle out_w, nb::handle frame,
-           nb::handle palette, nb::handle alpha, nb::handle label_dtype) {
-          require_cuda();
-#ifdef OVSEG_WITH_CUDA
-          RenderCall c = parse_render(scores, out_h, out_w, frame, palette, alpha, label_dtype);
-          return run_render(c, ovseg::cuda::render);
-#else
-          return nb::tuple();
-#endif
-        },
-        "scores"_a, "out_h"_a, "out_w"_a, "frame"_a = nb::none(), "palette"_a = nb::none(),
-        "alpha"_a = 0.5, "label_dtype"_a = "int32");
 
   m.def("set_num_threads", [](nb::handle n) {
     const int64_t v = int_at_least(n, "n", 1);

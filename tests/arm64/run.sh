@@ -17,7 +17,7 @@ BUILD_TOOLS=(scikit-build-core nanobind pybind11 setuptools wheel numpy)
 LEAN=(numpy onnxruntime hnswlib opencv-python-headless tokenizers tqdm pytest hypothesis)  # hypothesis: test_native
 # Torch-free test modules. Left out: test_segment_quality (448 px real DINOv2: hours under qemu), test_export,
 # test_dinov2_export, test_train*, test_calib* (torch/onnx: export side), test_eval_* and test_bench (eval/bench
-# extras: pillow, imgviz, torch for the naive reference), test_native_cuda (GPU).
+# extras: pillow, imgviz, torch for the naive reference).
 TESTS=(tests/test_native.py tests/test_lookup.py tests/test_segmenter.py tests/test_segmenter_errors.py
        tests/test_runtime_imports.py tests/test_run_cli.py tests/test_sinks.py tests/test_sources.py
        tests/test_vocabulary.py tests/test_eval_metrics.py)
