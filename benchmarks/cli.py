@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ovseg.cli
-from ovseg.constants import default_bundle, ovseg_home
+from ovseg.cli import add_bundle_argument
+from ovseg.constants import ovseg_home
 from ovseg.errors import OvsegError
 
 PROG = "ovseg-bench"
@@ -76,9 +77,8 @@ def _frame_size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    bundle = default_bundle()
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle to measure (default {bundle})")
+    add_bundle_argument(p, "bundle to measure")
     p.add_argument(
         "--quick",
         action="store_true",

@@ -19,8 +19,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from ovseg.cli import fraction, log_lines, run_cli
-from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE, default_bundle
+from ovseg.cli import add_bundle_argument, fraction, log_lines, run_cli
+from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE
 
 PROG = "ovseg-calib"
 
@@ -89,10 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bundle import MODELS, PRECISIONS
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bundle = default_bundle()
-    p.add_argument(
-        "--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle to add int8 encoders to (default {bundle})"
-    )
+    add_bundle_argument(p, "bundle to add int8 encoders to")
     p.add_argument(
         "--calib-images",
         type=Path,

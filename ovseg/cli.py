@@ -12,8 +12,9 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from .constants import BACKENDS, NUM_SEGMENTS, PRECISIONS
+from .constants import BACKENDS, NUM_SEGMENTS, PRECISIONS, default_bundle
 from .errors import OvsegError
 
 
@@ -67,6 +68,17 @@ def fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
+
+
+def add_bundle_argument(p: argparse.ArgumentParser, role: str) -> None:
+    """--bundle DIR, defaulting to the default bundle (read when the parser is built); ``role`` says what it is for."""
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=default_bundle(),
+        metavar="DIR",
+        help=f"{role} (default $OVSEG_HOME/bundles/default, OVSEG_HOME defaulting to ~/.cache/ovseg)",
+    )
 
 
 def add_segmenter_arguments(p: argparse.ArgumentParser, per: str) -> None:

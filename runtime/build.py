@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ovseg.cli import positive_int, run_cli, say
-from ovseg.constants import DEFAULT_COSINE, default_bundle, ovseg_home
+from ovseg.cli import add_bundle_argument, positive_int, run_cli, say
+from ovseg.constants import DEFAULT_COSINE, ovseg_home
 from ovseg.errors import OvsegError
 
 from .bundle import DeviceInfo, EncoderInfo, Manifest, PlanRecord, atomic_bundle_dir, link_tree, read_manifest
@@ -227,7 +227,7 @@ def build_bundle(opts: BuildOptions, open_plan: OpenPlan | None = None) -> Manif
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, default=default_bundle(), help="bundle directory (default: %(default)s)")
+    add_bundle_argument(p, "bundle to build plans for")
     p.add_argument("--fp16", action="store_true", help="plans from the fp16 ONNX files (default: the fp32 ones)")
     p.add_argument("--int8", action="store_true", help="int8 plans (refused: no symmetric int8 model yet)")
     p.add_argument("--workspace", type=positive_int, default=2048, metavar="MiB", help="builder workspace (2048)")

@@ -43,14 +43,13 @@ import numpy as np
 import onnxruntime as ort
 
 from ovseg import __version__
-from ovseg.cli import first_line, fraction, log_lines, positive_int, run_cli, say
+from ovseg.cli import add_bundle_argument, first_line, fraction, log_lines, positive_int, run_cli, say
 from ovseg.constants import (
     BACKENDS,
     DEFAULT_AGREEMENT,
     DEFAULT_COSINE,
     PRECISIONS,
     RANDOM_WEIGHTS_WARNING,
-    default_bundle,
 )
 from ovseg.environment import gpu_unused_warning, is_jetson, nvidia_gpu_present
 from ovseg.errors import OvsegError
@@ -645,13 +644,7 @@ def record(bundle: Path, manifest: Manifest, report: Report, device: str | None)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--bundle",
-        type=Path,
-        default=default_bundle(),
-        metavar="DIR",
-        help="bundle to check (default $OVSEG_HOME/bundles/default, OVSEG_HOME defaulting to ~/.cache/ovseg)",
-    )
+    add_bundle_argument(p, "bundle to check")
     p.add_argument(
         "--images",
         metavar="PATH_DIR_OR_GLOB",

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ovseg.cli import (
+    add_bundle_argument,
     add_segmenter_arguments,
     log_lines,
     non_negative_int,
@@ -23,7 +24,7 @@ from ovseg.cli import (
     say,
     signals_deferred,
 )
-from ovseg.constants import RANDOM_WEIGHTS_WARNING, default_bundle
+from ovseg.constants import RANDOM_WEIGHTS_WARNING
 
 from .display import Window, display_problem, draw_status
 from .sinks import FrameDirSink, JsonLinesSink, Sink, VideoSink
@@ -45,13 +46,7 @@ def _camera_index(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument(
-        "--bundle",
-        type=Path,
-        default=default_bundle(),
-        metavar="DIR",
-        help="bundle written by ovseg-export (default $OVSEG_HOME/bundles/default, OVSEG_HOME defaulting to ~/.cache/ovseg)",
-    )
+    add_bundle_argument(p, "bundle written by ovseg-export")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--camera", type=_camera_index, metavar="N", help="camera index (live: only the newest frame is processed)"

@@ -15,8 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 import ovseg.cli
-from ovseg.cli import add_segmenter_arguments, non_negative_int, positive_int
-from ovseg.constants import RANDOM_WEIGHTS_WARNING, default_bundle
+from ovseg.cli import add_bundle_argument, add_segmenter_arguments, non_negative_int, positive_int
+from ovseg.constants import RANDOM_WEIGHTS_WARNING
 from ovseg.runtime.bundle import MANIFEST
 
 from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
@@ -47,10 +47,7 @@ RESUME_KEYS = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    bundle = default_bundle()
-    p.add_argument(
-        "--bundle", type=Path, default=bundle, metavar="DIR", help=f"bundle written by ovseg-export (default {bundle})"
-    )
+    add_bundle_argument(p, "bundle written by ovseg-export")
     p.add_argument("--dataset", required=True, choices=list(DATASETS), help="benchmark and class list")
     p.add_argument(
         "--data",
