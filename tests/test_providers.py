@@ -33,17 +33,11 @@ from ovseg.runtime.sessions import (
     trt_cache_dir,
 )
 
+from assertions import one_line
+
 SHAPE = (1, 3, 112, 112)  # the tiny bundle's input (conftest)
 CUDA, TRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
 WITH_GPU = [TRT, CUDA, CPU]
-
-
-def one_line(err: pytest.ExceptionInfo, *parts: str) -> str:
-    message = str(err.value)
-    assert "\n" not in message, message
-    for part in parts:
-        assert part in message, message
-    return message
 
 
 class FakeSession:

@@ -15,16 +15,10 @@ from ovseg.runtime.segmenter import SegmenterConfig
 from ovseg.runtime.sessions import OnnxEncoder, choose_precision, open_engine, resolve_backend, tensorrt_importable
 from ovseg.runtime.vocabulary import VocabularyError
 
+from assertions import one_line
+
 CPU_ONLY = ["CPUExecutionProvider"]
 WITH_CUDA = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-
-
-def one_line(err: pytest.ExceptionInfo, *parts: str) -> str:
-    message = str(err.value)
-    assert "\n" not in message, message
-    for part in parts:
-        assert part in message, message
-    return message
 
 
 # --- bundles --------------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from ovseg.runtime.vocabulary import (
     prompts_for,
 )
 
+from assertions import one_line
+
 PRESET_SIZES = {
     "voc20": 20,
     "voc21": 21,
@@ -31,14 +33,6 @@ PRESET_SIZES = {
     "cityscapes19": 19,
 }
 WORDNET_DIR = Path("/usr/share/wordnet")
-
-
-def one_line_error(excinfo: pytest.ExceptionInfo[VocabularyError], *hints: str) -> str:
-    message = str(excinfo.value)
-    assert "\n" not in message
-    for hint in hints:
-        assert hint in message
-    return message
 
 
 # --- presets -----------------------------------------------------------------
@@ -239,13 +233,13 @@ def test_a_file_named_like_no_preset_is_loaded(tmp_path: Path) -> None:
 def test_unknown_preset_lists_the_presets() -> None:
     with pytest.raises(VocabularyError) as excinfo:
         load_vocabulary("voc19")
-    one_line_error(excinfo, "voc19", "one class name per line", *PRESETS)
+    one_line(excinfo, "voc19", "one class name per line", *PRESETS)
 
 
 def test_directory_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(VocabularyError) as excinfo:
         load_vocabulary(str(tmp_path))
-    one_line_error(excinfo, "not a file", "text file")
+    one_line(excinfo, "not a file", "text file")
 
 
 def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,7 +251,7 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(Path, "read_bytes", refuse)
     with pytest.raises(VocabularyError) as excinfo:
         load_vocabulary(path)
-    one_line_error(excinfo, "cannot read", "Permission denied", "permissions")
+    one_line(excinfo, "cannot read", "Permission denied", "permissions")
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n", "# only a comment\n#another\n"])
@@ -265,14 +259,14 @@ def test_file_without_names(tmp_path: Path, content: str) -> None:
     path = write(tmp_path / "v.txt", content)
     with pytest.raises(VocabularyError) as excinfo:
         load_vocabulary(path)
-    one_line_error(excinfo, "no class names", "one class name per line")
+    one_line(excinfo, "no class names", "one class name per line")
 
 
 def test_non_utf8_file(tmp_path: Path) -> None:
     path = write(tmp_path / "v.txt", "cat\ncaf\xe9\n".encode("latin-1"))
     with pytest.raises(VocabularyError) as excinfo:
         load_vocabulary(path)
-    one_line_error(excinfo, "not UTF-8", "offset 7", "save it as UTF-8")
+    one_line(excinfo, "not UTF-8", "offset 7", "save it as UTF-8")
 
 
 # --- --classes ---------------------------------------------------------------
@@ -295,7 +289,7 @@ def test_parse_class_list(text: str, names: list[str]) -> None:
 def test_parse_class_list_without_names(text: str) -> None:
     with pytest.raises(VocabularyError) as excinfo:
         parse_class_list(text)
-    one_line_error(excinfo, "no class names", "separated by commas")
+    one_line(excinfo, "no class names", "separated by commas")
 
 
 # --- prompts -----------------------------------------------------------------
@@ -319,7 +313,7 @@ def test_prompts_for() -> None:
 def test_template_without_slot() -> None:
     with pytest.raises(VocabularyError) as excinfo:
         prompts_for("cat", ["a photo"])
-    one_line_error(excinfo, "{}", "add one")
+    one_line(excinfo, "{}", "add one")
 
 
 # --- dependency rule ---------------------------------------------------------
