@@ -24,7 +24,7 @@ from ovseg.cli import (
     say,
     signals_deferred,
 )
-from ovseg.constants import RANDOM_WEIGHTS_WARNING
+from ovseg.constants import RANDOM_WEIGHTS_WARNING, REFINES
 
 from .display import Window, display_problem, draw_status
 from .sinks import FrameDirSink, JsonLinesSink, Sink, VideoSink
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_segmenter_arguments(p, per="frame")
     p.add_argument(
         "--refine",
-        choices=("segments", "edges"),
+        choices=REFINES,
         help="sharpen guided-mode labels by voting inside segments, or along edges",
     )
     p.add_argument("--threshold", type=float, metavar="T", help="label segments scoring under T 'unknown'")

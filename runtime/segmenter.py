@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _native
-from ..constants import NUM_SEGMENTS, STAGES, default_bundle
+from ..constants import NUM_SEGMENTS, REFINES, STAGES, default_bundle
 from .bundle import BundleError, Manifest, read_manifest
 from .engines import Engines
 from .features import ClipFeatures, Keyframe
@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 MODES = ("auto", "guided", "guidance-free")
-REFINES = (None, "segments", "edges")
 
 
 @dataclass
@@ -69,7 +68,7 @@ class SegmenterConfig:
                 f"num_segments, top_k and keyframe_interval must be >= 1 and hysteresis >= 0, got {self.num_segments}, "
                 f"{self.top_k}, {self.keyframe_interval}, {self.hysteresis}"
             )
-        if self.refine not in REFINES:
+        if self.refine is not None and self.refine not in REFINES:
             raise SegmenterError(f"unknown refine {self.refine!r}: choose None, 'segments' or 'edges'")
 
 

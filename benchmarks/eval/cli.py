@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import ovseg.cli
 from ovseg.cli import add_bundle_argument, add_segmenter_arguments, non_negative_int, positive_int
-from ovseg.constants import RANDOM_WEIGHTS_WARNING
+from ovseg.constants import RANDOM_WEIGHTS_WARNING, REFINES
 from ovseg.runtime.bundle import MANIFEST
 
 from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_segmenter_arguments(p, per="image")
     p.add_argument(
         "--refine",
-        choices=("segments", "edges"),
+        choices=REFINES,
         help="guided: vote inside segments or follow edges; free/oracle: edges",
     )
     p.add_argument(
