@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ovseg.errors import OvsegError
 from ovseg.runtime.preprocess import Preprocessor
 from ovseg.runtime.sessions import SegmenterError
-from ovseg.runtime.sources import IMAGE_SUFFIXES
+from ovseg.runtime.sources import IMAGE_SUFFIXES, evenly_spaced
 
 log = logging.getLogger("ovseg.calib")
 
@@ -76,16 +76,12 @@ def holdout_indices(n: int, n_hold: int) -> list[int]:
     return sorted({int((i + 0.5) * n / n_hold) for i in range(n_hold)})
 
 
-def _even(count: int, n: int) -> list[int]:
-    return sorted({int(i) for i in np.linspace(0, count - 1, min(n, count)).round()})
-
-
 def _image_frames(folder: Path, n: int) -> list[np.ndarray]:
     paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise CalibrationError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
     frames = []
-    for i in tqdm(_even(len(paths), n), desc="reading images", unit="img", leave=False):
+    for i in tqdm(evenly_spaced(len(paths), n), desc="reading images", unit="img", leave=False):
         image = cv2.imread(str(paths[i]), cv2.IMREAD_UNCHANGED)
         if image is None or image.size == 0:
             log.warning("calibration image %s cannot be read, skipping", paths[i])
@@ -108,7 +104,7 @@ def _video_frames(path: Path, n: int) -> list[np.ndarray]:
                 count += 1
             cap.release()
             cap.open(str(path))
-        wanted = set(_even(count, n)) if count > 0 else set()
+        wanted = set(evenly_spaced(count, n)) if count > 0 else set()
         frames = []
         for index in tqdm(range(max(wanted, default=-1) + 1), desc="reading video", unit="frame", leave=False):
             if not cap.grab():

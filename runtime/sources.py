@@ -69,6 +69,11 @@ class Source(Closeable):
         raise NotImplementedError
 
 
+def evenly_spaced(total: int, n: int) -> list[int]:
+    """At most ``n`` indices of ``range(total)``, spread evenly from the first to the last."""
+    return sorted({int(i) for i in np.linspace(0, total - 1, min(n, total)).round()})
+
+
 def is_gstreamer_pipeline(uri: int | str) -> bool:
     """A GStreamer pipeline ending in appsink, e.g. a Jetson CSI camera: "nvarguscamerasrc ! ... ! appsink"."""
     return isinstance(uri, str) and " ! " in uri
