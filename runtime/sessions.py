@@ -183,8 +183,22 @@ def tensorrt_options(precision: str, image_size: int, cache: Path) -> dict[str, 
 
 def trt_cache_dir(digest: str, precision: str) -> Path:
     """Where the TensorRT provider caches the engine of the ONNX file with sha256 ``digest`` at ``precision`` on this
-    device: an engine holds to its file, precision and GPU, and the provider does not tell those apart itself."""
-    return ovseg_home() / TRT_CACHE / f"{digest[:16]}-{precision}" / device_key()
+    device: an engine holds to its file, precision, GPU, ONNX Runtime and TensorRT, and the provider does not tell
+    those apart itself (it would load a stale engine after an upgrade)."""
+    return ovseg_home() / TRT_CACHE / f"{digest[:16]}-{precision}" / device_key() / provider_versions()
+
+
+def provider_versions() -> str:
+    """ONNX Runtime's and TensorRT's versions as a path component ("ort-1.20.1_trt-10.3.0"). TensorRT's is the
+    tensorrt package's (the libraries a pip-installed provider loads, JetPack's on a Jetson); "trt-unknown" where it
+    does not import, so the directory still changes with ONNX Runtime."""
+    try:
+        import tensorrt
+
+        trt = str(tensorrt.__version__)
+    except ImportError:
+        trt = "unknown"
+    return f"ort-{ort.__version__}_trt-{trt}"
 
 
 def device_key() -> str:

@@ -175,7 +175,8 @@ def test_tensorrt_caches_live_under_ovseg_home_keyed_by_file_precision_and_gpu(t
     monkeypatch.setattr(sessions, "gpu_name", lambda: "NVIDIA GeForce RTX 4090")
     digest = sha256_file(tiny_bundle / "clip_visual.onnx")
     cache = trt_cache_dir(digest, "fp16")
-    assert cache == tmp_path / "home" / "trt_cache" / f"{digest[:16]}-fp16" / "nvidia-geforce-rtx-4090"
+    device = tmp_path / "home" / "trt_cache" / f"{digest[:16]}-fp16" / "nvidia-geforce-rtx-4090"
+    assert cache.parent == device and cache.name.startswith(f"ort-{ort.__version__}_trt-")
     assert trt_cache_dir(digest, "fp32") != cache
     plan = session_plan("tensorrt", "fp16", image_size=448, trt_cache=cache)
     (name, options), *rest = plan.providers
@@ -187,7 +188,24 @@ def test_tensorrt_caches_live_under_ovseg_home_keyed_by_file_precision_and_gpu(t
     for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
         assert options[key] == "pixel_values:1x3x448x448"
     monkeypatch.setattr(sessions, "gpu_name", lambda: None)
-    assert trt_cache_dir(digest, "fp16").name == "gpu0"
+    assert trt_cache_dir(digest, "fp16").parent.name == "gpu0"
+
+
+def test_an_onnxruntime_or_tensorrt_upgrade_gets_a_new_engine_cache(tmp_path, monkeypatch):
+    """The provider would load an engine built by another ONNX Runtime or TensorRT: each version has its directory."""
+    monkeypatch.setenv("OVSEG_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(sessions, "gpu_name", lambda: "NVIDIA Jetson AGX Orin")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError
+    monkeypatch.setattr(sessions.ort, "__version__", "1.20.1")
+    before = trt_cache_dir("ab" * 32, "fp16")
+    assert before.name == "ort-1.20.1_trt-unknown"
+    monkeypatch.setattr(sessions.ort, "__version__", "1.22.0")
+    assert trt_cache_dir("ab" * 32, "fp16") == before.with_name("ort-1.22.0_trt-unknown")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    with_trt = trt_cache_dir("ab" * 32, "fp16")
+    assert with_trt.name == "ort-1.22.0_trt-10.3.0"
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.7.0"))
+    assert trt_cache_dir("ab" * 32, "fp16") == with_trt.with_name("ort-1.22.0_trt-10.7.0")
 
 
 def test_the_engine_build_is_announced_once_and_an_unwritable_home_is_an_error(tmp_path, caplog):
