@@ -18,6 +18,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 import ovseg.cli
+from ovseg.constants import INT8_SYMMETRIC
 from ovseg.runtime.bundle import (
     EncoderInfo,
     Manifest,
@@ -31,7 +32,6 @@ from . import gate
 from .cli import PROG
 from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT, CalibrationData, CalibrationError, Norm, load_calibration
 from .quantize import METHODS, cache_path, calibrate, quantize, sensitivity
-from .tensorrt import build_int8_plans
 
 MODELS = ("clip", "dinov2")  # --models names = Manifest attributes
 PRECISIONS = ("int8", "fp16")
@@ -53,6 +53,7 @@ class CalibOptions:
     models: tuple[str, ...] = MODELS  # encoders to (re)calibrate; the gate always covers every int8 encoder
     precisions: tuple[str, ...] = ("int8",)  # "fp16": also gate the bundle's fp16 variants (nothing new is written)
     force: bool = False  # write a precision that failed its gate, recorded as passed=False
+    tensorrt: bool = False  # also write the symmetric int8 model of TensorRT's int8 plans (ovseg-build --int8)
     fallback_rounds: int = FALLBACK_ROUNDS
     timing_runs: int = 5
 
@@ -128,24 +129,13 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
         for m in opts.models:
             info = getattr(manifest, m)
             say(f"int8 {m}: {info.files['fp32']} ({opts.method} calibration)")
-            files, details[m] = _quantize_encoder(d, info, data, m, opts)
-            setattr(manifest, m, dataclasses.replace(info, files=files))
+            info, details[m] = _quantize_encoder(d, info, data, m, opts)
+            setattr(manifest, m, info)
         lacking = [m for m in MODELS if "int8" not in getattr(manifest, m).files]
         if lacking:
             raise CalibrationError(
                 f"int8 needs every image encoder: the bundle has no int8 {', '.join(lacking)}; add it to --models"
             )
-        plans = build_int8_plans(
-            d,
-            {m: getattr(manifest, m).files for m in opts.models},
-            {m: data.calib[m] for m in opts.models},
-            manifest.image_size,
-            {m: not details[m]["recalibrated"] for m in opts.models},
-            say,
-        )
-        for m, plan in plans.items():
-            info = getattr(manifest, m)
-            setattr(manifest, m, dataclasses.replace(info, files={**info.files, "trt_int8": plan}))
     write_manifest(d, manifest)  # the Segmenter reads the bundle from disk
     failed = []
     for precision in opts.precisions:
@@ -174,21 +164,28 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
 
 def _quantize_encoder(
     d: Path, info: EncoderInfo, data: CalibrationData, m: str, opts: CalibOptions
-) -> tuple[dict, dict]:
-    """Calibrate (or reuse the cache), quantise, and move the most sensitive nodes back to float while the cosine is short."""
+) -> tuple[EncoderInfo, dict]:
+    """Calibrate (or reuse the cache), quantise, and move the most sensitive nodes back to float while the cosine is short.
+
+    With ``opts.tensorrt`` the symmetric int8 model for TensorRT follows, from the same ranges with the same nodes in
+    float, checked against fp32 by the same cosine; an int8 plan built from the model it replaces is dropped."""
     fp32 = d / info.files["fp32"]
-    out = d / (fp32.name.removesuffix(".onnx") + ".int8.onnx")
+    out = _variant(fp32, "int8")
     cache = cache_path(fp32)
     ranges, recalibrated = calibrate(fp32, data.calib[m], data.digest, opts.method, cache)
     if not recalibrated:
         say(f"int8 {m}: calibration reused from {cache.name} (same model, frames and method)")
     reference = gate.session(fp32)
     excluded: list[str] = []
+
+    def quantize_checked(path: Path, tensorrt: bool = False) -> tuple[list[str], list[str], gate.EncoderCheck]:
+        _unlink(path)  # never write through a hard link into the bundle being replaced
+        kept, quantized = quantize(fp32, path, ranges, tuple(excluded), tensorrt)
+        return kept, quantized, gate.encoder_check(reference, gate.session(path), data.holdout[m])
+
     rounds = []
     for round_ in range(opts.fallback_rounds + 1):
-        _unlink(out)  # never write through a hard link into the bundle being replaced
-        kept, quantized = quantize(fp32, out, ranges, tuple(excluded))
-        check = gate.encoder_check(reference, gate.session(out), data.holdout[m])
+        kept, quantized, check = quantize_checked(out)
         rounds.append({"excluded": len(excluded), "min_cosine": check.min_cosine, "mean_cosine": check.mean_cosine})
         if check.min_cosine >= opts.thresholds.cosine or round_ == opts.fallback_rounds or not quantized:
             break
@@ -197,8 +194,8 @@ def _quantize_encoder(
         say(
             f"int8 {m}: min cosine {check.min_cosine:.4f} < {opts.thresholds.cosine}; keeping {', '.join(ranked[:FALLBACK_STEP])} in float"
         )
-    files = {**info.files, "int8": out.name}
-    return files, {
+    info = dataclasses.replace(info, files={**info.files, "int8": out.name})
+    details = {
         "file": out.name,
         "cache": cache.name,
         "recalibrated": recalibrated,
@@ -208,6 +205,34 @@ def _quantize_encoder(
         "rounds": rounds,
         "weights": info.weights,
     }
+    if opts.tensorrt:
+        symmetric = _variant(fp32, INT8_SYMMETRIC)
+        *_, check = quantize_checked(symmetric, tensorrt=True)
+        stale = info.files.get("trt_int8")
+        info.files = {**{k: v for k, v in info.files.items() if k != "trt_int8"}, INT8_SYMMETRIC: symmetric.name}
+        info.plans = {k: v for k, v in info.plans.items() if k != "trt_int8"}
+        passed = check.min_cosine >= opts.thresholds.cosine
+        details[INT8_SYMMETRIC] = {
+            "file": symmetric.name,
+            "min_cosine": check.min_cosine,
+            "mean_cosine": check.mean_cosine,
+            "passed": passed,
+        }
+        say(f"{symmetric.name} (TensorRT's int8 source): min cosine {check.min_cosine:.4f}")
+        if not passed and not opts.force:
+            raise GateFailed(
+                f"{symmetric.name} (for TensorRT) reaches a worst per-token cosine of {check.min_cosine:.4f} against "
+                f"fp32, under {opts.thresholds.cosine}: nothing written; pass --force to keep it, recorded as failed"
+            )
+        if stale:
+            _unlink(d / stale)
+            say(f"int8 {m}: {stale} removed (built from the previous model): run `ovseg-build --int8` on the device")
+    return info, details
+
+
+def _variant(fp32: Path, infix: str) -> Path:
+    """``clip_visual.onnx`` -> ``clip_visual.<infix>.onnx`` next to it."""
+    return fp32.with_name(fp32.name.removesuffix(".onnx") + f".{infix}.onnx")
 
 
 def gate_precision(

@@ -4,9 +4,9 @@ The int8 files and the gate result (per-token cosine of the encoders, segment-la
 whole pipeline, measured speed-up) go into the bundle's manifest. A precision under the thresholds is not written
 unless --force, and then it is recorded as failed: the runtime never picks it by itself.
 
-Where tensorrt imports (on the GPU device that will run them), TensorRT INT8 plans are built too, calibrated by
-TensorRT's entropy calibrator on the same frames (for --backend tensorrt --precision int8; the gate measures ONNX
-Runtime on the CPU, not these plans).
+With --tensorrt, a second int8 model per image encoder is written from the same ranges, with the same nodes in float,
+for TensorRT: symmetric int8 activations (explicit Q/DQ, which TensorRT 10.3+ and 11 build int8 plans from), checked
+against fp32 by the same cosine on ONNX Runtime's CPU. `ovseg-build --int8` builds the plans on the device.
 """
 
 from __future__ import annotations
@@ -83,6 +83,12 @@ def add_gate_arguments(p, *method_flags: str) -> None:
         metavar="N",
         help="timed runs per encoder and precision for the speed-up (default 5)",
     )
+    p.add_argument(
+        "--tensorrt",
+        action="store_true",
+        help="also write the symmetric int8 model (*.int8_symmetric.onnx) that `ovseg-build --int8` builds TensorRT "
+        "int8 plans from, checked against fp32 like the CPU's",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +146,7 @@ def options_from(args: argparse.Namespace, source: Path, force: bool, models=Non
         models=tuple(models or MODELS),
         precisions=tuple(precisions),
         force=force,
+        tensorrt=args.tensorrt,
         timing_runs=args.timing_runs,
     )
 

@@ -159,11 +159,14 @@ def write_cache(cache: Path, key: str, ranges: TensorsData, about: dict) -> None
 
 
 def quantize(
-    model_path: Path, out_path: Path, ranges: TensorsData, exclude: tuple[str, ...] = ()
+    model_path: Path, out_path: Path, ranges: TensorsData, exclude: tuple[str, ...] = (), tensorrt: bool = False
 ) -> tuple[list[str], list[str]]:
     """Write the QDQ int8 model (per-channel int8 weights, uint8 activations) and check it; returns (float, quantised) nodes.
 
     uint8 activations: with int8 ones ORT left the q/k/v projections as float MatMuls after dequantising.
+    ``tensorrt``: the explicit Q/DQ model TensorRT builds int8 plans from, from the same ranges and with the same nodes
+    in float: int8 activations with zero points 0 (TensorRT quantises symmetrically only) and float biases (its
+    DequantizeLinear takes no int32). Weights are int8 per output channel either way (MatMul axis 1, Conv axis 0).
     """
     model = onnx.load(str(model_path))
     keep = float_nodes(model, exclude)
@@ -178,7 +181,7 @@ def quantize(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANT_OPS),
                 per_channel=True,
-                activation_type=QuantType.QUInt8,
+                activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=keep,
                 calibrate_method=ranges.calibration_method,
@@ -187,7 +190,8 @@ def quantize(
                 # faster and closer to fp32 than requantised outputs (QLinearMatMul): docs/DESIGN.md, "Measurements
                 # behind defaults".
                 extra_options={
-                    "ActivationSymmetric": False,
+                    "ActivationSymmetric": tensorrt,
+                    "QuantizeBias": not tensorrt,
                     "WeightSymmetric": True,
                     "MatMulConstBOnly": True,
                     "OpTypesToExcludeOutputQuantization": list(QUANT_OPS),

@@ -22,6 +22,11 @@ REFINES = ("segments", "edges")  # vote guided logits inside segments; edge-awar
 DEFAULT_COSINE = 0.98
 DEFAULT_AGREEMENT = 0.95
 
+# An image encoder's files key (and file infix: dinov2.int8_symmetric.onnx) of the int8 model TensorRT builds its int8
+# plans from (ovseg-calib --tensorrt, then ovseg-build --int8): symmetric int8 activations, explicit Q/DQ. "int8" is
+# the CPU's model (uint8 activations), which TensorRT cannot take.
+INT8_SYMMETRIC = "int8_symmetric"
+
 # What ovseg-export builds by default (here so that its --help loads no torch).
 DEFAULT_CLIP = "ViT-B-16:openai"
 DEFAULT_DINOV2 = "facebook/dinov2-small"

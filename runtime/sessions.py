@@ -370,8 +370,8 @@ def open_engine(
         raise SegmenterError(
             f"int8 on TensorRT runs the {role} encoder's int8 plan, and "
             + (
-                "the bundle has none for this device (int8 plans need a symmetric int8 model ovseg does not make yet): "
-                "use precision='fp16'"
+                "the bundle has none for this device: `ovseg-calib --tensorrt` makes their model, `ovseg-build --int8` "
+                "here builds them; or use precision='fp16'"
                 if not plan
                 else "the tensorrt package does not import here: pip install 'ovseg[tensorrt]'"
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -13,14 +14,18 @@ import numpy as np
 import onnx
 import pytest
 
+from ovseg.calib import gate as g
 from ovseg.calib import quantize as q
-from ovseg.calib.bundle import FALLBACK_STEP, CalibOptions, GateFailed, calibrate_bundle
+from ovseg.calib.bundle import FALLBACK_STEP, CalibOptions, GateFailed, calibrate_bundle, norms
 from ovseg.calib.cli import main as calib_main
 from ovseg.calib.data import CalibrationError, Norm, holdout_indices, load_calibration, read_frames, split_sizes
 from ovseg.calib.gate import Thresholds, agreement
-from ovseg.runtime.bundle import BundleError, read_manifest
+from ovseg.constants import DEFAULT_COSINE, INT8_SYMMETRIC
+from ovseg.runtime.bundle import BundleError, PlanRecord, read_manifest
 from ovseg.runtime.precision import pick_precision
 from ovseg.runtime.result import Result, Segment
+
+from assertions import one_line
 
 FAST = dict(timing_runs=1, frames=6)
 
@@ -47,7 +52,7 @@ def _tree(path: Path) -> dict[str, bytes]:
 def calibrated(tiny_bundle, photos, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("calibrated") / "bundle"
     shutil.copytree(tiny_bundle, out)
-    calibrate_bundle(out, CalibOptions(source=photos, thresholds=Thresholds(0.0, 0.0), **FAST))
+    calibrate_bundle(out, CalibOptions(source=photos, thresholds=Thresholds(0.0, 0.0), tensorrt=True, **FAST))
     return out
 
 
@@ -331,17 +336,72 @@ def test_int8_on_tensorrt_without_a_plan_is_a_one_line_error(calibrated):
     from ovseg.runtime.sessions import SegmenterError, open_engine
 
     manifest = read_manifest(calibrated)
-    with pytest.raises(SegmenterError, match="int8 plan.*symmetric int8 model") as info:
+    with pytest.raises(SegmenterError, match="int8 plan.*ovseg-calib --tensorrt.*ovseg-build --int8") as info:
         open_engine(calibrated, manifest.dinov2, "DINOv2", manifest.image_size, "tensorrt", "int8", None)
     assert "\n" not in str(info.value)  # never the EP's fp32 engine in place of int8
 
 
-def test_ovseg_calib_builds_no_tensorrt_int8_plans_and_says_why_where_tensorrt_is_installed(tmp_path, monkeypatch):
-    import importlib.util
+# --- the symmetric int8 model TensorRT builds int8 plans from (ovseg-calib --tensorrt) ---------------------------------
 
-    from ovseg.calib.tensorrt import build_int8_plans
 
-    said: list[str] = []
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "tensorrt" else None)
-    assert build_int8_plans(tmp_path, {"dinov2": {"fp32": "dinov2.onnx"}}, {}, 112, {}, said.append) == {}
-    assert len(said) == 1 and "symmetric int8" in said[0] and "ovseg-build --fp16" in said[0]
+def test_the_model_for_tensorrt_is_explicit_symmetric_int8_qdq_and_runs_close_to_fp32(calibrated, photos):
+    """What TensorRT's explicit quantization takes: every Q/DQ with an int8 zero point of 0 (given, not defaulted to
+    uint8), weights int8 per output channel, no int32 bias; the same nodes in float as the CPU's int8 model."""
+    manifest = read_manifest(calibrated)
+    data = load_calibration(photos, manifest.image_size, norms(manifest), frames=6)
+    for m, info in (("clip", manifest.clip), ("dinov2", manifest.dinov2)):
+        assert info.files[INT8_SYMMETRIC] == info.files["fp32"].replace(".onnx", ".int8_symmetric.onnx")
+        path = calibrated / info.files[INT8_SYMMETRIC]
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        inits = {i.name: i for i in model.graph.initializer}
+        qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+        assert qdq
+        for node in qdq:
+            assert len(node.input) == 3, f"{node.name}: no zero point (ONNX then means uint8)"
+            zero = inits[node.input[2]]
+            assert zero.data_type == onnx.TensorProto.INT8 and not onnx.numpy_helper.to_array(zero).any(), node.name
+            if node.input[0] in inits:  # a weight
+                assert inits[node.input[0]].data_type == onnx.TensorProto.INT8, f"{node.name}: not int8 (a bias?)"
+        dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        gemms = [n for n in model.graph.node if n.name in set(q.quantized_nodes(model))]
+        for node in gemms:  # MatMul weights (K, N) on axis 1, Conv kernels (O, I, kh, kw) on axis 0
+            w = dq[node.input[1]]
+            axis = {a.name: a.i for a in w.attribute}.get("axis", 1)
+            assert axis == {"MatMul": 1, "Conv": 0}[node.op_type], node.name
+            assert onnx.numpy_helper.to_array(inits[w.input[1]]).size == inits[w.input[0]].dims[axis], node.name
+        cpu = onnx.load(str(calibrated / info.files["int8"]))
+        assert sorted(q.quantized_nodes(model)) == sorted(q.quantized_nodes(cpu))
+        check = g.encoder_check(g.session(calibrated / info.files["fp32"]), g.session(path), data.holdout[m])
+        assert check.min_cosine >= DEFAULT_COSINE
+        record = manifest.gates["int8"]["models"][m][INT8_SYMMETRIC]
+        assert record["passed"] and record["min_cosine"] >= DEFAULT_COSINE
+
+
+def test_a_model_for_tensorrt_under_the_gate_writes_nothing_and_a_new_one_drops_the_old_int8_plan(
+    calibrated, photos, tmp_path
+):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(calibrated, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "dinov2.int8.plan").write_bytes(b"a plan built from the previous model")
+    manifest["dinov2"]["files"]["trt_int8"] = "dinov2.int8.plan"
+    manifest["dinov2"]["plans"] = {
+        "trt_int8": asdict(
+            PlanRecord("dinov2.int8_symmetric.onnx", "10.3.0", "NVIDIA Jetson AGX Orin", "8.7", 0.99, 0.999)
+        )
+    }
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    before = _tree(bundle)
+    strict = dict(source=photos, thresholds=Thresholds(1.5, 0.0), models=("dinov2",), fallback_rounds=0, tensorrt=True)
+    with pytest.raises(GateFailed) as err:
+        calibrate_bundle(bundle, CalibOptions(**strict, **FAST))
+    one_line(
+        err, "dinov2.int8_symmetric.onnx (for TensorRT) reaches a worst per-token cosine", "nothing written", "--force"
+    )
+    assert _tree(bundle) == before
+    calibrate_bundle(bundle, CalibOptions(**strict, force=True, **FAST))
+    after = read_manifest(bundle)
+    assert after.gates["int8"]["models"]["dinov2"][INT8_SYMMETRIC]["passed"] is False
+    assert "trt_int8" not in after.dinov2.files and "trt_int8" not in after.dinov2.plans
+    assert not (bundle / "dinov2.int8.plan").exists()

@@ -8,6 +8,7 @@ import pytest
 
 from ovseg.calib import quantize as q
 from ovseg.calib.bundle import CalibOptions, GateFailed
+from ovseg.calib.cli import options_from
 from ovseg.calib.gate import Thresholds
 from ovseg.export import dinov2 as dino
 from ovseg.export.bundle import ExportConfig, export_bundle
@@ -62,9 +63,10 @@ def test_export_int8_writes_gated_files_and_a_rebuild_reuses_the_calibration(fra
 
 def test_export_cli_int8_flags(frames, tmp_path, capsys):
     args = build_parser().parse_args(
-        ["--int8", "--calib-images", str(frames), "--calib-method", "percentile", "--force-precision"]
+        ["--int8", "--calib-images", str(frames), "--calib-method", "percentile", "--force-precision", "--tensorrt"]
     )
     assert args.int8 and args.method == "percentile" and args.force_precision and args.gate_cosine == 0.98
+    assert options_from(args, frames, args.force_precision).tensorrt  # the symmetric int8 model for TensorRT too
     with pytest.raises(SystemExit) as exit_:
         export_main(["--int8", "--out", str(tmp_path / "b")])
     assert exit_.value.code == 2 and "--calib-images" in capsys.readouterr().err
