@@ -15,7 +15,8 @@
 #   2 build       the native module, editable into a venv that sees $PYTHON's packages; a failure stops here
 #   3 tests       pytest -m gpu: the TensorRT runner's test (needs tensorrt and a GPU)
 #   4 bundle      the tests' tiny bundle (needs torch, open_clip, hnswlib), when a later step can use it
-#     ovseg-build   TensorRT plans (needs tensorrt)
+#     ovseg-build   TensorRT fp16 plans (needs tensorrt)
+#     ovseg-build-int8   ovseg-calib --tensorrt's symmetric int8 model, then TensorRT int8 plans from it (needs tensorrt)
 #     ovseg-check   every backend x precision vs CPU fp32 (GPU rows need onnxruntime-gpu or tensorrt)
 #     bench-cuda, bench-tensorrt   ovseg-bench --quick on each GPU backend (needs onnxruntime-gpu)
 # Each step prints `gpu_check: <step>: PASS|FAIL|SKIP (<reason>)`; the exit status is 1 if a step that ran failed.
@@ -58,6 +59,25 @@ finish() {
   ((FAILED == 0))
 }
 py() { "$VPY" "$@"; }
+# The symmetric int8 model ovseg-build --int8 builds from: ovseg-calib --tensorrt on six synthetic frames. --force:
+# this step is about the plans (ovseg-build gates them); the CPU int8 gate's verdict stays in the manifest.
+int8_source() {
+  "$VPY" - "$WORK/frames" <<'EOF' || return 1
+import sys
+from pathlib import Path
+
+import cv2
+
+from ovseg.runtime.check import synthetic_frames
+
+out = Path(sys.argv[1])
+out.mkdir(exist_ok=True)
+for i, frame in enumerate(synthetic_frames(6)):
+    cv2.imwrite(str(out / f"{i}.png"), frame)
+EOF
+  timeout 300 "$WORK/venv/bin/ovseg-calib" --bundle "$1" --calib-images "$WORK/frames" --frames 6 --timing-runs 1 \
+    --tensorrt --force 2>&1
+}
 importable() { "$VPY" -c "import $1" >/dev/null 2>&1; }
 
 main() {
@@ -181,6 +201,15 @@ EOF
   elif timeout 400 "$WORK/venv/bin/ovseg-build" --bundle "$bundle" --fp16 --frames 4 2>&1; then
     record ovseg-build PASS "fp16 plans built and checked against fp32"
   else record ovseg-build FAIL "exit $?"
+  fi
+
+  step_start ovseg-build-int8
+  if [[ -z $trt ]]; then record ovseg-build-int8 SKIP "tensorrt not importable"
+  elif [[ -z $have_bundle ]]; then record ovseg-build-int8 SKIP "$no_bundle"
+  elif ! int8_source "$bundle"; then record ovseg-build-int8 FAIL "ovseg-calib --tensorrt did not write the symmetric int8 model"
+  elif timeout 400 "$WORK/venv/bin/ovseg-build" --bundle "$bundle" --int8 --frames 4 2>&1; then
+    record ovseg-build-int8 PASS "int8 plans from the symmetric Q/DQ model, checked against fp32"
+  else record ovseg-build-int8 FAIL "exit $?"
   fi
 
   step_start ovseg-check

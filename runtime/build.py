@@ -1,11 +1,14 @@
 """ovseg-build: TensorRT plans of a bundle's image encoders, built on the device that runs them. No torch.
 
-A plan is built from the ONNX file of its precision (``--fp16``: the fp16 file, else the fp32 one) as a strongly
-typed network: TensorRT runs every tensor in the type the file gives it, so the fp32 islands that ovseg-export kept
-in the fp16 file (and checked against torch) stay fp32. This is the only mode of TensorRT 11 and exists since 10.3.
-Each plan is run on sample frames and compared with the fp32 ONNX file on the CPU (worst per-token cosine, as
-ovseg-check compares); the plan, the TensorRT version, GPU name and compute capability it was built with and the
-comparison go into the manifest, and the bundle is replaced in one rename (copy-on-write) with every sha256.
+A plan is built from the ONNX file of its precision (``--fp16``: the fp16 file; ``--int8``: the symmetric int8 model
+of ``ovseg-calib --tensorrt``; else the fp32 one) as a strongly typed network: TensorRT runs every tensor in the type
+the file gives it, so the fp32 islands that ovseg-export kept in the fp16 file (and checked against torch) stay fp32,
+and int8 runs exactly where the file's explicit Q/DQ put it (no INT8 builder flag, no calibrator). This is the only
+mode of TensorRT 11 and exists since 10.3.
+Each plan is run on sample frames and compared with the fp32 ONNX file on the CPU (worst per-token cosine), then the
+Segmenter on both plans with the Segmenter on CPU fp32 (segment-label agreement), as ovseg-check compares; the plan,
+the TensorRT version, GPU name and compute capability it was built with and the comparison go into the manifest, and
+the bundle is replaced in one rename (copy-on-write) with every sha256. Under either gate nothing is written.
 """
 
 from __future__ import annotations
@@ -21,22 +24,31 @@ from pathlib import Path
 import numpy as np
 
 from ovseg.cli import add_bundle_argument, positive_int, run_cli, say
-from ovseg.constants import DEFAULT_COSINE, ovseg_home
+from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE, INT8_SYMMETRIC, ovseg_home
 from ovseg.errors import OvsegError
 
 from .bundle import DeviceInfo, EncoderInfo, Manifest, PlanRecord, atomic_bundle_dir, link_tree, read_manifest
 from .bundle import write_manifest as _write_manifest
-from .check import ENCODERS, EncoderCheck, compare_outputs, encoder_inputs, synthetic_frames
+from .check import (
+    ENCODERS,
+    EncoderCheck,
+    compare_outputs,
+    encoder_inputs,
+    open_segmenter,
+    results_agreement,
+    run_pipeline,
+    synthetic_frames,
+)
 from .sessions import PROVIDERS, TRT_CACHE, Engine, OnnxEncoder, TensorRTEngine, device_key, this_device
 
 PROG = "ovseg-build"
 MIN_TENSORRT = (10, 3)
 INSTALL = "pip install 'ovseg[tensorrt]' (TensorRT >= 10.3) on the machine with the NVIDIA GPU, and run it there"
-INT8_REFUSED = (
-    "TensorRT int8 plans need a model quantised with symmetric int8 activations (explicit Q/DQ); the bundle's int8 "
-    "model is ovseg-calib's CPU model (uint8 activations), which ovseg does not convert yet: build --fp16 plans"
-)
 DEFAULT_FRAMES = 4
+# The ONNX file (files key) each plan precision is built from: int8 plans from the symmetric int8 model, not from the
+# CPU's "int8" one (uint8 activations, which TensorRT cannot take).
+SOURCES = {"fp32": "fp32", "fp16": "fp16", "int8": INT8_SYMMETRIC}
+RETRY = {"fp16": "build without --fp16, or ", "int8": "build --fp16 plans, or "}  # what to try when a plan falls short
 
 
 class BuildError(OvsegError, RuntimeError):
@@ -61,10 +73,11 @@ class BuildOptions:
     timing_cache: Path | None = None  # None: default_timing_cache()
     frames: int = DEFAULT_FRAMES
     min_cosine: float = DEFAULT_COSINE
+    min_agreement: float = DEFAULT_AGREEMENT  # segment-label agreement of the Segmenter on the plans vs CPU fp32
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.fp16 else "fp32"
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -164,48 +177,96 @@ def build_dir(
     open_plan: OpenPlan | None = None,
 ) -> Manifest:
     """Build, check and record the plans of both image encoders in ``d``; the manifest with them (not written)."""
-    if opts.int8:
-        raise BuildError(INT8_REFUSED)
-    precision = opts.precision
-    missing = [e for e in ENCODERS if precision not in getattr(manifest, e).files]
+    precision, source_key = opts.precision, SOURCES[opts.precision]
+    missing = [e for e in ENCODERS if source_key not in getattr(manifest, e).files]
+    if missing and precision == "int8":
+        raise BuildError(
+            f"the bundle has no symmetric int8 {' or '.join(missing)} model for TensorRT: run `ovseg-calib --tensorrt` "
+            "first (it writes one beside the CPU's int8 model)"
+        )
     if missing:
         raise BuildError(f"the bundle has no {precision} {' or '.join(missing)} model: re-export with --{precision}")
     device = this_device()
     cache = opts.timing_cache or default_timing_cache(device)
     size = manifest.image_size
     shape = (1, 3, size, size)
-    inputs = encoder_inputs(manifest, synthetic_frames(opts.frames))
+    frames = synthetic_frames(opts.frames)
+    inputs = encoder_inputs(manifest, frames)
     manifest = dataclasses.replace(manifest)
-    for e in ENCODERS:
-        info: EncoderInfo = getattr(manifest, e)
-        source = info.files[precision]
-        plan = d / (info.files["fp32"].removesuffix(".onnx") + f".{precision}.plan")
-        log(f"building {plan.name} from {source} on {device} (minutes on a Jetson; timing cache {cache})")
-        build_plan(trt, d / source, plan, PlanSpec(shape, opts.workspace_mib, cache))
-        log(f"checking {plan.name} against {info.files['fp32']} on the CPU ({opts.frames} frames)")
-        reference = OnnxEncoder(d / info.files["fp32"], [PROVIDERS["cpu"]], input_shape=shape)
-        engine = (open_plan or _open_plan)(plan, shape)
-        try:
-            check = check_plan(engine, reference, [x[e] for x in inputs])
-        finally:
-            engine.close()
-            reference.close()
-        if check.min_cosine < opts.min_cosine:
-            raise BuildError(
-                f"{plan.name} reaches a worst per-token cosine of {check.min_cosine:.4f} against fp32, under "
-                f"{opts.min_cosine}: nothing written; build without --fp16, or run ovseg-check on the ONNX files"
+    plans: dict[str, Path] = {}
+    engines: dict[str, Engine] = {}
+    checks: dict[str, EncoderCheck] = {}
+    try:
+        for e in ENCODERS:
+            info: EncoderInfo = getattr(manifest, e)
+            plans[e] = d / (info.files["fp32"].removesuffix(".onnx") + f".{precision}.plan")
+            log(
+                f"building {plans[e].name} from {info.files[source_key]} on {device} (minutes on a Jetson; timing cache {cache})"
             )
-        key = f"trt_{precision}"
-        record = PlanRecord(
-            source, device.tensorrt, device.gpu, device.compute_capability, check.min_cosine, check.mean_cosine
+            build_plan(trt, d / info.files[source_key], plans[e], PlanSpec(shape, opts.workspace_mib, cache))
+            log(f"checking {plans[e].name} against {info.files['fp32']} on the CPU ({opts.frames} frames)")
+            engines[e] = (open_plan or _open_plan)(plans[e], shape)
+            reference = OnnxEncoder(d / info.files["fp32"], [PROVIDERS["cpu"]], input_shape=shape)
+            try:
+                checks[e] = check_plan(engines[e], reference, [x[e] for x in inputs])
+            finally:
+                reference.close()
+            if checks[e].min_cosine < opts.min_cosine:
+                raise BuildError(
+                    f"{plans[e].name} reaches a worst per-token cosine of {checks[e].min_cosine:.4f} against fp32, under "
+                    f"{opts.min_cosine}: nothing written; {RETRY.get(precision, '')}run ovseg-check on the ONNX files"
+                )
+            log(f"{plans[e].name}: worst cosine {checks[e].min_cosine:.4f}, mean {checks[e].mean_cosine:.4f}")
+        log(f"checking the Segmenter on the {precision} plans against CPU fp32 ({opts.frames} frames)")
+        labels, pixels = plan_agreement(d, manifest, engines, precision, frames)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    if labels < opts.min_agreement:
+        raise BuildError(
+            f"the Segmenter on the {precision} plans labels {labels:.3f} of the segments as CPU fp32 does, under "
+            f"{opts.min_agreement}: nothing written; {RETRY.get(precision, '')}run ovseg-check on the ONNX files"
         )
-        log(f"{plan.name}: worst cosine {check.min_cosine:.4f}, mean {check.mean_cosine:.4f}")
+    log(f"{precision} plans: label agreement {labels:.3f}, pixel agreement {pixels:.3f}")
+    key = f"trt_{precision}"
+    for e in ENCODERS:
+        info = getattr(manifest, e)
+        c = checks[e]
+        record = PlanRecord(
+            info.files[source_key],
+            device.tensorrt,
+            device.gpu,
+            device.compute_capability,
+            c.min_cosine,
+            c.mean_cosine,
+            labels,
+        )
         setattr(
             manifest,
             e,
-            dataclasses.replace(info, files={**info.files, key: plan.name}, plans={**info.plans, key: record}),
+            dataclasses.replace(info, files={**info.files, key: plans[e].name}, plans={**info.plans, key: record}),
         )
     return manifest
+
+
+def plan_agreement(
+    d: Path, manifest: Manifest, plans: dict[str, Engine], precision: str, frames: list[np.ndarray]
+) -> tuple[float, float]:
+    """(label agreement, pixel agreement) of the guidance-free Segmenter on the image encoders' ``plans`` against CPU
+    fp32 on ``frames``, as ovseg-check measures them. The Segmenter reads the bundle from disk: ``manifest`` is
+    written into ``d`` first (the caller writes the final one)."""
+    from .segmenter import Segmenter  # the native module loads here, not when the parser is built
+
+    _write_manifest(d, manifest)
+    reference = open_segmenter(d, "cpu", "fp32", None)
+    try:
+        engines = dataclasses.replace(reference.engines, backend="tensorrt", precision=precision, **plans)
+        candidate = Segmenter(reference.manifest, d, engines, reference.config, reference.index)
+        expected, _ = run_pipeline(reference, frames)
+        got, _ = run_pipeline(candidate, frames)
+    finally:
+        reference.close()  # the plans are the caller's to close
+    return results_agreement(expected, got)
 
 
 def build_bundle(opts: BuildOptions, open_plan: OpenPlan | None = None) -> Manifest:
@@ -213,8 +274,6 @@ def build_bundle(opts: BuildOptions, open_plan: OpenPlan | None = None) -> Manif
     trt = load_tensorrt()
     bundle = Path(opts.bundle).expanduser()
     manifest = read_manifest(bundle)
-    if opts.int8:
-        raise BuildError(INT8_REFUSED)
     try:
         with atomic_bundle_dir(bundle, force=True) as tmp:
             link_tree(bundle, tmp)
@@ -228,8 +287,15 @@ def build_bundle(opts: BuildOptions, open_plan: OpenPlan | None = None) -> Manif
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     add_bundle_argument(p, "bundle to build plans for")
-    p.add_argument("--fp16", action="store_true", help="plans from the fp16 ONNX files (default: the fp32 ones)")
-    p.add_argument("--int8", action="store_true", help="int8 plans (refused: no symmetric int8 model yet)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--fp16", action="store_true", help="plans from the fp16 ONNX files (default: the fp32 ones)"
+    )
+    precision.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 plans from the symmetric int8 models of `ovseg-calib --tensorrt` (explicit Q/DQ; float parts fp32)",
+    )
     p.add_argument("--workspace", type=positive_int, default=2048, metavar="MiB", help="builder workspace (2048)")
     p.add_argument("--timing-cache", type=Path, metavar="FILE", help="default: under OVSEG_HOME, per GPU and TensorRT")
     p.add_argument("--frames", type=positive_int, default=DEFAULT_FRAMES, help="sample frames each plan is checked on")

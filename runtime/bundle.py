@@ -52,6 +52,9 @@ class PlanRecord:
     compute_capability: str  # "8.7"
     min_cosine: float  # worst per-token cosine of every output against the fp32 ONNX on the CPU
     mean_cosine: float
+    # segment-label agreement of the Segmenter on both encoders' plans of this precision against CPU fp32 (None: built
+    # before ovseg-build measured it)
+    label_agreement: float | None = None
 
     def fits(self, device: DeviceInfo) -> bool:
         return (self.tensorrt, self.gpu, self.compute_capability) == (

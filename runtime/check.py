@@ -163,6 +163,11 @@ def agreement_totals(per_frame: list[tuple[int, int, float]]) -> tuple[float, fl
     return (matches / total if total else 1.0), (float(np.mean([p for _, _, p in per_frame])) if per_frame else 1.0)
 
 
+def results_agreement(reference: list[Result], candidate: list[Result]) -> tuple[float, float]:
+    """(label agreement, pixel agreement) of two runs' Results, frame by frame."""
+    return agreement_totals([agreement(ref, res) for ref, res in zip(reference, candidate, strict=True)])
+
+
 # ---- the self-check -------------------------------------------------------------------------------------------------
 
 
@@ -426,9 +431,7 @@ def _compare(
     }
     row.min_cosine = min(c.min_cosine for c in row.encoders.values())
     row.mean_cosine = min(c.mean_cosine for c in row.encoders.values())
-    row.label_agreement, row.pixel_agreement = agreement_totals(
-        [agreement(ref, res) for ref, res in zip(reference.results, results)]
-    )
+    row.label_agreement, row.pixel_agreement = results_agreement(reference.results, results)
     row.status = PASS if thresholds.passed(row.min_cosine, row.label_agreement) else FAIL
     short = []
     if not row.min_cosine >= thresholds.cosine:

@@ -10,11 +10,16 @@ import sys
 import types
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
+from ovseg.calib.bundle import CalibOptions, calibrate_bundle
+from ovseg.calib.gate import Thresholds
+from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE, INT8_SYMMETRIC
 from ovseg.runtime import build, sessions
 from ovseg.runtime.bundle import DeviceInfo, PlanRecord, read_manifest, sha256_file
+from ovseg.runtime.check import synthetic_frames
 from ovseg.runtime.sessions import OnnxEncoder, SegmenterError, open_engine
 
 HERE = DeviceInfo("10.3.0", "NVIDIA Jetson AGX Orin", "8.7")
@@ -112,17 +117,22 @@ def fake_tensorrt(version: str = "10.3.0", builder_fails: bool = False, calls: d
 
 
 class PlanRunner:
-    """A "plan" runs the ONNX file it names, on the CPU; ``noise`` replaces its outputs."""
+    """A "plan" runs the ONNX file it names, on the CPU; ``noise`` replaces its outputs, ``shift`` moves every CLIP
+    patch embedding by ``shift`` (a vector) times the embedding's norm."""
 
-    def __init__(self, path: Path, shape, noise: bool = False):
+    def __init__(self, path: Path, shape, noise: bool = False, shift: np.ndarray | None = None):
         source = path.read_bytes().decode().removeprefix("plan:")
         self.session = OnnxEncoder(path.parent / source, ["CPUExecutionProvider"], input_shape=shape)
         self.input = self.session.input
         self.noise = noise
+        self.shift = shift
 
     def run(self):
         out = self.session.run()
         rng = np.random.default_rng(0)
+        if self.shift is not None and "patch_embeddings" in out:
+            x = out["patch_embeddings"]
+            out["patch_embeddings"] = (x + np.linalg.norm(x, axis=-1, keepdims=True) * self.shift).astype(np.float32)
         return {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in out.items()} if self.noise else out
 
     def close(self):
@@ -189,9 +199,12 @@ def test_ovseg_build_writes_checked_plans_and_their_records(bundle_copy, device,
             *(HERE.tensorrt, HERE.gpu, HERE.compute_capability),
         )
         assert 0.98 <= record.min_cosine <= record.mean_cosine <= 1.0 + 1e-6
+        assert DEFAULT_AGREEMENT <= record.label_agreement <= 1.0
+    assert manifest.clip.plans["trt_fp16"].label_agreement == manifest.dinov2.plans["trt_fp16"].label_agreement
     assert (tmp_path / "t.cache").is_file()
     err = capsys.readouterr().err
-    assert "building clip_visual.fp16.plan" in err and "fp16 plans written" in err
+    assert "building clip_visual.fp16.plan" in err and "fp16 plans: label agreement" in err
+    assert "fp16 plans written" in err
 
 
 def test_a_plan_under_the_cosine_gate_writes_nothing(bundle_copy, device, monkeypatch, capsys):
@@ -206,11 +219,74 @@ def test_a_plan_under_the_cosine_gate_writes_nothing(bundle_copy, device, monkey
     assert (d / "manifest.json").read_bytes() == manifest and not list(d.glob("*.plan"))
 
 
-def test_int8_plans_are_refused_in_one_line(bundle_copy, device, monkeypatch, capsys):
+def test_plans_that_pass_the_cosine_gate_but_label_segments_otherwise_write_nothing(
+    bundle_copy, device, monkeypatch, capsys
+):
+    """Every CLIP patch embedding moved a little toward one class's text embedding: within the cosine gate token by
+    token (the shift is small against each token), but the same for every token, so the labels move; only the
+    Segmenter's label agreement sees it."""
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    d = bundle_copy.dir
+    manifest = read_manifest(d)
+    background = np.load(d / manifest.vocabulary.embeddings["fp32"])[0]  # voc21's first entry
+    shift = 0.15 * background / np.linalg.norm(background)
+    monkeypatch.setattr(build, "_open_plan", lambda path, shape: PlanRunner(path, shape, shift=shift))
+    before = _tree(d)
+    assert build.main(["--bundle", str(d), "--fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    worst = [float(line.split("worst cosine ")[1].split(",")[0]) for line in err if "worst cosine" in line]
+    assert len(worst) == 2 and min(worst) >= DEFAULT_COSINE  # the cosine gate alone would have written them
+    assert err[-1].startswith("ovseg-build: error: the Segmenter on the fp16 plans labels 0.")
+    assert f"of the segments as CPU fp32 does, under {DEFAULT_AGREEMENT}: nothing written" in err[-1]
+    assert _tree(d) == before
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_int8_plans_without_the_symmetric_model_are_refused_in_one_line(bundle_copy, device, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    before = _tree(bundle_copy.dir)
     assert build.main(["--bundle", str(bundle_copy.dir), "--int8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "symmetric int8" in err[0] and "--fp16" in err[0]
+    assert len(err) == 1 and "no symmetric int8 clip or dinov2 model" in err[0]
+    assert "run `ovseg-calib --tensorrt` first" in err[0]
+    assert _tree(bundle_copy.dir) == before
+
+
+def test_fp16_and_int8_plans_are_one_or_the_other(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build.build_parser().parse_args(["--fp16", "--int8"])
+    assert exit_.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+@pytest.fixture
+def symmetric_bundle(bundle_copy, tmp_path) -> Path:
+    """The tiny bundle calibrated with --tensorrt on synthetic frames: it has the symmetric int8 models."""
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, frame in enumerate(synthetic_frames(6)):
+        cv2.imwrite(str(frames / f"{i}.png"), frame)
+    opts = CalibOptions(source=frames, frames=6, timing_runs=1, thresholds=Thresholds(0.0, 0.0), tensorrt=True)
+    calibrate_bundle(bundle_copy.dir, opts)
+    return bundle_copy.dir
+
+
+def test_int8_plans_are_strongly_typed_networks_of_the_symmetric_model(symmetric_bundle, device, monkeypatch):
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls=calls))
+    d = symmetric_bundle
+    assert build.main(["--bundle", str(d), "--int8"]) == 0
+    assert calls["flags"] == 1 << STRONGLY_TYPED  # and no builder flag: the stand-in's config has no set_flag
+    manifest = read_manifest(d)  # verifies every sha256
+    for info, fp32 in ((manifest.clip, "clip_visual"), (manifest.dinov2, "dinov2")):
+        assert info.files[INT8_SYMMETRIC] == f"{fp32}.int8_symmetric.onnx"
+        plan = info.files["trt_int8"]
+        assert plan == f"{fp32}.int8.plan" and (d / plan).read_bytes() == f"plan:{fp32}.int8_symmetric.onnx".encode()
+        record = info.plans["trt_int8"]
+        assert record.source == info.files[INT8_SYMMETRIC] and record.fits(HERE)
+        assert record.min_cosine >= DEFAULT_COSINE and record.label_agreement >= DEFAULT_AGREEMENT
 
 
 # --- the runtime's choice ---------------------------------------------------------------------------------------------
@@ -270,6 +346,12 @@ def test_manifest_round_trips_plan_records(bundle_copy):
     again = json.loads(manifest.to_json())
     assert again["dinov2"]["plans"]["trt_fp16"]["gpu"] == HERE.gpu
     assert manifest.dinov2.plans["trt_fp16"].fits(HERE)
+
+
+def test_a_plan_record_from_before_label_agreement_still_loads(bundle_copy):
+    _with_plan(bundle_copy, HERE)
+    d = bundle_copy(lambda m: m["dinov2"]["plans"]["trt_fp16"].pop("label_agreement"))
+    assert read_manifest(d, verify=False).dinov2.plans["trt_fp16"].label_agreement is None
 
 
 # --- ovseg-export ------------------------------------------------------------------------------------------------------
