@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip",
         default=DEFAULT_CLIP,
         metavar="MODEL[:PRETRAINED]",
-        help=f"open_clip model and weights tag (default {DEFAULT_CLIP})",
+        help=f"open_clip model (a name, or a model config NAME.json) and weights tag (default {DEFAULT_CLIP})",
     )
     p.add_argument(
         "--clip-weights",

@@ -25,7 +25,15 @@ GEM_DEPTH = 6  # TAG applies self-self attention to the last 6 blocks
 
 
 def parse_clip_spec(spec: str) -> tuple[str, str | None]:
+    """``MODEL[:PRETRAINED]``: MODEL is an open_clip model name, or an open_clip model config file (``NAME.json``, a
+    custom architecture) that is registered under its file name."""
     model, _, pretrained = spec.partition(":")
+    if model.endswith(".json"):
+        config = Path(model).expanduser()
+        if not config.is_file():
+            raise ExportError(f"--clip {model}: no such open_clip model config file")
+        open_clip.add_model_config(config)
+        model = config.stem
     if model not in open_clip.list_models():
         vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
         raise ExportError(

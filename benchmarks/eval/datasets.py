@@ -96,7 +96,10 @@ class SegDataset:
         self.samples, self.table = self._scan()
         if not self.samples:
             raise self.layout_error("no images found")
-        self.classes = load_vocabulary(self.key)
+        self.classes = self._classes()
+
+    def _classes(self) -> list[str]:
+        return load_vocabulary(self.key)
 
     def layout_error(self, why: str) -> LayoutError:
         return LayoutError(f"{self.root} is not {self.title} ({why}): expected {self.layout}")
@@ -268,6 +271,27 @@ class Cityscapes(SegDataset):
         return [Sample(stem(s.image), s.image, s.label) for s in samples], table
 
 
+class Synthetic(SegDataset):
+    """The synthetic world's scenes (ovseg.benchmarks.synthetic): coloured shapes on grey floors, classes in the folder."""
+
+    title = "the synthetic world"
+    layout = (
+        "classes.txt, images/*.png and labels/*.png (class indices), as `python -m ovseg.benchmarks.synthetic.dataset` "
+        "writes them"
+    )
+    key = "synthetic"
+
+    def _classes(self) -> list[str]:
+        return [line.strip() for line in (self.root / "classes.txt").read_text().splitlines() if line.strip()]
+
+    def _scan(self):
+        if not all((self.root / p).exists() for p in ("classes.txt", "images", "labels")):
+            raise self.layout_error("classes.txt, images/ or labels/ not found")
+        labels = self.root / "labels"
+        table = lut({v: v for v in range(len(self._classes()))})
+        return self._pairs(self.root / "images", labels, "*.png", lambda im: labels / im.name), table
+
+
 DATASETS = {
     "voc20": lambda root: VOC2012(root, background=False),
     "voc21": lambda root: VOC2012(root, background=True),
@@ -276,6 +300,7 @@ DATASETS = {
     "ade150": ADE20K,
     "cocostuff171": CocoStuff,
     "cityscapes19": Cityscapes,
+    "synthetic": Synthetic,
 }
 
 
