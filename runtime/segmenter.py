@@ -268,6 +268,12 @@ class Segmenter:
         with self._lock:
             self.engines.close()
 
+    def __enter__(self) -> Segmenter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ---- per frame ----------------------------------------------------------------------------------------------
 
     def __call__(self, frame_bgr: np.ndarray) -> Result:

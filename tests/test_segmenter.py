@@ -407,3 +407,11 @@ def test_legend_draws_only_inside_its_boxes(seg, photo):
     assert changed.any() and not (changed & ~inside).any()  # no outline spilling past the text (ghost glyphs)
     with pytest.raises(SegmenterError, match="label map"):
         seg.render(photo[:10], result)
+
+
+def test_a_with_block_closes_the_sessions(tiny_bundle, photo):
+    with Segmenter.from_bundle(tiny_bundle, backend="cpu", num_segments=4) as seg:
+        assert seg(photo).label_map.shape == photo.shape[:2]
+        clip = seg.engines.clip
+        assert clip.session is not None
+    assert clip.session is None
