@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.int8 != (args.calib_images is not None):
         parser.error("--int8 and --calib-images DIR go together: INT8 needs calibration frames, and frames need --int8")
+    if args.tensorrt and not args.int8:
+        parser.error("--tensorrt writes the symmetric int8 model of --int8: add --int8 --calib-images DIR, or drop it")
     return run_cli(PROG, functools.partial(export, args), aftermath=f"{args.out} is unchanged")
 
 

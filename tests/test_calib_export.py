@@ -70,6 +70,9 @@ def test_export_cli_int8_flags(frames, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         export_main(["--int8", "--out", str(tmp_path / "b")])
     assert exit_.value.code == 2 and "--calib-images" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        export_main(["--tensorrt", "--out", str(tmp_path / "b")])  # the symmetric model is part of --int8
+    assert exit_.value.code == 2 and "add --int8" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (
