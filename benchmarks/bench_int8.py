@@ -126,17 +126,17 @@ def run(bundle: Path, threads: int | None, budget: Budget, profile: bool = False
     for role, title in ENCODERS.items():
         info = getattr(manifest, role)
         print(
-            f"{title}: {info.files['fp32']} vs {info.files['int8']} at {manifest.image_size}x{manifest.image_size} ...",
+            f"{title}: {info.files['fp32']} vs {info.files['int8']} at {info.image_size}x{info.image_size} ...",
             flush=True,
         )
-        result = measure(bundle / info.files["fp32"], bundle / info.files["int8"], manifest.image_size, threads, budget)
+        result = measure(bundle / info.files["fp32"], bundle / info.files["int8"], info.image_size, threads, budget)
         model_gate = gate.get("models", {}).get(role, {})
         result["gate_min_cosine"] = model_gate.get("min_cosine")
         result["weights"] = info.weights
         result["verdict"] = "PASS" if result["speedup_p50"] >= INT8_MIN_SPEEDUP and gate.get("passed") else "MISS"
         if profile:
             split = {
-                p: op_split(bundle / info.files["fp32"], bundle / info.files[p], manifest.image_size, threads)
+                p: op_split(bundle / info.files["fp32"], bundle / info.files[p], info.image_size, threads)
                 for p in ("fp32", "int8")
             }
             share = split["fp32"]["weight GEMMs"] / sum(split["fp32"].values())

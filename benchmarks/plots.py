@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import STAGE_ORDER
+from .report import STAGE_ORDER, size_text
 
 
 def write_plots(doc: dict, out: Path) -> list[Path]:
@@ -63,8 +63,7 @@ def stage_breakdown(doc: dict, out: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_xticks(x, stages)
     ax.set_ylabel("p50 latency per frame, ms (log)")
-    size = lat["image_size"]
-    ax.set_title(_title(doc, f"Stage breakdown at {size}x{size} ({lat['backend']} {lat['precision']})"))
+    ax.set_title(_title(doc, f"Stage breakdown at {size_text(lat)} ({lat['backend']} {lat['precision']})"))
     ax.legend()
     return _save(fig, out / "stage_breakdown.png")
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ovseg.constants import STAGES
+from ovseg.runtime.bundle import common_size, describe_sizes
 
 from .roofline import GEMM_CLASS
 from .targets import (
@@ -40,9 +41,14 @@ class Target:
         return "n/a" if self.passed is None else ("PASS" if self.passed else "MISS")
 
 
+def size_text(lat: dict) -> str:
+    """A latency record's input sizes: "448x448", or "CLIP 448x448, DINOv2 224x224"."""
+    return describe_sizes(lat["image_sizes"])
+
+
 def _latency_at(doc: dict, size: int) -> dict | None:
     main = doc.get("latency")
-    if main and main["image_size"] == size:
+    if main and common_size(main["image_sizes"]) == size:
         return main
     for point in (doc.get("sweeps") or {}).get("input_size") or []:
         if point["size"] == size and point.get("latency"):
@@ -81,14 +87,15 @@ def _naive(doc: dict) -> Target:
     lat = doc.get("latency") or {}
     if not n:
         return Target(name, goal, "-", None, None, _why(doc, "naive"))
-    if lat.get("image_size") != TARGET_SIZE:
+    if not lat or common_size(lat["image_sizes"]) != TARGET_SIZE:
+        at = size_text(lat) if lat else "an unmeasured size"
         return Target(
             name,
             goal,
-            f"{n['speedup']['p50']:.2f}x at {lat.get('image_size')}",
+            f"{n['speedup']['p50']:.2f}x at {at}",
             n["speedup"]["p50"],
             None,
-            f"the bundle is at {lat.get('image_size')}, the target is at {TARGET_SIZE}",
+            f"the bundle is at {at}, the target is at {TARGET_SIZE}",
         )
     speedup, agree = n["speedup"]["p50"], n["agreement"]
     measured = (
@@ -202,7 +209,7 @@ def table(doc: dict) -> str:
     lat = doc.get("latency")
     if lat:
         lines.append(
-            f"\nper stage, ms  ({lat['backend']} {lat['precision']}, {lat['image_size']}x{lat['image_size']}, "
+            f"\nper stage, ms  ({lat['backend']} {lat['precision']}, {size_text(lat)}, "
             f"frames {lat['frame'][0]}x{lat['frame'][1]}, peak RSS {lat['peak_rss_mb']:.0f} MiB)"
         )
         lines.append(f"{'stage':<12} {'mean':>9} {'std':>8} {'p50':>9} {'p90':>9} {'p99':>9} {'FPS':>8} {'n':>5}")
@@ -362,7 +369,7 @@ def markdown(doc: dict, reproduce: list[str]) -> str:
     if lat:
         w, h = lat["frame"]
         out += [
-            f"### One frame, {lat['backend'].upper()} {lat['precision']}, {lat['image_size']}x{lat['image_size']} "
+            f"### One frame, {lat['backend'].upper()} {lat['precision']}, {size_text(lat)} "
             f"(guidance-free, K=15, {w}x{h} frames of the sample clip)",
             "",
             "| stage | p50 ms | p90 ms | p99 ms | mean ± std ms |",

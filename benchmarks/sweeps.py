@@ -20,7 +20,7 @@ import hnswlib
 import numpy as np
 
 from ovseg.constants import HNSW_PARAMS
-from ovseg.runtime.bundle import BundleError, Manifest, read_manifest
+from ovseg.runtime.bundle import ENCODER_NAMES, BundleError, Manifest, describe_sizes, read_manifest
 from ovseg.runtime.lookup import LabelIndex, l2_normalise
 
 from .phrases import MODEL, QUERY_TEMPLATE, PhraseEmbedder, phrases, to_clip_width
@@ -207,7 +207,7 @@ def _crossover(points: list[VocabPoint], ef: int, stat: str = "p50") -> tuple[fl
 
 @dataclass
 class SizeBundle:
-    size: int
+    sizes: dict[str, int]  # encoder -> its square input side
     bundle: Path | None
     skipped: str = ""
     export_s: float | None = None  # seconds spent exporting it now (None: it existed)
@@ -217,37 +217,41 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
+def same_size(size: int) -> dict[str, int]:
+    """Both encoders at ``size``: a point of the input-size sweep."""
+    return {"clip": size, "dinov2": size}
+
+
 def bundle_for_size(
-    main: Path, manifest: Manifest, size: int, cache: Path, say, own: bool = True, export: bool = True
+    main: Path, manifest: Manifest, sizes: dict[str, int], cache: Path, say, own: bool = True, export: bool = True
 ) -> SizeBundle:
-    """The main bundle at its own size (``own``); otherwise a random-weights bundle of the same architectures with fp16
-    variants, cached under ``cache``, exported if absent and ``export``."""
-    if own and size == manifest.image_size:
-        return SizeBundle(size, main)
-    for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2)):
-        if size % info.patch_size:
-            return SizeBundle(
-                size,
-                None,
-                f"{size} is not a multiple of {role}'s patch size {info.patch_size}, "
-                f"and one S x S input feeds both encoders",
-            )
+    """The main bundle where its encoders are at ``sizes`` (encoder -> input side) and ``own``; otherwise a
+    random-weights bundle of the same architectures at ``sizes`` with fp16 variants, cached under ``cache``, exported
+    if absent and ``export``."""
+    if own and sizes == manifest.image_sizes:
+        return SizeBundle(sizes, main)
+    at = describe_sizes(sizes)
+    for role, name in ENCODER_NAMES.items():
+        patch = getattr(manifest, role).patch_size
+        if sizes[role] % patch:
+            return SizeBundle(sizes, None, f"{sizes[role]} is not a multiple of {name}'s patch size {patch}")
     if "injected" in (manifest.clip.weights, manifest.dinov2.weights):
         return SizeBundle(
-            size, None, "the main bundle's models were injected by a script: the CLI cannot export them at other sizes"
+            sizes, None, "the main bundle's models were injected by a script: the CLI cannot export them at other sizes"
         )
+    side = "-".join(map(str, dict.fromkeys((sizes["clip"], sizes["dinov2"]))))  # "448", or CLIP's-DINOv2's
     out = (
         cache
         / "bundles"
-        / f"{_slug(manifest.clip.model)}__{_slug(manifest.dinov2.model)}__{manifest.dense_method}__{size}__fp16"
+        / f"{_slug(manifest.clip.model)}__{_slug(manifest.dinov2.model)}__{manifest.dense_method}__{side}__fp16"
     )
     try:
         read_manifest(out, verify=False)
-        return SizeBundle(size, out)
+        return SizeBundle(sizes, out)
     except BundleError:
         pass
     if not export:
-        return SizeBundle(size, None, f"no cached random-weights bundle at {size} (--quick does not export one)")
+        return SizeBundle(sizes, None, f"no cached random-weights bundle at {at} (--quick does not export one)")
     cmd = [
         sys.executable,
         "-m",
@@ -262,16 +266,18 @@ def bundle_for_size(
         manifest.dinov2.model,
         "--dense",
         manifest.dense_method,
-        "--image-size",
-        str(size),
+        "--clip-size",
+        str(sizes["clip"]),
+        "--dinov2-size",
+        str(sizes["dinov2"]),
         "--vocab",
         "voc21",
         "--fp16",
     ]
-    say(f"exporting a random-weights bundle at {size} into {out} (once; reused from the cache afterwards)")
+    say(f"exporting a random-weights bundle at {at} into {out} (once; reused from the cache afterwards)")
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        return SizeBundle(size, None, f"export failed: {lines[-1] if lines else f'exit {done.returncode}'}")
-    return SizeBundle(size, out, export_s=round(time.perf_counter() - start, 1))
+        return SizeBundle(sizes, None, f"export failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+    return SizeBundle(sizes, out, export_s=round(time.perf_counter() - start, 1))

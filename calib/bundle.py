@@ -73,7 +73,9 @@ say = functools.partial(ovseg.cli.say, PROG)
 
 
 def norms(manifest: Manifest) -> dict[str, Norm]:
-    return {m: Norm(getattr(manifest, m).mean, getattr(manifest, m).std) for m in MODELS}
+    return {
+        m: Norm(getattr(manifest, m).mean, getattr(manifest, m).std, getattr(manifest, m).image_size) for m in MODELS
+    }
 
 
 def check_fp32(bundle_dir: Path, manifest: Manifest, models: tuple[str, ...]) -> None:
@@ -91,7 +93,7 @@ def calibrate_bundle(bundle: str | Path, opts: CalibOptions) -> dict:
     bundle = Path(bundle).expanduser()
     manifest = read_manifest(bundle)
     check_fp32(bundle, manifest, opts.models)
-    data = load_calibration(opts.source, manifest.image_size, norms(manifest), opts.frames, opts.holdout)
+    data = load_calibration(opts.source, norms(manifest), opts.frames, opts.holdout)
     say(f"{data.n_calib} calibration + {data.n_holdout} held-out frames from {data.source}")
     with atomic_bundle_dir(bundle, force=True) as tmp:
         link_tree(bundle, tmp)
@@ -111,7 +113,7 @@ def calibrate_export(tmp: Path, manifest: Manifest, opts: CalibOptions, previous
         old = previous and cache_path(previous / getattr(manifest, m).files["fp32"])
         if old and old.is_file():
             shutil.copy2(old, cache_path(tmp / getattr(manifest, m).files["fp32"]))
-    data = load_calibration(opts.source, manifest.image_size, norms(manifest), opts.frames, opts.holdout)
+    data = load_calibration(opts.source, norms(manifest), opts.frames, opts.holdout)
     return calibrate_dir(tmp, manifest, data, opts)
 
 

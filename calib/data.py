@@ -1,8 +1,8 @@
 """Calibration frames: sampled evenly from a folder of images or a video, preprocessed exactly as the runtime does.
 
-Every frame goes through the runtime's own ``Preprocessor`` (resize to S x S, then per-encoder mean/std), so the
-calibrated ranges are those of the tensors the runtime will feed. A held-out part (interleaved across the source)
-is kept for the accuracy gate and never calibrated on.
+Every frame goes through the runtime's own ``Preprocessors`` (resize to each encoder's own S x S, once per distinct
+size, then per-encoder mean/std), so the calibrated ranges are those of the tensors the runtime will feed. A held-out
+part (interleaved across the source) is kept for the accuracy gate and never calibrated on.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ovseg.errors import OvsegError
-from ovseg.runtime.preprocess import Preprocessor
+from ovseg.runtime.preprocess import Preprocessors
 from ovseg.runtime.sessions import SegmenterError
 from ovseg.runtime.sources import IMAGE_SUFFIXES, evenly_spaced
 
@@ -35,19 +35,20 @@ class CalibrationError(OvsegError, RuntimeError):
 
 @dataclass
 class Norm:
-    """How one encoder normalises its input (from the bundle manifest)."""
+    """How one encoder takes its input (from the bundle manifest): square side and normalisation."""
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    size: int
 
 
 @dataclass
 class CalibrationData:
     source: str
-    calib: dict[str, np.ndarray]  # role -> (N, 3, S, S) float32, exactly the runtime's encoder input
+    calib: dict[str, np.ndarray]  # role -> (N, 3, S, S) float32 at the role's S, exactly the runtime's encoder input
     holdout: dict[str, np.ndarray]  # role -> (M, 3, S, S) float32
     holdout_frames: list[np.ndarray]  # the held-out frames as decoded, for the pipeline gate
-    digest: str  # sha256 of the calibration frames at S x S: part of the calibration cache key
+    digest: str  # sha256 of the calibration frames at each input size: part of the calibration cache key
 
     @property
     def n_calib(self) -> int:
@@ -134,36 +135,41 @@ def read_frames(source: str | Path, n: int) -> list[np.ndarray]:
 
 def load_calibration(
     source: str | Path,
-    image_size: int,
     norms: dict[str, Norm],
     frames: int = DEFAULT_FRAMES,
     holdout: float = DEFAULT_HOLDOUT,
 ) -> CalibrationData:
-    """Read, split and preprocess; raises CalibrationError (one line) for every bad input."""
+    """Read, split and preprocess (each role at its ``Norm.size``); raises CalibrationError (one line) for every bad
+    input."""
     decoded = read_frames(source, frames)
-    pre = Preprocessor(image_size)
-    rgbs, kept = [], []
+    pre = Preprocessors({role: norm.size for role, norm in norms.items()})
+    rgbs: list[dict[int, np.ndarray]] = []  # per kept frame: size -> its RGB at that size
+    kept = []
     for frame in tqdm(decoded, desc="preprocessing", unit="frame", leave=False):
         try:
-            rgbs.append(pre(frame).copy())
+            pre(frame)
         except SegmenterError as e:  # a frame the runtime could not read either
             log.warning("skipping a calibration frame: %s", e)
             continue
+        rgbs.append({p.size: p.rgb.copy() for p in pre.distinct})
         kept.append(frame)
     n_calib, n_hold = split_sizes(len(kept), holdout)
     held = set(holdout_indices(len(kept), n_hold))
     parts: dict[str, dict[str, np.ndarray]] = {"calib": {}, "holdout": {}}
     for role, norm in norms.items():
-        batch = np.empty((len(kept), 3, image_size, image_size), np.float32)
-        for i, rgb in enumerate(rgbs):
-            pre.rgb[...] = rgb
-            pre.normalise(batch[i : i + 1], norm.mean, norm.std)
+        p = pre[role]
+        batch = np.empty((len(kept), 3, norm.size, norm.size), np.float32)
+        for i, frame_rgbs in enumerate(rgbs):
+            p.rgb[...] = frame_rgbs[norm.size]
+            p.normalise(batch[i : i + 1], norm.mean, norm.std)
         parts["holdout"][role] = batch[sorted(held)]
         parts["calib"][role] = batch[[i for i in range(len(kept)) if i not in held]]
+    # the frames at every size; at one size the digest (and so the cache key) is what it was before sizes per encoder
     digest = hashlib.sha256()
-    for i, rgb in enumerate(rgbs):
+    for i, frame_rgbs in enumerate(rgbs):
         if i not in held:
-            digest.update(rgb.tobytes())
+            for rgb in frame_rgbs.values():
+                digest.update(rgb.tobytes())
     return CalibrationData(
         source=str(source),
         calib=parts["calib"],

@@ -30,7 +30,17 @@ from ovseg.runtime.vocabulary import CONCEPT_TEMPLATES, DEFAULT_CONCEPTS, GUIDED
 
 from . import dinov2 as dino
 from .cli import PROG
-from .clip import CLIP_MEAN, CLIP_STD, DEFAULT_CLIP, ClipDenseVisual, ClipTextEncoder, load_clip
+from .clip import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DEFAULT_CLIP,
+    ClipDenseVisual,
+    ClipTextEncoder,
+    clip_patch_size,
+    load_clip,
+    visual_patch_size,
+)
+from .errors import patch_grid
 from .onnx_io import OPSET, ExportError, check_parity, export_onnx
 from .precision import to_fp16
 from .tensorrt import export_plans
@@ -46,7 +56,9 @@ class ExportConfig:
     clip_weights: Path | None = None
     dense: str | None = None  # None: gem for stock CLIP (TAG), pixelclip for a fine-tuned checkpoint
     dinov2: str = dino.DEFAULT_MODEL
-    image_size: int = 448
+    image_size: int = 448  # both encoders' square input side, unless clip_size / dinov2_size say otherwise
+    clip_size: int | None = None  # CLIP's input side, a multiple of its patch size (None: image_size)
+    dinov2_size: int | None = None  # DINOv2's, a multiple of 14 (None: image_size)
     vocab: str = DEFAULT_CONCEPTS
     fp16: bool = False
     random_weights: bool = False
@@ -62,6 +74,15 @@ class ExportConfig:
     def dense_method(self) -> str:
         return self.dense or ("pixelclip" if self.clip_weights else "gem")
 
+    def sizes(self) -> dict[str, tuple[int, str]]:
+        """Each encoder's input side and the flag that set it, for errors."""
+        return {
+            "clip": (self.image_size, "--image-size") if self.clip_size is None else (self.clip_size, "--clip-size"),
+            "dinov2": (
+                (self.image_size, "--image-size") if self.dinov2_size is None else (self.dinov2_size, "--dinov2-size")
+            ),
+        }
+
 
 say = functools.partial(ovseg.cli.say, PROG)
 
@@ -71,7 +92,13 @@ def export_bundle(
 ) -> Path:
     """Export everything into ``cfg.out`` atomically. Models may be injected (tests); otherwise they are loaded."""
     names = load_vocabulary(cfg.vocab)
-    dino.check_image_size(cfg.image_size)
+    sizes = cfg.sizes()
+    (clip_size, clip_flag), (dino_size, dino_flag) = sizes["clip"], sizes["dinov2"]
+    # each size a multiple of its own encoder's patch only, checked before any weights load
+    patch_grid(dino_size, dino.PATCH_SIZE, "DINOv2", dino_flag)
+    clip_patch = visual_patch_size(clip_model.visual) if clip_model is not None else clip_patch_size(cfg.clip)
+    if clip_patch is not None:
+        patch_grid(clip_size, clip_patch, "CLIP", clip_flag)
     with atomic_bundle_dir(cfg.out, cfg.force) as tmp:  # fails early when the bundle exists without --force
         if clip_model is None:
             clip_model, clip_source = load_clip(cfg.clip, cfg.clip_weights, cfg.random_weights)
@@ -85,9 +112,9 @@ def export_bundle(
             dino_source = "injected"
         checks: dict[str, dict[str, float]] = {}
 
-        say(f"CLIP {cfg.clip} ({clip_source}), dense method {cfg.dense_method}, {cfg.image_size}x{cfg.image_size}")
-        visual = ClipDenseVisual(clip_model.visual, cfg.image_size, cfg.dense_method).eval()
-        image = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+        say(f"CLIP {cfg.clip} ({clip_source}), dense method {cfg.dense_method}, {clip_size}x{clip_size}")
+        visual = ClipDenseVisual(clip_model.visual, clip_size, cfg.dense_method).eval()
+        image = torch.randn(2, 3, clip_size, clip_size, generator=torch.Generator().manual_seed(0))
         clip_files = _export_checked(
             visual,
             {"pixel_values": image},
@@ -100,14 +127,15 @@ def export_bundle(
         )
         _check_pooled_output(visual, clip_model, checks)
 
-        say(f"DINOv2 {cfg.dinov2} ({dino_source})")
-        dino_info = dino.export_dinov2(dinov2_model, cfg.image_size, tmp / "dinov2.onnx")
+        say(f"DINOv2 {cfg.dinov2} ({dino_source}), {dino_size}x{dino_size}")
+        dino_info = dino.export_dinov2(dinov2_model, dino_size, tmp / "dinov2.onnx")
         checks["dinov2.onnx"] = {f"tokens.{k}": v for k, v in dino_info.pop("parity").items()}
         dino_files = {"fp32": "dinov2.onnx"}
         if cfg.fp16:
-            wrapper = dino.Dinov2PatchTokens(dinov2_model, cfg.image_size).eval()
+            wrapper = dino.Dinov2PatchTokens(dinov2_model, dino_size).eval()
+            dino_image = torch.randn(2, 3, dino_size, dino_size, generator=torch.Generator().manual_seed(0))
             dino_files["fp16"] = _fp16_variant(
-                tmp / "dinov2.onnx", wrapper, {"pixel_values": image}, ["tokens"], checks
+                tmp / "dinov2.onnx", wrapper, {"pixel_values": dino_image}, ["tokens"], checks
             )
 
         text_encoder = ClipTextEncoder(clip_model).eval()
@@ -131,11 +159,11 @@ def export_bundle(
 
         grid = visual.grid
         manifest = Manifest(
-            image_size=cfg.image_size,
             clip=EncoderInfo(
                 model=cfg.clip,
                 weights=clip_source,
-                patch_size=cfg.image_size // grid[0],
+                image_size=clip_size,
+                patch_size=clip_size // grid[0],
                 grid=grid,
                 embed_dim=int(clip_model.visual.output_dim),
                 mean=CLIP_MEAN,
@@ -145,6 +173,7 @@ def export_bundle(
             dinov2=EncoderInfo(
                 model=cfg.dinov2,
                 weights=dino_source,
+                image_size=dino_size,
                 patch_size=dino_info["patch_size"],
                 grid=tuple(dino_info["grid"]),
                 embed_dim=dino_info["embed_dim"],

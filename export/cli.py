@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ovseg.calib.cli import add_gate_arguments, options_from
-from ovseg.cli import run_cli
+from ovseg.cli import positive_int, run_cli
 from ovseg.constants import DEFAULT_CLIP, DEFAULT_DINOV2, DENSE_METHODS, default_bundle
 from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS
 
@@ -44,10 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=448,
         metavar="N",
-        help="square input size; a multiple of both patch sizes (default 448)",
+        help="square input size of both encoders, unless --clip-size/--dinov2-size say otherwise (default 448)",
+    )
+    p.add_argument(
+        "--clip-size",
+        type=positive_int,
+        metavar="N",
+        help="CLIP's square input size, a multiple of its patch size (default --image-size)",
+    )
+    p.add_argument(
+        "--dinov2-size",
+        type=positive_int,
+        metavar="M",
+        help="DINOv2's square input size, a multiple of 14 (default --image-size)",
     )
     p.add_argument(
         "--vocab",
@@ -112,6 +124,8 @@ def export(args: argparse.Namespace) -> int:
         dense=args.dense,
         dinov2=args.dinov2,
         image_size=args.image_size,
+        clip_size=args.clip_size,
+        dinov2_size=args.dinov2_size,
         vocab=args.vocab,
         fp16=args.fp16,
         random_weights=args.random_weights,

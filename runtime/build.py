@@ -188,8 +188,6 @@ def build_dir(
         raise BuildError(f"the bundle has no {precision} {' or '.join(missing)} model: re-export with --{precision}")
     device = this_device()
     cache = opts.timing_cache or default_timing_cache(device)
-    size = manifest.image_size
-    shape = (1, 3, size, size)
     frames = synthetic_frames(opts.frames)
     inputs = encoder_inputs(manifest, frames)
     manifest = dataclasses.replace(manifest)
@@ -199,6 +197,7 @@ def build_dir(
     try:
         for e in ENCODERS:
             info: EncoderInfo = getattr(manifest, e)
+            shape = (1, 3, info.image_size, info.image_size)  # each encoder at its own input size
             plans[e] = d / (info.files["fp32"].removesuffix(".onnx") + f".{precision}.plan")
             log(
                 f"building {plans[e].name} from {info.files[source_key]} on {device} (minutes on a Jetson; timing cache {cache})"

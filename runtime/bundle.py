@@ -21,6 +21,7 @@ from ovseg.errors import OvsegError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+ENCODER_NAMES = {"clip": "CLIP", "dinov2": "DINOv2"}  # the image encoders' Manifest attributes -> their names
 
 
 class BundleError(OvsegError, RuntimeError):
@@ -33,8 +34,9 @@ class EncoderInfo:
 
     model: str  # e.g. "ViT-B-16" or "facebook/dinov2-small"
     weights: str  # where the weights came from ("openai", a path, "random")
+    image_size: int  # square input side S: (1, 3, S, S), a multiple of patch_size
     patch_size: int
-    grid: tuple[int, int]  # tokens (rows, cols) at the bundle's image size
+    grid: tuple[int, int]  # tokens (rows, cols) at image_size
     embed_dim: int  # width of the output tokens
     mean: tuple[float, float, float]  # RGB, applied to pixels in [0, 1]
     std: tuple[float, float, float]
@@ -100,8 +102,7 @@ class VocabularyInfo:
 
 @dataclass
 class Manifest:
-    image_size: int
-    clip: EncoderInfo
+    clip: EncoderInfo  # each image encoder at its own input size (EncoderInfo.image_size)
     dinov2: EncoderInfo
     text: TextInfo
     vocabulary: VocabularyInfo
@@ -117,6 +118,11 @@ class Manifest:
     sha256: dict[str, str] = field(default_factory=dict)  # file -> hex digest
     schema_version: int = SCHEMA_VERSION
 
+    @property
+    def image_sizes(self) -> dict[str, int]:
+        """Each image encoder's square input side: {"clip": S, "dinov2": S'}."""
+        return {"clip": self.clip.image_size, "dinov2": self.dinov2.image_size}
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
@@ -129,10 +135,20 @@ class Manifest:
                 f"bundle schema version {version} is not {SCHEMA_VERSION}: re-export it with this ovseg (ovseg-export --force)"
             )
 
+        shared = d.pop("image_size", None)  # manifests before per-encoder sizes: both encoders at this size
+
         def enc(e):
             plans = {key: PlanRecord(**r) for key, r in e.get("plans", {}).items()}
+            sized = {"image_size": shared} if shared is not None else {}
             return EncoderInfo(
-                **{**e, "grid": tuple(e["grid"]), "mean": tuple(e["mean"]), "std": tuple(e["std"]), "plans": plans}
+                **{
+                    **sized,
+                    **e,
+                    "grid": tuple(e["grid"]),
+                    "mean": tuple(e["mean"]),
+                    "std": tuple(e["std"]),
+                    "plans": plans,
+                }
             )
 
         d["clip"] = enc(d["clip"])
@@ -140,6 +156,20 @@ class Manifest:
         d["text"] = TextInfo(**d["text"])
         d["vocabulary"] = VocabularyInfo(**d["vocabulary"])
         return cls(**d)
+
+
+def common_size(sizes: dict[str, int]) -> int | None:
+    """The input size every encoder in ``sizes`` (encoder -> size) shares; None when they differ."""
+    distinct = set(sizes.values())
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def describe_sizes(sizes: dict[str, int]) -> str:
+    """Input sizes for people: "448x448" when both encoders share it, else "CLIP 448x448, DINOv2 224x224"."""
+    s = common_size(sizes)
+    if s is not None:
+        return f"{s}x{s}"
+    return ", ".join(f"{ENCODER_NAMES.get(e, e)} {s}x{s}" for e, s in sizes.items())
 
 
 def sha256_file(path: Path) -> str:

@@ -55,9 +55,9 @@ from ovseg.environment import gpu_unused_warning, is_jetson, nvidia_gpu_present
 from ovseg.errors import OvsegError
 from ovseg.onnx_helpers import row_cosines
 
-from .bundle import Manifest, atomic_bundle_dir, link_tree, read_manifest, write_manifest
+from .bundle import Manifest, atomic_bundle_dir, describe_sizes, link_tree, read_manifest, write_manifest
 from .precision import has_precision
-from .preprocess import Preprocessor
+from .preprocess import Preprocessors
 from .result import Result
 from .sessions import PROVIDERS, OnnxEncoder, TensorRTEngine, gpu_key, tensorrt_importable
 from .sources import ImageSource, SourceError, VideoFileSource, evenly_spaced, sample_clip
@@ -207,7 +207,7 @@ class Reference:
 @dataclass
 class Report:
     bundle: str
-    image_size: int
+    image_sizes: dict[str, int]  # encoder -> its square input side
     random_weights: bool
     frames: str
     frame_count: int
@@ -330,15 +330,14 @@ def describe_engines(engines) -> str:
 
 
 def encoder_inputs(manifest: Manifest, frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Every frame preprocessed as the Segmenter does it, normalised for each encoder."""
-    size = manifest.image_size
-    pre = Preprocessor(size)
+    """Every frame preprocessed as the Segmenter does it (once per input size), normalised for each encoder."""
+    pre = Preprocessors(manifest.image_sizes)
     inputs = []
     for frame in frames:
         pre(frame)
         inputs.append(
             {
-                e: pre.normalise(np.zeros((1, 3, size, size), np.float32), info.mean, info.std)
+                e: pre[e].normalise(np.zeros((1, 3, info.image_size, info.image_size), np.float32), info.mean, info.std)
                 for e, info in ((e, getattr(manifest, e)) for e in ENCODERS)
             }
         )
@@ -491,7 +490,7 @@ def run_checks(
             rows.append(check_combination(bundle_dir, backend, precision, frames, reference, thresholds, threads))
     return Report(
         str(bundle_dir),
-        manifest.image_size,
+        manifest.image_sizes,
         bool(manifest.random_weights),
         frames.source,
         n,
@@ -531,7 +530,7 @@ def format_report(report: Report) -> str:
     providers = m["providers"]
     assert isinstance(providers, list)
     lines = [
-        f"bundle: {report.bundle} ({report.image_size} px{weights})",
+        f"bundle: {report.bundle} ({describe_sizes(report.image_sizes)}{weights})",
         f"frames: {report.frames}",
         f"machine: {device}, {m['cores']} cores; onnxruntime {m['onnxruntime']} ({', '.join(providers)}); "
         f"tensorrt {'imports' if m['tensorrt'] else 'does not import'}",

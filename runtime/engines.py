@@ -57,9 +57,8 @@ class Engines:
         precision = choose_precision(manifest, backend, precision)
 
         def image_encoder(info: EncoderInfo, role: str, output: str) -> OnnxEncoder | TensorRTEngine:
-            size = manifest.image_size
             return open_engine(
-                bundle_dir, info, role, size, backend, precision, threads, outputs=(output,), digests=manifest.sha256
+                bundle_dir, info, role, backend, precision, threads, outputs=(output,), digests=manifest.sha256
             )
 
         with contextlib.ExitStack() as opened:  # closes what opened when a later part fails
@@ -90,7 +89,8 @@ def open_embedder(
 
 
 def run_encoder(engine: Engine, pre: Preprocessor, info: EncoderInfo, output: str, role: str) -> np.ndarray:
-    """The preprocessed frame through an image encoder: its ``output`` as a (rows, cols, D) float32 grid."""
+    """The frame ``pre`` holds (at ``info.image_size``) through an image encoder: its ``output`` as a (rows, cols, D)
+    float32 grid."""
     pre.normalise(engine.input, info.mean, info.std)
     x = engine.run().get(output)
     rows, cols = info.grid

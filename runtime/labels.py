@@ -17,20 +17,21 @@ from .segments import SegmentMaps
 
 @dataclass
 class SegmentEmbeddings:
-    vectors: np.ndarray  # (K, D) float32, L2-normalised mean feature over each segment's pixels at S x S; 0 when empty
-    areas: np.ndarray  # (K,) float32 pixels of each segment at S x S
+    vectors: np.ndarray  # (K, D) float32, L2-normalised mean feature over each segment's pixels at P x P; 0 when empty
+    areas: np.ndarray  # (K,) float32 pixels of each segment at P x P
 
 
 def pool_segments(scores: np.ndarray, grid: np.ndarray, size: int) -> SegmentEmbeddings:
-    """TAG's segment embeddings: ``grid`` (gh, gw, D) upsampled bilinearly to S x S and averaged over each segment of
-    the argmax of ``scores`` (K, h, w) upsampled likewise; fused, never materialising either (docs/DESIGN.md)."""
+    """TAG's segment embeddings: ``grid`` (gh, gw, D) upsampled bilinearly to the pooling size P x P (``size``: CLIP's
+    input size) and averaged over each segment of the argmax of ``scores`` (K, h, w; any grid, e.g. DINOv2's)
+    upsampled likewise; fused, never materialising either (docs/DESIGN.md)."""
     vectors, areas, _ = _native.pool_segments_from_scores(scores, grid, size, size)
     return SegmentEmbeddings(vectors, areas)
 
 
 @dataclass
 class SegmentLabels:
-    ids: np.ndarray  # (n,) the segments with pixels at S x S
+    ids: np.ndarray  # (n,) the segments with pixels at P x P
     matches: Matches  # (n, top_k) this frame's best labels of each, best first
     held: np.ndarray  # (n,) the label each keeps after hysteresis (vocabulary index)
     score: np.ndarray  # (n,) cosine of each with its held label
@@ -121,7 +122,7 @@ class GuidanceFreeHead:
         listed = {s.id for s in segments}
         for i in np.flatnonzero(
             pixel_areas
-        ).tolist():  # empty at S x S, yet a few pixels at the frame's size: no embedding
+        ).tolist():  # empty at P x P, yet a few pixels at the frame's size: no embedding
             if i not in listed:
                 segments.append(Segment(i, UNKNOWN, 0.0, int(pixel_areas[i]), boxes[i], []))
         return largest_first(segments)

@@ -1,10 +1,13 @@
 """Frames in, encoder inputs out: any supported frame -> the S x S RGB image -> normalised NCHW float32.
 
 Frames are resized *before* any colour or bit-depth conversion, so the work per frame is at S x S
-whatever the frame's size, and every buffer is allocated once per input kind.
+whatever the frame's size, and every buffer is allocated once per input kind. Each image encoder has its own S
+(``Preprocessors``): a frame is resized once per distinct size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import cv2
 import numpy as np
@@ -51,7 +54,7 @@ def to_bgr8(frame: np.ndarray) -> np.ndarray:
 
 
 class Preprocessor:
-    """Resizes frames to the bundle's S x S and normalises them into an encoder's preallocated input."""
+    """Resizes frames to S x S and normalises them into an encoder's preallocated input."""
 
     def __init__(self, size: int):
         self.size = size
@@ -87,3 +90,20 @@ class Preprocessor:
             np.multiply(self.rgb[:, :, c], np.float32(self._scale / std[c]), out=plane)
             np.subtract(plane, np.float32(mean[c] / std[c]), out=plane)
         return out
+
+
+class Preprocessors:
+    """The image encoders' Preprocessors, one per distinct input size: encoders of one size share it."""
+
+    def __init__(self, sizes: Mapping[str, int]):
+        by_size = {s: Preprocessor(s) for s in dict.fromkeys(sizes.values())}
+        self.encoders = {e: by_size[s] for e, s in sizes.items()}
+        self.distinct = list(by_size.values())
+
+    def __getitem__(self, encoder: str) -> Preprocessor:
+        return self.encoders[encoder]
+
+    def __call__(self, frame: np.ndarray) -> None:
+        """Resize ``frame`` once per size, into each Preprocessor's ``rgb``. Raises SegmenterError as Preprocessor does."""
+        for pre in self.distinct:
+            pre(frame)

@@ -28,7 +28,7 @@ from .features import ClipFeatures, Keyframe
 from .guided import GuidedHead
 from .labels import GuidanceFreeHead, LabelHysteresis
 from .lookup import LOOKUPS, LabelIndex
-from .preprocess import Preprocessor, check_frame
+from .preprocess import Preprocessors, check_frame
 from .refine import EdgeRefiner
 from .render import draw_legend, label_stats, overlay, segment_palette
 from .result import UNKNOWN, Result, StageTimer
@@ -111,24 +111,25 @@ class Segmenter:
         self.engines = engines
         self.config = config
         self._index = index
-        size, edges = manifest.image_size, config.refine == "edges"
-        self._pre = Preprocessor(size)
+        # Each encoder at its own input size; segments are pooled at CLIP's (docs/DESIGN.md, fused pooling).
+        clip_size, dino_size, edges = manifest.clip.image_size, manifest.dinov2.image_size, config.refine == "edges"
+        self._pre = Preprocessors(manifest.image_sizes)
         self._segment_candidates = SegmentCandidates(
             engines.dinov2,
             manifest.dinov2,
-            self._pre,
+            self._pre["dinov2"],
             config.num_segments,
             config.kmeans_iters,
             config.seed,
-            EdgeRefiner(size) if edges else None,
+            EdgeRefiner(dino_size) if edges else None,
         )
-        self._clip_features = ClipFeatures(engines.clip, manifest.clip, self._pre, config.keyframe_interval)
-        self._free_head = GuidanceFreeHead(size, config.num_segments, config.top_k, config.score_threshold)
+        self._clip_features = ClipFeatures(engines.clip, manifest.clip, self._pre["clip"], config.keyframe_interval)
+        self._free_head = GuidanceFreeHead(clip_size, config.num_segments, config.top_k, config.score_threshold)
         self._guided_head = GuidedHead(
-            size,
+            clip_size,
             config.top_k,
             config.score_threshold,
-            EdgeRefiner(size, temperature=manifest.text.logit_scale) if edges else None,
+            EdgeRefiner(clip_size, temperature=manifest.text.logit_scale) if edges else None,
         )
         self._lock = threading.RLock()
         self._local = threading.local()
@@ -286,9 +287,9 @@ class Segmenter:
             shape = frame.shape[:2]
             stream = self._continue(stream, shape)
             with timer("preprocess"):
-                rgb = self._pre(frame)
+                self._pre(frame)
             if self._classes is None:
-                maps = self._warm_segments(rgb, stream, timer)
+                maps = self._warm_segments(stream, timer)
                 features = self._clip_features(stream.keyframe, timer)
                 label_map, segments = self._free_head(
                     maps, features, self._index, self._hysteresis(stream), shape, timer
@@ -296,10 +297,10 @@ class Segmenter:
             else:  # per patch, or voted inside the segments
                 voting = self.config.refine == "segments"
                 features = self._clip_features(stream.keyframe if voting else None, timer)
-                votes = self._warm_segments(rgb, stream, timer) if voting else None
+                votes = self._warm_segments(stream, timer) if voting else None
                 assert self._class_embeddings is not None  # set together with self._classes
                 label_map, segments = self._guided_head(
-                    rgb, features, votes, self._classes, self._class_embeddings, shape, timer
+                    self._pre["clip"].rgb, features, votes, self._classes, self._class_embeddings, shape, timer
                 )
         stream.frame_index += 1
         timer.ms["total"] = (time.perf_counter() - start) * 1000
@@ -312,7 +313,7 @@ class Segmenter:
         """
         frame = check_frame(frame_bgr)
         with self._lock:
-            maps = self._segment_candidates(self._pre(frame), None, StageTimer())
+            maps = self._segment_candidates(self._pre["dinov2"](frame), None, StageTimer())
             return _native.upsample_argmax(maps.scores, frame.shape[0], frame.shape[1])
 
     def render(self, frame_bgr: np.ndarray, result: Result, alpha: float = 0.5, legend: bool = True) -> np.ndarray:
@@ -337,8 +338,8 @@ class Segmenter:
         self._local.stream = fresh
         return fresh
 
-    def _warm_segments(self, rgb: np.ndarray, stream: _Stream, timer: StageTimer) -> SegmentMaps:
-        maps = self._segment_candidates(rgb, stream.centres, timer)
+    def _warm_segments(self, stream: _Stream, timer: StageTimer) -> SegmentMaps:
+        maps = self._segment_candidates(self._pre["dinov2"].rgb, stream.centres, timer)
         stream.centres = maps.centres
         return maps
 

@@ -41,7 +41,8 @@ class SegmentCandidates:
         self.edges = edges
 
     def __call__(self, rgb: np.ndarray, warm_start: np.ndarray | None, timer: StageTimer) -> SegmentMaps:
-        """Segments of the preprocessed frame ``rgb`` (S x S); ``warm_start``: the previous frame's centres, or None."""
+        """Segments of the frame ``pre`` holds (``rgb``: it at DINOv2's input size); ``warm_start``: the previous
+        frame's centres, or None."""
         K = self.num_segments
         with timer("dinov2"):
             tokens = run_encoder(self.dinov2, self.pre, self.info, "tokens", "DINOv2")

@@ -342,7 +342,6 @@ def open_engine(
     bundle_dir: Path,
     info: EncoderInfo,
     role: str,
-    image_size: int,
     backend: str,
     precision: str,
     threads: int | None,
@@ -350,10 +349,12 @@ def open_engine(
     outputs: Sequence[str] | None = None,
     digests: Mapping[str, str] | None = None,
 ) -> OnnxEncoder | TensorRTEngine:
-    """The engine for one image encoder: a native TensorRT plan when there is one and TensorRT imports, else ONNX Runtime.
+    """The engine for one image encoder at its input size: a native TensorRT plan when there is one and TensorRT
+    imports, else ONNX Runtime.
 
     ``outputs``: the outputs the caller reads (None: all); ``digests``: the manifest's sha256 per file, for the
     TensorRT provider's cache key (else the file is hashed here)."""
+    image_size = info.image_size
     shape = (1, 3, image_size, image_size)
     refuse_cuda_int8(backend, precision)
     plan = info.files.get(f"trt_{precision}")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 TINY_SIZE = 112  # DINOv2 8x8 tokens, CLIP 7x7 patches: the grids differ, as they do at 448 (32x32 vs 28x28)
+# Each encoder at its own size, neither a multiple of the other's patch: CLIP 10x10 patches, DINOv2 7x7 tokens.
+MIXED_SIZES = {"clip_size": 160, "dinov2_size": 98}
 
 
 def _export(out: Path, **config) -> Path:
@@ -24,6 +26,12 @@ def _export(out: Path, **config) -> Path:
 def tiny_bundle(tmp_path_factory) -> Path:
     """Tiny CLIP + tiny random DINOv2 at 112, VOC-21 vocabulary, with fp16 variants. Treat as read-only."""
     return _export(tmp_path_factory.mktemp("tiny") / "bundle", image_size=TINY_SIZE, vocab="voc21", fp16=True)
+
+
+@pytest.fixture(scope="session")
+def mixed_bundle(tmp_path_factory) -> Path:
+    """The tiny models with each encoder at its own input size (MIXED_SIZES), VOC-21, fp16 variants. Read-only."""
+    return _export(tmp_path_factory.mktemp("mixed") / "bundle", vocab="voc21", fp16=True, **MIXED_SIZES)
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,7 @@ def test_runs_every_section_without_errors(bench):
 def test_every_stage_was_timed(bench):
     _, doc, _ = bench
     lat = doc["latency"]
-    assert (lat["image_size"], lat["backend"], lat["precision"]) == (112, "cpu", "fp32")
+    assert (lat["image_sizes"], lat["backend"], lat["precision"]) == ({"clip": 112, "dinov2": 112}, "cpu", "fp32")
     for stage in (s for s in STAGES if s != "refine"):  # refine runs only with refine=
         assert _is_stats(lat["stages"][stage]), stage
         assert lat["stages"][stage]["n"] >= 3 and lat["stages"][stage]["p50"] > 0, stage

@@ -151,7 +151,7 @@ def test_gate_numbers_in_the_manifest(calibrated):
 def test_calibration_cache_is_reused_and_keyed(tiny_bundle, photos, tmp_path, monkeypatch):
     fp32 = tmp_path / "dinov2.onnx"
     shutil.copy(tiny_bundle / "dinov2.onnx", fp32)
-    data = load_calibration(photos, 112, {"d": Norm((0.5,) * 3, (0.25,) * 3)}, frames=6)
+    data = load_calibration(photos, {"d": Norm((0.5,) * 3, (0.25,) * 3, 112)}, frames=6)
     calls = []
     compute = q.compute_ranges
     monkeypatch.setattr(q, "compute_ranges", lambda *a: calls.append(a[2]) or compute(*a))
@@ -297,6 +297,29 @@ def test_segment_matching_for_agreement():
     assert agreement(ref, one_wrong) == (1, 2, 5 / 8)  # dog overlaps bird most: a mismatch; 5 of 8 pixels agree
 
 
+def test_calibration_of_a_bundle_whose_encoders_have_their_own_sizes(mixed_bundle, photos, tmp_path):
+    """Each encoder is calibrated and gated on frames preprocessed at its own input size, exactly as the runtime feeds
+    it (ovseg-check's encoder_inputs), and its int8 model runs in the Segmenter."""
+    from ovseg.runtime.check import encoder_inputs
+    from ovseg.runtime.segmenter import Segmenter
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mixed_bundle, bundle)
+    manifest = read_manifest(bundle)
+    data = load_calibration(photos, norms(manifest), frames=6)
+    runtime = encoder_inputs(manifest, data.holdout_frames)
+    for m in ("clip", "dinov2"):
+        s = getattr(manifest, m).image_size
+        assert data.calib[m].shape == (4, 3, s, s)
+        np.testing.assert_array_equal(data.holdout[m], np.concatenate([x[m] for x in runtime]))
+    assert manifest.clip.image_size != manifest.dinov2.image_size
+    gates = calibrate_bundle(bundle, CalibOptions(source=photos, thresholds=Thresholds(0.0, 0.0), **FAST))
+    assert gates["int8"]["passed"] is True and gates["int8"]["min_cosine"] > 0.9
+    frame = cv2.imread(str(photos / "4.png"))
+    with Segmenter.from_bundle(bundle, backend="cpu", precision="int8") as seg:
+        assert seg.precision == "int8" and seg(frame).label_map.shape == frame.shape[:2]
+
+
 def _manifest(tiny_bundle, gates, int8=True, fp16=True):
     manifest = read_manifest(tiny_bundle, verify=False)
     for info in (manifest.clip, manifest.dinov2):
@@ -337,7 +360,7 @@ def test_int8_on_tensorrt_without_a_plan_is_a_one_line_error(calibrated):
 
     manifest = read_manifest(calibrated)
     with pytest.raises(SegmenterError, match="int8 plan.*ovseg-calib --tensorrt.*ovseg-build --int8") as info:
-        open_engine(calibrated, manifest.dinov2, "DINOv2", manifest.image_size, "tensorrt", "int8", None)
+        open_engine(calibrated, manifest.dinov2, "DINOv2", "tensorrt", "int8", None)
     assert "\n" not in str(info.value)  # never the EP's fp32 engine in place of int8
 
 
@@ -348,7 +371,7 @@ def test_the_model_for_tensorrt_is_explicit_symmetric_int8_qdq_and_runs_close_to
     """What TensorRT's explicit quantization takes: every Q/DQ with an int8 zero point of 0 (given, not defaulted to
     uint8), weights int8 per output channel, no int32 bias; the same nodes in float as the CPU's int8 model."""
     manifest = read_manifest(calibrated)
-    data = load_calibration(photos, manifest.image_size, norms(manifest), frames=6)
+    data = load_calibration(photos, norms(manifest), frames=6)
     for m, info in (("clip", manifest.clip), ("dinov2", manifest.dinov2)):
         assert info.files[INT8_SYMMETRIC] == info.files["fp32"].replace(".onnx", ".int8_symmetric.onnx")
         path = calibrated / info.files[INT8_SYMMETRIC]

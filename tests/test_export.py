@@ -225,6 +225,31 @@ def test_existing_bundle_needs_force_and_failed_export_keeps_it(bundle, monkeypa
     assert not [p for p in bundle.parent.iterdir() if ".tmp-" in p.name]
 
 
+def test_a_vit_b32_shape_exports_at_its_own_size_beside_dinov2_at_another(tmp_path):
+    """--clip-size / --dinov2-size: each a multiple of its own encoder's patch only (96 is not one of 14, 56 not of
+    32); CLIP /32's position table is interpolated to 3x3 from its native 2x2 and checked against torch."""
+    out = tmp_path / "b32"
+    cfg = ExportConfig(out=out, image_size=448, clip_size=96, dinov2_size=56, vocab="voc21")
+    export_bundle(cfg, clip_model=tiny_clip(patch_size=32), dinov2_model=dino.random_dinov2(dino.tiny_dinov2_config()))
+    manifest = read_manifest(out)
+    assert manifest.image_sizes == {"clip": 96, "dinov2": 56}
+    assert (manifest.clip.patch_size, manifest.clip.grid, manifest.dinov2.grid) == (32, (3, 3), (4, 4))
+    assert manifest.checks["clip_visual.onnx"]["patch_embeddings.min_cosine"] >= 0.9999
+    with pytest.raises(
+        ExportError, match=r"^--clip-size 100 is not a multiple of CLIP's patch size 32: use 96 or 128$"
+    ):
+        export_bundle(
+            ExportConfig(out=tmp_path / "no", clip_size=100, vocab="voc21"), clip_model=tiny_clip(patch_size=32)
+        )
+    with pytest.raises(
+        ExportError, match=r"^--image-size 112 is not a multiple of CLIP's patch size 32: use 96 or 128$"
+    ):
+        export_bundle(
+            ExportConfig(out=tmp_path / "no", image_size=112, vocab="voc21"), clip_model=tiny_clip(patch_size=32)
+        )
+    assert not (tmp_path / "no").exists()
+
+
 def test_clip_checkpoints_load_in_every_layout(model, tmp_path):
     state = model.state_dict()
     torch.save(
@@ -292,7 +317,11 @@ def test_clip_weights_come_from_the_hub_cache_when_the_hub_is_out_of_reach(monke
     "argv, message",
     [
         (["--vocab", "no-such-preset"], "unknown vocabulary"),
-        (["--image-size", "450"], "not a multiple of the patch size 14"),
+        (["--image-size", "450"], "--image-size 450 is not a multiple of DINOv2's patch size 14: use 448 or 462"),
+        (["--image-size", "210"], "--image-size 210 is not a multiple of CLIP's patch size 16: use 208 or 224"),
+        (["--dinov2-size", "230"], "--dinov2-size 230 is not a multiple of DINOv2's patch size 14: use 224 or 238"),
+        (["--clip-size", "100"], "--clip-size 100 is not a multiple of CLIP's patch size 16: use 96 or 112"),
+        (["--clip-size", "8"], "--clip-size 8 is not a multiple of CLIP's patch size 16: use 16"),
         (["--clip", "ViT-Q-99"], "unknown CLIP model"),
     ],
 )

@@ -151,6 +151,32 @@ def test_pool_segments_from_scores_at_448_is_argmax_then_pool(grid):
     np.testing.assert_array_equal(areas, same_labels[1])
 
 
+@pytest.mark.parametrize(
+    "scores_grid,features_grid,out",
+    [
+        ((8, 8), (7, 7), (40, 56)),  # the tiny bundles' grids, pooled at a non-square size
+        ((7, 7), (8, 8), (57, 31)),  # features finer than the scores
+        ((16, 16), (28, 28), (448, 448)),  # DINOv2 at 224 + CLIP /16 at 448, pooled at CLIP's input size
+        ((32, 32), (7, 7), (224, 224)),  # DINOv2 at 448 + CLIP /32 at 224
+        ((6, 9), (5, 3), (23, 47)),  # neither grid square
+    ],
+)
+def test_pool_segments_from_scores_on_mixed_grids(scores_grid, features_grid, out):
+    """Each encoder at its own input size: scores on DINOv2's grid and features on CLIP's are each upsampled to
+    the pooling size on their own; the result is TAG's literal computation on that label map."""
+    k = 9
+    scores = smooth_scores(k, *scores_grid, seed=sum(scores_grid))
+    features = np.random.default_rng(sum(features_grid)).standard_normal((*features_grid, 12)).astype(np.float32)
+    emb, areas, labels = nat.pool_segments_from_scores(scores, features, *out)
+    assert labels.shape == out and emb.shape == (k, 12)
+    np.testing.assert_array_equal(labels, nat.upsample_argmax(scores, *out))
+    up = ref.upsample_bilinear(scores.transpose(1, 2, 0), *out)
+    assert ref.near_tie_mismatches(labels, up) == 0
+    assert (labels != ref.upsample_argmax(scores, *out)[0]).mean() < 1e-3
+    assert_pooling_matches(labels, features, k, emb, areas)
+    assert areas.sum() == out[0] * out[1]
+
+
 def test_pool_single_segment_and_empty_segments():
     features = np.random.default_rng(6).standard_normal((5, 7, 8)).astype(np.float32)
     emb, areas = pool_labels(np.zeros((40, 56), np.int32), features, 3)

@@ -235,7 +235,7 @@ def test_the_tensorrt_backend_opens_its_cache_outside_the_bundle(bundle_copy, tm
     before = sorted(p.relative_to(bundle) for p in bundle.rglob("*"))
     manifest = read_manifest(bundle)
     with pytest.warns(UserWarning), pytest.raises(SegmenterError) as err:
-        open_engine(bundle, manifest.dinov2, "DINOv2", 112, "tensorrt", "fp16", None, digests=manifest.sha256)
+        open_engine(bundle, manifest.dinov2, "DINOv2", "tensorrt", "fp16", None, digests=manifest.sha256)
     one_line(err, "dinov2.onnx", TRT)
     assert [p.name for p in (tmp_path / "home" / "trt_cache").iterdir()] == [
         f"{manifest.sha256['dinov2.onnx'][:16]}-fp16"

@@ -65,6 +65,13 @@ def check_result(result: Result, shape: tuple[int, int], names: list[str], top_k
     json.dumps(result.to_json_dict())
 
 
+def check_candidates_kept(seg: Segmenter, frame: np.ndarray, result: Result) -> None:
+    """Every un-merged segment candidate lies in one segment of ``result``: merging and voting only join them."""
+    candidates = seg.candidates(frame)
+    for k in np.unique(candidates):
+        assert len(np.unique(result.label_map[candidates == k])) == 1
+
+
 def same(a: Result, b: Result) -> bool:
     return np.array_equal(a.label_map, b.label_map) and [s.to_dict() for s in a.segments] == [
         s.to_dict() for s in b.segments
@@ -117,9 +124,7 @@ def test_guided_refine_segments_gives_one_class_per_dinov2_segment(make, tiny_bu
     seg = make(classes=CLASSES, refine="segments", num_segments=8)
     result = seg(photo)
     check_result(result, photo.shape[:2], CLASSES)
-    candidates = seg.candidates(photo)
-    for k in np.unique(candidates):
-        assert len(np.unique(result.label_map[candidates == k])) == 1
+    check_candidates_kept(seg, photo, result)
     assert result.timings["dinov2"] > 0 and result.timings["pooling"] > 0
 
 

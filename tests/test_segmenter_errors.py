@@ -90,7 +90,7 @@ def test_unavailable_backend_is_an_error_not_a_fallback(tiny_bundle, backend, pr
     monkeypatch.setenv("OVSEG_HOME", str(tmp_path))  # the TensorRT provider's cache
     manifest = read_manifest(tiny_bundle)
     with pytest.warns(UserWarning) as warned, pytest.raises(SegmenterError) as err:
-        open_engine(tiny_bundle, manifest.clip, "CLIP image", manifest.image_size, backend, "fp32", None)
+        open_engine(tiny_bundle, manifest.clip, "CLIP image", backend, "fp32", None)
     one_line(err, "clip_visual.onnx", provider, "backend='cpu'")
     assert any(provider in str(w.message) for w in warned)  # ORT's own word on it
 
@@ -103,7 +103,7 @@ def test_cuda_with_the_cpu_int8_model_is_refused(tiny_bundle):
             choose_precision(manifest, backend, "int8")
         one_line(err, "int8 on backend 'cuda'", "CPU", "precision='fp16'", "backend='tensorrt'")
     with pytest.raises(SegmenterError) as err:
-        open_engine(tiny_bundle, manifest.dinov2, "DINOv2", manifest.image_size, "cuda", "int8", None)
+        open_engine(tiny_bundle, manifest.dinov2, "DINOv2", "cuda", "int8", None)
     one_line(err, "int8 on backend 'cuda'")
     calibrated = dataclasses.replace(
         manifest,

@@ -330,14 +330,14 @@ def test_a_plan_built_for_another_gpu_or_tensorrt_is_skipped_with_a_warning(
     manifest = _with_plan(bundle_copy, other)
     with caplog.at_level(logging.WARNING, "ovseg"), pytest.raises(SegmenterError, match="TensorrtExecutionProvider"):
         # this ONNX Runtime has no TensorRT provider: the provider it falls to is refused, in one line
-        open_engine(bundle_copy.dir, manifest.dinov2, "DINOv2", 112, "tensorrt", "fp16", None)
+        open_engine(bundle_copy.dir, manifest.dinov2, "DINOv2", "tensorrt", "fp16", None)
     assert runtime_device == []
     assert "dinov2.fp16.plan was built for" in caplog.text and "skipped" in caplog.text and "ovseg-build" in caplog.text
 
 
 def test_a_plan_built_here_is_opened(bundle_copy, runtime_device):
     manifest = _with_plan(bundle_copy, HERE)
-    assert open_engine(bundle_copy.dir, manifest.dinov2, "DINOv2", 112, "tensorrt", "fp16", None) == "plan"
+    assert open_engine(bundle_copy.dir, manifest.dinov2, "DINOv2", "tensorrt", "fp16", None) == "plan"
     assert runtime_device == ["dinov2.fp16.plan"]
 
 
