@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Per-frame stages the Segmenter times, in pipeline order; "refine" runs only with refine=, "total" is the whole call.
-STAGES = ("preprocess", "dinov2", "kmeans", "refine", "clip", "pooling", "lookup", "render", "total")
+# Per-frame stages the Segmenter times, in pipeline order; "refine" runs only with refine=, "keyframe" (the picture's
+# change since the last keyframe) only with keyframe_change, "total" is the whole call.
+STAGES = ("preprocess", "dinov2", "kmeans", "refine", "keyframe", "clip", "pooling", "lookup", "render", "total")
 
 # hnswlib parameters of a bundle's vocabulary index (cosine space); the lookup section of docs/DESIGN.md has the sweep.
 HNSW_PARAMS = {"M": 32, "ef_construction": 200, "ef": 64}

@@ -17,6 +17,7 @@ import numpy as np
 from ovseg.cli import (
     add_bundle_argument,
     add_segmenter_arguments,
+    fraction,
     log_lines,
     non_negative_int,
     positive_int,
@@ -81,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         metavar="N",
-        help="run CLIP every N-th frame; DINOv2 runs on every frame and the segments carry the last CLIP labels (default 1)",
+        help="run CLIP at least every N-th frame; DINOv2 runs on every frame and the segments carry the last CLIP labels (default 1)",
+    )
+    p.add_argument(
+        "--keyframe-change",
+        type=fraction,
+        metavar="F",
+        help="with --keyframe-interval N > 1: run CLIP as soon as a fraction F of the picture has changed since the last CLIP pass (e.g. 0.1), else every N-th frame",
     )
     p.add_argument("--save", type=Path, metavar="OUT.mp4", help="write the annotated video here")
     p.add_argument("--save-dir", type=Path, metavar="DIR", help="write per-frame PNG label maps and JSON here")
@@ -184,6 +191,7 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
                 score_threshold=args.threshold,
                 refine=args.refine,
                 keyframe_interval=args.keyframe_interval,
+                keyframe_change=args.keyframe_change,
                 threads=args.threads,
             )
             stack.callback(seg.close)

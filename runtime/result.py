@@ -34,11 +34,15 @@ class Result:
     labels: dict[int, str]  # segment id -> label
     timings: dict[str, float]  # milliseconds per stage, plus "total"
     frame_index: int = 0
+    keyframe: bool = True  # CLIP ran on this frame; False: its labels come from the last keyframe's CLIP features
+    change: float | None = None  # fraction of the picture changed since the last keyframe (keyframe_change only)
 
     def to_json_dict(self, timestamp: float | None = None) -> dict:
         return {
             "frame": self.frame_index,
             "timestamp": timestamp,
+            "keyframe": self.keyframe,
+            "change": None if self.change is None else round(self.change, 4),
             "segments": [s.to_dict() for s in self.segments],
             "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
         }

@@ -24,7 +24,7 @@ from .. import _native
 from ..constants import NUM_SEGMENTS, REFINES, STAGES, default_bundle
 from .bundle import BundleError, Manifest, read_manifest
 from .engines import Engines
-from .features import ClipFeatures, Keyframe
+from .features import ClipFeatures, Keyframe, KeyframePolicy
 from .guided import GuidedHead
 from .labels import GuidanceFreeHead, LabelHysteresis
 from .lookup import LOOKUPS, LabelIndex
@@ -57,19 +57,25 @@ class SegmenterConfig:
     top_k: int = 3  # labels looked up per segment: the best and top_k - 1 alternatives
     score_threshold: float | None = None  # below it a segment is "unknown"
     refine: str | None = None  # None | "segments" (guided) | "edges" (both modes)
-    keyframe_interval: int = 1  # CLIP every N-th frame, segments move with DINOv2 in between (whenever DINOv2 runs)
+    keyframe_interval: int = 1  # CLIP at least every N-th frame; the segments move with DINOv2 in between
+    keyframe_change: float | None = None  # and as soon as this fraction of the picture changed since the keyframe
     hysteresis: int = 3  # frames a new label must win in a row before a segment takes it
     seed: int = 0  # k-means++ seeding of the first frame
     kmeans_iters: int = 10
 
+    @property
+    def keyframes(self) -> KeyframePolicy:
+        return KeyframePolicy(self.keyframe_interval, self.keyframe_change)
+
     def check(self) -> None:
-        if self.num_segments < 1 or self.top_k < 1 or self.keyframe_interval < 1 or self.hysteresis < 0:
+        if self.num_segments < 1 or self.top_k < 1 or self.hysteresis < 0:
             raise SegmenterError(
-                f"num_segments, top_k and keyframe_interval must be >= 1 and hysteresis >= 0, got {self.num_segments}, "
-                f"{self.top_k}, {self.keyframe_interval}, {self.hysteresis}"
+                f"num_segments and top_k must be >= 1 and hysteresis >= 0, got {self.num_segments}, {self.top_k}, "
+                f"{self.hysteresis}"
             )
         if self.refine is not None and self.refine not in REFINES:
             raise SegmenterError(f"unknown refine {self.refine!r}: choose None, 'segments' or 'edges'")
+        self.keyframes.check()
 
 
 @dataclass
@@ -123,7 +129,7 @@ class Segmenter:
             config.seed,
             EdgeRefiner(dino_size) if edges else None,
         )
-        self._clip_features = ClipFeatures(engines.clip, manifest.clip, self._pre["clip"], config.keyframe_interval)
+        self._clip_features = ClipFeatures(engines.clip, manifest.clip, self._pre["clip"], config.keyframes)
         self._free_head = GuidanceFreeHead(clip_size, config.num_segments, config.top_k, config.score_threshold)
         self._guided_head = GuidedHead(
             clip_size,
@@ -156,6 +162,7 @@ class Segmenter:
         lookup: str = "auto",
         ef: int | None = None,
         keyframe_interval: int = 1,
+        keyframe_change: float | None = None,
         hysteresis: int = 3,
         threads: int | None = None,
         seed: int = 0,
@@ -171,6 +178,7 @@ class Segmenter:
             score_threshold=score_threshold,
             refine=refine,
             keyframe_interval=keyframe_interval,
+            keyframe_change=keyframe_change,
             hysteresis=hysteresis,
             seed=seed,
         )
@@ -288,23 +296,28 @@ class Segmenter:
             stream = self._continue(stream, shape)
             with timer("preprocess"):
                 self._pre(frame)
+            keyframe: Keyframe | None
             if self._classes is None:
+                keyframe = stream.keyframe
                 maps = self._warm_segments(stream, timer)
-                features = self._clip_features(stream.keyframe, timer)
+                features = self._clip_features(keyframe, timer, maps.tokens)
                 label_map, segments = self._free_head(
                     maps, features, self._index, self._hysteresis(stream), shape, timer
                 )
-            else:  # per patch, or voted inside the segments
+            else:  # per patch (CLIP on every frame), or voted inside the segments (keyframes as guidance-free)
                 voting = self.config.refine == "segments"
-                features = self._clip_features(stream.keyframe if voting else None, timer)
                 votes = self._warm_segments(stream, timer) if voting else None
+                keyframe = stream.keyframe if votes is not None else None
+                features = self._clip_features(keyframe, timer, votes.tokens if votes is not None else None)
                 assert self._class_embeddings is not None  # set together with self._classes
                 label_map, segments = self._guided_head(
                     self._pre["clip"].rgb, features, votes, self._classes, self._class_embeddings, shape, timer
                 )
         stream.frame_index += 1
         timer.ms["total"] = (time.perf_counter() - start) * 1000
-        return Result(label_map, segments, {s.id: s.label for s in segments}, timer.ms, stream.frame_index - 1)
+        fresh, change = (keyframe.fresh, keyframe.change) if keyframe is not None else (True, None)
+        labels = {s.id: s.label for s in segments}
+        return Result(label_map, segments, labels, timer.ms, stream.frame_index - 1, fresh, change)
 
     def candidates(self, frame_bgr: np.ndarray) -> np.ndarray:
         """The un-merged segment candidates (k-means segments, refined as configured) at the frame's size, without video state.

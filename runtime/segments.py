@@ -23,6 +23,7 @@ from .sessions import Engine
 class SegmentMaps:
     scores: np.ndarray  # (K, h, w) float32: every cell's score for every segment; a cell belongs to its argmax
     centres: np.ndarray  # (K, Dd) the k-means centres: the next frame's warm start
+    tokens: np.ndarray  # (h, w, Dd) the DINOv2 tokens they came from (the keyframe policy measures change on them)
 
 
 class SegmentCandidates:
@@ -53,4 +54,4 @@ class SegmentCandidates:
         if self.edges is not None:
             with timer("refine"):
                 maps = self.edges(maps, rgb)
-        return SegmentMaps(maps, centres)
+        return SegmentMaps(maps, centres, tokens)

@@ -82,7 +82,7 @@ def test_every_stage_was_timed(bench):
     _, doc, _ = bench
     lat = doc["latency"]
     assert (lat["image_sizes"], lat["backend"], lat["precision"]) == ({"clip": 112, "dinov2": 112}, "cpu", "fp32")
-    for stage in (s for s in STAGES if s != "refine"):  # refine runs only with refine=
+    for stage in (s for s in STAGES if s not in ("refine", "keyframe")):  # only with refine=, keyframe_change=
         assert _is_stats(lat["stages"][stage]), stage
         assert lat["stages"][stage]["n"] >= 3 and lat["stages"][stage]["p50"] > 0, stage
     assert lat["overhead_ratio"]["p50"] > 1.0  # the total includes both encoders

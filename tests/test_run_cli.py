@@ -146,6 +146,8 @@ def test_flags_reach_the_segmenter(video, tmp_path):
         "0.2",
         "--keyframe-interval",
         "3",
+        "--keyframe-change",
+        "0.2",
         "--threads",
         "2",
         "--max-frames",
@@ -170,6 +172,7 @@ def test_flags_reach_the_segmenter(video, tmp_path):
         score_threshold=0.2,
         refine="edges",
         keyframe_interval=3,
+        keyframe_change=0.2,
         threads=2,
     )
 
@@ -297,6 +300,7 @@ def test_segmenter_errors_are_one_line_errors(video, capsys):
         ["--camera", "0", "--sample"],
         ["--sample", "--classes", "a", "--vocab", "voc21"],
         ["--sample", "--segments", "0"],
+        ["--sample", "--keyframe-change", "1.5"],
     ],
 )
 def test_argument_errors_exit_2(argv, capsys):
