@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ovseg.environment import cpu_model
+
 
 @dataclass
 class Budget:
@@ -86,17 +88,6 @@ def peak_rss_mb(children: bool = False) -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
     return usage.ru_maxrss * scale / 2**20
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 import ovseg.cli
 from ovseg.constants import INT8_SYMMETRIC
+from ovseg.environment import machine_key
 from ovseg.runtime.bundle import (
     EncoderInfo,
     Manifest,
@@ -286,6 +287,7 @@ def gate_precision(
         if manifest.random_weights
         else "weights as exported",  # per encoder: models.*.weights
         "measured_on": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPU",
+        "machine": machine_key(),  # precision "auto" trusts speedup_vs_fp32 only on this machine
         "models": models,
     }
 

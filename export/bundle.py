@@ -16,6 +16,7 @@ from transformers import Dinov2Model
 
 import ovseg.cli
 from ovseg.constants import HNSW_PARAMS, default_bundle
+from ovseg.profiles import DEFAULT_PROFILE, get_profile
 from ovseg.runtime.bundle import (
     MANIFEST,
     EncoderInfo,
@@ -33,7 +34,6 @@ from .cli import PROG
 from .clip import (
     CLIP_MEAN,
     CLIP_STD,
-    DEFAULT_CLIP,
     ClipDenseVisual,
     ClipTextEncoder,
     clip_patch_size,
@@ -52,13 +52,16 @@ FP16_MIN_COSINE = 0.99  # fp16 against the fp32 torch model; fp32 exports must r
 @dataclass
 class ExportConfig:
     out: Path = field(default_factory=default_bundle)
-    clip: str = DEFAULT_CLIP
+    clip: str | None = None  # None: the profile's (open_clip MODEL:PRETRAINED or a model config NAME.json)
     clip_weights: Path | None = None
     dense: str | None = None  # None: gem for stock CLIP (TAG), pixelclip for a fine-tuned checkpoint
     dinov2: str = dino.DEFAULT_MODEL
-    image_size: int = 448  # both encoders' square input side, unless clip_size / dinov2_size say otherwise
-    clip_size: int | None = None  # CLIP's input side, a multiple of its patch size (None: image_size)
-    dinov2_size: int | None = None  # DINOv2's, a multiple of 14 (None: image_size)
+    image_size: int | None = None  # both encoders' square input side, unless clip_size / dinov2_size say otherwise
+    clip_size: int | None = (
+        None  # CLIP's input side, a multiple of its patch size (None: image_size, else the profile's)
+    )
+    dinov2_size: int | None = None  # DINOv2's, a multiple of 14 (None: image_size, else the profile's)
+    profile: str = DEFAULT_PROFILE  # ovseg.profiles: the defaults of clip and the sizes here, of the Segmenter later
     vocab: str = DEFAULT_CONCEPTS
     fp16: bool = False
     random_weights: bool = False
@@ -70,17 +73,30 @@ class ExportConfig:
         None  # ovseg.calib.bundle.CalibOptions: calibrate INT8 encoders and gate them (ovseg-export --int8)
     )
 
+    def __post_init__(self):
+        profile = get_profile(self.profile)  # a one-line error for an unknown name
+        if self.clip is None:
+            self.clip = profile.clip
+
     @property
     def dense_method(self) -> str:
         return self.dense or ("pixelclip" if self.clip_weights else "gem")
 
     def sizes(self) -> dict[str, tuple[int, str]]:
-        """Each encoder's input side and the flag that set it, for errors."""
+        """Each encoder's input side and the flag that set it, for errors: its own size, else --image-size, else the
+        profile's."""
+        profile = get_profile(self.profile)
+
+        def pick(own: int | None, flag: str, default: int) -> tuple[int, str]:
+            if own is not None:
+                return own, flag
+            if self.image_size is not None:
+                return self.image_size, "--image-size"
+            return default, f"--profile {profile.name}"
+
         return {
-            "clip": (self.image_size, "--image-size") if self.clip_size is None else (self.clip_size, "--clip-size"),
-            "dinov2": (
-                (self.image_size, "--image-size") if self.dinov2_size is None else (self.dinov2_size, "--dinov2-size")
-            ),
+            "clip": pick(self.clip_size, "--clip-size", profile.clip_size),
+            "dinov2": pick(self.dinov2_size, "--dinov2-size", profile.dinov2_size),
         }
 
 
@@ -195,6 +211,7 @@ def export_bundle(
             ovseg_version=_version(),
             opset=OPSET,
             checks=checks,
+            profile=cfg.profile,
         )
         if (
             cfg.int8 is not None

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from ovseg.calib.cli import add_gate_arguments, options_from
-from ovseg.cli import positive_int, run_cli
-from ovseg.constants import DEFAULT_CLIP, DEFAULT_DINOV2, DENSE_METHODS, default_bundle
+from ovseg.cli import by_profile, positive_int, run_cli
+from ovseg.constants import DEFAULT_DINOV2, DENSE_METHODS, default_bundle
+from ovseg.profiles import DEFAULT_PROFILE, PROFILES
 from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS
 
 PROG = "ovseg-export"
@@ -20,10 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
     out = default_bundle()
     p.add_argument("--out", type=Path, default=out, help=f"bundle directory (default {out}, which ovseg-run reads)")
     p.add_argument(
+        "--profile",
+        choices=tuple(PROFILES),
+        default=DEFAULT_PROFILE,
+        help="what the bundle is for: picks --clip and both input sizes here, and K, the keyframe policy and the "
+        "precision when ovseg-run opens it (README, Choosing a profile; default accurate). "
+        + "; ".join(p.describe() for p in PROFILES.values()),
+    )
+    p.add_argument(
         "--clip",
-        default=DEFAULT_CLIP,
         metavar="MODEL[:PRETRAINED]",
-        help=f"open_clip model (a name, or a model config NAME.json) and weights tag (default {DEFAULT_CLIP})",
+        help=f"open_clip model (a name, or a model config NAME.json) and weights tag (default: the profile's: {by_profile('clip')})",
     )
     p.add_argument(
         "--clip-weights",
@@ -45,21 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image-size",
         type=positive_int,
-        default=448,
         metavar="N",
-        help="square input size of both encoders, unless --clip-size/--dinov2-size say otherwise (default 448)",
+        help="square input size of both encoders, unless --clip-size/--dinov2-size say otherwise (default: the profile's)",
     )
     p.add_argument(
         "--clip-size",
         type=positive_int,
         metavar="N",
-        help="CLIP's square input size, a multiple of its patch size (default --image-size)",
+        help=f"CLIP's square input size, a multiple of its patch size (default --image-size, else the profile's: {by_profile('clip_size')})",
     )
     p.add_argument(
         "--dinov2-size",
         type=positive_int,
         metavar="M",
-        help="DINOv2's square input size, a multiple of 14 (default --image-size)",
+        help=f"DINOv2's square input size, a multiple of 14 (default --image-size, else the profile's: {by_profile('dinov2_size')})",
     )
     p.add_argument(
         "--vocab",
@@ -126,6 +133,7 @@ def export(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         clip_size=args.clip_size,
         dinov2_size=args.dinov2_size,
+        profile=args.profile,
         vocab=args.vocab,
         fp16=args.fp16,
         random_weights=args.random_weights,

@@ -14,8 +14,9 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .constants import BACKENDS, NUM_SEGMENTS, PRECISIONS, default_bundle
+from .constants import BACKENDS, PRECISIONS, default_bundle
 from .errors import OvsegError
+from .profiles import PROFILES
 
 
 class Terminated(KeyboardInterrupt):
@@ -82,17 +83,27 @@ def add_bundle_argument(p: argparse.ArgumentParser, role: str) -> None:
 
 
 def add_segmenter_arguments(p: argparse.ArgumentParser, per: str) -> None:
-    """--backend, --precision, --segments and --threads, as ovseg-run and ovseg-eval take them (``per``: "frame")."""
+    """--backend, --precision, --segments and --threads, as ovseg-run and ovseg-eval take them (``per``: "frame").
+    --precision and --segments default to the bundle's profile's (None here; ovseg.profiles)."""
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default auto)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="encoder precision (default auto)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help=f"encoder precision (default: the bundle's profile's: {by_profile('precision')})",
+    )
     p.add_argument(
         "--segments",
         type=positive_int,
-        default=NUM_SEGMENTS,
         metavar="K",
-        help=f"DINOv2 segment candidates per {per} (default {NUM_SEGMENTS}, as TAG)",
+        help=f"DINOv2 segment candidates per {per} (default: the bundle's profile's: {by_profile('num_segments')})",
     )
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for inference (default: all cores)")
+
+
+def by_profile(setting: str) -> str:
+    """A profile setting's value in every profile, for --help: "accurate 1, balanced 10, fast 30"."""
+    values = {p.name: getattr(p, setting) for p in PROFILES.values()}
+    return ", ".join(f"{name} {'none' if value is None else value}" for name, value in values.items())
 
 
 def first_line(error: BaseException) -> str:

@@ -41,6 +41,24 @@ def installed(names: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """This machine as far as CPU speed goes: "AMD EPYC, 2 logical CPUs". ovseg-calib's gate records the speed-up it
+    measured under it, and precision "auto" on a CPU trusts a speed-up only when it was measured under the same key."""
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs"
+
+
 def is_jetson() -> bool:
     return JETSON_RELEASE.is_file()
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ovseg.errors import OvsegError
+from ovseg.profiles import DEFAULT_PROFILE
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -116,6 +117,7 @@ class Manifest:
     # device key ("NVIDIA H200, compute 9.0") -> "backend/precision" -> ovseg-check's verdict there (ovseg-check --record)
     device_checks: dict[str, dict[str, dict]] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)  # file -> hex digest
+    profile: str = DEFAULT_PROFILE  # ovseg.profiles: what it was exported as, and the Segmenter's defaults
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -17,6 +17,7 @@ import numpy as np
 from ovseg.cli import (
     add_bundle_argument,
     add_segmenter_arguments,
+    by_profile,
     fraction,
     log_lines,
     non_negative_int,
@@ -80,15 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keyframe-interval",
         type=positive_int,
-        default=1,
         metavar="N",
-        help="run CLIP at least every N-th frame; DINOv2 runs on every frame and the segments carry the last CLIP labels (default 1)",
+        help="run CLIP at least every N-th frame; DINOv2 runs on every frame and the segments carry the last CLIP labels "
+        f"(default: the bundle's profile's: {by_profile('keyframe_interval')})",
     )
     p.add_argument(
         "--keyframe-change",
         type=fraction,
         metavar="F",
-        help="with --keyframe-interval N > 1: run CLIP as soon as a fraction F of the picture has changed since the last CLIP pass (e.g. 0.1), else every N-th frame",
+        help="with a keyframe interval over 1: run CLIP as soon as a fraction F of the picture has changed since the last "
+        f"CLIP pass; 1 turns it off (default: the bundle's profile's: {by_profile('keyframe_change')})",
     )
     p.add_argument("--save", type=Path, metavar="OUT.mp4", help="write the annotated video here")
     p.add_argument("--save-dir", type=Path, metavar="DIR", help="write per-frame PNG label maps and JSON here")

@@ -1,7 +1,8 @@
 """Which precision of the image encoders to run: a measured, gated choice (no torch).
 
 ``ovseg-calib`` writes, per precision, the gate result into ``manifest.gates`` (accuracy against fp32 and the
-measured speed-up on the machine that calibrated). On a CPU, "auto" is the fastest precision that passed its gate.
+measured speed-up on the machine that calibrated, which it names). On a CPU, "auto" is the fastest precision that passed
+its gate with a speed-up measured on this machine.
 On a GPU, "auto" is fp16 only when ``ovseg-check --record`` recorded on this GPU (``manifest.device_checks``, keyed
 by GPU name and compute capability) that this backend's fp16 passed; else fp32, with a warning saying why. A
 precision that failed its gate is never picked by "auto"; asked for by name it runs, with a warning.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from ovseg.constants import PRECISIONS
+from ovseg.environment import machine_key
 
 from .bundle import EncoderInfo, Manifest
 
@@ -69,7 +71,7 @@ def pick_precision(manifest: Manifest, device: str, requested: str = "auto", dev
     return requested
 
 
-_warned: set[tuple] = set()  # warnings of "auto" on a GPU already given in this process
+_warned: set[tuple] = set()  # warnings of "auto" already given in this process
 
 
 def _warn_once(key: tuple, message: str, *args) -> None:
@@ -107,7 +109,10 @@ def _auto_gpu(manifest: Manifest, backend: str, device_key: str | None) -> str:
 
 
 def _auto(manifest: Manifest) -> str:
+    """The fastest precision whose gate passed and measured a speed-up over fp32 on this machine (a lower precision's
+    gain depends on the CPU: int8 was 1.21x for DINOv2 on an AVX2-only AMD, 1.55-1.66x on an AMX Intel)."""
     best, best_speedup = "fp32", 1.0
+    here = machine_key()
     for precision, gate in manifest.gates.items():
         speedup = gate.get("speedup_vs_fp32")
         if (
@@ -116,6 +121,17 @@ def _auto(manifest: Manifest) -> str:
             and speedup > best_speedup
             and has_precision(manifest, precision)
         ):
+            if gate.get("machine") != here:
+                _warn_once(
+                    ("elsewhere", precision, gate.get("machine")),
+                    "precision auto does not take %s: its gate measured %.2fx over fp32 on %s, not on this machine "
+                    "(%s): run `ovseg-calib` here to measure it",
+                    precision,
+                    speedup,
+                    gate.get("machine") or "a machine it did not record",
+                    here,
+                )
+                continue
             best, best_speedup = precision, float(speedup)
     return best
 

@@ -13,6 +13,7 @@ each thread's video state.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 
 from .. import _native
 from ..constants import NUM_SEGMENTS, REFINES, STAGES, default_bundle
+from ..profiles import FAST, Profile, ProfileError, get_profile
 from .bundle import BundleError, Manifest, read_manifest
 from .engines import Engines
 from .features import ClipFeatures, Keyframe, KeyframePolicy
@@ -49,6 +51,9 @@ __all__ = [
 ]
 
 MODES = ("auto", "guided", "guidance-free")
+# Stands in for the bundle's profile while the given settings are checked before the bundle is read: its keyframe
+# interval lets a given keyframe_change alone pass (the bundle's profile decides later whether it can apply).
+_ANY_PROFILE = FAST
 
 
 @dataclass
@@ -62,6 +67,27 @@ class SegmenterConfig:
     hysteresis: int = 3  # frames a new label must win in a row before a segment takes it
     seed: int = 0  # k-means++ seeding of the first frame
     kmeans_iters: int = 10
+
+    @classmethod
+    def from_profile(
+        cls,
+        profile: Profile,
+        num_segments: int | None = None,
+        keyframe_interval: int | None = None,
+        keyframe_change: float | None = None,
+        **settings,
+    ) -> SegmenterConfig:
+        """``settings`` with what is None taken from ``profile``. The profile's keyframe change applies only where the
+        interval allows keyframes to be skipped (a given ``keyframe_interval=1`` means CLIP on every frame)."""
+        interval = keyframe_interval if keyframe_interval is not None else profile.keyframe_interval
+        if keyframe_change is None and interval > 1:
+            keyframe_change = profile.keyframe_change
+        return cls(
+            num_segments=num_segments if num_segments is not None else profile.num_segments,
+            keyframe_interval=interval,
+            keyframe_change=keyframe_change,
+            **settings,
+        )
 
     @property
     def keyframes(self) -> KeyframePolicy:
@@ -151,28 +177,32 @@ class Segmenter:
         path: str | Path | None = None,
         *,
         backend: str = "auto",
-        precision: str = "auto",
+        precision: str | None = None,
         mode: str = "auto",
         classes: list[str] | str | None = None,
         vocab: list[str] | str | None = None,
-        num_segments: int = NUM_SEGMENTS,
+        num_segments: int | None = None,
         top_k: int = 3,
         score_threshold: float | None = None,
         refine: str | None = None,
         lookup: str = "auto",
         ef: int | None = None,
-        keyframe_interval: int = 1,
+        keyframe_interval: int | None = None,
         keyframe_change: float | None = None,
         hysteresis: int = 3,
         threads: int | None = None,
         seed: int = 0,
+        profile: str | None = None,
     ) -> Segmenter:
         """Open a bundle (``path=None``: the default bundle) on ``backend``; raises SegmenterError naming what is missing.
 
-        ``threads`` is ONNX Runtime's intra-op threads per session; the native kernels' thread pool is the process's
-        (``ovseg._native.set_num_threads``, which ``ovseg-run --threads`` calls) and is left as it is.
+        ``precision``, ``num_segments`` and the keyframe policy (``keyframe_interval``, ``keyframe_change``) left as
+        None come from ``profile``, by default the one the bundle was exported as (``ovseg.profiles``; "accurate" for a
+        bundle that records none). ``threads`` is ONNX Runtime's intra-op threads per session; the native kernels'
+        thread pool is the process's (``ovseg._native.set_num_threads``, which ``ovseg-run --threads`` calls).
         """
-        config = SegmenterConfig(
+        configure = functools.partial(  # the settings given here, with the rest from a profile
+            SegmenterConfig.from_profile,
             num_segments=num_segments,
             top_k=top_k,
             score_threshold=score_threshold,
@@ -182,7 +212,11 @@ class Segmenter:
             hysteresis=hysteresis,
             seed=seed,
         )
-        config.check()
+        try:
+            chosen = get_profile(profile) if profile is not None else None
+        except ProfileError as e:
+            raise SegmenterError(str(e)) from None
+        configure(chosen or _ANY_PROFILE).check()  # what was given, before any file is read
         if mode not in MODES:
             raise SegmenterError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if mode == "guided" and classes is None:
@@ -196,9 +230,12 @@ class Segmenter:
         bundle_dir = Path(path if path is not None else default_bundle()).expanduser()
         try:
             manifest = read_manifest(bundle_dir)
-        except BundleError as e:
+            chosen = chosen or get_profile(manifest.profile)
+        except (BundleError, ProfileError) as e:
             raise SegmenterError(str(e)) from None  # the Segmenter API raises one type
-        engines = Engines.open(bundle_dir, manifest, backend, precision, threads)
+        config = configure(chosen)
+        config.check()
+        engines = Engines.open(bundle_dir, manifest, backend, precision or chosen.precision, threads)
         try:
             if vocab is None:
                 index = LabelIndex.from_bundle(bundle_dir, manifest.vocabulary, lookup, ef)

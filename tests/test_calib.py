@@ -21,6 +21,7 @@ from ovseg.calib.cli import main as calib_main
 from ovseg.calib.data import CalibrationError, Norm, holdout_indices, load_calibration, read_frames, split_sizes
 from ovseg.calib.gate import Thresholds, agreement
 from ovseg.constants import DEFAULT_COSINE, INT8_SYMMETRIC
+from ovseg.environment import machine_key
 from ovseg.runtime.bundle import BundleError, PlanRecord, read_manifest
 from ovseg.runtime.precision import pick_precision
 from ovseg.runtime.result import Result, Segment
@@ -144,6 +145,7 @@ def test_gate_numbers_in_the_manifest(calibrated):
         assert 0.0 <= gate[key] <= 1.0 + 1e-9, key
     assert gate["min_cosine"] > 0.9  # tiny random encoders quantise well; a broken QDQ graph does not
     assert gate["speedup_vs_fp32"] > 0 and gate["frames"] == 2 and gate["calibration_frames"] == 4
+    assert gate["machine"] == machine_key()  # precision auto trusts the speed-up on this machine only
     assert gate["method"] == "minmax" and set(gate["models"]) == {"clip", "dinov2"}
     assert manifest.clip.files["fp32"] == "clip_visual.onnx" and manifest.clip.files["int8"] == "clip_visual.int8.onnx"
 
@@ -333,8 +335,9 @@ def _manifest(tiny_bundle, gates, int8=True, fp16=True):
 
 
 def test_pick_precision(tiny_bundle, caplog):
-    ok = {"passed": True, "speedup_vs_fp32": 1.9, "min_cosine": 0.99, "label_agreement": 1.0}
-    slow_fp16 = {"passed": True, "speedup_vs_fp32": 0.4}
+    here = {"machine": machine_key()}
+    ok = {"passed": True, "speedup_vs_fp32": 1.9, "min_cosine": 0.99, "label_agreement": 1.0, **here}
+    slow_fp16 = {"passed": True, "speedup_vs_fp32": 0.4, **here}
     failed = {"passed": False, "speedup_vs_fp32": 2.5, "min_cosine": 0.5, "label_agreement": 0.2}
     m = _manifest(tiny_bundle, {"int8": ok, "fp16": slow_fp16})
     assert pick_precision(m, "cpu") == "int8"  # the fastest that passed
@@ -342,6 +345,14 @@ def test_pick_precision(tiny_bundle, caplog):
     assert pick_precision(_manifest(tiny_bundle, {"int8": failed}), "cpu") == "fp32"  # never a failed one
     assert pick_precision(_manifest(tiny_bundle, {}), "cpu") == "fp32"  # ungated: not picked on a CPU
     assert pick_precision(_manifest(tiny_bundle, {"int8": ok}, int8=False), "cpu") == "fp32"  # gate without files
+    with caplog.at_level(logging.WARNING, logger="ovseg"):  # a speed-up measured on another CPU is not trusted here
+        elsewhere = {**ok, "machine": "Intel(R) Xeon(R) Processor, 2 logical CPUs"}
+        assert pick_precision(_manifest(tiny_bundle, {"int8": elsewhere}), "cpu") == "fp32"
+        unrecorded = {k: v for k, v in ok.items() if k != "machine"}  # gated before machines were recorded
+        assert pick_precision(_manifest(tiny_bundle, {"int8": unrecorded}), "cpu") == "fp32"
+    assert "measured 1.90x over fp32 on Intel(R) Xeon(R) Processor, 2 logical CPUs, not on this machine" in caplog.text
+    assert "on a machine it did not record" in caplog.text and "run `ovseg-calib` here" in caplog.text
+    caplog.clear()
     assert pick_precision(_manifest(tiny_bundle, {"fp16": {"passed": False}}), "gpu") == "fp32"
     assert pick_precision(_manifest(tiny_bundle, {}, fp16=False), "cuda") == "fp32"
     with caplog.at_level(logging.WARNING, logger="ovseg"):

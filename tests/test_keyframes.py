@@ -137,13 +137,16 @@ def test_policy_decisions():
         (dict(keyframe_interval=0), "keyframe_interval must be >= 1"),
         (dict(keyframe_interval=5, keyframe_change=1.5), "keyframe_change must be a fraction of the picture"),
         (dict(keyframe_interval=5, keyframe_change=-0.1), "keyframe_change must be a fraction of the picture"),
-        (dict(keyframe_change=0.1), "keyframe_change needs keyframe_interval > 1"),
+        (dict(keyframe_interval=1, keyframe_change=0.1), "keyframe_change needs keyframe_interval > 1"),
     ],
 )
 def test_bad_keyframe_settings_are_one_line_errors(tiny_bundle, config, message):
     with pytest.raises(SegmenterError) as err:
         SegmenterConfig(**config).check()
     one_line(err, message)
-    with pytest.raises(SegmenterError) as err:  # from_bundle checks before any session opens
+    with pytest.raises(SegmenterError) as err:  # from_bundle checks what it was given before it reads the bundle
         Segmenter.from_bundle(tiny_bundle / "missing", **config)
     one_line(err, message)
+    with pytest.raises(SegmenterError) as err:  # the interval from the bundle's profile (accurate: 1)
+        Segmenter.from_bundle(tiny_bundle, keyframe_change=0.1)
+    one_line(err, "keyframe_change needs keyframe_interval > 1")

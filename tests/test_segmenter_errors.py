@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 
+from ovseg.environment import machine_key
 from ovseg.errors import OvsegError
 from ovseg.runtime import Segmenter, SegmenterError, precision, sessions
 from ovseg.runtime.bundle import BundleError, read_manifest
@@ -109,7 +110,7 @@ def test_cuda_with_the_cpu_int8_model_is_refused(tiny_bundle):
         manifest,
         clip=dataclasses.replace(manifest.clip, files={**manifest.clip.files, "int8": "clip_visual.onnx"}),
         dinov2=dataclasses.replace(manifest.dinov2, files={**manifest.dinov2.files, "int8": "dinov2.onnx"}),
-        gates={"int8": {"passed": True, "speedup_vs_fp32": 1.7}},
+        gates={"int8": {"passed": True, "speedup_vs_fp32": 1.7, "machine": machine_key()}},
     )
     assert choose_precision(calibrated, "cpu", "auto") == "int8"
     checked = dataclasses.replace(calibrated, device_checks={GPU: {"cuda/fp16": {"passed": True}}})
