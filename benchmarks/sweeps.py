@@ -213,7 +213,7 @@ class SizeBundle:
     export_s: float | None = None  # seconds spent exporting it now (None: it existed)
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
@@ -243,7 +243,7 @@ def bundle_for_size(
     out = (
         cache
         / "bundles"
-        / f"{_slug(manifest.clip.model)}__{_slug(manifest.dinov2.model)}__{manifest.dense_method}__{side}__fp16"
+        / f"{slug(manifest.clip.model)}__{slug(manifest.dinov2.model)}__{manifest.dense_method}__{side}__fp16"
     )
     try:
         read_manifest(out, verify=False)
