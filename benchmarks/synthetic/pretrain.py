@@ -1,6 +1,6 @@
 """Train the synthetic world's tiny CLIP contrastively on generated image-caption pairs, and write the fixture.
 
-    python -m ovseg.benchmarks.synthetic.pretrain
+    python -m ovseg.benchmarks.synthetic.pretrain [--resume]
 
 The fixture (``tiny_clip/``): the open_clip model config, the weights as fp16 safetensors, and ``training.json`` with
 the command, steps, wall time and zero-shot top-1 on held-out single-object images (seen colour-shape combinations
@@ -20,7 +20,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -123,13 +123,20 @@ def zero_shot(model, tokenizer, images: torch.Tensor, targets: np.ndarray, names
 @dataclass
 class Record:
     command: str
-    steps: int
+    steps: int  # over every run (--resume continues the fixture)
     batch: int
     seed: int
-    wall_seconds: float
+    wall_seconds: float  # over every run
     seen_top1: float  # over the 20 seen colour-shape combinations
     held_out_top1: float  # over all 24 objects, images of the 4 combinations training never saw
     torch_threads: int
+    runs: list[dict] = field(default_factory=list)  # each run's command, steps and wall seconds, oldest first
+
+
+def previous_runs() -> list[dict]:
+    """The runs that made the fixture (for --resume)."""
+    record = json.loads(RECORD.read_text())
+    return record.get("runs") or [{k: record[k] for k in ("command", "steps", "wall_seconds")}]
 
 
 def used_token_rows(tokenizer) -> torch.Tensor:
@@ -163,11 +170,14 @@ def load_fixture() -> open_clip.CLIP:
     return model.eval()
 
 
-def train(steps: int, batch: int, seed: int, lr: float, eval_every: int, target: float) -> Record:
-    """Up to ``steps`` steps; stops at the first evaluation whose zero-shot top-1 on seen objects reaches ``target``."""
-    torch.manual_seed(seed)
+def train(steps: int, batch: int, seed: int, lr: float, eval_every: int, target: float, resume: bool = False) -> Record:
+    """Up to ``steps`` steps; stops at the first evaluation whose zero-shot top-1 on seen objects reaches ``target``.
+    ``resume``: start from the fixture's weights (a fresh warm-up and schedule; new scenes) and add to its record."""
+    runs = previous_runs() if resume else []
+    done = sum(r["steps"] for r in runs)
+    torch.manual_seed(seed + done)
     name = register()
-    model = open_clip.create_model(name, pretrained=None)
+    model = load_fixture().train() if resume else open_clip.create_model(name, pretrained=None)
     tokenizer = open_clip.get_tokenizer(name)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
@@ -184,10 +194,11 @@ def train(steps: int, batch: int, seed: int, lr: float, eval_every: int, target:
     held = single_object_set(HELD_OUT_OBJECTS, 96, EVAL_SEED + 1)
     all_objects = SEEN_OBJECTS + HELD_OUT_OBJECTS
     held_targets = held[1] + len(SEEN_OBJECTS)
-    loader = DataLoader(CaptionedScenes(batch, seed), batch_size=None, num_workers=1)
+    loader = DataLoader(CaptionedScenes(batch, seed + done), batch_size=None, num_workers=1)
     command = shlex.join(["python", "-m", "ovseg.benchmarks.synthetic.pretrain", *sys.argv[1:]])
     start = time.perf_counter()
     record = Record(command, 0, batch, seed, 0.0, 0.0, 0.0, torch.get_num_threads())
+    before = sum(r["wall_seconds"] for r in runs)
     bar = tqdm(total=steps, desc="tiny CLIP", unit="step")
     model.train()
     for step, (images, captions, keys) in enumerate(loader):
@@ -204,7 +215,9 @@ def train(steps: int, batch: int, seed: int, lr: float, eval_every: int, target:
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            record.steps, record.wall_seconds = step + 1, round(time.perf_counter() - start, 1)
+            wall = round(time.perf_counter() - start, 1)
+            record.steps, record.wall_seconds = done + step + 1, round(before + wall, 1)
+            record.runs = [*runs, {"command": command, "steps": step + 1, "wall_seconds": wall}]
             record.seen_top1 = zero_shot(model, tokenizer, *seen, SEEN_OBJECTS)
             record.held_out_top1 = zero_shot(model, tokenizer, held[0], held_targets, all_objects)
             save_fixture(model, tokenizer, record)
@@ -221,14 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m ovseg.benchmarks.synthetic.pretrain", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--target", type=float, default=0.95, help="stop once zero-shot top-1 on seen objects reaches it")
+    p.add_argument("--resume", action="store_true", help="continue from the fixture's weights, adding to its record")
     args = p.parse_args(argv)
-    record = train(args.steps, args.batch, args.seed, args.lr, args.eval_every, args.target)
+    record = train(args.steps, args.batch, args.seed, args.lr, args.eval_every, args.target, args.resume)
     print(json.dumps(asdict(record), indent=2))
     return 0
 

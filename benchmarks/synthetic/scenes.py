@@ -15,6 +15,9 @@ import numpy as np
 from .world import CLASSES, COLOURS, HELD_OUT, OBJECTS, SHAPES, STUFF, class_index, colour_shape
 
 MIN_VISIBLE = 0.4
+# Shapes stand upright, tilted by at most 15 degrees: at any rotation a square is a diamond and a tiny ViT with 32-pixel
+# patches learned colour in 250 steps but shape not in 1,750 (zero-shot 0.44 over 20 colour-shape objects).
+MAX_TILT = np.pi / 12
 COLOUR_JITTER = 18
 
 
@@ -122,7 +125,7 @@ def sample_layout(
         for _ in range(50):
             r = float(rng.uniform(*radius)) * side * (1.0 if n == 1 else 0.8)
             centre = (float(rng.uniform(r * 0.7, w - r * 0.7)), float(rng.uniform(r * 0.7, h - r * 0.7)))
-            candidate = Placement(allowed[int(i)], centre, r, float(rng.uniform(0, 2 * np.pi)))
+            candidate = Placement(allowed[int(i)], centre, r, float(rng.uniform(-MAX_TILT, MAX_TILT)))
             if visible_enough((*placed, candidate), size):
                 placed.append(candidate)
                 break
@@ -201,7 +204,7 @@ def clip_layouts(layout: Layout, frames: int, rng: np.random.Generator, speed: f
                 velocity[i][0] *= -1
             if not p.radius * 0.7 <= y <= h - p.radius * 0.7:
                 velocity[i][1] *= -1
-            moved.append(Placement(p.name, (x, y), p.radius, p.angle + 0.02))
+            moved.append(Placement(p.name, (x, y), p.radius, p.angle))
         objects = moved
     return out
 
