@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -90,7 +90,7 @@ def score(predictions: Iterable[tuple[np.ndarray, np.ndarray]], protocol: str) -
     return Score(protocol, round(s.miou, 2), round(s.pixel_accuracy, 2), n, per_class)
 
 
-def protocol_for(name: str, seg: Segmenter):
+def protocol_for(name: str):
     if name == "guided":
         return Guided(list(CLASSES))
     if name == "oracle":
@@ -102,7 +102,7 @@ def protocol_for(name: str, seg: Segmenter):
 
 
 def segmenter_score(seg: Segmenter, scenes: list[Scene], protocol: str, desc: str = "") -> Score:
-    run = protocol_for(protocol, seg)
+    run = protocol_for(protocol)
     outcomes = (
         (s.labels, run(seg, bgr(s), s.labels).prediction) for s in tqdm(scenes, desc=desc or protocol, leave=False)
     )
@@ -134,12 +134,9 @@ def eager_scores(scenes: list[Scene], dense: str, num_segments: int, clip=None) 
     return {"guided": score(guided, "guided"), "free": score(free, "free")}
 
 
-Variant = Callable[[Path, list[Scene]], Score]
-
-
 def video_score(seg: Segmenter, clips: list[list[Scene]], protocol: str) -> Score:
     """Frames of each clip in order through one stream (reset between clips), scored like still images."""
-    run = protocol_for(protocol, seg)
+    run = protocol_for(protocol)
     pairs = []
     for clip in tqdm(clips, desc="video", leave=False):
         seg.reset()
