@@ -2,7 +2,8 @@
 
 A bundle holds ``manifest.json`` plus the files it lists (ONNX encoders per
 precision, text embeddings, HNSW index, vocabulary, tokenizer). Every file is
-listed with its sha256; the runtime refuses a bundle whose files do not match.
+listed with its sha256; the runtime refuses a bundle whose files do not match,
+that names a file outside itself, or whose files are not whole (runtime.integrity).
 """
 
 from __future__ import annotations
@@ -17,16 +18,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ovseg.errors import OvsegError
 from ovseg.profiles import DEFAULT_PROFILE
+
+from .integrity import BundleError, check_files, confine
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 ENCODER_NAMES = {"clip": "CLIP", "dinov2": "DINOv2"}  # the image encoders' Manifest attributes -> their names
-
-
-class BundleError(OvsegError, RuntimeError):
-    """A bundle is missing, incomplete or from an incompatible version."""
 
 
 @dataclass
@@ -183,7 +181,9 @@ def sha256_file(path: Path) -> str:
 
 
 def read_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
-    """Read and (by default) verify a bundle; every failure is a one-line BundleError."""
+    """Read a bundle's manifest, refuse one naming files outside the bundle or not pinned by it, and (by default)
+    verify every file's sha256 and that each named file is whole and of its kind; every failure is a one-line
+    BundleError."""
     bundle_dir = Path(bundle_dir).expanduser()
     path = bundle_dir / MANIFEST
     if not path.is_file():
@@ -192,10 +192,11 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
         manifest = Manifest.from_dict(json.loads(path.read_text()))
     except BundleError:
         raise
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise BundleError(
-            f"{path} is not a valid ovseg manifest ({e}): re-export with `ovseg-export --force`"
+            f"{path} is not a valid ovseg manifest ({' '.join(str(e).split())}): re-export with `ovseg-export --force`"
         ) from None
+    files = confine(bundle_dir, manifest)
     if verify:
         for name, digest in manifest.sha256.items():
             f = bundle_dir / name
@@ -205,6 +206,7 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
                 raise BundleError(
                     f"bundle file {f} does not match its sha256 in the manifest: re-export with `ovseg-export --force`"
                 )
+        check_files(bundle_dir, manifest, files)
     return manifest
 
 

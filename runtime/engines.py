@@ -82,10 +82,16 @@ def open_embedder(
 ) -> PromptEmbedder:
     """The bundle's text encoder, run only when names change: in fp32, next to the exported embeddings; on CUDA
     when the image encoders run on a GPU backend, else on the CPU."""
+    path = bundle_dir / manifest.text.tokenizer
+    try:
+        tokenizer = ClipTokenizer.from_file(path, manifest.text.context_length)
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise SegmenterError(
+            f"bundle file {path} is not a CLIP tokenizer ({' '.join(str(e).split())}): re-export the bundle with "
+            "`ovseg-export --force`"
+        ) from None
     encoder = OnnxEncoder(bundle_dir / manifest.text.files["fp32"], session_plan(backend, threads=threads))
-    return PromptEmbedder(
-        encoder, ClipTokenizer.from_file(bundle_dir / manifest.text.tokenizer, manifest.text.context_length)
-    )
+    return PromptEmbedder(encoder, tokenizer)
 
 
 def run_encoder(engine: Engine, pre: Preprocessor, info: EncoderInfo, output: str, role: str) -> np.ndarray:

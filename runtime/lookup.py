@@ -15,6 +15,7 @@ import numpy as np
 from ovseg.constants import HNSW_PARAMS
 
 from .bundle import VocabularyInfo
+from .integrity import BundleError, read_names
 from .sessions import OnnxEncoder, SegmenterError
 from .text import ClipTokenizer
 from .vocabulary import prompts_for
@@ -70,13 +71,22 @@ class LabelIndex:
     def from_bundle(
         cls, bundle_dir: Path, info: VocabularyInfo, method: str = "auto", ef: int | None = None
     ) -> LabelIndex:
-        names = (bundle_dir / info.names).read_text(encoding="utf-8").splitlines()
-        embeddings = np.load(bundle_dir / info.embeddings["fp32"], allow_pickle=False)
-        wants_hnsw = method == "hnsw" or (method == "auto" and len(names) > EXACT_MAX)
-        index = None
-        if wants_hnsw and info.hnsw:
-            index = hnswlib.Index(space="cosine", dim=embeddings.shape[1])
-            index.load_index(str(bundle_dir / info.hnsw), max_elements=len(names))
+        """The bundle's vocabulary; its files were checked whole by read_manifest, what still fails here is one line."""
+        try:
+            names = read_names(bundle_dir / info.names, info.size)
+            embeddings = np.load(bundle_dir / info.embeddings["fp32"], allow_pickle=False)
+            wants_hnsw = method == "hnsw" or (method == "auto" and len(names) > EXACT_MAX)
+            index = None
+            if wants_hnsw and info.hnsw:
+                index = hnswlib.Index(space="cosine", dim=embeddings.shape[1])
+                index.load_index(str(bundle_dir / info.hnsw), max_elements=len(names))
+        except BundleError as e:
+            raise SegmenterError(str(e)) from None
+        except (OSError, ValueError, RuntimeError, KeyError, IndexError) as e:  # numpy's and hnswlib's own errors
+            raise SegmenterError(
+                f"the vocabulary of {bundle_dir} cannot be read ({' '.join(str(e).split())}): re-export the bundle "
+                "with `ovseg-export --force`"
+            ) from None
         return cls(names, embeddings, method, index, info.hnsw_params, ef)
 
     def _build(self) -> hnswlib.Index:
