@@ -97,12 +97,33 @@ def open_embedder(
 def run_encoder(engine: Engine, pre: Preprocessor, info: EncoderInfo, output: str, role: str) -> np.ndarray:
     """The frame ``pre`` holds (at ``info.image_size``) through an image encoder: its ``output`` as a (rows, cols, D)
     float32 grid."""
-    pre.normalise(engine.input, info.mean, info.std)
-    x = engine.run().get(output)
+    return run_encoder_batch(engine, pre, [pre.rgb], info, output, role)[0]
+
+
+def run_encoder_batch(
+    engine: Engine, pre: Preprocessor, rgbs: list[np.ndarray], info: EncoderInfo, output: str, role: str
+) -> list[np.ndarray]:
+    """Frames at ``info.image_size`` (RGB uint8) through an image encoder in one run: each one's ``output`` as a
+    (rows, cols, D) float32 grid. One frame goes through the engine's preallocated input; several go as one batch
+    where the engine takes a batch (ONNX Runtime sessions: the exported encoders have a dynamic batch axis), and one
+    by one otherwise (TensorRT plans are built for batch 1)."""
+    if len(rgbs) == 1 or not isinstance(engine, OnnxEncoder):
+        outputs = []
+        for rgb in rgbs:
+            pre.normalise(engine.input, info.mean, info.std, rgb)
+            outputs.append(_grid(engine.run().get(output), 1, info, output, role))
+        return [x[0] for x in outputs]
+    batch = np.empty((len(rgbs), *engine.input.shape[1:]), np.float32)
+    for i, rgb in enumerate(rgbs):
+        pre.normalise(batch[i : i + 1], info.mean, info.std, rgb)
+    return list(_grid(engine.run(batch).get(output), len(rgbs), info, output, role))
+
+
+def _grid(x: np.ndarray | None, n: int, info: EncoderInfo, output: str, role: str) -> np.ndarray:
     rows, cols = info.grid
-    if x is None or x.ndim != 3 or x.shape[0] != 1 or x.shape[1] != rows * cols:
+    if x is None or x.ndim != 3 or x.shape[0] != n or x.shape[1] != rows * cols:
         got = None if x is None else x.shape
         raise SegmenterError(
-            f"the {role} encoder returned {output} {got}, the manifest says (1, {rows * cols}, D): re-export the bundle"
+            f"the {role} encoder returned {output} {got}, the manifest says ({n}, {rows * cols}, D): re-export the bundle"
         )
-    return np.ascontiguousarray(x[0], dtype=np.float32).reshape(rows, cols, -1)
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(n, rows, cols, -1)

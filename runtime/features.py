@@ -17,11 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import EncoderInfo
-from .engines import run_encoder
-from .preprocess import Preprocessor
 from .result import StageTimer
-from .sessions import Engine, SegmenterError
+from .sessions import SegmenterError
 
 # A token cell has changed when its cosine with the same cell at the keyframe is under this: sensor noise and JPEG
 # stay above 0.9, a cell that now shows another object or floor falls below 0.5 (docs/DESIGN.md, "Keyframes by change").
@@ -96,28 +93,34 @@ def changed_fraction(tokens: np.ndarray, reference: np.ndarray) -> float:
 
 
 class ClipFeatures:
-    def __init__(self, clip: Engine, info: EncoderInfo, pre: Preprocessor, policy: KeyframePolicy):
-        self.clip, self.info, self.pre = clip, info, pre
+    """Which frames run CLIP (the Segmenter runs them, batched), and the features each frame is named from."""
+
+    def __init__(self, policy: KeyframePolicy):
         self.policy = policy
 
-    def __call__(self, keyframe: Keyframe | None, timer: StageTimer, tokens: np.ndarray | None = None) -> DenseFeatures:
-        """The preprocessed frame's features; with a ``keyframe``, its features until the policy calls a new one.
+    def due(
+        self, keyframe: Keyframe | None, timer: StageTimer, tokens: np.ndarray | None = None
+    ) -> tuple[bool, np.ndarray | None]:
+        """Whether the frame needs CLIP (always without a ``keyframe``), and its unit DINOv2 token rows when the policy
+        measured change on them (for ``keep``). A frame that reuses the keyframe's features counts as one more use.
         ``tokens``: this frame's DINOv2 tokens (h, w, Dd), for a policy that measures change."""
+        if keyframe is None:
+            return True, None
         unit = None
-        if keyframe is not None:
-            if self.policy.measures and tokens is not None:
-                with timer("keyframe"):
-                    unit = unit_rows(tokens)
-                    due = self.policy.due(keyframe, unit)
-            else:
-                due = self.policy.due(keyframe, None)
-            keyframe.fresh = due
-            if not due:
-                keyframe.uses += 1
-                assert keyframe.features is not None  # due otherwise
-                return keyframe.features
-        with timer("clip"):
-            features = DenseFeatures(run_encoder(self.clip, self.pre, self.info, "patch_embeddings", "CLIP"))
+        if self.policy.measures and tokens is not None:
+            with timer("keyframe"):
+                unit = unit_rows(tokens)
+                due = self.policy.due(keyframe, unit)
+        else:
+            due = self.policy.due(keyframe, None)
+        keyframe.fresh = due
+        if not due:
+            keyframe.uses += 1
+        return due, unit
+
+    def keep(self, keyframe: Keyframe | None, grid: np.ndarray, unit: np.ndarray | None) -> DenseFeatures:
+        """CLIP's ``grid`` (rows, cols, D) of a frame that ``due`` called a keyframe, recorded as the ``keyframe``'s."""
+        features = DenseFeatures(grid)
         if keyframe is not None:
             keyframe.features, keyframe.uses, keyframe.tokens = features, 1, unit
         return features

@@ -83,11 +83,15 @@ class Preprocessor:
         cv2.cvtColor(small, _TO_RGB[c], dst=self.rgb)
         return self.rgb
 
-    def normalise(self, out: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-        """(rgb / 255 - mean) / std into ``out`` (1, 3, S, S) float32, channel by channel, without temporaries."""
+    def normalise(
+        self, out: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], rgb: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(rgb / 255 - mean) / std into ``out`` (1, 3, S, S) float32, channel by channel, without temporaries.
+        ``rgb``: an S x S RGB frame, by default the last one resized (``self.rgb``)."""
+        rgb = self.rgb if rgb is None else rgb
         for c in range(3):
             plane = out[0, c]
-            np.multiply(self.rgb[:, :, c], np.float32(self._scale / std[c]), out=plane)
+            np.multiply(rgb[:, :, c], np.float32(self._scale / std[c]), out=plane)
             np.subtract(plane, np.float32(mean[c] / std[c]), out=plane)
         return out
 

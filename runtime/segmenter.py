@@ -13,9 +13,11 @@ each thread's video state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +27,8 @@ from .. import _native
 from ..constants import NUM_SEGMENTS, REFINES, STAGES, default_bundle
 from ..profiles import FAST, Profile, ProfileError, get_profile
 from .bundle import BundleError, Manifest, read_manifest
-from .engines import Engines
-from .features import ClipFeatures, Keyframe, KeyframePolicy
+from .engines import Engines, run_encoder_batch
+from .features import ClipFeatures, DenseFeatures, Keyframe, KeyframePolicy
 from .guided import GuidedHead
 from .labels import GuidanceFreeHead, LabelHysteresis
 from .lookup import LOOKUPS, LabelIndex
@@ -43,6 +45,7 @@ __all__ = [
     "SegmenterConfig",
     "SegmenterError",
     "STAGES",
+    "VideoStream",
     "UNKNOWN",
     "LabelHysteresis",
     "draw_legend",
@@ -105,8 +108,9 @@ class SegmenterConfig:
 
 
 @dataclass
-class _Stream:
-    """The video state of one thread: what its next frame continues from."""
+class VideoStream:
+    """The video state of one stream of frames: what its next frame continues from. Each thread has one of its own;
+    ``Segmenter.batch`` takes them explicitly (one per camera)."""
 
     shape: tuple[int, int] | None = None
     centres: np.ndarray | None = None  # k-means centres of the previous frame
@@ -122,8 +126,9 @@ class Segmenter:
     Thread safety: calls are serialised by one lock (the encoders and their preallocated inputs are
     shared, and ONNX Runtime already uses every core inside one run). Video state (k-means warm start,
     label hysteresis, keyframe reuse) is kept per thread, so each thread is its own stream and gets
-    exactly the results it would get alone; ``reset()`` forgets the calling thread's stream. Changing
-    the vocabulary or classes applies to every thread from its next frame.
+    exactly the results it would get alone; ``reset()`` forgets the calling thread's stream. ``batch``
+    takes frames of several streams (``VideoStream``) at once and runs each encoder once on them. Changing
+    the vocabulary or classes applies to every stream from its next frame.
 
     Segment areas are counted on the label map at the frame's size; bounding boxes likewise.
     """
@@ -155,7 +160,7 @@ class Segmenter:
             config.seed,
             EdgeRefiner(dino_size) if edges else None,
         )
-        self._clip_features = ClipFeatures(engines.clip, manifest.clip, self._pre["clip"], config.keyframes)
+        self._clip_features = ClipFeatures(config.keyframes)
         self._free_head = GuidanceFreeHead(clip_size, config.num_segments, config.top_k, config.score_threshold)
         self._guided_head = GuidedHead(
             clip_size,
@@ -308,7 +313,7 @@ class Segmenter:
 
     def reset(self) -> None:
         """Forget the calling thread's video state (warm start, hysteresis, keyframe)."""
-        self._local.stream = _Stream()
+        self._local.stream = VideoStream()
 
     def close(self) -> None:
         with self._lock:
@@ -324,37 +329,56 @@ class Segmenter:
 
     def __call__(self, frame_bgr: np.ndarray) -> Result:
         """Segment one frame (uint8/uint16, gray, BGR or BGRA, any size); the label map comes back at its size."""
-        timer = StageTimer()
+        return self.batch([frame_bgr], [self._stream()])[0]
+
+    def batch(self, frames: list[np.ndarray], streams: list[VideoStream]) -> list[Result]:
+        """One frame of each of several streams, each continuing its ``VideoStream``: the encoders run once on the
+        frames that need them (one batch each). Every result is the one that stream's frame gets alone: labels and
+        label maps exactly, scores to float rounding (a batched matrix product may sum in another order). A frame's
+        timings count the batch's encoder runs in full (the time it waited for them)."""
+        if len(frames) != len(streams) or not frames:
+            raise SegmenterError(f"batch takes one stream per frame, got {len(frames)} frames, {len(streams)} streams")
+        if len({id(s) for s in streams}) != len(streams):
+            raise SegmenterError(
+                "a batch holds at most one frame per stream: send a stream's next frame in a later batch"
+            )
+        timers = [StageTimer() for _ in frames]
         start = time.perf_counter()
-        stream = self._stream()
         with self._lock:
-            frame = check_frame(frame_bgr)
-            shape = frame.shape[:2]
-            stream = self._continue(stream, shape)
-            with timer("preprocess"):
-                self._pre(frame)
-            keyframe: Keyframe | None
-            if self._classes is None:
-                keyframe = stream.keyframe
-                maps = self._warm_segments(stream, timer)
-                features = self._clip_features(keyframe, timer, maps.tokens)
-                label_map, segments = self._free_head(
-                    maps, features, self._index, self._hysteresis(stream), shape, timer
-                )
-            else:  # per patch (CLIP on every frame), or voted inside the segments (keyframes as guidance-free)
-                voting = self.config.refine == "segments"
-                votes = self._warm_segments(stream, timer) if voting else None
-                keyframe = stream.keyframe if votes is not None else None
-                features = self._clip_features(keyframe, timer, votes.tokens if votes is not None else None)
-                assert self._class_embeddings is not None  # set together with self._classes
-                label_map, segments = self._guided_head(
-                    self._pre["clip"].rgb, features, votes, self._classes, self._class_embeddings, shape, timer
-                )
-        stream.frame_index += 1
-        timer.ms["total"] = (time.perf_counter() - start) * 1000
-        fresh, change = (keyframe.fresh, keyframe.change) if keyframe is not None else (True, None)
-        labels = {s.id: s.label for s in segments}
-        return Result(label_map, segments, labels, timer.ms, stream.frame_index - 1, fresh, change)
+            checked = [check_frame(f) for f in frames]
+            shapes = [f.shape[:2] for f in checked]
+            for stream, shape in zip(streams, shapes):
+                self._continue(stream, shape)
+            rgbs = self._preprocess(checked, timers)
+            guided = self._classes is not None
+            maps: list[SegmentMaps | None] = [None] * len(frames)
+            if not guided or self.config.refine == "segments":
+                maps = self._warm_segments(rgbs, streams, timers)
+            keyframes = [s.keyframe if m is not None else None for s, m in zip(streams, maps)]
+            features = self._features(rgbs, keyframes, maps, timers)
+            results = []
+            for i, (stream, shape, timer) in enumerate(zip(streams, shapes, timers)):
+                votes = maps[i]
+                if not guided:
+                    assert votes is not None  # guidance-free always segments
+                    label_map, segments = self._free_head(
+                        votes, features[i], self._index, self._hysteresis(stream), shape, timer
+                    )
+                else:  # per patch (CLIP on every frame), or voted inside the segments (keyframes as guidance-free)
+                    assert self._classes is not None and self._class_embeddings is not None  # set together
+                    label_map, segments = self._guided_head(
+                        rgbs[i]["clip"], features[i], votes, self._classes, self._class_embeddings, shape, timer
+                    )
+                results.append((label_map, segments))
+        out = []
+        total = (time.perf_counter() - start) * 1000
+        for (label_map, segments), stream, timer, keyframe in zip(results, streams, timers, keyframes):
+            stream.frame_index += 1
+            timer.ms["total"] = total
+            fresh, change = (keyframe.fresh, keyframe.change) if keyframe is not None else (True, None)
+            labels = {s.id: s.label for s in segments}
+            out.append(Result(label_map, segments, labels, timer.ms, stream.frame_index - 1, fresh, change))
+        return out
 
     def candidates(self, frame_bgr: np.ndarray) -> np.ndarray:
         """The un-merged segment candidates (k-means segments, refined as configured) at the frame's size, without video state.
@@ -372,31 +396,93 @@ class Segmenter:
 
     # ---- video state --------------------------------------------------------------------------------------------
 
-    def _stream(self) -> _Stream:
+    def _stream(self) -> VideoStream:
         stream = getattr(self._local, "stream", None)
         if stream is None:
-            stream = self._local.stream = _Stream()
+            stream = self._local.stream = VideoStream()
         return stream
 
-    def _continue(self, stream: _Stream, shape: tuple[int, int]) -> _Stream:
-        """The calling thread's stream for a frame of ``shape``: a new one when the size or the vocabulary changed."""
+    def _continue(self, stream: VideoStream, shape: tuple[int, int]) -> None:
+        """Make ``stream`` ready for a frame of ``shape``: started afresh when the size or the vocabulary changed."""
         if stream.shape == shape and stream.vocab_version == self._vocab_version:
-            return stream
-        fresh = _Stream(shape=shape, vocab_version=self._vocab_version, frame_index=stream.frame_index)
-        if stream.shape == shape:  # only the vocabulary changed: the segments may continue
-            fresh.centres, fresh.keyframe = stream.centres, stream.keyframe
-        self._local.stream = fresh
-        return fresh
+            return
+        keep = stream.shape == shape  # only the vocabulary changed: the segments may continue
+        centres, keyframe = (stream.centres, stream.keyframe) if keep else (None, Keyframe())
+        stream.shape, stream.vocab_version, stream.labels = shape, self._vocab_version, None
+        stream.centres, stream.keyframe = centres, keyframe
 
-    def _warm_segments(self, stream: _Stream, timer: StageTimer) -> SegmentMaps:
-        maps = self._segment_candidates(self._pre["dinov2"].rgb, stream.centres, timer)
-        stream.centres = maps.centres
+    def _preprocess(self, frames: list[np.ndarray], timers: list[StageTimer]) -> list[dict[str, np.ndarray]]:
+        """Each frame at each encoder's input size (RGB); one frame stays in the Preprocessors' buffers."""
+        rgbs = []
+        for frame, timer in zip(frames, timers):
+            with timer("preprocess"):
+                self._pre(frame)
+                rgbs.append({e: p.rgb if len(frames) == 1 else p.rgb.copy() for e, p in self._pre.encoders.items()})
+        return rgbs
+
+    def _warm_segments(
+        self, rgbs: list[dict[str, np.ndarray]], streams: list[VideoStream], timers: list[StageTimer]
+    ) -> list[SegmentMaps | None]:
+        dino = [r["dinov2"] for r in rgbs]
+        with _shared(timers, "dinov2"):
+            tokens = run_encoder_batch(
+                self.engines.dinov2, self._pre["dinov2"], dino, self.manifest.dinov2, "tokens", "DINOv2"
+            )
+        maps: list[SegmentMaps | None] = []
+        for grid, rgb, stream, timer in zip(tokens, dino, streams, timers):
+            m = self._segment_candidates.from_tokens(grid, rgb, stream.centres, timer)
+            stream.centres = m.centres
+            maps.append(m)
         return maps
 
-    def _hysteresis(self, stream: _Stream) -> LabelHysteresis:
+    def _features(
+        self,
+        rgbs: list[dict[str, np.ndarray]],
+        keyframes: list[Keyframe | None],
+        maps: list[SegmentMaps | None],
+        timers: list[StageTimer],
+    ) -> list[DenseFeatures]:
+        """CLIP's features of each frame: the keyframe's where the policy reuses them, else one CLIP run on the rest."""
+        plans = [
+            self._clip_features.due(k, t, m.tokens if m is not None else None)
+            for k, m, t in zip(keyframes, maps, timers)
+        ]
+        due = [i for i, (d, _) in enumerate(plans) if d]
+        grids: dict[int, np.ndarray] = {}
+        if due:
+            clip = [rgbs[i]["clip"] for i in due]
+            with _shared([timers[i] for i in due], "clip"):
+                grids = dict(
+                    zip(
+                        due,
+                        run_encoder_batch(
+                            self.engines.clip, self._pre["clip"], clip, self.manifest.clip, "patch_embeddings", "CLIP"
+                        ),
+                    )
+                )
+        features = []
+        for i, (keyframe, (_, unit)) in enumerate(zip(keyframes, plans)):
+            if i in grids:
+                features.append(self._clip_features.keep(keyframe, grids[i], unit))
+            else:
+                assert keyframe is not None and keyframe.features is not None  # reused only when there is one
+                features.append(keyframe.features)
+        return features
+
+    def _hysteresis(self, stream: VideoStream) -> LabelHysteresis:
         if stream.labels is None:
             stream.labels = LabelHysteresis(self.config.num_segments, self.config.hysteresis)
         return stream.labels
+
+
+@contextlib.contextmanager
+def _shared(timers: list[StageTimer], stage: str) -> Iterator[None]:
+    """Time one run that several frames share: each frame's ``stage`` counts all of it."""
+    start = time.perf_counter()
+    yield
+    ms = (time.perf_counter() - start) * 1000
+    for timer in timers:
+        timer.ms[stage] += ms
 
 
 def _names(names: list[str] | str, what: str) -> list[str]:

@@ -44,9 +44,16 @@ class SegmentCandidates:
     def __call__(self, rgb: np.ndarray, warm_start: np.ndarray | None, timer: StageTimer) -> SegmentMaps:
         """Segments of the frame ``pre`` holds (``rgb``: it at DINOv2's input size); ``warm_start``: the previous
         frame's centres, or None."""
-        K = self.num_segments
         with timer("dinov2"):
             tokens = run_encoder(self.dinov2, self.pre, self.info, "tokens", "DINOv2")
+        return self.from_tokens(tokens, rgb, warm_start, timer)
+
+    def from_tokens(
+        self, tokens: np.ndarray, rgb: np.ndarray, warm_start: np.ndarray | None, timer: StageTimer
+    ) -> SegmentMaps:
+        """Segments of a frame whose DINOv2 ``tokens`` (h, w, Dd) were computed already (``rgb``: the frame at DINOv2's
+        input size)."""
+        K = self.num_segments
         with timer("kmeans"):
             x = tokens.reshape(-1, tokens.shape[-1])
             centres, _, scores = _native.spherical_kmeans(x, K, self.iterations, self.seed, warm_start)
