@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +30,9 @@ from ovseg.constants import RANDOM_WEIGHTS_WARNING, REFINES
 
 from .display import Window, display_problem, draw_status
 from .sinks import FrameDirSink, JsonLinesSink, Sink, VideoSink
-from .sources import ImageSource, LatestFrameCapture, Source, VideoFileSource, is_live, sample_clip
+from .sources import Frame, ImageSource, LatestFrameCapture, Source, VideoFileSource, is_live, sample_clip
 from .vocabulary import parse_class_list
+from .web import WebSink, parse_address
 
 PROG = "ovseg-run"
 RANDOM_WEIGHTS_BANNER = f"WARNING: {RANDOM_WEIGHTS_WARNING} (export real weights with ovseg-export)"
@@ -97,7 +98,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per frame on stdout")
     p.add_argument("--no-show", action="store_true", help="do not open a window")
     p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
+    p.add_argument(
+        "--loop", action="store_true", help="start a video file, the images or --sample again after the last frame"
+    )
+    p.add_argument(
+        "--web",
+        type=parse_address,
+        metavar="[HOST:]PORT",
+        help="serve the live overlay, the segments and a box to change the classes to browsers (HOST defaults to "
+        "127.0.0.1; 0.0.0.0 opens it to the network; port 0 picks a free one)",
+    )
+    p.add_argument(
+        "--web-token",
+        metavar="TOKEN",
+        help="what the --web page asks for before it changes the classes (default: a random token, printed at start)",
+    )
     return p
+
+
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.web_token is not None and (args.web is None or not args.web_token.strip()):
+        p.error("--web-token needs --web and a token that is not empty")
+    if args.loop and (args.camera is not None or (args.video is not None and is_live(args.video))):
+        p.error("--loop needs a video file, images or --sample: a camera or stream has no last frame")
 
 
 def quiet_opencv() -> None:
@@ -164,6 +187,13 @@ def _open_sinks(args: argparse.Namespace, source: Source) -> list[Sink]:
         sinks.append(FrameDirSink(args.save_dir))
     if args.json:
         sinks.append(JsonLinesSink(sys.stdout))
+    if args.web is not None:  # last: it binds a port, which a sink failing after it would leave bound
+        web = WebSink(args.web, args.web_token)
+        sinks.append(web)
+        say(
+            PROG,
+            f"watch at {web.url}; changing the classes there needs the token {web.token} ({web.url}#token={web.token})",
+        )
     return sinks
 
 
@@ -228,7 +258,10 @@ def _loop(
     args, source: Source, seg, sinks: list[Sink], window: Window | None, stats: LatencyStats, started: float
 ) -> None:
     need_overlay = window is not None or any(s.needs_overlay for s in sinks)
-    for frame in source:
+    steered = [s for s in sinks if isinstance(s, WebSink)]
+    for frame in _frames(source, args.loop):
+        for web in steered:
+            web.before_frame(seg)  # changes asked for on the page, applied on this thread between frames
         if source.independent_frames:
             seg.reset()  # unrelated images: no warm start from the previous one
         result = seg(frame.image)
@@ -250,9 +283,22 @@ def _loop(
             break
 
 
+def _frames(source: Source, loop: bool) -> Iterator[Frame]:
+    """The source's frames; with ``loop`` again from the first after the last, until a pass yields none."""
+    while True:
+        count = 0
+        for frame in source:
+            count += 1
+            yield frame
+        if not loop or not count:
+            return
+
+
 def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = None) -> int:
     """Run ovseg-run; ``open_segmenter`` replaces ``Segmenter.from_bundle`` (tests inject a fake)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     quiet_opencv()
 
     def body() -> int:

@@ -279,6 +279,9 @@ class VideoFileSource(Source):
         self.expected_frames = count if count > 0 else None  # from the container header; a truncated file has fewer
 
     def __iter__(self) -> Iterator[Frame]:
+        if self._cap.get(cv2.CAP_PROP_POS_FRAMES) > 0:  # iterated before (ovseg-run --loop): from the first frame again
+            self._cap.release()
+            self._cap = cv2.VideoCapture(self.path)
         delivered = 0
         bad_run = 0
         while True:
