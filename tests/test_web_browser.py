@@ -1,102 +1,31 @@
 """ovseg-run --sample --web as a user runs it: the command in its own process, HTTP from this test, and a real
 headless Chromium driven by Selenium (Debian's chromium and chromium-driver, which .ci/run installs; without them the
-browser test skips saying so). OVSEG_WEB_SCREENSHOT=PATH also writes the browser's screenshot there."""
+browser test skips saying so), with the helpers benchmarks/web_cost.py measures with.
+OVSEG_WEB_SCREENSHOT=PATH also writes the browser's screenshot there."""
 
 from __future__ import annotations
 
-import contextlib
-import http.client
-import json
 import os
 import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
 import pytest
 
+from ovseg.benchmarks.web_cost import BrowserMissing, open_chromium, ovseg_run_web
 from ovseg.runtime.vocabulary import load_vocabulary
 
 from assertions import eventually
 
 NEW_CLASSES = ["person", "forklift", "pallet"]
-CHROMIUM_FLAGS = (  # headless, and quiet: no first-run, sync, update or QUIC traffic on a closed network
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1200,700",
-)
-
-
-@dataclass
-class Served:
-    url: str
-    token: str
-    process: subprocess.Popen
-    port: int
-
-    def request(self, method: str, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
-        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        try:
-            conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
-            answer = conn.getresponse()
-            return answer.status, json.loads(answer.read())
-        finally:
-            conn.close()
-
-
-def _announced(process: subprocess.Popen) -> tuple[str, str]:
-    assert process.stderr is not None
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        found = re.search(r"watch at (http://\S+/); changing the classes there needs the token (\S+) ", line)
-        if found:
-            return found.group(1), found.group(2)
-    raise AssertionError("ovseg-run ended without serving:\n" + "".join(lines))
-
-
-def _healthy(served: Served) -> bool:
-    with contextlib.suppress(OSError):
-        return served.request("GET", "/health")[0] == 200
-    return False
-
-
-@contextlib.contextmanager
-def ovseg_run(bundle: Path) -> Iterator[Served]:
-    command = [str(Path(sys.executable).with_name("ovseg-run")), "--bundle", str(bundle), "--sample", "--loop"]
-    command += ["--web", "127.0.0.1:0", "--no-show", "--threads", "1"]
-    env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            url, token = pool.submit(_announced, process).result(timeout=300)
-        served = Served(url, token, process, int(urlsplit(url).port or 0))
-        eventually(lambda: _healthy(served), "the first frame")
-        yield served
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=60)
 
 
 def test_ovseg_run_web_serves_steers_and_stops_cleanly(tiny_bundle):
-    with ovseg_run(tiny_bundle) as served:
+    with ovseg_run_web(tiny_bundle, "--threads", "1") as served:
         status, record = served.request("GET", "/segments")
         assert status == 200
         assert set(record) == {"seq", "frame", "timestamp", "keyframe", "change", "segments", "timings_ms", "source"}
@@ -121,17 +50,9 @@ def test_ovseg_run_web_serves_steers_and_stops_cleanly(tiny_bundle):
 @pytest.fixture
 def chromium(tmp_path):
     try:
-        from selenium import webdriver
-    except ImportError:
-        pytest.skip("selenium is not installed: pip install -e '.[dev]'")
-    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if browser is None or driver_path is None:
-        pytest.skip("no headless browser here: apt-get install chromium chromium-driver (.ci/run does)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+        driver = open_chromium(tmp_path / "profile")
+    except BrowserMissing as e:
+        pytest.skip(str(e))
     try:
         yield driver
     finally:
@@ -174,7 +95,7 @@ def test_a_browser_watches_and_changes_the_classes(tiny_bundle, chromium, tmp_pa
         return message.get_attribute("class") == css and part in message.text
 
     wait = WebDriverWait(chromium, 120, poll_frequency=0.2)
-    with ovseg_run(tiny_bundle) as served:
+    with ovseg_run_web(tiny_bundle, "--threads", "1") as served:
         chromium.get(served.url)
         wait.until(lambda d: d.execute_script("return document.getElementById('stream').naturalWidth") == 640)
         first = chromium.execute_script(THUMBNAIL)
@@ -213,3 +134,10 @@ def test_a_browser_watches_and_changes_the_classes(tiny_bundle, chromium, tmp_pa
     (tmp_path / "web.png").write_bytes(screenshot)
     if os.environ.get("OVSEG_WEB_SCREENSHOT"):
         Path(os.environ["OVSEG_WEB_SCREENSHOT"]).write_bytes(screenshot)
+
+
+def test_without_chromium_the_skip_says_what_to_install(monkeypatch, tmp_path):
+    pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[dev]'")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(BrowserMissing, match=r"apt-get install chromium chromium-driver \(.ci/run does\)"):
+        open_chromium(tmp_path)
