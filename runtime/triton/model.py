@@ -1,0 +1,196 @@
+"""The Python backend model that tritonserver runs: one Segmenter per model instance, one VideoStream per sequence.
+
+Triton's sequence batcher routes every request of a camera stream (its correlation id) to one instance, in order;
+START starts the stream afresh, END forgets it, and a stream idle for longer than the repository's idle time is
+forgotten here as Triton forgets it. The requests of one ``execute`` call (frames of several streams waiting together)
+go through ``Segmenter.batch``: each encoder runs once on them.
+
+Runs inside tritonserver's Python stub, where ``triton_python_backend_utils`` is importable; the repository's
+model.py imports this module (repository.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import cv2
+import numpy as np
+
+from ..segmenter import Segmenter, VideoStream
+from ..sessions import SegmenterError
+from .protocol import CORRID, END, FRAME, IMAGE, LABEL_MAP, OPTIONS, SEGMENTS, START, RequestOptions, ServingError
+
+# Segmenters for distinct request options (classes, vocabulary, top_k, threshold) kept at once; they share the encoders.
+MAX_VARIANTS = 16
+
+
+@dataclass
+class HeldStream:
+    stream: VideoStream
+    options: str  # the options its labels were made with (RequestOptions.to_json)
+    seen: float  # time.monotonic() of its last request
+
+
+@dataclass
+class Work:
+    index: int  # of the request in execute's list
+    corrid: int
+    frame: np.ndarray
+    segmenter: Segmenter
+    end: bool
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.idle_seconds = float(params["idle_seconds"])
+        self.max_pixels = int(params["max_pixels"])
+        self.instance = args.get("model_instance_name", "ovseg")
+        self.segmenter = Segmenter.from_bundle(params["bundle"], **json.loads(params["segmenter"]))
+        self.variants: OrderedDict[str, Segmenter] = OrderedDict()
+        self.streams: dict[int, HeldStream] = {}
+
+    def execute(self, requests: list) -> list:
+        now = time.monotonic()
+        for corrid in [c for c, h in self.streams.items() if now - h.seen > self.idle_seconds]:
+            del self.streams[corrid]
+        responses: list = [None] * len(requests)
+        work: list[Work] = []
+        for i, request in enumerate(requests):
+            try:
+                work.append(self._accept(i, request, now))
+            except SegmenterError as e:
+                responses[i] = self._error(str(e))
+        while work:  # a batch holds one frame per stream; a stream's next frame waits for the next
+            batch: dict[int, Work] = {}
+            rest = []
+            for w in work:
+                if w.corrid in batch:
+                    rest.append(w)
+                else:
+                    batch[w.corrid] = w
+            for group in _by_segmenter(list(batch.values())):
+                self._run(group, responses)
+            work = rest
+        return responses
+
+    def finalize(self) -> None:
+        self.segmenter.close()
+
+    # ---- one request ------------------------------------------------------------------------------------------
+
+    def _accept(self, index: int, request, now: float) -> Work:
+        corrid = int(self._tensor(request, CORRID).reshape(-1)[0])
+        start = bool(self._tensor(request, START).reshape(-1)[0])
+        end = bool(self._tensor(request, END).reshape(-1)[0])
+        frame = self._frame(request)
+        raw = self._optional(request, OPTIONS)
+        options = RequestOptions.from_json(raw.reshape(-1)[0] if raw is not None else b"")
+        segmenter = self._variant(options)
+        key = options.to_json()
+        held = self.streams.get(corrid)
+        if start or held is None:
+            held = self.streams[corrid] = HeldStream(VideoStream(), key, now)
+        elif held.options != key:
+            held.stream.vocab_version, held.options = -1, key  # new names: labels start afresh, segments continue
+        held.seen = now
+        return Work(index, corrid, frame, segmenter, end)
+
+    def _frame(self, request) -> np.ndarray:
+        image, raw = self._optional(request, IMAGE), self._optional(request, FRAME)
+        if (image is None) == (raw is None):
+            raise ServingError(
+                "send one of IMAGE (JPEG/PNG bytes) or FRAME (uint8 H x W x C pixels), not both or neither"
+            )
+        if image is not None:
+            data = image.reshape(-1)[0] if image.size else b""
+            if not isinstance(data, bytes) or not data:
+                raise ServingError("IMAGE is empty: send the bytes of a JPEG or PNG file")
+            frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            if frame is None:
+                raise ServingError(
+                    f"IMAGE ({len(data)} bytes) is not an image OpenCV can decode: send JPEG or PNG bytes"
+                )
+        else:
+            assert raw is not None
+            frame = raw[0] if raw.ndim == 4 and raw.shape[0] == 1 else raw
+            if frame.ndim != 3 or frame.shape[2] not in (1, 3, 4):
+                raise ServingError(f"FRAME must be H x W x C with C 1, 3 or 4 (BGR), got shape {tuple(raw.shape)}")
+        if frame.shape[0] * frame.shape[1] > self.max_pixels:
+            raise ServingError(
+                f"the frame is {frame.shape[1]} x {frame.shape[0]}, over this server's {self.max_pixels} pixels: "
+                "send it smaller (the encoders see it at a few hundred pixels) or start ovseg-serve with --max-pixels"
+            )
+        return frame
+
+    def _variant(self, options: RequestOptions) -> Segmenter:
+        key = options.to_json()
+        if key in self.variants:
+            self.variants.move_to_end(key)
+            return self.variants[key]
+        base = self.segmenter.config
+        config = replace(
+            base,
+            top_k=options.top_k if options.top_k is not None else base.top_k,
+            score_threshold=options.threshold if options.threshold is not None else base.score_threshold,
+        )
+        config.check()
+        variant = self.segmenter.with_config(config)
+        if options.vocabulary is not None:
+            variant.set_vocabulary(
+                list(options.vocabulary) if isinstance(options.vocabulary, tuple) else options.vocabulary
+            )
+        if options.classes is not None:
+            variant.set_classes(list(options.classes) if isinstance(options.classes, tuple) else options.classes)
+        self.variants[key] = variant
+        while len(self.variants) > MAX_VARIANTS:
+            self.variants.popitem(last=False)
+        return variant
+
+    def _run(self, group: list[Work], responses: list) -> None:
+        streams = [self.streams[w.corrid].stream for w in group]
+        try:
+            results = group[0].segmenter.batch([w.frame for w in group], streams)
+        except SegmenterError as e:
+            for w in group:
+                responses[w.index] = self._error(str(e))
+            return
+        for w, result in zip(group, results):
+            if w.end:
+                self.streams.pop(w.corrid, None)
+            body = result.to_json_dict() | {"server": {"instance": self.instance, "streams": len(self.streams)}}
+            responses[w.index] = self.pb.InferenceResponse(
+                output_tensors=[
+                    self.pb.Tensor(LABEL_MAP, result.label_map.astype(np.int32)[None]),
+                    self.pb.Tensor(SEGMENTS, np.array([[json.dumps(body).encode()]], dtype=object)),
+                ]
+            )
+
+    # ---- tensors ------------------------------------------------------------------------------------------------
+
+    def _optional(self, request, name: str) -> np.ndarray | None:
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        return None if tensor is None else tensor.as_numpy()
+
+    def _tensor(self, request, name: str) -> np.ndarray:
+        value = self._optional(request, name)
+        if value is None:
+            raise ServingError(f"the request has no {name}: send frames in a sequence (correlation id, START, END)")
+        return value
+
+    def _error(self, message: str):
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
+
+
+def _by_segmenter(work: list[Work]) -> list[list[Work]]:
+    groups: dict[int, list[Work]] = {}
+    for w in work:
+        groups.setdefault(id(w.segmenter), []).append(w)
+    return list(groups.values())

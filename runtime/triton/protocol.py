@@ -1,0 +1,77 @@
+"""The wire format of ovseg's Triton model, shared by the model and the client.
+
+One request is one frame of one camera stream (the sequence's correlation id). The frame comes as an encoded image
+(IMAGE: JPEG/PNG bytes) or as raw pixels (FRAME: uint8 H x W x C, BGR). OPTIONS, a JSON object, is read on every
+request; a stream whose options change starts its labels afresh:
+
+    {"classes": ["person", "forklift"] | "voc21" | null,   # guided mode with these classes; null: guidance-free
+     "vocabulary": ["pallet", ...] | "PRESET" | null,        # guidance-free vocabulary; null: the bundle's
+     "top_k": 3, "threshold": 0.2}
+
+The answer: LABEL_MAP (int32 H x W, segment ids at the frame's size) and SEGMENTS (JSON: the fields of
+``ovseg-run --json``: frame, keyframe, change, segments, timings_ms).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from ..sessions import SegmenterError
+
+MODEL = "ovseg"
+IMAGE, FRAME, OPTIONS = "IMAGE", "FRAME", "OPTIONS"
+START, END, CORRID = "START", "END", "CORRID"
+LABEL_MAP, SEGMENTS = "LABEL_MAP", "SEGMENTS"
+MAX_OPTIONS_BYTES = 1 << 20
+
+
+class ServingError(SegmenterError):
+    """A request or a server that cannot be served; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    classes: tuple[str, ...] | str | None = None
+    vocabulary: tuple[str, ...] | str | None = None
+    top_k: int | None = None
+    threshold: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: bytes | str) -> RequestOptions:
+        if len(text) > MAX_OPTIONS_BYTES:
+            raise ServingError(f"OPTIONS is {len(text)} bytes, the most is {MAX_OPTIONS_BYTES}: send fewer names")
+        try:
+            raw = json.loads(text) if text else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ServingError(f'OPTIONS is not JSON ({e}): send an object such as {{"classes": ["person"]}}') from None
+        if not isinstance(raw, dict):
+            raise ServingError(f"OPTIONS must be a JSON object, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ServingError(f"OPTIONS has unknown keys {unknown}: use {sorted(cls.__dataclass_fields__)}")
+        return cls(
+            classes=_names(raw.get("classes"), "classes"),
+            vocabulary=_names(raw.get("vocabulary"), "vocabulary"),
+            top_k=None if raw.get("top_k") is None else int(_number(raw.get("top_k"), "top_k", int) or 0),
+            threshold=_number(raw.get("threshold"), "threshold", float),
+        )
+
+
+def _names(value: object, key: str) -> tuple[str, ...] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ServingError(f"OPTIONS {key} must be a list of names, a preset name or null, got {value!r}"[:300])
+
+
+def _number(value: object, key: str, kind: type) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ServingError(f"OPTIONS {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return value
