@@ -22,7 +22,7 @@ from ovseg.calib.data import CalibrationError, Norm, holdout_indices, load_calib
 from ovseg.calib.gate import Thresholds, agreement
 from ovseg.constants import DEFAULT_COSINE, INT8_SYMMETRIC
 from ovseg.environment import machine_key
-from ovseg.runtime.bundle import BundleError, PlanRecord, read_manifest
+from ovseg.runtime.bundle import BundleError, PlanRecord, read_manifest, sha256_file
 from ovseg.runtime.precision import pick_precision
 from ovseg.runtime.result import Result, Segment
 
@@ -420,6 +420,7 @@ def test_a_model_for_tensorrt_under_the_gate_writes_nothing_and_a_new_one_drops_
     manifest = json.loads((bundle / "manifest.json").read_text())
     (bundle / "dinov2.int8.plan").write_bytes(b"a plan built from the previous model")
     manifest["dinov2"]["files"]["trt_int8"] = "dinov2.int8.plan"
+    manifest["sha256"]["dinov2.int8.plan"] = sha256_file(bundle / "dinov2.int8.plan")
     manifest["dinov2"]["plans"] = {
         "trt_int8": asdict(
             PlanRecord("dinov2.int8_symmetric.onnx", "10.3.0", "NVIDIA Jetson AGX Orin", "8.7", 0.99, 0.999)
