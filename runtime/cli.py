@@ -281,6 +281,8 @@ def _loop(
         t0 = time.perf_counter()
         with signals_deferred():  # a frame reaches every sink and the frame count, or none of them
             for sink in sinks:
+                sink.check_room()
+            for sink in sinks:
                 sink.write(frame, result, overlay)
             keep_going = window.show(overlay) if window is not None and overlay is not None else True
             timings["output"] = (time.perf_counter() - t0) * 1000

@@ -20,6 +20,11 @@ from .result import Result
 from .sources import Closeable, Frame
 
 VIDEO_FOURCC = "mp4v"
+# Room kept free on an output's disk: a video finalises (buffered frames, then its index) into it when a full disk
+# stops the run, so every sink stops writing frames before the disk is this full.
+DISK_RESERVE = 2 << 20
+INDEX_BYTES_PER_FRAME = 64  # an mp4 index entry per frame (sample size, offset, time), with room to spare
+FRAME_ROOM = 1 << 20  # what one frame may add to every output together (a video frame, a PNG, a JSON): check_room()
 
 
 class SinkError(OvsegError, RuntimeError):
@@ -62,8 +67,32 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise SinkError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def free_bytes(directory: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the disk holding ``directory`` (None: not known)."""
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_space(directory: Path, reserve: int, what: str, frames: int) -> None:
+    """A SinkError when the disk holding ``directory`` has less than ``reserve`` bytes left: the run stops there, and
+    what was written so far is finalised in the room kept."""
+    free = free_bytes(directory)
+    if free is not None and free < reserve:
+        raise SinkError(
+            f"the disk holding {what} is full ({free / 2**20:.1f} MiB left, {reserve / 2**20:.1f} MiB kept to finalise "
+            f"the outputs): stopped after {frames} frames, each output written so far is whole; free some space"
+        )
+
+
 class Sink(Closeable):
     needs_overlay = False  # True when write() uses the rendered overlay
+
+    def check_room(self, frame_room: int = FRAME_ROOM) -> None:
+        """Raise SinkError when the disk lacks the room kept to finalise plus ``frame_room`` for the next frame.
+        ovseg-run asks every sink before writing a frame to any; write() asks again with no frame room."""
 
     def write(self, frame: Frame, result: Result, overlay: np.ndarray | None) -> None:
         raise NotImplementedError
@@ -89,6 +118,7 @@ class VideoSink(Sink):
         # Open a writer once now, so a bad path or a missing encoder fails before any model is loaded.
         self._open((16, 16)).release()
         self._tmp.unlink(missing_ok=True)
+        self.check_room()
 
     def _open(self, size: tuple[int, int]) -> cv2.VideoWriter:
         writer = cv2.VideoWriter(str(self._tmp), cv2.VideoWriter.fourcc(*VIDEO_FOURCC), self.fps, size)
@@ -105,6 +135,7 @@ class VideoSink(Sink):
     def write(self, frame: Frame, result: Result, overlay: np.ndarray | None) -> None:
         if overlay is None:
             raise SinkError("VideoSink needs the rendered overlay")
+        self.check_room(frame_room=0)
         if self._writer is None:
             self._size = (overlay.shape[1], overlay.shape[0])
             self._writer = self._open(self._size)
@@ -112,6 +143,10 @@ class VideoSink(Sink):
             overlay = cv2.resize(overlay, self._size, interpolation=cv2.INTER_AREA)
         self._writer.write(overlay)
         self.frames += 1
+
+    def check_room(self, frame_room: int = FRAME_ROOM) -> None:
+        reserve = DISK_RESERVE + INDEX_BYTES_PER_FRAME * self.frames + frame_room
+        check_space(self.path.parent, reserve, f"--save {self.path}", self.frames)
 
     def close(self) -> None:
         if self._writer is None:
@@ -134,8 +169,13 @@ class FrameDirSink(Sink):
             raise SinkError(f"cannot create --save-dir {self.dir}: {e.strerror or e}") from None
         if not os.access(self.dir, os.W_OK):
             raise SinkError(f"--save-dir {self.dir} is not writable")
+        self.check_room()
+
+    def check_room(self, frame_room: int = FRAME_ROOM) -> None:
+        check_space(self.dir, DISK_RESERVE + frame_room, f"--save-dir {self.dir}", self.frames)
 
     def write(self, frame: Frame, result: Result, overlay: np.ndarray | None) -> None:
+        self.check_room(frame_room=0)
         stem = f"frame_{frame.index:06d}"
         label_map = result.label_map
         low, high = (int(label_map.min()), int(label_map.max())) if label_map.size else (0, 0)
@@ -149,7 +189,11 @@ class FrameDirSink(Sink):
         record = frame_record(frame, result)
         record["label_map"] = f"{stem}.png"
         record["labels"] = {str(k): v for k, v in result.labels.items()}
-        atomic_write(self.dir / f"{stem}.json", (to_json(record, indent=1) + "\n").encode())
+        try:
+            atomic_write(self.dir / f"{stem}.json", (to_json(record, indent=1) + "\n").encode())
+        except SinkError:
+            (self.dir / f"{stem}.png").unlink(missing_ok=True)  # a frame is its label map and its JSON, or neither
+            raise
         self.frames += 1
 
 
