@@ -180,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--scenes", type=int, metavar="N", help="held-out synthetic scenes (default 100, --quick 12)")
     prof.add_argument("--seeds", type=int, metavar="N", help="k-means seeds per quality score (default 3, --quick 2)")
     p.add_argument(
+        "--soak",
+        type=int,
+        metavar="N",
+        help="instead of the sections: N frames of a moving video through one Segmenter with vocabulary, class and "
+        "frame-size changes; RSS growth and p99 latency drift (README, Reliability). With --tiny-models and no "
+        "--bundle: the tests' tiny bundle, exported once into the cache",
+    )
+    p.add_argument(
         "--tiny-models",
         action="store_true",
         help="the bundle was exported from tiny_clip() and a seeded random tiny DINOv2 (the tests' fixture)",
@@ -436,6 +444,8 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         raise BenchError("--profile-bundle, --scenes and --seeds belong to --profiles: add it, or leave them out")
     if args.profiles and args.plot:
         raise BenchError("--plot draws the sections' charts, which --profiles does not run: leave one out")
+    if args.soak is not None:
+        return run_soak(args, argv)
     from . import profiles, report
 
     table, markdown = (profiles.table, profiles.markdown) if args.profiles else (report.table, report.markdown)
@@ -470,6 +480,23 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         for path in write_plots(doc, args.plot):
             say(f"wrote {path}")
     return 1 if doc["errors"] else 0
+
+
+def run_soak(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import soak
+
+    if args.soak < soak.MIN_FRAMES or args.profiles or args.plot or args.markdown or args.csv:
+        raise BenchError(f"--soak N takes N >= {soak.MIN_FRAMES} frames and no --profiles, --plot, --markdown or --csv")
+    bundle = args.bundle
+    if args.tiny_models and not any(a == "--bundle" or a.startswith("--bundle=") for a in argv):
+        bundle = soak.tiny_bundle((args.cache or ovseg_home() / "bench").expanduser(), say)
+    doc = soak.with_targets(soak.run(bundle, args.soak, args.threads, say))
+    doc["command"] = " ".join([PROG, *argv])
+    print(soak.table(doc))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
 
 
 def _reproduce(doc: dict) -> str:

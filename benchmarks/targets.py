@@ -17,6 +17,8 @@
 | profile fast: segment oracle mIoU over accurate's (synthetic scenes, mean over k-means seeds) | >= 0.90 | ovseg-bench --profiles |
 | profile balanced: the same | >= 0.97 | ovseg-bench --profiles |
 | profiles fast and balanced: the synthetic world's free-protocol label mIoU over accurate's | >= 0.90, >= 0.97 | ovseg-bench --profiles |
+| soak: RSS growth from the end of warm-up to the end of the run (10,000 frames, swaps and size changes) | < 2% | ovseg-bench --soak |
+| soak: p99 frame latency of the last period over the second's | <= +10% | ovseg-bench --soak |
 """
 
 from __future__ import annotations
@@ -39,3 +41,5 @@ PROFILE_FAST_MIN_SPEEDUP = 8.0
 PROFILE_BALANCED_MIN_SPEEDUP = 3.0
 PROFILE_FAST_MIN_QUALITY = 0.90
 PROFILE_BALANCED_MIN_QUALITY = 0.97
+SOAK_MAX_RSS_GROWTH = 0.02
+SOAK_MAX_P99_DRIFT = 0.10
