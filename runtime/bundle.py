@@ -9,10 +9,14 @@ that names a file outside itself, or whose files are not whole (runtime.integrit
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -212,18 +216,24 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
 
 @contextlib.contextmanager
 def atomic_bundle_dir(final: str | Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory next to ``final``; on success it replaces ``final`` in one rename.
+    """Yield a temporary directory next to ``final``; on success it replaces ``final`` in one step.
 
-    On any exception the temporary directory is removed and ``final`` is untouched.
+    On any exception the temporary directory is removed and ``final`` is untouched. A writer killed outright (SIGKILL,
+    power loss) leaves ``final`` whole too: the old and the new bundle trade places in one atomic exchange on Linux
+    (two renames elsewhere), and the temporary directories such a writer left are removed by the next one.
     """
     final = Path(final).expanduser().resolve()
     if final.exists() and not force:
         raise BundleError(f"{final} already exists: pass --force to replace it, or --out another directory")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _remove_abandoned(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o755)
     try:
         yield tmp
+        if final.exists() and exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # the old bundle, now under the temporary name
+            return
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -234,6 +244,42 @@ def atomic_bundle_dir(final: str | Path, force: bool) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # a C library without it (glibc < 2.28, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):  # a file system or kernel without exchange
+        return False
+    raise OSError(err, f"cannot replace {b}: {os.strerror(err)}")
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Temporary directories of ``final`` whose writer is gone (killed while writing)."""
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*-*"):
+        kind, _, rest = path.name[len(final.name) + 2 :].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_manifest(d: Path, manifest: Manifest) -> None:

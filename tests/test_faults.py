@@ -7,13 +7,19 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+
+from ovseg.runtime.bundle import read_manifest
 
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -111,3 +117,154 @@ def test_a_file_size_limit_is_one_line_and_leaves_whole_frames(tiny_bundle, tmp_
     assert re.search(r"error: cannot write .*frame_000000\.\w+: File too large", done.stderr), done.stderr
     assert not list(out.glob("*partial*"))
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(p.stem for p in out.glob("*.json"))
+
+
+# --- SIGKILL while a bundle is being replaced ------------------------------------------------------------------------
+
+EXPORT = """
+import sys
+import threading
+import time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from conftest import _export
+_export(Path({out!r}), image_size=112, vocab="voc21", fp16=True)
+"""
+CALIB = """
+from ovseg.calib.bundle import CalibOptions, calibrate_bundle
+calibrate_bundle({out!r}, CalibOptions(source={photos!r}, frames=6, timing_runs=1))
+"""
+
+
+def kill_when(code: str, bundle: Path, written: str) -> None:
+    """Run ``code`` in a child and SIGKILL it as soon as a file matching ``written`` appears in its temporary bundle."""
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(bundle.parent.glob(f".{bundle.name}.tmp-{child.pid}-*/{written}")):
+            assert child.poll() is None, f"the child ended before writing {written}: {child.stderr.read().decode()}"
+            assert time.monotonic() < deadline, f"no {written} within 600 s"
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stderr.close()
+
+
+def snapshot(bundle: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(bundle.iterdir())}
+
+
+def assert_replaced_cleanly_later(bundle: Path) -> None:
+    """The killed writer's temporary directory is removed by the next writer, which replaces the bundle whole."""
+    from ovseg.runtime.bundle import atomic_bundle_dir, link_tree, write_manifest
+
+    assert list(bundle.parent.glob(f".{bundle.name}.tmp-*"))
+    manifest = read_manifest(bundle)
+    with atomic_bundle_dir(bundle, force=True) as tmp:
+        link_tree(bundle, tmp)
+        manifest.profile = "fast"
+        write_manifest(tmp, manifest)
+    assert not list(bundle.parent.glob(f".{bundle.name}.*"))
+    assert read_manifest(bundle).profile == "fast"
+
+
+def test_ovseg_export_killed_mid_write_leaves_the_previous_bundle(tiny_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    before = snapshot(bundle)
+    code = EXPORT.format(tests=str(Path(__file__).parent), out=str(bundle))
+    kill_when(code, bundle, "clip_text.onnx")  # the image encoders are written, the text side is under way
+    assert snapshot(bundle) == before
+    read_manifest(bundle)
+    assert_replaced_cleanly_later(bundle)
+
+
+def test_ovseg_calib_killed_mid_write_leaves_the_previous_bundle(tiny_bundle, tmp_path):
+    from skimage import data
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, rgb in enumerate([data.astronaut(), data.coffee(), data.chelsea(), data.rocket()] * 2):
+        cv2.imwrite(str(photos / f"{i}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    before = snapshot(bundle)
+    kill_when(CALIB.format(out=str(bundle), photos=str(photos)), bundle, "*.int8.onnx")
+    assert snapshot(bundle) == before
+    read_manifest(bundle)
+    assert_replaced_cleanly_later(bundle)
+
+
+def test_the_old_and_new_bundle_trade_places_in_one_step(tmp_path):
+    from ovseg.runtime.bundle import exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "f").write_text("new")
+    (b / "f").write_text("old")
+    if not exchange(a, b):
+        pytest.skip("this kernel or file system has no renameat2 RENAME_EXCHANGE: two renames are used instead")
+    assert (b / "f").read_text() == "new" and (a / "f").read_text() == "old"
+
+
+# --- a local video device that goes away ------------------------------------------------------------------------------
+
+RED, BLUE = (0, 0, 255), (255, 0, 0)
+
+
+def y4m(color: tuple[int, int, int], frames: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """An uncompressed YUV4MPEG2 stream of one colour, as a capture program writes into a pipe."""
+    w, h = size
+    yuv = cv2.cvtColor(np.full((h, w, 3), color, np.uint8), cv2.COLOR_BGR2YUV_I420).tobytes()
+    return f"YUV4MPEG2 W{w} H{h} F15:1 Ip A1:1 C420jpeg\n".encode() + (b"FRAME\n" + yuv) * frames
+
+
+def test_a_local_device_that_goes_away_is_reopened_and_reported(tmp_path, caplog):
+    """A named pipe stands in for /dev/video0: its writer (the camera) stops, and a new one starts later."""
+    import logging
+
+    from ovseg.runtime.sources import LatestFrameCapture, is_live
+
+    fifo = tmp_path / "camera"
+    os.mkfifo(fifo)
+    assert is_live(str(fifo))
+    second_open = threading.Event()
+    release_second = threading.Event()
+
+    def camera() -> None:
+        with open(fifo, "wb") as f:
+            f.write(y4m(RED, 8))
+        deadline = time.monotonic() + 120
+        while not any("lost: reconnecting" in r.getMessage() for r in caplog.records):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        with open(fifo, "wb") as f:  # the camera is plugged in again
+            second_open.set()
+            f.write(y4m(BLUE, 8))
+            release_second.wait(120)
+
+    writer = threading.Thread(target=camera, daemon=True)
+    writer.start()
+    colours = []
+    with caplog.at_level(logging.WARNING, "ovseg"):
+        cap = LatestFrameCapture(str(fifo), backoff=(0.5, 0.5), max_reconnect_time=120)
+        try:
+            for frame in cap:
+                colours.append("blue" if frame.image[0, 0, 0] > 128 else "red")
+                if colours[-1] == "blue":
+                    break
+        finally:
+            release_second.set()  # the camera goes away for good; the capture is closed within its back-off
+            cap.close()
+    writer.join(30)
+    assert second_open.is_set()
+    assert colours[0] == "red" and colours[-1] == "blue"
+    assert cap.reconnects == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"device {fifo} lost: reconnecting") for m in messages)
+    assert any(m.startswith(f"device {fifo} back after") for m in messages)
