@@ -11,6 +11,7 @@ import glob
 import logging
 import math
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -79,14 +80,29 @@ def is_gstreamer_pipeline(uri: int | str) -> bool:
     return isinstance(uri, str) and " ! " in uri
 
 
+def is_local_device(uri: int | str) -> bool:
+    """A device node (/dev/video0) or a named pipe that a capture program writes into: local and live, and lost when
+    it is unplugged or its writer stops."""
+    if not isinstance(uri, str):
+        return False
+    try:
+        mode = os.stat(uri).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
 def is_live(uri: int | str) -> bool:
-    """Cameras, network streams and GStreamer pipelines deliver frames in real time: only the newest one counts."""
-    return isinstance(uri, int) or "://" in uri or is_gstreamer_pipeline(uri)
+    """Cameras, local video devices, network streams and GStreamer pipelines deliver frames in real time: only the
+    newest one counts."""
+    return isinstance(uri, int) or "://" in uri or is_gstreamer_pipeline(uri) or is_local_device(uri)
 
 
 def _describe(uri: int | str) -> str:
     if isinstance(uri, int):
         return f"camera {uri}"
+    if is_local_device(uri):
+        return f"device {uri}"
     if is_gstreamer_pipeline(uri):
         return f"GStreamer pipeline {uri.split(' ! ')[0]} ! ..."
     return f"stream {uri}" if "://" in uri else f"video {uri}"
@@ -130,6 +146,8 @@ def _open_failure(uri: int | str) -> SourceError:
         return SourceError(
             f"stream {uri} cannot be opened: check the URL and the network, or use --video PATH for a file"
         )
+    if is_local_device(uri):
+        return SourceError(f"device {uri} cannot be opened or delivers no video OpenCV can decode: check what feeds it")
     return _video_open_failure(uri)
 
 
