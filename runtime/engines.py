@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -19,10 +21,10 @@ from .bundle import EncoderInfo, Manifest
 from .lookup import PromptEmbedder
 from .preprocess import Preprocessor
 from .sessions import (
+    BatchEngine,
     Engine,
     OnnxEncoder,
     SegmenterError,
-    TensorRTEngine,
     choose_precision,
     open_engine,
     resolve_backend,
@@ -31,6 +33,7 @@ from .sessions import (
 from .text import ClipTokenizer
 
 log = logging.getLogger("ovseg")
+ImageEncoderFactory = Callable[[EncoderInfo, str, str], Engine]
 
 
 @dataclass
@@ -49,24 +52,29 @@ class Engines:
         backend: str = "auto",
         precision: str = "auto",
         threads: int | None = None,
+        image_encoder: ImageEncoderFactory | None = None,
     ) -> Engines:
         """``threads``: ONNX Runtime's intra-op threads per session (None: every core on the CPU backend, one on a GPU
-        backend); nothing process-wide changes.
+        backend); nothing process-wide changes. ``image_encoder(info, role, output)`` opens CLIP's and DINOv2's image
+        encoders in place of ONNX Runtime sessions (Triton's encoder models; ``backend`` and ``precision`` are then
+        what they run on, as given).
         A bundle with random weights is said once per opening (Segmenters sharing these engines do not repeat it)."""
-        backend = resolve_backend(backend)
-        precision = choose_precision(manifest, backend, precision)
+        text_backend = "cpu" if image_encoder is not None else None  # beside served encoders: the text one here
+        if image_encoder is None:
+            backend = resolve_backend(backend)
+            precision = choose_precision(manifest, backend, precision)
 
-        def image_encoder(info: EncoderInfo, role: str, output: str) -> OnnxEncoder | TensorRTEngine:
-            return open_engine(
-                bundle_dir, info, role, backend, precision, threads, outputs=(output,), digests=manifest.sha256
-            )
+            def image_encoder(info: EncoderInfo, role: str, output: str) -> Engine:
+                return open_engine(
+                    bundle_dir, info, role, backend, precision, threads, outputs=(output,), digests=manifest.sha256
+                )
 
         with contextlib.ExitStack() as opened:  # closes what opened when a later part fails
             clip = image_encoder(manifest.clip, "CLIP image", "patch_embeddings")
             opened.callback(clip.close)
             dinov2 = image_encoder(manifest.dinov2, "DINOv2", "tokens")
             opened.callback(dinov2.close)
-            embedder = open_embedder(bundle_dir, manifest, backend, threads)
+            embedder = open_embedder(bundle_dir, manifest, text_backend or backend, threads)
             opened.pop_all()
         if manifest.random_weights:
             log.warning("%s: %s", bundle_dir, RANDOM_WEIGHTS_WARNING)
@@ -105,9 +113,9 @@ def run_encoder_batch(
 ) -> list[np.ndarray]:
     """Frames at ``info.image_size`` (RGB uint8) through an image encoder in one run: each one's ``output`` as a
     (rows, cols, D) float32 grid. One frame goes through the engine's preallocated input; several go as one batch
-    where the engine takes a batch (ONNX Runtime sessions: the exported encoders have a dynamic batch axis), and one
-    by one otherwise (TensorRT plans are built for batch 1)."""
-    if len(rgbs) == 1 or not isinstance(engine, OnnxEncoder):
+    where the engine takes a batch (``batched``: ONNX Runtime sessions, Triton's encoder models), and one by one
+    otherwise (TensorRT plans are built for batch 1)."""
+    if len(rgbs) == 1 or not getattr(engine, "batched", False):
         outputs = []
         for rgb in rgbs:
             pre.normalise(engine.input, info.mean, info.std, rgb)
@@ -116,7 +124,7 @@ def run_encoder_batch(
     batch = np.empty((len(rgbs), *engine.input.shape[1:]), np.float32)
     for i, rgb in enumerate(rgbs):
         pre.normalise(batch[i : i + 1], info.mean, info.std, rgb)
-    return list(_grid(engine.run(batch).get(output), len(rgbs), info, output, role))
+    return list(_grid(cast(BatchEngine, engine).run(batch).get(output), len(rgbs), info, output, role))
 
 
 def _grid(x: np.ndarray | None, n: int, info: EncoderInfo, output: str, role: str) -> np.ndarray:

@@ -27,7 +27,7 @@ from .. import _native
 from ..constants import NUM_SEGMENTS, REFINES, STAGES, default_bundle
 from ..profiles import FAST, Profile, ProfileError, get_profile
 from .bundle import BundleError, Manifest, read_manifest
-from .engines import Engines, run_encoder_batch
+from .engines import Engines, ImageEncoderFactory, run_encoder_batch
 from .features import ClipFeatures, DenseFeatures, Keyframe, KeyframePolicy
 from .guided import GuidedHead
 from .labels import GuidanceFreeHead, LabelHysteresis
@@ -198,6 +198,7 @@ class Segmenter:
         threads: int | None = None,
         seed: int = 0,
         profile: str | None = None,
+        image_encoder: ImageEncoderFactory | None = None,
     ) -> Segmenter:
         """Open a bundle (``path=None``: the default bundle) on ``backend``; raises SegmenterError naming what is missing.
 
@@ -205,6 +206,7 @@ class Segmenter:
         None come from ``profile``, by default the one the bundle was exported as (``ovseg.profiles``; "accurate" for a
         bundle that records none). ``threads`` is ONNX Runtime's intra-op threads per session; the native kernels'
         thread pool is the process's (``ovseg._native.set_num_threads``, which ``ovseg-run --threads`` calls).
+        ``image_encoder`` opens the image encoders in place of ONNX Runtime sessions (``Engines.open``).
         """
         configure = functools.partial(  # the settings given here, with the rest from a profile
             SegmenterConfig.from_profile,
@@ -240,7 +242,7 @@ class Segmenter:
             raise SegmenterError(str(e)) from None  # the Segmenter API raises one type
         config = configure(chosen)
         config.check()
-        engines = Engines.open(bundle_dir, manifest, backend, precision or chosen.precision, threads)
+        engines = Engines.open(bundle_dir, manifest, backend, precision or chosen.precision, threads, image_encoder)
         try:
             if vocab is None:
                 index = LabelIndex.from_bundle(bundle_dir, manifest.vocabulary, lookup, ef)

@@ -51,10 +51,19 @@ class SegmenterError(OvsegError, RuntimeError):
 
 class Engine(Protocol):
     input: np.ndarray  # preallocated (1, 3, S, S) float32, written by the preprocessor
+    backend: str  # what it runs on
 
     def run(self) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
+
+
+class BatchEngine(Engine, Protocol):
+    """An Engine whose ``run(x)`` also takes a batch of inputs (N, 3, S, S); ``batched`` is True."""
+
+    batched: bool
+
+    def run(self, x: np.ndarray | None = None) -> dict[str, np.ndarray]: ...
 
 
 def resolve_backend(backend: str, available: list[str] | None = None) -> str:
@@ -422,6 +431,8 @@ def this_device() -> DeviceInfo:
 class OnnxEncoder:
     """One ONNX Runtime session, created once on the provider asked for (checked), with a preallocated input and IO
     binding on a GPU. ``plan``: a SessionPlan, or a providers list opened with ``threads`` and nothing else."""
+
+    batched = True  # run(x) takes a batch of inputs (the exported encoders have a dynamic batch axis)
 
     def __init__(
         self,

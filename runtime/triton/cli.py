@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"refuse frames of more pixels (default {DEFAULTS.max_pixels}, 4096 x 4096)",
     )
+    p.add_argument(
+        "--gpu-encoders",
+        action="store_true",
+        help="put the image encoders on Triton's ONNX Runtime backend (GPU, TensorRT accelerated, batched by Triton) "
+        "and keep k-means, pooling and lookup in the Python model; needs NVIDIA's Triton container (with --generate-only)",
+    )
+    p.add_argument(
+        "--encoder-precision",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="with --gpu-encoders: the bundle's ONNX files of this precision, and TensorRT's mode (default fp32)",
+    )
     p.add_argument("--log", type=Path, metavar="FILE", help="append tritonserver's log here")
     return p
 
@@ -110,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         args.idle_timeout,
         args.max_pixels,
         {k: v for k, v in settings.items() if v is not None},
+        "onnxruntime" if args.gpu_encoders else "python",
+        args.encoder_precision,
     )
 
     def body() -> int:

@@ -19,9 +19,23 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
+from ..bundle import EncoderInfo
 from ..segmenter import Segmenter, VideoStream
 from ..sessions import SegmenterError
-from .protocol import CORRID, END, FRAME, IMAGE, LABEL_MAP, OPTIONS, SEGMENTS, START, RequestOptions, ServingError
+from .protocol import (
+    CORRID,
+    ENCODER_INPUT,
+    ENCODER_MODELS,
+    END,
+    FRAME,
+    IMAGE,
+    LABEL_MAP,
+    OPTIONS,
+    SEGMENTS,
+    START,
+    RequestOptions,
+    ServingError,
+)
 
 # Segmenters for distinct request options (classes, vocabulary, top_k, threshold) kept at once; they share the encoders.
 MAX_VARIANTS = 16
@@ -53,7 +67,10 @@ class TritonPythonModel:
         self.idle_seconds = float(params["idle_seconds"])
         self.max_pixels = int(params["max_pixels"])
         self.instance = args.get("model_instance_name", "ovseg")
-        self.segmenter = Segmenter.from_bundle(params["bundle"], **json.loads(params["segmenter"]))
+        settings = json.loads(params["segmenter"])
+        if params.get("encoders") == "onnxruntime":  # the encoders are models of this server (repository.py)
+            settings |= {"backend": "triton", "precision": "served", "image_encoder": self._served_encoder}
+        self.segmenter = Segmenter.from_bundle(params["bundle"], **settings)
         self.variants: OrderedDict[str, Segmenter] = OrderedDict()
         self.streams: dict[int, HeldStream] = {}
 
@@ -83,6 +100,9 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.segmenter.close()
+
+    def _served_encoder(self, info: EncoderInfo, role: str, output: str) -> ServedEncoder:
+        return ServedEncoder(self.pb, ENCODER_MODELS[role], info, output)
 
     # ---- one request ------------------------------------------------------------------------------------------
 
@@ -187,6 +207,34 @@ class TritonPythonModel:
 
     def _error(self, message: str):
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
+
+
+class ServedEncoder:
+    """An image encoder that another model of this Triton server runs (business logic scripting), batched there."""
+
+    batched = True
+    backend = "triton"
+
+    def __init__(self, pb, model: str, info: EncoderInfo, output: str):
+        self.pb, self.model, self.output = pb, model, output
+        self.input = np.zeros((1, 3, info.image_size, info.image_size), np.float32)
+
+    def run(self, x: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        request = self.pb.InferenceRequest(
+            model_name=self.model,
+            inputs=[self.pb.Tensor(ENCODER_INPUT, self.input if x is None else x)],
+            requested_output_names=[self.output],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise SegmenterError(f"Triton model {self.model} failed: {response.error().message()}")
+        tensor = self.pb.get_output_tensor_by_name(response, self.output)
+        if tensor is None or not tensor.is_cpu():
+            raise SegmenterError(f"Triton model {self.model} returned no {self.output} in CPU memory")
+        return {self.output: tensor.as_numpy()}
+
+    def close(self) -> None:
+        pass
 
 
 def _by_segmenter(work: list[Work]) -> list[list[Work]]:

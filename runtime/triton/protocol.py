@@ -24,6 +24,9 @@ IMAGE, FRAME, OPTIONS = "IMAGE", "FRAME", "OPTIONS"
 START, END, CORRID = "START", "END", "CORRID"
 LABEL_MAP, SEGMENTS = "LABEL_MAP", "SEGMENTS"
 MAX_OPTIONS_BYTES = 1 << 20
+# With the encoders on Triton's backends: their models, by the role Engines.open opens them as, and their input.
+ENCODER_MODELS = {"CLIP image": f"{MODEL}_clip", "DINOv2": f"{MODEL}_dinov2"}
+ENCODER_INPUT = "pixel_values"
 
 
 class ServingError(SegmenterError):

@@ -1,5 +1,9 @@
 """A bundle -> a Triton model repository: ``<repository>/ovseg/config.pbtxt`` and ``<repository>/ovseg/1/model.py``.
 
+With ``encoders="onnxruntime"`` (GPU nodes) the two image encoders are models of their own on Triton's ONNX Runtime
+backend (``ovseg_clip``, ``ovseg_dinov2``), batched by Triton's dynamic batcher, and the Python model calls them
+(business logic scripting) and keeps k-means, pooling and lookup. That variant needs NVIDIA's Triton container.
+
 The config maps the Segmenter's video state onto Triton's sequence batcher (correlation id = camera stream;
 START / END / CORRID as control inputs; idle streams dropped after ``idle_seconds``) with the "oldest" strategy, so
 frames of several streams that wait together reach the model as one batch. model.py imports ovseg's model
@@ -19,9 +23,22 @@ from pathlib import Path
 
 from ovseg import __version__
 
-from ..bundle import BundleError, read_manifest
-from .protocol import CORRID, END, FRAME, IMAGE, LABEL_MAP, MODEL, OPTIONS, SEGMENTS, START, ServingError
+from ..bundle import BundleError, EncoderInfo, Manifest, read_manifest
+from .protocol import (
+    CORRID,
+    ENCODER_MODELS,
+    END,
+    FRAME,
+    IMAGE,
+    LABEL_MAP,
+    MODEL,
+    OPTIONS,
+    SEGMENTS,
+    START,
+    ServingError,
+)
 
+ENCODER_PLACES = ("python", "onnxruntime")
 MODEL_PY = '''"""ovseg {version}: the Segmenter on Triton's Python backend (ovseg.runtime.triton.model); written by ovseg-serve."""
 
 import site
@@ -42,10 +59,14 @@ class RepositoryConfig:
     idle_seconds: float = 60.0  # a stream without frames for this long is dropped (Triton's and ovseg's state)
     max_pixels: int = 4096 * 4096  # larger frames are refused
     segmenter: dict = field(default_factory=dict)  # Segmenter.from_bundle keyword arguments (backend, precision, ...)
+    encoders: str = "python"  # "python": in the Python model; "onnxruntime": on Triton's ONNX Runtime backend (GPU)
+    encoder_precision: str = "fp32"  # with "onnxruntime": the bundle's ONNX files of this precision (fp32, fp16)
 
     def check(self) -> None:
         if min(self.instances, self.max_batch, self.max_streams, self.max_pixels) < 1 or self.queue_delay_us < 0:
             raise ServingError("instances, max batch, max streams and max pixels must be >= 1, queue delay >= 0")
+        if self.encoders not in ENCODER_PLACES:
+            raise ServingError(f"encoders go in one of {', '.join(ENCODER_PLACES)}, got {self.encoders!r}")
         if self.idle_seconds <= 0:
             raise ServingError(f"the idle timeout must be > 0 seconds, got {self.idle_seconds}")
 
@@ -56,7 +77,7 @@ def write_repository(bundle: Path, repository: Path, config: RepositoryConfig) -
     config.check()
     bundle = Path(bundle).expanduser().resolve()
     try:
-        read_manifest(bundle)
+        manifest = read_manifest(bundle)
     except BundleError as e:
         raise ServingError(str(e)) from None
     repository = Path(repository).expanduser().resolve()
@@ -66,10 +87,53 @@ def write_repository(bundle: Path, repository: Path, config: RepositoryConfig) -
     (tmp / "config.pbtxt").write_text(model_config(bundle, config))
     (tmp / "1" / "model.py").write_text(MODEL_PY.format(version=__version__, site_dirs=site_dirs()))
     target = repository / MODEL
+    if config.encoders == "onnxruntime":
+        for name, info in encoder_models(manifest).values():
+            write_encoder_model(repository / name, bundle, info, config)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
+
+
+def encoder_models(manifest: Manifest) -> dict[str, tuple[str, EncoderInfo]]:
+    """The image encoders' Triton model names and bundle records, by the role Engines.open opens them as."""
+    return {
+        "CLIP image": (ENCODER_MODELS["CLIP image"], manifest.clip),
+        "DINOv2": (ENCODER_MODELS["DINOv2"], manifest.dinov2),
+    }
+
+
+def write_encoder_model(model_dir: Path, bundle: Path, info: EncoderInfo, config: RepositoryConfig) -> None:
+    """An image encoder on Triton's ONNX Runtime backend: on the GPU, dynamic batching, TensorRT as ORT's accelerator
+    at the encoder precision (engines cached by Triton). Never run here: that backend ships only in NVIDIA's
+    containers."""
+    source = info.files.get(config.encoder_precision)
+    if source is None:
+        raise ServingError(
+            f"the bundle has no {config.encoder_precision} ONNX file for {info.files}: export it (ovseg-export --fp16) "
+            "or pick another --encoder-precision"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
+    (tmp / "1").mkdir()
+    shutil.copy2(bundle / source, tmp / "1" / "model.onnx")
+    mode = "FP16" if config.encoder_precision == "fp16" else "FP32"
+    (tmp / "config.pbtxt").write_text(f"""name: "{model_dir.name}"
+backend: "onnxruntime"
+max_batch_size: {config.max_batch}
+dynamic_batching {{ max_queue_delay_microseconds: {config.queue_delay_us} }}
+instance_group [ {{ count: 1 kind: KIND_GPU }} ]
+optimization {{ execution_accelerators {{
+  gpu_execution_accelerator : [ {{
+    name : "tensorrt"
+    parameters {{ key: "precision_mode" value: "{mode}" }}
+    parameters {{ key: "trt_engine_cache_enable" value: "1" }}
+  }} ]
+}} }}
+""")
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    os.replace(tmp, model_dir)
 
 
 def site_dirs() -> list[str]:
@@ -85,6 +149,7 @@ def model_config(bundle: Path, config: RepositoryConfig) -> str:
         "segmenter": json.dumps(config.segmenter, sort_keys=True),
         "idle_seconds": repr(config.idle_seconds),
         "max_pixels": str(config.max_pixels),
+        "encoders": config.encoders,
     }
     parameters = ",\n".join(
         f"  {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}" for k, v in params.items()

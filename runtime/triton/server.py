@@ -110,6 +110,11 @@ class TritonServer:
 
     def start(self, timeout: float = READY_TIMEOUT) -> TritonServer:
         check_environment(self.server)
+        if self.server.bundled and any(self.repository.glob("*/1/model.onnx")):
+            raise ServingError(
+                "the tritonserver nvidia-pytriton bundles has only the Python backend, and this repository puts the "
+                "encoders on ONNX Runtime's: write it with --generate-only and serve it in NVIDIA's Triton container"
+            )
         command = [
             str(self.server.binary),
             f"--model-repository={self.repository}",
