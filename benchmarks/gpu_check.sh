@@ -19,6 +19,8 @@
 #     ovseg-build-int8   ovseg-calib --tensorrt's symmetric int8 model, then TensorRT int8 plans from it (needs tensorrt)
 #     ovseg-check   every backend x precision vs CPU fp32 (GPU rows need onnxruntime-gpu or tensorrt)
 #     bench-cuda, bench-tensorrt   ovseg-bench --quick on each GPU backend (needs onnxruntime-gpu)
+#     serving       python -m ovseg.benchmarks.serving: streams through ovseg-serve, batch sizes Triton formed
+#                   (needs onnxruntime-gpu, nvidia-pytriton, tritonclient and numpy < 2)
 # Each step prints `gpu_check: <step>: PASS|FAIL|SKIP (<reason>)`; the exit status is 1 if a step that ran failed.
 set -euo pipefail
 
@@ -31,7 +33,7 @@ WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$WORK"
 SUMMARY=$RESULTS/summary.txt
 rm -f "$RESULTS"/{summary.txt,gpu_check.log,build.log,pytest-gpu.xml} \
-  "$RESULTS"/{check.json,bench_cuda.json,bench_tensorrt.json}  # a previous run's
+  "$RESULTS"/{check.json,bench_cuda.json,bench_tensorrt.json} && rm -rf "$RESULTS/serving"  # a previous run's
 # Python: $PYTHON, else the one that holds torch on the lent machine (plain python3), else a `make setup` venv.
 if [[ -z ${PYTHON:-} ]]; then
   if python3 -c 'import nanobind, scikit_build_core' 2>/dev/null; then PYTHON=python3
@@ -231,6 +233,17 @@ EOF
     else record "bench-$backend" FAIL "exit $?"
     fi
   done
+
+  step_start serving
+  if [[ -z $ort_gpu ]]; then record serving SKIP "$why_no_ort"
+  elif [[ -z $have_bundle ]]; then record serving SKIP "$no_bundle"
+  elif ! importable pytriton || ! importable tritonclient.grpc; then
+    record serving SKIP "ovseg-serve needs nvidia-pytriton and tritonclient (carry them as wheels in .whl/; numpy < 2)"
+  elif timeout 400 "$VPY" -m ovseg.benchmarks.serving --bundle "$bundle" --serve-python "$VPY" --frames 20 \
+    --out "$RESULTS/serving" 2>&1; then
+    record serving PASS "1, 2, 4, 8 streams through ovseg-serve vs in-process; serving/serving.json"
+  else record serving FAIL "exit $?"
+  fi
 
   finish
 }

@@ -1,0 +1,260 @@
+"""Serving many cameras, measured: frames/s and latency (p50, p99) of 1, 2, 4, 8 concurrent streams through
+ovseg-serve (a real tritonserver), next to the in-process Segmenter in the same run, with the batch sizes Triton formed
+(from its metrics endpoint).
+
+    python -m ovseg.benchmarks.serving --bundle B [--streams 1,2,4,8] [--frames 30] [--out DIR]
+
+ovseg-serve runs from the serving environment (``make serve-setup``: numpy < 2, which the bundled Triton's Python
+backend needs); this script, the client and the in-process Segmenter run here. The in-process Segmenter is measured
+before and after the server phases, so load that changed during the run shows as a difference between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ovseg.cli import add_bundle_argument, positive_int, run_cli, say
+from ovseg.runtime import Segmenter
+from ovseg.runtime.triton.client import RemoteSegmenter
+from ovseg.runtime.triton.protocol import MODEL, ServingError
+from ovseg.runtime.triton.server import Ports
+
+from .timing import Stats, environment
+
+PROG = "python -m ovseg.benchmarks.serving"
+SERVE_PYTHON = Path(__file__).resolve().parents[1] / ".venv-serve" / "bin" / "python"
+WARMUP = 2  # frames per stream before timing (sessions, the first k-means, gRPC channels)
+# Targets on a CPU (issue 17): serving adds at most 10% to one stream's latency, and 4 streams together get at least
+# the in-process single stream's frames/s.
+MAX_LATENCY_OVERHEAD = 1.10
+MIN_FOUR_STREAM_THROUGHPUT = 1.0
+
+
+@dataclass
+class Row:
+    run: str  # "in-process" or "server"
+    streams: int
+    frames: int
+    fps: float  # all streams together
+    p50_ms: float
+    p99_ms: float
+    mean_batch: float | None = None  # frames per model execution, from Triton's metrics
+
+
+def pan(frames: int, size: tuple[int, int]) -> list[np.ndarray]:
+    """A camera panning across a photo (scikit-image's astronaut, or a texture without it), BGR at ``size`` (w, h)."""
+    w, h = size
+    try:
+        from skimage import data
+
+        photo = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+    except ImportError:
+        photo = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8).repeat(8, 0).repeat(8, 1)
+    photo = cv2.resize(photo, (w + frames * 4, h + frames * 2))
+    return [np.ascontiguousarray(photo[2 * i : 2 * i + h, 4 * i : 4 * i + w]) for i in range(frames)]
+
+
+def in_process(bundle: Path, video: list[np.ndarray], threads: int | None) -> Row:
+    with Segmenter.from_bundle(bundle, threads=threads) as seg:
+        for frame in video[:WARMUP]:
+            seg(frame)
+        seg.reset()
+        latencies = []
+        start = time.perf_counter()
+        for frame in video:
+            t0 = time.perf_counter()
+            seg(frame)
+            latencies.append((time.perf_counter() - t0) * 1000)
+        wall = time.perf_counter() - start
+    stats = Stats.of(latencies)
+    return Row("in-process", 1, len(video), len(video) / wall, stats.p50, stats.p99)
+
+
+class Server:
+    """ovseg-serve in the serving environment, on free ports."""
+
+    def __init__(self, bundle: Path, python: Path, threads: int | None, max_batch: int, log: Path):
+        self.ports = Ports.free()
+        command = [str(python), "-m", "ovseg.runtime.triton.cli", "--bundle", str(bundle), "--log", str(log)]
+        command += ["--grpc-port", str(self.ports.grpc), "--http-port", str(self.ports.http)]
+        command += ["--metrics-port", str(self.ports.metrics), "--max-batch", str(max_batch)]
+        command += ["--threads", str(threads)] * (threads is not None)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url = f"127.0.0.1:{self.ports.grpc}"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                out = self.process.stdout.read() if self.process.stdout else ""
+                raise ServingError(f"ovseg-serve exited ({self.process.returncode}): {out.strip().splitlines()[-1:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.http}/v2/health/ready", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise ServingError("ovseg-serve was not ready in 600 s")
+
+    def counts(self) -> tuple[float, float]:
+        """Triton's (inferences, executions) of the ovseg model so far."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+
+        def metric(name: str) -> float:
+            found = re.search(rf'^{name}{{[^}}]*model="{MODEL}"[^}}]*}} ([0-9.e+]+)$', text, re.M)
+            return float(found.group(1)) if found else float("nan")
+
+        return metric("nv_inference_count"), metric("nv_inference_exec_count")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.communicate(timeout=120)
+
+
+def served(server: Server, video: list[np.ndarray], streams: int) -> Row:
+    client = RemoteSegmenter([server.url])
+    handles = [client.stream() for _ in range(streams)]
+    for h in handles:
+        for frame in video[:WARMUP]:
+            h(frame)
+    latencies: list[list[float]] = [[] for _ in handles]
+    errors: list[str] = []
+
+    def send(k: int) -> None:
+        try:
+            for frame in video:
+                t0 = time.perf_counter()
+                handles[k](frame)
+                latencies[k].append((time.perf_counter() - t0) * 1000)
+        except ServingError as e:
+            errors.append(str(e))
+
+    before = server.counts()
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    after = server.counts()
+    client.close()
+    if errors:
+        raise ServingError(errors[0])
+    stats = Stats.of([x for per in latencies for x in per])
+    executions = after[1] - before[1]
+    batch = (after[0] - before[0]) / executions if executions > 0 else None
+    return Row("server", streams, streams * len(video), streams * len(video) / wall, stats.p50, stats.p99, batch)
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| run | streams | frames/s (all streams) | p50 ms | p99 ms | frames per encoder run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        batch = f"{r.mean_batch:.2f}" if r.mean_batch is not None else "1"
+        lines.append(f"| {r.run} | {r.streams} | {r.fps:.2f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {batch} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Row]) -> dict[str, dict]:
+    local = [r for r in rows if r.run == "in-process"]
+    one = next((r for r in rows if r.run == "server" and r.streams == 1), None)
+    four = next((r for r in rows if r.run == "server" and r.streams == 4), None)
+    base_p50 = float(np.mean([r.p50_ms for r in local]))
+    base_fps = float(np.mean([r.fps for r in local]))
+    out = {}
+    if one is not None:
+        ratio = one.p50_ms / base_p50
+        out["latency_overhead_1_stream"] = {
+            "ratio": ratio,
+            "target": MAX_LATENCY_OVERHEAD,
+            "met": ratio <= MAX_LATENCY_OVERHEAD,
+        }
+    if four is not None:
+        ratio = four.fps / base_fps
+        out["throughput_4_streams"] = {
+            "ratio": ratio,
+            "target": MIN_FOUR_STREAM_THROUGHPUT,
+            "met": ratio >= MIN_FOUR_STREAM_THROUGHPUT,
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_bundle_argument(p, "bundle to serve and to run in-process")
+    p.add_argument("--streams", default="1,2,4,8", help="concurrent stream counts to measure (default 1,2,4,8)")
+    p.add_argument("--frames", type=positive_int, default=30, metavar="N", help="timed frames per stream (default 30)")
+    p.add_argument("--size", default="640x480", metavar="WxH", help="frame size (default 640x480)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="inference threads, here and in the server (default: all cores)",
+    )
+    p.add_argument("--max-batch", type=positive_int, default=8, metavar="N", help="ovseg-serve --max-batch (default 8)")
+    p.add_argument(
+        "--serve-python",
+        type=Path,
+        default=SERVE_PYTHON,
+        metavar="PATH",
+        help=f"the serving environment's python (default {SERVE_PYTHON})",
+    )
+    p.add_argument("--out", type=Path, metavar="DIR", help="write serving.json and the server's log here")
+    args = p.parse_args(argv)
+    try:
+        counts = [int(s) for s in args.streams.split(",")]
+        size = tuple(int(v) for v in args.size.lower().split("x"))
+        assert len(size) == 2 and min(size) > 0 and min(counts) > 0
+    except (ValueError, AssertionError):
+        p.error("--streams takes counts such as 1,2,4,8 and --size WxH such as 640x480")
+
+    def body() -> int:
+        if not args.serve_python.exists():
+            raise ServingError(
+                f"no serving environment at {args.serve_python}: run `make serve-setup` or pass --serve-python"
+            )
+        out = args.out or Path(".")
+        out.mkdir(parents=True, exist_ok=True)
+        video = pan(args.frames + WARMUP, size)
+        rows = [in_process(args.bundle, video, args.threads)]
+        say(PROG, f"in-process: {rows[0].fps:.2f} frames/s")
+        server = Server(args.bundle, args.serve_python, args.threads, args.max_batch, out / "tritonserver.log")
+        try:
+            for n in counts:
+                rows.append(served(server, video, n))
+                say(PROG, f"server, {n} streams: {rows[-1].fps:.2f} frames/s")
+        finally:
+            server.stop()
+        rows.append(in_process(args.bundle, video, args.threads))
+        doc = {
+            "rows": [asdict(r) for r in rows],
+            "targets": verdicts(rows),
+            "environment": environment(args.threads or 0),
+        }
+        doc["command"] = " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])
+        (out / "serving.json").write_text(json.dumps(doc, indent=2) + "\n")
+        print(table(rows))
+        for name, v in doc["targets"].items():
+            print(
+                f"{name}: {v['ratio']:.3f}x (target {'<=' if 'latency' in name else '>='} {v['target']}) {'met' if v['met'] else 'MISSED'}"
+            )
+        return 0
+
+    return run_cli(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
