@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-show", action="store_true", help="do not open a window")
     p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
     p.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        metavar="KEY.pub",
+        help="open the bundle only if one of these Ed25519 public keys signed it (repeatable; default "
+        "$OVSEG_TRUSTED_KEYS, else the keys in $OVSEG_HOME/trusted-keys/; none: any bundle; README, Reliability)",
+    )
+    p.add_argument(
         "--loop", action="store_true", help="start a video file, the images or --sample again after the last frame"
     )
     p.add_argument(
@@ -231,6 +239,7 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
                 keyframe_interval=args.keyframe_interval,
                 keyframe_change=args.keyframe_change,
                 threads=args.threads,
+                trusted_keys=args.trusted_key,
             )
             stack.callback(seg.close)
             if seg.random_weights:

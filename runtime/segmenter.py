@@ -17,7 +17,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +198,7 @@ class Segmenter:
         threads: int | None = None,
         seed: int = 0,
         profile: str | None = None,
+        trusted_keys: Sequence[str | Path] | None = None,
         image_encoder: ImageEncoderFactory | None = None,
     ) -> Segmenter:
         """Open a bundle (``path=None``: the default bundle) on ``backend``; raises SegmenterError naming what is missing.
@@ -206,6 +207,8 @@ class Segmenter:
         None come from ``profile``, by default the one the bundle was exported as (``ovseg.profiles``; "accurate" for a
         bundle that records none). ``threads`` is ONNX Runtime's intra-op threads per session; the native kernels'
         thread pool is the process's (``ovseg._native.set_num_threads``, which ``ovseg-run --threads`` calls).
+        ``trusted_keys``: public key files, one of which must have signed the bundle (None: those configured,
+        ``ovseg.runtime.signing``; none configured: unsigned bundles open).
         ``image_encoder`` opens the image encoders in place of ONNX Runtime sessions (``Engines.open``).
         """
         configure = functools.partial(  # the settings given here, with the rest from a profile
@@ -236,7 +239,9 @@ class Segmenter:
         vocab = _names(vocab, "vocab") if vocab is not None else None
         bundle_dir = Path(path if path is not None else default_bundle()).expanduser()
         try:
-            manifest = read_manifest(bundle_dir)
+            manifest = read_manifest(
+                bundle_dir, trusted=None if trusted_keys is None else [Path(k) for k in trusted_keys]
+            )
             chosen = chosen or get_profile(manifest.profile)
         except (BundleError, ProfileError) as e:
             raise SegmenterError(str(e)) from None  # the Segmenter API raises one type

@@ -174,6 +174,7 @@ def test_flags_reach_the_segmenter(video, tmp_path):
         keyframe_interval=3,
         keyframe_change=0.2,
         threads=2,
+        trusted_keys=None,
     )
 
 

@@ -193,3 +193,20 @@ def test_ovseg_export_with_a_bad_key_fails_before_any_weights_load(tmp_path, cap
     assert cli.main(argv) == 2
     assert "is not an unencrypted Ed25519 private key" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_ovseg_run_trusted_key_refuses_an_unsigned_bundle_in_one_line(bundle, keys, tmp_path):
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "frame.png"), FRAME)
+    argv = ["-m", "ovseg.runtime.cli", "--bundle", str(bundle), "--image", str(tmp_path / "frame.png"), "--no-show"]
+    argv += ["--trusted-key", str(keys["a"][1])]
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if "error:" in line] == [
+        f"ovseg-run: error: bundle {bundle} is not signed and this machine trusts only signed bundles: sign it on the "
+        "workstation with `ovseg-sign --bundle DIR --key KEY` (or `ovseg-export --sign KEY`)"
+    ]
+    sign_bundle(bundle, keys["a"][0])
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
