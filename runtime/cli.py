@@ -29,6 +29,7 @@ from ovseg.cli import (
 from ovseg.constants import RANDOM_WEIGHTS_WARNING, REFINES
 
 from .display import Window, display_problem, draw_status
+from .signing import add_trusted_key_argument
 from .sinks import FrameDirSink, JsonLinesSink, Sink, VideoSink
 from .sources import Frame, ImageSource, LatestFrameCapture, Source, VideoFileSource, is_live, sample_clip
 from .vocabulary import parse_class_list
@@ -104,14 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per frame on stdout")
     p.add_argument("--no-show", action="store_true", help="do not open a window")
     p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
-    p.add_argument(
-        "--trusted-key",
-        type=Path,
-        action="append",
-        metavar="KEY.pub",
-        help="open the bundle only if one of these Ed25519 public keys signed it (repeatable; default "
-        "$OVSEG_TRUSTED_KEYS, else the keys in $OVSEG_HOME/trusted-keys/; none: any bundle; README, Reliability)",
-    )
+    add_trusted_key_argument(p, "open the bundle only if one of these Ed25519 public keys signed it; none: any bundle")
     p.add_argument(
         "--loop", action="store_true", help="start a video file, the images or --sample again after the last frame"
     )

@@ -185,18 +185,24 @@ def new_key(path: Path) -> tuple[Path, Path]:
     return path, pub
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", type=Path, metavar="DIR", help="the bundle to sign or verify")
-    p.add_argument("--key", type=Path, metavar="KEY", help="private key to sign with (keep it off robots)")
-    p.add_argument("--verify", action="store_true", help="check the bundle's signature against the trusted keys")
+def add_trusted_key_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--trusted-key KEY.pub, repeatable, as ovseg-run and ovseg-sign take it; ``what`` says what the keys do."""
     p.add_argument(
         "--trusted-key",
         type=Path,
         action="append",
         metavar="KEY.pub",
-        help=f"public key to trust (repeatable; default ${TRUSTED_KEYS_ENV}, else $OVSEG_HOME/trusted-keys/)",
+        help=f"{what} (repeatable; default ${TRUSTED_KEYS_ENV}, else the keys in $OVSEG_HOME/trusted-keys/; "
+        "README, Reliability)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, metavar="DIR", help="the bundle to sign or verify")
+    p.add_argument("--key", type=Path, metavar="KEY", help="private key to sign with (keep it off robots)")
+    p.add_argument("--verify", action="store_true", help="check the bundle's signature against the trusted keys")
+    add_trusted_key_argument(p, "check the signature with these Ed25519 public keys")
     p.add_argument("--new-key", type=Path, metavar="KEY", help="write a new key pair: KEY (private) and KEY.pub")
     return p
 
