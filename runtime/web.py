@@ -372,10 +372,11 @@ class _Handler(BaseHTTPRequestHandler):
                 seq = frame.seq
 
     def _gone(self) -> bool:
-        """True once the browser closed its end: after its request it sends nothing, so readable means closed."""
+        """True once the browser closed its end: after its request it sends nothing, so an end of data means closed."""
+        poller = select.poll()  # not select.select: it refuses descriptors over 1023
+        poller.register(self.connection, select.POLLIN)
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+            return bool(poller.poll(0)) and not self.connection.recv(1, socket.MSG_PEEK)
         except OSError:
             return True
 
