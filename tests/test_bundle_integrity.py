@@ -309,3 +309,30 @@ def test_onnx_external_data_must_stay_inside_the_bundle(tiny_bundle, tmp_path):
     edit_manifest(bundle, lambda doc: None)
     with pytest.raises(BundleError, match=r"keeps weights in '\.\./wb'"):
         read_manifest(bundle)
+
+
+def test_every_command_that_reads_a_bundle_refuses_a_corrupt_one_in_one_line(tiny_bundle, tmp_path, capsys):
+    """ovseg-build reads the bundle the same way, after checking that TensorRT imports (it does not here)."""
+    from ovseg.benchmarks import cli as bench
+    from ovseg.calib import cli as calib
+    from ovseg.runtime import check, signing
+
+    bundle = make_variant(tiny_bundle, tmp_path, "text_embeddings.fp32.npy", "truncated")
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "0.png"), FRAME)
+    (tmp_path / "keys").mkdir()
+    key, _ = signing.new_key(tmp_path / "keys" / "k")
+    b = ["--bundle", str(bundle)]
+    commands = {
+        "ovseg-check": lambda: check.main([*b, "--frames", "1"]),
+        "ovseg-calib": lambda: calib.main([*b, "--calib-images", str(images)]),
+        "ovseg-bench": lambda: bench.main([*b, "--soak", "8"]),
+        "ovseg-sign": lambda: signing.main([*b, "--key", str(key)]),
+    }
+    for prog, run in commands.items():
+        assert run() == 2, prog
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert lines and lines[-1].startswith(f"{prog}: error: bundle file"), (prog, err)
+        assert "text_embeddings.fp32.npy is corrupt" in lines[-1] and "Traceback" not in err
