@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ovseg.profiles import DEFAULT_PROFILE
 
-from .integrity import BundleError, check_files, confine
+from .integrity import BundleError, check_fields, check_files, confine
 from .signing import SIGNATURE, configured_key_files, verify_bundle
 
 SCHEMA_VERSION = 1
@@ -206,6 +206,7 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True, trusted: Sequence
         raise BundleError(
             f"{path} is not a valid ovseg manifest ({' '.join(str(e).split())}): re-export with `ovseg-export --force`"
         ) from None
+    check_fields(manifest)
     files = confine(bundle_dir, manifest)
     if verify:
         for name, digest in manifest.sha256.items():

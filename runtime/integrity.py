@@ -109,13 +109,46 @@ def confine(bundle_dir: Path, manifest: Manifest) -> dict[str, str]:
     return files
 
 
+def check_fields(manifest: Manifest) -> None:
+    """The manifest's sizes are positive whole numbers and its normalisation numbers are numbers: the runtime computes
+    with them."""
+
+    def positive(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def numbers(values: object, n: int) -> bool:
+        return isinstance(values, tuple) and len(values) == n and all(isinstance(v, (int, float)) for v in values)
+
+    fields: dict[str, bool] = {
+        "vocabulary.size": positive(manifest.vocabulary.size),
+        "text.embed_dim": positive(manifest.text.embed_dim),
+        "text.context_length": positive(manifest.text.context_length),
+        "text.logit_scale": isinstance(manifest.text.logit_scale, (int, float)),
+        "text.templates": isinstance(manifest.text.templates, list)
+        and all(isinstance(t, str) for t in manifest.text.templates),
+    }
+    for e in ("clip", "dinov2"):
+        info = getattr(manifest, e)
+        for key in ("image_size", "patch_size", "embed_dim"):
+            fields[f"{e}.{key}"] = positive(getattr(info, key))
+        fields[f"{e}.grid"] = numbers(info.grid, 2) and all(positive(g) for g in info.grid)
+        fields[f"{e}.mean"] = numbers(info.mean, 3)
+        fields[f"{e}.std"] = numbers(info.std, 3) and all(v > 0 for v in info.std)
+    bad = [name for name, ok in fields.items() if not ok]
+    if bad:
+        value = _field(manifest, bad[0])
+        raise BundleError(f"the manifest's {bad[0]} is {value!r}, which the runtime cannot use: {REEXPORT}")
+
+
+def _field(manifest: Manifest, dotted: str) -> object:
+    first, second = dotted.split(".")
+    return getattr(getattr(manifest, first), second)
+
+
 def check_files(bundle_dir: Path, manifest: Manifest, files: dict[str, str]) -> None:
     """Each named file whole and of its kind (the sha256 check has passed: these catch a re-hashed manifest)."""
-    try:
-        expect = expectations(manifest)
-        size, width = int(manifest.vocabulary.size), int(manifest.text.embed_dim)
-    except (TypeError, ValueError, AttributeError) as e:
-        raise BundleError(f"the manifest's sizes are not numbers ({e}): {REEXPORT}") from None
+    expect = expectations(manifest)
+    size, width = manifest.vocabulary.size, manifest.text.embed_dim
     for name, kind in files.items():
         path = bundle_dir / name
         if kind in expect:

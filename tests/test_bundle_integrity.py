@@ -336,3 +336,27 @@ def test_every_command_that_reads_a_bundle_refuses_a_corrupt_one_in_one_line(tin
         lines = [line for line in err.splitlines() if "error:" in line]
         assert lines and lines[-1].startswith(f"{prog}: error: bundle file"), (prog, err)
         assert "text_embeddings.fp32.npy is corrupt" in lines[-1] and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("text.context_length", "77"),
+        ("clip.image_size", 0),
+        ("dinov2.grid", [8, "8"]),
+        ("clip.std", [0.2, 0.2, 0]),
+        ("dinov2.mean", [0.5, 0.5]),
+        ("text.templates", "a photo of a {}."),
+        ("vocabulary.size", True),
+    ],
+)
+def test_manifest_numbers_the_runtime_computes_with_are_checked(tiny_bundle, tmp_path, field, value):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    section, key = field.split(".")
+
+    def change(doc):
+        doc[section][key] = value
+
+    edit_manifest(bundle, change)
+    with pytest.raises(BundleError, match=f"the manifest's {field} is .* which the runtime cannot use"):
+        read_manifest(bundle, verify=False)
