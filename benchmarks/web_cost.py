@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -171,21 +170,54 @@ class Phase:
     watching: str  # one of PHASES
     frames: int
     seconds: float
+    cpu_seconds: float  # ovseg-run's user + system time in the phase, all its threads
 
     @property
     def fps(self) -> float:
         return self.frames / self.seconds
 
+    @property
+    def cpu_ms_per_frame(self) -> float:
+        return 1000 * self.cpu_seconds / max(1, self.frames)
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 def _phase(served: Served, watching: str, seconds: float) -> Phase:
-    start, t0 = served.health()["seq"], time.monotonic()
+    pid = served.process.pid
+    start, t0, cpu0 = served.health()["seq"], time.monotonic(), cpu_seconds(pid)
     time.sleep(seconds)
-    end, t1 = served.health()["seq"], time.monotonic()
-    return Phase(watching, end - start, t1 - t0)
+    end, t1, cpu1 = served.health()["seq"], time.monotonic(), cpu_seconds(pid)
+    return Phase(watching, end - start, t1 - t0, cpu1 - cpu0)
+
+
+@contextlib.contextmanager
+def _watched(served: Served, watching: str, chromium) -> Iterator[None]:
+    """While it lasts, ``watching`` watches: nobody, Chromium on the page, or the stream reader."""
+    wait_for(lambda: served.health()["viewers"] == 0, "the last viewer leaving", 60)
+    reader = None
+    if watching == "chromium":
+        chromium.get(served.url)
+    elif watching == "stream reader":
+        reader = StreamReader(served.port)
+    wait_for(lambda: served.health()["viewers"] == (watching != "nobody"), f"{watching} connecting", 60)
+    time.sleep(1.0)
+    try:
+        yield
+    finally:
+        if watching == "chromium":
+            chromium.get("about:blank")
+        if reader is not None:
+            reader.close()
 
 
 def measure(bundle: Path, seconds: float, rounds: int, warmup: float, threads: int | None) -> dict:
-    """Each round: nobody watching, Chromium on the page, the stream reader; ``seconds`` each after a settling second."""
+    """Rounds of the three phases, ``seconds`` each; each round starts one phase later than the one before, so that
+    no phase always follows the same one."""
     phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="ovseg-web-cost-") as tmp:
         extra = ("--threads", str(threads)) if threads else ()
@@ -195,20 +227,17 @@ def measure(bundle: Path, seconds: float, rounds: int, warmup: float, threads: i
             say(PROG, f"ovseg-run serves {served.url}; warming up for {warmup:.0f} s")
             time.sleep(warmup)
             for round_ in range(rounds):
-                wait_for(lambda: served.health()["viewers"] == 0, "the viewers leaving", 60)
-                phases.append(_phase(served, PHASES[0], seconds))
-                chromium.get(served.url)
-                wait_for(lambda: served.health()["viewers"] == 1, "Chromium connecting", 60)
-                time.sleep(1.0)
-                phases.append(_phase(served, PHASES[1], seconds))
-                chromium.get("about:blank")
-                wait_for(lambda: served.health()["viewers"] == 0, "Chromium leaving", 60)
-                reader = StreamReader(served.port)
-                wait_for(lambda: served.health()["viewers"] == 1, "the stream reader connecting", 60)
-                time.sleep(1.0)
-                phases.append(_phase(served, PHASES[2], seconds))
-                reader.close()
-                say(PROG, f"round {round_ + 1}: " + ", ".join(f"{p.watching} {p.fps:.2f} FPS" for p in phases[-3:]))
+                for i in range(len(PHASES)):
+                    watching = PHASES[(round_ + i) % len(PHASES)]
+                    with _watched(served, watching, chromium):
+                        phases.append(_phase(served, watching, seconds))
+                say(
+                    PROG,
+                    f"round {round_ + 1}: "
+                    + ", ".join(
+                        f"{p.watching} {p.fps:.2f} FPS, {p.cpu_ms_per_frame:.1f} CPU ms/frame" for p in phases[-3:]
+                    ),
+                )
     fps = {
         w: sum(p.frames for p in phases if p.watching == w) / sum(p.seconds for p in phases if p.watching == w)
         for w in PHASES
@@ -221,11 +250,13 @@ def measure(bundle: Path, seconds: float, rounds: int, warmup: float, threads: i
         "rounds": rounds,
         "fps": fps,
         "ratio_to_nobody": {w: fps[w] / fps[PHASES[0]] for w in PHASES[1:]},
-        "median_round_ratio": {
-            w: statistics.median(b.fps / a.fps for a, b in zip(phases[0::3], phases[PHASES.index(w) :: 3]))
-            for w in PHASES[1:]
+        "cpu_ms_per_frame": {
+            w: 1000
+            * sum(p.cpu_seconds for p in phases if p.watching == w)
+            / max(1, sum(p.frames for p in phases if p.watching == w))
+            for w in PHASES
         },
-        "phases": [asdict(p) | {"fps": p.fps} for p in phases],
+        "phases": [asdict(p) | {"fps": p.fps, "cpu_ms_per_frame": p.cpu_ms_per_frame} for p in phases],
     }
 
 
@@ -248,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         for watching in PHASES:
             ratio = report["ratio_to_nobody"].get(watching)
-            print(f"{watching:<14} {report['fps'][watching]:7.2f} FPS" + (f"  {ratio:.3f}x" if ratio else ""))
+            cpu = report["cpu_ms_per_frame"][watching]
+            print(
+                f"{watching:<14} {report['fps'][watching]:7.2f} FPS"
+                + (f" {ratio:6.3f}x" if ratio else " " * 7)
+                + f"  {cpu:7.1f} CPU ms/frame"
+            )
         return 0
 
     return run_cli(PROG, body)
