@@ -5,6 +5,7 @@ encoder models run by ONNX Runtime on the CPU, as Triton's onnxruntime backend w
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -166,3 +167,21 @@ def test_repository_refuses_a_bad_bundle_and_settings(tmp_path) -> None:
         write_repository(tmp_path / "missing", tmp_path / "repository", RepositoryConfig())
     with pytest.raises(ServingError, match="idle timeout"):
         write_repository(tmp_path / "missing", tmp_path / "repository", RepositoryConfig(idle_seconds=0))
+
+
+def test_a_served_bundle_is_checked_against_the_trusted_keys(tiny_bundle, tmp_path, monkeypatch) -> None:
+    from ovseg.runtime.signing import new_key, sign_bundle
+    from ovseg.runtime.triton.cli import main
+
+    monkeypatch.setenv("OVSEG_HOME", str(tmp_path / "home"))
+    (tmp_path / "keys").mkdir()
+    private, public = new_key(tmp_path / "keys" / "fleet")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    repository = tmp_path / "repository"
+    argv = ["--bundle", str(bundle), "--trusted-key", str(public), "--repository", str(repository), "--generate-only"]
+    assert main(argv) == 2 and not (repository / "ovseg").exists()  # unsigned: refused before anything is written
+    sign_bundle(bundle, private)
+    assert main(argv) == 0
+    params = text_format.Parse((repository / "ovseg" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert json.loads(params.parameters["segmenter"].string_value)["trusted_keys"] == [str(public.resolve())]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ovseg.cli import add_bundle_argument, add_segmenter_arguments, log_lines, positive_int, run_cli, say
 
+from ..signing import add_trusted_key_argument
 from .repository import RepositoryConfig, write_repository
 from .server import Ports, TritonServer
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="with --gpu-encoders: the bundle's ONNX files of this precision, and TensorRT's mode (default fp32)",
     )
+    add_trusted_key_argument(p, "serve the bundle only if one of these Ed25519 public keys signed it")
     p.add_argument("--log", type=Path, metavar="FILE", help="append tritonserver's log here")
     return p
 
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": args.precision,
         "num_segments": args.segments,
         "threads": args.threads,
+        "trusted_keys": [str(k.expanduser().resolve()) for k in args.trusted_key] if args.trusted_key else None,
     }
     config = RepositoryConfig(
         args.instances,

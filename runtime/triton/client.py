@@ -232,6 +232,7 @@ SERVER_SETTINGS = {
     "keyframe_interval": "--keyframe-interval",
     "keyframe_change": "--keyframe-change",
     "threads": "--threads",
+    "trusted_keys": "--trusted-key",
 }
 
 

@@ -77,7 +77,8 @@ def write_repository(bundle: Path, repository: Path, config: RepositoryConfig) -
     config.check()
     bundle = Path(bundle).expanduser().resolve()
     try:
-        manifest = read_manifest(bundle)
+        keys = config.segmenter.get("trusted_keys")
+        manifest = read_manifest(bundle, trusted=[Path(k) for k in keys] if keys else None)
     except BundleError as e:
         raise ServingError(str(e)) from None
     repository = Path(repository).expanduser().resolve()
