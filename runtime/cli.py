@@ -196,7 +196,7 @@ def _open_sinks(args: argparse.Namespace, source: Source) -> list[Sink]:
     if args.json:
         sinks.append(JsonLinesSink(sys.stdout))
     if args.web is not None:  # last: it binds a port, which a sink failing after it would leave bound
-        web = WebSink(args.web, args.web_token)
+        web = WebSink(args.web, args.web_token, parse_class_list(args.classes) if args.classes is not None else None)
         sinks.append(web)
         say(
             PROG,

@@ -92,14 +92,16 @@ class VocabularyChange:
     classes: tuple[str, ...] = ()
     preset: str | None = None
 
-    def apply(self, seg) -> None:
-        names: list[str] | str | None = list(self.classes) or (PRESETS[self.preset] if self.preset else None)
+    def apply(self, seg) -> list[str] | None:
+        """Make the change on ``seg``; returns guided mode's classes after it, None for guidance-free."""
+        names = list(self.classes) or (load_vocabulary(self.preset) if self.preset else None)
         if self.mode == GUIDED:
             seg.set_classes(names)
-            return
+            return names
         if names is not None:
             seg.set_vocabulary(names)
         seg.set_classes(None)
+        return None
 
 
 def parse_change(body: bytes) -> VocabularyChange:
@@ -176,16 +178,18 @@ class Steering:
         with self._lock:
             return len(self._pending)
 
-    def apply_pending(self, seg, next_seq: int) -> None:
+    def apply_pending(self, seg, next_seq: int) -> list[list[str] | None]:
         """On the pipeline thread, before frame ``next_seq``: apply every change asked for since the last frame; each
-        browser that asked gets ``next_seq``, or the error (a change that fails leaves the Segmenter as it was)."""
+        browser that asked gets ``next_seq``, or the error (a change that fails leaves the Segmenter as it was).
+        Returns what each change that was made returned, in order."""
         with self._lock:
             pending, self._pending = self._pending, []
+        made = []
         for change, future in pending:
             if not future.set_running_or_notify_cancel():
                 continue  # the browser gave up waiting
             try:
-                change.apply(seg)
+                made.append(change.apply(seg))
             except OvsegError as e:
                 future.set_exception(e)
             except Exception as e:
@@ -193,6 +197,7 @@ class Steering:
                 future.set_exception(WebError(f"the change failed: {type(e).__name__}: {e}"))
             else:
                 future.set_result(next_seq)
+        return made
 
     def close(self) -> None:
         with self._lock:
@@ -401,7 +406,7 @@ class WebSink(Sink):
 
     needs_overlay = True
 
-    def __init__(self, address: tuple[str, int], token: str | None = None):
+    def __init__(self, address: tuple[str, int], token: str | None = None, classes: list[str] | None = None):
         self.token = token or secrets.token_urlsafe(12)
         self.frames = LatestFrame()
         self.steering = Steering()
@@ -411,7 +416,7 @@ class WebSink(Sink):
         self._seq = 0
         self._times: collections.deque[float] = collections.deque(maxlen=FPS_WINDOW)
         self._mode = GUIDANCE_FREE
-        self._classes: list[str] | None = None
+        self._classes = classes  # guided mode's, as the Segmenter started with and the changes made since
         try:
             self._server = _Server(address, self)
         except (OSError, UnicodeError) as e:  # port taken, address not on this machine, unresolvable name
@@ -443,9 +448,9 @@ class WebSink(Sink):
     # ---- the pipeline thread ----
 
     def before_frame(self, seg) -> None:
-        self.steering.apply_pending(seg, self._seq + 1)
+        for classes in self.steering.apply_pending(seg, self._seq + 1):
+            self._classes = classes
         self._mode = seg.mode
-        self._classes = seg.labels if self._mode == GUIDED else None
 
     def write(self, frame: Frame, result: Result, overlay: np.ndarray | None) -> None:
         if overlay is None:

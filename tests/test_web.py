@@ -366,7 +366,7 @@ def test_bad_requests_get_4xx_with_a_message(pipeline, web):
 
 
 class RefusingSegmenter:
-    mode, labels = "guidance-free", []
+    mode = "guidance-free"
 
     def set_classes(self, names):
         raise SegmenterError("the text encoder refused these classes")
@@ -381,6 +381,18 @@ def test_an_error_applying_a_change_is_shown_and_the_pipeline_goes_on(web):
         assert answer.result(timeout=60) == (400, {"error": "the text encoder refused these classes"})
     web.before_frame(refusing)
     assert web.steering.pending() == 0
+
+
+def test_the_page_shows_the_classes_the_run_started_with(seg):
+    web = WebSink(("127.0.0.1", 0), TOKEN, ["cat", "dog"])
+    try:
+        seg.set_classes(["cat", "dog"])
+        Pipeline(seg, web).step()
+        state = get_json(web, "/status")[1]
+        assert state["mode"] == "guided" and state["classes"] == ["cat", "dog"]
+    finally:
+        seg.set_classes(None)
+        web.close()
 
 
 # ---- start and stop -------------------------------------------------------------------------------------------
