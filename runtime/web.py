@@ -49,6 +49,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_CLASSES = 1000  # guided mode embeds every class with 8 templates on the pipeline thread; the largest preset has 171
 APPLY_TIMEOUT_S = 120.0  # a change waits this long for the pipeline's next frame
 SOCKET_TIMEOUT_S = 10.0  # a browser that neither sends nor reads for this long is dropped
+MAX_VIEWERS = 8  # streams at once: each is a thread and a frame's bytes per frame on the robot's link
 IDLE_CHECK_S = 1.0  # while no frame comes, each stream checks this often whether its browser left
 JPEG_QUALITY = 80
 FPS_WINDOW = 30  # frames the page's FPS is measured over
@@ -356,12 +357,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, to_json(body).encode(), "application/json")
 
     def _stream(self, web: WebSink) -> None:
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        seq = 0
         with web.viewer():
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            seq = 0
             while not web.frames.closed:
                 frame = web.frames.wait_newer(seq, IDLE_CHECK_S)
                 if self._gone():
@@ -438,6 +439,11 @@ class WebSink(Sink):
     @contextlib.contextmanager
     def viewer(self) -> Iterator[None]:
         with self._lock:
+            if self._viewers >= MAX_VIEWERS:
+                raise BadRequest(
+                    f"{MAX_VIEWERS} browsers are watching already; try again when one leaves",
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                )
             self._viewers += 1
         try:
             yield

@@ -15,6 +15,7 @@ import pytest
 from test_run_cli import FakeSegmenter, write_video
 
 from ovseg.runtime import Segmenter, cli
+from ovseg.runtime import web as web_module
 from ovseg.runtime.result import Result, Segment
 from ovseg.runtime.sessions import SegmenterError
 from ovseg.runtime.sinks import frame_record, to_json
@@ -215,6 +216,21 @@ def test_several_viewers_get_the_newest_frame_and_leaving_frees_them(pipeline, w
     viewers[1].close()
     pipeline.step()
     eventually(lambda: web.viewers == 0, "both viewers released")
+
+
+def test_viewers_beyond_the_limit_are_turned_away_until_one_leaves(pipeline, web, monkeypatch):
+    monkeypatch.setattr(web_module, "MAX_VIEWERS", 2)
+    pipeline.step()
+    viewers = [Viewer(web), Viewer(web)]
+    status, body = get_json(web, "/stream.mjpg")
+    assert status == 503 and body["error"] == "2 browsers are watching already; try again when one leaves"
+    viewers[0].close()
+    pipeline.step()
+    eventually(lambda: web.viewers == 1, "the first viewer released")
+    viewers.append(Viewer(web))
+    assert viewers[2].next_image().shape == pipeline.overlays[-1].shape
+    for viewer in viewers[1:]:
+        viewer.close()
 
 
 def test_a_browser_that_stops_reading_never_holds_the_pipeline(web):
