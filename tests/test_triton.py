@@ -82,7 +82,7 @@ class Served:
     def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
         if self.process.poll() is None:
             os.killpg(self.process.pid, sig) if sig == signal.SIGKILL else self.process.send_signal(sig)
-        out, _ = self.process.communicate(timeout=60)
+        out, _ = self.process.communicate(timeout=120)  # tritonserver's exit timeout, then ovseg-serve's kill
         return self.process.returncode, out
 
 

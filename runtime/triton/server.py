@@ -30,7 +30,8 @@ import numpy as np
 from .protocol import ServingError
 
 READY_TIMEOUT = 300.0  # seconds for the models to load (ONNX sessions, the vocabulary's HNSW index)
-STOP_TIMEOUT = 30.0
+EXIT_TIMEOUT = 10  # seconds tritonserver waits for in-flight requests when stopped
+STOP_TIMEOUT = 30.0  # then it is killed
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.ports.metrics}",
             "--exit-on-error=true",
+            f"--exit-timeout-secs={EXIT_TIMEOUT}",
             "--strict-readiness=true",
         ]
         env = dict(os.environ)
