@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument(
         "--vocab",
         metavar="PRESET_OR_FILE",
-        help="guided mode with a preset (voc21, ade150, ...) or a file, one name per line",
+        help="guidance-free mode naming segments from this vocabulary: a preset (voc21, ade150, ...) or a file, one name per line",
     )
     add_segmenter_arguments(p, per="frame")
     p.add_argument(
