@@ -250,6 +250,8 @@ def test_a_signalled_run_still_leaves_a_playable_video(signum, code, tmp_path):
         [sys.executable, "-c", SLOW_RUN.format(tests=str(Path(__file__).parent), argv=argv)],
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C's default action even where the tests run with SIGINT ignored (a shell's background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while len(list(frames.glob("*.png"))) < 3 and time.monotonic() < deadline and proc.poll() is None:

@@ -61,6 +61,7 @@ class Served:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            preexec_fn=default_sigint,
         )
         client = grpcclient.InferenceServerClient(url=self.url)
         deadline = time.monotonic() + 120
@@ -84,6 +85,12 @@ class Served:
             os.killpg(self.process.pid, sig) if sig == signal.SIGKILL else self.process.send_signal(sig)
         out, _ = self.process.communicate(timeout=120)  # tritonserver's exit timeout, then ovseg-serve's kill
         return self.process.returncode, out
+
+
+def default_sigint() -> None:
+    """In the child: Ctrl-C's default action, even where this test runs with SIGINT ignored (a shell's background
+    job), which the child would inherit and Python would then leave ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def shm_segments() -> set[str]:
