@@ -81,9 +81,15 @@ class Served:
         return f"127.0.0.1:{self.ports.grpc}"
 
     def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        """Stop it with ``sig``; if it has not ended in 120 s, kill it (tritonserver dies with it) and fail."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, sig) if sig == signal.SIGKILL else self.process.send_signal(sig)
-        out, _ = self.process.communicate(timeout=120)  # tritonserver's exit timeout, then ovseg-serve's kill
+        try:
+            out, _ = self.process.communicate(timeout=120)  # tritonserver's exit timeout, then ovseg-serve's kill
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.communicate()
+            raise AssertionError(f"ovseg-serve did not stop on signal {sig} within 120 s") from None
         return self.process.returncode, out
 
 
@@ -214,6 +220,8 @@ def test_a_lost_server_is_retried_and_two_servers_share_streams(tiny_bundle, tmp
     first = Served(tiny_bundle, tmp_path / "first.log")
     second = Served(tiny_bundle, tmp_path / "second.log")
     reports: list[str] = []
+    restarted: list[Served] = []
+    restart: threading.Timer | None = None
     try:
         client = remote([first.url, second.url], report=reports.append, retry_delays=(0.5, 1.0, 2.0, 4.0, 8.0))
         a, b = client.stream(), client.stream()
@@ -222,19 +230,20 @@ def test_a_lost_server_is_retried_and_two_servers_share_streams(tiny_bundle, tmp
         assert (a.server, b.server) == (0, 1)
         pgid = first.process.pid
         first.stop(signal.SIGKILL)
-        restarted: list[Served] = []
-        threading.Timer(1.0, lambda: restarted.append(Served(tiny_bundle, tmp_path / "again.log", first.ports))).start()
+        restart = threading.Timer(
+            1.0, lambda: restarted.append(Served(tiny_bundle, tmp_path / "again.log", first.ports))
+        )
+        restart.start()
         result = a(frames[1])  # retried until the first server is back (or moved to the second)
         assert result.frame_index == 0  # a new sequence: the old one's state died with its server
         assert any("unreachable" in r for r in reports)
         assert b(frames[1]).frame_index == 0 and b.server == 1  # idle meanwhile: its server started it again
         assert any("forgot the stream" in r for r in reports)
-        time.sleep(0.5)
-        for s in restarted:
-            s.stop()
         assert not group_alive(pgid)
     finally:
-        for s in (first, second):
+        if restart is not None:
+            restart.join(180)
+        for s in (first, second, *restarted):
             s.stop()
 
 
