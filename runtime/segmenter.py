@@ -459,14 +459,10 @@ class Segmenter:
         if due:
             clip = [rgbs[i]["clip"] for i in due]
             with _shared([timers[i] for i in due], "clip"):
-                grids = dict(
-                    zip(
-                        due,
-                        run_encoder_batch(
-                            self.engines.clip, self._pre["clip"], clip, self.manifest.clip, "patch_embeddings", "CLIP"
-                        ),
-                    )
+                ran = run_encoder_batch(
+                    self.engines.clip, self._pre["clip"], clip, self.manifest.clip, "patch_embeddings", "CLIP"
                 )
+            grids = dict(zip(due, ran))
         features = []
         for i, (keyframe, (_, unit)) in enumerate(zip(keyframes, plans)):
             if i in grids:
