@@ -146,7 +146,7 @@ def test_bad_requests_get_an_error_each_and_the_rest_are_served(tiny_bundle, tmp
     model, _ = load(repository, monkeypatch, [])
     good = moving_frames(1, 1, (48, 48))[0]
     bad = [
-        (request(1, np.zeros((32, 32, 5), np.uint8), start=True), "C 1, 3 or 4"),
+        (request(1, np.zeros((32, 32, 5), np.uint8), start=True), "HxWx4 (BGRA), got shape (32, 32, 5)"),
         (request(2, np.zeros((200, 200, 3), np.uint8), start=True), "200 x 200, over this server's 10000 pixels"),
         (request(3, good, start=True, options={"classes": []}), "no class names"),
         (request(4, good, start=True, options={"top_k": "three"}), "top_k must be an integer"),
@@ -185,3 +185,20 @@ def test_a_served_bundle_is_checked_against_the_trusted_keys(tiny_bundle, tmp_pa
     assert main(argv) == 0
     params = text_format.Parse((repository / "ovseg" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert json.loads(params.parameters["segmenter"].string_value)["trusted_keys"] == [str(public.resolve())]
+
+
+def test_the_client_changes_options_as_a_segmenter_changes_names() -> None:
+    from ovseg.runtime.triton.client import RemoteSegmenter
+
+    client = RemoteSegmenter(["127.0.0.1:1"])  # no request is sent
+    client.set_vocabulary(["pallet", "forklift"])
+    client.set_classes(["person"])
+    assert (client.mode, client.options.classes, client.options.vocabulary) == (
+        "guided",
+        ["person"],
+        ["pallet", "forklift"],
+    )
+    client.set_classes(None)  # back to guidance-free, with the vocabulary set before
+    assert (client.mode, client.options.vocabulary) == ("guidance-free", ["pallet", "forklift"])
+    assert json.loads(client.options.to_json())["vocabulary"] == ["pallet", "forklift"]
+    client.close()

@@ -14,13 +14,13 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from ..render import overlay
 from ..result import Result, Segment
-from ..vocabulary import parse_class_list
 from .protocol import FRAME, LABEL_MAP, MODEL, OPTIONS, SEGMENTS, RequestOptions, ServingError
 
 log = logging.getLogger("ovseg")
@@ -136,8 +136,7 @@ class RemoteSegmenter:
         score_threshold: float | None = None,
         top_k: int | None = None,
     ) -> RemoteSegmenter:
-        names = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
-        return cls(servers, RequestOptions(names(classes), None if classes else names(vocab), top_k, score_threshold))
+        return cls(servers, RequestOptions(classes, vocab, top_k, score_threshold))
 
     def stream(self) -> RemoteStream:
         first = self._next % len(self.servers)
@@ -184,15 +183,11 @@ class RemoteSegmenter:
         self._default = None  # the next frame starts a new sequence; the old one ends on the server's idle timeout
 
     def set_classes(self, names: list[str] | str | None) -> None:
-        names = parse_class_list(names) if isinstance(names, str) and "," in names else names
-        self.options = RequestOptions(
-            tuple(names) if isinstance(names, list) else names, None, self.options.top_k, self.options.threshold
-        )
+        """As Segmenter.set_classes: guided mode with these classes, None back to guidance-free (the vocabulary stays)."""
+        self.options = replace(self.options, classes=names)
 
     def set_vocabulary(self, names: list[str] | str) -> None:
-        self.options = RequestOptions(
-            None, tuple(names) if isinstance(names, list) else names, self.options.top_k, self.options.threshold
-        )
+        self.options = replace(self.options, vocabulary=names)
 
     def render(self, frame_bgr: np.ndarray, result: Result, alpha: float = 0.5, legend: bool = True) -> np.ndarray:
         return overlay(frame_bgr, result, alpha, legend)

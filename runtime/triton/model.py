@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from ..bundle import EncoderInfo
+from ..preprocess import check_frame
 from ..segmenter import Segmenter, VideoStream
 from ..sessions import SegmenterError
 from .protocol import (
@@ -113,8 +114,8 @@ class TritonPythonModel:
         frame = self._frame(request)
         raw = self._optional(request, OPTIONS)
         options = RequestOptions.from_json(raw.reshape(-1)[0] if raw is not None else b"")
-        segmenter = self._variant(options)
         key = options.to_json()
+        segmenter = self._variant(options, key)
         held = self.streams.get(corrid)
         if start or held is None:
             held = self.streams[corrid] = HeldStream(VideoStream(), key, now)
@@ -141,8 +142,7 @@ class TritonPythonModel:
         else:
             assert raw is not None
             frame = raw[0] if raw.ndim == 4 and raw.shape[0] == 1 else raw
-            if frame.ndim != 3 or frame.shape[2] not in (1, 3, 4):
-                raise ServingError(f"FRAME must be H x W x C with C 1, 3 or 4 (BGR), got shape {tuple(raw.shape)}")
+        frame = check_frame(frame)  # the Segmenter's own check, so that this request alone is refused
         if frame.shape[0] * frame.shape[1] > self.max_pixels:
             raise ServingError(
                 f"the frame is {frame.shape[1]} x {frame.shape[0]}, over this server's {self.max_pixels} pixels: "
@@ -150,8 +150,7 @@ class TritonPythonModel:
             )
         return frame
 
-    def _variant(self, options: RequestOptions) -> Segmenter:
-        key = options.to_json()
+    def _variant(self, options: RequestOptions, key: str) -> Segmenter:
         if key in self.variants:
             self.variants.move_to_end(key)
             return self.variants[key]
@@ -164,11 +163,9 @@ class TritonPythonModel:
         config.check()
         variant = self.segmenter.with_config(config)
         if options.vocabulary is not None:
-            variant.set_vocabulary(
-                list(options.vocabulary) if isinstance(options.vocabulary, tuple) else options.vocabulary
-            )
+            variant.set_vocabulary(options.vocabulary)
         if options.classes is not None:
-            variant.set_classes(list(options.classes) if isinstance(options.classes, tuple) else options.classes)
+            variant.set_classes(options.classes)
         self.variants[key] = variant
         while len(self.variants) > MAX_VARIANTS:
             self.variants.popitem(last=False)

@@ -35,13 +35,13 @@ class ServingError(SegmenterError):
 
 @dataclass(frozen=True)
 class RequestOptions:
-    classes: tuple[str, ...] | str | None = None
-    vocabulary: tuple[str, ...] | str | None = None
+    classes: list[str] | str | None = None  # names, or a preset / file name, as Segmenter.set_classes takes them
+    vocabulary: list[str] | str | None = None  # as Segmenter.set_vocabulary takes them
     top_k: int | None = None
     threshold: float | None = None
 
     def to_json(self) -> str:
-        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}, sort_keys=True)
+        return json.dumps(self.__dict__, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: bytes | str) -> RequestOptions:
@@ -64,11 +64,11 @@ class RequestOptions:
         )
 
 
-def _names(value: object, key: str) -> tuple[str, ...] | str | None:
+def _names(value: object, key: str) -> list[str] | str | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
+        return value
     raise ServingError(f"OPTIONS {key} must be a list of names, a preset name or null, got {value!r}"[:300])
 
 
