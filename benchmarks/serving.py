@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -35,6 +37,7 @@ from .timing import Stats, environment
 
 PROG = "python -m ovseg.benchmarks.serving"
 SERVE_PYTHON = Path(__file__).resolve().parents[1] / ".venv-serve" / "bin" / "python"
+READY_TIMEOUT = 600.0  # seconds for ovseg-serve to load its model
 WARMUP = 2  # frames per stream before timing (sessions, the first k-means, gRPC channels)
 # Targets on a CPU (issue 17): serving adds at most 10% to one stream's latency, and 4 streams together get at least
 # the in-process single stream's frames/s.
@@ -83,17 +86,25 @@ def in_process(bundle: Path, video: list[np.ndarray], threads: int | None) -> Ro
 
 
 class Server:
-    """ovseg-serve in the serving environment, on free ports."""
+    """ovseg-serve run by another environment's ``python`` (the serving one), on free ports (or ``ports``), once its
+    model is ready; ``flags``: more ovseg-serve flags. In its own process group, with Ctrl-C's default action (a
+    shell's background job would hand it SIGINT ignored)."""
 
-    def __init__(self, bundle: Path, python: Path, threads: int | None, max_batch: int, log: Path):
-        self.ports = Ports.free()
+    def __init__(self, bundle: Path, python: Path, log: Path, *flags: str, ports: Ports | None = None):
+        self.ports = ports or Ports.free()
         command = [str(python), "-m", "ovseg.runtime.triton.cli", "--bundle", str(bundle), "--log", str(log)]
         command += ["--grpc-port", str(self.ports.grpc), "--http-port", str(self.ports.http)]
-        command += ["--metrics-port", str(self.ports.metrics), "--max-batch", str(max_batch)]
-        command += ["--threads", str(threads)] * (threads is not None)
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command += ["--metrics-port", str(self.ports.metrics), *flags]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         self.url = f"127.0.0.1:{self.ports.grpc}"
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 out = self.process.stdout.read() if self.process.stdout else ""
@@ -103,7 +114,8 @@ class Server:
                     return
             except OSError:
                 time.sleep(0.3)
-        raise ServingError("ovseg-serve was not ready in 600 s")
+        self.stop(signal.SIGKILL)
+        raise ServingError(f"ovseg-serve was not ready in {READY_TIMEOUT:.0f} s")
 
     def counts(self) -> tuple[float, float]:
         """Triton's (inferences, executions) of the ovseg model so far."""
@@ -116,9 +128,17 @@ class Server:
 
         return metric("nv_inference_count"), metric("nv_inference_exec_count")
 
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.communicate(timeout=120)
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        """Stop it with ``sig`` (SIGKILL: its whole group); killed if it has not ended in 120 s. (exit code, output)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig) if sig == signal.SIGKILL else self.process.send_signal(sig)
+        try:
+            out, _ = self.process.communicate(timeout=120)  # tritonserver's exit timeout, then ovseg-serve's kill
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.communicate()
+            raise ServingError(f"ovseg-serve did not stop on signal {sig} within 120 s") from None
+        return self.process.returncode, out
 
 
 def served(server: Server, video: list[np.ndarray], streams: int) -> Row:
@@ -231,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         video = pan(args.frames + WARMUP, size)
         rows = [in_process(args.bundle, video, args.threads)]
         say(PROG, f"in-process: {rows[0].fps:.2f} frames/s")
-        server = Server(args.bundle, args.serve_python, args.threads, args.max_batch, out / "tritonserver.log")
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        server = Server(
+            args.bundle, args.serve_python, out / "tritonserver.log", "--max-batch", str(args.max_batch), *threads
+        )
         try:
             for n in counts:
                 rows.append(served(server, video, n))

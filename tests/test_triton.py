@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from test_batch import moving_frames
 
+from ovseg.benchmarks.serving import Server
 from ovseg.runtime import Segmenter
 from ovseg.runtime.segmenter import VideoStream
 from ovseg.runtime.triton.protocol import FRAME, IMAGE, LABEL_MAP, MODEL, SEGMENTS
@@ -30,73 +31,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class Served:
-    """ovseg-serve in a child process (its own process group), on free ports."""
-
-    def __init__(self, bundle: Path, log: Path, ports: Ports | None = None, *extra: str):
-        self.ports = ports or Ports.free()
-        self.log = log
-        self.process = subprocess.Popen(
-            [
-                str(SERVE_PYTHON),
-                "-m",
-                "ovseg.runtime.triton.cli",
-                "--bundle",
-                str(bundle),
-                "--threads",
-                "1",
-                "--idle-timeout",
-                str(IDLE_SECONDS),
-                "--grpc-port",
-                str(self.ports.grpc),
-                "--http-port",
-                str(self.ports.http),
-                "--metrics-port",
-                str(self.ports.metrics),
-                "--log",
-                str(log),
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-            preexec_fn=default_sigint,
-        )
-        client = grpcclient.InferenceServerClient(url=self.url)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if client.is_model_ready(MODEL):
-                    return
-            except Exception:
-                pass
-            if self.process.poll() is not None:
-                raise AssertionError(f"ovseg-serve exited {self.process.returncode}: {self.process.stdout.read()}")
-            time.sleep(0.3)
-        raise AssertionError("ovseg-serve was not ready in 120 s")
-
-    @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
-
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
-        """Stop it with ``sig``; if it has not ended in 120 s, kill it (tritonserver dies with it) and fail."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, sig) if sig == signal.SIGKILL else self.process.send_signal(sig)
-        try:
-            out, _ = self.process.communicate(timeout=120)  # tritonserver's exit timeout, then ovseg-serve's kill
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.communicate()
-            raise AssertionError(f"ovseg-serve did not stop on signal {sig} within 120 s") from None
-        return self.process.returncode, out
-
-
-def default_sigint() -> None:
-    """In the child: Ctrl-C's default action, even where this test runs with SIGINT ignored (a shell's background
-    job), which the child would inherit and Python would then leave ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def serve(bundle: Path, log: Path, ports: Ports | None = None) -> Server:
+    """ovseg-serve from the serving environment, one ONNX Runtime thread, streams idle after IDLE_SECONDS."""
+    return Server(bundle, SERVE_PYTHON, log, "--threads", "1", "--idle-timeout", str(IDLE_SECONDS), ports=ports)
 
 
 def shm_segments() -> set[str]:
@@ -113,7 +50,7 @@ def group_alive(pgid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    served = Served(tiny_bundle, tmp_path_factory.mktemp("triton") / "server.log")
+    served = serve(tiny_bundle, tmp_path_factory.mktemp("triton") / "server.log")
     yield served
     served.stop()
 
@@ -217,10 +154,10 @@ def test_bad_input_is_refused_and_other_streams_go_on(server, request_, message)
 
 
 def test_a_lost_server_is_retried_and_two_servers_share_streams(tiny_bundle, tmp_path) -> None:
-    first = Served(tiny_bundle, tmp_path / "first.log")
-    second = Served(tiny_bundle, tmp_path / "second.log")
+    first = serve(tiny_bundle, tmp_path / "first.log")
+    second = serve(tiny_bundle, tmp_path / "second.log")
     reports: list[str] = []
-    restarted: list[Served] = []
+    restarted: list[Server] = []
     restart: threading.Timer | None = None
     try:
         client = remote([first.url, second.url], report=reports.append, retry_delays=(0.5, 1.0, 2.0, 4.0, 8.0))
@@ -231,7 +168,7 @@ def test_a_lost_server_is_retried_and_two_servers_share_streams(tiny_bundle, tmp
         pgid = first.process.pid
         first.stop(signal.SIGKILL)
         restart = threading.Timer(
-            1.0, lambda: restarted.append(Served(tiny_bundle, tmp_path / "again.log", first.ports))
+            1.0, lambda: restarted.append(serve(tiny_bundle, tmp_path / "again.log", first.ports))
         )
         restart.start()
         result = a(frames[1])  # retried until the first server is back (or moved to the second)
@@ -249,7 +186,7 @@ def test_a_lost_server_is_retried_and_two_servers_share_streams(tiny_bundle, tmp
 
 def test_clean_shutdown_leaves_nothing_behind(tiny_bundle, tmp_path) -> None:
     before = shm_segments()
-    served = Served(tiny_bundle, tmp_path / "server.log")
+    served = serve(tiny_bundle, tmp_path / "server.log")
     remote(served.url)(moving_frames(4, 1, (64, 64))[0])
     assert shm_segments() - before, "the Python backend's shared memory was not where this test looks"
     code, out = served.stop(signal.SIGINT)
