@@ -28,6 +28,7 @@ from ovseg.runtime.bundle import (
     read_manifest,
     write_manifest,
 )
+from ovseg.runtime.signing import load_private_key
 
 from . import gate
 from .cli import PROG
@@ -88,9 +89,11 @@ def check_fp32(bundle_dir: Path, manifest: Manifest, models: tuple[str, ...]) ->
             )
 
 
-def calibrate_bundle(bundle: str | Path, opts: CalibOptions) -> dict:
-    """ovseg-calib: calibrate, gate and rewrite ``bundle`` (or leave it untouched); returns the manifest's gates."""
+def calibrate_bundle(bundle: str | Path, opts: CalibOptions, sign: Path | None = None) -> dict:
+    """ovseg-calib: calibrate, gate and rewrite ``bundle`` (or leave it untouched), its new manifest signed with the
+    private key at ``sign`` if given; returns the manifest's gates."""
     opts.check()
+    key = load_private_key(sign) if sign is not None else None  # a bad key fails before any calibration
     bundle = Path(bundle).expanduser()
     manifest = read_manifest(bundle)
     check_fp32(bundle, manifest, opts.models)
@@ -99,7 +102,7 @@ def calibrate_bundle(bundle: str | Path, opts: CalibOptions) -> dict:
     with atomic_bundle_dir(bundle, force=True) as tmp:
         link_tree(bundle, tmp)
         manifest = calibrate_dir(tmp, manifest, data, opts)
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, manifest, key)
     return manifest.gates
 
 

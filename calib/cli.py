@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ovseg.cli import add_bundle_argument, fraction, log_lines, run_cli
 from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE
+from ovseg.runtime.signing import add_sign_argument, unsigned_after_rewrite
 
 PROG = "ovseg-calib"
 
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write a precision that failed its gate (recorded as failed; never auto-picked)",
     )
+    add_sign_argument(p, "the bundle's new manifest")
     return p
 
 
@@ -172,10 +174,14 @@ def calibrate(args: argparse.Namespace) -> int:
 
     opts = options_from(args, args.calib_images, args.force, args.models, args.precisions)
     opts.fallback_rounds = args.fallback_rounds
-    gates = calibrate_bundle(args.bundle, opts)
+    unsigned = unsigned_after_rewrite(args.bundle.expanduser(), args.sign)
+    gates = calibrate_bundle(args.bundle, opts, args.sign)
     failed = [p for p in opts.precisions if not gates[p]["passed"]]
     verdict = f"written with --force, recorded as failed: {', '.join(failed)}" if failed else "passed"
-    print(f"{PROG}: {', '.join(opts.precisions)} {verdict}; manifest updated in {args.bundle}")
+    signed = f", signed with {args.sign}" if args.sign else ""
+    print(f"{PROG}: {', '.join(opts.precisions)} {verdict}; manifest updated in {args.bundle}{signed}")
+    if unsigned:
+        print(f"{PROG}: {unsigned}")
     return 0
 
 

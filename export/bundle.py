@@ -18,15 +18,14 @@ import ovseg.cli
 from ovseg.constants import HNSW_PARAMS, default_bundle
 from ovseg.profiles import DEFAULT_PROFILE, get_profile
 from ovseg.runtime.bundle import (
-    MANIFEST,
     EncoderInfo,
     Manifest,
     TextInfo,
     VocabularyInfo,
     atomic_bundle_dir,
-    sha256_file,
+    write_manifest,
 )
-from ovseg.runtime.signing import load_private_key, sign_dir
+from ovseg.runtime.signing import load_private_key
 from ovseg.runtime.text import ClipTokenizer
 from ovseg.runtime.vocabulary import CONCEPT_TEMPLATES, DEFAULT_CONCEPTS, GUIDED_TEMPLATES, load_vocabulary, prompts_for
 
@@ -224,10 +223,7 @@ def export_bundle(
             manifest = calibrate_export(tmp, manifest, cfg.int8, previous=Path(cfg.out))
         if cfg.fp16:  # where TensorRT can build here; it never fails the export
             manifest = export_plans(tmp, manifest, cfg.fp16, cfg.workspace_mib, say)
-        manifest.sha256 = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
-        (tmp / MANIFEST).write_text(manifest.to_json())
-        if key is not None:
-            sign_dir(tmp, key)
+        write_manifest(tmp, manifest, key)
     say(f"bundle written to {cfg.out}" + (f", signed with {cfg.sign}" if key is not None else ""))
     return Path(cfg.out)
 

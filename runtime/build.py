@@ -40,6 +40,7 @@ from .check import (
     synthetic_frames,
 )
 from .sessions import PROVIDERS, TRT_CACHE, Engine, OnnxEncoder, TensorRTEngine, device_key, this_device
+from .signing import add_sign_argument, load_private_key, unsigned_after_rewrite
 
 PROG = "ovseg-build"
 MIN_TENSORRT = (10, 3)
@@ -74,6 +75,7 @@ class BuildOptions:
     frames: int = DEFAULT_FRAMES
     min_cosine: float = DEFAULT_COSINE
     min_agreement: float = DEFAULT_AGREEMENT  # segment-label agreement of the Segmenter on the plans vs CPU fp32
+    sign: Path | None = None  # Ed25519 private key: sign the new manifest (runtime.signing)
 
     @property
     def precision(self) -> str:
@@ -271,13 +273,14 @@ def plan_agreement(
 def build_bundle(opts: BuildOptions, open_plan: OpenPlan | None = None) -> Manifest:
     """ovseg-build: the bundle with its plans, replaced in one rename, or untouched when anything fails."""
     trt = load_tensorrt()
+    key = load_private_key(opts.sign) if opts.sign is not None else None  # a bad key fails before any plan is built
     bundle = Path(opts.bundle).expanduser()
     manifest = read_manifest(bundle)
     try:
         with atomic_bundle_dir(bundle, force=True) as tmp:
             link_tree(bundle, tmp)
             manifest = build_dir(tmp, manifest, opts, trt, lambda m: say(PROG, m), open_plan)
-            _write_manifest(tmp, manifest)
+            _write_manifest(tmp, manifest, key)
     except OSError as e:
         raise BuildError(f"cannot write the bundle {bundle} ({e.strerror or e}): make it writable") from None
     return manifest
@@ -298,16 +301,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", type=positive_int, default=2048, metavar="MiB", help="builder workspace (2048)")
     p.add_argument("--timing-cache", type=Path, metavar="FILE", help="default: under OVSEG_HOME, per GPU and TensorRT")
     p.add_argument("--frames", type=positive_int, default=DEFAULT_FRAMES, help="sample frames each plan is checked on")
+    add_sign_argument(p, "the bundle's new manifest")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = BuildOptions(args.bundle, args.fp16, args.int8, args.workspace, args.timing_cache, args.frames)
+    opts = BuildOptions(
+        args.bundle, args.fp16, args.int8, args.workspace, args.timing_cache, args.frames, sign=args.sign
+    )
 
     def body() -> int:
+        unsigned = unsigned_after_rewrite(opts.bundle.expanduser(), opts.sign)
         build_bundle(opts)
-        say(PROG, f"{opts.precision} plans written into {opts.bundle}")
+        say(
+            PROG,
+            f"{opts.precision} plans written into {opts.bundle}" + (f", signed with {opts.sign}" if opts.sign else ""),
+        )
+        if unsigned:
+            say(PROG, unsigned)
         return 0
 
     return run_cli(PROG, body, aftermath=f"{opts.bundle} is unchanged")

@@ -25,7 +25,7 @@ from pathlib import Path
 from ovseg.profiles import DEFAULT_PROFILE
 
 from .integrity import BundleError, check_fields, check_files, confine
-from .signing import SIGNATURE, configured_key_files, verify_bundle
+from .signing import SIGNATURE, configured_key_files, sign_dir, verify_bundle
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -289,8 +289,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_manifest(d: Path, manifest: Manifest) -> None:
-    """sha256 of every file, then manifest.json last, replaced in one rename."""
+def write_manifest(d: Path, manifest: Manifest, key=None) -> None:
+    """sha256 of every file, then manifest.json last, replaced in one rename; signed with the Ed25519 private ``key``
+    when one is given (runtime.signing)."""
     manifest.sha256 = {
         p.name: sha256_file(p)
         for p in sorted(d.iterdir())
@@ -300,6 +301,8 @@ def write_manifest(d: Path, manifest: Manifest) -> None:
     tmp = d / f".{MANIFEST}.tmp"
     tmp.write_text(manifest.to_json())
     os.replace(tmp, d / MANIFEST)
+    if key is not None:
+        sign_dir(d, key)
 
 
 def link_tree(src: Path, dst: Path) -> None:

@@ -60,6 +60,7 @@ from .precision import has_precision
 from .preprocess import Preprocessors
 from .result import Result
 from .sessions import PROVIDERS, OnnxEncoder, TensorRTEngine, gpu_key, tensorrt_importable
+from .signing import add_sign_argument, load_private_key, unsigned_after_rewrite
 from .sources import ImageSource, SourceError, VideoFileSource, evenly_spaced, sample_clip
 
 PROG = "ovseg-check"
@@ -599,26 +600,32 @@ def verdicts(report: Report, device: str) -> dict[str, dict]:
     }
 
 
-def record(bundle: Path, manifest: Manifest, report: Report, device: str | None) -> str:
-    """Write this GPU's verdicts into the bundle's manifest (copy-on-write, one rename); what was done, one line."""
+def record(bundle: Path, manifest: Manifest, report: Report, device: str | None, sign: Path | None = None) -> list[str]:
+    """Write this GPU's verdicts into the bundle's manifest (copy-on-write, one rename), signed with the private key at
+    ``sign`` if given; what was done, a line each."""
     if device is None:
-        return "no NVIDIA GPU seen here: nothing recorded (CPU rows are not recorded; ovseg-calib gates the CPU)"
+        return ["no NVIDIA GPU seen here: nothing recorded (CPU rows are not recorded; ovseg-calib gates the CPU)"]
     found = verdicts(report, device)
     if not found:
-        return f"no GPU backend ran on {device}: nothing recorded"
+        return [f"no GPU backend ran on {device}: nothing recorded"]
     manifest = dataclasses.replace(
         manifest, device_checks={**manifest.device_checks, device: {**manifest.device_checks.get(device, {}), **found}}
     )
+    key = load_private_key(sign) if sign is not None else None
+    unsigned = unsigned_after_rewrite(bundle, sign)
     try:
         with atomic_bundle_dir(bundle, force=True) as tmp:
             link_tree(bundle, tmp)
-            write_manifest(tmp, manifest)
+            write_manifest(tmp, manifest, key)
     except OSError as e:
         raise CheckError(
             f"--record: cannot write the bundle {bundle} ({e.strerror or e}): it is read-only; the check above ran, "
             "nothing was recorded"
         ) from None
-    return f"recorded {', '.join(sorted(found))} for {device} in {bundle / 'manifest.json'}"
+    signed = f", signed with {sign}" if sign is not None else ""
+    return [f"recorded {', '.join(sorted(found))} for {device} in {bundle / 'manifest.json'}{signed}"] + (
+        [unsigned] if unsigned else []
+    )
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
@@ -661,12 +668,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write the GPU rows' verdicts into the bundle's manifest, for this GPU (precision='auto' reads them)",
     )
+    add_sign_argument(p, "the manifest --record writes")
     return p
 
 
 def check(args: argparse.Namespace) -> int:
     if args.json is not None and not args.json.parent.is_dir():
         raise CheckError(f"--json {args.json}: the folder {args.json.parent} does not exist")
+    if args.sign is not None and not args.record:
+        raise CheckError("--sign signs the manifest that --record writes: add --record, or drop --sign")
+    if args.sign is not None:
+        load_private_key(args.sign)  # a bad key fails before the checks run
     bundle = args.bundle.expanduser()
     manifest = read_manifest(bundle)
     frames = load_frames(args.images, args.frames)
@@ -684,7 +696,8 @@ def check(args: argparse.Namespace) -> int:
         except OSError as e:
             raise CheckError(f"cannot write --json {args.json}: {e.strerror or e}") from None
     if args.record:
-        say(PROG, record(bundle, manifest, report, gpu_key()))
+        for line in record(bundle, manifest, report, gpu_key(), args.sign):
+            say(PROG, line)
     return 0 if report.passed else 1
 
 

@@ -197,6 +197,27 @@ def add_trusted_key_argument(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_sign_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """--sign KEY, as every command that writes a manifest takes it; ``what`` says what is signed."""
+    p.add_argument(
+        "--sign",
+        type=Path,
+        metavar="KEY",
+        help=f"sign {what} with this Ed25519 private key (README, Reliability; needs ovseg[sign])",
+    )
+
+
+def unsigned_after_rewrite(bundle_dir: Path, key_path: Path | None) -> str | None:
+    """Asked before a command rewrites ``bundle_dir``'s manifest: the line to print after it when the bundle was signed
+    and no key signs the new manifest (runtimes that trust keys refuse it until it is signed again)."""
+    if key_path is not None or not (bundle_dir / SIGNATURE).is_file():
+        return None
+    return (
+        f"{bundle_dir} was signed and its new manifest is not: machines that trust keys refuse it until it is signed "
+        f"again (`{PROG} --bundle {bundle_dir} --key KEY`, or --sign KEY here)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, metavar="DIR", help="the bundle to sign or verify")

@@ -218,6 +218,24 @@ def test_failing_gate_writes_nothing_then_force_records_failure(calibrated, phot
         )
 
 
+def test_ovseg_calib_sign_signs_the_new_manifest(calibrated, photos, tmp_path, capsys):
+    from ovseg.runtime.signing import SigningError, new_key, sign_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(calibrated, bundle)
+    private, public = new_key(tmp_path / "fleet")
+    sign_bundle(bundle, private)
+    argv = ["--bundle", str(bundle), "--calib-images", str(photos), "--frames", "6", "--timing-runs", "1"]
+    argv += ["--gate-cosine", "0", "--gate-agreement", "0", "--models", "dinov2"]  # the cached ranges: no recalibration
+    assert calib_main([*argv, "--sign", str(private)]) == 0
+    assert f"manifest updated in {bundle}, signed with {private}" in capsys.readouterr().out
+    assert read_manifest(bundle, trusted=[public]).gates["int8"]["passed"]
+    assert calib_main(argv) == 0
+    assert f"ovseg-calib: {bundle} was signed and its new manifest is not" in capsys.readouterr().out
+    with pytest.raises(SigningError, match="is not signed"):
+        read_manifest(bundle, trusted=[public])
+
+
 def test_bad_inputs_fail_in_one_line_and_write_nothing(tiny_bundle, photos, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)

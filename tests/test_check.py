@@ -235,7 +235,7 @@ def test_record_into_a_read_only_bundle_is_one_line_after_the_table(bundle_copy,
     manifest_before = (bundle / "manifest.json").read_bytes()
     files_before = sorted(p.name for p in bundle.iterdir())
 
-    def read_only(d, manifest):  # tests run as root, where chmod does not stop a write
+    def read_only(d, manifest, key=None):  # tests run as root, where chmod does not stop a write
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(check, "write_manifest", read_only)
@@ -247,6 +247,25 @@ def test_record_into_a_read_only_bundle_is_one_line_after_the_table(bundle_copy,
     assert (bundle / "manifest.json").read_bytes() == manifest_before
     assert sorted(p.name for p in bundle.iterdir()) == files_before  # no temporary directory left either
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".bundle")]
+
+
+def test_record_signs_with_sign_and_says_when_it_leaves_a_signed_bundle_unsigned(
+    bundle_copy, fake_cuda, tmp_path, capsys
+):
+    from ovseg.runtime.bundle import read_manifest
+    from ovseg.runtime.signing import SIGNATURE, new_key, sign_bundle
+
+    bundle = bundle_copy(lambda m: None)
+    private, public = new_key(tmp_path / "fleet")
+    sign_bundle(bundle, private)
+    assert check.main(["--bundle", str(bundle), "--frames", "1", "--record", "--sign", str(private)]) == 0
+    assert f"for {FAKE_GPU} in {bundle / 'manifest.json'}, signed with {private}" in capsys.readouterr().err
+    assert FAKE_GPU in read_manifest(bundle, trusted=[public]).device_checks  # the new manifest, signed
+    assert check.main(["--bundle", str(bundle), "--frames", "1", "--record"]) == 0
+    err = capsys.readouterr().err
+    assert f"ovseg-check: {bundle} was signed and its new manifest is not" in err and not (bundle / SIGNATURE).exists()
+    assert check.main(["--bundle", str(bundle), "--frames", "1", "--sign", str(private)]) == 2
+    assert "--sign signs the manifest that --record writes" in capsys.readouterr().err
 
 
 def test_record_without_a_gpu_records_nothing_and_says_so(bundle_copy, cpu_only, monkeypatch, capsys):

@@ -137,18 +137,27 @@ def test_a_corrupt_signature_file_is_refused(bundle, keys):
         read_manifest(bundle, trusted=[keys["a"][1]])
 
 
-def test_rewriting_a_bundle_drops_its_signature(bundle, keys):
+def test_rewriting_a_bundle_drops_its_signature_unless_a_key_signs_the_new_manifest(bundle, keys):
     """ovseg-calib, ovseg-build and ovseg-check --record write a new manifest: the old signature would not match it."""
+    assert signing.unsigned_after_rewrite(bundle, None) is None  # nothing to lose
     sign_bundle(bundle, keys["a"][0])
     manifest = read_manifest(bundle, trusted=[keys["a"][1]])
+    note = signing.unsigned_after_rewrite(bundle, None)
+    assert note is not None and "was signed and its new manifest is not" in note and "--sign KEY" in note
+    assert signing.unsigned_after_rewrite(bundle, keys["a"][0]) is None
     with atomic_bundle_dir(bundle, force=True) as tmp:
         link_tree(bundle, tmp)
         write_manifest(tmp, manifest)
     assert not (bundle / SIGNATURE).exists()
     with pytest.raises(SigningError, match="is not signed"):
         read_manifest(bundle, trusted=[keys["a"][1]])
-    sign_bundle(bundle, keys["a"][0])
-    read_manifest(bundle, trusted=[keys["a"][1]])
+    manifest.profile = "rewritten"
+    with atomic_bundle_dir(bundle, force=True) as tmp:
+        link_tree(bundle, tmp)
+        write_manifest(tmp, manifest, signing.load_private_key(keys["b"][0]))
+    assert read_manifest(bundle, trusted=[keys["b"][1]]).profile == "rewritten"
+    with pytest.raises(SigningError, match="not signed by a trusted key"):
+        read_manifest(bundle, trusted=[keys["a"][1]])
 
 
 def test_without_cryptography_trusted_keys_are_one_line_naming_the_extra(bundle, keys, monkeypatch):

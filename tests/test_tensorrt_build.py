@@ -207,6 +207,27 @@ def test_ovseg_build_writes_checked_plans_and_their_records(bundle_copy, device,
     assert "fp16 plans written" in err
 
 
+def test_ovseg_build_sign_signs_the_new_manifest_and_a_bad_key_builds_nothing(
+    bundle_copy, device, monkeypatch, tmp_path, capsys
+):
+    from ovseg.runtime.signing import SigningError, new_key, sign_bundle
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
+    d = bundle_copy.dir
+    private, public = new_key(tmp_path / "fleet")
+    (tmp_path / "bad.pem").write_text("not a key")
+    assert build.main(["--bundle", str(d), "--fp16", "--sign", str(tmp_path / "bad.pem")]) == 2
+    assert "is not an unencrypted Ed25519 private key" in capsys.readouterr().err and not list(d.glob("*.plan"))
+    sign_bundle(d, private)
+    assert build.main(["--bundle", str(d), "--fp16", "--sign", str(private)]) == 0
+    assert f"fp16 plans written into {d}, signed with {private}" in capsys.readouterr().err
+    assert "trt_fp16" in read_manifest(d, trusted=[public]).clip.files
+    assert build.main(["--bundle", str(d), "--fp16"]) == 0  # rebuilt without the key: unsigned, and said so
+    assert f"{d} was signed and its new manifest is not" in capsys.readouterr().err
+    with pytest.raises(SigningError, match="is not signed"):
+        read_manifest(d, trusted=[public])
+
+
 def test_a_plan_under_the_cosine_gate_writes_nothing(bundle_copy, device, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
     monkeypatch.setattr(build, "_open_plan", lambda path, shape: PlanRunner(path, shape, noise=True))
