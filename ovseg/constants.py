@@ -33,7 +33,10 @@ DEFAULT_CLIP = "ViT-B-16:openai"
 DEFAULT_DINOV2 = "facebook/dinov2-small"
 DENSE_METHODS = ("pixelclip", "gem", "maskclip")
 
-RANDOM_WEIGHTS_WARNING = "this bundle has random weights: its segments are real, its labels are meaningless"
+RANDOM_WEIGHTS_WARNING = (
+    "this bundle has random weights: its segments are real, its labels are meaningless (export real weights with "
+    "ovseg-export)"
+)
 
 
 def ovseg_home() -> Path:

@@ -26,7 +26,7 @@ from ovseg.cli import (
     say,
     signals_deferred,
 )
-from ovseg.constants import RANDOM_WEIGHTS_WARNING, REFINES
+from ovseg.constants import REFINES
 
 from .display import Window, display_problem, draw_status
 from .signing import add_trusted_key_argument
@@ -36,7 +36,6 @@ from .vocabulary import parse_class_list
 from .web import WebSink, parse_address
 
 PROG = "ovseg-run"
-RANDOM_WEIGHTS_BANNER = f"WARNING: {RANDOM_WEIGHTS_WARNING} (export real weights with ovseg-export)"
 # Live and image sources keep only the frames that were processed, at a rate not known up front.
 UNTIMED_VIDEO_FPS = 10.0
 
@@ -236,8 +235,6 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
                 trusted_keys=args.trusted_key,
             )
             stack.callback(seg.close)
-            if seg.random_weights:
-                print(RANDOM_WEIGHTS_BANNER, file=sys.stderr, flush=True)
             window = None
             if not args.no_show:
                 problem = display_problem()

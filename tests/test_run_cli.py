@@ -206,14 +206,12 @@ def test_image_directory_resets_between_images_and_counts_skipped(tmp_path, caps
     assert "c.png cannot be read, skipping" in captured.err and "1 skipped" in captured.err
 
 
-def test_random_weights_banner_and_headless_notice(video, capsys, monkeypatch):
+def test_headless_notice(video, capsys, monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    assert run(["--video", str(video), "--max-frames", "2"], FakeSegmenter(random_weights=True)) == 0
+    assert run(["--video", str(video), "--max-frames", "2"], FakeSegmenter()) == 0
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert f"WARNING: {RANDOM_WEIGHTS_WARNING} (export real weights with ovseg-export)" in captured.err
-    assert "WARNING: this bundle has random weights: its segments are real, its labels are meaningless" in captured.err
     assert captured.err.count("running headless") == 1
     assert "nothing is shown or saved" in captured.err
 
@@ -399,6 +397,14 @@ def test_real_segmenter_video_to_every_sink(bundle, video, tmp_path, capsys):
         assert set(np.unique(label_map).tolist()) <= ids
         assert sum(s["area"] for s in record["segments"]) == SIZE[0] * SIZE[1]
     assert "4 frames in" in captured.err and "total" in captured.err
+
+
+def test_random_weights_are_said_once_with_what_to_do(bundle_copy, video, capsys):
+    bundle = bundle_copy(lambda m: m.update(random_weights=True))
+    assert cli.main(["--bundle", str(bundle), "--video", str(video), "--max-frames", "1", "--no-show"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("random weights") == 1 and f"ovseg-run: {bundle}: {RANDOM_WEIGHTS_WARNING}" in err
+    assert "export real weights with ovseg-export" in RANDOM_WEIGHTS_WARNING
 
 
 def test_real_segmenter_guided_on_odd_images(bundle, tmp_path, capsys):
