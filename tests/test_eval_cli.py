@@ -15,7 +15,10 @@ from ovseg.benchmarks.eval import cli
 from ovseg.benchmarks.eval.metrics import IGNORE, ConfusionMatrix, oracle_prediction
 from ovseg.benchmarks.eval.state import state_path
 from ovseg.benchmarks.eval.vis import LEGEND_WIDTH, PANEL_WIDTH, TITLE_HEIGHT
+from ovseg.constants import RANDOM_WEIGHTS_WARNING
+from ovseg.profiles import DEFAULT_PROFILE, get_profile
 from ovseg.runtime.result import Result, Segment
+from ovseg.runtime.segmenter import SegmenterConfig
 
 
 class FakeSegmenter:
@@ -31,6 +34,7 @@ class FakeSegmenter:
     def open(self, path, **kwargs):
         self.kwargs = kwargs
         self.mode = kwargs["mode"]
+        self.config = SegmenterConfig.from_profile(get_profile(DEFAULT_PROFILE), kwargs["num_segments"])
         return self
 
     def __call__(self, image: np.ndarray) -> Result:
@@ -225,6 +229,8 @@ def test_real_segmenter_end_to_end(tiny_bundle, tmp_path, protocol):
     assert sum(r["gt_pixels"] for r in rows) == np.sum(gt != IGNORE)  # every labelled pixel counted once
     assert 0 <= report["metrics"]["mIoU"] <= 100 and report["progress"]["complete"]
     assert report["runtime"]["mode"] == ("guided" if protocol == "guided" else "guidance-free")
+    profile = get_profile(json.loads((tiny_bundle / "manifest.json").read_text())["profile"])
+    assert report["config"]["segments"] is None and report["runtime"]["segments"] == profile.num_segments  # what ran
     assert (tmp_path / "vis" / "00000_2011_000003.png").is_file()
     if protocol == "free":  # TAG's protocol: every runtime label mapped to one of the 21 class names
         assert report["config"]["match_with"] == "clip"
@@ -277,3 +283,11 @@ def test_refine_segments_only_with_guided(voc3, capsys):
     with pytest.raises(SystemExit) as info:
         run(["--dataset", "voc21", "--data", voc3, "--protocol", "free", "--refine", "segments"])
     assert info.value.code == 2 and "use it with --protocol guided" in capsys.readouterr().err
+
+
+def test_a_random_weights_bundle_is_said_once(bundle_copy, tmp_path, capsys):
+    bundle = bundle_copy(lambda m: m.update(random_weights=True))
+    data = make_voc(tmp_path / "data")
+    assert cli.main(["--bundle", str(bundle), "--dataset", "voc21", "--data", str(data), "--limit", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("random weights") == 1 and f"ovseg-eval: {bundle}: {RANDOM_WEIGHTS_WARNING}" in err

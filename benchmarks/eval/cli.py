@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import logging
 import platform
 import sys
 import time
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 import ovseg.cli
 from ovseg.cli import add_bundle_argument, add_segmenter_arguments, non_negative_int, positive_int
-from ovseg.constants import RANDOM_WEIGHTS_WARNING, REFINES
+from ovseg.constants import REFINES
 from ovseg.runtime.bundle import MANIFEST
 
 from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
@@ -27,7 +28,6 @@ from .vis import save_side_by_side
 
 PROG = "ovseg-eval"
 REPORT_VERSION = 1
-RANDOM_WEIGHTS_BANNER = f"WARNING: {RANDOM_WEIGHTS_WARNING}, and so are this evaluation's CLIP-side numbers (export real weights with ovseg-export)"
 # What must be equal for --resume to add to the counts; --limit may grow, the rest only changes output.
 RESUME_KEYS = (
     "dataset",
@@ -275,13 +275,12 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
         tally = Tally(len(dataset.classes), args.boundary_tolerance, with_segments)
     seg = _open(args, dataset, open_segmenter)
     try:
-        if seg.random_weights:
-            print(RANDOM_WEIGHTS_BANNER, file=sys.stderr, flush=True)
         protocol = _protocol(args, dataset, tally)
         runtime = {
             "backend": seg.backend,
             "precision": seg.precision,
             "mode": seg.mode,
+            "segments": seg.config.num_segments,  # --segments, or the bundle's profile's
             "random_weights": bool(seg.random_weights),
             **_versions(),
         }
@@ -377,7 +376,8 @@ def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = Non
         from ovseg.runtime.segmenter import Segmenter
 
         open_segmenter = Segmenter.from_bundle
-    return ovseg.cli.run_cli(PROG, functools.partial(_run, args, open_segmenter))
+    with ovseg.cli.log_lines(PROG, logging.WARNING):  # a random-weights bundle, an unreadable image: one line each
+        return ovseg.cli.run_cli(PROG, functools.partial(_run, args, open_segmenter))
 
 
 if __name__ == "__main__":
