@@ -120,12 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         help="what the --web page asks for before it changes the classes (default: a random token, printed at start)",
     )
+    p.add_argument(
+        "--web-allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name browsers reach this machine by besides its own (e.g. robot7.lab.example.com; repeatable): other "
+        "names are refused against DNS rebinding; addresses always pass",
+    )
     return p
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.web_token is not None and (args.web is None or not args.web_token.strip()):
         p.error("--web-token needs --web and a token that is not empty")
+    if args.web_allow_host and (args.web is None or not all(n.strip() for n in args.web_allow_host)):
+        p.error("--web-allow-host needs --web and a name that is not empty")
     if args.loop and (args.camera is not None or (args.video is not None and is_live(args.video))):
         p.error("--loop needs a video file, images or --sample: a camera or stream has no last frame")
 
@@ -195,7 +205,8 @@ def _open_sinks(args: argparse.Namespace, source: Source) -> list[Sink]:
     if args.json:
         sinks.append(JsonLinesSink(sys.stdout))
     if args.web is not None:  # last: it binds a port, which a sink failing after it would leave bound
-        web = WebSink(args.web, args.web_token, parse_class_list(args.classes) if args.classes is not None else None)
+        classes = parse_class_list(args.classes) if args.classes is not None else None
+        web = WebSink(args.web, args.web_token, classes, tuple(args.web_allow_host))
         sinks.append(web)
         say(
             PROG,

@@ -15,6 +15,7 @@ import argparse
 import collections
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -79,6 +80,43 @@ def parse_address(text: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {port}")
     return host or DEFAULT_HOST, port
+
+
+def local_names(bound_host: str, allowed: tuple[str, ...] = ()) -> frozenset[str]:
+    """Host names a browser may use for this server besides IP addresses: localhost, this machine's names (and its
+    mDNS name), the name --web was bound to, and ``allowed`` (--web-allow-host)."""
+    hostname = socket.gethostname()
+    names = {"localhost", hostname, f"{hostname}.local", socket.getfqdn(), bound_host, *allowed}
+    return frozenset(n.lower().rstrip(".") for n in names if n)
+
+
+def host_name(header: str) -> str:
+    """The name or address in a Host header, without its port: ``[::1]:8080`` -> ``::1``, ``robot:80`` -> ``robot``."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+def check_host(header: str | None, names: frozenset[str]) -> None:
+    """Refuse a request whose Host is a name this machine does not answer to. A page from another site can reach this
+    server through a name of its own that resolves here (DNS rebinding) and read the camera; the browser then sends that
+    name. IP addresses and no Host at all (not a browser) pass."""
+    if header is None:
+        return
+    name = host_name(header)
+    try:
+        ipaddress.ip_address(name)
+        return
+    except ValueError:
+        pass
+    if name.lower().rstrip(".") in names or name.lower().endswith(".localhost"):
+        return
+    raise BadRequest(
+        f"this server does not answer to the name {name!r}: open it by this machine's address or name, or start "
+        f"ovseg-run with --web-allow-host {name}",
+        HTTPStatus.FORBIDDEN,
+    )
 
 
 # ---- vocabulary changes ----------------------------------------------------------------------------------------
@@ -298,6 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
         web = self.server.web
         path = self.path.split("?", 1)[0]
         try:
+            check_host(self.headers.get("Host"), web.names)
             if path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, web.page, "text/html; charset=utf-8")
             elif path == "/stream.mjpg":
@@ -321,6 +360,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         web = self.server.web
         try:
+            check_host(self.headers.get("Host"), web.names)
             if self.path.split("?", 1)[0] != "/vocabulary":
                 raise BadRequest(f"cannot POST to {self.path}: changes go to /vocabulary", HTTPStatus.NOT_FOUND)
             web.authorise(self.headers.get("Authorization", ""))
@@ -407,8 +447,15 @@ class WebSink(Sink):
 
     needs_overlay = True
 
-    def __init__(self, address: tuple[str, int], token: str | None = None, classes: list[str] | None = None):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        token: str | None = None,
+        classes: list[str] | None = None,
+        allowed_hosts: tuple[str, ...] = (),
+    ):
         self.token = token or secrets.token_urlsafe(12)
+        self.names = local_names(address[0], allowed_hosts)
         self.frames = LatestFrame()
         self.steering = Steering()
         self.page = PAGE.read_bytes()

@@ -126,7 +126,7 @@ class Viewer:
 
     def __init__(self, web: WebSink):
         self.sock = socket.create_connection(("127.0.0.1", web.port), timeout=30)
-        self.sock.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: test\r\n\r\n")
+        self.sock.sendall(f"GET /stream.mjpg HTTP/1.1\r\nHost: 127.0.0.1:{web.port}\r\n\r\n".encode())
         self.file = self.sock.makefile("rb")
         status = self.file.readline()
         assert status.split()[1] == b"200", status
@@ -381,6 +381,41 @@ def test_bad_requests_get_4xx_with_a_message(pipeline, web):
     assert get_json(web, "/health")[1]["seq"] == 2
 
 
+@pytest.mark.parametrize(
+    "host, allowed",
+    [
+        ("127.0.0.1:{port}", True),
+        ("[::1]:{port}", True),
+        ("192.168.7.20", True),
+        ("localhost:{port}", True),
+        ("app.localhost:{port}", True),
+        ("{hostname}:{port}", True),
+        ("Robot7.Lab.Example.com.:{port}", True),  # --web-allow-host, any case, a trailing dot
+        ("attacker.example:{port}", False),
+        ("127.0.0.1.attacker.example", False),
+    ],
+)
+def test_names_this_machine_does_not_answer_to_are_refused_against_dns_rebinding(host, allowed):
+    server = WebSink(("127.0.0.1", 0), TOKEN, allowed_hosts=("robot7.lab.example.com",))
+    try:
+        header = host.format(port=server.port, hostname=socket.gethostname())
+        for method, path in (("GET", "/status"), ("GET", "/stream.mjpg"), ("POST", "/vocabulary")):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.putrequest(method, path, skip_host=True)
+            conn.putheader("Host", header)
+            conn.putheader("Content-Length", "0")
+            conn.endheaders()
+            answer = conn.getresponse()
+            body = answer.read() if answer.headers.get_content_type() == "application/json" else b""
+            conn.close()
+            if allowed:
+                assert answer.status != 403, (method, path, body)
+            else:
+                assert answer.status == 403 and "--web-allow-host" in json.loads(body)["error"], (method, path)
+    finally:
+        server.close()
+
+
 class RefusingSegmenter:
     mode = "guidance-free"
 
@@ -472,6 +507,8 @@ def test_address(text, address):
         ["--web", "http"],
         ["--web", "70000"],
         ["--web-token", "t"],
+        ["--web-allow-host", "robot"],
+        ["--web", "0", "--web-allow-host", ""],
         ["--web", "0", "--web-token", " "],
         ["--camera", "0", "--loop"],
     ],
