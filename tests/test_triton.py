@@ -222,3 +222,29 @@ def test_ovseg_run_server_prints_what_a_local_run_prints(server, tiny_bundle, tm
     refused = ovseg_run("--server", "grpc://127.0.0.1:1", "--segments", "4", *common)
     assert refused.returncode == 2 and "give --segments to ovseg-serve" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_ovseg_run_web_steers_a_served_stream(server) -> None:
+    """--web with --server: a change typed on the page reaches the server's stream on the next frame."""
+    from test_web import NEW_CLASSES, TOKEN, Pipeline, change_during_next_frame, get_json
+
+    from ovseg.runtime.vocabulary import load_vocabulary
+    from ovseg.runtime.web import WebSink
+
+    web = WebSink(("127.0.0.1", 0), TOKEN)
+    client = remote(server.url)
+    try:
+        pipeline = Pipeline(client, web)
+        pipeline.step(2)
+        assert client.mode == "guidance-free"
+        status, answer = change_during_next_frame(pipeline, {"mode": "guided", "classes": ", ".join(NEW_CLASSES)})
+        assert status == 200 and answer["change"] == "guided: person, forklift, pallet", answer
+        labels = {s.label for s in pipeline.results[2].segments}
+        assert client.mode == "guided" and labels and labels <= {*NEW_CLASSES, "unknown"}
+        assert {s["label"] for s in get_json(web, "/segments")[1]["segments"]} == labels
+        status, answer = change_during_next_frame(pipeline, {"mode": "guidance-free"})
+        assert status == 200 and client.mode == "guidance-free"
+        assert {s.label for s in pipeline.results[3].segments} <= set(load_vocabulary("voc21"))  # the bundle's
+    finally:
+        web.close()
+        client.close()
