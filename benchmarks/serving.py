@@ -31,7 +31,7 @@ from ovseg.cli import add_bundle_argument, positive_int, run_cli, say
 from ovseg.runtime import Segmenter
 from ovseg.runtime.triton.client import RemoteSegmenter
 from ovseg.runtime.triton.protocol import MODEL, ServingError
-from ovseg.runtime.triton.server import Ports
+from ovseg.runtime.triton.server import Ports, ready
 
 from .timing import Stats, environment
 
@@ -109,11 +109,9 @@ class Server:
             if self.process.poll() is not None:
                 out = self.process.stdout.read() if self.process.stdout else ""
                 raise ServingError(f"ovseg-serve exited ({self.process.returncode}): {out.strip().splitlines()[-1:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.http}/v2/health/ready", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.3)
+            if ready("127.0.0.1", self.ports.http):
+                return
+            time.sleep(0.3)
         self.stop(signal.SIGKILL)
         raise ServingError(f"ovseg-serve was not ready in {READY_TIMEOUT:.0f} s")
 

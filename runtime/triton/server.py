@@ -20,7 +20,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +156,6 @@ class TritonServer:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        url = f"http://{self.host}:{self.ports.http}/v2/health/ready"
         deadline = time.monotonic() + timeout
         assert self.process is not None
         while time.monotonic() < deadline:
@@ -165,10 +163,8 @@ class TritonServer:
                 code = self.process.returncode
                 self.stop()
                 raise ServingError(f"tritonserver exited ({code}) while loading the models; {self._log_hint()}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(url, timeout=1) as r:
-                    if r.status == 200:
-                        return
+            if ready(self.host, self.ports.http):
+                return
             time.sleep(0.2)
         self.stop()
         raise ServingError(f"tritonserver was not ready after {timeout:.0f} s; {self._log_hint()}")
@@ -205,6 +201,15 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def ready(host: str, http_port: int) -> bool:
+    """Whether the tritonserver at ``host``:``http_port`` says it is ready (with --strict-readiness: every model)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=1) as r:
+            return r.status == 200
+    except OSError:  # refused, not listening yet, or an HTTP error status
+        return False
 
 
 def _die_with_parent() -> None:
