@@ -219,38 +219,53 @@ def device_key() -> str:
 
 @functools.lru_cache(maxsize=1)
 def gpu_name() -> str | None:
-    """The first NVIDIA GPU's name: a Jetson's model from the device tree, else nvidia-smi's; None when neither tells."""
+    """The name of the GPU that CUDA calls device 0 (ONNX Runtime's and TensorRT's): a Jetson's model from the device
+    tree, else cuda-python's, else nvidia-smi's; None when none tells."""
     model = Path("/proc/device-tree/model")
     if is_jetson() and model.is_file():
         return model.read_text(errors="replace").strip("\0 \n") or None
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
     try:
-        out = subprocess.run(
-            [smi, "--query-gpu=name", "--format=csv,noheader", "--id=0"], capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
-    return lines[0].strip() if lines else None
+        err, prop = _cudart().cudaGetDeviceProperties(0)
+        if int(err) == 0:
+            name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+            return name.strip("\0 ") or None
+    except Exception:  # no cuda-python, no driver, no device: try nvidia-smi
+        pass
+    return _nvidia_smi("name")
 
 
 @functools.lru_cache(maxsize=1)
 def gpu_compute_capability() -> str | None:
-    """GPU 0's compute capability ("8.7"): cuda-python's when it imports, else nvidia-smi's; None when neither tells."""
+    """Device 0's compute capability ("8.7"): cuda-python's when it imports, else nvidia-smi's; None when neither tells."""
     try:
         err, prop = _cudart().cudaGetDeviceProperties(0)
         if int(err) == 0:
             return f"{prop.major}.{prop.minor}"
     except Exception:  # no cuda-python, no driver, no device: try nvidia-smi
         pass
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
+    capability = _nvidia_smi("compute_cap")
+    return capability if capability and re.fullmatch(r"\d+\.\d+", capability) else None
+
+
+def cuda_device_0() -> str | None:
+    """nvidia-smi's --id of the GPU CUDA calls device 0: the first entry of CUDA_VISIBLE_DEVICES (an index or a
+    UUID), else 0; None when it hides every GPU. An index names the same GPU for both only in PCI bus order
+    (CUDA_DEVICE_ORDER=PCI_BUS_ID, or GPUs all alike); a UUID always does."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return "0"
+    first = visible.split(",")[0].strip()
+    return None if not first or first.startswith("-") else first
+
+
+def _nvidia_smi(field: str) -> str | None:
+    """nvidia-smi's ``field`` of CUDA's device 0; None without nvidia-smi, a visible GPU or an answer."""
+    smi, device = shutil.which("nvidia-smi"), cuda_device_0()
+    if smi is None or device is None:
         return None
     try:
         out = subprocess.run(
-            [smi, "--query-gpu=compute_cap", "--format=csv,noheader", "--id=0"],
+            [smi, f"--query-gpu={field}", "--format=csv,noheader", f"--id={device}"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -258,7 +273,7 @@ def gpu_compute_capability() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
-    return lines[0].strip() if lines and re.fullmatch(r"\d+\.\d+", lines[0].strip()) else None
+    return lines[0].strip() if lines else None
 
 
 def gpu_key() -> str | None:

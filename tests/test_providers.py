@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import types
 
@@ -473,11 +474,72 @@ def test_the_tensorrt_runner_refuses_an_input_shape_outside_its_profile(tmp_path
     assert not cudart.buffers  # nothing left allocated
 
 
+def no_cuda_python():
+    raise SegmenterError("no cuda-python")
+
+
 def test_without_nvidia_smi_the_device_key_is_gpu0(monkeypatch):
     sessions.gpu_name.cache_clear()
     monkeypatch.setattr(sessions, "is_jetson", lambda: False)
+    monkeypatch.setattr(sessions, "_cudart", no_cuda_python)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     try:
         assert sessions.gpu_name() is None and sessions.device_key() == "gpu0"
     finally:
         sessions.gpu_name.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "visible, asked",
+    [
+        (None, "0"),
+        ("2,0", "2"),
+        ("GPU-8f6e2c1a-0000-1111-2222-333344445555", "GPU-8f6e2c1a-0000-1111-2222-333344445555"),
+        ("-1", None),
+        ("", None),
+    ],
+)
+def test_nvidia_smi_is_asked_about_the_gpu_cuda_uses(monkeypatch, visible, asked):
+    """ONNX Runtime and TensorRT run on CUDA's device 0, the first of CUDA_VISIBLE_DEVICES; nvidia-smi numbers every
+    GPU whatever that says, so the device key asks it about that one."""
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(sessions, "is_jetson", lambda: False)
+    monkeypatch.setattr(sessions, "_cudart", no_cuda_python)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    calls = []
+
+    def smi(argv, **kwargs):
+        calls.append(argv)
+        answer = "NVIDIA L4" if "--query-gpu=name" in argv else "8.9"
+        return subprocess.CompletedProcess(argv, 0, stdout=answer + "\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", smi)
+    sessions.gpu_name.cache_clear()
+    sessions.gpu_compute_capability.cache_clear()
+    try:
+        if asked is None:
+            assert sessions.gpu_key() is None and not calls
+        else:
+            assert sessions.gpu_key() == "NVIDIA L4, compute 8.9"
+            assert [a[-1] for a in calls] == [f"--id={asked}"] * 2
+    finally:
+        sessions.gpu_name.cache_clear()
+        sessions.gpu_compute_capability.cache_clear()
+
+
+def test_cuda_python_names_the_gpu_when_it_imports(monkeypatch):
+    props = types.SimpleNamespace(name=b"NVIDIA H200\0\0", major=9, minor=0)
+    cudart = types.SimpleNamespace(cudaGetDeviceProperties=lambda device: (0, props))
+    monkeypatch.setattr(sessions, "is_jetson", lambda: False)
+    monkeypatch.setattr(sessions, "_cudart", lambda: cudart)
+    monkeypatch.setattr(shutil, "which", lambda name: pytest.fail("nvidia-smi asked although CUDA answered"))
+    sessions.gpu_name.cache_clear()
+    sessions.gpu_compute_capability.cache_clear()
+    try:
+        assert sessions.gpu_key() == "NVIDIA H200, compute 9.0" and sessions.device_key() == "nvidia-h200"
+    finally:
+        sessions.gpu_name.cache_clear()
+        sessions.gpu_compute_capability.cache_clear()
