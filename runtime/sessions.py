@@ -224,27 +224,34 @@ def gpu_name() -> str | None:
     model = Path("/proc/device-tree/model")
     if is_jetson() and model.is_file():
         return model.read_text(errors="replace").strip("\0 \n") or None
-    try:
-        err, prop = _cudart().cudaGetDeviceProperties(0)
-        if int(err) == 0:
-            name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-            return name.strip("\0 ") or None
-    except Exception:  # no cuda-python, no driver, no device: try nvidia-smi
-        pass
+    prop = _device_0_properties()
+    if prop is not None:
+        return _device_name(prop) or None
     return _nvidia_smi("name")
 
 
 @functools.lru_cache(maxsize=1)
 def gpu_compute_capability() -> str | None:
     """Device 0's compute capability ("8.7"): cuda-python's when it imports, else nvidia-smi's; None when neither tells."""
-    try:
-        err, prop = _cudart().cudaGetDeviceProperties(0)
-        if int(err) == 0:
-            return f"{prop.major}.{prop.minor}"
-    except Exception:  # no cuda-python, no driver, no device: try nvidia-smi
-        pass
+    prop = _device_0_properties()
+    if prop is not None:
+        return f"{prop.major}.{prop.minor}"
     capability = _nvidia_smi("compute_cap")
     return capability if capability and re.fullmatch(r"\d+\.\d+", capability) else None
+
+
+def _device_0_properties():
+    """cuda-python's properties of CUDA's device 0; None without cuda-python, a driver or a device."""
+    try:
+        err, prop = _cudart().cudaGetDeviceProperties(0)
+        return prop if int(err) == 0 else None
+    except Exception:  # whatever cuda-python raises without a driver or device: the caller asks nvidia-smi
+        return None
+
+
+def _device_name(prop) -> str:
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return name.strip("\0 ")
 
 
 def cuda_device_0() -> str | None:
@@ -439,8 +446,7 @@ def this_device() -> DeviceInfo:
     err, prop = _cudart().cudaGetDeviceProperties(0)
     if int(err) != 0:
         raise SegmenterError(f"CUDA cannot read the GPU's properties ({err}): check the driver with nvidia-smi")
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return DeviceInfo(str(trt.__version__), name.strip("\0 "), f"{prop.major}.{prop.minor}")
+    return DeviceInfo(str(trt.__version__), _device_name(prop), f"{prop.major}.{prop.minor}")
 
 
 class OnnxEncoder:
