@@ -4,7 +4,8 @@ A plan is built from the ONNX file of its precision (``--fp16``: the fp16 file; 
 of ``ovseg-calib --tensorrt``; else the fp32 one) as a strongly typed network: TensorRT runs every tensor in the type
 the file gives it, so the fp32 islands that ovseg-export kept in the fp16 file (and checked against torch) stay fp32,
 and int8 runs exactly where the file's explicit Q/DQ put it (no INT8 builder flag, no calibrator). This is the only
-mode of TensorRT 11 and exists since 10.3.
+mode of TensorRT 11 and exists since 10.3. TF32 is cleared (TensorRT allows it by default on Ampere and later), so
+the float tensors, all of an fp32 plan's and the fp32 islands of the others, run in fp32 as the check compares them.
 Each plan is run on sample frames and compared with the fp32 ONNX file on the CPU (worst per-token cosine), then the
 Segmenter on both plans with the Segmenter on CPU fp32 (segment-label agreement), as ovseg-check compares; the plan,
 the TensorRT version, GPU name and compute capability it was built with and the comparison go into the manifest, and
@@ -100,11 +101,12 @@ def load_tensorrt():
     if _version(version) < MIN_TENSORRT:
         raise BuildError(f"TensorRT {version} is older than 10.3 (no strongly typed networks): {INSTALL}")
     try:
-        builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
-    except Exception as e:  # no GPU or driver: TensorRT raises its own types
-        raise BuildError(f"TensorRT {version} cannot create a builder here ({_one_line(e)}): {INSTALL}") from None
-    if builder is None:
-        raise BuildError(f"TensorRT {version} cannot create a builder here (no CUDA device?): {INSTALL}")
+        trt.Builder(trt.Logger(trt.Logger.WARNING))
+    except Exception as e:  # TypeError for the NULL builder of a machine without a usable GPU (TensorRT logged why)
+        why = "no usable CUDA GPU or driver: TensorRT's message above says which" if isinstance(e, TypeError) else None
+        raise BuildError(
+            f"TensorRT {version} cannot create a builder here ({why or _one_line(e)}): {INSTALL}"
+        ) from None
     return trt
 
 
@@ -136,6 +138,7 @@ def build_plan(trt, onnx_path: Path, plan_path: Path, spec: PlanSpec) -> Path:
     if network.num_inputs != 1:
         raise BuildError(f"{onnx_path.name} has {network.num_inputs} inputs, an image encoder has one: re-export it")
     config = builder.create_builder_config()
+    config.clear_flag(trt.BuilderFlag.TF32)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
     cache_file = spec.timing_cache
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")

@@ -551,7 +551,14 @@ class TensorRTEngine:
         self.device: dict[str, int] = {}
         self.pinned: dict[str, int] = {}
         self.host: dict[str, np.ndarray] = {}
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())
+        try:
+            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        except TypeError:  # the bindings' NULL runtime: no usable GPU or driver (TensorRT logged why)
+            raise SegmenterError(
+                f"TensorRT cannot create a runtime here for {self.path.name} (no usable CUDA GPU or driver: TensorRT's "
+                "message above says which): check it with nvidia-smi, or use backend='cpu'"
+            ) from None
+        self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise SegmenterError(
                 f"TensorRT cannot load {self.path.name} (plans are per device and TensorRT version): rebuild it here"

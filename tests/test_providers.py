@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import operator
 import os
 import shutil
 import stat
@@ -375,7 +376,7 @@ class FakeCudart:
         return (0,)
 
     def cudaStreamCreate(self):
-        return 0, "stream"
+        return 0, Stream(0x5000)
 
     def cudaStreamSynchronize(self, stream):
         return (0,)
@@ -384,8 +385,20 @@ class FakeCudart:
         return (0,)
 
 
-def fake_tensorrt(accepts_shape: bool = True):
-    """A plan with pixel_values -> image_embedding (1, 4), patch_embeddings (1, 3, 4): patch = mean of the input."""
+class Stream:
+    """cuda-python's cudaStream_t: not an int, but one to pybind11 through __index__ (as the real bindings take it)."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __index__(self) -> int:
+        return self.handle
+
+
+def fake_tensorrt(accepts_shape: bool = True, null_runtime: bool = False):
+    """A plan with pixel_values -> image_embedding (1, 4), patch_embeddings (1, 3, 4): patch = mean of the input.
+    Addresses and streams must be ints to pybind11 (operator.index), as the real bindings' are; a NULL runtime raises
+    TypeError, as the real bindings do (tests/trt_api/check.py checks that)."""
     shapes = {"pixel_values": SHAPE, "image_embedding": (1, 4), "patch_embeddings": (1, 3, 4)}
 
     class Context:
@@ -398,9 +411,11 @@ def fake_tensorrt(accepts_shape: bool = True):
             return shapes[name]
 
         def set_tensor_address(self, name, ptr):
-            self.addresses[name] = ptr
+            self.addresses[name] = operator.index(ptr)
 
         def execute_async_v3(self, stream):
+            operator.index(stream)
+
             def view(name):
                 n = int(np.prod(shapes[name])) * 4
                 buffer = (ctypes.c_byte * n).from_address(self.addresses[name])
@@ -426,7 +441,8 @@ def fake_tensorrt(accepts_shape: bool = True):
 
     class Runtime:
         def __init__(self, logger):
-            pass
+            if null_runtime:
+                raise TypeError("pybind11::init(): factory function returned nullptr")
 
         def deserialize_cuda_engine(self, data):
             return Engine()
@@ -472,6 +488,16 @@ def test_the_tensorrt_runner_refuses_an_input_shape_outside_its_profile(tmp_path
         sessions.TensorRTEngine(plan, SHAPE)
     one_line(err, "clip.plan does not take pixel_values of shape (1, 3, 112, 112)", "rebuild the plan")
     assert not cudart.buffers  # nothing left allocated
+
+
+def test_the_tensorrt_runner_without_a_usable_gpu_says_so_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(null_runtime=True))
+    monkeypatch.setattr(sessions, "_cudart", FakeCudart)
+    plan = tmp_path / "clip.plan"
+    plan.write_bytes(b"plan")
+    with pytest.raises(SegmenterError) as err:
+        sessions.TensorRTEngine(plan, SHAPE)
+    one_line(err, "TensorRT cannot create a runtime here for clip.plan (no usable CUDA GPU or driver", "backend='cpu'")
 
 
 def no_cuda_python():

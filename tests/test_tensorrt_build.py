@@ -1,6 +1,7 @@
 """TensorRT plans without TensorRT: a stand-in ``tensorrt`` module with only the attributes TensorRT 11 still has,
-so touching a removed one (BuilderFlag, platform_has_fast_fp16, int8_calibrator, layer precision) fails. The plans it
-"builds" name their ONNX file, and the stand-in plan runner runs that file on the CPU."""
+so touching a removed one (BuilderFlag.FP16, platform_has_fast_fp16, int8_calibrator, layer precision) fails, and a
+NULL builder raising TypeError, as the real bindings do (tests/trt_api/check.py checks both against TensorRT 10 and
+11). The plans it "builds" name their ONNX file, and the stand-in plan runner runs that file on the CPU."""
 
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ def fake_tensorrt(version: str = "10.3.0", builder_fails: bool = False, calls: d
     class Config:
         __slots__ = ("cache",)  # nothing else can be set on it: no int8_calibrator
 
+        def clear_flag(self, flag):
+            calls.setdefault("cleared", []).append(flag)
+
         def set_memory_pool_limit(self, pool, size):
             calls["workspace"] = (pool, size)
 
@@ -93,8 +97,8 @@ def fake_tensorrt(version: str = "10.3.0", builder_fails: bool = False, calls: d
 
     class Builder:
         def __init__(self, logger):
-            if builder_fails:
-                raise RuntimeError("CUDA initialization failure with error: 100")
+            if builder_fails:  # TensorRT's factory returned NULL (it logs why), which the bindings raise as:
+                raise TypeError("pybind11::init(): factory function returned nullptr")
 
         def create_network(self, flags):
             return Network(flags)
@@ -113,6 +117,7 @@ def fake_tensorrt(version: str = "10.3.0", builder_fails: bool = False, calls: d
     trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, Parser
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=STRONGLY_TYPED)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="workspace")
+    trt.BuilderFlag = types.SimpleNamespace(TF32="tf32")
     return trt
 
 
@@ -158,6 +163,7 @@ def test_plans_are_strongly_typed_with_workspace_profile_and_timing_cache(tmp_pa
     assert calls["workspace"] == ("workspace", 512 << 20)
     assert calls["profile"] == {"pixel_values": ((1, 3, 112, 112),) * 3}
     assert calls["ignore_mismatch"] is False
+    assert calls["cleared"] == ["tf32"]  # float tensors run in fp32, as the plan check compares them
     assert plan.read_bytes() == b"plan:m.fp16.onnx"
     assert cache.read_bytes() == b"old+timing"
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary file left
@@ -175,7 +181,7 @@ def test_ovseg_build_without_tensorrt_exits_2_with_one_line(tiny_bundle, monkeyp
     ("trt", "message"),
     [
         (fake_tensorrt(version="8.6.2"), "TensorRT 8.6.2 is older than 10.3"),
-        (fake_tensorrt(builder_fails=True), "cannot create a builder here (CUDA initialization failure"),
+        (fake_tensorrt(builder_fails=True), "cannot create a builder here (no usable CUDA GPU or driver"),
     ],
 )
 def test_ovseg_build_with_an_old_or_unusable_tensorrt_exits_2(tiny_bundle, monkeypatch, capsys, trt, message):
