@@ -59,7 +59,7 @@ from .bundle import Manifest, atomic_bundle_dir, describe_sizes, link_tree, read
 from .precision import has_precision
 from .preprocess import Preprocessors
 from .result import Result
-from .sessions import PROVIDERS, OnnxEncoder, TensorRTEngine, gpu_key, tensorrt_importable
+from .sessions import PROVIDERS, OnnxEncoder, TensorRTEngine, gpu_key, provider_problem, tensorrt_importable
 from .signing import add_sign_argument, load_private_key, unsigned_after_rewrite
 from .sources import ImageSource, SourceError, VideoFileSource, evenly_spaced, sample_clip
 
@@ -273,6 +273,8 @@ def skip_reason(manifest: Manifest, backend: str, precision: str, available: lis
     """Why ``backend`` x ``precision`` cannot run here, or None."""
     if PROVIDERS[backend] not in available:
         return f"this onnxruntime has no {PROVIDERS[backend]}"
+    if backend != "cpu" and provider_problem(PROVIDERS[backend]):
+        return provider_problem(PROVIDERS[backend])
     if not has_precision(manifest, precision):
         return f"the bundle has no {precision} files ({HOW_TO_ADD.get(precision, 're-export it')})"
     if precision == "int8" and backend == "cuda":

@@ -111,20 +111,25 @@ def run_encoder(engine: Engine, pre: Preprocessor, info: EncoderInfo, output: st
 def run_encoder_batch(
     engine: Engine, pre: Preprocessor, rgbs: list[np.ndarray], info: EncoderInfo, output: str, role: str
 ) -> list[np.ndarray]:
-    """Frames at ``info.image_size`` (RGB uint8) through an image encoder in one run: each one's ``output`` as a
-    (rows, cols, D) float32 grid. One frame goes through the engine's preallocated input; several go as one batch
-    where the engine takes a batch (``batched``: ONNX Runtime sessions, Triton's encoder models), and one by one
-    otherwise (TensorRT plans are built for batch 1)."""
-    if len(rgbs) == 1 or not getattr(engine, "batched", False):
+    """Frames at ``info.image_size`` (RGB uint8) through an image encoder: each one's ``output`` as a (rows, cols, D)
+    float32 grid. One frame goes through the engine's preallocated input; several go in runs of as many frames as the
+    engine takes (``max_batch``: any number for ONNX Runtime on the CPU and Triton's encoder models, one for GPU
+    sessions and TensorRT plans, whose batch axis is fixed)."""
+    if len(rgbs) == 1 or getattr(engine, "max_batch", 1) == 1:
         outputs = []
         for rgb in rgbs:
             pre.normalise(engine.input, info.mean, info.std, rgb)
-            outputs.append(_grid(engine.run().get(output), 1, info, output, role))
-        return [x[0] for x in outputs]
-    batch = np.empty((len(rgbs), *engine.input.shape[1:]), np.float32)
-    for i, rgb in enumerate(rgbs):
-        pre.normalise(batch[i : i + 1], info.mean, info.std, rgb)
-    return list(_grid(cast(BatchEngine, engine).run(batch).get(output), len(rgbs), info, output, role))
+            outputs.append(_grid(engine.run().get(output), 1, info, output, role)[0])
+        return outputs
+    size = cast(BatchEngine, engine).max_batch or len(rgbs)
+    grids: list[np.ndarray] = []
+    for start in range(0, len(rgbs), size):
+        chunk = rgbs[start : start + size]
+        batch = np.empty((len(chunk), *engine.input.shape[1:]), np.float32)
+        for i, rgb in enumerate(chunk):
+            pre.normalise(batch[i : i + 1], info.mean, info.std, rgb)
+        grids.extend(_grid(cast(BatchEngine, engine).run(batch).get(output), len(chunk), info, output, role))
+    return grids
 
 
 def _grid(x: np.ndarray | None, n: int, info: EncoderInfo, output: str, role: str) -> np.ndarray:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import json
 import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,15 +61,18 @@ class Engine(Protocol):
 
 
 class BatchEngine(Engine, Protocol):
-    """An Engine whose ``run(x)`` also takes a batch of inputs (N, 3, S, S); ``batched`` is True."""
+    """An Engine whose ``run(x)`` also takes a batch of inputs (N, 3, S, S) of at most ``max_batch`` frames (None:
+    any number)."""
 
-    batched: bool
+    max_batch: int | None
 
     def run(self, x: np.ndarray | None = None) -> dict[str, np.ndarray]: ...
 
 
 def resolve_backend(backend: str, available: list[str] | None = None) -> str:
-    """ "auto" -> "cuda" when ONNX Runtime has CUDA, else "cpu"; an explicit backend must be available."""
+    """ "auto" -> "cuda" when ONNX Runtime's CUDA provider opens a session here, else "cpu" with one line saying why;
+    an explicit GPU backend must open one here (``provider_problem``), else a SegmenterError naming what is missing.
+    ``available``: the providers this onnxruntime was built with (ort.get_available_providers())."""
     if backend not in BACKENDS:
         raise SegmenterError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     available = ort.get_available_providers() if available is None else available
@@ -75,13 +80,92 @@ def resolve_backend(backend: str, available: list[str] | None = None) -> str:
         unused = gpu_unused_warning(available)
         if unused:
             log.warning(unused)
-        return "cuda" if PROVIDERS["cuda"] in available else "cpu"
+        if PROVIDERS["cuda"] not in available:
+            return "cpu"
+        problem = provider_problem(PROVIDERS["cuda"])
+        if problem:
+            log.warning("backend auto runs on the CPU: CUDA cannot run here (%s)", problem)
+            return "cpu"
+        return "cuda"
+    if backend == "cpu":
+        return backend
     if PROVIDERS[backend] not in available:
         raise SegmenterError(
             f"backend {backend!r} needs ONNX Runtime's {PROVIDERS[backend]}, which this onnxruntime {ort.__version__} "
             f"does not have (it has {', '.join(available)}): {gpu_onnxruntime_fix()}, or use backend='cpu'"
         )
+    problem = provider_problem(PROVIDERS[backend])
+    if problem:
+        raise SegmenterError(f"backend {backend!r} cannot run here: {problem}; or use backend='cpu'")
     return backend
+
+
+PROBE_MODEL = Path(__file__).with_name("probe.onnx")  # y = x + 1 on one float: the smallest session a provider opens
+
+
+@functools.cache
+def provider_problem(provider: str) -> str | None:
+    """Why ``provider`` cannot run a session on this machine, in words that name the missing driver or library, with
+    what to do; None when it opens and runs a one-node model. Asked once per process (about a second on a GPU)."""
+    load_gpu_libraries(provider)
+    if not _loads("libcuda.so.1"):
+        return "no NVIDIA driver (libcuda.so.1 does not load): install the driver, check it with nvidia-smi"
+    library = Path(ort.__file__).parent / "capi" / f"libonnxruntime_providers_{BACKEND_OF[provider]}.so"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as e:
+        return (
+            f"ONNX Runtime's {library.name} does not load ({_one_line(e)}): install the CUDA libraries this "
+            f"onnxruntime-gpu {ort.__version__} was built for ({cuda_build_note()}; `python -m ovseg.environment` "
+            "says which)"
+        )
+    options = session_options(1)
+    options.add_session_config_entry(DISABLE_CPU_FALLBACK, "1")
+    try:
+        with quiet_native_output():
+            session = ort.InferenceSession(str(PROBE_MODEL), options, providers=[provider], enable_fallback=0)
+            session.run(None, {"x": np.zeros(1, np.float32)})
+    except Exception as e:  # any failure means the provider cannot run here; the first error says why
+        return f"ONNX Runtime's {provider} does not open a session ({_one_line(original_error(e))})"
+    return None
+
+
+def cuda_build_note() -> str:
+    """ "a CUDA 13.0 build" as onnxruntime-gpu records it, or what it leaves unsaid."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+
+        return f"a CUDA {info.cuda_version} build"
+    except (ImportError, AttributeError):
+        return "its CUDA version is not recorded"
+
+
+@functools.cache
+def load_gpu_libraries(provider: str) -> None:
+    """Load what a GPU provider needs from where pip put it, before the first GPU session: the CUDA and cuDNN wheels'
+    libraries (onnxruntime.preload_dlls, ONNX Runtime 1.21+), and for TensorRT the tensorrt package, whose import
+    loads its libnvinfer. ONNX Runtime's providers have no RPATH to those folders. What is missing is said later."""
+    with quiet_native_output():
+        if hasattr(ort, "preload_dlls"):
+            with contextlib.suppress(Exception):
+                ort.preload_dlls()
+        if provider == PROVIDERS["tensorrt"]:
+            with contextlib.suppress(Exception):
+                import tensorrt  # noqa: F401
+
+
+def _loads(library: str) -> bool:
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
+
+
+def original_error(e: BaseException) -> BaseException:
+    """The error ONNX Runtime met first: before 1.23 its Python wrapper ignores enable_fallback=0, retries a failed
+    session on the CPU, and raises the retry's error (often "Conflicting session configuration") from the first."""
+    return e.__cause__ if e.__cause__ is not None else e
 
 
 def choose_precision(manifest: Manifest, backend: str, requested: str) -> str:
@@ -153,8 +237,9 @@ def session_plan(
 
     cpu: ONNX Runtime's defaults with ``threads``. cuda and tensorrt: ORT's CPU thread pool is one thread (``threads``
     overrides it) that does not spin, so it leaves the cores to the native post-processing. An image encoder runs
-    whole on the GPU: CPU fallback is disabled (ORT then refuses the CPU provider in the list), and on CUDA the batch
-    axis is fixed to 1 so that no shape arithmetic is left for ORT to place on the CPU. The text encoder's inputs stay
+    whole on the GPU: CPU fallback is disabled (ORT then refuses the CPU provider in the list), and the batch axis is
+    fixed to 1 so that no shape arithmetic is left for ORT to place on the CPU; its engine then takes one frame a run
+    (``max_batch``), and ``Segmenter.batch`` runs the frames of a batch one by one. The text encoder's inputs stay
     dynamic and its shape arithmetic may run on the CPU; CUDA must still be its first provider (check_providers).
     ``trt_cache``: the TensorRT provider's cache directory (trt_cache_dir), needed for backend "tensorrt".
     """
@@ -171,7 +256,7 @@ def session_plan(
     if trt_cache is None:
         raise ValueError("backend 'tensorrt' needs the TensorRT provider's cache directory (trt_cache_dir)")
     trt = (PROVIDERS["tensorrt"], tensorrt_options(precision, image_size, trt_cache))
-    return SessionPlan([trt, PROVIDERS["cuda"]], threads, config)
+    return SessionPlan([trt, PROVIDERS["cuda"]], threads, config, {BATCH_AXIS: 1})
 
 
 def tensorrt_options(precision: str, image_size: int, cache: Path) -> dict[str, str | bool]:
@@ -315,21 +400,36 @@ def stdout_to_stderr() -> Iterator[None]:
     """What is written to stdout inside goes to stderr, from Python and from native code (file descriptor 1, so
     process-wide while it lasts): ONNX Runtime prints fallbacks and provider errors to stdout, which
     ``ovseg-run --json`` keeps for results."""
-    sys.stdout.flush()
-    try:
-        saved: int | None = os.dup(1)
-    except OSError:  # no stdout descriptor: nothing to keep clean
-        saved = None
-    if saved is not None:
-        os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
+    with _descriptors_to(2, (1,)), contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+@contextlib.contextmanager
+def quiet_native_output() -> Iterator[None]:
+    """Nothing written inside reaches stdout or stderr, from Python or native code: for probes whose failures ovseg
+    says in its own words (ONNX Runtime logs a provider it cannot load, and preload_dlls prints each library)."""
+    with open(os.devnull, "w") as null, _descriptors_to(null.fileno(), (1, 2)):
+        with contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
             yield
+
+
+@contextlib.contextmanager
+def _descriptors_to(target: int, descriptors: tuple[int, ...]) -> Iterator[None]:
+    """File descriptors ``descriptors`` point at ``target`` inside, and back after; one missing is left alone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved: dict[int, int] = {}
+    for fd in descriptors:
+        with contextlib.suppress(OSError):  # no such descriptor: nothing to keep clean
+            saved[fd] = os.dup(fd)
+            os.dup2(target, fd)
+    try:
+        yield
     finally:
-        if saved is not None:
-            _flush_c_stdout()
-            os.dup2(saved, 1)
-            os.close(saved)
+        _flush_c_stdout()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def _flush_c_stdout() -> None:
@@ -338,28 +438,56 @@ def _flush_c_stdout() -> None:
         ctypes.CDLL(None).fflush(None)
 
 
-def check_providers(session, plan: SessionPlan, path: Path) -> str:
-    """The backend ``session`` runs on; a SegmenterError unless its first provider is the one ``plan`` asked for."""
+def check_providers(session, plan: SessionPlan, path: Path, nodes: Mapping[str, int] | None = None) -> str:
+    """The backend ``session`` runs on: the providers that ran ``nodes`` (nodes per provider in one profiled run) where
+    given ("tensorrt", or "tensorrt+cuda" when TensorRT left nodes to CUDA; said once), else its first registered one.
+    A SegmenterError unless the provider ``plan`` asked for is the first registered and runs nodes."""
     asked, got = plan.provider, list(session.get_providers())
-    if got and got[0] == asked:
+    if not got or got[0] != asked or (nodes is not None and not nodes.get(asked)):
+        where = ", ".join(f"{p} ({n} nodes)" for p, n in nodes.items()) if nodes else ", ".join(got) or "no provider"
+        raise SegmenterError(
+            f"ONNX Runtime {ort.__version__} was asked for {asked} to run {path.name} and ran it on {where}: "
+            f"{provider_fix(asked)}"
+        )
+    if nodes is None:
         return BACKEND_OF.get(asked, asked)
-    raise SegmenterError(
-        f"ONNX Runtime {ort.__version__} was asked for {asked} to run {path.name} and opened it on "
-        f"{', '.join(got) or 'no provider'}: {provider_fix(asked)}"
-    )
+    ran = [p for p in got if nodes.get(p)]
+    if ran != [asked]:
+        log.warning(
+            "%s: %s runs %d of its %d nodes, %s the rest",
+            path.name,
+            asked,
+            nodes[asked],
+            sum(nodes.values()),
+            " and ".join(p for p in ran if p != asked),
+        )
+    return "+".join(BACKEND_OF.get(p, p) for p in ran)
 
 
 def provider_fix(provider: str) -> str:
     """What to do when ``provider`` is asked for and ONNX Runtime does not run on it."""
     if provider not in ort.get_available_providers():
         return f"this onnxruntime has no {provider}: {gpu_onnxruntime_fix()}, or use backend='cpu'"
-    libraries, other = (
-        ("TensorRT", "backend='cuda' or ") if provider == PROVIDERS["tensorrt"] else ("CUDA and cuDNN", "")
-    )
-    return (
-        f"ONNX Runtime's warnings on stderr say why (a {libraries} library it could not load: install the one this "
-        f"onnxruntime-gpu was built for), or use {other}backend='cpu'"
-    )
+    problem = provider_problem(provider)
+    other = "backend='cuda' or " if provider == PROVIDERS["tensorrt"] else ""
+    return f"{problem or 'ONNX Runtime warned why on stderr'}; or use {other}backend='cpu'"
+
+
+def placement(session, feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """How many nodes each provider ran in one run of ``session`` on ``feed``, from ONNX Runtime's profile of it (the
+    session must be opened with profiling on; this run ends it and deletes its file)."""
+    session.run(None, feed)
+    path = Path(session.end_profiling())
+    try:
+        events = json.loads(path.read_text())
+    finally:
+        path.unlink(missing_ok=True)
+    nodes: dict[str, int] = {}
+    for event in events:
+        provider = event.get("args", {}).get("provider") if event.get("cat") == "Node" else None
+        if provider and event.get("name", "").endswith("_kernel_time"):
+            nodes[provider] = nodes.get(provider, 0) + 1
+    return nodes
 
 
 def _one_line(e: BaseException) -> str:
@@ -451,9 +579,8 @@ def this_device() -> DeviceInfo:
 
 class OnnxEncoder:
     """One ONNX Runtime session, created once on the provider asked for (checked), with a preallocated input and IO
-    binding on a GPU. ``plan``: a SessionPlan, or a providers list opened with ``threads`` and nothing else."""
-
-    batched = True  # run(x) takes a batch of inputs (the exported encoders have a dynamic batch axis)
+    binding on a GPU. ``plan``: a SessionPlan, or a providers list opened with ``threads`` and nothing else.
+    An image encoder on a GPU (``input_shape`` given) runs once at opening, profiled, to learn where its nodes ran."""
 
     def __init__(
         self,
@@ -466,18 +593,23 @@ class OnnxEncoder:
     ):
         self.path = Path(path)
         plan = plan if isinstance(plan, SessionPlan) else SessionPlan(list(plan), threads)
+        self.max_batch = plan.fixed_axes.get(BATCH_AXIS)  # frames a run takes (None: any number)
+        options, profiled = plan.options(), plan.provider != PROVIDERS["cpu"] and input_shape is not None
+        if profiled:
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"ovseg_{self.path.stem}_{id(self)}")
+        if plan.provider != PROVIDERS["cpu"]:
+            load_gpu_libraries(plan.provider)
         try:
             with stdout_to_stderr():
-                # enable_fallback=0: on a failure ORT's Python wrapper would print and retry on the CPU
-                self.session = ort.InferenceSession(
-                    str(path), plan.options(), providers=plan.providers, enable_fallback=0
-                )
+                # enable_fallback=0: on a failure ORT's Python wrapper would print and retry on the CPU (ORT 1.23+)
+                self.session = ort.InferenceSession(str(path), options, providers=plan.providers, enable_fallback=0)
         except Exception as e:  # ORT raises several unrelated types; all mean "this file cannot run here"
             fix = "" if plan.provider == PROVIDERS["cpu"] else f"; {provider_fix(plan.provider)}"
             raise SegmenterError(
-                f"ONNX Runtime cannot load {self.path.name} on {plan.provider}: {_one_line(e).rstrip('.')}{fix}"
+                f"ONNX Runtime cannot load {self.path.name} on {plan.provider}: "
+                f"{_one_line(original_error(e)).rstrip('.')}{fix}"
             ) from None
-        self.backend = check_providers(self.session, plan, self.path)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise SegmenterError(
@@ -488,6 +620,17 @@ class OnnxEncoder:
         if input_shape:
             _check_shape(self.path.name, inputs[0], input_shape)
         self.output_names = _pick_outputs(self.path.name, [o.name for o in self.session.get_outputs()], outputs)
+        self.session.disable_fallback()  # nor move the session to the CPU when a run fails (every ORT version)
+        nodes = None
+        if profiled:
+            try:
+                with stdout_to_stderr():
+                    nodes = placement(self.session, {self.input_name: self.input})
+            except Exception as e:  # a first run that fails on the provider fails the opening, in one line
+                raise SegmenterError(
+                    f"ONNX Runtime cannot run {self.path.name} on {plan.provider}: {_one_line(e)}"
+                ) from None
+        self.backend = check_providers(self.session, plan, self.path, nodes)
         self.io_binding = self.backend != "cpu" if io_binding is None else io_binding
         self._binding = None
         if self.io_binding and input_shape:
@@ -541,6 +684,7 @@ class TensorRTEngine:
     outputs read, allocated once; run with execute_async_v3 on one stream. Never run on a GPU yet (README)."""
 
     backend = "tensorrt"
+    max_batch = 1  # ovseg-build's plans have one profile, of batch 1
 
     def __init__(self, plan: Path, input_shape: tuple[int, ...], outputs: Sequence[str] | None = None):
         import tensorrt as trt

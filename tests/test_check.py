@@ -142,8 +142,13 @@ def test_a_session_that_cannot_open_fails_its_row_with_the_reason(bundle_copy, c
 
 def test_a_session_on_another_provider_than_asked_fails_never_falls_back(tiny_bundle, monkeypatch, capsys):
     """An onnxruntime that lists CUDA but cannot create it (here: the CPU build, told it has CUDA) runs on the CPU
-    unless something checks; the cuda rows fail, saying so."""
+    unless something checks; the cuda rows fail, saying so (where the probe passed), or skip with the probe's reason."""
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *CPU_ONLY])
+    monkeypatch.setattr(check, "provider_problem", lambda provider: "no NVIDIA driver (libcuda.so.1 does not load)")
+    assert check.main(["--bundle", str(tiny_bundle), "--frames", "1"]) == 0
+    table = rows(capsys.readouterr().out)
+    assert table[("cuda", "fp32")].status == check.SKIP and "no NVIDIA driver" in table[("cuda", "fp32")].note
+    monkeypatch.setattr(check, "provider_problem", lambda provider: None)
     assert check.main(["--bundle", str(tiny_bundle), "--frames", "1"]) == 1
     table = rows(capsys.readouterr().out)
     for precision in ("fp32", "fp16"):
@@ -195,6 +200,7 @@ FAKE_GPU = "NVIDIA Fake GPU, compute 8.7"
 def fake_cuda(monkeypatch):
     """ONNX Runtime lists CUDA, and the cuda rows are made up (fp32 and fp16 pass): no GPU runs here."""
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *CPU_ONLY])
+    monkeypatch.setattr(check, "provider_problem", lambda provider: None)
     real = check.check_combination
 
     def combination(bundle_dir, backend, precision, *args):

@@ -66,19 +66,17 @@ def test_the_provider_asked_for_is_the_one_in_use(tmp_path):
     assert check_providers(FakeSession([CPU]), session_plan("cpu"), tmp_path / "dinov2.onnx") == "cpu"
 
 
-@pytest.mark.parametrize(
-    "backend, given, fix",
-    [
-        ("cuda", [CPU], "a CUDA and cuDNN library it could not load"),
-        ("tensorrt", [CUDA, CPU], "a TensorRT library it could not load"),
-    ],
-)
-def test_a_session_that_fell_back_is_refused(tmp_path, monkeypatch, backend, given, fix):
+@pytest.mark.parametrize("backend, given", [("cuda", [CPU]), ("tensorrt", [CUDA, CPU])])
+def test_a_session_that_fell_back_is_refused_saying_why(tmp_path, monkeypatch, backend, given):
     monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: WITH_GPU)  # an onnxruntime-gpu whose libs fail
+    monkeypatch.setattr(sessions, "provider_problem", lambda p: f"{p}'s libfoo.so.13 does not load: install it")
     plan = session_plan(backend, image_size=112, trt_cache=tmp_path)
     with pytest.raises(SegmenterError) as err:
         check_providers(FakeSession(given), plan, tmp_path / "clip_visual.onnx")
-    one_line(err, sessions.PROVIDERS[backend], "clip_visual.onnx", ", ".join(given), fix, "backend='cpu'")
+    provider = sessions.PROVIDERS[backend]
+    one_line(
+        err, provider, "clip_visual.onnx", ", ".join(given), f"{provider}'s libfoo.so.13 does not load", "backend='cpu'"
+    )
 
 
 def test_a_provider_this_onnxruntime_lacks_says_which_onnxruntime_to_install(tmp_path):
@@ -95,7 +93,7 @@ def test_a_real_session_that_onnxruntime_moved_to_the_cpu_is_refused(tiny_bundle
         pytest.skip("this onnxruntime has CUDAExecutionProvider")
     with pytest.warns(UserWarning, match="CUDAExecutionProvider"), pytest.raises(SegmenterError) as err:
         OnnxEncoder(tiny_bundle / "clip_text.onnx", session_plan("cuda"))
-    one_line(err, "asked for CUDAExecutionProvider", "opened it on CPUExecutionProvider")
+    one_line(err, "asked for CUDAExecutionProvider", "ran it on CPUExecutionProvider")
 
 
 @pytest.mark.parametrize("backend", ["cuda", "tensorrt"])
@@ -569,3 +567,97 @@ def test_cuda_python_names_the_gpu_when_it_imports(monkeypatch):
     finally:
         sessions.gpu_name.cache_clear()
         sessions.gpu_compute_capability.cache_clear()
+
+
+# --- which backend runs here ---------------------------------------------------------------------------------------
+
+
+def test_auto_takes_cuda_only_where_its_provider_opens_a_session(monkeypatch, caplog):
+    """onnxruntime-gpu lists CUDA whether or not it loads: auto asks the probe, and says why it stays on the CPU."""
+    problems = {CUDA: "no NVIDIA driver (libcuda.so.1 does not load): install the driver"}
+    monkeypatch.setattr(sessions, "provider_problem", problems.get)
+    with caplog.at_level(logging.WARNING, logger="ovseg"):
+        assert sessions.resolve_backend("auto", WITH_GPU) == "cpu"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"backend auto runs on the CPU: CUDA cannot run here ({problems[CUDA]})"
+    ]
+    for backend in ("cuda", "tensorrt"):
+        problems[sessions.PROVIDERS[backend]] = f"{backend} is missing something"
+        with pytest.raises(SegmenterError) as err:
+            sessions.resolve_backend(backend, WITH_GPU)
+        one_line(err, f"backend '{backend}' cannot run here: {backend} is missing something", "backend='cpu'")
+    problems.clear()
+    assert sessions.resolve_backend("auto", WITH_GPU) == "cuda"
+    assert sessions.resolve_backend("tensorrt", WITH_GPU) == "tensorrt"
+
+
+def test_the_probe_model_is_one_node_that_runs():
+    session = ort.InferenceSession(str(sessions.PROBE_MODEL), providers=[CPU])
+    assert [n.name for n in session.get_inputs()] == ["x"] and sessions.PROBE_MODEL.stat().st_size < 200
+    assert session.run(None, {"x": np.full(1, 2.0, np.float32)})[0].tolist() == [3.0]
+
+
+def test_the_probe_names_a_missing_driver_before_anything_else(monkeypatch):
+    monkeypatch.setattr(sessions, "_loads", lambda library: library != "libcuda.so.1")
+    sessions.provider_problem.cache_clear()
+    try:
+        assert sessions.provider_problem(CUDA).startswith("no NVIDIA driver (libcuda.so.1 does not load)")
+    finally:
+        sessions.provider_problem.cache_clear()
+
+
+def test_a_fixed_batch_axis_runs_a_batch_frame_by_frame(tiny_bundle):
+    """GPU image sessions fix the batch axis to 1: Segmenter.batch must then run four streams' frames one by one, with
+    the results each stream gets alone (the CUDA session's options, on the CPU provider)."""
+    from test_batch import moving_frames, same
+
+    from ovseg.runtime.segmenter import VideoStream
+
+    cuda = session_plan("cuda", image_size=112)
+    plan = SessionPlan([CPU], 1, {INTRA_OP_SPINNING: "0"}, cuda.fixed_axes)
+    opened = []
+
+    def image_encoder(info, role, output):
+        shape = (1, 3, info.image_size, info.image_size)
+        opened.append(OnnxEncoder(tiny_bundle / info.files["fp32"], plan, input_shape=shape, outputs=(output,)))
+        return opened[-1]
+
+    videos = [moving_frames(s, 3, (96, 128)) for s in range(4)]
+    alone = []
+    with Segmenter.from_bundle(tiny_bundle, threads=1) as plain:
+        for video in videos:
+            stream = VideoStream()
+            alone.append([plain.batch([f], [stream])[0] for f in video])
+    with Segmenter.from_bundle(tiny_bundle, threads=1, image_encoder=image_encoder) as seg:
+        assert [e.max_batch for e in opened] == [1, 1]
+        streams = [VideoStream() for _ in videos]
+        for t in range(3):
+            for k, result in enumerate(seg.batch([v[t] for v in videos], streams)):
+                same(result, alone[k][t])
+
+
+def test_node_placement_comes_from_a_profiled_run(tiny_bundle, tmp_path):
+    options = SessionPlan([CPU], 1).options()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(tiny_bundle / "dinov2.onnx"), options, providers=[CPU])
+    nodes = sessions.placement(session, {"pixel_values": np.zeros(SHAPE, np.float32)})
+    assert list(nodes) == [CPU] and nodes[CPU] >= 10
+    assert list(tmp_path.iterdir()) == []  # the profile is read and deleted
+
+
+def test_the_backend_is_where_the_nodes_ran(tmp_path, monkeypatch, caplog):
+    """ORT lists every provider it registered; the profiled run says which ran nodes."""
+    monkeypatch.setattr(sessions, "provider_problem", lambda provider: None)
+    trt, cuda = (session_plan(b, image_size=112, trt_cache=tmp_path) for b in ("tensorrt", "cuda"))
+    path = tmp_path / "clip_visual.onnx"
+    with caplog.at_level(logging.WARNING, logger="ovseg"):
+        assert check_providers(FakeSession(WITH_GPU), trt, path, {TRT: 30}) == "tensorrt"
+        assert check_providers(FakeSession(WITH_GPU), trt, path, {TRT: 28, CUDA: 2}) == "tensorrt+cuda"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"clip_visual.onnx: {TRT} runs 28 of its 30 nodes, {CUDA} the rest"
+    ]
+    for given, nodes in ((trt, {CUDA: 30}), (cuda, {CPU: 30})):
+        with pytest.raises(SegmenterError) as err:
+            check_providers(FakeSession(WITH_GPU[1:] if given is cuda else WITH_GPU), given, path, nodes)
+        one_line(err, f"asked for {given.provider}", f"ran it on {next(iter(nodes))} (30 nodes)", "backend='cpu'")

@@ -140,6 +140,36 @@ def test_the_model_batches_streams_and_equals_a_local_segmenter(tiny_bundle, tmp
     model.finalize()
 
 
+def test_a_fixed_batch_backend_serves_four_streams_at_once(tiny_bundle, tmp_path, monkeypatch) -> None:
+    """GPU sessions fix the image encoders' batch axis to 1: four streams sent together are still each served as alone
+    (the CUDA session's options, on the CPU provider)."""
+    from ovseg.runtime import sessions
+
+    real = sessions.session_plan
+
+    def cuda_options_on_the_cpu(backend, precision="fp32", threads=None, image_size=None, trt_cache=None):
+        plan = real(backend, precision, threads, image_size, trt_cache)
+        cuda = real("cuda", precision, threads, image_size)
+        return sessions.SessionPlan(plan.providers, cuda.threads, {sessions.INTRA_OP_SPINNING: "0"}, cuda.fixed_axes)
+
+    monkeypatch.setattr(sessions, "session_plan", cuda_options_on_the_cpu)
+    repository = tmp_path / "repository"
+    write_repository(tiny_bundle, repository, RepositoryConfig(segmenter={"threads": 1}))
+    model, _ = load(repository, monkeypatch, [])
+    assert model.segmenter.engines.clip.max_batch == model.segmenter.engines.dinov2.max_batch == 1
+    videos = [moving_frames(k, 2, (64, 80)) for k in range(4)]
+    answers = [model.execute([request(200 + k, v[t], start=t == 0) for k, v in enumerate(videos)]) for t in range(2)]
+    model.finalize()
+    monkeypatch.setattr(sessions, "session_plan", real)
+    with Segmenter.from_bundle(tiny_bundle, threads=1) as seg:
+        for k, video in enumerate(videos):
+            stream = VideoStream()
+            for t, frame in enumerate(video):
+                assert not answers[t][k].has_error(), answers[t][k].error().message()
+                label_map = {o.name(): o.as_numpy() for o in answers[t][k].output_tensors}[LABEL_MAP][0]
+                assert np.array_equal(label_map, seg.batch([frame], [stream])[0].label_map)
+
+
 def test_bad_requests_get_an_error_each_and_the_rest_are_served(tiny_bundle, tmp_path, monkeypatch) -> None:
     repository = tmp_path / "repository"
     write_repository(tiny_bundle, repository, RepositoryConfig(segmenter={"threads": 1}, max_pixels=100 * 100))

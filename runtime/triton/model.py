@@ -209,7 +209,7 @@ class TritonPythonModel:
 class ServedEncoder:
     """An image encoder that another model of this Triton server runs (business logic scripting), batched there."""
 
-    batched = True
+    max_batch = None  # Triton's dynamic batcher splits what its encoder models' max_batch_size does not take
     backend = "triton"
 
     def __init__(self, pb, model: str, info: EncoderInfo, output: str):
