@@ -1,7 +1,9 @@
 """Is this install right for this machine? One ONNX Runtime and one OpenCV, the GPU one where a GPU is, a GUI build
-where windows are wanted. Each problem is one line with the command that fixes it.
+where windows are wanted, and GPU packages of one CUDA major that the driver runs. Each problem is one line with the
+command that fixes it.
 
-``python -m ovseg.environment`` prints what was found (``make setup`` runs it) and exits 2 on a problem.
+``python -m ovseg.environment`` prints what was found (``make setup`` runs it) and exits 2 on a problem that stops
+ovseg from running; GPU packages that do not fit are warnings (the CPU still runs).
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ import functools
 import importlib.util
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -23,6 +29,7 @@ OPENCV_DISTRIBUTIONS = (
     "opencv-contrib-python",
     "opencv-contrib-python-headless",
 )
+TENSORRT_DISTRIBUTIONS = ("tensorrt-cu13", "tensorrt-cu12", "tensorrt")  # pip's, by CUDA major; else JetPack's
 JETSON_RELEASE = Path("/etc/nv_tegra_release")
 
 
@@ -74,7 +81,7 @@ def _flavour_fix() -> str:
     if is_jetson():
         return "pip install onnxruntime-gpu from NVIDIA's Jetson index (README: Jetson)"
     return (
-        "pip install -e '.[gpu]'"
+        f"pip install -e '.[{cuda_extra('gpu')}]'"
         if nvidia_gpu_present() and platform.machine() == "x86_64"
         else "pip install -e '.[cpu]'"
     )
@@ -121,7 +128,7 @@ def check_install() -> None:
 
 def gpu_onnxruntime_fix() -> str:
     """The commands that replace this ONNX Runtime with the GPU one."""
-    gpu = _flavour_fix().replace("[cpu]", "[gpu]")
+    gpu = _flavour_fix().replace("[cpu]", f"[{cuda_extra('gpu')}]")
     return f"run `pip uninstall -y {' '.join(installed(ORT_DISTRIBUTIONS)) or 'onnxruntime'}` then `{gpu}`"
 
 
@@ -130,6 +137,130 @@ def gpu_unused_warning(available_providers: list[str]) -> str | None:
     if not nvidia_gpu_present() or "CUDAExecutionProvider" in available_providers:
         return None
     return f"an NVIDIA GPU is present but this ONNX Runtime has no CUDA provider, so everything runs on the CPU: {gpu_onnxruntime_fix()}"
+
+
+# The GPU packages. Each is built for one CUDA major, which the driver must run (a CUDA 12 driver runs 12, 580+ runs
+# 13): onnxruntime-gpu (build_and_package_info.cuda_version), cuda-python (its major), TensorRT (tensorrt-cu12/-cu13).
+# ONNX Runtime's TensorRT provider also links one TensorRT major (libnvinfer.so.10), which the tensorrt package must be.
+
+
+@dataclass(frozen=True)
+class GpuPackages:
+    """What this environment has for the GPU, as installed; None where absent."""
+
+    driver_cuda: str | None  # the newest CUDA the driver runs: "12.6"
+    onnxruntime: str | None  # ONNX Runtime's version: "1.31.1"
+    onnxruntime_cuda: str | None  # the CUDA it was built for: "13.0"; None for a CPU build
+    cuda_python: str | None  # cuda-python's bindings: "13.4.4"
+    tensorrt: dict[str, str]  # the tensorrt distributions, the tensorrt module's first: {"tensorrt-cu13": "10.16.1.11"}
+    tensorrt_link: str | None  # the libnvinfer ONNX Runtime's TensorRT provider links: "libnvinfer.so.10"
+
+
+def parse_driver_cuda(nvidia_smi_output: str) -> str | None:
+    """The CUDA version in nvidia-smi's header ("| NVIDIA-SMI 560.35.03   Driver Version: 560.35.03   CUDA Version:
+    12.6 |" gives "12.6"); None when there is none (without a driver nvidia-smi prints why instead)."""
+    found = re.search(r"CUDA Version: *(\d+\.\d+)", nvidia_smi_output)
+    return found.group(1) if found else None
+
+
+@functools.lru_cache(maxsize=1)
+def driver_cuda() -> str | None:
+    """The newest CUDA the NVIDIA driver runs, as nvidia-smi says; "12" on JetPack 6 (L4T R36) without nvidia-smi;
+    None without a driver."""
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        try:
+            return parse_driver_cuda(subprocess.run([smi], capture_output=True, text=True, timeout=30).stdout)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return "12" if is_jetson() and JETSON_RELEASE.read_text().startswith("# R36") else None
+
+
+def cuda_major(version: str | None) -> int | None:
+    return int(version.split(".")[0]) if version else None
+
+
+def cuda_extra(name: str, major: int | None = None) -> str:
+    """The extra of ``name`` ("gpu", "tensorrt") for CUDA ``major``, by default the driver's: [gpu] is CUDA 13,
+    [gpu-cu12] CUDA 12 (also the nearest for older drivers); 13 where no driver says."""
+    major = major or cuda_major(driver_cuda()) or 13
+    return name if major >= 13 else f"{name}-cu12"
+
+
+def tensorrt_link() -> str | None:
+    """The libnvinfer ONNX Runtime's TensorRT provider links ("libnvinfer.so.10"), read from the provider's bytes
+    (loading it needs TensorRT and CUDA); None without one."""
+    spec = importlib.util.find_spec("onnxruntime")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        library = Path(folder, "capi", "libonnxruntime_providers_tensorrt.so")
+        if library.is_file():
+            found = re.search(rb"libnvinfer\.so\.\d+", library.read_bytes())
+            return found.group().decode() if found else None
+    return None
+
+
+def gpu_packages() -> GpuPackages:
+    """What this environment has for the GPU (reads onnxruntime's build record; loads no provider)."""
+    try:
+        from onnxruntime.capi import build_and_package_info as ort_build
+    except ImportError:
+        ort_build = None
+    cuda_python = installed(("cuda-bindings", "cuda-python"))  # the bindings are cuda-bindings since 12.6
+    return GpuPackages(
+        driver_cuda=driver_cuda(),
+        onnxruntime=getattr(ort_build, "__version__", None),
+        onnxruntime_cuda=getattr(ort_build, "cuda_version", None) or None,
+        cuda_python=cuda_python.get("cuda-bindings") or cuda_python.get("cuda-python"),
+        tensorrt=installed(TENSORRT_DISTRIBUTIONS),
+        tensorrt_link=tensorrt_link(),
+    )
+
+
+def gpu_report(found: GpuPackages) -> list[str]:
+    """The CUDA line and the TensorRT line, where this machine or environment has anything for the GPU."""
+    lines = []
+    if found.driver_cuda or found.onnxruntime_cuda or found.tensorrt:
+        ort = f"CUDA {found.onnxruntime_cuda}" if found.onnxruntime_cuda else "the CPU only"
+        lines.append(
+            f"CUDA: driver {found.driver_cuda or 'none (no nvidia-smi or no driver)'}; ONNX Runtime built for {ort}; "
+            f"cuda-python {found.cuda_python or 'not installed'}"
+        )
+    if found.tensorrt or found.tensorrt_link:
+        trt = ", ".join(f"{n} {v}" for n, v in found.tensorrt.items()) or "not installed"
+        link = f"; ONNX Runtime's TensorRT provider links {found.tensorrt_link}" if found.tensorrt_link else ""
+        lines.append(f"TensorRT: {trt}{link}")
+    return lines
+
+
+def gpu_problems(found: GpuPackages) -> list[str]:
+    """Each GPU package that does not fit the driver or the others, one line with the command that fixes it."""
+    driver, ort, cuda_python = (cuda_major(v) for v in (found.driver_cuda, found.onnxruntime_cuda, found.cuda_python))
+    runs = f"this driver runs CUDA {found.driver_cuda} at most"
+    problems = []
+    if driver and ort and ort > driver:
+        problems.append(f"onnxruntime-gpu {found.onnxruntime} is a CUDA {ort} build and {runs}: run `{_flavour_fix()}`")
+    if driver and cuda_python and cuda_python > driver:
+        problems.append(
+            f"cuda-python {found.cuda_python} needs a CUDA {cuda_python} driver and {runs} (each "
+            f"call fails with cudaErrorInsufficientDriver): run `pip install 'cuda-python>={driver},<{driver + 1}'`"
+        )
+    if found.tensorrt:
+        dist, version = next(iter(found.tensorrt.items()))
+        trt_cuda = {"tensorrt-cu13": 13, "tensorrt-cu12": 12}.get(dist)  # None: JetPack's, built for its CUDA
+        why = []
+        if found.tensorrt_link and found.tensorrt_link.rsplit(".", 1)[1] != version.split(".")[0]:
+            why.append(f"ONNX Runtime's TensorRT provider links {found.tensorrt_link}")
+        if driver and trt_cuda and trt_cuda > driver:
+            why.append(runs)
+        extra = cuda_extra("tensorrt", driver or ort)
+        fix = (
+            _flavour_fix()
+            if trt_cuda is None
+            else f"pip uninstall -y {' '.join(found.tensorrt)}` then `pip install -e '.[{extra}]'"
+        )
+        if why:
+            problems.append(f"the tensorrt package is TensorRT {version} ({dist}) but {' and '.join(why)}: run `{fix}`")
+    return problems
 
 
 def report() -> list[str]:
@@ -152,8 +283,16 @@ def report() -> list[str]:
         f"ONNX Runtime: {ort_dist}; providers {', '.join(ort.get_available_providers())}",
         f"OpenCV: {cv_dist}; GUI {gui_backend() or 'none'}; GStreamer {'yes' if has_gstreamer() else 'no'}",
     ]
-    warning = gpu_unused_warning(ort.get_available_providers())
-    return lines + ([f"warning: {warning}"] if warning else [])
+    gpu = gpu_packages()
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        from ovseg.runtime.sessions import provider_problem  # loads pip's CUDA libraries, opens a one-node session
+
+        problem = provider_problem("CUDAExecutionProvider")
+        lines.append(
+            f"ONNX Runtime's CUDA provider: {'runs here' if problem is None else f'cannot run here: {problem}'}"
+        )
+    warnings = [gpu_unused_warning(ort.get_available_providers()), *gpu_problems(gpu)]
+    return lines + gpu_report(gpu) + [f"warning: {w}" for w in warnings if w]
 
 
 def main() -> int:

@@ -4,7 +4,8 @@ A plan is built from the ONNX file of its precision (``--fp16``: the fp16 file; 
 of ``ovseg-calib --tensorrt``; else the fp32 one) as a strongly typed network: TensorRT runs every tensor in the type
 the file gives it, so the fp32 islands that ovseg-export kept in the fp16 file (and checked against torch) stay fp32,
 and int8 runs exactly where the file's explicit Q/DQ put it (no INT8 builder flag, no calibrator). This is the only
-mode of TensorRT 11 and exists since 10.3. TF32 is cleared (TensorRT allows it by default on Ampere and later), so
+mode of TensorRT 11 (it exists since 9.1; ovseg takes 10.3, JetPack 6's, and later: the bindings it is checked
+against, tests/trt_api). TF32 is cleared (TensorRT allows it by default on Ampere and later), so
 the float tensors, all of an fp32 plan's and the fp32 islands of the others, run in fp32 as the check compares them.
 Each plan is run on sample frames and compared with the fp32 ONNX file on the CPU (worst per-token cosine), then the
 Segmenter on both plans with the Segmenter on CPU fp32 (segment-label agreement), as ovseg-check compares; the plan,
@@ -99,7 +100,7 @@ def load_tensorrt():
         raise BuildError(f"tensorrt does not import ({e}): {INSTALL}") from None
     version = str(getattr(trt, "__version__", "0"))
     if _version(version) < MIN_TENSORRT:
-        raise BuildError(f"TensorRT {version} is older than 10.3 (no strongly typed networks): {INSTALL}")
+        raise BuildError(f"TensorRT {version} is older than 10.3, the oldest ovseg is checked against: {INSTALL}")
     try:
         trt.Builder(trt.Logger(trt.Logger.WARNING))
     except Exception as e:  # TypeError for the NULL builder of a machine without a usable GPU (TensorRT logged why)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ def test_both_onnxruntimes_are_refused_with_the_command_that_fixes_it(monkeypatc
         monkeypatch, {"onnxruntime": "1.31.1", "onnxruntime-gpu": "1.31.1", "opencv-python-headless": "5"}
     )
     monkeypatch.setattr(environment, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(environment, "driver_cuda", lambda: "13.0")  # [gpu]: a CUDA 13 driver
     monkeypatch.setattr(environment.platform, "machine", lambda: "x86_64")
     with pytest.raises(InstallError) as e:
         environment.check_install()
@@ -54,6 +56,7 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch):
 def test_a_gpu_that_onnxruntime_cannot_use_is_reported(monkeypatch):
     _pretend_installed(monkeypatch, {"onnxruntime": "1.31.1"})
     monkeypatch.setattr(environment, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(environment, "driver_cuda", lambda: "13.0")  # [gpu]: a CUDA 13 driver
     monkeypatch.setattr(environment.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(environment, "is_jetson", lambda: False)
     warning = environment.gpu_unused_warning(["CPUExecutionProvider"])
@@ -119,6 +122,7 @@ def test_auto_backend_warns_when_a_gpu_is_present_without_a_cuda_provider(monkey
 
     _pretend_installed(monkeypatch, {"onnxruntime": "1.31.1"})
     monkeypatch.setattr(environment, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(environment, "driver_cuda", lambda: "13.0")  # [gpu]: a CUDA 13 driver
     monkeypatch.setattr(environment, "is_jetson", lambda: False)
     monkeypatch.setattr(environment.platform, "machine", lambda: "x86_64")
     with caplog.at_level("WARNING", logger="ovseg"):
@@ -128,3 +132,111 @@ def test_auto_backend_warns_when_a_gpu_is_present_without_a_cuda_provider(monkey
         SegmenterError, match=r"pip uninstall -y onnxruntime` then `pip install -e '.\[gpu\]'`, or use backend='cpu'"
     ):
         resolve_backend("cuda", ["CPUExecutionProvider"])
+
+
+# The GPU packages: one CUDA major the driver runs, and the TensorRT that ONNX Runtime's TensorRT provider links.
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_CAPI = [*REPO.glob(".venv-gpu/lib/python3*/site-packages/onnxruntime/capi")]  # `make gpu-setup`: onnxruntime-gpu
+NEEDS_GPU_VENV = pytest.mark.skipif(not GPU_CAPI, reason=".venv-gpu is absent: `make gpu-setup` builds it")
+
+# nvidia-smi's header as drivers print it (560 runs CUDA 12.6, 580 runs 13.0), and its answer without a driver.
+SMI_560 = """Sat Dec  7 01:23:45 2024
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 560.35.03              Driver Version: 560.35.03      CUDA Version: 12.6     |
+|-----------------------------------------+------------------------+----------------------+
+| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |
+"""
+SMI_580 = "| NVIDIA-SMI 580.65.06              Driver Version: 580.65.06      CUDA Version: 13.0     |\n"
+SMI_NO_DRIVER = (
+    "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+    "Make sure that the latest NVIDIA driver is installed and running.\n"
+)
+
+
+def _gpu(**found) -> environment.GpuPackages:
+    """A CUDA 13 set on a CUDA 13 driver, with what the test changes."""
+    consistent = dict(
+        driver_cuda="13.0",
+        onnxruntime="1.31.1",
+        onnxruntime_cuda="13.0",
+        cuda_python="13.4.4",
+        tensorrt={"tensorrt-cu13": "10.16.1.11"},
+        tensorrt_link="libnvinfer.so.10",
+    )
+    return environment.GpuPackages(**{**consistent, **found})
+
+
+def test_the_drivers_cuda_is_read_from_nvidia_smis_header():
+    assert environment.parse_driver_cuda(SMI_560) == "12.6"
+    assert environment.parse_driver_cuda(SMI_580) == "13.0"
+    assert environment.parse_driver_cuda(SMI_NO_DRIVER) is None
+    assert environment.cuda_extra("gpu", 12) == "gpu-cu12" and environment.cuda_extra("tensorrt", 13) == "tensorrt"
+
+
+def test_a_cuda_13_set_on_a_cuda_12_driver_is_flagged_with_the_cuda_12_commands(monkeypatch):
+    monkeypatch.setattr(environment, "driver_cuda", lambda: "12.6")
+    monkeypatch.setattr(environment, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(environment, "is_jetson", lambda: False)
+    monkeypatch.setattr(environment.platform, "machine", lambda: "x86_64")
+    problems = environment.gpu_problems(_gpu(driver_cuda="12.6", tensorrt={"tensorrt-cu13": "10.16.1.11"}))
+    assert len(problems) == 3 and not any("\n" in p for p in problems)
+    ort, cuda_python, tensorrt = problems
+    assert "onnxruntime-gpu 1.31.1 is a CUDA 13 build and this driver runs CUDA 12.6 at most" in ort
+    assert ort.endswith("run `pip install -e '.[gpu-cu12]'`")
+    assert "cudaErrorInsufficientDriver" in cuda_python and cuda_python.endswith("`pip install 'cuda-python>=12,<13'`")
+    assert tensorrt.endswith("run `pip uninstall -y tensorrt-cu13` then `pip install -e '.[tensorrt-cu12]'`")
+
+
+def test_a_tensorrt_of_another_major_than_the_provider_links_is_flagged():
+    # `tensorrt` (the metapackage) is TensorRT 11 for CUDA 13, while ORT 1.31's provider links libnvinfer.so.10
+    found = _gpu(tensorrt={"tensorrt-cu13": "11.4.0.106", "tensorrt": "11.4.0.106"})
+    assert environment.gpu_problems(found) == [
+        "the tensorrt package is TensorRT 11.4.0.106 (tensorrt-cu13) but ONNX Runtime's TensorRT provider links "
+        "libnvinfer.so.10: run `pip uninstall -y tensorrt-cu13 tensorrt` then `pip install -e '.[tensorrt]'`"
+    ]
+
+
+def test_a_consistent_set_and_no_gpu_packages_say_nothing_more():
+    assert environment.gpu_problems(_gpu()) == []
+    # no driver (CI): a CUDA 13 set with an older cuda-python still runs wherever a driver runs CUDA 13
+    assert environment.gpu_problems(_gpu(driver_cuda=None, cuda_python="12.9.10")) == []
+    nothing = environment.GpuPackages(None, None, None, None, {}, None)
+    assert environment.gpu_report(nothing) == [] and environment.gpu_problems(nothing) == []
+
+
+@NEEDS_GPU_VENV
+def test_the_tensorrt_extra_is_the_major_onnxruntime_gpus_provider_links():
+    tomllib = pytest.importorskip("tomllib")
+    out = subprocess.run(
+        [str(REPO / ".venv-gpu/bin/python"), "-c", "from ovseg import environment; print(environment.tensorrt_link())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    link = out.stdout.strip()
+    assert link == "libnvinfer.so.10", out.stderr
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, cuda in (("tensorrt", "13"), ("tensorrt-cu12", "12")):
+        (requirement,) = [r for r in extras[extra] if r.startswith("tensorrt")]
+        major = int(link.rsplit(".", 1)[1])
+        assert requirement.startswith(f"tensorrt-cu{cuda}>=") and requirement.endswith(f",<{major + 1}"), requirement
+
+
+@NEEDS_GPU_VENV
+def test_the_gpu_flavour_environment_reports_its_cuda_and_tensorrt():
+    python = REPO / ".venv-gpu/bin/python"
+    out = subprocess.run([str(python), "-m", "ovseg.environment"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    cuda = next(line for line in lines if line.startswith("ovseg: CUDA: "))
+    assert "ONNX Runtime built for CUDA 13.0" in cuda and "cuda-python 13." in cuda
+    if environment.driver_cuda() is None:
+        assert "driver none" in cuda
+    assert "ovseg: TensorRT: not installed; ONNX Runtime's TensorRT provider links libnvinfer.so.10" in lines
+    assert not [line for line in lines if "warning:" in line], out.stdout
+    provider = next(line for line in lines if line.startswith("ovseg: ONNX Runtime's CUDA provider: "))
+    if environment.driver_cuda() is None:  # the CUDA and cuDNN wheels are there: only the driver is missing
+        assert provider.endswith(
+            "cannot run here: no NVIDIA driver (libcuda.so.1 does not load): install the driver, check it with nvidia-smi"
+        )
