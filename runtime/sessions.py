@@ -29,7 +29,15 @@ import numpy as np
 import onnxruntime as ort
 
 from ovseg.constants import BACKENDS, ovseg_home
-from ovseg.environment import gpu_onnxruntime_fix, gpu_unused_warning, is_jetson
+from ovseg.environment import (
+    cuda_major,
+    driver_cuda,
+    gpu_onnxruntime_fix,
+    gpu_unused_warning,
+    installed,
+    is_jetson,
+    tensorrt_link,
+)
 from ovseg.errors import OvsegError
 from ovseg.onnx_helpers import session_options
 
@@ -283,15 +291,17 @@ def trt_cache_dir(digest: str, precision: str) -> Path:
 
 
 def provider_versions() -> str:
-    """ONNX Runtime's and TensorRT's versions as a path component ("ort-1.20.1_trt-10.3.0"). TensorRT's is the
-    tensorrt package's (the libraries a pip-installed provider loads, JetPack's on a Jetson); "trt-unknown" where it
-    does not import, so the directory still changes with ONNX Runtime."""
+    """ONNX Runtime's version and that of the TensorRT its TensorRT provider loads, as a path component
+    ("ort-1.31.1_trt-10.16.1"): the libnvinfer the provider links (libnvinfer.so.10), as the loader finds it here once
+    the tensorrt package has loaded pip's (which may be another major: its version would name the wrong engines);
+    "trt-unknown" where none loads, so the directory still changes with ONNX Runtime."""
+    load_gpu_libraries(PROVIDERS["tensorrt"])
+    soname = tensorrt_link()
     try:
-        import tensorrt
-
-        trt = str(tensorrt.__version__)
-    except ImportError:
-        trt = "unknown"
+        version = int(ctypes.CDLL(soname).getInferLibVersion()) if soname else None
+    except (OSError, AttributeError):
+        version = None
+    trt = f"{version // 10000}.{version // 100 % 100}.{version % 100}" if version else "unknown"  # 10.16.1: 101601
     return f"ort-{ort.__version__}_trt-{trt}"
 
 
@@ -573,8 +583,30 @@ def this_device() -> DeviceInfo:
 
     err, prop = _cudart().cudaGetDeviceProperties(0)
     if int(err) != 0:
-        raise SegmenterError(f"CUDA cannot read the GPU's properties ({err}): check the driver with nvidia-smi")
+        raise SegmenterError(
+            f"CUDA cannot read the GPU's properties ({getattr(err, 'name', err)}): {cuda_error_fix(err)}"
+        )
     return DeviceInfo(str(trt.__version__), _device_name(prop), f"{prop.major}.{prop.minor}")
+
+
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: no driver, or one older than cuda-python's CUDA
+
+
+def cuda_error_fix(err) -> str:
+    """What to do about a cuda-python call that failed with ``err``: cuda-python is built for one CUDA major (13.x
+    needs driver 580+; JetPack 6 is CUDA 12), and every call fails where the driver is missing or older."""
+    if int(err) != CUDA_ERROR_INSUFFICIENT_DRIVER:
+        return "check the GPU and driver with nvidia-smi"
+    bindings = installed(("cuda-bindings", "cuda-python"))
+    version = bindings.get("cuda-bindings") or bindings.get("cuda-python") or "?"
+    driver = driver_cuda()
+    if driver is None:
+        return f"no NVIDIA driver answers (cuda-python {version} needs one): install it, check it with nvidia-smi"
+    major = cuda_major(driver)
+    return (
+        f"cuda-python {version} needs a newer driver than this one, which runs CUDA {driver} at most: "
+        f"pip install 'cuda-python>={major},<{major + 1}'"
+    )
 
 
 class OnnxEncoder:
@@ -754,7 +786,9 @@ class TensorRTEngine:
     def _cuda(self, result):
         err, *values = result
         if int(err) != 0:
-            raise SegmenterError(f"CUDA call failed with {err} while running {self.path.name}")
+            raise SegmenterError(
+                f"CUDA call failed with {getattr(err, 'name', err)} while running {self.path.name}: {cuda_error_fix(err)}"
+            )
         return values[0] if values else None
 
     def run(self) -> dict[str, np.ndarray]:

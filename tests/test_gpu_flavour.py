@@ -98,6 +98,29 @@ def test_the_cuda_provider_finds_the_libraries_pip_installed():
     assert after == "libcuda.so.1: cannot open shared object file: No such file or directory"
 
 
+@needs_gpu_venv
+@without_a_driver
+def test_cuda_python_without_a_driver_says_so(tiny_bundle):
+    """Every cuda-python call fails with cudaErrorInsufficientDriver where no driver (or an older one) is: a plan's
+    device check says which, not the bare error code."""
+    out = python_in(
+        GPU_PYTHON,
+        """
+        import sys, types
+        sys.modules["tensorrt"] = types.SimpleNamespace(__version__="10.16.1.11")  # its libraries do not install here
+        from ovseg.runtime import sessions
+        try:
+            sessions.this_device()
+        except sessions.SegmenterError as e:
+            print(e)
+        """,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(
+        "CUDA cannot read the GPU's properties (cudaErrorInsufficientDriver): no NVIDIA driver"
+    )
+
+
 def oldest_onnxruntime() -> str:
     out = python_in(SERVE_PYTHON, "import onnxruntime; print(onnxruntime.__version__)")
     return out.stdout.strip()

@@ -191,21 +191,32 @@ def test_tensorrt_caches_live_under_ovseg_home_keyed_by_file_precision_and_gpu(t
     assert trt_cache_dir(digest, "fp16").parent.name == "gpu0"
 
 
+def stub_nvinfer(folder, version: int):
+    """A libnvinfer whose getInferLibVersion() answers ``version`` (TensorRT 10's encoding: 10.3.0 is 100300)."""
+    source = folder / f"nvinfer_{version}.c"
+    source.write_text(f"int getInferLibVersion(void) {{ return {version}; }}\n")
+    library = folder / f"libnvinfer_{version}.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return str(library)
+
+
 def test_an_onnxruntime_or_tensorrt_upgrade_gets_a_new_engine_cache(tmp_path, monkeypatch):
-    """The provider would load an engine built by another ONNX Runtime or TensorRT: each version has its directory."""
+    """The provider would load an engine built by another ONNX Runtime or TensorRT: each version has its directory,
+    TensorRT's being the libnvinfer the provider links, whatever major the tensorrt package is."""
     monkeypatch.setenv("OVSEG_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(sessions, "gpu_name", lambda: "NVIDIA Jetson AGX Orin")
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.4.0"))  # not what ORT links
+    monkeypatch.setattr(sessions, "tensorrt_link", lambda: None)  # a CPU onnxruntime: no TensorRT provider
     monkeypatch.setattr(sessions.ort, "__version__", "1.20.1")
     before = trt_cache_dir("ab" * 32, "fp16")
     assert before.name == "ort-1.20.1_trt-unknown"
     monkeypatch.setattr(sessions.ort, "__version__", "1.22.0")
     assert trt_cache_dir("ab" * 32, "fp16") == before.with_name("ort-1.22.0_trt-unknown")
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    monkeypatch.setattr(sessions, "tensorrt_link", lambda: stub_nvinfer(tmp_path, 100300))
     with_trt = trt_cache_dir("ab" * 32, "fp16")
     assert with_trt.name == "ort-1.22.0_trt-10.3.0"
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.7.0"))
-    assert trt_cache_dir("ab" * 32, "fp16") == with_trt.with_name("ort-1.22.0_trt-10.7.0")
+    monkeypatch.setattr(sessions, "tensorrt_link", lambda: stub_nvinfer(tmp_path, 101601))
+    assert trt_cache_dir("ab" * 32, "fp16") == with_trt.with_name("ort-1.22.0_trt-10.16.1")
 
 
 def test_the_engine_build_is_announced_once_and_an_unwritable_home_is_an_error(tmp_path, caplog):
@@ -661,3 +672,18 @@ def test_the_backend_is_where_the_nodes_ran(tmp_path, monkeypatch, caplog):
         with pytest.raises(SegmenterError) as err:
             check_providers(FakeSession(WITH_GPU[1:] if given is cuda else WITH_GPU), given, path, nodes)
         one_line(err, f"asked for {given.provider}", f"ran it on {next(iter(nodes))} (30 nodes)", "backend='cpu'")
+
+
+def test_cuda_python_newer_than_the_driver_says_which_to_install(monkeypatch):
+    """cuda-python 13 on a CUDA 12 driver (JetPack 6, drivers before 580): every call fails with error 35."""
+    monkeypatch.setattr(sessions, "driver_cuda", lambda: "12.6")
+    monkeypatch.setattr(sessions, "installed", lambda names: {"cuda-bindings": "13.4.4"})
+    monkeypatch.setattr(
+        sessions, "_cudart", lambda: types.SimpleNamespace(cudaGetDeviceProperties=lambda i: (35, None))
+    )
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    sessions.this_device.cache_clear()
+    with pytest.raises(SegmenterError) as err:
+        sessions.this_device()
+    sessions.this_device.cache_clear()
+    one_line(err, "cuda-python 13.4.4 needs a newer driver", "CUDA 12.6 at most", "pip install 'cuda-python>=12,<13'")
