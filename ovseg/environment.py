@@ -199,6 +199,15 @@ def tensorrt_link() -> str | None:
     return None
 
 
+def tensorrt_fix() -> str:
+    """The command that installs the TensorRT Python package that fits this machine."""
+    if is_jetson():
+        return (
+            "sudo apt-get install python3-libnvinfer (JetPack's TensorRT), in a venv made with --system-site-packages"
+        )
+    return f"pip install -e '.[{cuda_extra('tensorrt')}]'"
+
+
 def gpu_packages() -> GpuPackages:
     """What this environment has for the GPU (reads onnxruntime's build record; loads no provider)."""
     try:

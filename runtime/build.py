@@ -27,6 +27,7 @@ import numpy as np
 
 from ovseg.cli import add_bundle_argument, positive_int, run_cli, say
 from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE, INT8_SYMMETRIC, ovseg_home
+from ovseg.environment import tensorrt_fix
 from ovseg.errors import OvsegError
 
 from .bundle import DeviceInfo, EncoderInfo, Manifest, PlanRecord, atomic_bundle_dir, link_tree, read_manifest
@@ -46,7 +47,12 @@ from .signing import add_sign_argument, load_private_key, unsigned_after_rewrite
 
 PROG = "ovseg-build"
 MIN_TENSORRT = (10, 3)
-INSTALL = "pip install 'ovseg[tensorrt]' (TensorRT >= 10.3) on the machine with the NVIDIA GPU, and run it there"
+
+
+def install() -> str:
+    return f"`{tensorrt_fix()}` (TensorRT >= 10.3) on the machine with the NVIDIA GPU, and run it there"
+
+
 DEFAULT_FRAMES = 4
 # The ONNX file (files key) each plan precision is built from: int8 plans from the symmetric int8 model, not from the
 # CPU's "int8" one (uint8 activations, which TensorRT cannot take).
@@ -97,16 +103,16 @@ def load_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise BuildError(f"tensorrt does not import ({e}): {INSTALL}") from None
+        raise BuildError(f"tensorrt does not import ({e}): {install()}") from None
     version = str(getattr(trt, "__version__", "0"))
     if _version(version) < MIN_TENSORRT:
-        raise BuildError(f"TensorRT {version} is older than 10.3, the oldest ovseg is checked against: {INSTALL}")
+        raise BuildError(f"TensorRT {version} is older than 10.3, the oldest ovseg is checked against: {install()}")
     try:
         trt.Builder(trt.Logger(trt.Logger.WARNING))
     except Exception as e:  # TypeError for the NULL builder of a machine without a usable GPU (TensorRT logged why)
         why = "no usable CUDA GPU or driver: TensorRT's message above says which" if isinstance(e, TypeError) else None
         raise BuildError(
-            f"TensorRT {version} cannot create a builder here ({why or _one_line(e)}): {INSTALL}"
+            f"TensorRT {version} cannot create a builder here ({why or _one_line(e)}): {install()}"
         ) from None
     return trt
 

@@ -36,6 +36,7 @@ from ovseg.environment import (
     gpu_unused_warning,
     installed,
     is_jetson,
+    tensorrt_fix,
     tensorrt_link,
 )
 from ovseg.errors import OvsegError
@@ -543,7 +544,7 @@ def open_engine(
                 "the bundle has none for this device: `ovseg-calib --tensorrt` makes their model, `ovseg-build --int8` "
                 "here builds them; or use precision='fp16'"
                 if not plan
-                else "the tensorrt package does not import here: pip install 'ovseg[tensorrt]'"
+                else f"the tensorrt package does not import here: {tensorrt_fix()}"
             )
         )
     onnx_file = info.files.get(precision)
@@ -600,9 +601,9 @@ def cuda_error_fix(err) -> str:
     bindings = installed(("cuda-bindings", "cuda-python"))
     version = bindings.get("cuda-bindings") or bindings.get("cuda-python") or "?"
     driver = driver_cuda()
-    if driver is None:
-        return f"no NVIDIA driver answers (cuda-python {version} needs one): install it, check it with nvidia-smi"
     major = cuda_major(driver)
+    if major is None:
+        return f"no NVIDIA driver answers (cuda-python {version} needs one): install it, check it with nvidia-smi"
     return (
         f"cuda-python {version} needs a newer driver than this one, which runs CUDA {driver} at most: "
         f"pip install 'cuda-python>={major},<{major + 1}'"

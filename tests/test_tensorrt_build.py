@@ -169,12 +169,17 @@ def test_plans_are_strongly_typed_with_workspace_profile_and_timing_cache(tmp_pa
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary file left
 
 
-def test_ovseg_build_without_tensorrt_exits_2_with_one_line(tiny_bundle, monkeypatch, capsys):
+@pytest.mark.parametrize("driver, extra", [("13.0", "tensorrt"), ("12.6", "tensorrt-cu12")])
+def test_ovseg_build_without_tensorrt_exits_2_with_one_line(tiny_bundle, monkeypatch, capsys, driver, extra):
+    from ovseg import environment
+
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt raises ImportError
+    monkeypatch.setattr(environment, "driver_cuda", lambda: driver)
+    monkeypatch.setattr(environment, "is_jetson", lambda: False)
     assert build.main(["--bundle", str(tiny_bundle), "--fp16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ovseg-build: error: tensorrt does not import")
-    assert "pip install 'ovseg[tensorrt]'" in err[0]
+    assert f"pip install -e '.[{extra}]'" in err[0]
 
 
 @pytest.mark.parametrize(
