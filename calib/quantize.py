@@ -199,28 +199,58 @@ def quantize(
             )
     qmodel = onnx.load(str(out_path))
     qmodel.ir_version = model.ir_version  # the exporter's IR version (the quantiser may stamp a newer one ORT refuses)
-    shapes_read_float(qmodel.graph)
+    read_float(qmodel.graph, keep, model.graph)
     onnx.checker.check_model(qmodel, full_check=True)
     onnx.save(qmodel, str(out_path))
     quantized = quantized_nodes(qmodel)
     return keep, quantized
 
 
-def shapes_read_float(graph: onnx.GraphProto) -> None:
-    """Point Shape nodes back at the float tensor: the quantiser feeds them a Q -> DQ pair, a dequantisation per run
-    (two per DINOv2 block) just to read a shape. Q/DQ nodes left without consumers are dropped."""
+def read_float(graph: onnx.GraphProto, kept: list[str], source: onnx.GraphProto) -> None:
+    """Point Shape nodes and the nodes ``kept`` in float back at float tensors where the quantiser feeds them a DQ
+    (directly, or through the Identity by which a weight is shared): a Shape would dequantise per run (two per DINOv2
+    block) just to read a shape, and a kept node would compute on int8-rounded inputs. An activation is read before
+    its Q -> DQ pair; a weight shared with a quantised node is the float weight of ``source`` (the model quantised),
+    added back. Q, DQ and Identity nodes left without consumers are dropped."""
     producer = {o: n for n in graph.node for o in n.output}
-    for node in graph.node:
-        dq = producer.get(node.input[0]) if node.op_type == "Shape" else None
-        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    source_producer = {o: n for n in source.node for o in n.output}
+    source_weights = {i.name: i for i in source.initializer}
+    weights = {i.name for i in graph.initializer}
+
+    def behind_identities(name: str, producers: dict) -> str:
+        while name in producers and producers[name].op_type == "Identity":
+            name = producers[name].input[0]
+        return name
+
+    def float_tensor(name: str) -> str | None:
+        dq = producer.get(behind_identities(name, producer))
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return None
+        q = producer.get(dq.input[0])
         if q is not None and q.op_type == "QuantizeLinear":
-            node.input[0] = q.input[0]
+            return q.input[0]
+        weight = behind_identities(name, source_producer)
+        if weight not in source_weights:
+            return None
+        copy = f"{weight}_float"  # the quantiser may have given the weight's own name to its DQ output
+        if copy not in weights:
+            graph.initializer.append(
+                onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(source_weights[weight]), copy)
+            )
+            weights.add(copy)
+        return copy
+
+    readers = set(kept)
+    for node in graph.node:
+        inputs = node.input[:1] if node.op_type == "Shape" else node.input if node.name in readers else []
+        for i, name in enumerate(inputs):
+            node.input[i] = float_tensor(name) or name
     while True:
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         dead = [
             n
             for n in graph.node
-            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Identity") and not any(o in used for o in n.output)
         ]
         if not dead:
             return
