@@ -9,11 +9,17 @@
 # a new folder under /tmp.
 #
 # Nothing is downloaded: wheels carried in .whl/ are installed (the device README's recipe), hnswlib is built from a
-# carried sdist (.whl/hnswlib-*.tar.gz) if there is one. The GPU work of ovseg runs in ONNX Runtime's CUDA and
-# TensorRT providers and in TensorRT plans, so what a machine can check depends on what it has:
+# carried sdist (.whl/hnswlib-*.tar.gz) if there is one. The lent GPU machine has torch with CUDA but no open_clip:
+# carry open_clip_torch, ftfy and wcwidth (pure-Python wheels) and hnswlib's sdist for the torch steps. ovseg's GPU
+# inference runs in ONNX Runtime's CUDA and TensorRT providers and in TensorRT plans, its training and export in torch,
+# so what a machine can check depends on what it has:
 #   1 env         nvidia-smi, Python and package versions, python -m ovseg.environment
 #   2 build       the native module, editable into a venv that sees $PYTHON's packages; a failure stops here
 #   3 tests       pytest -m gpu: the TensorRT runner's test (needs tensorrt and a GPU)
+#     export-cuda, train-amp, pretrain-cuda   the torch side, tests/test_torch_gpu.py (needs torch with CUDA and
+#                   open_clip; train-amp also hnswlib): the export's modules traced on CUDA vs the CPU and ONNX
+#                   Runtime; ovseg-train under torchrun, mixed precision vs --fp32, and NCCL; the tiny CLIP's
+#                   pretraining, a step vs the CPU's and 30 more
 #   4 bundle      the tests' tiny bundle (needs torch, open_clip, hnswlib), when a later step can use it
 #     ovseg-build   TensorRT fp16 plans (needs tensorrt)
 #     ovseg-build-int8   ovseg-calib --tensorrt's symmetric int8 model, then TensorRT int8 plans from it (needs tensorrt)
@@ -81,6 +87,22 @@ EOF
     --tensorrt --force 2>&1
 }
 importable() { "$VPY" -c "import $1" >/dev/null 2>&1; }
+# torch_step STEP TEST MODULE...: tests/test_torch_gpu.py::TEST, where torch has CUDA and each MODULE imports.
+torch_step() {
+  local step=$1 test=$2 module rc=0
+  shift 2
+  step_start "$step"
+  if [[ -n $no_torch_cuda ]]; then record "$step" SKIP "$no_torch_cuda"; return; fi
+  for module in "$@"; do
+    if ! importable "$module"; then record "$step" SKIP "$module does not import (carry it in .whl/)"; return; fi
+  done
+  timeout 240 "$VPY" -m pytest -m gpu -q -rs -p no:cacheprovider "tests/test_torch_gpu.py::$test" 2>&1 \
+    | tee "$WORK/$step.log" || rc=$?
+  if ((rc != 0)); then record "$step" FAIL "pytest exit $rc"
+  elif grep -q ' skipped' "$WORK/$step.log"; then record "$step" SKIP "$(grep -m1 '^SKIPPED' "$WORK/$step.log")"
+  else record "$step" PASS "$test"
+  fi
+}
 
 main() {
   {
@@ -166,6 +188,14 @@ EOF
       2>&1 || rc=$?
     if ((rc != 0)); then record tests FAIL "pytest exit $rc; pytest-gpu.xml"; else record tests PASS "pytest-gpu.xml"; fi
   fi
+
+  # ---- 3b. the torch side on the GPU ----
+  local no_torch_cuda  # why the torch steps cannot run; empty where torch has a GPU
+  no_torch_cuda=$(py -c 'import torch as t; t.cuda.is_available() or print(f"torch {t.__version__} sees no GPU")' \
+    2>/dev/null || echo "torch does not import")
+  torch_step export-cuda test_export_traced_on_cuda_matches_the_cpu_and_onnxruntime open_clip
+  torch_step train-amp test_ovseg_train_with_mixed_precision_under_torchrun open_clip hnswlib
+  torch_step pretrain-cuda test_pretraining_steps_on_cuda open_clip
 
   # ---- 4. later modes: only where onnxruntime-gpu or tensorrt is installed ----
   local ort_gpu="" trt="" bundle=$WORK/bundle
