@@ -57,6 +57,13 @@ def calibrated(tiny_bundle, photos, tmp_path_factory) -> Path:
     return out
 
 
+def _behind_identities(name: str, producer: dict) -> str:
+    """The tensor behind Identity nodes (ORT's quantiser shares a DQ among consumers through one)."""
+    while name in producer and producer[name].op_type == "Identity":
+        name = producer[name].input[0]
+    return name
+
+
 def test_int8_files_are_checked_qdq_with_float_kept_ops_really_float(calibrated):
     manifest = read_manifest(calibrated)  # sha256 of every file, the new ones included, verifies
     for info in (manifest.clip, manifest.dinov2):
@@ -69,15 +76,9 @@ def test_int8_files_are_checked_qdq_with_float_kept_ops_really_float(calibrated)
         kept = set(q.output_projections(fp32)) | set(q.attention_matmuls(fp32))
         assert q.output_projections(fp32) or info is manifest.dinov2  # CLIP's two final projections were found
         producer = {o: n for n in model.graph.node for o in n.output}
-
-        def source(name: str) -> str:  # the tensor behind Identity nodes (ORT shares a DQ among consumers through one)
-            while name in producer and producer[name].op_type == "Identity":
-                name = producer[name].input[0]
-            return name
-
         for node in model.graph.node:
             if node.op_type in q.FLOAT_OPS or node.name in kept:
-                assert not any(source(i) in dq for i in node.input), f"{node.name} ({node.op_type}) was quantised"
+                assert not any(_behind_identities(i, producer) in dq for i in node.input), f"{node.name} was quantised"
         shape_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Shape"}
         assert not shape_inputs & set(dq), "a Shape reads a dequantised tensor"
         gemms = [n for n in model.graph.node if n.name in set(q.quantized_nodes(model))]
