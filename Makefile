@@ -28,7 +28,8 @@ PIP         = $(BIN)/pip install --quiet -c $(CONSTRAINTS)
 BUILD_DEPS     := scikit-build-core nanobind pybind11 setuptools wheel numpy
 NATIVE_SOURCES := $(wildcard runtime/native/*)
 # A package folder's time changes when a module is added or removed there: the editable install must see it.
-PACKAGE_DIRS   := ovseg export export/train runtime runtime/triton calib benchmarks benchmarks/eval
+PACKAGE_DIRS   := ovseg export export/train runtime runtime/pipeline runtime/engines runtime/bundle runtime/io runtime/tools \
+                  runtime/triton calib benchmarks benchmarks/eval
 
 .PHONY: setup serve-setup gpu-setup test lint trt-api demo clean
 
@@ -114,7 +115,7 @@ trt-api:
 	PYTHON=$(PYTHON) tests/trt_api/run.sh
 
 demo: setup
-	$(BIN)/python -m ovseg.runtime.demo
+	$(BIN)/python -m ovseg.runtime.tools.demo
 
 clean:
 	rm -rf build $(VENV)

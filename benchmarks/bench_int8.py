@@ -24,7 +24,7 @@ import numpy as np
 import ovseg.cli
 from ovseg.benchmarks.targets import INT8_MIN_SPEEDUP
 from ovseg.benchmarks.timing import Budget, Stats, environment, repeat
-from ovseg.runtime.bundle import BundleError, read_manifest
+from ovseg.runtime.bundle.manifest import BundleError, read_manifest
 
 PROG = "bench_int8"
 

@@ -217,7 +217,7 @@ def make_plan(args: argparse.Namespace, bundle_size: int | None) -> Plan:
 
 def clip_frames(path: Path, frame: tuple[int, int], count: int) -> list:
     """A generated clip (the ovseg-run --sample pan across photos) and its first ``count`` frames."""
-    from ovseg.runtime.sources import VideoFileSource, sample_clip
+    from ovseg.runtime.io.sources import VideoFileSource, sample_clip
 
     sample_clip(path, size=frame)
     frames = []
@@ -243,7 +243,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from ovseg.runtime.bundle import common_size, describe_sizes, read_manifest
+    from ovseg.runtime.bundle.manifest import common_size, describe_sizes, read_manifest
     from ovseg.runtime.segmenter import SegmenterConfig
 
     from . import latency, sweeps

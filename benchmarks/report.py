@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ovseg.constants import STAGES
-from ovseg.runtime.bundle import common_size, describe_sizes
+from ovseg.runtime.bundle.manifest import common_size, describe_sizes
 
 from .roofline import GEMM_CLASS
 from .targets import (

@@ -72,7 +72,7 @@ def rss_mib() -> float | None:
 
 def video(count: int = 60) -> list[np.ndarray]:
     """The sample clip's pan (640x480), read once."""
-    from ovseg.runtime.sources import VideoFileSource, sample_clip
+    from ovseg.runtime.io.sources import VideoFileSource, sample_clip
 
     with tempfile.TemporaryDirectory(prefix="ovseg-soak-") as tmp:
         with VideoFileSource(sample_clip(Path(tmp) / "pan.mp4", seconds=count / 15)) as source:
@@ -90,7 +90,7 @@ def frame_at(pan: list[np.ndarray], i: int, size: tuple[int, int]) -> np.ndarray
 def tiny_bundle(cache: Path, say) -> Path:
     """The tests' tiny bundle (tiny CLIP, seeded random tiny DINOv2, 112 px, VOC-21), exported once into the cache by
     a process of its own, so that torch never loads into the process being soaked."""
-    from ovseg.runtime.bundle import BundleError, read_manifest
+    from ovseg.runtime.bundle.manifest import BundleError, read_manifest
 
     out = cache / "soak-tiny"
     try:

@@ -20,8 +20,8 @@ import hnswlib
 import numpy as np
 
 from ovseg.constants import HNSW_PARAMS
-from ovseg.runtime.bundle import ENCODER_NAMES, BundleError, Manifest, describe_sizes, read_manifest
-from ovseg.runtime.lookup import LabelIndex, l2_normalise
+from ovseg.runtime.bundle.manifest import ENCODER_NAMES, BundleError, Manifest, describe_sizes, read_manifest
+from ovseg.runtime.pipeline.lookup import LabelIndex, l2_normalise
 
 from .phrases import MODEL, QUERY_TEMPLATE, PhraseEmbedder, phrases, to_clip_width
 from .timing import Budget, Stats, repeat

@@ -53,7 +53,7 @@ def run_ovseg(bundle: Path, clip: Path, out: Path, frames: int, threads: int, in
     cmd = [
         sys.executable,
         "-m",
-        "ovseg.runtime.cli",
+        "ovseg.runtime.tools.run",
         "--bundle",
         str(bundle),
         "--video",

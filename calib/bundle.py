@@ -20,7 +20,7 @@ import onnxruntime as ort
 import ovseg.cli
 from ovseg.constants import INT8_SYMMETRIC
 from ovseg.environment import machine_key
-from ovseg.runtime.bundle import (
+from ovseg.runtime.bundle.manifest import (
     EncoderInfo,
     Manifest,
     atomic_bundle_dir,
@@ -28,7 +28,7 @@ from ovseg.runtime.bundle import (
     read_manifest,
     write_manifest,
 )
-from ovseg.runtime.signing import load_private_key
+from ovseg.runtime.bundle.signing import load_private_key
 
 from . import gate
 from .cli import PROG

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ovseg.cli import add_bundle_argument, fraction, log_lines, run_cli
 from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE
-from ovseg.runtime.signing import add_sign_argument, unsigned_after_rewrite
+from ovseg.runtime.bundle.signing import add_sign_argument, unsigned_after_rewrite
 
 PROG = "ovseg-calib"
 

@@ -16,10 +16,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ovseg.errors import OvsegError
-from ovseg.runtime.preprocess import Preprocessors
-from ovseg.runtime.sessions import SegmenterError
-from ovseg.runtime.sources import IMAGE_SUFFIXES, evenly_spaced
+from ovseg.errors import OvsegError, SegmenterError
+from ovseg.runtime.io.sources import IMAGE_SUFFIXES, evenly_spaced
+from ovseg.runtime.pipeline.preprocess import Preprocessors
 
 log = logging.getLogger("ovseg.calib")
 

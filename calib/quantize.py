@@ -32,7 +32,7 @@ from onnxruntime.quantization.calibrate import (
 from tqdm import tqdm
 
 from ovseg.onnx_helpers import output_projections, session_options
-from ovseg.runtime.bundle import sha256_file
+from ovseg.runtime.bundle.manifest import sha256_file
 
 from .data import CalibrationError
 

@@ -17,7 +17,7 @@ from transformers import Dinov2Model
 import ovseg.cli
 from ovseg.constants import HNSW_PARAMS, default_bundle
 from ovseg.profiles import DEFAULT_PROFILE, get_profile
-from ovseg.runtime.bundle import (
+from ovseg.runtime.bundle.manifest import (
     EncoderInfo,
     Manifest,
     TextInfo,
@@ -25,9 +25,15 @@ from ovseg.runtime.bundle import (
     atomic_bundle_dir,
     write_manifest,
 )
-from ovseg.runtime.signing import load_private_key
-from ovseg.runtime.text import ClipTokenizer
-from ovseg.runtime.vocabulary import CONCEPT_TEMPLATES, DEFAULT_CONCEPTS, GUIDED_TEMPLATES, load_vocabulary, prompts_for
+from ovseg.runtime.bundle.signing import load_private_key
+from ovseg.runtime.pipeline.text import ClipTokenizer
+from ovseg.runtime.pipeline.vocabulary import (
+    CONCEPT_TEMPLATES,
+    DEFAULT_CONCEPTS,
+    GUIDED_TEMPLATES,
+    load_vocabulary,
+    prompts_for,
+)
 
 from . import dinov2 as dino
 from .cli import PROG
@@ -72,7 +78,7 @@ class ExportConfig:
     int8: object | None = (
         None  # ovseg.calib.bundle.CalibOptions: calibrate INT8 encoders and gate them (ovseg-export --int8)
     )
-    sign: Path | None = None  # Ed25519 private key: sign the manifest (runtime.signing)
+    sign: Path | None = None  # Ed25519 private key: sign the manifest (runtime.bundle.signing)
 
     def __post_init__(self):
         profile = get_profile(self.profile)  # a one-line error for an unknown name

@@ -11,8 +11,8 @@ from ovseg.calib.cli import add_gate_arguments, options_from
 from ovseg.cli import by_profile, positive_int, run_cli
 from ovseg.constants import DEFAULT_DINOV2, DENSE_METHODS, default_bundle
 from ovseg.profiles import DEFAULT_PROFILE, PROFILES
-from ovseg.runtime.signing import add_sign_argument
-from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS
+from ovseg.runtime.bundle.signing import add_sign_argument
+from ovseg.runtime.pipeline.vocabulary import DEFAULT_CONCEPTS
 
 PROG = "ovseg-export"
 

@@ -1,4 +1,4 @@
-"""TensorRT plans at export time: ovseg-build's builder and check (ovseg.runtime.build), run where tensorrt imports
+"""TensorRT plans at export time: ovseg-build's builder and check (ovseg.runtime.tools.build), run where tensorrt imports
 and can build. Plans are per GPU and TensorRT version: ``ovseg-build`` makes them on the device that runs them.
 Nothing here can make an export fail: what TensorRT cannot do is said, and the bundle keeps its ONNX files.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ovseg.runtime.build import BuildError, BuildOptions, build_dir, load_tensorrt
-from ovseg.runtime.bundle import Manifest
+from ovseg.runtime.bundle.manifest import Manifest
+from ovseg.runtime.tools.build import BuildError, BuildOptions, build_dir, load_tensorrt
 
 
 def tensorrt_unavailable() -> str | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from open_clip.tokenizer import SimpleTokenizer
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from ovseg.runtime.text import EOT, SOT
+from ovseg.runtime.pipeline.text import EOT, SOT
 
 from .errors import ExportError
 

@@ -186,12 +186,12 @@ def _entry(module: str, prog: str) -> Callable[[], None]:
 
 
 ovseg_export = _entry("ovseg.export.cli", "ovseg-export")
-ovseg_run = _entry("ovseg.runtime.cli", "ovseg-run")
+ovseg_run = _entry("ovseg.runtime.tools.run", "ovseg-run")
 ovseg_bench = _entry("ovseg.benchmarks.cli", "ovseg-bench")
 ovseg_calib = _entry("ovseg.calib.cli", "ovseg-calib")
 ovseg_eval = _entry("ovseg.benchmarks.eval.cli", "ovseg-eval")
 ovseg_train = _entry("ovseg.export.train.cli", "ovseg-train")
-ovseg_check = _entry("ovseg.runtime.check", "ovseg-check")
-ovseg_build = _entry("ovseg.runtime.build", "ovseg-build")
-ovseg_sign = _entry("ovseg.runtime.signing", "ovseg-sign")
+ovseg_check = _entry("ovseg.runtime.tools.check", "ovseg-check")
+ovseg_build = _entry("ovseg.runtime.tools.build", "ovseg-build")
+ovseg_sign = _entry("ovseg.runtime.bundle.signing", "ovseg-sign")
 ovseg_serve = _entry("ovseg.runtime.triton.cli", "ovseg-serve")

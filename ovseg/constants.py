@@ -12,7 +12,8 @@ STAGES = ("preprocess", "dinov2", "kmeans", "refine", "keyframe", "clip", "pooli
 # hnswlib parameters of a bundle's vocabulary index (cosine space); the lookup section of docs/DESIGN.md has the sweep.
 HNSW_PARAMS = {"M": 32, "ef_construction": 200, "ef": 64}
 
-# What the Segmenter runs on and at: "auto" picks (runtime.sessions.resolve_backend, runtime.precision.pick_precision).
+# What the Segmenter runs on and at: "auto" picks (runtime.engines.sessions.resolve_backend,
+# runtime.engines.precision.pick_precision).
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 NUM_SEGMENTS = 15  # TAG's K: DINOv2 segment candidates per frame

@@ -277,7 +277,7 @@ def report() -> list[str]:
     import cv2
     import onnxruntime as ort
 
-    from ovseg.runtime.display import gui_backend, has_gstreamer
+    from ovseg.runtime.io.display import gui_backend, has_gstreamer
 
     ort_dist = (
         ", ".join(f"{n} {v}" for n, v in installed(ORT_DISTRIBUTIONS).items())
@@ -294,7 +294,7 @@ def report() -> list[str]:
     ]
     gpu = gpu_packages()
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        from ovseg.runtime.sessions import provider_problem  # loads pip's CUDA libraries, opens a one-node session
+        from ovseg.runtime.engines.sessions import provider_problem  # loads pip's CUDA libraries, opens a session
 
         problem = provider_problem("CUDAExecutionProvider")
         lines.append(

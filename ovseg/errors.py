@@ -3,3 +3,7 @@
 
 class OvsegError(Exception):
     """A failure the user can act on; the message is one line that says what to do."""
+
+
+class SegmenterError(OvsegError, RuntimeError):
+    """The Segmenter cannot do what was asked; the message is one line saying what is missing."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ovseg.environment import check_install
+from ovseg.errors import SegmenterError
 
 from .result import Result, Segment
 
@@ -16,7 +17,6 @@ check_install()  # two ONNX Runtimes or two OpenCVs overwrite each other: refuse
 
 if TYPE_CHECKING:
     from .segmenter import Segmenter
-    from .sessions import SegmenterError
 
 __all__ = ["Result", "Segment", "Segmenter", "SegmenterError"]
 
@@ -26,8 +26,4 @@ def __getattr__(name: str):
         from .segmenter import Segmenter
 
         return Segmenter
-    if name == "SegmenterError":
-        from .sessions import SegmenterError
-
-        return SegmenterError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

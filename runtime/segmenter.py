@@ -1,6 +1,7 @@
 """The Segmenter: frames in, named segments out, guidance-free (TAG) or guided (PixelCLIP inference). No torch.
 
-One frame goes through stages, each a module with a typed hand-off (docs/DESIGN.md, "Data flow and stage modules"):
+One frame goes through stages, each a module of pipeline/ with a typed hand-off (docs/DESIGN.md, "Data flow and
+stage modules"):
 
     preprocess -> segments.py (DINOv2 tokens -> spherical k-means -> SegmentMaps)
                -> features.py (CLIP dense features -> DenseFeatures)
@@ -25,20 +26,20 @@ import numpy as np
 
 from .. import _native
 from ..constants import NUM_SEGMENTS, REFINES, STAGES, default_bundle
+from ..errors import SegmenterError
 from ..profiles import FAST, Profile, ProfileError, get_profile
-from .bundle import BundleError, Manifest, read_manifest
-from .engines import Engines, ImageEncoderFactory, run_encoder_batch
-from .features import ClipFeatures, DenseFeatures, Keyframe, KeyframePolicy
-from .guided import GuidedHead
-from .labels import GuidanceFreeHead, LabelHysteresis
-from .lookup import LOOKUPS, LabelIndex
-from .preprocess import Preprocessors, check_frame
-from .refine import EdgeRefiner
-from .render import draw_legend, label_stats, overlay, segment_palette
+from .bundle.manifest import BundleError, Manifest, read_manifest
+from .pipeline.encoders import Engines, ImageEncoderFactory, run_encoder_batch
+from .pipeline.features import ClipFeatures, DenseFeatures, Keyframe, KeyframePolicy
+from .pipeline.guided import GuidedHead
+from .pipeline.labels import GuidanceFreeHead, LabelHysteresis
+from .pipeline.lookup import LOOKUPS, LabelIndex
+from .pipeline.preprocess import Preprocessors, check_frame
+from .pipeline.refine import EdgeRefiner
+from .pipeline.render import draw_legend, label_stats, overlay, segment_palette
+from .pipeline.segments import SegmentCandidates, SegmentMaps
+from .pipeline.vocabulary import GUIDED_TEMPLATES, VocabularyError, load_vocabulary
 from .result import UNKNOWN, Result, StageTimer
-from .segments import SegmentCandidates, SegmentMaps
-from .sessions import SegmenterError
-from .vocabulary import GUIDED_TEMPLATES, VocabularyError, load_vocabulary
 
 __all__ = [
     "Segmenter",
@@ -208,7 +209,7 @@ class Segmenter:
         bundle that records none). ``threads`` is ONNX Runtime's intra-op threads per session; the native kernels'
         thread pool is the process's (``ovseg._native.set_num_threads``, which ``ovseg-run --threads`` calls).
         ``trusted_keys``: public key files, one of which must have signed the bundle (None: those configured,
-        ``ovseg.runtime.signing``; none configured: unsigned bundles open).
+        ``ovseg.runtime.bundle.signing``; none configured: unsigned bundles open).
         ``image_encoder`` opens the image encoders in place of ONNX Runtime sessions (``Engines.open``).
         """
         configure = functools.partial(  # the settings given here, with the rest from a profile

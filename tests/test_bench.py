@@ -177,7 +177,7 @@ def test_crossover_is_interpolated_in_log_size():
 
 def test_injected_weights_cannot_be_rebuilt(tiny_bundle):
     from ovseg.benchmarks.naive import NaiveError, rebuild
-    from ovseg.runtime.bundle import read_manifest
+    from ovseg.runtime.bundle.manifest import read_manifest
 
     with pytest.raises(NaiveError, match="injected"):
         rebuild(read_manifest(tiny_bundle))
@@ -185,7 +185,7 @@ def test_injected_weights_cannot_be_rebuilt(tiny_bundle):
 
 def test_vocabulary_phrases_are_distinct_nested_and_kept_isometric():
     from ovseg.benchmarks.phrases import phrases, to_clip_width
-    from ovseg.runtime.vocabulary import DEFAULT_CONCEPTS, load_vocabulary
+    from ovseg.runtime.pipeline.vocabulary import DEFAULT_CONCEPTS, load_vocabulary
 
     concepts = len(load_vocabulary(DEFAULT_CONCEPTS))
     big = phrases(concepts + 5000)

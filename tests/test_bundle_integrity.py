@@ -17,8 +17,8 @@ import hnswlib
 import numpy as np
 import pytest
 
-from ovseg.runtime.bundle import MANIFEST, BundleError, read_manifest
-from ovseg.runtime.sessions import SegmenterError
+from ovseg.errors import SegmenterError
+from ovseg.runtime.bundle.manifest import MANIFEST, BundleError, read_manifest
 
 # the tiny bundle's files (a test checks the fixture has exactly these)
 TINY_FILES = (
@@ -195,7 +195,7 @@ def run_cli(bundle: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedPr
     image = tmp_path / "frame.png"
     cv2.imwrite(str(image), FRAME)
     return subprocess.run(
-        [sys.executable, "-m", "ovseg.runtime.cli", "--bundle", str(bundle), "--image", str(image), "--no-show"]
+        [sys.executable, "-m", "ovseg.runtime.tools.run", "--bundle", str(bundle), "--image", str(image), "--no-show"]
         + list(extra),
         capture_output=True,
         text=True,
@@ -315,7 +315,8 @@ def test_every_command_that_reads_a_bundle_refuses_a_corrupt_one_in_one_line(tin
     """ovseg-build reads the bundle the same way, after checking that TensorRT imports (it does not here)."""
     from ovseg.benchmarks import cli as bench
     from ovseg.calib import cli as calib
-    from ovseg.runtime import check, signing
+    from ovseg.runtime.bundle import signing
+    from ovseg.runtime.tools import check
 
     bundle = make_variant(tiny_bundle, tmp_path, "text_embeddings.fp32.npy", "truncated")
     images = tmp_path / "images"

@@ -22,8 +22,8 @@ from ovseg.calib.data import CalibrationError, Norm, holdout_indices, load_calib
 from ovseg.calib.gate import Thresholds, agreement
 from ovseg.constants import DEFAULT_COSINE, INT8_SYMMETRIC
 from ovseg.environment import machine_key
-from ovseg.runtime.bundle import BundleError, PlanRecord, read_manifest, sha256_file
-from ovseg.runtime.precision import pick_precision
+from ovseg.runtime.bundle.manifest import BundleError, PlanRecord, read_manifest, sha256_file
+from ovseg.runtime.engines.precision import pick_precision
 from ovseg.runtime.result import Result, Segment
 
 from assertions import one_line
@@ -227,7 +227,7 @@ def test_failing_gate_writes_nothing_then_force_records_failure(calibrated, phot
 
 
 def test_ovseg_calib_sign_signs_the_new_manifest(calibrated, photos, tmp_path, capsys):
-    from ovseg.runtime.signing import SigningError, new_key, sign_bundle
+    from ovseg.runtime.bundle.signing import SigningError, new_key, sign_bundle
 
     bundle = tmp_path / "bundle"
     shutil.copytree(calibrated, bundle)
@@ -328,8 +328,8 @@ def test_segment_matching_for_agreement():
 def test_calibration_of_a_bundle_whose_encoders_have_their_own_sizes(mixed_bundle, photos, tmp_path):
     """Each encoder is calibrated and gated on frames preprocessed at its own input size, exactly as the runtime feeds
     it (ovseg-check's encoder_inputs), and its int8 model runs in the Segmenter."""
-    from ovseg.runtime.check import encoder_inputs
     from ovseg.runtime.segmenter import Segmenter
+    from ovseg.runtime.tools.check import encoder_inputs
 
     bundle = tmp_path / "bundle"
     shutil.copytree(mixed_bundle, bundle)
@@ -393,7 +393,8 @@ def test_pick_precision(tiny_bundle, caplog):
 
 
 def test_int8_on_tensorrt_without_a_plan_is_a_one_line_error(calibrated):
-    from ovseg.runtime.sessions import SegmenterError, open_engine
+    from ovseg.errors import SegmenterError
+    from ovseg.runtime.engines.engine import open_engine
 
     manifest = read_manifest(calibrated)
     with pytest.raises(SegmenterError, match="int8 plan.*ovseg-calib --tensorrt.*ovseg-build --int8") as info:

@@ -15,7 +15,7 @@ from ovseg.export.bundle import ExportConfig, export_bundle
 from ovseg.export.cli import build_parser
 from ovseg.export.cli import main as export_main
 from ovseg.export.clip import tiny_clip
-from ovseg.runtime.bundle import read_manifest
+from ovseg.runtime.bundle.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,8 @@ def test_export_cli_int8_flags(frames, tmp_path, capsys):
 def test_export_cli_int8_gate_error_is_one_line(frames, tmp_path, monkeypatch, capsys):
     """A SegmenterError from the gate's pipeline check ends ovseg-export --int8 with one line and exit 2, not a traceback."""
     from ovseg.calib import gate
+    from ovseg.errors import SegmenterError
     from ovseg.export import bundle as export_module
-    from ovseg.runtime.sessions import SegmenterError
 
     export = export_module.export_bundle
 

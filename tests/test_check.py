@@ -16,9 +16,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from ovseg.runtime import check
-from ovseg.runtime.bundle import sha256_file
-from ovseg.runtime.sources import SourceError
+from ovseg.runtime.bundle.manifest import sha256_file
+from ovseg.runtime.io.sources import SourceError
+from ovseg.runtime.tools import check
 
 CPU_ONLY = ["CPUExecutionProvider"]
 FRAMES = ["--frames", "2"]
@@ -182,7 +182,7 @@ def test_python_m_runs_it_without_torch(tiny_bundle):
     code = (
         "import runpy, sys\n"
         f"sys.argv = ['ovseg-check', '--bundle', {str(tiny_bundle)!r}, '--frames', '1']\n"
-        "try:\n    runpy.run_module('ovseg.runtime.check', run_name='__main__')\n"
+        "try:\n    runpy.run_module('ovseg.runtime.tools.check', run_name='__main__')\n"
         "except SystemExit as e:\n    rc = e.code\n"
         "print('rc', rc, 'torch', 'torch' in sys.modules)"
     )
@@ -215,8 +215,8 @@ def fake_cuda(monkeypatch):
 
 
 def test_record_writes_this_gpus_verdicts_and_the_bundle_still_verifies(bundle_copy, fake_cuda, monkeypatch, capsys):
-    from ovseg.runtime import sessions
-    from ovseg.runtime.bundle import read_manifest
+    from ovseg.runtime.bundle.manifest import read_manifest
+    from ovseg.runtime.engines import precision
 
     bundle = bundle_copy(lambda m: None)
     before = read_manifest(bundle)
@@ -232,8 +232,8 @@ def test_record_writes_this_gpus_verdicts_and_the_bundle_still_verifies(bundle_c
     assert fp16["passed"] is True and fp16["min_cosine"] == 0.999 and fp16["label_agreement"] == 1.0
     assert fp16["ms_per_frame"] == 5.0 and fp16["device"] == FAKE_GPU and fp16["ovseg_version"]
     assert len(fp16["date"]) == 10
-    monkeypatch.setattr(sessions, "gpu_key", lambda: FAKE_GPU)
-    assert sessions.choose_precision(after, "cuda", "auto") == "fp16"
+    monkeypatch.setattr(precision, "gpu_key", lambda: FAKE_GPU)
+    assert precision.choose_precision(after, "cuda", "auto") == "fp16"
 
 
 def test_record_into_a_read_only_bundle_is_one_line_after_the_table(bundle_copy, fake_cuda, monkeypatch, capsys):
@@ -258,8 +258,8 @@ def test_record_into_a_read_only_bundle_is_one_line_after_the_table(bundle_copy,
 def test_record_signs_with_sign_and_says_when_it_leaves_a_signed_bundle_unsigned(
     bundle_copy, fake_cuda, tmp_path, capsys
 ):
-    from ovseg.runtime.bundle import read_manifest
-    from ovseg.runtime.signing import SIGNATURE, new_key, sign_bundle
+    from ovseg.runtime.bundle.manifest import read_manifest
+    from ovseg.runtime.bundle.signing import SIGNATURE, new_key, sign_bundle
 
     bundle = bundle_copy(lambda m: None)
     private, public = new_key(tmp_path / "fleet")
@@ -284,19 +284,19 @@ def test_record_without_a_gpu_records_nothing_and_says_so(bundle_copy, cpu_only,
 
 
 def test_a_manifest_without_device_checks_loads(bundle_copy):
-    from ovseg.runtime.bundle import read_manifest
+    from ovseg.runtime.bundle.manifest import read_manifest
 
     bundle = bundle_copy(lambda m: m.pop("device_checks", None))
     assert read_manifest(bundle).device_checks == {}
 
 
 def test_the_device_key_is_the_gpu_name_and_compute_capability(monkeypatch):
-    from ovseg.runtime import sessions
+    from ovseg.runtime.engines import device
 
-    monkeypatch.setattr(sessions, "gpu_name", lambda: "NVIDIA H200")
-    monkeypatch.setattr(sessions, "gpu_compute_capability", lambda: "9.0")
-    assert sessions.gpu_key() == "NVIDIA H200, compute 9.0"
-    monkeypatch.setattr(sessions, "gpu_compute_capability", lambda: None)
-    assert sessions.gpu_key() == "NVIDIA H200"
-    monkeypatch.setattr(sessions, "gpu_name", lambda: None)
-    assert sessions.gpu_key() is None
+    monkeypatch.setattr(device, "gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(device, "gpu_compute_capability", lambda: "9.0")
+    assert device.gpu_key() == "NVIDIA H200, compute 9.0"
+    monkeypatch.setattr(device, "gpu_compute_capability", lambda: None)
+    assert device.gpu_key() == "NVIDIA H200"
+    monkeypatch.setattr(device, "gpu_name", lambda: None)
+    assert device.gpu_key() is None

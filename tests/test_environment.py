@@ -10,8 +10,8 @@ import pytest
 
 from ovseg import environment
 from ovseg.environment import InstallError
-from ovseg.runtime import display, sources
-from ovseg.runtime.sources import SourceError
+from ovseg.runtime.io import display, sources
+from ovseg.runtime.io.sources import SourceError
 
 
 def _pretend_installed(monkeypatch, versions: dict[str, str]) -> None:
@@ -118,7 +118,8 @@ def test_console_scripts_run_their_command():
 
 
 def test_auto_backend_warns_when_a_gpu_is_present_without_a_cuda_provider(monkeypatch, caplog):
-    from ovseg.runtime.sessions import SegmenterError, resolve_backend
+    from ovseg.errors import SegmenterError
+    from ovseg.runtime.engines.sessions import resolve_backend
 
     _pretend_installed(monkeypatch, {"onnxruntime": "1.31.1"})
     monkeypatch.setattr(environment, "nvidia_gpu_present", lambda: True)

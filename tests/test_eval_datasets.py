@@ -19,7 +19,7 @@ from ovseg.benchmarks.eval.datasets import (
     open_dataset,
 )
 from ovseg.benchmarks.eval.metrics import IGNORE, ConfusionMatrix, boundary_mask
-from ovseg.runtime.vocabulary import load_vocabulary
+from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 
 VOC_ID = "2011_000003"
 

@@ -20,9 +20,9 @@ from ovseg.export.cli import main as export_main
 from ovseg.export.clip import DENSE_METHODS, ClipDenseVisual, ClipTextEncoder, load_clip, tiny_clip
 from ovseg.export.onnx_io import ExportError, run_onnx
 from ovseg.export.tokenizer import build_clip_tokenizer
-from ovseg.runtime.bundle import BundleError, read_manifest
-from ovseg.runtime.text import ClipTokenizer
-from ovseg.runtime.vocabulary import load_vocabulary
+from ovseg.runtime.bundle.manifest import BundleError, read_manifest
+from ovseg.runtime.pipeline.text import ClipTokenizer
+from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +371,7 @@ def test_build_side_errors_are_ovseg_errors():
 
 def test_runtime_import_leaves_torch_out():
     code = (
-        "import sys, ovseg.runtime, ovseg.runtime.bundle, ovseg.runtime.text, ovseg.runtime.vocabulary; "
+        "import sys, ovseg.runtime, ovseg.runtime.bundle.manifest, ovseg.runtime.pipeline.text, ovseg.runtime.pipeline.vocabulary; "
         "print([m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ovseg.runtime.bundle import read_manifest
+from ovseg.runtime.bundle.manifest import read_manifest
 
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -56,14 +56,18 @@ def video_frames(path: Path) -> int:
 
 
 def test_a_full_disk_stops_the_run_in_one_line_and_every_output_is_whole(tiny_bundle, tmp_path):
-    from ovseg.runtime.sinks import DISK_RESERVE, FRAME_ROOM
+    from ovseg.runtime.io.sinks import DISK_RESERVE, FRAME_ROOM
 
     with small_disk(tmp_path / "disk", 8) as disk:
         fill(disk, FRAME_ROOM + DISK_RESERVE + (1 << 18))
         argv = ["--bundle", str(tiny_bundle), "--sample", "--no-show", "--save", str(disk / "out.mp4")]
         argv += ["--save-dir", str(disk / "frames")]
         done = subprocess.run(
-            [sys.executable, "-m", "ovseg.runtime.cli", *argv], capture_output=True, text=True, timeout=300, env=ENV
+            [sys.executable, "-m", "ovseg.runtime.tools.run", *argv],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=ENV,
         )
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr
@@ -84,7 +88,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_every_output_is_whole(tiny_bu
 
 
 def test_a_disk_full_from_the_start_fails_before_the_models_load(tmp_path):
-    from ovseg.runtime.sinks import DISK_RESERVE, FrameDirSink, SinkError, VideoSink
+    from ovseg.runtime.io.sinks import DISK_RESERVE, FrameDirSink, SinkError, VideoSink
 
     with small_disk(tmp_path / "disk", 4) as disk:
         fill(disk, DISK_RESERVE // 2)
@@ -106,7 +110,7 @@ def test_a_file_size_limit_is_one_line_and_leaves_whole_frames(tiny_bundle, tmp_
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))\n"
-        "from ovseg.runtime.cli import main\n"
+        "from ovseg.runtime.tools.run import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     out = tmp_path / "frames"
@@ -159,7 +163,7 @@ def snapshot(bundle: Path) -> dict[str, bytes]:
 
 def assert_replaced_cleanly_later(bundle: Path) -> None:
     """The killed writer's temporary directory is removed by the next writer, which replaces the bundle whole."""
-    from ovseg.runtime.bundle import atomic_bundle_dir, link_tree, write_manifest
+    from ovseg.runtime.bundle.manifest import atomic_bundle_dir, link_tree, write_manifest
 
     assert list(bundle.parent.glob(f".{bundle.name}.tmp-*"))
     manifest = read_manifest(bundle)
@@ -199,7 +203,7 @@ def test_ovseg_calib_killed_mid_write_leaves_the_previous_bundle(tiny_bundle, tm
 
 
 def test_the_old_and_new_bundle_trade_places_in_one_step(tmp_path):
-    from ovseg.runtime.bundle import exchange
+    from ovseg.runtime.bundle.manifest import exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -227,7 +231,7 @@ def test_a_local_device_that_goes_away_is_reopened_and_reported(tmp_path, caplog
     """A named pipe stands in for /dev/video0: its writer (the camera) stops, and a new one starts later."""
     import logging
 
-    from ovseg.runtime.sources import LatestFrameCapture, is_live
+    from ovseg.runtime.io.sources import LatestFrameCapture, is_live
 
     fifo = tmp_path / "camera"
     os.mkfifo(fifo)

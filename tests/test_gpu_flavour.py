@@ -81,7 +81,7 @@ def test_the_cuda_provider_finds_the_libraries_pip_installed():
         GPU_PYTHON,
         """
         import ctypes, pathlib, onnxruntime as ort
-        from ovseg.runtime import sessions
+        from ovseg.runtime.engines import sessions
         provider = str(pathlib.Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so")
         for step in ("before", "after"):
             if step == "after":
@@ -108,10 +108,11 @@ def test_cuda_python_without_a_driver_says_so(tiny_bundle):
         """
         import sys, types
         sys.modules["tensorrt"] = types.SimpleNamespace(__version__="10.16.1.11")  # its libraries do not install here
-        from ovseg.runtime import sessions
+        from ovseg.errors import SegmenterError
+        from ovseg.runtime.engines import device
         try:
-            sessions.this_device()
-        except sessions.SegmenterError as e:
+            device.this_device()
+        except SegmenterError as e:
             print(e)
         """,
     )
@@ -135,12 +136,13 @@ def test_onnxruntime_before_1_23_neither_hides_the_first_error_nor_falls_back_in
     out = python_in(
         SERVE_PYTHON,
         f"""
-        from ovseg.runtime import sessions
+        from ovseg.errors import SegmenterError
+        from ovseg.runtime.engines import sessions
         # a provider list ORT's Python wrapper refuses (ValueError), as one that fails to register (RuntimeError)
         plan = sessions.SessionPlan([123], 1, {{sessions.DISABLE_CPU_FALLBACK: "1"}})
         try:
             sessions.OnnxEncoder(sessions.PROBE_MODEL, plan)
-        except sessions.SegmenterError as e:
+        except SegmenterError as e:
             print(e)
         encoder = sessions.OnnxEncoder({str(tiny_bundle / "dinov2.onnx")!r}, ["CPUExecutionProvider"])
         print("falls back in a run:", encoder.session._enable_fallback)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ovseg.runtime import Segmenter, SegmenterError
-from ovseg.runtime.features import CHANGED_COSINE, Keyframe, KeyframePolicy, changed_fraction, unit_rows
+from ovseg.runtime.pipeline.features import CHANGED_COSINE, Keyframe, KeyframePolicy, changed_fraction, unit_rows
 from ovseg.runtime.segmenter import SegmenterConfig
 
 from assertions import one_line

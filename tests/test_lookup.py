@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ovseg.runtime import lookup
-from ovseg.runtime.bundle import read_manifest
-from ovseg.runtime.lookup import LabelIndex, l2_normalise
-from ovseg.runtime.sessions import SegmenterError
+from ovseg.errors import SegmenterError
+from ovseg.runtime.bundle.manifest import read_manifest
+from ovseg.runtime.pipeline import lookup
+from ovseg.runtime.pipeline.lookup import LabelIndex, l2_normalise
 
 
 def random_unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

@@ -23,10 +23,11 @@ from test_segmenter import CLASSES, check_candidates_kept, check_result
 from test_tensorrt_build import HERE, PlanRunner, fake_tensorrt
 
 from ovseg import _native as nat
-from ovseg.runtime import Segmenter, build, check
-from ovseg.runtime.bundle import BundleError, describe_sizes, read_manifest
-from ovseg.runtime.lookup import l2_normalise
-from ovseg.runtime.vocabulary import GUIDED_TEMPLATES
+from ovseg.runtime import Segmenter
+from ovseg.runtime.bundle.manifest import BundleError, describe_sizes, read_manifest
+from ovseg.runtime.pipeline.lookup import l2_normalise
+from ovseg.runtime.pipeline.vocabulary import GUIDED_TEMPLATES
+from ovseg.runtime.tools import build, check
 
 CLIP_SIZE, DINO_SIZE = MIXED_SIZES["clip_size"], MIXED_SIZES["dinov2_size"]
 SIZES = {"clip": CLIP_SIZE, "dinov2": DINO_SIZE}

@@ -11,9 +11,9 @@ from ovseg.export.cli import build_parser as export_parser
 from ovseg.export.cli import main as export_main
 from ovseg.profiles import ACCURATE, DEFAULT_PROFILE, FAST, PROFILES, ProfileError, get_profile
 from ovseg.runtime import Segmenter, SegmenterError
-from ovseg.runtime import cli as run_cli
-from ovseg.runtime.bundle import read_manifest
+from ovseg.runtime.bundle.manifest import read_manifest
 from ovseg.runtime.segmenter import SegmenterConfig
+from ovseg.runtime.tools import run as run_cli
 
 from assertions import one_line
 

@@ -19,16 +19,19 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from ovseg.runtime import Segmenter, sessions
-from ovseg.runtime.bundle import read_manifest, sha256_file
-from ovseg.runtime.sessions import (
+from ovseg.errors import SegmenterError
+from ovseg.runtime import Segmenter
+from ovseg.runtime.bundle.manifest import read_manifest, sha256_file
+from ovseg.runtime.engines import device as device_module
+from ovseg.runtime.engines import sessions
+from ovseg.runtime.engines import tensorrt as tensorrt_module
+from ovseg.runtime.engines.engine import open_engine
+from ovseg.runtime.engines.sessions import (
     DISABLE_CPU_FALLBACK,
     INTRA_OP_SPINNING,
     OnnxEncoder,
-    SegmenterError,
     SessionPlan,
     check_providers,
-    open_engine,
     open_trt_cache,
     session_plan,
     stdout_to_stderr,
@@ -172,7 +175,7 @@ def test_a_fixed_batch_axis_leaves_no_shape_arithmetic_for_the_cpu(tiny_bundle, 
 
 def test_tensorrt_caches_live_under_ovseg_home_keyed_by_file_precision_and_gpu(tiny_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("OVSEG_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(sessions, "gpu_name", lambda: "NVIDIA GeForce RTX 4090")
+    monkeypatch.setattr(device_module, "gpu_name", lambda: "NVIDIA GeForce RTX 4090")
     digest = sha256_file(tiny_bundle / "clip_visual.onnx")
     cache = trt_cache_dir(digest, "fp16")
     device = tmp_path / "home" / "trt_cache" / f"{digest[:16]}-fp16" / "nvidia-geforce-rtx-4090"
@@ -187,7 +190,7 @@ def test_tensorrt_caches_live_under_ovseg_home_keyed_by_file_precision_and_gpu(t
         assert options[key] == str(cache) and not options[key].startswith(str(tiny_bundle))
     for key in ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"):
         assert options[key] == "pixel_values:1x3x448x448"
-    monkeypatch.setattr(sessions, "gpu_name", lambda: None)
+    monkeypatch.setattr(device_module, "gpu_name", lambda: None)
     assert trt_cache_dir(digest, "fp16").parent.name == "gpu0"
 
 
@@ -204,7 +207,7 @@ def test_an_onnxruntime_or_tensorrt_upgrade_gets_a_new_engine_cache(tmp_path, mo
     """The provider would load an engine built by another ONNX Runtime or TensorRT: each version has its directory,
     TensorRT's being the libnvinfer the provider links, whatever major the tensorrt package is."""
     monkeypatch.setenv("OVSEG_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(sessions, "gpu_name", lambda: "NVIDIA Jetson AGX Orin")
+    monkeypatch.setattr(device_module, "gpu_name", lambda: "NVIDIA Jetson AGX Orin")
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.4.0"))  # not what ORT links
     monkeypatch.setattr(sessions, "tensorrt_link", lambda: None)  # a CPU onnxruntime: no TensorRT provider
     monkeypatch.setattr(sessions.ort, "__version__", "1.20.1")
@@ -470,10 +473,10 @@ def fake_tensorrt(accepts_shape: bool = True, null_runtime: bool = False):
 def test_the_tensorrt_runner_copies_each_used_output_once_through_pinned_memory(tmp_path, monkeypatch):
     cudart = FakeCudart()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
-    monkeypatch.setattr(sessions, "_cudart", lambda: cudart)
+    monkeypatch.setattr(tensorrt_module, "_cudart", lambda: cudart)
     plan = tmp_path / "clip.plan"
     plan.write_bytes(b"plan")
-    engine = sessions.TensorRTEngine(plan, SHAPE, outputs=("patch_embeddings",))
+    engine = tensorrt_module.TensorRTEngine(plan, SHAPE, outputs=("patch_embeddings",))
     assert engine.backend == "tensorrt"
     assert len(cudart.pinned) == 2  # the input and the one output read; image_embedding stays on the device
     engine.input[...] = 0.5
@@ -490,22 +493,22 @@ def test_the_tensorrt_runner_copies_each_used_output_once_through_pinned_memory(
 def test_the_tensorrt_runner_refuses_an_input_shape_outside_its_profile(tmp_path, monkeypatch):
     cudart = FakeCudart()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(accepts_shape=False))
-    monkeypatch.setattr(sessions, "_cudart", lambda: cudart)
+    monkeypatch.setattr(tensorrt_module, "_cudart", lambda: cudart)
     plan = tmp_path / "clip.plan"
     plan.write_bytes(b"plan")
     with pytest.raises(SegmenterError) as err:
-        sessions.TensorRTEngine(plan, SHAPE)
+        tensorrt_module.TensorRTEngine(plan, SHAPE)
     one_line(err, "clip.plan does not take pixel_values of shape (1, 3, 112, 112)", "rebuild the plan")
     assert not cudart.buffers  # nothing left allocated
 
 
 def test_the_tensorrt_runner_without_a_usable_gpu_says_so_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(null_runtime=True))
-    monkeypatch.setattr(sessions, "_cudart", FakeCudart)
+    monkeypatch.setattr(tensorrt_module, "_cudart", FakeCudart)
     plan = tmp_path / "clip.plan"
     plan.write_bytes(b"plan")
     with pytest.raises(SegmenterError) as err:
-        sessions.TensorRTEngine(plan, SHAPE)
+        tensorrt_module.TensorRTEngine(plan, SHAPE)
     one_line(err, "TensorRT cannot create a runtime here for clip.plan (no usable CUDA GPU or driver", "backend='cpu'")
 
 
@@ -514,14 +517,14 @@ def no_cuda_python():
 
 
 def test_without_nvidia_smi_the_device_key_is_gpu0(monkeypatch):
-    sessions.gpu_name.cache_clear()
-    monkeypatch.setattr(sessions, "is_jetson", lambda: False)
-    monkeypatch.setattr(sessions, "_cudart", no_cuda_python)
+    device_module.gpu_name.cache_clear()
+    monkeypatch.setattr(device_module, "is_jetson", lambda: False)
+    monkeypatch.setattr(device_module, "_cudart", no_cuda_python)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     try:
-        assert sessions.gpu_name() is None and sessions.device_key() == "gpu0"
+        assert device_module.gpu_name() is None and device_module.device_key() == "gpu0"
     finally:
-        sessions.gpu_name.cache_clear()
+        device_module.gpu_name.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -541,8 +544,8 @@ def test_nvidia_smi_is_asked_about_the_gpu_cuda_uses(monkeypatch, visible, asked
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    monkeypatch.setattr(sessions, "is_jetson", lambda: False)
-    monkeypatch.setattr(sessions, "_cudart", no_cuda_python)
+    monkeypatch.setattr(device_module, "is_jetson", lambda: False)
+    monkeypatch.setattr(device_module, "_cudart", no_cuda_python)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi")
     calls = []
 
@@ -552,32 +555,32 @@ def test_nvidia_smi_is_asked_about_the_gpu_cuda_uses(monkeypatch, visible, asked
         return subprocess.CompletedProcess(argv, 0, stdout=answer + "\n", stderr="")
 
     monkeypatch.setattr(subprocess, "run", smi)
-    sessions.gpu_name.cache_clear()
-    sessions.gpu_compute_capability.cache_clear()
+    device_module.gpu_name.cache_clear()
+    device_module.gpu_compute_capability.cache_clear()
     try:
         if asked is None:
-            assert sessions.gpu_key() is None and not calls
+            assert device_module.gpu_key() is None and not calls
         else:
-            assert sessions.gpu_key() == "NVIDIA L4, compute 8.9"
+            assert device_module.gpu_key() == "NVIDIA L4, compute 8.9"
             assert [a[-1] for a in calls] == [f"--id={asked}"] * 2
     finally:
-        sessions.gpu_name.cache_clear()
-        sessions.gpu_compute_capability.cache_clear()
+        device_module.gpu_name.cache_clear()
+        device_module.gpu_compute_capability.cache_clear()
 
 
 def test_cuda_python_names_the_gpu_when_it_imports(monkeypatch):
     props = types.SimpleNamespace(name=b"NVIDIA H200\0\0", major=9, minor=0)
     cudart = types.SimpleNamespace(cudaGetDeviceProperties=lambda device: (0, props))
-    monkeypatch.setattr(sessions, "is_jetson", lambda: False)
-    monkeypatch.setattr(sessions, "_cudart", lambda: cudart)
+    monkeypatch.setattr(device_module, "is_jetson", lambda: False)
+    monkeypatch.setattr(device_module, "_cudart", lambda: cudart)
     monkeypatch.setattr(shutil, "which", lambda name: pytest.fail("nvidia-smi asked although CUDA answered"))
-    sessions.gpu_name.cache_clear()
-    sessions.gpu_compute_capability.cache_clear()
+    device_module.gpu_name.cache_clear()
+    device_module.gpu_compute_capability.cache_clear()
     try:
-        assert sessions.gpu_key() == "NVIDIA H200, compute 9.0" and sessions.device_key() == "nvidia-h200"
+        assert device_module.gpu_key() == "NVIDIA H200, compute 9.0" and device_module.device_key() == "nvidia-h200"
     finally:
-        sessions.gpu_name.cache_clear()
-        sessions.gpu_compute_capability.cache_clear()
+        device_module.gpu_name.cache_clear()
+        device_module.gpu_compute_capability.cache_clear()
 
 
 # --- which backend runs here ---------------------------------------------------------------------------------------
@@ -676,14 +679,14 @@ def test_the_backend_is_where_the_nodes_ran(tmp_path, monkeypatch, caplog):
 
 def test_cuda_python_newer_than_the_driver_says_which_to_install(monkeypatch):
     """cuda-python 13 on a CUDA 12 driver (JetPack 6, drivers before 580): every call fails with error 35."""
-    monkeypatch.setattr(sessions, "driver_cuda", lambda: "12.6")
-    monkeypatch.setattr(sessions, "installed", lambda names: {"cuda-bindings": "13.4.4"})
+    monkeypatch.setattr(device_module, "driver_cuda", lambda: "12.6")
+    monkeypatch.setattr(device_module, "installed", lambda names: {"cuda-bindings": "13.4.4"})
     monkeypatch.setattr(
-        sessions, "_cudart", lambda: types.SimpleNamespace(cudaGetDeviceProperties=lambda i: (35, None))
+        device_module, "_cudart", lambda: types.SimpleNamespace(cudaGetDeviceProperties=lambda i: (35, None))
     )
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
-    sessions.this_device.cache_clear()
+    device_module.this_device.cache_clear()
     with pytest.raises(SegmenterError) as err:
-        sessions.this_device()
-    sessions.this_device.cache_clear()
+        device_module.this_device()
+    device_module.this_device.cache_clear()
     one_line(err, "cuda-python 13.4.4 needs a newer driver", "CUDA 12.6 at most", "pip install 'cuda-python>=12,<13'")

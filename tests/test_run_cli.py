@@ -20,11 +20,11 @@ import pytest
 
 from ovseg import _native
 from ovseg.constants import RANDOM_WEIGHTS_WARNING
-from ovseg.runtime import cli
-from ovseg.runtime.bundle import BundleError
-from ovseg.runtime.display import draw_status, has_display
+from ovseg.runtime.bundle.manifest import BundleError
+from ovseg.runtime.io.display import draw_status, has_display
+from ovseg.runtime.io.sources import VideoFileSource
 from ovseg.runtime.result import Result, Segment
-from ovseg.runtime.sources import VideoFileSource
+from ovseg.runtime.tools import run as cli
 
 SIZE = (64, 48)
 
@@ -227,7 +227,7 @@ SLOW_RUN = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_run_cli import FakeSegmenter
-from ovseg.runtime import cli
+from ovseg.runtime.tools import run as cli
 
 class Slow(FakeSegmenter):
     # slow enough that a loaded machine cannot finish the 200 frames before the test's signal arrives
@@ -345,7 +345,7 @@ def test_display_detection_and_status_line(monkeypatch):
 
 def test_importing_the_cli_does_not_import_torch():
     code = (
-        "import sys, ovseg.runtime.cli, ovseg.runtime.demo; "
+        "import sys, ovseg.runtime.tools.run, ovseg.runtime.tools.demo; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'transformers')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -441,7 +441,7 @@ def test_json_lines_stay_valid_while_onnxruntime_prints(bundle, video, monkeypat
     import ctypes
     import os
 
-    from ovseg.runtime import sessions
+    from ovseg.runtime.engines import sessions
 
     real = sessions.ort.InferenceSession
 
@@ -473,7 +473,7 @@ def test_unknown_vocabulary_is_a_one_line_error(bundle, video, capsys):
 
 def test_a_real_run_never_imports_torch(bundle, tmp_path):
     code = (
-        "import sys; from ovseg.runtime.cli import main; "
+        "import sys; from ovseg.runtime.tools.run import main; "
         f"code = main(['--bundle', {str(bundle)!r}, '--sample', '--max-frames', '2', '--no-show', '--save', {str(tmp_path / 's.mp4')!r}]); "
         "print(code, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'transformers')))"
     )
@@ -487,7 +487,7 @@ def test_a_real_run_never_imports_torch(bundle, tmp_path):
 
 def test_demo_falls_back_to_random_weights_and_the_sample_clip(tmp_path, monkeypatch, capsys):
     from ovseg.export.errors import WeightsUnavailable
-    from ovseg.runtime import demo
+    from ovseg.runtime.tools import demo
 
     exports: list[tuple] = []
     runs: list[list[str]] = []
@@ -502,7 +502,7 @@ def test_demo_falls_back_to_random_weights_and_the_sample_clip(tmp_path, monkeyp
         return 0
 
     monkeypatch.setattr(demo, "export", fake_export)
-    monkeypatch.setattr(demo.cli, "main", fake_run)
+    monkeypatch.setattr(demo.run, "main", fake_run)
     monkeypatch.setenv("OVSEG_HOME", str(tmp_path))
     monkeypatch.setattr(demo, "camera_opens", lambda index=0: False)
     bundle = tmp_path / "bundles" / "default"
@@ -550,13 +550,13 @@ def test_unreachable_weights_are_their_own_export_error(monkeypatch):
 
 def test_demo_stops_on_other_export_errors(tmp_path, monkeypatch, capsys):
     from ovseg.export.errors import ExportError
-    from ovseg.runtime import demo
+    from ovseg.runtime.tools import demo
 
     def fail(bundle, random_weights=False, dinov2=None):
         raise ExportError("disk full")
 
     monkeypatch.setattr(demo, "export", fail)
     monkeypatch.setenv("OVSEG_HOME", str(tmp_path))
-    monkeypatch.setattr(demo.cli, "main", lambda argv: pytest.fail("ran without a bundle"))
+    monkeypatch.setattr(demo.run, "main", lambda argv: pytest.fail("ran without a bundle"))
     assert demo.main() == 2
     assert "ovseg-demo: error: disk full" in capsys.readouterr().err

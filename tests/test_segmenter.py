@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from ovseg.runtime import Result, Segmenter, SegmenterError
-from ovseg.runtime import lookup as lookup_module
-from ovseg.runtime.lookup import Matches
+from ovseg.runtime.pipeline import lookup as lookup_module
+from ovseg.runtime.pipeline.lookup import Matches
+from ovseg.runtime.pipeline.vocabulary import GUIDED_TEMPLATES, load_vocabulary
 from ovseg.runtime.segmenter import STAGES, UNKNOWN, LabelHysteresis, SegmenterConfig
-from ovseg.runtime.vocabulary import GUIDED_TEMPLATES, load_vocabulary
 
 CLASSES = ["person", "chair", "dining table", "bottle", "wall"]
 

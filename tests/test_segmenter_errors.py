@@ -10,11 +10,15 @@ import pytest
 
 from ovseg.environment import machine_key
 from ovseg.errors import OvsegError
-from ovseg.runtime import Segmenter, SegmenterError, precision, sessions
-from ovseg.runtime.bundle import BundleError, read_manifest
+from ovseg.runtime import Segmenter, SegmenterError
+from ovseg.runtime.bundle.manifest import BundleError, read_manifest
+from ovseg.runtime.engines import precision, sessions
+from ovseg.runtime.engines.engine import open_engine
+from ovseg.runtime.engines.precision import choose_precision
+from ovseg.runtime.engines.sessions import OnnxEncoder, resolve_backend
+from ovseg.runtime.engines.tensorrt import tensorrt_importable
+from ovseg.runtime.pipeline.vocabulary import VocabularyError
 from ovseg.runtime.segmenter import SegmenterConfig
-from ovseg.runtime.sessions import OnnxEncoder, choose_precision, open_engine, resolve_backend, tensorrt_importable
-from ovseg.runtime.vocabulary import VocabularyError
 
 from assertions import one_line
 
@@ -120,7 +124,7 @@ def test_cuda_with_the_cpu_int8_model_is_refused(tiny_bundle, monkeypatch):
 
 def test_every_backend_the_clis_offer_has_a_provider():
     from ovseg.constants import BACKENDS
-    from ovseg.runtime.sessions import PROVIDERS
+    from ovseg.runtime.engines.sessions import PROVIDERS
 
     assert BACKENDS == ("auto", *PROVIDERS)
 
@@ -138,7 +142,7 @@ def test_precision_choice(tiny_bundle, monkeypatch):
     seg = Segmenter.from_bundle(tiny_bundle, backend="cpu")
     manifest = seg.manifest
     assert choose_precision(manifest, "cpu", "auto") == "fp32"  # fp16 ONNX on a CPU is slower, not faster
-    monkeypatch.setattr(sessions, "gpu_key", lambda: GPU)
+    monkeypatch.setattr(precision, "gpu_key", lambda: GPU)
     checked = dataclasses.replace(manifest, device_checks={GPU: {"cuda/fp16": {"passed": True}}})
     assert choose_precision(checked, "cuda", "auto") == "fp16"
     assert choose_precision(manifest, "cpu", "fp16") == "fp16"  # asked for explicitly: honoured
@@ -222,8 +226,8 @@ def test_io_binding_gives_the_same_outputs(tiny_bundle):
 )
 @pytest.mark.gpu
 def test_tensorrt_engine_runs_a_plan(tmp_path, tiny_bundle):
-    from ovseg.runtime.build import PlanSpec, build_plan, load_tensorrt
-    from ovseg.runtime.sessions import TensorRTEngine
+    from ovseg.runtime.engines.tensorrt import TensorRTEngine
+    from ovseg.runtime.tools.build import PlanSpec, build_plan, load_tensorrt
 
     plan = build_plan(
         load_tensorrt(), tiny_bundle / "clip_visual.onnx", tmp_path / "clip.plan", PlanSpec((1, 3, 112, 112))
@@ -265,8 +269,8 @@ def test_vocabulary_errors_keep_their_message(tiny_bundle):
 
 
 def test_runtime_errors_share_one_base():
-    from ovseg.runtime.sinks import SinkError
-    from ovseg.runtime.sources import SourceError
+    from ovseg.runtime.io.sinks import SinkError
+    from ovseg.runtime.io.sources import SourceError
 
     for error in (SegmenterError, BundleError, VocabularyError, SinkError, SourceError):
         assert issubclass(error, OvsegError), error

@@ -14,10 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ovseg.runtime import signing
-from ovseg.runtime.bundle import MANIFEST, BundleError, atomic_bundle_dir, link_tree, read_manifest, write_manifest
-from ovseg.runtime.sessions import SegmenterError
-from ovseg.runtime.signing import SIGNATURE, SigningError, new_key, sign_bundle
+from ovseg.errors import SegmenterError
+from ovseg.runtime.bundle import signing
+from ovseg.runtime.bundle.manifest import (
+    MANIFEST,
+    BundleError,
+    atomic_bundle_dir,
+    link_tree,
+    read_manifest,
+    write_manifest,
+)
+from ovseg.runtime.bundle.signing import SIGNATURE, SigningError, new_key, sign_bundle
 
 FRAME = np.zeros((48, 64, 3), np.uint8)
 
@@ -208,7 +215,15 @@ def test_ovseg_run_trusted_key_refuses_an_unsigned_bundle_in_one_line(bundle, ke
     import cv2
 
     cv2.imwrite(str(tmp_path / "frame.png"), FRAME)
-    argv = ["-m", "ovseg.runtime.cli", "--bundle", str(bundle), "--image", str(tmp_path / "frame.png"), "--no-show"]
+    argv = [
+        "-m",
+        "ovseg.runtime.tools.run",
+        "--bundle",
+        str(bundle),
+        "--image",
+        str(tmp_path / "frame.png"),
+        "--no-show",
+    ]
     argv += ["--trusted-key", str(keys["a"][1])]
     done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
+from ovseg.runtime.io.sinks import FrameDirSink, JsonLinesSink, SinkError, VideoSink
+from ovseg.runtime.io.sources import Frame, VideoFileSource
 from ovseg.runtime.result import Result, Segment
-from ovseg.runtime.sinks import FrameDirSink, JsonLinesSink, SinkError, VideoSink
-from ovseg.runtime.sources import Frame, VideoFileSource
 
 
 def make_result(ids: tuple[int, int] = (0, 1), shape: tuple[int, int] = (48, 64)) -> Result:

@@ -14,14 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ovseg.runtime.sources import (
-    Frame,
-    ImageSource,
-    LatestFrameCapture,
-    SourceError,
-    VideoFileSource,
-    sample_clip,
-)
+from ovseg.runtime.io.sources import Frame, ImageSource, LatestFrameCapture, SourceError, VideoFileSource, sample_clip
 
 SIZE = (64, 48)
 

@@ -12,9 +12,9 @@ from ovseg.benchmarks.synthetic.reference import EagerPipeline
 from ovseg.benchmarks.synthetic.world import CLASSES
 from ovseg.export.clip import CLIP_MEAN, CLIP_STD
 from ovseg.export.dinov2 import IMAGENET_MEAN, IMAGENET_STD
-from ovseg.runtime.bundle import read_manifest
-from ovseg.runtime.preprocess import Preprocessor
-from ovseg.runtime.vocabulary import GUIDED_TEMPLATES
+from ovseg.runtime.bundle.manifest import read_manifest
+from ovseg.runtime.pipeline.preprocess import Preprocessor
+from ovseg.runtime.pipeline.vocabulary import GUIDED_TEMPLATES
 
 DENSE = "gem"
 SCENES = 24

@@ -18,10 +18,13 @@ import pytest
 from ovseg.calib.bundle import CalibOptions, calibrate_bundle
 from ovseg.calib.gate import Thresholds
 from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE, INT8_SYMMETRIC
-from ovseg.runtime import build, sessions
-from ovseg.runtime.bundle import DeviceInfo, PlanRecord, read_manifest, sha256_file
-from ovseg.runtime.check import synthetic_frames
-from ovseg.runtime.sessions import OnnxEncoder, SegmenterError, open_engine
+from ovseg.errors import SegmenterError
+from ovseg.runtime.bundle.manifest import DeviceInfo, PlanRecord, read_manifest, sha256_file
+from ovseg.runtime.engines import engine as engine_module
+from ovseg.runtime.engines.engine import open_engine
+from ovseg.runtime.engines.sessions import OnnxEncoder
+from ovseg.runtime.tools import build
+from ovseg.runtime.tools.check import synthetic_frames
 
 HERE = DeviceInfo("10.3.0", "NVIDIA Jetson AGX Orin", "8.7")
 STRONGLY_TYPED = 1
@@ -221,7 +224,7 @@ def test_ovseg_build_writes_checked_plans_and_their_records(bundle_copy, device,
 def test_ovseg_build_sign_signs_the_new_manifest_and_a_bad_key_builds_nothing(
     bundle_copy, device, monkeypatch, tmp_path, capsys
 ):
-    from ovseg.runtime.signing import SigningError, new_key, sign_bundle
+    from ovseg.runtime.bundle.signing import SigningError, new_key, sign_bundle
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
     d = bundle_copy.dir
@@ -340,10 +343,12 @@ def _with_plan(bundle_copy, built_for: DeviceInfo):
 
 @pytest.fixture
 def runtime_device(monkeypatch):
-    monkeypatch.setattr(sessions, "tensorrt_importable", lambda: True)
-    monkeypatch.setattr(sessions, "this_device", lambda: HERE)
+    monkeypatch.setattr(engine_module, "tensorrt_importable", lambda: True)
+    monkeypatch.setattr(engine_module, "this_device", lambda: HERE)
     opened = []
-    monkeypatch.setattr(sessions, "TensorRTEngine", lambda path, shape, outputs: opened.append(path.name) or "plan")
+    monkeypatch.setattr(
+        engine_module, "TensorRTEngine", lambda path, shape, outputs: opened.append(path.name) or "plan"
+    )
     return opened
 
 

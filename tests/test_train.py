@@ -21,8 +21,8 @@ from ovseg.export.train.engine import TrainConfig, lr_factor, train
 from ovseg.export.train.losses import cluster_targets, mask_loss, pool_masks, sinkhorn
 from ovseg.export.train.model import ClassPrompts, DenseClip, ema_update, make_teacher, set_trainable
 from ovseg.export.train.synthetic import write_colour_regions
-from ovseg.runtime import cli as run_cli
-from ovseg.runtime.bundle import read_manifest
+from ovseg.runtime.bundle.manifest import read_manifest
+from ovseg.runtime.tools import run as run_cli
 
 SMALL = CropConfig(short_side=96, max_size=200, crop=64, clip_size=64, mask_size=32)
 ALIGNED = CropConfig(short_side=96, max_size=200, crop=64, clip_size=64, mask_size=64)  # one mask pixel per image pixel

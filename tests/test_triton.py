@@ -196,7 +196,7 @@ def test_clean_shutdown_leaves_nothing_behind(tiny_bundle, tmp_path) -> None:
 
 
 def ovseg_run(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "ovseg.runtime.cli", *args]
+    command = [sys.executable, "-m", "ovseg.runtime.tools.run", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
@@ -228,8 +228,8 @@ def test_ovseg_run_web_steers_a_served_stream(server) -> None:
     """--web with --server: a change typed on the page reaches the server's stream on the next frame."""
     from test_web import NEW_CLASSES, TOKEN, Pipeline, change_during_next_frame, get_json
 
-    from ovseg.runtime.vocabulary import load_vocabulary
-    from ovseg.runtime.web import WebSink
+    from ovseg.runtime.io.web import WebSink
+    from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 
     web = WebSink(("127.0.0.1", 0), TOKEN)
     client = remote(server.url)

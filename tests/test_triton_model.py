@@ -143,7 +143,8 @@ def test_the_model_batches_streams_and_equals_a_local_segmenter(tiny_bundle, tmp
 def test_a_fixed_batch_backend_serves_four_streams_at_once(tiny_bundle, tmp_path, monkeypatch) -> None:
     """GPU sessions fix the image encoders' batch axis to 1: four streams sent together are still each served as alone
     (the CUDA session's options, on the CPU provider)."""
-    from ovseg.runtime import sessions
+    from ovseg.runtime.engines import engine as engine_module
+    from ovseg.runtime.engines import sessions
 
     real = sessions.session_plan
 
@@ -152,7 +153,7 @@ def test_a_fixed_batch_backend_serves_four_streams_at_once(tiny_bundle, tmp_path
         cuda = real("cuda", precision, threads, image_size)
         return sessions.SessionPlan(plan.providers, cuda.threads, {sessions.INTRA_OP_SPINNING: "0"}, cuda.fixed_axes)
 
-    monkeypatch.setattr(sessions, "session_plan", cuda_options_on_the_cpu)
+    monkeypatch.setattr(engine_module, "session_plan", cuda_options_on_the_cpu)
     repository = tmp_path / "repository"
     write_repository(tiny_bundle, repository, RepositoryConfig(segmenter={"threads": 1}))
     model, _ = load(repository, monkeypatch, [])
@@ -160,7 +161,7 @@ def test_a_fixed_batch_backend_serves_four_streams_at_once(tiny_bundle, tmp_path
     videos = [moving_frames(k, 2, (64, 80)) for k in range(4)]
     answers = [model.execute([request(200 + k, v[t], start=t == 0) for k, v in enumerate(videos)]) for t in range(2)]
     model.finalize()
-    monkeypatch.setattr(sessions, "session_plan", real)
+    monkeypatch.setattr(engine_module, "session_plan", real)
     with Segmenter.from_bundle(tiny_bundle, threads=1) as seg:
         for k, video in enumerate(videos):
             stream = VideoStream()
@@ -200,7 +201,7 @@ def test_repository_refuses_a_bad_bundle_and_settings(tmp_path) -> None:
 
 
 def test_a_served_bundle_is_checked_against_the_trusted_keys(tiny_bundle, tmp_path, monkeypatch) -> None:
-    from ovseg.runtime.signing import new_key, sign_bundle
+    from ovseg.runtime.bundle.signing import new_key, sign_bundle
     from ovseg.runtime.triton.cli import main
 
     monkeypatch.setenv("OVSEG_HOME", str(tmp_path / "home"))

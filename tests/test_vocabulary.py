@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ovseg.export import build_concepts
-from ovseg.runtime import vocabulary
-from ovseg.runtime.vocabulary import (
+from ovseg.runtime.pipeline import vocabulary
+from ovseg.runtime.pipeline.vocabulary import (
     CONCEPT_TEMPLATES,
     DEFAULT_CONCEPTS,
     GUIDED_TEMPLATES,
@@ -321,7 +321,7 @@ def test_template_without_slot() -> None:
 
 def test_importing_the_vocabulary_does_not_import_torch() -> None:
     code = (
-        "import sys, ovseg.runtime.vocabulary as v; v.load_vocabulary('concepts'); "
+        "import sys, ovseg.runtime.pipeline.vocabulary as v; v.load_vocabulary('concepts'); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'transformers')))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

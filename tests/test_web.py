@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from test_run_cli import FakeSegmenter, write_video
 
-from ovseg.runtime import Segmenter, cli
-from ovseg.runtime import web as web_module
+from ovseg.errors import SegmenterError
+from ovseg.runtime import Segmenter
+from ovseg.runtime.io import web as web_module
+from ovseg.runtime.io.sinks import frame_record, to_json
+from ovseg.runtime.io.sources import Frame
+from ovseg.runtime.io.web import BOUNDARY, MAX_BODY_BYTES, WebError, WebSink, parse_address
+from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 from ovseg.runtime.result import Result, Segment
-from ovseg.runtime.sessions import SegmenterError
-from ovseg.runtime.sinks import frame_record, to_json
-from ovseg.runtime.sources import Frame
-from ovseg.runtime.vocabulary import load_vocabulary
-from ovseg.runtime.web import BOUNDARY, MAX_BODY_BYTES, WebError, WebSink, parse_address
+from ovseg.runtime.tools import run as cli
 
 from assertions import eventually
 

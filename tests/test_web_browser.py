@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ovseg.benchmarks.web_cost import BrowserMissing, open_chromium, ovseg_run_web
-from ovseg.runtime.vocabulary import load_vocabulary
+from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 
 from assertions import eventually
 

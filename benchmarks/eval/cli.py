@@ -18,7 +18,7 @@ from tqdm import tqdm
 import ovseg.cli
 from ovseg.cli import add_bundle_argument, add_segmenter_arguments, non_negative_int, positive_int
 from ovseg.constants import REFINES
-from ovseg.runtime.bundle import MANIFEST
+from ovseg.runtime.bundle.manifest import MANIFEST
 
 from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
 from .metrics import Scores

@@ -1,7 +1,7 @@
 """The benchmarks, each read from its usual on-disk layout (the ones PixelCLIP's datasets/README.md documents).
 
 Every dataset is a sorted list of (image, label) file pairs plus a 256-entry lookup table that turns
-the stored label values into class indices in the order of the ``ovseg.runtime.vocabulary`` preset
+the stored label values into class indices in the order of the ``ovseg.runtime.pipeline.vocabulary`` preset
 of the same name, with 255 = ignore. The per-dataset conventions live in those tables:
 
 - VOC-21: 0 background, 1-20 objects, 255 (the object outlines) ignored. VOC-20: background ignored too.
@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from ovseg.errors import OvsegError
-from ovseg.runtime.vocabulary import load_vocabulary
+from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 
 IGNORE = 255
 
@@ -85,7 +85,7 @@ def _locate(root: Path, prefixes: list[str], required: list[str]) -> Path | None
 class SegDataset:
     """A benchmark on disk; subclasses find the samples and the label table of one layout."""
 
-    key: str  # preset name in ovseg.runtime.vocabulary
+    key: str  # preset name in ovseg.runtime.pipeline.vocabulary
     title: str
     layout: str  # the expected layout, for the error message
 

@@ -47,9 +47,9 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def clip_text_embedder(bundle_dir: Path) -> Embed:
     """The bundle's CLIP text encoder through the runtime (ONNX Runtime on the CPU, no torch), prompt "a photo of a {}."."""
-    from ovseg.runtime.bundle import read_manifest
-    from ovseg.runtime.engines import open_embedder
-    from ovseg.runtime.vocabulary import CONCEPT_TEMPLATES
+    from ovseg.runtime.bundle.manifest import read_manifest
+    from ovseg.runtime.pipeline.encoders import open_embedder
+    from ovseg.runtime.pipeline.vocabulary import CONCEPT_TEMPLATES
 
     embed = open_embedder(Path(bundle_dir), read_manifest(bundle_dir, verify=False), backend="cpu")
     return lambda names: embed(list(names), CONCEPT_TEMPLATES)

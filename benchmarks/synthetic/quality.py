@@ -24,9 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ovseg.constants import NUM_SEGMENTS
-from ovseg.runtime.bundle import MANIFEST
+from ovseg.runtime.bundle.manifest import MANIFEST
+from ovseg.runtime.pipeline.vocabulary import GUIDED_TEMPLATES
 from ovseg.runtime.segmenter import Segmenter
-from ovseg.runtime.vocabulary import GUIDED_TEMPLATES
 
 from ..eval.metrics import ConfusionMatrix
 from ..eval.protocols import Free, Guided, LabelMatcher, Oracle

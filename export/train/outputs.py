@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 from ovseg.export.bundle import embed_names
 from ovseg.export.clip import ClipTextEncoder
 from ovseg.export.tokenizer import build_clip_tokenizer
-from ovseg.runtime.text import ClipTokenizer
-from ovseg.runtime.vocabulary import CONCEPT_TEMPLATES, DEFAULT_CONCEPTS, GUIDED_TEMPLATES, load_vocabulary
+from ovseg.runtime.pipeline.text import ClipTokenizer
+from ovseg.runtime.pipeline.vocabulary import CONCEPT_TEMPLATES, DEFAULT_CONCEPTS, GUIDED_TEMPLATES, load_vocabulary
 
 VISUAL_WEIGHTS = "student_visual.safetensors"
 PROMPTS = "prompts.npy"

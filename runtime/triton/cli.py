@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ovseg.cli import add_bundle_argument, add_segmenter_arguments, log_lines, positive_int, run_cli, say
 
-from ..signing import add_trusted_key_argument
+from ..bundle.signing import add_trusted_key_argument
 from .repository import RepositoryConfig, write_repository
 from .server import Ports, TritonServer
 

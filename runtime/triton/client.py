@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..render import overlay
+from ..pipeline.render import overlay
 from ..result import Result, Segment
 from .protocol import FRAME, LABEL_MAP, MODEL, OPTIONS, SEGMENTS, RequestOptions, ServingError
 

@@ -19,10 +19,11 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from ..bundle import EncoderInfo
-from ..preprocess import check_frame
+from ovseg.errors import SegmenterError
+
+from ..bundle.manifest import EncoderInfo
+from ..pipeline.preprocess import check_frame
 from ..segmenter import Segmenter, VideoStream
-from ..sessions import SegmenterError
 from .protocol import (
     CORRID,
     ENCODER_INPUT,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..sessions import SegmenterError
+from ovseg.errors import SegmenterError
 
 MODEL = "ovseg"
 IMAGE, FRAME, OPTIONS = "IMAGE", "FRAME", "OPTIONS"

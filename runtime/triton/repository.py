@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ovseg import __version__
 
-from ..bundle import BundleError, EncoderInfo, Manifest, read_manifest
+from ..bundle.manifest import BundleError, EncoderInfo, Manifest, read_manifest
 from .protocol import (
     CORRID,
     ENCODER_MODELS,

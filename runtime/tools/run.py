@@ -28,12 +28,12 @@ from ovseg.cli import (
 )
 from ovseg.constants import REFINES
 
-from .display import Window, display_problem, draw_status
-from .signing import add_trusted_key_argument
-from .sinks import FrameDirSink, JsonLinesSink, Sink, VideoSink
-from .sources import Frame, ImageSource, LatestFrameCapture, Source, VideoFileSource, is_live, sample_clip
-from .vocabulary import parse_class_list
-from .web import WebSink, parse_address
+from ..bundle.signing import add_trusted_key_argument
+from ..io.display import Window, display_problem, draw_status
+from ..io.sinks import FrameDirSink, JsonLinesSink, Sink, VideoSink
+from ..io.sources import Frame, ImageSource, LatestFrameCapture, Source, VideoFileSource, is_live, sample_clip
+from ..io.web import WebSink, parse_address
+from ..pipeline.vocabulary import parse_class_list
 
 PROG = "ovseg-run"
 # Live and image sources keep only the frames that were processed, at a rate not known up front.
@@ -228,7 +228,7 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
             if (
                 args.threads
             ):  # this process is ovseg-run's: the native kernels take --threads too, not only ONNX Runtime
-                from .. import _native
+                from ovseg import _native
 
                 _native.set_num_threads(args.threads)
             seg = open_segmenter(
@@ -323,11 +323,11 @@ def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = Non
     def body() -> int:
         opener = open_segmenter
         if args.server:
-            from .triton.client import parse_servers, remote_opener
+            from ..triton.client import parse_servers, remote_opener
 
             opener = remote_opener(parse_servers(args.server))
         elif opener is None:
-            from .segmenter import Segmenter  # onnxruntime loads here, after --help and argument errors
+            from ..segmenter import Segmenter  # onnxruntime loads here, after --help and argument errors
 
             opener = Segmenter.from_bundle
         with log_lines(PROG):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ovseg.errors import OvsegError
 
-VOCAB_DIR = Path(__file__).resolve().parent / "vocab"
+VOCAB_DIR = Path(__file__).resolve().parents[1] / "vocab"
 DEFAULT_CONCEPTS = "concepts"
 _PRESET_NAMES = ("voc20", "voc21", "context59", "context60", "ade150", "cocostuff171", "cityscapes19", DEFAULT_CONCEPTS)
 PRESETS: dict[str, str] = {name: str(VOCAB_DIR / f"{name}.txt") for name in _PRESET_NAMES}

@@ -1,6 +1,6 @@
 """Label lookup: the vocabulary's text embeddings, searched exactly or with HNSW, and how new names get embedded.
 
-``python -m ovseg.runtime.lookup`` re-measures the exact/HNSW crossover on this machine.
+``python -m ovseg.runtime.pipeline.lookup`` re-measures the exact/HNSW crossover on this machine.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import hnswlib
 import numpy as np
 
 from ovseg.constants import HNSW_PARAMS
+from ovseg.errors import SegmenterError
 
-from .bundle import VocabularyInfo
-from .integrity import BundleError, read_names
-from .sessions import OnnxEncoder, SegmenterError
+from ..bundle.integrity import BundleError, read_names
+from ..bundle.manifest import VocabularyInfo
+from ..engines.sessions import OnnxEncoder
 from .text import ClipTokenizer
 from .vocabulary import prompts_for
 

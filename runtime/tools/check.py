@@ -55,13 +55,15 @@ from ovseg.environment import gpu_unused_warning, is_jetson, nvidia_gpu_present
 from ovseg.errors import OvsegError
 from ovseg.onnx_helpers import row_cosines
 
-from .bundle import Manifest, atomic_bundle_dir, describe_sizes, link_tree, read_manifest, write_manifest
-from .precision import has_precision
-from .preprocess import Preprocessors
-from .result import Result
-from .sessions import PROVIDERS, OnnxEncoder, TensorRTEngine, gpu_key, provider_problem, tensorrt_importable
-from .signing import add_sign_argument, load_private_key, unsigned_after_rewrite
-from .sources import ImageSource, SourceError, VideoFileSource, evenly_spaced, sample_clip
+from ..bundle.manifest import Manifest, atomic_bundle_dir, describe_sizes, link_tree, read_manifest, write_manifest
+from ..bundle.signing import add_sign_argument, load_private_key, unsigned_after_rewrite
+from ..engines.device import gpu_key
+from ..engines.precision import has_precision
+from ..engines.sessions import PROVIDERS, OnnxEncoder, provider_problem
+from ..engines.tensorrt import TensorRTEngine, tensorrt_importable
+from ..io.sources import ImageSource, SourceError, VideoFileSource, evenly_spaced, sample_clip
+from ..pipeline.preprocess import Preprocessors
+from ..result import Result
 
 PROG = "ovseg-check"
 ENCODERS = ("clip", "dinov2")  # Manifest and Engines attributes alike
@@ -289,7 +291,7 @@ def skip_reason(manifest: Manifest, backend: str, precision: str, available: lis
 
 def open_segmenter(bundle_dir: Path, backend: str, precision: str, threads: int | None):
     """The guidance-free Segmenter on ``backend`` at ``precision``, both asked for by name (no "auto")."""
-    from .segmenter import Segmenter  # the native module loads here, not when the parser is built
+    from ..segmenter import Segmenter  # the native module loads here, not when the parser is built
 
     return Segmenter.from_bundle(
         bundle_dir, backend=backend, precision=precision, mode="guidance-free", threads=threads

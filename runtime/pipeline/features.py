@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .result import StageTimer
-from .sessions import SegmenterError
+from ovseg.errors import SegmenterError
+
+from ..result import StageTimer
 
 # A token cell has changed when its cosine with the same cell at the keyframe is under this: sensor noise and JPEG
 # stay above 0.9, a cell that now shows another object or floor falls below 0.5 (docs/DESIGN.md, "Keyframes by change").

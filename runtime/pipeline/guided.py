@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import _native
+from ovseg import _native
+
+from ..result import UNKNOWN, Segment, StageTimer, largest_first
 from .features import DenseFeatures
 from .labels import pool_segments
 from .lookup import l2_normalise
 from .refine import EdgeRefiner
 from .render import label_stats
-from .result import UNKNOWN, Segment, StageTimer, largest_first
 from .segments import SegmentMaps
 
 

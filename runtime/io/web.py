@@ -36,11 +36,11 @@ import numpy as np
 
 from ovseg.errors import OvsegError
 
-from .render import segment_palette
-from .result import Result
+from ..pipeline.render import segment_palette
+from ..pipeline.vocabulary import DEFAULT_CONCEPTS, PRESETS, VocabularyError, load_vocabulary, parse_class_list
+from ..result import Result
 from .sinks import Sink, frame_record, to_json
 from .sources import Frame
-from .vocabulary import DEFAULT_CONCEPTS, PRESETS, VocabularyError, load_vocabulary, parse_class_list
 
 log = logging.getLogger("ovseg.web")
 

@@ -1,4 +1,4 @@
-"""The quick start (`make demo`, `python -m ovseg.runtime.demo`) on a fresh machine.
+"""The quick start (`make demo`, `python -m ovseg.runtime.tools.demo`) on a fresh machine.
 
 1. Export the default bundle as `ovseg-export --fp16` does unless one exists. When the pretrained weights
    cannot be downloaded, say how to get them and export random weights instead (with the real DINOv2
@@ -18,9 +18,9 @@ import cv2
 from ovseg.cli import first_line, run_cli, say
 from ovseg.constants import default_bundle
 
-from . import cli
-from .bundle import MANIFEST
-from .display import has_display
+from ..bundle.manifest import MANIFEST
+from ..io.display import has_display
+from . import run
 
 PROG = "ovseg-demo"
 OUT_VIDEO = Path("out/demo.mp4")
@@ -73,12 +73,12 @@ def camera_opens(index: int = 0) -> bool:
 def demo() -> int:
     bundle = default_bundle()
     ensure_bundle(bundle)
-    cli.quiet_opencv()  # OpenCV's own messages while probing the camera say less than ours
+    run.quiet_opencv()  # OpenCV's own messages while probing the camera say less than ours
     saving = ["--max-frames", str(DEMO_FRAMES), "--save", str(OUT_VIDEO), "--save-dir", str(OUT_FRAMES), "--no-show"]
     if camera_opens(0):
         if has_display():
             say(PROG, "camera 0 opens: running `ovseg-run --camera 0` (press q or Esc to quit)")
-            return cli.main(["--bundle", str(bundle), "--camera", "0"])
+            return run.main(["--bundle", str(bundle), "--camera", "0"])
         say(PROG, f"camera 0 opens but there is no display: segmenting {DEMO_FRAMES} frames and saving them")
         argv = ["--camera", "0", *saving]
     else:
@@ -87,7 +87,7 @@ def demo() -> int:
             "no camera opens at index 0 (none attached, or no permission on /dev/video0): using the sample clip instead",
         )
         argv = ["--sample", *saving]
-    code = cli.main(["--bundle", str(bundle), *argv])
+    code = run.main(["--bundle", str(bundle), *argv])
     if code in (0, 130) and OUT_VIDEO.is_file():
         say(
             PROG,

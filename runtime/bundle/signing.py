@@ -155,7 +155,7 @@ def sign_dir(bundle_dir: Path, key) -> Path:
 
 def sign_bundle(bundle_dir: Path, key_path: Path) -> Path:
     """Verify ``bundle_dir`` (every file against the manifest), then sign its manifest with the key at ``key_path``."""
-    from .bundle import read_manifest
+    from .manifest import read_manifest
 
     key = load_private_key(key_path)
     read_manifest(bundle_dir, trusted=())
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.key:
             say(PROG, f"signed: wrote {sign_bundle(args.bundle, args.key)}")
         else:
-            from .bundle import read_manifest
+            from .manifest import read_manifest
 
             files = configured_key_files(args.trusted_key)
             if not files:

@@ -1,7 +1,7 @@
 """Segment candidates (TAG): DINOv2 patch tokens -> spherical k-means into K segments -> K score maps on the token grid.
 
 In video the k-means starts from the previous frame's centres, so a segment keeps its id while it moves.
-refine="edges" makes the maps follow the frame's edges (runtime/refine.py).
+refine="edges" makes the maps follow the frame's edges (pipeline/refine.py).
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import _native
-from .bundle import EncoderInfo
-from .engines import run_encoder
+from ovseg import _native
+
+from ..bundle.manifest import EncoderInfo
+from ..engines.engine import Engine
+from ..result import StageTimer
+from .encoders import run_encoder
 from .preprocess import Preprocessor
 from .refine import EdgeRefiner
-from .result import StageTimer
-from .sessions import Engine
 
 
 @dataclass

@@ -5,10 +5,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .. import _native
+from ovseg import _native
+from ovseg.errors import SegmenterError
+
+from ..result import Result, Segment
 from .preprocess import to_bgr8
-from .result import Result, Segment
-from .sessions import SegmenterError
 
 
 def label_stats(

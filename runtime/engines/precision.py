@@ -14,8 +14,10 @@ import logging
 
 from ovseg.constants import PRECISIONS
 from ovseg.environment import machine_key
+from ovseg.errors import SegmenterError
 
-from .bundle import EncoderInfo, Manifest
+from ..bundle.manifest import EncoderInfo, Manifest
+from .device import gpu_key
 
 log = logging.getLogger("ovseg")
 
@@ -39,7 +41,7 @@ def gate_passed(manifest: Manifest, precision: str) -> bool | None:
 
 def pick_precision(manifest: Manifest, device: str, requested: str = "auto", device_key: str | None = None) -> str:
     """The precision to run on ``device`` ("cpu", or "gpu"/"cuda"/"tensorrt"); ValueError (one line) for what cannot be.
-    ``device_key``: this GPU as ovseg-check records it (runtime.sessions.gpu_key), None when unknown."""
+    ``device_key``: this GPU as ovseg-check records it (engines.device.gpu_key), None when unknown."""
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if requested == "auto":
@@ -138,3 +140,24 @@ def _auto(manifest: Manifest) -> str:
 
 def _num(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def choose_precision(manifest: Manifest, backend: str, requested: str) -> str:
+    """The image encoders' precision (pick_precision: gated, never a silent fallback); on a GPU,
+    "auto" looks up what ovseg-check recorded for this device (``gpu_key``)."""
+    refuse_cuda_int8(backend, requested)
+    key = gpu_key() if backend in GPU_DEVICES and requested == "auto" else None
+    try:
+        return pick_precision(manifest, backend, requested, key)
+    except ValueError as e:
+        raise SegmenterError(str(e)) from None
+
+
+def refuse_cuda_int8(backend: str, precision: str) -> None:
+    """The bundle's int8 ONNX files are ovseg-calib's CPU models: they are not for ONNX Runtime's CUDA provider."""
+    if backend == "cuda" and precision == "int8":
+        raise SegmenterError(
+            "precision int8 on backend 'cuda' would run ovseg-calib's CPU model (uint8 activations, int8 weights, made "
+            "for the CPU's integer kernels) on the GPU: use precision='fp16' on CUDA or on backend='tensorrt' (plans from "
+            "`ovseg-build --fp16`), or backend='cpu' for int8"
+        )

@@ -21,7 +21,7 @@ import numpy as np
 from ovseg.errors import OvsegError
 
 if TYPE_CHECKING:
-    from .bundle import Manifest
+    from .manifest import Manifest
 
 FLOAT, INT64 = 1, 7  # ONNX element types
 REEXPORT = "re-export the bundle with `ovseg-export --force`"

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import _native
+from ovseg import _native
+
+from ..result import UNKNOWN, Segment, StageTimer, largest_first
 from .features import DenseFeatures
 from .lookup import LabelIndex, Matches
 from .render import label_stats
-from .result import UNKNOWN, Segment, StageTimer, largest_first
 from .segments import SegmentMaps
 
 

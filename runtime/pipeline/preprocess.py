@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import cv2
 import numpy as np
 
-from .sessions import SegmenterError
+from ovseg.errors import SegmenterError
 
 # cv2 colour conversions to RGB, by channel count; 1 channel is grayscale, 4 is BGRA.
 _TO_RGB = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}

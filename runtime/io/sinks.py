@@ -16,7 +16,7 @@ import numpy as np
 
 from ovseg.errors import OvsegError
 
-from .result import Result
+from ..result import Result
 from .sources import Closeable, Frame
 
 VIDEO_FOURCC = "mp4v"

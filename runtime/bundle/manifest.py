@@ -3,7 +3,7 @@
 A bundle holds ``manifest.json`` plus the files it lists (ONNX encoders per
 precision, text embeddings, HNSW index, vocabulary, tokenizer). Every file is
 listed with its sha256; the runtime refuses a bundle whose files do not match,
-that names a file outside itself, or whose files are not whole (runtime.integrity).
+that names a file outside itself, or whose files are not whole (bundle.integrity).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True, trusted: Sequence
     """Read a bundle's manifest, refuse one naming files outside the bundle or not pinned by it, and (by default)
     verify every file's sha256 and that each named file is whole and of its kind; every failure is a one-line
     BundleError. With ``verify``, a manifest not signed by one of the ``trusted`` public key files (None: those
-    configured, runtime.signing; none configured: no signature needed) is refused before it is parsed."""
+    configured, bundle.signing; none configured: no signature needed) is refused before it is parsed."""
     bundle_dir = Path(bundle_dir).expanduser()
     path = bundle_dir / MANIFEST
     if not path.is_file():
@@ -291,7 +291,7 @@ def _alive(pid: int) -> bool:
 
 def write_manifest(d: Path, manifest: Manifest, key=None) -> None:
     """sha256 of every file, then manifest.json last, replaced in one rename; signed with the Ed25519 private ``key``
-    when one is given (runtime.signing)."""
+    when one is given (bundle.signing)."""
     manifest.sha256 = {
         p.name: sha256_file(p)
         for p in sorted(d.iterdir())

@@ -16,20 +16,14 @@ from typing import cast
 import numpy as np
 
 from ovseg.constants import RANDOM_WEIGHTS_WARNING
+from ovseg.errors import SegmenterError
 
-from .bundle import EncoderInfo, Manifest
+from ..bundle.manifest import EncoderInfo, Manifest
+from ..engines.engine import BatchEngine, Engine, open_engine
+from ..engines.precision import choose_precision
+from ..engines.sessions import OnnxEncoder, resolve_backend, session_plan
 from .lookup import PromptEmbedder
 from .preprocess import Preprocessor
-from .sessions import (
-    BatchEngine,
-    Engine,
-    OnnxEncoder,
-    SegmenterError,
-    choose_precision,
-    open_engine,
-    resolve_backend,
-    session_plan,
-)
 from .text import ClipTokenizer
 
 log = logging.getLogger("ovseg")

@@ -30,8 +30,13 @@ from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE, INT8_SYMMETRIC, o
 from ovseg.environment import tensorrt_fix
 from ovseg.errors import OvsegError
 
-from .bundle import DeviceInfo, EncoderInfo, Manifest, PlanRecord, atomic_bundle_dir, link_tree, read_manifest
-from .bundle import write_manifest as _write_manifest
+from ..bundle.manifest import DeviceInfo, EncoderInfo, Manifest, PlanRecord, atomic_bundle_dir, link_tree, read_manifest
+from ..bundle.manifest import write_manifest as _write_manifest
+from ..bundle.signing import add_sign_argument, load_private_key, unsigned_after_rewrite
+from ..engines.device import device_key, this_device
+from ..engines.engine import Engine
+from ..engines.sessions import PROVIDERS, TRT_CACHE, OnnxEncoder
+from ..engines.tensorrt import TensorRTEngine
 from .check import (
     ENCODERS,
     EncoderCheck,
@@ -42,8 +47,6 @@ from .check import (
     run_pipeline,
     synthetic_frames,
 )
-from .sessions import PROVIDERS, TRT_CACHE, Engine, OnnxEncoder, TensorRTEngine, device_key, this_device
-from .signing import add_sign_argument, load_private_key, unsigned_after_rewrite
 
 PROG = "ovseg-build"
 MIN_TENSORRT = (10, 3)
@@ -83,7 +86,7 @@ class BuildOptions:
     frames: int = DEFAULT_FRAMES
     min_cosine: float = DEFAULT_COSINE
     min_agreement: float = DEFAULT_AGREEMENT  # segment-label agreement of the Segmenter on the plans vs CPU fp32
-    sign: Path | None = None  # Ed25519 private key: sign the new manifest (runtime.signing)
+    sign: Path | None = None  # Ed25519 private key: sign the new manifest (runtime.bundle.signing)
 
     @property
     def precision(self) -> str:
@@ -266,7 +269,7 @@ def plan_agreement(
     """(label agreement, pixel agreement) of the guidance-free Segmenter on the image encoders' ``plans`` against CPU
     fp32 on ``frames``, as ovseg-check measures them. The Segmenter reads the bundle from disk: ``manifest`` is
     written into ``d`` first (the caller writes the final one)."""
-    from .segmenter import Segmenter  # the native module loads here, not when the parser is built
+    from ..segmenter import Segmenter  # the native module loads here, not when the parser is built
 
     _write_manifest(d, manifest)
     reference = open_segmenter(d, "cpu", "fp32", None)

@@ -1,0 +1,1 @@
+"""The bundle between the two sides: its manifest, the integrity of its files, and their signatures."""

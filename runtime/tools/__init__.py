@@ -1,0 +1,1 @@
+"""The command-line tools on the device: ovseg-run, ovseg-check, ovseg-build and the demo."""
