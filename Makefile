@@ -57,7 +57,7 @@ build/constraints-cu12.txt: .ci/constraints.txt
 	mkdir -p build && grep -v -E '^(onnxruntime-gpu|cuda-|nvidia-(cu|nvjitlink))' $< > $@
 
 # The serving environment (ovseg-serve: Triton Inference Server from the nvidia-pytriton wheel): the lean runtime with
-# numpy < 2, which that wheel's Python backend needs (README "Serving many cameras"), in a venv of its own; no torch.
+# numpy < 2, which that wheel's Python backend needs (docs/serving.md), in a venv of its own; no torch.
 # It runs the oldest ONNX Runtime ovseg supports (1.22, as NVIDIA's Jetson index serves for JetPack 6), so the tests
 # hold the runtime to it too.
 SERVE_VENV := .venv-serve

@@ -89,9 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--csv", type=Path, metavar="results.csv", help="write every result as CSV rows (section, key, value)"
     )
     p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts here")
-    p.add_argument(
-        "--markdown", type=Path, metavar="FILE.md", help="write a README 'Performance' section from this run"
-    )
+    p.add_argument("--markdown", type=Path, metavar="FILE.md", help="write docs/performance.md's tables from this run")
     p.add_argument(
         "--backend",
         choices=("cpu", "cuda", "tensorrt"),
@@ -167,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument(
         "--profiles",
         action="store_true",
-        help="frames/s, latency, CPU time, peak RSS and segment/label quality of each profile (README, Choosing a "
+        help="frames/s, latency, CPU time, peak RSS and segment/label quality of each profile (docs/commands.md, Choosing a "
         "profile); --bundle is not read; --video-frames sets the video's length (default 30, --quick 8)",
     )
     prof.add_argument(
@@ -184,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="instead of the sections: N frames of a moving video through one Segmenter with vocabulary, class and "
-        "frame-size changes; RSS growth and p99 latency drift (README, Reliability). With --tiny-models and no "
+        "frame-size changes; RSS growth and p99 latency drift (docs/reliability.md). With --tiny-models and no "
         "--bundle: the tests' tiny bundle, exported once into the cache",
     )
     p.add_argument(

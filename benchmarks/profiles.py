@@ -322,7 +322,7 @@ def run(args: argparse.Namespace, argv: list[str], cache: Path, say) -> dict:
     return doc
 
 
-# ---- targets, table, README section --------------------------------------------------------------------------------
+# ---- targets, table, docs section ----------------------------------------------------------------------------------
 
 
 def _ratio(doc: dict, name: str, get) -> float | None:
@@ -485,7 +485,7 @@ def table(doc: dict) -> str:
 
 
 def markdown(doc: dict, reproduce: list[str]) -> str:
-    """The README's "Choosing a profile" table from one run."""
+    """The "Choosing a profile" table of docs/commands.md from one run."""
     env, plan = doc["environment"], doc["plan"]
     out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows(doc)]

@@ -337,7 +337,7 @@ def write_csv(doc: dict, path: Path) -> None:
                 w.writerow([section, key, ";".join(map(str, v)) if isinstance(v, (list, tuple)) else v])
 
 
-# ---- README section ------------------------------------------------------------------------------------------------
+# ---- docs section --------------------------------------------------------------------------------------------------
 
 
 def _load_sentence(env: dict) -> str:
@@ -354,7 +354,7 @@ def _load_sentence(env: dict) -> str:
 
 
 def markdown(doc: dict, reproduce: list[str]) -> str:
-    """A README "Performance" section from one run; ``reproduce`` holds the commands that produce it."""
+    """docs/performance.md's tables from one run; ``reproduce`` holds the commands that produce it."""
     env, lat = doc["environment"], doc.get("latency")
     out = ["## Performance", ""]
     out.append(

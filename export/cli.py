@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(PROFILES),
         default=DEFAULT_PROFILE,
         help="what the bundle is for: picks --clip and both input sizes here, and K, the keyframe policy and the "
-        "precision when ovseg-run opens it (README, Choosing a profile; default accurate). "
+        "precision when ovseg-run opens it (docs/commands.md, Choosing a profile; default accurate). "
         + "; ".join(p.describe() for p in PROFILES.values()),
     )
     p.add_argument(

@@ -79,7 +79,7 @@ def nvidia_gpu_present() -> bool:
 
 def _flavour_fix() -> str:
     if is_jetson():
-        return "pip install onnxruntime-gpu from NVIDIA's Jetson index (README: Jetson)"
+        return "pip install onnxruntime-gpu from NVIDIA's Jetson index (docs/install.md: Jetson)"
     return (
         f"pip install -e '.[{cuda_extra('gpu')}]'"
         if nvidia_gpu_present() and platform.machine() == "x86_64"

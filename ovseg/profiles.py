@@ -4,7 +4,7 @@
 name in the manifest; the Segmenter (``Segmenter.from_bundle``, ``ovseg-run``, ``ovseg-eval``) takes K, the keyframe
 policy and the precision from the bundle's profile wherever the caller leaves them unset. ``accurate`` is what ovseg
 did before profiles existed (TAG's 448 and K=15, CLIP on every frame), and what a bundle without a recorded profile
-runs as. The README's "Choosing a profile" table has the measurements behind the other two.
+runs as. The "Choosing a profile" table of docs/commands.md has the measurements behind the other two.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Profile:
     num_segments: int  # K (Segmenter num_segments, --segments)
     keyframe_interval: int  # CLIP at least every N-th frame (--keyframe-interval)
     keyframe_change: float | None  # and as soon as this fraction of the picture changed (--keyframe-change)
-    # "auto": on a CPU int8 only where ovseg-calib's gate passed and measured a speed-up on this machine (README, INT8)
+    # "auto": on a CPU int8 only where ovseg-calib's gate passed and measured a speed-up on this machine (docs/commands.md, INT8)
     precision: str
 
     def describe(self) -> str:

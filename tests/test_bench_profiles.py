@@ -1,5 +1,5 @@
 """ovseg-bench --profiles on the tiny bundles (given with --profile-bundle, so nothing is exported): the record of every
-profile, the targets and the README table. The numbers themselves are the benchmark's business, not the test's."""
+profile, the targets and the docs table. The numbers themselves are the benchmark's business, not the test's."""
 
 from __future__ import annotations
 

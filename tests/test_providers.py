@@ -1,7 +1,7 @@
 """How sessions are opened on a device: the provider in use is checked, GPU sessions keep ORT's threads quiet and
 every node of an image encoder on the GPU, the TensorRT provider's caches live under OVSEG_HOME, ORT's prints stay
 off stdout, and run failures are one line. Everything here runs on the CPU build of ONNX Runtime; the GPU halves of
-these paths are README's "What has not been run here"."""
+these paths are docs/gpu.md's "What has not been run here"."""
 
 from __future__ import annotations
 

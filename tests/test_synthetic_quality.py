@@ -91,7 +91,7 @@ def test_labels_match_the_eager_reference(scores, protocol):
     assert abs(got - want) <= 0.5, f"stage labels ({protocol}): runtime mIoU {got:.2f} vs eager {want:.2f}"
 
 
-# The fixture's dense features name pixels far less well than its image embedding names images (README, "Quality
+# The fixture's dense features name pixels far less well than its image embedding names images (docs/evaluation.md, "Quality
 # without downloaded weights": gem guided mIoU 10.0 on 60 held-out scenes); twice chance still fails a broken chain.
 ABOVE_CHANCE = 2
 

@@ -115,7 +115,7 @@ def test_the_layout_ovseg_eval_reads(tmp_path):
         open_dataset("synthetic", root)
 
 
-# The proof that the shipped fixture learned the world (README, "Quality without downloaded weights"): colour alone
+# The proof that the shipped fixture learned the world (docs/evaluation.md, "Quality without downloaded weights"): colour alone
 # scores about 0.3 (one of the 3-4 shapes seen in each colour), so this much means shape was learned too.
 FIXTURE_TOP1 = 0.9
 

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         type=Path,
         metavar="PATH",
-        help="the dataset's directory in its usual layout (see the README)",
+        help="the dataset's directory in its usual layout (docs/evaluation.md)",
     )
     p.add_argument(
         "--protocol",

@@ -193,7 +193,7 @@ def add_trusted_key_argument(p: argparse.ArgumentParser, what: str) -> None:
         action="append",
         metavar="KEY.pub",
         help=f"{what} (repeatable; default ${TRUSTED_KEYS_ENV}, else the keys in $OVSEG_HOME/trusted-keys/; "
-        "README, Reliability)",
+        "docs/reliability.md)",
     )
 
 
@@ -203,7 +203,7 @@ def add_sign_argument(p: argparse.ArgumentParser, what: str) -> None:
         "--sign",
         type=Path,
         metavar="KEY",
-        help=f"sign {what} with this Ed25519 private key (README, Reliability; needs ovseg[sign])",
+        help=f"sign {what} with this Ed25519 private key (docs/reliability.md; needs ovseg[sign])",
     )
 
 

@@ -25,7 +25,7 @@ def tensorrt_importable() -> bool:
 
 class TensorRTEngine:
     """A TensorRT 10 plan: deserialised once; a device buffer per tensor, pinned host buffers for the input and the
-    outputs read, allocated once; run with execute_async_v3 on one stream. Never run on a GPU yet (README)."""
+    outputs read, allocated once; run with execute_async_v3 on one stream. Never run on a GPU yet (docs/gpu.md)."""
 
     backend = "tensorrt"
     max_batch = 1  # ovseg-build's plans have one profile, of batch 1

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--video",
         metavar="PATH_OR_URL",
-        help="video file (every frame), stream URL such as rtsp:// (live), or a GStreamer pipeline ending in appsink (live; Jetson CSI cameras, README)",
+        help="video file (every frame), stream URL such as rtsp:// (live), or a GStreamer pipeline ending in appsink (live; Jetson CSI cameras: docs/install.md)",
     )
     src.add_argument("--image", metavar="PATH_DIR_OR_GLOB", help="an image, a directory of images, or a quoted glob")
     src.add_argument(

@@ -1,4 +1,4 @@
-"""ovseg-serve: run a bundle's Segmenter on Triton Inference Server, for many cameras (README "Serving many cameras").
+"""ovseg-serve: run a bundle's Segmenter on Triton Inference Server, for many cameras (docs/serving.md).
 
 Writes a model repository from the bundle, starts tritonserver on it, waits until the model is ready, prints the
 endpoints and serves until SIGINT/SIGTERM, when it stops the server and its model processes.

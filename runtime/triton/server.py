@@ -3,7 +3,7 @@ backend, CPU), or a ``tritonserver`` on PATH (an NGC container, a system install
 
 The bundled binary's Python backend runs the model in a stub process built for this interpreter's Python version;
 it loads this interpreter's libpython (LD_LIBRARY_PATH) and, with numpy 2.x in the environment, returns outputs with
-no data and no error, so that combination is refused (README "Serving many cameras").
+no data and no error, so that combination is refused (docs/serving.md).
 """
 
 from __future__ import annotations
