@@ -192,6 +192,32 @@ def _hnsw(doc: dict) -> Target:
     return Target(name, goal, measured, ms, passed, reason)
 
 
+# ---- the report model: what both formatters show, read once from the results ------------------------------------
+
+
+@dataclass
+class Report:
+    """One run's results and the rows both formatters share; ``table`` and ``markdown`` render it, each in its order."""
+
+    doc: dict
+    sweeps: dict
+    naive_stages: list[tuple[str, float | None, float | None]]  # stage, ovseg p50, naive p50
+
+
+def model(doc: dict) -> Report:
+    n = doc.get("naive") or {"ovseg": {}, "naive": {}}
+    rows = [(s, n["ovseg"].get(s, {}).get("p50"), n["naive"].get(s, {}).get("p50")) for s in STAGE_ORDER]
+    return Report(doc, doc.get("sweeps") or {}, [(s, o, v) for s, o, v in rows if o is not None or v is not None])
+
+
+def _p50s(stages: dict, *names: str) -> list[float]:
+    return [stages[s]["p50"] for s in names]
+
+
+def _opt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 # ---- terminal ------------------------------------------------------------------------------------------------
 
 
@@ -199,118 +225,157 @@ def _row(stats: dict) -> str:
     return f"{stats['mean']:9.2f} {stats['std']:8.2f} {stats['p50']:9.2f} {stats['p90']:9.2f} {stats['p99']:9.2f} {stats['fps']:8.2f} {stats['n']:5d}"
 
 
-def table(doc: dict) -> str:
-    env, lines = doc["environment"], []
-    lines.append(
+def _text_header(r: Report) -> list[str]:
+    env = r.doc["environment"]
+    return [
         f"ovseg-bench  {env['cpu_model']} ({env['logical_cpus']} CPUs, {env['threads']} threads, "
         f"{', '.join(env['cpu_flags'])})  ovseg {env['ovseg']}  onnxruntime {env['onnxruntime']}  "
         f"load {env['load_average_start']} -> {env.get('load_average_end')}"
+    ]
+
+
+def _text_latency(r: Report) -> list[str]:
+    lat = r.doc.get("latency")
+    if not lat:
+        return []
+    return [
+        f"\nper stage, ms  ({lat['backend']} {lat['precision']}, {size_text(lat)}, "
+        f"frames {lat['frame'][0]}x{lat['frame'][1]}, peak RSS {lat['peak_rss_mb']:.0f} MiB)",
+        f"{'stage':<12} {'mean':>9} {'std':>8} {'p50':>9} {'p90':>9} {'p99':>9} {'FPS':>8} {'n':>5}",
+        *(f"{stage:<12} {_row(s)}" for stage, s in lat["stages"].items()),
+    ]
+
+
+def _text_naive(r: Report) -> list[str]:
+    n = r.doc.get("naive")
+    if not n:
+        return []
+    return [
+        f"\novseg vs naive TAG on a {n['frame'][0]}x{n['frame'][1]} frame, p50 ms (paired runs, {n['speedup']['n']} pairs)",
+        f"  {'stage':<12} {'ovseg':>10} {'naive':>10}",
+        *(f"  {s:<12} {_opt(o, '10.2f'):>10} {_opt(v, '10.2f'):>10}" for s, o, v in r.naive_stages),
+        f"  speed-up {n['speedup']['p50']:.2f}x (fastest vs fastest {n['speedup_fastest']:.2f}x), "
+        f"same labels on {n['agreement']:.2%} of pixels",
+    ]
+
+
+def _text_sizes(r: Report) -> list[str]:
+    if not r.sweeps.get("input_size"):
+        return []
+    lines = ["\ninput size   DINOv2     CLIP    total  p50 ms   FPS"]
+    for p in r.sweeps.get("input_size") or []:
+        if p.get("latency"):
+            d, c, t = _p50s(p["latency"]["stages"], "dinov2", "clip", "total")
+            lines.append(f"  {p['size']:<9} {d:8.1f} {c:8.1f} {t:8.1f}        {1000 / t:5.2f}")
+        else:
+            lines.append(f"  {p['size']:<9} skipped: {p['skipped']}")
+    return lines
+
+
+def _text_segments(r: Report) -> list[str]:
+    if not r.sweeps.get("segments"):
+        return []
+    lines = ["\nK     k-means  pooling  lookup   render  (p50 ms, encoders replayed)"]
+    for p in r.sweeps.get("segments") or []:
+        km, po, lo, re = _p50s(p["stages"], "kmeans", "pooling", "lookup", "render")
+        lines.append(f"  {p['k']:<4} {km:7.2f} {po:8.2f} {lo:7.3f} {re:8.2f}")
+    return lines
+
+
+def _text_backends(r: Report) -> list[str]:
+    lines = ["\nbackend / precision   total p50 ms"] if r.sweeps.get("backends") else []
+    for p in r.sweeps.get("backends") or []:
+        what = f"{p['latency']['stages']['total']['p50']:.1f}" if p.get("latency") else f"skipped: {p['skipped']}"
+        lines.append(f"  {p['backend']:<8} {p['precision']:<6}  {what}" + (f"  ({p['note']})" if p.get("note") else ""))
+    for role, e in ((r.sweeps.get("int8_encoders") or {}).get("encoders") or {}).items():
+        lines.append(
+            f"  int8 {role}: {e['speedup_p50']:.2f}x fp32 by medians ({e['speedup_min']:.2f}x by fastest runs), "
+            f"{e['verdict']} (bench_int8)"
+        )
+    return lines
+
+
+def _text_vocab(r: Report) -> list[str]:
+    vocab = r.sweeps.get("vocabulary")
+    if not vocab:
+        return []
+    ef = str(vocab["default_ef"])
+    lines = [f"\nvocabulary   exact ms p50 (fastest)   HNSW ef={ef} ms p50 (fastest)   recall@1"]
+    for p in vocab["points"]:
+        e, h = p["exact"], p["hnsw"][ef]
+        lines.append(
+            f"  {p['size']:>9,}  {e['p50']:9.3f} ({e['min']:8.3f})   {h['p50']:9.3f} ({h['min']:8.3f})"
+            f"        {p['recall'][ef]:8.3f}"
+        )
+    lines.append(f"  {vocab['crossover_note']}; {vocab['crossover_fastest_note']}")
+    return lines
+
+
+def _text_roofline(r: Report) -> list[str]:
+    rf = r.doc.get("roofline")
+    if not rf:
+        return []
+    lines = [
+        f"\nroofline: GEMM {rf['gemm_size']}^3 fp32 {rf['gemm_gflops']:.0f} GFLOP/s (median, interleaved with the frames)"
+    ]
+    for k, v in rf["encoders"].items():
+        lines.append(
+            f"  {k:<7} {v['gflop']:8.3g} GFLOP/frame  {v['ms']:8.1f} ms  {v['gflops']:6.1f} GFLOP/s  {v['fraction_of_peak']:.0%} of peak"
+        )
+        p = v.get("profile")
+        if p and p["run_ms"]:
+            top = ", ".join(f"{op} {ms / p['run_ms']:.0%}" for op, ms in list(p["by_op_ms"].items())[:5])
+            lines.append(
+                f"          profiled run {p['run_ms']:.1f} ms: {top}; MatMul-class kernels at "
+                f"{p['gemm_class_gflops']:.1f} GFLOP/s ({p['gemm_class_fraction_of_peak']:.0%} of peak)"
+            )
+    return lines
+
+
+def _text_video(r: Report) -> list[str]:
+    vid = r.doc.get("video")
+    if not vid:
+        return []
+    lines = [
+        f"\novseg-run --keyframe-interval {run['keyframe_interval']}: {run['fps']:.2f} FPS over {run['frames']} frames "
+        f"({vid['frame'][0]}x{vid['frame'][1]}, wall {run['wall_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MiB)"
+        for run in vid["runs"]
+    ]
+    lines.append(
+        f"  keyframe reuse: {vid['speedup']:.2f}x the frame rate, same labels on {vid['agreement']:.2%} of pixels"
     )
-    lat = doc.get("latency")
-    if lat:
-        lines.append(
-            f"\nper stage, ms  ({lat['backend']} {lat['precision']}, {size_text(lat)}, "
-            f"frames {lat['frame'][0]}x{lat['frame'][1]}, peak RSS {lat['peak_rss_mb']:.0f} MiB)"
-        )
-        lines.append(f"{'stage':<12} {'mean':>9} {'std':>8} {'p50':>9} {'p90':>9} {'p99':>9} {'FPS':>8} {'n':>5}")
-        for stage, s in lat["stages"].items():
-            lines.append(f"{stage:<12} {_row(s)}")
-    n = doc.get("naive")
-    if n:
-        lines.append(
-            f"\novseg vs naive TAG on a {n['frame'][0]}x{n['frame'][1]} frame, p50 ms (paired runs, {n['speedup']['n']} pairs)"
-        )
-        lines.append(f"  {'stage':<12} {'ovseg':>10} {'naive':>10}")
-        for stage in sorted(
-            set(n["ovseg"]) | set(n["naive"]), key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99
-        ):
-            o, v = n["ovseg"].get(stage, {}).get("p50"), n["naive"].get(stage, {}).get("p50")
-            lines.append(
-                f"  {stage:<12} {'-' if o is None else f'{o:10.2f}':>10} {'-' if v is None else f'{v:10.2f}':>10}"
-            )
-        lines.append(
-            f"  speed-up {n['speedup']['p50']:.2f}x (fastest vs fastest {n['speedup_fastest']:.2f}x), "
-            f"same labels on {n['agreement']:.2%} of pixels"
-        )
-    sweeps = doc.get("sweeps") or {}
-    if sweeps.get("input_size"):
-        lines.append("\ninput size   DINOv2     CLIP    total  p50 ms   FPS")
-        for p in sweeps["input_size"]:
-            if p.get("latency"):
-                st = p["latency"]["stages"]
-                lines.append(
-                    f"  {p['size']:<9} {st['dinov2']['p50']:8.1f} {st['clip']['p50']:8.1f} {st['total']['p50']:8.1f}"
-                    f"        {1000 / st['total']['p50']:5.2f}"
-                )
-            else:
-                lines.append(f"  {p['size']:<9} skipped: {p['skipped']}")
-    if sweeps.get("segments"):
-        lines.append("\nK     k-means  pooling  lookup   render  (p50 ms, encoders replayed)")
-        for p in sweeps["segments"]:
-            st = p["stages"]
-            lines.append(
-                f"  {p['k']:<4} {st['kmeans']['p50']:7.2f} {st['pooling']['p50']:8.2f} {st['lookup']['p50']:7.3f} {st['render']['p50']:8.2f}"
-            )
-    if sweeps.get("backends"):
-        lines.append("\nbackend / precision   total p50 ms")
-        for p in sweeps["backends"]:
-            what = f"{p['latency']['stages']['total']['p50']:.1f}" if p.get("latency") else f"skipped: {p['skipped']}"
-            lines.append(
-                f"  {p['backend']:<8} {p['precision']:<6}  {what}" + (f"  ({p['note']})" if p.get("note") else "")
-            )
-    for role, r in ((sweeps.get("int8_encoders") or {}).get("encoders") or {}).items():
-        lines.append(
-            f"  int8 {role}: {r['speedup_p50']:.2f}x fp32 by medians ({r['speedup_min']:.2f}x by fastest runs), "
-            f"{r['verdict']} (bench_int8)"
-        )
-    vocab = sweeps.get("vocabulary")
-    if vocab:
-        ef = str(vocab["default_ef"])
-        lines.append(f"\nvocabulary   exact ms p50 (fastest)   HNSW ef={ef} ms p50 (fastest)   recall@1")
-        for p in vocab["points"]:
-            e, h = p["exact"], p["hnsw"][ef]
-            lines.append(
-                f"  {p['size']:>9,}  {e['p50']:9.3f} ({e['min']:8.3f})   {h['p50']:9.3f} ({h['min']:8.3f})"
-                f"        {p['recall'][ef]:8.3f}"
-            )
-        lines.append(f"  {vocab['crossover_note']}; {vocab['crossover_fastest_note']}")
-    r = doc.get("roofline")
-    if r:
-        lines.append(
-            f"\nroofline: GEMM {r['gemm_size']}^3 fp32 {r['gemm_gflops']:.0f} GFLOP/s (median, interleaved with the frames)"
-        )
-        for k, v in r["encoders"].items():
-            lines.append(
-                f"  {k:<7} {v['gflop']:8.3g} GFLOP/frame  {v['ms']:8.1f} ms  {v['gflops']:6.1f} GFLOP/s  {v['fraction_of_peak']:.0%} of peak"
-            )
-            p = v.get("profile")
-            if p and p["run_ms"]:
-                top = ", ".join(f"{op} {ms / p['run_ms']:.0%}" for op, ms in list(p["by_op_ms"].items())[:5])
-                lines.append(
-                    f"          profiled run {p['run_ms']:.1f} ms: {top}; MatMul-class kernels at "
-                    f"{p['gemm_class_gflops']:.1f} GFLOP/s ({p['gemm_class_fraction_of_peak']:.0%} of peak)"
-                )
-    vid = doc.get("video")
-    if vid:
-        for run in vid["runs"]:
-            lines.append(
-                f"\novseg-run --keyframe-interval {run['keyframe_interval']}: {run['fps']:.2f} FPS over {run['frames']} frames "
-                f"({vid['frame'][0]}x{vid['frame'][1]}, wall {run['wall_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MiB)"
-            )
-        lines.append(
-            f"  keyframe reuse: {vid['speedup']:.2f}x the frame rate, same labels on {vid['agreement']:.2%} of pixels"
-        )
-    lines.append("\ntargets")
-    for t in doc.get("targets", []):
+    return lines
+
+
+def _text_targets(r: Report) -> list[str]:
+    lines = ["\ntargets"]
+    for t in r.doc.get("targets") or []:
         lines.append(f"  {t['verdict']:<4} {t['name']:<22} {t['target']}")
         lines.append(f"       measured: {t['measured']}")
         if t["reason"]:
             lines.append(f"       {'why' if t['verdict'] == 'MISS' else 'note'}: {t['reason']}")
-    for section, message in (doc.get("skipped") or {}).items():
-        lines.append(f"skipped {section}: {message}")
-    for section, message in (doc.get("errors") or {}).items():
-        lines.append(f"error in {section}: {message}")
-    return "\n".join(lines)
+    lines += [f"skipped {section}: {message}" for section, message in (r.doc.get("skipped") or {}).items()]
+    lines += [f"error in {section}: {message}" for section, message in (r.doc.get("errors") or {}).items()]
+    return lines
+
+
+TEXT_SECTIONS = (
+    _text_header,
+    _text_latency,
+    _text_naive,
+    _text_sizes,
+    _text_segments,
+    _text_backends,
+    _text_vocab,
+    _text_roofline,
+    _text_video,
+    _text_targets,
+)
+
+
+def table(doc: dict) -> str:
+    r = model(doc)
+    return "\n".join(line for section in TEXT_SECTIONS for line in section(r))
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
@@ -353,162 +418,217 @@ def _load_sentence(env: dict) -> str:
     )
 
 
-def markdown(doc: dict, reproduce: list[str]) -> str:
-    """docs/performance.md's tables from one run; ``reproduce`` holds the commands that produce it."""
-    env, lat = doc["environment"], doc.get("latency")
-    out = ["## Performance", ""]
-    out.append(
+def _md_header(r: Report, reproduce: list[str]) -> list[str]:
+    env = r.doc["environment"]
+    return [
+        "## Performance",
+        "",
         f"Measured by `ovseg-bench` on {env['cpu_model']} ({env['logical_cpus']} logical CPUs, "
         f"{', '.join(env['cpu_flags'])}; no GPU), {env['threads']} threads, onnxruntime {env['onnxruntime']}, "
-        f"ovseg {env['ovseg']}, in {doc.get('elapsed_s', 0) / 60:.0f} min. "
+        f"ovseg {env['ovseg']}, in {r.doc.get('elapsed_s', 0) / 60:.0f} min. "
         + _load_sentence(env)
         + " Every ratio below compares runs interleaved in one loop (GEMM before each frame, ovseg and the naive "
-        "reference in pairs)."
-    )
-    out += ["", "```sh", *reproduce, "```", ""]
-    if lat:
-        w, h = lat["frame"]
-        out += [
-            f"### One frame, {lat['backend'].upper()} {lat['precision']}, {size_text(lat)} "
-            f"(guidance-free, K=15, {w}x{h} frames of the sample clip)",
-            "",
-            "| stage | p50 ms | p90 ms | p99 ms | mean ± std ms |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for stage, s in lat["stages"].items():
-            out.append(
-                f"| {stage} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['mean']:.1f} ± {s['std']:.1f} |"
-            )
-        total = lat["stages"]["total"]
-        out += [
+        "reference in pairs).",
+        "",
+        "```sh",
+        *reproduce,
+        "```",
+        "",
+    ]
+
+
+def _md_table(title: str, head: str, align: str, rows: list[str], after: list[str] | None = None) -> list[str]:
+    return [title, "", head, align, *rows, *(after if after is not None else [""])]
+
+
+def _md_latency(r: Report) -> list[str]:
+    lat = r.doc.get("latency")
+    if not lat:
+        return []
+    w, h = lat["frame"]
+    total = lat["stages"]["total"]
+    return _md_table(
+        f"### One frame, {lat['backend'].upper()} {lat['precision']}, {size_text(lat)} "
+        f"(guidance-free, K=15, {w}x{h} frames of the sample clip)",
+        "| stage | p50 ms | p90 ms | p99 ms | mean ± std ms |",
+        "|---|---:|---:|---:|---:|",
+        [
+            f"| {stage} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['mean']:.1f} ± {s['std']:.1f} |"
+            for stage, s in lat["stages"].items()
+        ],
+        [
             "",
             f"{total['n']} timed frames: {1000 / total['p50']:.2f} FPS at the median. Peak RSS of the "
-            f"process after the main measurement: {doc.get('peak_rss_mb_ovseg', 0):.0f} MiB.",
+            f"process after the main measurement: {r.doc.get('peak_rss_mb_ovseg', 0):.0f} MiB.",
             "",
-        ]
-    out += ["### Targets (ratios within this run)", "", "| target | measured | result |", "|---|---|---|"]
-    for t in doc.get("targets", []):
-        why = f" — {t['reason']}" if t["reason"] else ""
-        out.append(f"| {t['target']} | {t['measured']}{why} | {t['verdict']} |")
-    out.append("")
-    n = doc.get("naive")
-    if n:
-        out += [
-            f"### ovseg vs the naive TAG pipeline ({n['frame'][0]}x{n['frame'][1]} frame, {n['speedup']['n']} paired runs)",
-            "",
-            "| stage | ovseg p50 ms | naive p50 ms |",
-            "|---|---:|---:|",
-        ]
-        for stage in STAGE_ORDER:
-            if stage in n["ovseg"] or stage in n["naive"]:
-                o, v = n["ovseg"].get(stage, {}).get("p50"), n["naive"].get(stage, {}).get("p50")
-                out.append(f"| {stage} | {'-' if o is None else f'{o:.1f}'} | {'-' if v is None else f'{v:.1f}'} |")
-        out += [
+        ],
+    )
+
+
+def _md_targets(r: Report) -> list[str]:
+    return _md_table(
+        "### Targets (ratios within this run)",
+        "| target | measured | result |",
+        "|---|---|---|",
+        [
+            f"| {t['target']} | {t['measured']}{' — ' + t['reason'] if t['reason'] else ''} | {t['verdict']} |"
+            for t in r.doc.get("targets") or []
+        ],
+    )
+
+
+def _md_naive(r: Report) -> list[str]:
+    n = r.doc.get("naive")
+    if not n:
+        return []
+    return _md_table(
+        f"### ovseg vs the naive TAG pipeline ({n['frame'][0]}x{n['frame'][1]} frame, {n['speedup']['n']} paired runs)",
+        "| stage | ovseg p50 ms | naive p50 ms |",
+        "|---|---:|---:|",
+        [f"| {s} | {_opt(o, '.1f')} | {_opt(v, '.1f')} |" for s, o, v in r.naive_stages],
+        [
             "",
             f"Same labels on {n['agreement']:.2%} of pixels; speed-up {n['speedup']['p50']:.2f}x (median of pairs). "
             "The naive side is PyTorch eager on the same weights (checked: min token cosine "
             f"{min(n['same_weights_cosine'].values()):.6f}), features upsampled to full resolution and averaged per mask, "
             "brute-force retrieval; k-means is ovseg's kernel on both sides.",
             "",
-        ]
-    sweeps = doc.get("sweeps") or {}
-    if sweeps.get("input_size"):
-        out += [
+        ],
+    )
+
+
+def _md_sweep(points: list[dict], head: list[str], lead, cells, measured: int) -> list[str]:
+    """A sweep's rows: ``lead`` cells, then the measured ``cells`` or dashes and why the point was not measured."""
+    if not points:
+        return []
+    rows = []
+    for p in points:
+        if p.get("latency"):
+            rows.append(f"| {lead(p)} | {cells(p, *_p50s(p['latency']['stages'], 'dinov2', 'clip', 'total'))} |")
+        else:
+            rows.append(f"| {lead(p)} | {' | '.join('—' * measured)} | not measured: {p['skipped']} |")
+    return _md_table(*head, rows)
+
+
+def _md_sizes(r: Report) -> list[str]:
+    bundle = (r.doc.get("latency") or {}).get("bundle")
+    return _md_sweep(
+        r.sweeps.get("input_size") or [],
+        [
             "### Input size (p50)",
-            "",
             "| S | DINOv2 ms | CLIP ms | total ms | FPS | note |",
             "|---:|---:|---:|---:|---:|---|",
-        ]
-        for p in sweeps["input_size"]:
-            if p.get("latency"):
-                st = p["latency"]["stages"]
-                note = "this bundle" if p["bundle"] == (lat or {}).get("bundle") else "random-weights sweep bundle"
-                out.append(
-                    f"| {p['size']} | {st['dinov2']['p50']:.0f} | {st['clip']['p50']:.0f} | {st['total']['p50']:.0f} | "
-                    f"{1000 / st['total']['p50']:.2f} | {note} |"
-                )
-            else:
-                out.append(f"| {p['size']} | — | — | — | — | not measured: {p['skipped']} |")
-        out.append("")
-    if sweeps.get("backends"):
-        out += [
+        ],
+        lambda p: p["size"],
+        lambda p, d, c, t: (
+            f"{d:.0f} | {c:.0f} | {t:.0f} | {1000 / t:.2f} | "
+            + ("this bundle" if p["bundle"] == bundle else "random-weights sweep bundle")
+        ),
+        measured=4,
+    )
+
+
+def _md_backends(r: Report) -> list[str]:
+    return _md_sweep(
+        r.sweeps.get("backends") or [],
+        [
             "### Backend and precision",
-            "",
             "| backend | precision | DINOv2 ms | CLIP ms | total ms p50 | note |",
             "|---|---|---:|---:|---:|---|",
-        ]
-        for p in sweeps["backends"]:
-            if p.get("latency"):
-                st = p["latency"]["stages"]
-                out.append(
-                    f"| {p['backend']} | {p['precision']} | {st['dinov2']['p50']:.0f} | {st['clip']['p50']:.0f} | "
-                    f"{st['total']['p50']:.0f} | {p.get('note', '')} |"
-                )
-            else:
-                out.append(f"| {p['backend']} | {p['precision']} | — | — | — | not measured: {p['skipped']} |")
-        out.append("")
-    if sweeps.get("segments"):
-        out += [
-            "### Segments K (encoder outputs replayed; p50 ms)",
-            "",
-            "| K | k-means | pooling | lookup | render |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for p in sweeps["segments"]:
-            st = p["stages"]
-            out.append(
-                f"| {p['k']} | {st['kmeans']['p50']:.2f} | {st['pooling']['p50']:.2f} | {st['lookup']['p50']:.3f} | {st['render']['p50']:.2f} |"
-            )
-        out.append("")
-    vocab = sweeps.get("vocabulary")
-    if vocab:
-        ef = str(vocab["default_ef"])
-        out += [
-            f"### Label lookup: {vocab['queries_per_frame']} segments, top-{vocab['top_k']}, phrase embeddings D={vocab['dim']}",
-            "",
-            f"| vocabulary | exact ms p50 (fastest) | HNSW ef={ef} ms p50 (fastest) | recall@1 | index |",
-            "|---:|---:|---:|---:|---|",
-        ]
-        for p in vocab["points"]:
-            e, hn = p["exact"], p["hnsw"][ef]
-            out.append(
-                f"| {p['size']:,} | {e['p50']:.3f} ({e['min']:.3f}) | {hn['p50']:.3f} ({hn['min']:.3f}) | "
-                f"{p['recall'][ef]:.3f} | M={p['hnsw_params']['M']}, "
-                f"ef_construction={p['hnsw_params']['ef_construction']} |"
-            )
-        out += [
+        ],
+        lambda p: f"{p['backend']} | {p['precision']}",
+        lambda p, d, c, t: f"{d:.0f} | {c:.0f} | {t:.0f} | {p.get('note', '')}",
+        measured=3,
+    )
+
+
+def _md_segments(r: Report) -> list[str]:
+    if not r.sweeps.get("segments"):
+        return []
+    rows = []
+    for p in r.sweeps.get("segments") or []:
+        km, po, lo, re = _p50s(p["stages"], "kmeans", "pooling", "lookup", "render")
+        rows.append(f"| {p['k']} | {km:.2f} | {po:.2f} | {lo:.3f} | {re:.2f} |")
+    return _md_table(
+        "### Segments K (encoder outputs replayed; p50 ms)",
+        "| K | k-means | pooling | lookup | render |",
+        "|---:|---:|---:|---:|---:|",
+        rows,
+    )
+
+
+def _md_vocab(r: Report) -> list[str]:
+    vocab = r.sweeps.get("vocabulary")
+    if not vocab:
+        return []
+    ef = str(vocab["default_ef"])
+    rows = []
+    for p in vocab["points"]:
+        e, hn = p["exact"], p["hnsw"][ef]
+        rows.append(
+            f"| {p['size']:,} | {e['p50']:.3f} ({e['min']:.3f}) | {hn['p50']:.3f} ({hn['min']:.3f}) | "
+            f"{p['recall'][ef]:.3f} | M={p['hnsw_params']['M']}, "
+            f"ef_construction={p['hnsw_params']['ef_construction']} |"
+        )
+    return _md_table(
+        f"### Label lookup: {vocab['queries_per_frame']} segments, top-{vocab['top_k']}, phrase embeddings D={vocab['dim']}",
+        f"| vocabulary | exact ms p50 (fastest) | HNSW ef={ef} ms p50 (fastest) | recall@1 | index |",
+        "|---:|---:|---:|---:|---|",
+        rows,
+        [
             "",
             f"{vocab['crossover_note']}; {vocab['crossover_fastest_note']}. "
             + " ".join(f"{n_}." for n_ in vocab["notes"]),
             "",
-        ]
-    vid = doc.get("video")
-    if vid:
-        out += [
-            f"### Video (`ovseg-run` on the {vid['frame'][0]}x{vid['frame'][1]} sample clip: decode, segment, overlay, save)",
-            "",
-            "| keyframe interval | frames | FPS | wall s | peak RSS MiB |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for r in vid["runs"]:
-            out.append(
-                f"| {r['keyframe_interval']} | {r['frames']} | {r['fps']:.2f} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} |"
-            )
-        out += [
+        ],
+    )
+
+
+def _md_video(r: Report) -> list[str]:
+    vid = r.doc.get("video")
+    if not vid:
+        return []
+    return _md_table(
+        f"### Video (`ovseg-run` on the {vid['frame'][0]}x{vid['frame'][1]} sample clip: decode, segment, overlay, save)",
+        "| keyframe interval | frames | FPS | wall s | peak RSS MiB |",
+        "|---:|---:|---:|---:|---:|",
+        [
+            f"| {run['keyframe_interval']} | {run['frames']} | {run['fps']:.2f} | {run['wall_s']:.1f} | {run['peak_rss_mb']:.0f} |"
+            for run in vid["runs"]
+        ],
+        [
             "",
             f"Keyframe reuse: {vid['speedup']:.2f}x the frame rate; the labels agree with every-frame CLIP on "
             f"{vid['agreement']:.2%} of pixels (random weights: labels are decided by tiny score differences).",
             "",
-        ]
-    out += [
-        "### GPU",
-        "",
-        "For measurements on a GPU (`ovseg-bench --bundle DIR --backend cuda --precision fp16`, "
+        ],
+    )
+
+
+def _md_gpu(r: Report) -> list[str]:
+    return _md_table(
+        "### GPU\n\nFor measurements on a GPU (`ovseg-bench --bundle DIR --backend cuda --precision fp16`, "
         "or `--backend tensorrt`); none were made for this table.",
-        "",
         "| GPU | backend | precision | S | DINOv2 ms | CLIP ms | total ms | FPS |",
         "|---|---|---|---:|---:|---:|---:|---:|",
-        "| | | | | | | | |",
-        "",
-    ]
-    return "\n".join(out)
+        ["| | | | | | | | |"],
+    )
+
+
+MARKDOWN_SECTIONS = (
+    _md_latency,
+    _md_targets,
+    _md_naive,
+    _md_sizes,
+    _md_backends,
+    _md_segments,
+    _md_vocab,
+    _md_video,
+    _md_gpu,
+)
+
+
+def markdown(doc: dict, reproduce: list[str]) -> str:
+    """docs/performance.md's tables from one run; ``reproduce`` holds the commands that produce it."""
+    r = model(doc)
+    return "\n".join(_md_header(r, reproduce) + [line for section in MARKDOWN_SECTIONS for line in section(r)])
