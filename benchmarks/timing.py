@@ -77,12 +77,6 @@ def repeat(call: Callable[[int], None], budget: Budget) -> int:
     return runs
 
 
-def time_ms(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000
-
-
 def peak_rss_mb(children: bool = False) -> float:
     """Peak resident set size of this process (or of its largest waited-for child), MiB."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
