@@ -1,6 +1,6 @@
 """ovseg-run --sample --web as a user runs it: the command in its own process, HTTP from this test, and a real
 headless Chromium driven by Selenium (Debian's chromium and chromium-driver, which .ci/run installs; without them the
-browser test skips saying so), with the helpers benchmarks/web_cost.py measures with.
+browser test skips saying so), with the helpers the study benchmarks/studies/web_cost.py measures with.
 OVSEG_WEB_SCREENSHOT=PATH also writes the browser's screenshot there."""
 
 from __future__ import annotations
@@ -10,16 +10,19 @@ import re
 import shutil
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from ovseg.benchmarks.web_cost import BrowserMissing, open_chromium, ovseg_run_web
 from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 
 from assertions import eventually
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "studies"))  # a study, not installed
+from web_cost import BrowserMissing, open_chromium, ovseg_run_web  # noqa: E402
 
 NEW_CLASSES = ["person", "forklift", "pallet"]
 

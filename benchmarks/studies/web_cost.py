@@ -2,7 +2,7 @@
 and with a client that only reads the MJPEG stream, in one run of ovseg-run; the phases take turns, so a change in
 the machine's load falls on all of them alike.
 
-    python -m ovseg.benchmarks.web_cost --bundle DIR [--seconds 20] [--rounds 3] [--json OUT]
+    .venv/bin/python benchmarks/studies/web_cost.py --bundle DIR [--seconds 20] [--rounds 3] [--json OUT]
 
 A phase's frame rate is the frames ovseg-run published (/health's seq) over the phase's wall time. Chromium runs on
 the same machine as ovseg-run, as a browser on the robot itself would; a browser elsewhere costs the robot what the
@@ -261,7 +261,7 @@ def measure(bundle: Path, seconds: float, rounds: int, warmup: float, threads: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m ovseg.benchmarks.{PROG}", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"benchmarks/studies/{PROG}.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="the bundle ovseg-run segments with")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each phase (default 20)")
     p.add_argument("--rounds", type=positive_int, default=3, help="rounds of the three phases (default 3)")
