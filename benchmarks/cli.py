@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -429,6 +430,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bench(args: argparse.Namespace, argv: list[str]) -> int:
+    _check_args(args)
+    if args.soak is not None:
+        return run_soak(args, argv)
+    from . import profiles, report
+
+    doc = _measure(args, argv)
+    table, markdown = (profiles.table, profiles.markdown) if args.profiles else (report.table, report.markdown)
+    print(table(doc))
+    print(f"\n{PROG}: {doc['elapsed_s']:.0f} s", file=sys.stderr)
+    _write_outputs(args, doc, markdown)
+    return 1 if doc["errors"] else 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Flags that cannot run together or out of range: one line each, before anything is measured."""
     unknown = set(args.skip) - set(SECTIONS)
     if unknown:
         raise BenchError(f"--skip takes {', '.join(SECTIONS)}; got {', '.join(sorted(unknown))}")
@@ -442,11 +458,12 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         raise BenchError("--profile-bundle, --scenes and --seeds belong to --profiles: add it, or leave them out")
     if args.profiles and args.plot:
         raise BenchError("--plot draws the sections' charts, which --profiles does not run: leave one out")
-    if args.soak is not None:
-        return run_soak(args, argv)
-    from . import profiles, report
 
-    table, markdown = (profiles.table, profiles.markdown) if args.profiles else (report.table, report.markdown)
+
+def _measure(args: argparse.Namespace, argv: list[str]) -> dict:
+    """The sections (or, with --profiles, the profile comparison) as one results document, with its wall time."""
+    from . import profiles
+
     if args.profiles:
         try:
             profiles.parse_bundles(args.profile_bundle or [])
@@ -461,11 +478,15 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     except OSError as e:  # a file the run must read or write
         raise BenchError(ovseg.cli.first_line(e)) from e
     doc["elapsed_s"] = round(time.perf_counter() - started, 1)
-    print(table(doc))
-    print(f"\n{PROG}: {doc['elapsed_s']:.0f} s", file=sys.stderr)
+    return doc
+
+
+def _write_outputs(args: argparse.Namespace, doc: dict, markdown: Callable[[dict, list[str]], str]) -> None:
+    """--out, --csv, --markdown and --plot, each where it was asked for."""
+    from . import report
+
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        _write_json(doc, args.out)
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         report.write_csv(doc, args.csv)
@@ -477,7 +498,6 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
 
         for path in write_plots(doc, args.plot):
             say(f"wrote {path}")
-    return 1 if doc["errors"] else 0
 
 
 def run_soak(args: argparse.Namespace, argv: list[str]) -> int:
@@ -492,9 +512,13 @@ def run_soak(args: argparse.Namespace, argv: list[str]) -> int:
     doc["command"] = " ".join([PROG, *argv])
     print(soak.table(doc))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        _write_json(doc, args.out)
     return 0
+
+
+def _write_json(doc: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _reproduce(doc: dict) -> str:
