@@ -233,65 +233,50 @@ def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int
             raise _Malformed(f"wire type {wire}")
 
 
+def _children(buf: memoryview, start: int, stop: int, number: int, wire: int = 2) -> list:
+    """One field of a message: its (start, end) spans (wire 2) or its values (wire 0)."""
+    return [(s, e) if wire == 2 else s for n, w, s, e in _fields(buf, start, stop) if n == number and w == wire]
+
+
+def _string(buf: memoryview, span: tuple[int, int]) -> str:
+    return bytes(buf[span[0] : span[1]]).decode("utf-8", "replace")
+
+
 def _external_data(buf: memoryview, kind: str, pos: int, end: int, found: list[str], depth: int = 0) -> set[int]:
     """Walk one message: external-data locations are appended to ``found``; returns the field numbers seen."""
     if depth > 64:
         raise _Malformed("messages nested too deep")
     seen = set()
-    location = None
     for number, wire, start, stop in _fields(buf, pos, end):
         seen.add(number)
         sub = _SUBMESSAGES.get((kind, number))
-        if sub is not None and wire == 2:
-            if sub == "entry":
-                key = value = None
-                for n, w, s, e in _fields(buf, start, stop):
-                    if w == 2 and n in (1, 2):
-                        text = bytes(buf[s:e]).decode("utf-8", "replace")
-                        key, value = (text, value) if n == 1 else (key, text)
-                if key == "location":
-                    location = value
-            else:
-                _external_data(buf, sub, start, stop, found, depth + 1)
-    if location is not None:
-        found.append(location)
+        if sub == "entry" and wire == 2:
+            if [_string(buf, k) for k in _children(buf, start, stop, 1)] == ["location"]:
+                found += [_string(buf, v) for v in _children(buf, start, stop, 2)]
+        elif sub is not None and wire == 2:
+            _external_data(buf, sub, start, stop, found, depth + 1)
     return seen
-
-
-def _string(buf: memoryview, start: int, stop: int) -> str:
-    return bytes(buf[start:stop]).decode("utf-8", "replace")
 
 
 def _value_info(buf: memoryview, start: int, stop: int) -> tuple[str, int, tuple[int | None, ...] | None]:
     """A graph input/output: (name, element type, dims with None for symbolic ones; None when no shape is given)."""
-    name, elem, dims = "", 0, None
-    for n, w, s, e in _fields(buf, start, stop):
-        if n == 1 and w == 2:
-            name = _string(buf, s, e)
-        elif n == 2 and w == 2:  # TypeProto -> tensor_type
-            for n2, w2, s2, e2 in _fields(buf, s, e):
-                if n2 != 1 or w2 != 2:
-                    continue
-                for n3, w3, s3, e3 in _fields(buf, s2, e2):
-                    if n3 == 1 and w3 == 0:
-                        elem = s3
-                    elif n3 == 2 and w3 == 2:  # TensorShapeProto -> dim
-                        dims = tuple(
-                            next((v for dn, dw, v, _ in _fields(buf, s4, e4) if dn == 1 and dw == 0), None)
-                            for n4, w4, s4, e4 in _fields(buf, s3, e3)
-                            if n4 == 1 and w4 == 2
-                        )
+    name = next((_string(buf, span) for span in _children(buf, start, stop, 1)), "")
+    elem, dims = 0, None
+    for s, e in _children(buf, start, stop, 2):  # TypeProto
+        for s2, e2 in _children(buf, s, e, 1):  # tensor_type
+            elem = next(iter(_children(buf, s2, e2, 1, wire=0)), elem)
+            for s3, e3 in _children(buf, s2, e2, 2):  # TensorShapeProto: dim (dim_value, or a symbolic name)
+                dims = tuple(
+                    next(iter(_children(buf, s4, e4, 1, wire=0)), None) for s4, e4 in _children(buf, s3, e3, 1)
+                )
     return name, elem, dims
 
 
 def _graph_io(buf: memoryview) -> tuple[list, list]:
-    inputs: list = []
-    outputs: list = []
-    for number, wire, start, stop in _fields(buf, 0, len(buf)):
-        if number == 7 and wire == 2:
-            for n, w, s, e in _fields(buf, start, stop):
-                if n in (11, 12) and w == 2:
-                    (inputs if n == 11 else outputs).append(_value_info(buf, s, e))
+    graphs = _children(buf, 0, len(buf), 7)
+    inputs, outputs = (
+        [_value_info(buf, s, e) for gs, ge in graphs for s, e in _children(buf, gs, ge, n)] for n in (11, 12)
+    )
     return inputs, outputs
 
 
@@ -301,20 +286,25 @@ def _tensor(elem: int, dims: tuple[int | None, ...] | None) -> str:
     return f"{name} {'x'.join('N' if d is None else str(d) for d in dims or ())}".strip()
 
 
-def check_onnx(path: Path, digests: dict[str, str], expect: Expect) -> None:
-    """A whole ONNX model (ir_version and a graph) of the role the manifest gives it, whose external data, if any,
-    are files of the bundle that the manifest pins."""
+def _read_onnx(path: Path) -> tuple[set[int], list[str], list, list]:
+    """(top-level field numbers, external-data locations, graph inputs, graph outputs) of an ONNX file."""
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             buf = memoryview(m)
             try:
                 found: list[str] = []
                 seen = _external_data(buf, "model", 0, len(buf), found)
-                inputs, outputs = _graph_io(buf)
+                return (seen, found, *_graph_io(buf))
             finally:
                 buf.release()
     except ValueError as e:  # _Malformed, or mmap of an empty file
         raise corrupt(path, f"not a whole ONNX model: {e}") from None
+
+
+def check_onnx(path: Path, digests: dict[str, str], expect: Expect) -> None:
+    """A whole ONNX model (ir_version and a graph) of the role the manifest gives it, whose external data, if any,
+    are files of the bundle that the manifest pins."""
+    seen, found, inputs, outputs = _read_onnx(path)
     if not {1, 7} <= seen:
         raise corrupt(path, "not an ONNX model: no IR version or no graph")
     for location in found:
@@ -327,18 +317,18 @@ def check_onnx(path: Path, digests: dict[str, str], expect: Expect) -> None:
     if len(inputs) != 1:
         raise corrupt(path, f"{len(inputs)} inputs, a {expect.role} encoder takes one ({want})")
     _, elem, dims = inputs[0]
-    fits = dims is None or (
-        len(dims) == len(expect.input_dims)
-        and all(d is None or w is None or d == w for d, w in zip(dims, expect.input_dims))
-    )
-    if elem != expect.input_type or not fits:
+    if elem != expect.input_type or not _fits(dims, expect.input_dims):
         raise corrupt(path, f"it takes {_tensor(elem, dims)}, a {expect.role} encoder of this bundle takes {want}")
-    output = next((o for o in outputs if o[0] == expect.output), None)
-    if output is None:
+    last = next((o[2][-1] if o[2] else None for o in outputs if o[0] == expect.output), "missing")
+    if last == "missing":
         raise corrupt(path, f"no {expect.output} output: it is not a {expect.role} encoder")
-    last = output[2][-1] if output[2] else None
-    if expect.output_width is not None and last is not None and last != expect.output_width:
+    if None not in (expect.output_width, last) and last != expect.output_width:
         raise corrupt(path, f"its {expect.output} are {last} wide, the manifest says {expect.output_width}")
+
+
+def _fits(dims: tuple[int | None, ...] | None, want: tuple[int | None, ...]) -> bool:
+    """Dims that can be ``want`` (None on either side: any); no shape given fits too."""
+    return dims is None or (len(dims) == len(want) and all(None in (d, w) or d == w for d, w in zip(dims, want)))
 
 
 # --- text embeddings, tokenizer, names ------------------------------------------------------------------------------
@@ -415,31 +405,28 @@ def check_hnsw(path: Path, count: int, dim: int) -> None:
     (offset0, _max, n, per_element, label_offset, offset_data, max_level, entry, max_m, max_m0, m, _mult, _ef) = (
         _HNSW_HEADER.unpack_from(data)
     )
-    links0 = max_m0 * 4 + 4
     if n != count:
         raise corrupt(path, f"an index of {n} entries, the manifest says {count}")
-    if (
-        offset0 != 0
-        or offset_data != links0
-        or label_offset != links0 + dim * 4
-        or per_element != label_offset + 8
-        or not 0 < m <= max_m <= max_m0 <= 4096
-        or not 0 <= max_level < 64
-        or not 0 <= entry < n
-    ):
+    links0 = max_m0 * 4 + 4
+    layout = (offset0, offset_data, label_offset, per_element) == (0, links0, links0 + dim * 4, links0 + dim * 4 + 8)
+    if not (layout and 0 < m <= max_m <= max_m0 <= 4096 and 0 <= max_level < 64 and 0 <= entry < n):
         raise corrupt(path, f"its header does not describe an index of {dim}-dimensional vectors")
-    pos = _HNSW_HEADER.size
-    level0_end = pos + n * per_element
-    if level0_end > len(data):
+    end = _HNSW_HEADER.size + n * per_element
+    if end > len(data):
         raise corrupt(path, "truncated")
-    level0 = np.frombuffer(data, np.uint8, n * per_element, pos).reshape(n, per_element)
+    level0 = np.frombuffer(data, np.uint8, n * per_element, _HNSW_HEADER.size).reshape(n, per_element)
     sizes = level0[:, :4].copy().view(np.uint32)[:, 0] & 0xFFFF
     links = level0[:, 4:links0].copy().view(np.uint32)
     labels = level0[:, label_offset:].copy().view(np.uint64)[:, 0]
     used = np.arange(max_m0)[None, :] < sizes[:, None]
     if (sizes > max_m0).any() or (links[used] >= n).any() or (labels >= count).any():
         raise corrupt(path, "links or labels out of range")
-    pos, per_level = level0_end, max_m * 4 + 4
+    _check_upper_levels(path, data, end, n, max_m, max_level)
+
+
+def _check_upper_levels(path: Path, data: bytes, pos: int, n: int, max_m: int, max_level: int) -> None:
+    """After level 0, each of the ``n`` elements' upper levels: a byte count, then per level a link count and links."""
+    per_level = max_m * 4 + 4
     for _ in range(n):
         if pos + 4 > len(data):
             raise corrupt(path, "truncated")
@@ -447,8 +434,7 @@ def check_hnsw(path: Path, count: int, dim: int) -> None:
         pos += 4
         if size % per_level or size // per_level > max_level or pos + size > len(data):
             raise corrupt(path, "an element's upper levels do not fit the index")
-        for level in range(size // per_level):
-            start = pos + level * per_level
+        for start in range(pos, pos + size, per_level):
             k = struct.unpack_from("<I", data, start)[0] & 0xFFFF
             if k > max_m or any(x >= n for x in struct.unpack_from(f"<{k}I", data, start + 4)):
                 raise corrupt(path, "links out of range")
