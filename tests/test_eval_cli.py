@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from ovseg.benchmarks.eval.state import state_path
 from ovseg.benchmarks.eval.vis import LEGEND_WIDTH, PANEL_WIDTH, TITLE_HEIGHT
 from ovseg.constants import RANDOM_WEIGHTS_WARNING
 from ovseg.profiles import DEFAULT_PROFILE, get_profile
+from ovseg.runtime import Segmenter
 from ovseg.runtime.result import Result, Segment
 from ovseg.runtime.segmenter import SegmenterConfig
 
@@ -73,8 +75,9 @@ def halves_prediction(shape) -> np.ndarray:
 
 
 def run(argv, fake=None) -> int:
-    fake = fake or FakeSegmenter()
-    return cli.main([str(a) for a in argv], open_segmenter=fake.open)
+    """ovseg-eval with ``fake`` opened in place of Segmenter.from_bundle."""
+    with mock.patch.object(Segmenter, "from_bundle", (fake or FakeSegmenter()).open):
+        return cli.main([str(a) for a in argv])
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 
 from ovseg import _native
 from ovseg.constants import RANDOM_WEIGHTS_WARNING
+from ovseg.runtime import Segmenter
 from ovseg.runtime.bundle.manifest import BundleError
 from ovseg.runtime.io.display import draw_status, has_display
 from ovseg.runtime.io.sources import VideoFileSource
@@ -89,8 +91,9 @@ def video(tmp_path_factory) -> Path:
 
 
 def run(argv: list[str], fake: FakeSegmenter | None = None) -> int:
-    fake = fake or FakeSegmenter()
-    return cli.main(argv, open_segmenter=fake.open)
+    """ovseg-run with ``fake`` opened in place of Segmenter.from_bundle."""
+    with mock.patch.object(Segmenter, "from_bundle", (fake or FakeSegmenter()).open):
+        return cli.main(argv)
 
 
 # --- plumbing, with a fake segmenter -----------------------------------------------------------------------
@@ -227,6 +230,7 @@ SLOW_RUN = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from test_run_cli import FakeSegmenter
+from ovseg.runtime import Segmenter
 from ovseg.runtime.tools import run as cli
 
 class Slow(FakeSegmenter):
@@ -235,7 +239,8 @@ class Slow(FakeSegmenter):
         time.sleep(0.1 if self.calls < 3 else 1.0)
         return super().__call__(image)
 
-sys.exit(cli.main({argv!r}, open_segmenter=Slow().open))
+Segmenter.from_bundle = Slow().open
+sys.exit(cli.main({argv!r}))
 """
 
 
@@ -287,7 +292,8 @@ def test_segmenter_errors_are_one_line_errors(video, capsys):
     def broken_bundle(path, **kwargs):
         raise BundleError(f"no bundle at {path}: run `ovseg-export --out {path}` first\n(detail)")
 
-    assert cli.main(["--bundle", "/nowhere", "--video", str(video), "--no-show"], open_segmenter=broken_bundle) == 2
+    with mock.patch.object(Segmenter, "from_bundle", broken_bundle):
+        assert cli.main(["--bundle", "/nowhere", "--video", str(video), "--no-show"]) == 2
     assert (
         capsys.readouterr().err.strip().splitlines()[-1]
         == "ovseg-run: error: no bundle at /nowhere: run `ovseg-export --out /nowhere` first"
@@ -306,7 +312,7 @@ def test_segmenter_errors_are_one_line_errors(video, capsys):
 )
 def test_argument_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(argv, open_segmenter=FakeSegmenter().open)
+        cli.main(argv)
     assert exit_.value.code == 2
 
 

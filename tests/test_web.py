@@ -8,6 +8,7 @@ import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -516,7 +517,7 @@ def test_address(text, address):
 )
 def test_web_and_loop_argument_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["--sample", *argv] if "--camera" not in argv else argv, open_segmenter=FakeSegmenter().open)
+        cli.main(["--sample", *argv] if "--camera" not in argv else argv)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("ovseg-run: error: ")
 
@@ -524,11 +525,7 @@ def test_web_and_loop_argument_errors_exit_2(argv, capsys):
 def test_loop_starts_a_video_again_after_its_last_frame(tmp_path: Path, capsys):
     video = write_video(tmp_path / "clip.mp4", n=5)
     fake = FakeSegmenter()
-    assert (
-        cli.main(
-            ["--video", str(video), "--loop", "--max-frames", "12", "--json", "--no-show"], open_segmenter=fake.open
-        )
-        == 0
-    )
+    with mock.patch.object(Segmenter, "from_bundle", fake.open):
+        assert cli.main(["--video", str(video), "--loop", "--max-frames", "12", "--json", "--no-show"]) == 0
     frames = [json.loads(line)["frame"] for line in capsys.readouterr().out.splitlines()]
     assert frames == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]

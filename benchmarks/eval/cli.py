@@ -364,20 +364,18 @@ def _versions() -> dict:
     }
 
 
-def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = None) -> int:
-    """Run ovseg-eval; ``open_segmenter`` replaces ``Segmenter.from_bundle`` (tests inject a fake)."""
+def main(argv: list[str] | None = None) -> int:
+    """Run ovseg-eval."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.refine == "segments" and args.protocol != "guided":
         parser.error(
             "--refine segments votes guided-mode logits inside segments: use it with --protocol guided, or --refine edges"
         )
-    if open_segmenter is None:
-        from ovseg.runtime.segmenter import Segmenter
+    from ovseg.runtime.segmenter import Segmenter
 
-        open_segmenter = Segmenter.from_bundle
     with ovseg.cli.log_lines(PROG, logging.WARNING):  # a random-weights bundle, an unreadable image: one line each
-        return ovseg.cli.run_cli(PROG, functools.partial(_run, args, open_segmenter))
+        return ovseg.cli.run_cli(PROG, functools.partial(_run, args, Segmenter.from_bundle))
 
 
 if __name__ == "__main__":

@@ -313,20 +313,20 @@ def _frames(source: Source, loop: bool) -> Iterator[Frame]:
             return
 
 
-def main(argv: list[str] | None = None, *, open_segmenter: Callable | None = None) -> int:
-    """Run ovseg-run; ``open_segmenter`` replaces ``Segmenter.from_bundle`` (tests inject a fake)."""
+def main(argv: list[str] | None = None) -> int:
+    """Run ovseg-run."""
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     quiet_opencv()
 
     def body() -> int:
-        opener = open_segmenter
+        opener: Callable
         if args.server:
             from ..triton.client import parse_servers, remote_opener
 
             opener = remote_opener(parse_servers(args.server))
-        elif opener is None:
+        else:
             from ..segmenter import Segmenter  # onnxruntime loads here, after --help and argument errors
 
             opener = Segmenter.from_bundle
