@@ -1,9 +1,9 @@
-"""ovseg-bench: per-stage latency, scaling sweeps, the naive TAG reference, a roofline and video throughput.
+"""ovseg-bench: per-stage latency, the K and backend sweeps, the naive TAG reference and video throughput.
 
-    ovseg-bench --bundle DIR [--quick] [--out results.json] [--csv results.csv] [--plot DIR] [--markdown perf.md]
+    ovseg-bench --bundle DIR [--quick] [--out results.json] [--csv results.csv] [--markdown perf.md]
 
 Timings on a shared machine are noisy: comparisons are ratios of runs interleaved in one loop
-(GEMM and encoders, ovseg and the naive reference), and the load average is recorded.
+(ovseg and the naive reference), and the load average is recorded.
 Exit status: 0 when every section ran (targets may still be missed: they are results), 1 when a
 section failed (its one-line error is in the table and the JSON), 2 for a usage or bundle error.
 """
@@ -28,13 +28,8 @@ from ovseg.constants import ovseg_home
 from ovseg.errors import OvsegError
 
 PROG = "ovseg-bench"
-SECTIONS = ("roofline", "segments", "backends", "int8", "vocabulary", "video", "sizes", "naive")
-# Multiples of both patch sizes (14 and 16): the size sweep runs both encoders at S. DINOv2's native 518 is not a multiple
-# of 16 and could never run; --sizes still takes any size and reports those it cannot measure.
-DEFAULT_SIZES = (224, 336, 448)
+SECTIONS = ("segments", "backends", "video", "naive")
 DEFAULT_KS = (5, 10, 15, 24, 32, 48, 64)
-DEFAULT_VOCAB = (1_000, 10_000, 100_000, 1_000_000)
-DEFAULT_EFS = (16, 32, 64, 128, 256, 512)
 
 
 class BenchError(OvsegError):
@@ -51,10 +46,7 @@ class Plan:
     main_seconds: float
     min_runs: int
     warmup: int
-    sizes: list[int]
     ks: list[int]
-    vocab_sizes: list[int]
-    efs: list[int]
     video_frames: int
     naive_pairs: int
     record_frames: int
@@ -83,13 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="short budgets and small sweeps (vocabulary up to 10k; run time in docs/DESIGN.md)",
+        help="short budgets and a small K sweep",
     )
     p.add_argument("--out", type=Path, metavar="results.json", help="write every result as JSON")
     p.add_argument(
         "--csv", type=Path, metavar="results.csv", help="write every result as CSV rows (section, key, value)"
     )
-    p.add_argument("--plot", type=Path, metavar="DIR", help="write PNG charts here")
     p.add_argument("--markdown", type=Path, metavar="FILE.md", help="write docs/performance.md's tables from this run")
     p.add_argument(
         "--backend",
@@ -124,28 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of the generated video frames (default 640x480)",
     )
     p.add_argument(
-        "--sizes",
-        type=_ints,
-        metavar="S,S,...",
-        help=f"input sizes, both encoders at each (default {','.join(map(str, DEFAULT_SIZES))}; --quick: the bundle's, and 224 if a sweep bundle of it is cached; --quick exports none)",
-    )
-    p.add_argument(
         "--segments",
         type=_ints,
         metavar="K,K,...",
         help=f"K values (default {','.join(map(str, DEFAULT_KS))}; --quick 5,15,64)",
-    )
-    p.add_argument(
-        "--vocab-sizes",
-        type=_ints,
-        metavar="V,V,...",
-        help="vocabulary sizes (default 1000,10000,100000,1000000; --quick up to 10000)",
-    )
-    p.add_argument(
-        "--efs",
-        type=_ints,
-        metavar="EF,EF,...",
-        help=f"HNSW ef values (default {','.join(map(str, DEFAULT_EFS))}; --quick 16,64,256)",
     )
     p.add_argument(
         "--video-frames", type=int, metavar="N", help="frames per ovseg-run video run (default 30, --quick 4)"
@@ -192,22 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="the bundle was exported from tiny_clip() and a seeded random tiny DINOv2 (the tests' fixture)",
     )
     p.add_argument(
-        "--cache", type=Path, metavar="DIR", help="cache of sweep bundles and HNSW indexes (default $OVSEG_HOME/bench)"
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="cache of the bundles --profiles and --soak --tiny-models export (default $OVSEG_HOME/bench)",
     )
     return p
 
 
-def make_plan(args: argparse.Namespace, bundle_size: int | None) -> Plan:
-    """``bundle_size``: the bundle's input size, None when each encoder has its own (--quick sweeps 224 only)."""
+def make_plan(args: argparse.Namespace) -> Plan:
     q = args.quick
     return Plan(
         main_seconds=args.seconds if args.seconds is not None else (6.0 if q else 30.0),
         min_runs=args.min_runs or (4 if q else 20),
         warmup=1 if q else 2,
-        sizes=args.sizes or (sorted({224, bundle_size or 224}) if q else list(DEFAULT_SIZES)),
         ks=args.segments or ([5, 15, 64] if q else list(DEFAULT_KS)),
-        vocab_sizes=args.vocab_sizes or ([v for v in DEFAULT_VOCAB if v <= 10_000] if q else list(DEFAULT_VOCAB)),
-        efs=args.efs or ([16, 64, 256] if q else list(DEFAULT_EFS)),
         video_frames=args.video_frames or (4 if q else 30),
         naive_pairs=2 if q else 5,
         record_frames=4 if q else 8,
@@ -242,20 +214,17 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    from ovseg.runtime.bundle.manifest import common_size, describe_sizes, read_manifest
+    from ovseg.runtime.bundle.manifest import describe_sizes, read_manifest
     from ovseg.runtime.segmenter import SegmenterConfig
 
-    from . import latency, sweeps
-    from .report import PEAK_FRACTION_MIN, targets
-    from .roofline import GemmPeak, cached_flops, profile_ops, roofline
+    from . import latency
+    from .report import targets
     from .timing import Budget, environment, peak_rss_mb
     from .video import measure_video
 
-    cache = (args.cache or ovseg_home() / "bench").expanduser()
     bundle = args.bundle.expanduser()
     manifest = read_manifest(bundle)
-    sizes = manifest.image_sizes
-    plan = make_plan(args, common_size(sizes))
+    plan = make_plan(args)
     doc: dict = {
         "schema": "ovseg-bench/1",
         "command": [PROG, *argv],
@@ -266,8 +235,8 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     }
     skip = set(args.skip)
     say(
-        f"bundle {bundle} ({describe_sizes(sizes)}, CLIP {manifest.clip.model}, DINOv2 {manifest.dinov2.model}"
-        f"{', random weights' if manifest.random_weights else ''}); {args.threads} threads"
+        f"bundle {bundle} ({describe_sizes(manifest.image_sizes)}, CLIP {manifest.clip.model}, DINOv2 "
+        f"{manifest.dinov2.model}{', random weights' if manifest.random_weights else ''}); {args.threads} threads"
     )
 
     def section(name: str, fn, *where: str):
@@ -296,85 +265,32 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     main_budget = Budget(plan.warmup, plan.min_runs, plan.main_seconds)
     small_budget = Budget(plan.warmup, max(3, plan.min_runs // 2), plan.main_seconds / 2)
     k_budget = Budget(plan.warmup, max(5, plan.min_runs), 1.0 if args.quick else 3.0)
-    vocab_budget = Budget(2, 10, 0.3 if args.quick else 1.0)
 
-    # 1. the main measurement; the roofline's GEMM runs right before every frame when the roofline is on
+    # 1. the main measurement
     opened = latency.open_recorded(
         bundle, args.threads, SegmenterConfig(), keep=plan.record_frames, backend=args.backend, precision=args.precision
     )
-    if args.backend != "cpu" and "roofline" not in skip:
-        skip.add("roofline")
-        doc["skipped"]["roofline"] = "the GEMM peak is measured on the CPU, the encoders ran on the GPU"
-    gemm = GemmPeak(args.threads) if "roofline" not in skip else None
     say(
         f"timing every stage on {len(frames)} clip frames ({args.frame[0]}x{args.frame[1]}), "
         f"{plan.main_seconds:.0f} s and {plan.min_runs} frames at least"
     )
-    main = latency.measure(opened.segmenter, frames, main_budget, bundle=bundle, gemm=gemm)
+    main = latency.measure(opened.segmenter, frames, main_budget, bundle=bundle)
     doc["latency"] = asdict(main)
-    doc["peak_rss_mb_ovseg"] = round(peak_rss_mb(), 1)  # before the FLOP count, the sweeps and torch add to it
-
-    def roofline_section():
-        encoders = {"dinov2": manifest.dinov2, "clip": manifest.clip}
-        flops = {
-            role: cached_flops(
-                bundle / info.files["fp32"], info.image_size, manifest.sha256.get(info.files["fp32"]), cache
-            )
-            for role, info in encoders.items()
-        }
-        roof = roofline(flops, main.per_frame, gemm)
-        if args.quick and roof.fraction_of_peak.p50 >= PEAK_FRACTION_MIN:
-            return roof  # the op profile explains a miss; --quick spends its two extra runs per encoder only then
-        for role, info in encoders.items():
-            roof.encoders[role].profile = profile_ops(
-                bundle / info.files["fp32"], info.image_size, args.threads, flops[role].gflop, roof.gemm_gflops
-            )
-        return roof
-
-    section("roofline", roofline_section, "roofline")
-    gemm = None
+    doc["peak_rss_mb_ovseg"] = round(peak_rss_mb(), 1)  # before the sweeps and torch add to it
 
     # 2. sweeps in this process (the encoders' recorded outputs serve the K sweep)
     doc["sweeps"] = {}
     section("segments", lambda: latency.sweep_k(opened, frames, plan.ks, k_budget), "sweeps", "segments")
-
-    @functools.cache
-    def same_size_bundle() -> Path | None:  # for precisions the main bundle lacks (fp16); not in --quick
-        return sweeps.bundle_for_size(bundle, manifest, sizes, cache, say, own=False).bundle
-
     section(
         "backends",
         lambda: latency.sweep_backends(
-            bundle,
-            manifest,
-            frames,
-            small_budget,
-            args.threads,
-            main,
-            ort.get_available_providers(),
-            None if args.quick else same_size_bundle,
+            bundle, manifest, frames, small_budget, args.threads, main, ort.get_available_providers()
         ),
         "sweeps",
         "backends",
     )
 
-    def int8_section():
-        from .bench_int8 import (
-            run as int8_encoders,  # fp32 vs int8 encoders alone, interleaved (ovseg-calib's benchmark)
-        )
-
-        return int8_encoders(bundle, args.threads, small_budget)
-
-    if all("int8" in info.files for info in (manifest.clip, manifest.dinov2)):
-        section("int8", int8_section, "sweeps", "int8_encoders")
-    section(
-        "vocabulary",
-        lambda: sweeps.sweep_vocabulary(plan.vocab_sizes, plan.efs, vocab_budget, args.threads, cache, say),
-        "sweeps",
-        "vocabulary",
-    )
-
-    # 3. other processes: ovseg-run on the clip, exports for the size sweep
+    # 3. ovseg-run on the clip, in a process of its own
     section(
         "video",
         lambda: measure_video(
@@ -382,27 +298,6 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
         ),
         "video",
     )
-
-    def size_point(size: int) -> dict:
-        where = sweeps.bundle_for_size(
-            bundle, manifest, sweeps.same_size(size), cache, say, export=not args.quick
-        )  # --quick: cached sizes only
-        point = {
-            "size": size,
-            "bundle": str(where.bundle) if where.bundle else None,
-            "skipped": where.skipped,
-            "export_s": where.export_s,
-            "latency": doc["latency"] if where.bundle == bundle else None,
-        }
-        if where.bundle is not None and where.bundle != bundle:  # sweep bundles are fp32 only
-            other = latency.open_recorded(where.bundle, args.threads, SegmenterConfig(), keep=0, backend=args.backend)
-            try:
-                point["latency"] = asdict(latency.measure(other.segmenter, frames, small_budget, bundle=where.bundle))
-            finally:
-                other.segmenter.close()
-        return point
-
-    section("sizes", lambda: [size_point(size) for size in plan.sizes], "sweeps", "input_size")
 
     # 4. last, as it imports torch: the naive reference on an S x S frame
     def naive_section():
@@ -418,7 +313,7 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
 
     doc["environment"]["load_average_end"] = round(os.getloadavg()[0], 2)
     doc["peak_rss_mb_process"] = round(peak_rss_mb(), 1)
-    doc = json.loads(json.dumps(doc, default=_jsonable))  # what the JSON file holds (e.g. ef keys become strings)
+    doc = json.loads(json.dumps(doc, default=_jsonable))  # what the JSON file holds
     doc["targets"] = [{**asdict(t), "verdict": t.verdict} for t in targets(doc)]
     return doc
 
@@ -456,8 +351,6 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if not args.profiles and (args.profile_bundle or args.scenes or args.seeds):
         raise BenchError("--profile-bundle, --scenes and --seeds belong to --profiles: add it, or leave them out")
-    if args.profiles and args.plot:
-        raise BenchError("--plot draws the sections' charts, which --profiles does not run: leave one out")
 
 
 def _measure(args: argparse.Namespace, argv: list[str]) -> dict:
@@ -482,7 +375,7 @@ def _measure(args: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def _write_outputs(args: argparse.Namespace, doc: dict, markdown: Callable[[dict, list[str]], str]) -> None:
-    """--out, --csv, --markdown and --plot, each where it was asked for."""
+    """--out, --csv and --markdown, each where it was asked for."""
     from . import report
 
     if args.out:
@@ -493,18 +386,13 @@ def _write_outputs(args: argparse.Namespace, doc: dict, markdown: Callable[[dict
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(doc, [_reproduce(doc)]))
-    if args.plot:
-        from .plots import write_plots
-
-        for path in write_plots(doc, args.plot):
-            say(f"wrote {path}")
 
 
 def run_soak(args: argparse.Namespace, argv: list[str]) -> int:
     from . import soak
 
-    if args.soak < soak.MIN_FRAMES or args.profiles or args.plot or args.markdown or args.csv:
-        raise BenchError(f"--soak N takes N >= {soak.MIN_FRAMES} frames and no --profiles, --plot, --markdown or --csv")
+    if args.soak < soak.MIN_FRAMES or args.profiles or args.markdown or args.csv:
+        raise BenchError(f"--soak N takes N >= {soak.MIN_FRAMES} frames and no --profiles, --markdown or --csv")
     bundle = args.bundle
     if args.tiny_models and not any(a == "--bundle" or a.startswith("--bundle=") for a in argv):
         bundle = soak.tiny_bundle((args.cache or ovseg_home() / "bench").expanduser(), say)
@@ -525,7 +413,7 @@ def _reproduce(doc: dict) -> str:
     """The command line of this run, without the output options (shell-quoted)."""
     import shlex
 
-    words, drop = doc["command"], {"--out", "--csv", "--plot", "--markdown"}
+    words, drop = doc["command"], {"--out", "--csv", "--markdown"}
     kept = [w for i, w in enumerate(words) if w not in drop and (i == 0 or words[i - 1] not in drop)]
     return " ".join(shlex.quote(w) for w in kept)
 

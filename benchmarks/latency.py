@@ -8,8 +8,7 @@ wrapped in a ``Recorder``, so one measurement loop also yields the encoder outpu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from ovseg.runtime.pipeline.encoders import Engines
 from ovseg.runtime.pipeline.lookup import LabelIndex
 from ovseg.runtime.segmenter import Segmenter, SegmenterConfig
 
-from .roofline import GemmPeak
 from .timing import Budget, Stats, peak_rss_mb, repeat
 
 
@@ -108,34 +106,22 @@ class StageLatency:
     frame: tuple[int, int]  # width, height of the input frames
     stages: dict[str, Stats]
     overhead_ratio: Stats | None = None  # per frame: total / (dinov2 + clip)
-    gemm_ms: Stats | None = None  # the roofline's GEMM, timed once before every frame
     peak_rss_mb: float | None = None
-    per_frame: dict[str, list[float]] = field(
-        default_factory=dict
-    )  # raw ms of dinov2, clip, total (and gemm) per timed frame
 
 
-def measure(
-    seg: Segmenter, frames: list[np.ndarray], budget: Budget, *, bundle: Path, gemm: GemmPeak | None = None
-) -> StageLatency:
-    """Time ``seg`` on ``frames`` cyclically; with ``gemm``, one GEMM run before every frame (the interleaved roofline)."""
+def measure(seg: Segmenter, frames: list[np.ndarray], budget: Budget, *, bundle: Path) -> StageLatency:
+    """Time ``seg`` on ``frames`` cyclically."""
     samples: dict[str, list[float]] = {s: [] for s in STAGES}
-    gemm_ms: list[float] = []
 
     def call(i: int) -> None:
-        g = gemm.run() if gemm is not None else None
         t = seg(frames[i % len(frames)]).timings
-        if i < budget.warmup:
-            return
-        for stage in samples:
-            samples[stage].append(t.get(stage, 0.0))
-        if g is not None:
-            gemm_ms.append(g)
+        if i >= budget.warmup:
+            for stage in samples:
+                samples[stage].append(t.get(stage, 0.0))
 
     repeat(call, budget)
     stages = {s: Stats.of(v) for s, v in samples.items() if any(v)}
     ratios = [t / (d + c) for t, d, c in zip(samples["total"], samples["dinov2"], samples["clip"]) if d + c > 0]
-    per_frame = {s: samples[s] for s in ("dinov2", "clip", "total")} | ({"gemm": gemm_ms} if gemm_ms else {})
     h, w = frames[0].shape[:2]
     return StageLatency(
         str(bundle),
@@ -145,9 +131,7 @@ def measure(
         (w, h),
         stages,
         Stats.of(ratios) if ratios else None,
-        Stats.of(gemm_ms) if gemm_ms else None,
         round(peak_rss_mb(), 1),
-        per_frame,
     )
 
 
@@ -189,7 +173,6 @@ class BackendPoint:
     precision: str
     latency: StageLatency | None = None
     skipped: str = ""  # why it was not measured
-    note: str = ""  # e.g. measured on another bundle of the same architectures
 
 
 def _has(manifest: Manifest, backend: str, precision: str) -> list[str]:
@@ -209,13 +192,8 @@ def sweep_backends(
     threads: int,
     measured: StageLatency,
     available: list[str],
-    fallback: Callable[[], Path | None] | None = None,
 ) -> list[BackendPoint]:
-    """ORT fp32, fp16 and int8 when the bundle has them, CUDA / TensorRT when ONNX Runtime has them; the main run is one.
-
-    A precision the bundle lacks is measured on ``fallback()`` (a random-weights bundle of the same architectures and
-    size; weights do not change latency) when that has it, and says so.
-    """
+    """ORT fp32, fp16 and int8 when the bundle has them, CUDA / TensorRT when ONNX Runtime has them; the main run is one."""
     points = [BackendPoint(measured.backend, measured.precision, measured)]
     gpu = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
     combos = [
@@ -232,19 +210,7 @@ def sweep_backends(
         if backend in gpu and gpu[backend] not in available:
             points.append(BackendPoint(backend, precision, skipped=f"no GPU: ONNX Runtime has {', '.join(available)}"))
             continue
-        where, note = bundle, ""
         missing = _has(manifest, backend, precision)
-        if (
-            missing
-            and fallback is not None
-            and (other := fallback()) is not None
-            and not _has(read_manifest(other), backend, precision)
-        ):
-            where, note, missing = (
-                other,
-                f"measured on the random-weights sweep bundle {other.name} (same architectures and size)",
-                [],
-            )
         if missing:
             points.append(
                 BackendPoint(
@@ -253,12 +219,12 @@ def sweep_backends(
             )
             continue
         try:
-            seg = Segmenter.from_bundle(where, backend=backend, precision=precision, threads=threads)
+            seg = Segmenter.from_bundle(bundle, backend=backend, precision=precision, threads=threads)
         except SegmenterError as e:
-            points.append(BackendPoint(backend, precision, skipped=str(e).splitlines()[0], note=note))
+            points.append(BackendPoint(backend, precision, skipped=str(e).splitlines()[0]))
             continue
         try:
-            points.append(BackendPoint(backend, precision, measure(seg, frames, budget, bundle=where), note=note))
+            points.append(BackendPoint(backend, precision, measure(seg, frames, budget, bundle=bundle)))
         finally:
             seg.close()
     return points

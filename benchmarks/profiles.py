@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,6 @@ from ovseg.cli import run_cli
 from ovseg.profiles import PROFILES, Profile
 
 from .report import Target
-from .sweeps import slug
 from .targets import (
     PROFILE_BALANCED_MIN_QUALITY,
     PROFILE_BALANCED_MIN_SPEEDUP,
@@ -111,6 +111,10 @@ def profile_bundle(name: str, cache: Path, given: dict[str, Path], say) -> tuple
     if done.returncode != 0:
         raise RuntimeError(f"ovseg-export --profile {name} failed: {_last_line(done.stderr, done.returncode)}")
     return out, round(time.perf_counter() - start, 1)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
 def _last_line(text: str, code: int) -> str:

@@ -1,4 +1,4 @@
-"""Turning ovseg-bench results (one JSON-able dict) into targets, a terminal table, CSV and PNG charts."""
+"""Turning ovseg-bench results (one JSON-able dict) into targets, a terminal table, CSV and docs/performance.md."""
 
 from __future__ import annotations
 
@@ -9,17 +9,7 @@ from pathlib import Path
 from ovseg.constants import STAGES
 from ovseg.runtime.bundle.manifest import common_size, describe_sizes
 
-from .roofline import GEMM_CLASS
-from .targets import (
-    HNSW_MAX_MS,
-    HNSW_MIN_RECALL,
-    HNSW_SIZE,
-    NAIVE_MIN_AGREEMENT,
-    NAIVE_MIN_SPEEDUP,
-    OVERHEAD_MAX,
-    PEAK_FRACTION_MIN,
-    TARGET_SIZE,
-)
+from .targets import NAIVE_MIN_AGREEMENT, NAIVE_MIN_SPEEDUP, OVERHEAD_MAX, TARGET_SIZE
 
 IDLE_LOAD = 0.25  # load average per CPU at the start under which the machine counts as otherwise idle
 # Table order: the Segmenter's stages, and the naive reference's "assign" (pixels to k-means centres; naive.NAIVE_STAGES)
@@ -46,28 +36,18 @@ def size_text(lat: dict) -> str:
     return describe_sizes(lat["image_sizes"])
 
 
-def _latency_at(doc: dict, size: int) -> dict | None:
-    main = doc.get("latency")
-    if main and common_size(main["image_sizes"]) == size:
-        return main
-    for point in (doc.get("sweeps") or {}).get("input_size") or []:
-        if point["size"] == size and point.get("latency"):
-            return point["latency"]
-    return None
-
-
 def _why(doc: dict, section: str, default: str = "not run") -> str:
     return (doc.get("errors") or {}).get(section) or (doc.get("skipped") or {}).get(section) or default
 
 
 def targets(doc: dict) -> list[Target]:
-    return [_overhead(doc), _naive(doc), _roofline(doc), _hnsw(doc)]
+    return [_overhead(doc), _naive(doc)]
 
 
 def _overhead(doc: dict) -> Target:
     name, goal = "runtime overhead", f"total <= {OVERHEAD_MAX:.2f} x (DINOv2 + CLIP) at {TARGET_SIZE}"
-    lat = _latency_at(doc, TARGET_SIZE)
-    if lat is None or not lat.get("overhead_ratio"):
+    lat = doc.get("latency")
+    if not lat or common_size(lat["image_sizes"]) != TARGET_SIZE or not lat.get("overhead_ratio"):
         return Target(name, goal, "-", None, None, f"no guidance-free measurement at {TARGET_SIZE} in this run")
     ratio = lat["overhead_ratio"]["p50"]
     st = lat["stages"]
@@ -119,77 +99,6 @@ def _naive(doc: dict) -> Target:
             f"everything else {rest_o:.0f} ms vs {rest_v:.0f} ms"
         )
     return Target(name, goal, measured, speedup, passed, reason)
-
-
-def _roofline(doc: dict) -> Target:
-    name, goal = "encoders vs GEMM peak", f">= {PEAK_FRACTION_MIN:.0%} of the measured fp32 GEMM peak"
-    r = doc.get("roofline")
-    if not r:
-        return Target(name, goal, "-", None, None, _why(doc, "roofline"))
-    frac = r["fraction_of_peak"]["p50"]
-    per = ", ".join(f"{k} {v['gflops']:.0f} GFLOP/s ({v['fraction_of_peak']:.0%})" for k, v in r["encoders"].items())
-    measured = f"{frac:.1%} (median per frame; {per}; GEMM {r['gemm_gflops']:.0f} GFLOP/s)"
-    passed = frac >= PEAK_FRACTION_MIN
-    reason = "" if passed else _profile_reason(r)
-    return Target(name, goal, measured, frac, passed, reason)
-
-
-def _profile_reason(r: dict) -> str:
-    """Where the encoders' time goes, from the profiled run: MatMul-class kernels' own rate and the other kernels' share."""
-    parts = []
-    for role, e in r["encoders"].items():
-        p = e.get("profile")
-        if not p or not p["run_ms"]:
-            continue
-        others = [(k, v) for k, v in p["by_op_ms"].items() if k not in GEMM_CLASS][:3]
-        parts.append(
-            f"{role}: MatMul/Gemm/Conv kernels take {p['gemm_class_ms'] / p['run_ms']:.0%} of the profiled run at "
-            f"{p['gemm_class_fraction_of_peak']:.0%} of peak; the rest is "
-            + ", ".join(f"{k} {v / p['run_ms']:.0%}" for k, v in others)
-        )
-    return "; ".join(parts) or "no op profile in this run"
-
-
-def _hnsw(doc: dict) -> Target:
-    name, goal = (
-        "HNSW at 1M",
-        f"{15} segments in {HNSW_SIZE:,} entries <= {HNSW_MAX_MS} ms, recall@1 >= {HNSW_MIN_RECALL}",
-    )
-    vocab = (doc.get("sweeps") or {}).get("vocabulary")
-    point = next((p for p in (vocab or {}).get("points", []) if p["size"] == HNSW_SIZE), None)
-    if point is None:
-        return Target(
-            name,
-            goal,
-            "-",
-            None,
-            None,
-            _why(doc, "vocabulary", f"no {HNSW_SIZE:,}-entry vocabulary in this run (--quick stops at 10k)"),
-        )
-    ef = str(vocab["default_ef"])
-    ms, recall = point["hnsw"][ef]["p50"], point["recall"][ef]
-    measured = f"{ms:.3f} ms, recall@1 {recall:.3f} at ef={ef} (M={point['hnsw_params']['M']})"
-    passed = ms <= HNSW_MAX_MS and recall >= HNSW_MIN_RECALL
-    reason = ""
-    if not passed:
-        fast_enough = [int(e) for e, s in point["hnsw"].items() if s["p50"] <= HNSW_MAX_MS]
-        good_enough = [int(e) for e, r in point["recall"].items() if r >= HNSW_MIN_RECALL]
-        parts = []
-        if recall < HNSW_MIN_RECALL:
-            parts.append(
-                f"recall@1 {recall:.3f} < {HNSW_MIN_RECALL}"
-                + (
-                    f"; ef={min(good_enough)} reaches it in {point['hnsw'][str(min(good_enough))]['p50']:.2f} ms"
-                    if good_enough
-                    else f"; no ef measured (up to {max(map(int, point['recall']))}) reaches it"
-                )
-            )
-        if ms > HNSW_MAX_MS:
-            parts.append(
-                f"{ms:.2f} ms > {HNSW_MAX_MS} ms" + (f"; ef <= {max(fast_enough)} fits" if fast_enough else "")
-            )
-        reason = "; ".join(parts)
-    return Target(name, goal, measured, ms, passed, reason)
 
 
 # ---- the report model: what both formatters show, read once from the results ------------------------------------
@@ -259,19 +168,6 @@ def _text_naive(r: Report) -> list[str]:
     ]
 
 
-def _text_sizes(r: Report) -> list[str]:
-    if not r.sweeps.get("input_size"):
-        return []
-    lines = ["\ninput size   DINOv2     CLIP    total  p50 ms   FPS"]
-    for p in r.sweeps.get("input_size") or []:
-        if p.get("latency"):
-            d, c, t = _p50s(p["latency"]["stages"], "dinov2", "clip", "total")
-            lines.append(f"  {p['size']:<9} {d:8.1f} {c:8.1f} {t:8.1f}        {1000 / t:5.2f}")
-        else:
-            lines.append(f"  {p['size']:<9} skipped: {p['skipped']}")
-    return lines
-
-
 def _text_segments(r: Report) -> list[str]:
     if not r.sweeps.get("segments"):
         return []
@@ -287,48 +183,6 @@ def _text_backends(r: Report) -> list[str]:
     for p in r.sweeps.get("backends") or []:
         what = f"{p['latency']['stages']['total']['p50']:.1f}" if p.get("latency") else f"skipped: {p['skipped']}"
         lines.append(f"  {p['backend']:<8} {p['precision']:<6}  {what}" + (f"  ({p['note']})" if p.get("note") else ""))
-    for role, e in ((r.sweeps.get("int8_encoders") or {}).get("encoders") or {}).items():
-        lines.append(
-            f"  int8 {role}: {e['speedup_p50']:.2f}x fp32 by medians ({e['speedup_min']:.2f}x by fastest runs), "
-            f"{e['verdict']} (bench_int8)"
-        )
-    return lines
-
-
-def _text_vocab(r: Report) -> list[str]:
-    vocab = r.sweeps.get("vocabulary")
-    if not vocab:
-        return []
-    ef = str(vocab["default_ef"])
-    lines = [f"\nvocabulary   exact ms p50 (fastest)   HNSW ef={ef} ms p50 (fastest)   recall@1"]
-    for p in vocab["points"]:
-        e, h = p["exact"], p["hnsw"][ef]
-        lines.append(
-            f"  {p['size']:>9,}  {e['p50']:9.3f} ({e['min']:8.3f})   {h['p50']:9.3f} ({h['min']:8.3f})"
-            f"        {p['recall'][ef]:8.3f}"
-        )
-    lines.append(f"  {vocab['crossover_note']}; {vocab['crossover_fastest_note']}")
-    return lines
-
-
-def _text_roofline(r: Report) -> list[str]:
-    rf = r.doc.get("roofline")
-    if not rf:
-        return []
-    lines = [
-        f"\nroofline: GEMM {rf['gemm_size']}^3 fp32 {rf['gemm_gflops']:.0f} GFLOP/s (median, interleaved with the frames)"
-    ]
-    for k, v in rf["encoders"].items():
-        lines.append(
-            f"  {k:<7} {v['gflop']:8.3g} GFLOP/frame  {v['ms']:8.1f} ms  {v['gflops']:6.1f} GFLOP/s  {v['fraction_of_peak']:.0%} of peak"
-        )
-        p = v.get("profile")
-        if p and p["run_ms"]:
-            top = ", ".join(f"{op} {ms / p['run_ms']:.0%}" for op, ms in list(p["by_op_ms"].items())[:5])
-            lines.append(
-                f"          profiled run {p['run_ms']:.1f} ms: {top}; MatMul-class kernels at "
-                f"{p['gemm_class_gflops']:.1f} GFLOP/s ({p['gemm_class_fraction_of_peak']:.0%} of peak)"
-            )
     return lines
 
 
@@ -363,11 +217,8 @@ TEXT_SECTIONS = (
     _text_header,
     _text_latency,
     _text_naive,
-    _text_sizes,
     _text_segments,
     _text_backends,
-    _text_vocab,
-    _text_roofline,
     _text_video,
     _text_targets,
 )
@@ -427,8 +278,7 @@ def _md_header(r: Report, reproduce: list[str]) -> list[str]:
         f"{', '.join(env['cpu_flags'])}; no GPU), {env['threads']} threads, onnxruntime {env['onnxruntime']}, "
         f"ovseg {env['ovseg']}, in {r.doc.get('elapsed_s', 0) / 60:.0f} min. "
         + _load_sentence(env)
-        + " Every ratio below compares runs interleaved in one loop (GEMM before each frame, ovseg and the naive "
-        "reference in pairs).",
+        + " Every ratio below compares runs interleaved in one loop (ovseg and the naive reference in pairs).",
         "",
         "```sh",
         *reproduce,
@@ -510,24 +360,6 @@ def _md_sweep(points: list[dict], head: list[str], lead, cells, measured: int) -
     return _md_table(*head, rows)
 
 
-def _md_sizes(r: Report) -> list[str]:
-    bundle = (r.doc.get("latency") or {}).get("bundle")
-    return _md_sweep(
-        r.sweeps.get("input_size") or [],
-        [
-            "### Input size (p50)",
-            "| S | DINOv2 ms | CLIP ms | total ms | FPS | note |",
-            "|---:|---:|---:|---:|---:|---|",
-        ],
-        lambda p: p["size"],
-        lambda p, d, c, t: (
-            f"{d:.0f} | {c:.0f} | {t:.0f} | {1000 / t:.2f} | "
-            + ("this bundle" if p["bundle"] == bundle else "random-weights sweep bundle")
-        ),
-        measured=4,
-    )
-
-
 def _md_backends(r: Report) -> list[str]:
     return _md_sweep(
         r.sweeps.get("backends") or [],
@@ -554,33 +386,6 @@ def _md_segments(r: Report) -> list[str]:
         "| K | k-means | pooling | lookup | render |",
         "|---:|---:|---:|---:|---:|",
         rows,
-    )
-
-
-def _md_vocab(r: Report) -> list[str]:
-    vocab = r.sweeps.get("vocabulary")
-    if not vocab:
-        return []
-    ef = str(vocab["default_ef"])
-    rows = []
-    for p in vocab["points"]:
-        e, hn = p["exact"], p["hnsw"][ef]
-        rows.append(
-            f"| {p['size']:,} | {e['p50']:.3f} ({e['min']:.3f}) | {hn['p50']:.3f} ({hn['min']:.3f}) | "
-            f"{p['recall'][ef]:.3f} | M={p['hnsw_params']['M']}, "
-            f"ef_construction={p['hnsw_params']['ef_construction']} |"
-        )
-    return _md_table(
-        f"### Label lookup: {vocab['queries_per_frame']} segments, top-{vocab['top_k']}, phrase embeddings D={vocab['dim']}",
-        f"| vocabulary | exact ms p50 (fastest) | HNSW ef={ef} ms p50 (fastest) | recall@1 | index |",
-        "|---:|---:|---:|---:|---|",
-        rows,
-        [
-            "",
-            f"{vocab['crossover_note']}; {vocab['crossover_fastest_note']}. "
-            + " ".join(f"{n_}." for n_ in vocab["notes"]),
-            "",
-        ],
     )
 
 
@@ -619,10 +424,8 @@ MARKDOWN_SECTIONS = (
     _md_latency,
     _md_targets,
     _md_naive,
-    _md_sizes,
     _md_backends,
     _md_segments,
-    _md_vocab,
     _md_video,
     _md_gpu,
 )

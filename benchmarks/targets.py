@@ -5,9 +5,6 @@
 |---|---|---|
 | runtime overhead: total frame time over DINOv2 + CLIP at 448 | <= 1.10 | ovseg-bench |
 | end to end vs the naive TAG pipeline (torch eager, same weights) at 448 | >= 3x, >= 99% same labels | ovseg-bench |
-| encoders' GEMM-class throughput vs a measured ORT GEMM peak | >= 75% | ovseg-bench (roofline) |
-| HNSW lookup of 15 segments, top-3, in a 1M-entry vocabulary | <= 1 ms, recall@1 >= 0.99 | ovseg-bench |
-| INT8 vs fp32 per image encoder (CPU), gate passed | >= 1.8x | bench_int8 |
 | fused pooling vs the literal TAG pooling (upsample, masks, means) | >= 50x time, >= 100x peak memory | bench_native |
 | fused pooling vs the (K x N)(N x D) matmul it replaces | <= 2x the matmul | bench_native |
 | label map (bilinear + argmax, 1280x720 from 15 maps) vs cv2.resize + argmax | >= 3x | bench_native |
@@ -27,11 +24,6 @@ TARGET_SIZE = 448
 OVERHEAD_MAX = 1.10
 NAIVE_MIN_SPEEDUP = 3.0
 NAIVE_MIN_AGREEMENT = 0.99
-PEAK_FRACTION_MIN = 0.75
-HNSW_SIZE = 1_000_000
-HNSW_MAX_MS = 1.0
-HNSW_MIN_RECALL = 0.99
-INT8_MIN_SPEEDUP = 1.8
 POOLING_MIN_SPEEDUP = 50.0
 POOLING_MIN_MEMORY_RATIO = 100.0
 POOLING_MAX_VS_MATMUL = 2.0

@@ -77,7 +77,6 @@ def test_the_video_pans_then_holds_still():
         (["--profiles", "--profile-bundle", "fastest=/x"], "--profile-bundle takes NAME=DIR with NAME one of"),
         (["--profiles", "--profile-bundle", "fast"], "--profile-bundle takes NAME=DIR"),
         (["--scenes", "5"], "--profile-bundle, --scenes and --seeds belong to --profiles"),
-        (["--profiles", "--plot", "d"], "--plot draws the sections' charts"),
         (["--profiles", "--seeds", "0"], "--seeds must be at least 1"),
     ],
 )

@@ -1,17 +1,24 @@
 """ovseg-run --sample --web as a user runs it: the command in its own process, HTTP from this test, and a real
 headless Chromium driven by Selenium (Debian's chromium and chromium-driver, which .ci/run installs; without them the
-browser test skips saying so), with the helpers the study benchmarks/studies/web_cost.py measures with.
-OVSEG_WEB_SCREENSHOT=PATH also writes the browser's screenshot there."""
+browser test skips saying so). OVSEG_WEB_SCREENSHOT=PATH also writes the browser's screenshot there."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -21,8 +28,93 @@ from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 
 from assertions import eventually
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "studies"))  # a study, not installed
-from web_cost import BrowserMissing, open_chromium, ovseg_run_web  # noqa: E402
+ANNOUNCED = re.compile(r"watch at (http://\S+/); changing the classes there needs the token (\S+) ")
+CHROMIUM_FLAGS = (  # headless, and quiet: no first-run, sync, update or QUIC traffic on a closed network
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1200,700",
+)
+START_TIMEOUT_S = 300.0  # a loaded machine imports onnxruntime and opens the sessions in far less
+
+
+@dataclass
+class Served:
+    """A running ``ovseg-run --web``: its page, its token, its process."""
+
+    url: str
+    token: str
+    port: int
+    process: subprocess.Popen
+
+    def request(self, method: str, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+            answer = conn.getresponse()
+            return answer.status, json.loads(answer.read())
+        finally:
+            conn.close()
+
+
+def _announced(process: subprocess.Popen) -> tuple[str, str]:
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        found = ANNOUNCED.search(line)
+        if found:
+            return found.group(1), found.group(2)
+    raise AssertionError("ovseg-run ended without serving: " + " | ".join(line.strip() for line in lines[-3:]))
+
+
+def _serving(served: Served) -> bool:
+    with contextlib.suppress(OSError):
+        return served.request("GET", "/health")[0] == 200
+    return False
+
+
+@contextlib.contextmanager
+def ovseg_run_web(bundle: Path, *extra: str) -> Iterator[Served]:
+    """``ovseg-run --bundle B --sample --loop --web 127.0.0.1:0 --no-show`` with ``extra`` flags, once its first frame
+    is served; killed on the way out unless it already ended."""
+    command = [str(Path(sys.executable).with_name("ovseg-run")), "--bundle", str(bundle), "--sample", "--loop"]
+    command += ["--web", "127.0.0.1:0", "--no-show", *extra]
+    env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            url, token = pool.submit(_announced, process).result(timeout=START_TIMEOUT_S)
+        served = Served(url, token, int(urlsplit(url).port or 0), process)
+        eventually(lambda: _serving(served), "ovseg-run's first frame", START_TIMEOUT_S)
+        yield served
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=60)
+
+
+def open_chromium(profile: Path):
+    """Headless Chromium under Selenium, with a fresh profile in ``profile``; skips saying what is missing."""
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.skip("selenium is not installed: pip install -e '.[dev]'")
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if browser is None or driver_path is None:
+        pytest.skip("no headless browser here: apt-get install chromium chromium-driver (.ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+
 
 NEW_CLASSES = ["person", "forklift", "pallet"]
 
@@ -52,10 +144,7 @@ def test_ovseg_run_web_serves_steers_and_stops_cleanly(tiny_bundle):
 
 @pytest.fixture
 def chromium(tmp_path):
-    try:
-        driver = open_chromium(tmp_path / "profile")
-    except BrowserMissing as e:
-        pytest.skip(str(e))
+    driver = open_chromium(tmp_path / "profile")
     try:
         yield driver
     finally:
@@ -142,5 +231,5 @@ def test_a_browser_watches_and_changes_the_classes(tiny_bundle, chromium, tmp_pa
 def test_without_chromium_the_skip_says_what_to_install(monkeypatch, tmp_path):
     pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[dev]'")
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(BrowserMissing, match=r"apt-get install chromium chromium-driver \(.ci/run does\)"):
+    with pytest.raises(pytest.skip.Exception, match=r"apt-get install chromium chromium-driver \(.ci/run does\)"):
         open_chromium(tmp_path)
