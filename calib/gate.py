@@ -3,7 +3,7 @@
 Encoder: per-token cosine of every output (int8 vs fp32) on the held-out frames; the worst token counts.
 Pipeline: the Segmenter at fp32 and at the candidate precision on the same held-out frames (``reset()`` between
 frames, guidance-free mode with the bundle's vocabulary), compared by segment-label and pixel agreement.
-The comparisons are the runtime's (ovseg.runtime.tools.check, which ovseg-check runs on a device), so both agree.
+The comparisons are the runtime's (ovseg.runtime.tools.compare, which ovseg-check runs on a device), so both agree.
 Speed: the two encoder sessions timed interleaved (warm-up, then ``runs`` each, median) with the runtime's settings.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ovseg.onnx_helpers import session_options
-from ovseg.runtime.tools.check import (
+from ovseg.runtime.tools.compare import (
     EncoderCheck,
     Thresholds,
     agreement,

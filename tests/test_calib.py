@@ -329,7 +329,7 @@ def test_calibration_of_a_bundle_whose_encoders_have_their_own_sizes(mixed_bundl
     """Each encoder is calibrated and gated on frames preprocessed at its own input size, exactly as the runtime feeds
     it (ovseg-check's encoder_inputs), and its int8 model runs in the Segmenter."""
     from ovseg.runtime.segmenter import Segmenter
-    from ovseg.runtime.tools.check import encoder_inputs
+    from ovseg.runtime.tools.compare import encoder_inputs
 
     bundle = tmp_path / "bundle"
     shutil.copytree(mixed_bundle, bundle)
@@ -367,7 +367,7 @@ def test_pick_precision(tiny_bundle, caplog):
     failed = {"passed": False, "speedup_vs_fp32": 2.5, "min_cosine": 0.5, "label_agreement": 0.2}
     m = _manifest(tiny_bundle, {"int8": ok, "fp16": slow_fp16})
     assert pick_precision(m, "cpu") == "int8"  # the fastest that passed
-    assert pick_precision(m, "cuda") == "fp32" and pick_precision(m, "tensorrt") == "fp32"  # not checked on a GPU
+    assert pick_precision(m, "cuda") == "fp16" and pick_precision(m, "tensorrt") == "fp16"  # a GPU: fp16, gate passed
     assert pick_precision(_manifest(tiny_bundle, {"int8": failed}), "cpu") == "fp32"  # never a failed one
     assert pick_precision(_manifest(tiny_bundle, {}), "cpu") == "fp32"  # ungated: not picked on a CPU
     assert pick_precision(_manifest(tiny_bundle, {"int8": ok}, int8=False), "cpu") == "fp32"  # gate without files

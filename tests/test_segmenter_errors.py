@@ -118,8 +118,7 @@ def test_cuda_with_the_cpu_int8_model_is_refused(tiny_bundle, monkeypatch):
         gates={"int8": {"passed": True, "speedup_vs_fp32": 1.7, "machine": machine_key()}},
     )
     assert choose_precision(calibrated, "cpu", "auto") == "int8"
-    checked = dataclasses.replace(calibrated, device_checks={GPU: {"cuda/fp16": {"passed": True}}})
-    assert precision.pick_precision(checked, "cuda", "auto", GPU) == "fp16"  # auto never picks the CPU's int8 on a GPU
+    assert precision.pick_precision(calibrated, "cuda", "auto") == "fp16"  # auto never picks the CPU's int8 on a GPU
 
 
 def test_every_backend_the_clis_offer_has_a_provider():
@@ -142,9 +141,9 @@ def test_precision_choice(tiny_bundle, monkeypatch):
     seg = Segmenter.from_bundle(tiny_bundle, backend="cpu")
     manifest = seg.manifest
     assert choose_precision(manifest, "cpu", "auto") == "fp32"  # fp16 ONNX on a CPU is slower, not faster
-    monkeypatch.setattr(precision, "gpu_key", lambda: GPU)
-    checked = dataclasses.replace(manifest, device_checks={GPU: {"cuda/fp16": {"passed": True}}})
-    assert choose_precision(checked, "cuda", "auto") == "fp16"
+    assert choose_precision(manifest, "cuda", "auto") == "fp16"
+    failed = dataclasses.replace(manifest, gates={"fp16": {"passed": False}})
+    assert choose_precision(failed, "cuda", "auto") == "fp32"  # a failed gate is never picked by auto
     assert choose_precision(manifest, "cpu", "fp16") == "fp16"  # asked for explicitly: honoured
 
     def drop(info):
@@ -157,43 +156,6 @@ def test_precision_choice(tiny_bundle, monkeypatch):
     one_line(err, "no fp16 variant", "ovseg-export --fp16")
     with pytest.raises(SegmenterError, match="unknown precision 'int4'"):
         choose_precision(manifest, "cpu", "int4")
-
-
-GPU = "NVIDIA Fake GPU, compute 8.7"
-
-
-@pytest.fixture
-def fresh_warnings(monkeypatch):
-    """precision="auto" warns once per process about a GPU; every test starts with none given."""
-    monkeypatch.setattr(precision, "_warned", set())
-
-
-def test_auto_on_a_gpu_without_a_record_for_it_runs_fp32_and_says_so(tiny_bundle, fresh_warnings, caplog):
-    manifest = read_manifest(tiny_bundle)
-    other = dataclasses.replace(manifest, device_checks={"NVIDIA Other, compute 9.0": {"cuda/fp16": {"passed": True}}})
-    with caplog.at_level(logging.WARNING, logger="ovseg"):
-        assert precision.pick_precision(other, "cuda", "auto", GPU) == "fp32"
-        assert precision.pick_precision(other, "cuda", "auto", GPU) == "fp32"
-        assert precision.pick_precision(manifest, "cuda", "auto", None) == "fp32"
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 2, warnings  # once per GPU and backend
-    assert "not checked on this GPU" in warnings[0] and "run `ovseg-check --record`" in warnings[0]
-    assert GPU in warnings[0] and "unknown GPU" in warnings[1]
-    assert precision.pick_precision(other, "cuda", "fp16", GPU) == "fp16"  # asked for by name: honoured
-
-
-def test_auto_on_a_gpu_takes_fp16_only_where_its_record_passed(tiny_bundle, fresh_warnings, caplog):
-    manifest = read_manifest(tiny_bundle)
-    passed = {"passed": True, "min_cosine": 0.999, "label_agreement": 1.0}
-    failed = {"passed": False, "min_cosine": 0.91, "label_agreement": 0.6, "date": "2026-11-30"}
-    checked = dataclasses.replace(manifest, device_checks={GPU: {"cuda/fp16": passed, "tensorrt/fp16": failed}})
-    with caplog.at_level(logging.WARNING, logger="ovseg"):
-        assert precision.pick_precision(checked, "cuda", "auto", GPU) == "fp16"
-        assert precision.pick_precision(checked, "tensorrt", "auto", GPU) == "fp32"
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "failed ovseg-check on this GPU" in warnings[0], warnings
-    assert "0.9100" in warnings[0] and "0.6000" in warnings[0] and "2026-11-30" in warnings[0]
-    assert precision.pick_precision(checked, "cpu", "auto", GPU) == "fp32"  # the CPU goes by ovseg-calib's gates
 
 
 def test_missing_precision_file_in_a_bundle(bundle_copy):

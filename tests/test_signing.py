@@ -145,7 +145,7 @@ def test_a_corrupt_signature_file_is_refused(bundle, keys):
 
 
 def test_rewriting_a_bundle_drops_its_signature_unless_a_key_signs_the_new_manifest(bundle, keys):
-    """ovseg-calib, ovseg-build and ovseg-check --record write a new manifest: the old signature would not match it."""
+    """ovseg-calib and ovseg-build write a new manifest: the old signature would not match it."""
     assert signing.unsigned_after_rewrite(bundle, None) is None  # nothing to lose
     sign_bundle(bundle, keys["a"][0])
     manifest = read_manifest(bundle, trusted=[keys["a"][1]])

@@ -24,7 +24,7 @@ from ovseg.runtime.engines import engine as engine_module
 from ovseg.runtime.engines.engine import open_engine
 from ovseg.runtime.engines.sessions import OnnxEncoder
 from ovseg.runtime.tools import build
-from ovseg.runtime.tools.check import synthetic_frames
+from ovseg.runtime.tools.compare import synthetic_frames
 
 HERE = DeviceInfo("10.3.0", "NVIDIA Jetson AGX Orin", "8.7")
 STRONGLY_TYPED = 1

@@ -117,8 +117,6 @@ class Manifest:
     checks: dict[str, dict[str, float]] = field(default_factory=dict)  # file -> parity numbers
     # precision ("int8", "fp16") -> accuracy gate against fp32: {"passed": bool, numbers...} (ovseg-calib)
     gates: dict[str, dict] = field(default_factory=dict)
-    # device key ("NVIDIA H200, compute 9.0") -> "backend/precision" -> ovseg-check's verdict there (ovseg-check --record)
-    device_checks: dict[str, dict[str, dict]] = field(default_factory=dict)
     sha256: dict[str, str] = field(default_factory=dict)  # file -> hex digest
     profile: str = DEFAULT_PROFILE  # ovseg.profiles: what it was exported as, and the Segmenter's defaults
     schema_version: int = SCHEMA_VERSION
@@ -140,6 +138,7 @@ class Manifest:
                 f"bundle schema version {version} is not {SCHEMA_VERSION}: re-export it with this ovseg (ovseg-export --force)"
             )
 
+        d.pop("device_checks", None)  # per-GPU verdicts some manifests carry: nothing reads them
         shared = d.pop("image_size", None)  # manifests before per-encoder sizes: both encoders at this size
 
         def enc(e):

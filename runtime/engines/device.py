@@ -37,16 +37,6 @@ def gpu_name() -> str | None:
     return _nvidia_smi("name")
 
 
-@functools.lru_cache(maxsize=1)
-def gpu_compute_capability() -> str | None:
-    """Device 0's compute capability ("8.7"): cuda-python's when it imports, else nvidia-smi's; None when neither tells."""
-    prop = _device_0_properties()
-    if prop is not None:
-        return f"{prop.major}.{prop.minor}"
-    capability = _nvidia_smi("compute_cap")
-    return capability if capability and re.fullmatch(r"\d+\.\d+", capability) else None
-
-
 def _device_0_properties():
     """cuda-python's properties of CUDA's device 0; None without cuda-python, a driver or a device."""
     try:
@@ -88,16 +78,6 @@ def _nvidia_smi(field: str) -> str | None:
         return None
     lines = out.stdout.strip().splitlines() if out.returncode == 0 else []
     return lines[0].strip() if lines else None
-
-
-def gpu_key() -> str | None:
-    """This GPU as ovseg-check records its verdicts and precision="auto" looks them up: its name and compute
-    capability ("NVIDIA H200, compute 9.0"; the TensorRT version is not part of it); None when no GPU is seen."""
-    name = gpu_name()
-    if not name:
-        return None
-    capability = gpu_compute_capability()
-    return f"{name}, compute {capability}" if capability else name
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,9 +3,8 @@
 ``ovseg-calib`` writes, per precision, the gate result into ``manifest.gates`` (accuracy against fp32 and the
 measured speed-up on the machine that calibrated, which it names). On a CPU, "auto" is the fastest precision that passed
 its gate with a speed-up measured on this machine.
-On a GPU, "auto" is fp16 only when ``ovseg-check --record`` recorded on this GPU (``manifest.device_checks``, keyed
-by GPU name and compute capability) that this backend's fp16 passed; else fp32, with a warning saying why. A
-precision that failed its gate is never picked by "auto"; asked for by name it runs, with a warning.
+On a GPU, "auto" is fp16 where the bundle has it and its gate did not fail (``ovseg-check`` compares it with CPU fp32
+on this GPU). A precision that failed its gate is never picked by "auto"; asked for by name it runs, with a warning.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from ovseg.environment import machine_key
 from ovseg.errors import SegmenterError
 
 from ..bundle.manifest import EncoderInfo, Manifest
-from .device import gpu_key
 
 log = logging.getLogger("ovseg")
 
@@ -39,13 +37,14 @@ def gate_passed(manifest: Manifest, precision: str) -> bool | None:
     return None if gate is None else bool(gate.get("passed", False))
 
 
-def pick_precision(manifest: Manifest, device: str, requested: str = "auto", device_key: str | None = None) -> str:
-    """The precision to run on ``device`` ("cpu", or "gpu"/"cuda"/"tensorrt"); ValueError (one line) for what cannot be.
-    ``device_key``: this GPU as ovseg-check records it (engines.device.gpu_key), None when unknown."""
+def pick_precision(manifest: Manifest, device: str, requested: str = "auto") -> str:
+    """The precision to run on ``device`` ("cpu", or "gpu"/"cuda"/"tensorrt"); ValueError (one line) for what cannot be."""
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if requested == "auto":
-        return _auto_gpu(manifest, device, device_key) if device in GPU_DEVICES else _auto(manifest)
+        if device in GPU_DEVICES:
+            return "fp16" if has_precision(manifest, "fp16") and gate_passed(manifest, "fp16") is not False else "fp32"
+        return _auto(manifest)
     missing = [
         role
         for role, info in encoders(manifest).items()
@@ -82,34 +81,6 @@ def _warn_once(key: tuple, message: str, *args) -> None:
         log.warning(message, *args)
 
 
-def _auto_gpu(manifest: Manifest, backend: str, device_key: str | None) -> str:
-    """fp16 when this GPU's record says this backend's fp16 passed ovseg-check; fp32 otherwise."""
-    if not has_precision(manifest, "fp16") or gate_passed(manifest, "fp16") is False:
-        return "fp32"
-    verdict = manifest.device_checks.get(device_key or "", {}).get(f"{backend}/fp16")
-    if verdict is None:
-        _warn_once(
-            ("unchecked", device_key, backend),
-            "precision auto runs fp32: fp16 on %s was not checked on this GPU (%s): run `ovseg-check --record`",
-            backend,
-            device_key or "unknown GPU",
-        )
-        return "fp32"
-    if verdict.get("passed") is not True:
-        _warn_once(
-            ("failed", device_key, backend),
-            "precision auto runs fp32: fp16 on %s failed ovseg-check on this GPU (%s; worst cosine %s, label "
-            "agreement %s, on %s)",
-            backend,
-            device_key,
-            _num(verdict.get("min_cosine")),
-            _num(verdict.get("label_agreement")),
-            verdict.get("date", "an unknown date"),
-        )
-        return "fp32"
-    return "fp16"
-
-
 def _auto(manifest: Manifest) -> str:
     """The fastest precision whose gate passed and measured a speed-up over fp32 on this machine (a lower precision's
     gain depends on the CPU: int8 was 1.21x for DINOv2 on an AVX2-only AMD, 1.55-1.66x on an AMX Intel)."""
@@ -143,12 +114,10 @@ def _num(value) -> str:
 
 
 def choose_precision(manifest: Manifest, backend: str, requested: str) -> str:
-    """The image encoders' precision (pick_precision: gated, never a silent fallback); on a GPU,
-    "auto" looks up what ovseg-check recorded for this device (``gpu_key``)."""
+    """The image encoders' precision (pick_precision: gated, never a silent fallback)."""
     refuse_cuda_int8(backend, requested)
-    key = gpu_key() if backend in GPU_DEVICES and requested == "auto" else None
     try:
-        return pick_precision(manifest, backend, requested, key)
+        return pick_precision(manifest, backend, requested)
     except ValueError as e:
         raise SegmenterError(str(e)) from None
 

@@ -37,7 +37,7 @@ from ..engines.device import device_key, this_device
 from ..engines.engine import Engine
 from ..engines.sessions import PROVIDERS, TRT_CACHE, OnnxEncoder
 from ..engines.tensorrt import TensorRTEngine
-from .check import (
+from .compare import (
     ENCODERS,
     EncoderCheck,
     compare_outputs,

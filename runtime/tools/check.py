@@ -12,20 +12,13 @@ Segmenter runs on the same frames as the CPU fp32 reference (reset before every 
 A combination passes when its worst cosine and its label agreement reach the thresholds (by default those of
 ovseg-calib's gate, which compares with these same functions). One that cannot run here is SKIP, with the reason;
 one that cannot be opened or run, or that runs on another provider than asked, is FAIL, with the error.
-With --record, the verdict of every GPU row that ran goes into the bundle's manifest under ``device_checks``, keyed
-by this GPU's name and compute capability, then "backend/precision" (the bundle replaced in one rename, every other
-file unchanged): precision="auto" on a GPU picks fp16 only where this records that it passed. CPU rows are not
-recorded (ovseg-calib's gates decide the CPU's precision).
-Exit status: 0 when every combination that ran passed, 1 when one failed, 2 for a usage or bundle error (also when
---record cannot write the bundle; the table is printed first).
+Exit status: 0 when every combination that ran passed, 1 when one failed, 2 for a usage or bundle error.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import datetime
 import functools
 import json
 import logging
@@ -34,11 +27,10 @@ import os
 import platform
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnxruntime as ort
 
@@ -53,20 +45,27 @@ from ovseg.constants import (
 )
 from ovseg.environment import gpu_unused_warning, is_jetson, nvidia_gpu_present
 from ovseg.errors import OvsegError
-from ovseg.onnx_helpers import row_cosines
 
-from ..bundle.manifest import Manifest, atomic_bundle_dir, describe_sizes, link_tree, read_manifest, write_manifest
-from ..bundle.signing import add_sign_argument, load_private_key, unsigned_after_rewrite
-from ..engines.device import gpu_key
+from ..bundle.manifest import Manifest, describe_sizes, read_manifest
 from ..engines.precision import has_precision
 from ..engines.sessions import PROVIDERS, OnnxEncoder, provider_problem
 from ..engines.tensorrt import TensorRTEngine, tensorrt_importable
 from ..io.sources import ImageSource, SourceError, VideoFileSource, evenly_spaced, sample_clip
-from ..pipeline.preprocess import Preprocessors
 from ..result import Result
+from .compare import (
+    ENCODERS,
+    EncoderCheck,
+    Thresholds,
+    compare_outputs,
+    encoder_inputs,
+    open_segmenter,
+    results_agreement,
+    run_encoders,
+    run_pipeline,
+    synthetic_frames,
+)
 
 PROG = "ovseg-check"
-ENCODERS = ("clip", "dinov2")  # Manifest and Engines attributes alike
 CHECKED_BACKENDS = tuple(b for b in BACKENDS if b != "auto")
 CHECKED_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")
 REFERENCE = ("cpu", "fp32")
@@ -78,97 +77,6 @@ ENGINE_NAMES = {
     "TensorrtExecutionProvider": "ORT TensorRT EP",
 }
 HOW_TO_ADD = {"fp16": "ovseg-export --fp16 adds them", "int8": "ovseg-calib adds them"}
-
-
-class CheckError(OvsegError, RuntimeError):
-    """Two runs cannot be compared (no output in common, shapes that differ); one line."""
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    cosine: float = DEFAULT_COSINE
-    agreement: float = DEFAULT_AGREEMENT  # applies to label agreement; pixel agreement is reported
-
-    def passed(self, min_cosine: float, label_agreement: float) -> bool:
-        return min_cosine >= self.cosine and label_agreement >= self.agreement
-
-
-@dataclass
-class EncoderCheck:
-    min_cosine: float
-    mean_cosine: float
-    outputs: dict[str, dict[str, float]]  # output -> {"min_cosine", "mean_cosine"}
-
-
-def compare_outputs(pairs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]) -> EncoderCheck:
-    """Per-token cosine of the reference's outputs (first of each pair, one pair per input) against the candidate's,
-    for every output name both have; CheckError when they share none or an output's shape differs."""
-    per: dict[str, list[np.ndarray]] = {}
-    for want, have in pairs:
-        shared = [name for name in want if name in have]
-        if not shared:
-            raise CheckError(f"no output in common: the reference has {sorted(want)}, the candidate {sorted(have)}")
-        for name in shared:
-            a, b = want[name], have[name]
-            if a.shape != b.shape:
-                raise CheckError(f"output {name} has shape {tuple(b.shape)}, the reference {tuple(a.shape)}")
-            per.setdefault(name, []).append(row_cosines(a, b))
-    if not per:
-        raise CheckError("nothing to compare: no inputs")
-    stats = {
-        name: {"min_cosine": float(np.concatenate(c).min()), "mean_cosine": float(np.concatenate(c).mean())}
-        for name, c in per.items()
-    }
-    return EncoderCheck(
-        min_cosine=min(s["min_cosine"] for s in stats.values()),
-        mean_cosine=float(np.mean([s["mean_cosine"] for s in stats.values()])),
-        outputs=stats,
-    )
-
-
-def label_map_names(result: Result) -> tuple[np.ndarray, list[str]]:
-    """The label map as indices into a sorted list of label names."""
-    names = sorted({s.label for s in result.segments} | set(result.labels.values()))
-    lut = np.zeros(int(result.label_map.max()) + 1 if result.label_map.size else 1, np.int32)
-    for sid, label in result.labels.items():
-        if sid < len(lut):
-            lut[sid] = names.index(label)
-    return lut[result.label_map], names
-
-
-def agreement(reference: Result, candidate: Result) -> tuple[int, int, float]:
-    """(matching segments, reference segments, pixel agreement) of two Results of one frame."""
-    ref, cand = reference.label_map, candidate.label_map
-    n_ref, n_cand = int(ref.max()) + 1, int(cand.max()) + 1
-    joint = np.bincount(ref.ravel().astype(np.int64) * n_cand + cand.ravel(), minlength=n_ref * n_cand).reshape(
-        n_ref, n_cand
-    )
-    area_ref, area_cand = joint.sum(1), joint.sum(0)
-    iou = joint / np.maximum(area_ref[:, None] + area_cand[None, :] - joint, 1)
-    matches = total = 0
-    for sid, label in reference.labels.items():
-        if sid >= n_ref or area_ref[sid] == 0:
-            continue
-        total += 1
-        best = int(iou[sid].argmax())
-        matches += candidate.labels.get(best) == label
-    ref_names, ref_list = label_map_names(reference)
-    cand_names, cand_list = label_map_names(candidate)
-    common = np.array([ref_list.index(n) if n in ref_list else -1 for n in cand_list], np.int32)
-    pixels = float((common[cand_names] == ref_names).mean()) if ref_names.size else 1.0
-    return matches, total, pixels
-
-
-def agreement_totals(per_frame: list[tuple[int, int, float]]) -> tuple[float, float]:
-    """(label agreement, pixel agreement) over frames of ``agreement``: segments pooled, pixel agreement averaged."""
-    matches = sum(m for m, _, _ in per_frame)
-    total = sum(t for _, t, _ in per_frame)
-    return (matches / total if total else 1.0), (float(np.mean([p for _, _, p in per_frame])) if per_frame else 1.0)
-
-
-def results_agreement(reference: list[Result], candidate: list[Result]) -> tuple[float, float]:
-    """(label agreement, pixel agreement) of two runs' Results, frame by frame."""
-    return agreement_totals([agreement(ref, res) for ref, res in zip(reference, candidate, strict=True)])
 
 
 # ---- the self-check -------------------------------------------------------------------------------------------------
@@ -248,29 +156,6 @@ def _count(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
 
-def synthetic_frames(count: int, height: int = 480, width: int = 640) -> list[np.ndarray]:
-    """Deterministic BGR frames: a colour gradient under filled rectangles, circles and ellipses, seeded per frame."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    ramp = (0.5 * x / width + 0.5 * y / height)[..., None]
-    frames = []
-    for i in range(count):
-        rng = np.random.default_rng(i)
-        start, end = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        frame = np.ascontiguousarray((start * (1 - ramp) + end * ramp).astype(np.uint8))
-        for _ in range(8):
-            colour = [int(c) for c in rng.integers(0, 256, 3)]
-            cx, cy, r = int(rng.integers(width)), int(rng.integers(height)), int(rng.integers(30, 160))
-            shape = int(rng.integers(3))
-            if shape == 0:
-                cv2.rectangle(frame, (cx - r, cy - r // 2), (cx + r, cy + r // 2), colour, -1)
-            elif shape == 1:
-                cv2.circle(frame, (cx, cy), r, colour, -1)
-            else:
-                cv2.ellipse(frame, (cx, cy), (r, r // 3), float(rng.uniform(0, 180)), 0, 360, colour, -1)
-        frames.append(frame)
-    return frames
-
-
 def skip_reason(manifest: Manifest, backend: str, precision: str, available: list[str]) -> str | None:
     """Why ``backend`` x ``precision`` cannot run here, or None."""
     if PROVIDERS[backend] not in available:
@@ -287,15 +172,6 @@ def skip_reason(manifest: Manifest, backend: str, precision: str, available: lis
         if not tensorrt_importable():
             return "the bundle's int8 plans need the tensorrt package, which does not import here"
     return None
-
-
-def open_segmenter(bundle_dir: Path, backend: str, precision: str, threads: int | None):
-    """The guidance-free Segmenter on ``backend`` at ``precision``, both asked for by name (no "auto")."""
-    from ..segmenter import Segmenter  # the native module loads here, not when the parser is built
-
-    return Segmenter.from_bundle(
-        bundle_dir, backend=backend, precision=precision, mode="guidance-free", threads=threads
-    )
 
 
 @contextlib.contextmanager
@@ -332,46 +208,6 @@ def describe_engines(engines) -> str:
     if len(set(names.values())) == 1:
         return names[ENCODERS[0]]
     return ", ".join(f"{e}: {n}" for e, n in names.items())
-
-
-def encoder_inputs(manifest: Manifest, frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Every frame preprocessed as the Segmenter does it (once per input size), normalised for each encoder."""
-    pre = Preprocessors(manifest.image_sizes)
-    inputs = []
-    for frame in frames:
-        pre(frame)
-        inputs.append(
-            {
-                e: pre[e].normalise(np.zeros((1, 3, info.image_size, info.image_size), np.float32), info.mean, info.std)
-                for e, info in ((e, getattr(manifest, e)) for e in ENCODERS)
-            }
-        )
-    return inputs
-
-
-def run_encoders(engines, inputs: list[dict[str, np.ndarray]]) -> list[dict[str, dict[str, np.ndarray]]]:
-    outputs = []
-    for x in inputs:
-        per = {}
-        for e in ENCODERS:
-            engine = getattr(engines, e)
-            np.copyto(engine.input, x[e])
-            per[e] = engine.run()
-        outputs.append(per)
-    return outputs
-
-
-def run_pipeline(seg, frames: list[np.ndarray]) -> tuple[list[Result], float]:
-    """The Segmenter's results on ``frames`` (reset before each) and its median ms per frame, after one warm-up
-    frame (a GPU provider allocates, and TensorRT's provider builds its engines, on the first run)."""
-    seg(frames[0])
-    results, ms = [], []
-    for frame in frames:
-        seg.reset()
-        result = seg(frame)
-        results.append(result)
-        ms.append(result.timings["total"])
-    return results, float(np.median(ms))
 
 
 def reference_run(bundle_dir: Path, manifest: Manifest, frames: Frames, threads: int | None) -> Reference:
@@ -478,7 +314,7 @@ def run_checks(
     available = ort.get_available_providers() if available is None else available
     n = len(frames.images)
     if not n:
-        raise CheckError(f"no frames to compare on ({frames.source})")
+        raise OvsegError(f"no frames to compare on ({frames.source})")
     say(PROG, f"{' '.join(REFERENCE)} (the reference) on {_count(n, 'frame')}")
     reference = reference_run(bundle_dir, manifest, frames, threads)
     rows = [reference.row]
@@ -579,59 +415,6 @@ def _finite(value):
     return value
 
 
-# ---- --record ----------------------------------------------------------------------------------------------------
-
-
-def verdicts(report: Report, device: str) -> dict[str, dict]:
-    """The GPU rows that ran (PASS or FAIL), as manifest.device_checks[device] keeps them: "backend/precision" -> ..."""
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    return {
-        f"{r.backend}/{r.precision}": _finite(
-            {
-                "backend": r.backend,
-                "precision": r.precision,
-                "passed": r.status == PASS,
-                "min_cosine": r.min_cosine,
-                "label_agreement": r.label_agreement,
-                "ms_per_frame": r.ms_per_frame,
-                "device": device,
-                "date": date,
-                "ovseg_version": __version__,
-            }
-        )
-        for r in report.rows
-        if r.backend != "cpu" and r.status in (PASS, FAIL)
-    }
-
-
-def record(bundle: Path, manifest: Manifest, report: Report, device: str | None, sign: Path | None = None) -> list[str]:
-    """Write this GPU's verdicts into the bundle's manifest (copy-on-write, one rename), signed with the private key at
-    ``sign`` if given; what was done, a line each."""
-    if device is None:
-        return ["no NVIDIA GPU seen here: nothing recorded (CPU rows are not recorded; ovseg-calib gates the CPU)"]
-    found = verdicts(report, device)
-    if not found:
-        return [f"no GPU backend ran on {device}: nothing recorded"]
-    manifest = dataclasses.replace(
-        manifest, device_checks={**manifest.device_checks, device: {**manifest.device_checks.get(device, {}), **found}}
-    )
-    key = load_private_key(sign) if sign is not None else None
-    unsigned = unsigned_after_rewrite(bundle, sign)
-    try:
-        with atomic_bundle_dir(bundle, force=True) as tmp:
-            link_tree(bundle, tmp)
-            write_manifest(tmp, manifest, key)
-    except OSError as e:
-        raise CheckError(
-            f"--record: cannot write the bundle {bundle} ({e.strerror or e}): it is read-only; the check above ran, "
-            "nothing was recorded"
-        ) from None
-    signed = f", signed with {sign}" if sign is not None else ""
-    return [f"recorded {', '.join(sorted(found))} for {device} in {bundle / 'manifest.json'}{signed}"] + (
-        [unsigned] if unsigned else []
-    )
-
-
 # ---- command line ---------------------------------------------------------------------------------------------------
 
 
@@ -667,22 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads per session (default: all cores)")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON to OUT")
-    p.add_argument(
-        "--record",
-        action="store_true",
-        help="write the GPU rows' verdicts into the bundle's manifest, for this GPU (precision='auto' reads them)",
-    )
-    add_sign_argument(p, "the manifest --record writes")
     return p
 
 
 def check(args: argparse.Namespace) -> int:
     if args.json is not None and not args.json.parent.is_dir():
-        raise CheckError(f"--json {args.json}: the folder {args.json.parent} does not exist")
-    if args.sign is not None and not args.record:
-        raise CheckError("--sign signs the manifest that --record writes: add --record, or drop --sign")
-    if args.sign is not None:
-        load_private_key(args.sign)  # a bad key fails before the checks run
+        raise OvsegError(f"--json {args.json}: the folder {args.json.parent} does not exist")
     bundle = args.bundle.expanduser()
     manifest = read_manifest(bundle)
     frames = load_frames(args.images, args.frames)
@@ -698,10 +471,7 @@ def check(args: argparse.Namespace) -> int:
         try:
             args.json.write_text(report_json(report) + "\n")
         except OSError as e:
-            raise CheckError(f"cannot write --json {args.json}: {e.strerror or e}") from None
-    if args.record:
-        for line in record(bundle, manifest, report, gpu_key(), args.sign):
-            say(PROG, line)
+            raise OvsegError(f"cannot write --json {args.json}: {e.strerror or e}") from None
     return 0 if report.passed else 1
 
 
