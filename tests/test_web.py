@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from test_run_cli import FakeSegmenter, write_video
 
-from ovseg.errors import SegmenterError
+from ovseg.errors import OvsegError, SegmenterError
 from ovseg.runtime import Segmenter
 from ovseg.runtime.io import web as web_module
 from ovseg.runtime.io.sinks import frame_record, to_json
 from ovseg.runtime.io.sources import Frame
-from ovseg.runtime.io.web import BOUNDARY, MAX_BODY_BYTES, WebError, WebSink, parse_address
+from ovseg.runtime.io.web import BOUNDARY, MAX_BODY_BYTES, WebSink, parse_address
 from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 from ovseg.runtime.result import Result, Segment
 from ovseg.runtime.tools import run as cli
@@ -258,7 +258,7 @@ def change_during_next_frame(pipeline: Pipeline, body: dict) -> tuple[int, dict]
     web = pipeline.web
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(post, web, body)
-        eventually(lambda: web.steering.pending() == 1 or answer.done(), "the change reached the pipeline")
+        eventually(lambda: len(web.pending) == 1 or answer.done(), "the change reached the pipeline")
         assert not answer.done(), answer.result()
         pipeline.step()
         return answer.result(timeout=60)
@@ -311,7 +311,7 @@ def test_changes_need_the_token(pipeline, web, seg, header):
     assert answer.status == 401
     assert "token" in json.loads(answer.read())["error"]
     conn.close()
-    assert web.steering.pending() == 0
+    assert len(web.pending) == 0
     pipeline.step()
     assert seg.mode == "guidance-free"
     assert get_json(web, "/health")[1]["seq"] == 2
@@ -343,7 +343,7 @@ def test_bad_changes_are_refused_and_never_reach_the_pipeline(pipeline, web, seg
     code, answer = post(web, body)
     assert code == status and message in answer["error"], answer
     assert "\n" not in answer["error"]
-    assert web.steering.pending() == 0
+    assert len(web.pending) == 0
     pipeline.step()
     assert seg.mode == "guidance-free" and get_json(web, "/health")[1]["seq"] == 2
 
@@ -429,11 +429,11 @@ def test_an_error_applying_a_change_is_shown_and_the_pipeline_goes_on(web):
     refusing = RefusingSegmenter()
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(post, web, {"mode": "guided", "classes": "cat"})
-        eventually(lambda: web.steering.pending() == 1, "the change reached the pipeline")
+        eventually(lambda: len(web.pending) == 1, "the change reached the pipeline")
         web.before_frame(refusing)
         assert answer.result(timeout=60) == (400, {"error": "the text encoder refused these classes"})
     web.before_frame(refusing)
-    assert web.steering.pending() == 0
+    assert len(web.pending) == 0
 
 
 def test_the_page_shows_the_classes_the_run_started_with(seg):
@@ -457,7 +457,7 @@ def test_close_ends_streams_fails_waiting_changes_and_frees_the_port(pipeline, w
     viewer.next_image()
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(post, web, {"mode": "guided", "classes": "cat"})
-        eventually(lambda: web.steering.pending() == 1, "the change reached the pipeline")
+        eventually(lambda: len(web.pending) == 1, "the change reached the pipeline")
         web.close()
         assert waiting.result(timeout=60) == (
             503,
@@ -475,7 +475,7 @@ def test_a_taken_port_is_a_one_line_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(WebError) as err:
+        with pytest.raises(OvsegError) as err:
             WebSink(("127.0.0.1", port))
     assert str(err.value) == f"cannot serve --web on 127.0.0.1:{port}: Address already in use"
 

@@ -1,19 +1,10 @@
 """ovseg-run --web: the live overlay, the segments and a box to change what the robot looks for, served to browsers
-from inside the running process by the standard library's ThreadingHTTPServer (nothing the edge device lacks).
-
-The pipeline thread publishes each frame into one slot that holds the newest frame only; each browser's thread takes
-the newest frame when it is ready for one, and a frame is JPEG-encoded once however many browsers watch. A slow
-browser skips frames; it never holds the pipeline or grows memory.
-
-The Segmenter keeps one stream of video state, so a vocabulary change asked for on an HTTP thread is handed to the
-pipeline thread, which applies it before its next frame; the HTTP answer waits for that and says what happened.
-"""
+by the standard library's ThreadingHTTPServer inside the running process. Threads and hand-offs: docs/DESIGN.md."""
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import hmac
 import ipaddress
 import json
@@ -23,11 +14,10 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import CancelledError, Future
+from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -37,7 +27,7 @@ import numpy as np
 from ovseg.errors import OvsegError
 
 from ..pipeline.render import segment_palette
-from ..pipeline.vocabulary import DEFAULT_CONCEPTS, PRESETS, VocabularyError, load_vocabulary, parse_class_list
+from ..pipeline.vocabulary import DEFAULT_CONCEPTS, PRESETS, load_vocabulary, parse_class_list
 from ..result import Result
 from .sinks import Sink, frame_record, to_json
 from .sources import Frame
@@ -57,17 +47,7 @@ FPS_WINDOW = 30  # frames the page's FPS is measured over
 BOUNDARY = "ovsegframe"
 PAGE = Path(__file__).with_name("web_page.html")
 
-
-class WebError(OvsegError, RuntimeError):
-    """The web server cannot start, or a change cannot be applied; one line saying why."""
-
-
-class BadRequest(OvsegError, ValueError):
-    """A request the server refuses (answered 4xx with this message); ``status`` is the HTTP status."""
-
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST):
-        super().__init__(message)
-        self.status = status
+Answer = tuple[int, dict]  # an HTTP status and its JSON body
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -90,33 +70,20 @@ def local_names(bound_host: str, allowed: tuple[str, ...] = ()) -> frozenset[str
     return frozenset(n.lower().rstrip(".") for n in names if n)
 
 
-def host_name(header: str) -> str:
-    """The name or address in a Host header, without its port: ``[::1]:8080`` -> ``::1``, ``robot:80`` -> ``robot``."""
+def foreign_host(header: str, names: frozenset[str]) -> str | None:
+    """The name in a Host header (``robot:8080``, ``[::1]:8080``) when this machine does not answer to it; None for an
+    IP address, ``names`` and .localhost names. A page from another site can reach this server through a name of its
+    own that resolves here (DNS rebinding) and read the camera; the browser then sends that name."""
     header = header.strip()
     if header.startswith("["):
-        return header[1:].partition("]")[0]
-    return header.rpartition(":")[0] if header.count(":") == 1 else header
-
-
-def check_host(header: str | None, names: frozenset[str]) -> None:
-    """Refuse a request whose Host is a name this machine does not answer to. A page from another site can reach this
-    server through a name of its own that resolves here (DNS rebinding) and read the camera; the browser then sends that
-    name. IP addresses and no Host at all (not a browser) pass."""
-    if header is None:
-        return
-    name = host_name(header)
+        name = header[1:].partition("]")[0]
+    else:
+        name = header.rpartition(":")[0] if header.count(":") == 1 else header
     try:
         ipaddress.ip_address(name)
-        return
+        return None
     except ValueError:
-        pass
-    if name.lower().rstrip(".") in names or name.lower().endswith(".localhost"):
-        return
-    raise BadRequest(
-        f"this server does not answer to the name {name!r}: open it by this machine's address or name, or start "
-        f"ovseg-run with --web-allow-host {name}",
-        HTTPStatus.FORBIDDEN,
-    )
+        return None if name.lower().rstrip(".") in names or name.lower().endswith(".localhost") else name
 
 
 # ---- vocabulary changes ----------------------------------------------------------------------------------------
@@ -124,127 +91,62 @@ def check_host(header: str | None, names: frozenset[str]) -> None:
 
 @dataclass(frozen=True)
 class VocabularyChange:
-    """What a browser asked for. Guided: these classes or a preset's. Guidance-free: segments named from these names
-    or a preset as the vocabulary, or from the current vocabulary when neither is given."""
+    """What a browser asked for: guided mode with these classes, or guidance-free with these names as the vocabulary
+    (None: the vocabulary it has)."""
 
     mode: str
-    classes: tuple[str, ...] = ()
-    preset: str | None = None
-
-    def apply(self, seg) -> list[str] | None:
-        """Make the change on ``seg``; returns guided mode's classes after it, None for guidance-free."""
-        names = list(self.classes) or (load_vocabulary(self.preset) if self.preset else None)
-        if self.mode == GUIDED:
-            seg.set_classes(names)
-            return names
-        if names is not None:
-            seg.set_vocabulary(names)
-        seg.set_classes(None)
-        return None
+    names: list[str] | None
+    what: str  # for the answer: "guided: voc21", "guidance-free, vocabulary red block, blue block"
 
 
 def parse_change(body: bytes) -> VocabularyChange:
     """A change from a request body: ``{"mode": "guided", "classes": "person, forklift"}`` (or a list of names),
     ``{"mode": "guided", "preset": "voc21"}``, ``{"mode": "guidance-free"}`` with an optional "classes" or "preset"
-    as its vocabulary. Raises BadRequest saying what is wrong."""
+    as its vocabulary. Raises ValueError saying what is wrong."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(f"the body is not JSON: {e}") from None
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"the body is not JSON: {e}") from None
     if not isinstance(data, dict):
-        raise BadRequest('the body must be a JSON object such as {"mode": "guided", "classes": "person, forklift"}')
+        raise ValueError('the body must be a JSON object such as {"mode": "guided", "classes": "person, forklift"}')
     unknown = sorted(set(data) - {"mode", "classes", "preset"})
     if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}: a change has mode, classes and preset")
-    mode = data.get("mode")
+        raise ValueError(f"unknown field {unknown[0]!r}: a change has mode, classes and preset")
+    mode, classes, preset = data.get("mode"), data.get("classes"), data.get("preset")
     if mode not in (GUIDED, GUIDANCE_FREE):
-        raise BadRequest(f"mode must be {GUIDED!r} or {GUIDANCE_FREE!r}, got {mode!r}")
-    classes, preset = data.get("classes"), data.get("preset")
+        raise ValueError(f"mode must be {GUIDED!r} or {GUIDANCE_FREE!r}, got {mode!r}")
+    names = _names(classes, preset)
+    if mode == GUIDANCE_FREE:
+        what = preset or ", ".join(names or ())
+        return VocabularyChange(mode, names, f"guidance-free, vocabulary {what}" if what else "guidance-free")
+    if names is None:
+        raise ValueError("guided mode needs classes (e.g. 'person, forklift') or a preset")
+    if preset is not None and len(names) > MAX_CLASSES:
+        raise ValueError(f"preset {preset!r} has {len(names)} names, too many for guided mode; use it guidance-free")
+    return VocabularyChange(mode, names, f"guided: {preset or ', '.join(names)}")
+
+
+def _names(classes: object, preset: object) -> list[str] | None:
+    """The names of a change: a preset's, the classes given (a comma-separated string or a list), or None."""
     if classes is not None and preset is not None:
-        raise BadRequest("give classes or a preset, not both")
+        raise ValueError("give classes or a preset, not both")
     if preset is not None:
-        return VocabularyChange(mode, preset=_preset(preset, mode))
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        return load_vocabulary(preset)
     if classes is None:
-        if mode == GUIDED:
-            raise BadRequest("guided mode needs classes (e.g. 'person, forklift') or a preset")
-        return VocabularyChange(mode)
-    return VocabularyChange(mode, classes=_class_names(classes))
-
-
-def _preset(name: object, mode: str) -> str:
-    if not isinstance(name, str) or name not in PRESETS:
-        raise BadRequest(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    if mode == GUIDED and name == DEFAULT_CONCEPTS:
-        count = len(load_vocabulary(name))
-        raise BadRequest(f"preset {name!r} has {count} names, too many for guided mode; use it guidance-free")
-    return name
-
-
-def _class_names(classes: object) -> tuple[str, ...]:
+        return None
     if isinstance(classes, str):
-        try:
-            names = parse_class_list(classes)
-        except VocabularyError as e:
-            raise BadRequest(str(e)) from None
+        names = parse_class_list(classes)  # a VocabularyError (a ValueError) saying what is wrong
     elif isinstance(classes, list) and all(isinstance(c, str) for c in classes):
         names = list(dict.fromkeys(c.strip() for c in classes if c.strip()))
         if not names:
-            raise BadRequest("the class list is empty; give names such as ['person', 'forklift']")
+            raise ValueError("the class list is empty; give names such as ['person', 'forklift']")
     else:
-        raise BadRequest("classes must be a string of comma-separated names or a list of strings")
+        raise ValueError("classes must be a string of comma-separated names or a list of strings")
     if len(names) > MAX_CLASSES:
-        raise BadRequest(f"{len(names)} classes; at most {MAX_CLASSES}")
-    return tuple(names)
-
-
-class Steering:
-    """Changes asked for on HTTP threads, applied in order by the pipeline thread (``apply_pending``)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: list[tuple[VocabularyChange, Future]] = []
-        self._closed = False
-
-    def submit(self, change: VocabularyChange) -> Future:
-        future: Future = Future()
-        with self._lock:
-            if self._closed:
-                raise WebError("ovseg-run is stopping; nothing was changed")
-            self._pending.append((change, future))
-        return future
-
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._pending)
-
-    def apply_pending(self, seg, next_seq: int) -> list[list[str] | None]:
-        """On the pipeline thread, before frame ``next_seq``: apply every change asked for since the last frame; each
-        browser that asked gets ``next_seq``, or the error (a change that fails leaves the Segmenter as it was).
-        Returns what each change that was made returned, in order."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        made = []
-        for change, future in pending:
-            if not future.set_running_or_notify_cancel():
-                continue  # the browser gave up waiting
-            try:
-                made.append(change.apply(seg))
-            except OvsegError as e:
-                future.set_exception(e)
-            except Exception as e:
-                log.warning("web: the change %s failed: %s", change, e)
-                future.set_exception(WebError(f"the change failed: {type(e).__name__}: {e}"))
-            else:
-                future.set_result(next_seq)
-        return made
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            pending, self._pending = self._pending, []
-        for _, future in pending:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(WebError("ovseg-run stopped before its next frame; nothing was changed"))
+        raise ValueError(f"{len(names)} classes; at most {MAX_CLASSES}")
+    return names
 
 
 # ---- the newest frame ------------------------------------------------------------------------------------------
@@ -264,61 +166,18 @@ class Published:
     at: float  # time.monotonic() when published
 
 
-class LatestFrame:
-    """A slot with the newest frame only, and its JPEG encoded once, on the first browser thread that asks."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._frame: Published | None = None
-        self._closed = False
-        self._encode = threading.Lock()
-        self._jpeg: tuple[int, bytes] = (0, b"")
-
-    def publish(self, frame: Published) -> None:
-        with self._cond:
-            self._frame = frame
-            self._cond.notify_all()
-
-    def latest(self) -> Published | None:
-        with self._cond:
-            return self._frame
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def wait_newer(self, seq: int, timeout: float) -> Published | None:
-        """The newest frame, once it is newer than ``seq``, the slot closed or ``timeout`` seconds passed."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._closed or (self._frame is not None and self._frame.seq > seq), timeout)
-            return self._frame
-
-    def jpeg(self, frame: Published) -> bytes:
-        with self._encode:
-            if self._jpeg[0] != frame.seq:
-                ok, data = cv2.imencode(".jpg", frame.overlay, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-                if not ok:
-                    raise WebError(f"cannot encode frame {frame.seq} as JPEG")
-                self._jpeg = (frame.seq, data.tobytes())
-            return self._jpeg[1]
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
 def legend(result: Result) -> list[dict]:
     """The page's legend: per segment, largest first, its label, score, colour (as the overlay draws it) and share."""
-    palette = segment_palette(max((s.id for s in result.segments), default=0) + 1)
-    total = max(1, result.label_map.size)
-    rows = []
-    for s in sorted(result.segments, key=lambda s: (-s.area, s.id)):
-        b, g, r = (int(v) for v in palette[s.id])
-        rows.append(
-            {"label": s.label, "score": round(s.score, 3), "colour": f"#{r:02x}{g:02x}{b:02x}", "share": s.area / total}
-        )
-    return rows
+    palette = segment_palette(max((s.id for s in result.segments), default=0) + 1)  # BGR
+    return [
+        {
+            "label": s.label,
+            "score": round(s.score, 3),
+            "colour": "#" + palette[s.id][::-1].tobytes().hex(),
+            "share": s.area / max(1, result.label_map.size),
+        }
+        for s in sorted(result.segments, key=lambda s: (-s.area, s.id))
+    ]
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------------------
@@ -333,89 +192,103 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("web: %s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
-        web = self.server.web
-        path = self.path.split("?", 1)[0]
-        try:
-            check_host(self.headers.get("Host"), web.names)
-            if path in ("/", "/index.html"):
-                self._send(HTTPStatus.OK, web.page, "text/html; charset=utf-8")
-            elif path == "/stream.mjpg":
-                self._stream(web)
-            elif path == "/health":
-                status, body = web.health()
-                self._json(status, body)
-            elif path == "/status":
-                self._json(HTTPStatus.OK, web.status())
-            elif path == "/segments":
-                self._json(HTTPStatus.OK, web.segments())
-            elif path == "/snapshot.png":
-                self._send(HTTPStatus.OK, web.snapshot(), "image/png")
-            else:
-                raise BadRequest(f"no page {path}: try /, /segments, /health or /snapshot.png", HTTPStatus.NOT_FOUND)
-        except BadRequest as e:
-            self._json(e.status, {"error": str(e)})
-        except WebError as e:
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(e)})
+        web, path = self.server.web, self.path.split("?", 1)[0]
+        frame = web.latest
+        if path in ("/", "/index.html"):
+            self._send(200, web.page, "text/html; charset=utf-8")
+        elif path == "/stream.mjpg":
+            self._stream(web)
+        elif path == "/health":
+            self._send(*web.health())
+        elif path == "/status":
+            self._send(200, web.status())
+        elif path not in ("/segments", "/snapshot.png"):
+            self._error(404, f"no page {path}: try /, /segments, /health or /snapshot.png")
+        elif frame is None:
+            self._error(503, "no frame yet: the pipeline is starting")
+        elif path == "/segments":
+            self._send(200, {"seq": frame.seq, **frame_record(frame.frame, frame.result)})
+        else:
+            self._send(200, cv2.imencode(".png", frame.overlay)[1].tobytes(), "image/png")
 
     def do_POST(self) -> None:
-        web = self.server.web
-        try:
-            check_host(self.headers.get("Host"), web.names)
-            if self.path.split("?", 1)[0] != "/vocabulary":
-                raise BadRequest(f"cannot POST to {self.path}: changes go to /vocabulary", HTTPStatus.NOT_FOUND)
-            web.authorise(self.headers.get("Authorization", ""))
-            if self.headers.get_content_type() != "application/json":
-                raise BadRequest("send the change as application/json", HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
-            self._json(HTTPStatus.OK, web.change(parse_change(self._body())))
-        except BadRequest as e:
-            self._json(e.status, {"error": str(e)})
-        except WebError as e:
-            self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(e)})
-
-    def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise BadRequest("a change needs a Content-Length", HTTPStatus.LENGTH_REQUIRED)
-        try:
-            size = int(length)
-        except ValueError:
-            raise BadRequest(f"bad Content-Length {length!r}") from None
-        if not 0 <= size <= MAX_BODY_BYTES:
+        web, length = self.server.web, self.headers.get("Content-Length")
+        if self.path.split("?", 1)[0] != "/vocabulary":
+            self._error(404, f"cannot POST to {self.path}: changes go to /vocabulary")
+        elif not web.authorised(self.headers.get("Authorization", "")):
+            self._error(
+                401, "changing the vocabulary needs the token ovseg-run printed at start (Authorization: Bearer TOKEN)"
+            )
+        elif self.headers.get_content_type() != "application/json":
+            self._error(415, "send the change as application/json")
+        elif length is None:
+            self._error(411, "a change needs a Content-Length")
+        elif not length.isdecimal():
+            self._error(400, f"bad Content-Length {length!r}")
+        elif int(length) > MAX_BODY_BYTES:
             self.close_connection = True  # the body stays unread
-            raise BadRequest(f"the body is {size} bytes; at most {MAX_BODY_BYTES}", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        return self.rfile.read(size)
+            self._error(413, f"the body is {int(length)} bytes; at most {MAX_BODY_BYTES}")
+        else:
+            try:
+                change = parse_change(self.rfile.read(int(length)))
+            except ValueError as e:
+                self._error(400, str(e))
+            else:
+                self._send(*web.change(change))
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+    def parse_request(self) -> bool:
+        """The request line and headers, then a 403 for a Host this machine does not answer to (no Host: not a browser)."""
+        if not super().parse_request():
+            return False
+        name = foreign_host(self.headers.get("Host", "localhost"), self.server.web.names)
+        if name is None:
+            return True
+        self._error(
+            403,
+            f"this server does not answer to the name {name!r}: open it by this machine's address or name, or start "
+            f"ovseg-run with --web-allow-host {name}",
+        )
+        return False
+
+    def _send(self, status: int, body: dict | bytes, content_type: str = "application/json") -> None:
+        data = body if isinstance(body, bytes) else to_json(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(data)
 
-    def _json(self, status: HTTPStatus, body: dict) -> None:
-        self._send(status, to_json(body).encode(), "application/json")
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, {"error": message})
 
     def _stream(self, web: WebSink) -> None:
-        with web.viewer():
-            self.send_response(HTTPStatus.OK)
+        with web.cond:
+            admitted = web.viewers < MAX_VIEWERS
+            web.viewers += admitted
+        if not admitted:
+            self._error(503, f"{MAX_VIEWERS} browsers are watching already; try again when one leaves")
+            return
+        try:
+            self.send_response(200)
             self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             seq = 0
-            while not web.frames.closed:
-                frame = web.frames.wait_newer(seq, IDLE_CHECK_S)
+            while not web.closed:
+                frame = web.wait_newer(seq, IDLE_CHECK_S)
                 if self._gone():
                     return
-                if frame is None or frame.seq <= seq:
-                    continue
-                jpeg = web.frames.jpeg(frame)
-                head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
-                try:
-                    self.wfile.write(head + jpeg + b"\r\n")
-                except OSError:  # the browser left (closed, reset, or stopped reading for SOCKET_TIMEOUT_S)
-                    return
-                seq = frame.seq
+                if frame is not None and frame.seq > seq:
+                    jpeg = web.jpeg(frame)
+                    head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+                    self.wfile.write(head.encode() + jpeg + b"\r\n")
+                    seq = frame.seq
+        except OSError:  # the browser left (closed, reset, or stopped reading for SOCKET_TIMEOUT_S)
+            pass
+        finally:
+            with web.cond:
+                web.viewers -= 1
 
     def _gone(self) -> bool:
         """True once the browser closed its end: after its request it sends nothing, so an end of data means closed."""
@@ -456,11 +329,14 @@ class WebSink(Sink):
     ):
         self.token = token or secrets.token_urlsafe(12)
         self.names = local_names(address[0], allowed_hosts)
-        self.frames = LatestFrame()
-        self.steering = Steering()
         self.page = PAGE.read_bytes()
-        self._lock = threading.Lock()
-        self._viewers = 0
+        self.cond = threading.Condition()  # guards the four below; notified when a frame comes and at close()
+        self.latest: Published | None = None
+        self.closed = False
+        self.viewers = 0  # streams being served
+        self.pending: list[tuple[VocabularyChange, Future[Answer]]] = []  # changes for the pipeline thread, in order
+        self._jpeg_lock = threading.Lock()
+        self._jpeg = (0, b"")  # the newest JPEG and its seq
         self._seq = 0
         self._times: collections.deque[float] = collections.deque(maxlen=FPS_WINDOW)
         self._mode = GUIDANCE_FREE
@@ -469,131 +345,116 @@ class WebSink(Sink):
             self._server = _Server(address, self)
         except (OSError, UnicodeError) as e:  # port taken, address not on this machine, unresolvable name
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise WebError(f"cannot serve --web on {address[0]}:{address[1]}: {reason}") from None
+            raise OvsegError(f"cannot serve --web on {address[0]}:{address[1]}: {reason}") from None
         self.host, self.port = address[0], self._server.server_address[1]
+        self.url = f"http://{self.host}:{self.port}/"
         self._thread = threading.Thread(target=self._server.serve_forever, name="ovseg-web", daemon=True)
         self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
-
-    @property
-    def viewers(self) -> int:
-        with self._lock:
-            return self._viewers
-
-    @contextlib.contextmanager
-    def viewer(self) -> Iterator[None]:
-        with self._lock:
-            if self._viewers >= MAX_VIEWERS:
-                raise BadRequest(
-                    f"{MAX_VIEWERS} browsers are watching already; try again when one leaves",
-                    HTTPStatus.SERVICE_UNAVAILABLE,
-                )
-            self._viewers += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._viewers -= 1
 
     # ---- the pipeline thread ----
 
     def before_frame(self, seg) -> None:
-        for classes in self.steering.apply_pending(seg, self._seq + 1):
-            self._classes = classes
+        self._settle(lambda change: self._apply(change, seg))
         self._mode = seg.mode
 
+    def _apply(self, change: VocabularyChange, seg) -> Answer:
+        try:
+            if change.mode == GUIDED:
+                seg.set_classes(change.names)
+            else:
+                if change.names is not None:
+                    seg.set_vocabulary(change.names)
+                seg.set_classes(None)
+        except OvsegError as e:  # the Segmenter is as it was
+            return 400, {"error": str(e)}
+        except Exception as e:
+            log.warning("web: the change %s failed: %s", change, e)
+            return 503, {"error": f"the change failed: {type(e).__name__}: {e}"}
+        self._classes = change.names if change.mode == GUIDED else None
+        return 200, {"mode": change.mode, "from_seq": self._seq + 1, "change": change.what}
+
+    def _settle(self, answer: Callable[[VocabularyChange], Answer]) -> None:
+        """Answer the changes asked for since the last frame, in order; one whose browser gave up is not made."""
+        with self.cond:
+            pending, self.pending = self.pending, []
+        for change, future in pending:
+            if future.set_running_or_notify_cancel():
+                future.set_result(answer(change))
+
     def write(self, frame: Frame, result: Result, overlay: np.ndarray | None) -> None:
-        if overlay is None:
-            raise WebError("the web page needs the rendered overlay")
+        assert overlay is not None  # needs_overlay
         now = time.monotonic()
         self._times.append(now)
-        fps = (len(self._times) - 1) / (now - self._times[0]) if len(self._times) > 1 and now > self._times[0] else 0.0
+        fps = (len(self._times) - 1) / (now - self._times[0]) if now > self._times[0] else 0.0
         self._seq += 1
-        self.frames.publish(Published(self._seq, frame, result, overlay, fps, self._mode, self._classes, now))
+        with self.cond:
+            self.latest = Published(self._seq, frame, result, overlay, fps, self._mode, self._classes, now)
+            self.cond.notify_all()
 
     def close(self) -> None:
-        self.frames.close()
-        self.steering.close()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        stopped = "ovseg-run stopped before its next frame; nothing was changed"
+        self._settle(lambda change: (503, {"error": stopped}))
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
 
     # ---- HTTP threads ----
 
-    def authorise(self, header: str) -> None:
+    def authorised(self, header: str) -> bool:
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise BadRequest(
-                "changing the vocabulary needs the token ovseg-run printed at start (Authorization: Bearer TOKEN)",
-                HTTPStatus.UNAUTHORIZED,
-            )
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
 
-    def change(self, change: VocabularyChange) -> dict:
-        future = self.steering.submit(change)
+    def change(self, change: VocabularyChange) -> Answer:
+        """Hand ``change`` to the pipeline thread and wait for its next frame: the answer for the browser."""
+        future: Future[Answer] = Future()
+        with self.cond:
+            if self.closed:
+                return 503, {"error": "ovseg-run is stopping; nothing was changed"}
+            self.pending.append((change, future))
         try:
-            try:
-                from_seq = future.result(APPLY_TIMEOUT_S)
-            except FutureTimeout:
-                if future.cancel():
-                    raise WebError(f"no frame arrived within {APPLY_TIMEOUT_S:.0f} s; nothing was changed") from None
-                from_seq = future.result()  # being applied right now
-        except CancelledError:
-            raise WebError("the change was cancelled; nothing was changed") from None
-        except WebError:
-            raise
-        except OvsegError as e:
-            raise BadRequest(str(e)) from None
-        return {"mode": change.mode, "from_seq": from_seq, "change": _describe(change)}
+            return future.result(APPLY_TIMEOUT_S)
+        except FutureTimeout:
+            if not future.cancel():
+                return future.result()  # being applied right now
+            message = f"no frame arrived within {APPLY_TIMEOUT_S:.0f} s; nothing was changed"
+            return 503, {"error": message}
 
-    def _newest(self) -> Published:
-        frame = self.frames.latest()
+    def wait_newer(self, seq: int, timeout: float) -> Published | None:
+        """The newest frame, once it is newer than ``seq``, the sink closed or ``timeout`` seconds passed."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.closed or (self.latest is not None and self.latest.seq > seq), timeout)
+            return self.latest
+
+    def jpeg(self, frame: Published) -> bytes:
+        """``frame``'s overlay as JPEG, encoded by the first stream that asks."""
+        with self._jpeg_lock:
+            if self._jpeg[0] != frame.seq:
+                data = cv2.imencode(".jpg", frame.overlay, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
+                self._jpeg = (frame.seq, data.tobytes())
+            return self._jpeg[1]
+
+    def health(self) -> Answer:
+        frame = self.latest
         if frame is None:
-            raise BadRequest("no frame yet: the pipeline is starting", HTTPStatus.SERVICE_UNAVAILABLE)
-        return frame
-
-    def segments(self) -> dict:
-        """The newest frame as `ovseg-run --json` writes it, with ``seq``."""
-        frame = self._newest()
-        return {"seq": frame.seq, **frame_record(frame.frame, frame.result)}
-
-    def snapshot(self) -> bytes:
-        frame = self._newest()
-        ok, png = cv2.imencode(".png", frame.overlay)
-        if not ok:
-            raise WebError(f"cannot encode frame {frame.seq} as PNG")
-        return png.tobytes()
-
-    def health(self) -> tuple[HTTPStatus, dict]:
-        frame = self.frames.latest()
-        body = {"status": "ok" if frame else "starting", "seq": frame.seq if frame else 0, "viewers": self.viewers}
-        if frame is None:
-            return HTTPStatus.SERVICE_UNAVAILABLE, body
-        return HTTPStatus.OK, {**body, "seconds_since_frame": round(time.monotonic() - frame.at, 3)}
+            return 503, {"status": "starting", "seq": 0, "viewers": self.viewers}
+        since = round(time.monotonic() - frame.at, 3)
+        return 200, {"status": "ok", "seq": frame.seq, "viewers": self.viewers, "seconds_since_frame": since}
 
     def status(self) -> dict:
         """What the page shows beside the stream: FPS, per-stage latency, legend, mode and classes."""
-        frame = self.frames.latest()
+        frame = self.latest
         presets = {GUIDED: [p for p in PRESETS if p != DEFAULT_CONCEPTS], GUIDANCE_FREE: list(PRESETS)}
-        if frame is None:
-            return {"seq": 0, "presets": presets, "viewers": self.viewers}
-        timings = {k: round(v, 1) for k, v in frame.result.timings.items() if v > 0}
-        return {
-            "seq": frame.seq,
-            "fps": round(frame.fps, 2),
-            "timings_ms": timings,
-            "legend": legend(frame.result),
-            "mode": frame.mode,
-            "classes": frame.classes,
-            "presets": presets,
-            "viewers": self.viewers,
-        }
-
-
-def _describe(change: VocabularyChange) -> str:
-    what = ", ".join(change.classes) if change.classes else change.preset
-    if change.mode == GUIDED:
-        return f"guided: {what}"
-    return f"guidance-free, vocabulary {what}" if what else "guidance-free"
+        state: dict = {"seq": 0, "presets": presets, "viewers": self.viewers}
+        if frame is not None:
+            state |= {
+                "seq": frame.seq,
+                "fps": round(frame.fps, 2),
+                "timings_ms": {k: round(v, 1) for k, v in frame.result.timings.items() if v > 0},
+                "legend": legend(frame.result),
+                "mode": frame.mode,
+                "classes": frame.classes,
+            }
+        return state
