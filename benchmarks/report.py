@@ -1,9 +1,10 @@
-"""Turning ovseg-bench results (one JSON-able dict) into targets, a terminal table, CSV and docs/performance.md."""
+"""ovseg-bench's results (one JSON-able dict) as targets, CSV rows and one report model: titled tables with notes, which
+two formatters render, for the terminal and for docs/performance.md. --profiles and --soak render their tables the same way."""
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ovseg.constants import STAGES
@@ -29,6 +30,10 @@ class Target:
     @property
     def verdict(self) -> str:
         return "n/a" if self.passed is None else ("PASS" if self.passed else "MISS")
+
+    def record(self) -> dict:
+        """What the results document holds: the fields and the verdict."""
+        return {**asdict(self), "verdict": self.verdict}
 
 
 def size_text(lat: dict) -> str:
@@ -101,135 +106,188 @@ def _naive(doc: dict) -> Target:
     return Target(name, goal, measured, speedup, passed, reason)
 
 
-# ---- the report model: what both formatters show, read once from the results ------------------------------------
+# ---- the report model and its two formatters ---------------------------------------------------------------------
 
 
 @dataclass
-class Report:
-    """One run's results and the rows both formatters share; ``table`` and ``markdown`` render it, each in its order."""
+class Table:
+    """One titled table: ``align`` has an "l" or "r" per column; ``notes`` are paragraphs after it."""
 
-    doc: dict
-    sweeps: dict
-    naive_stages: list[tuple[str, float | None, float | None]]  # stage, ovseg p50, naive p50
-
-
-def model(doc: dict) -> Report:
-    n = doc.get("naive") or {"ovseg": {}, "naive": {}}
-    rows = [(s, n["ovseg"].get(s, {}).get("p50"), n["naive"].get(s, {}).get("p50")) for s in STAGE_ORDER]
-    return Report(doc, doc.get("sweeps") or {}, [(s, o, v) for s, o, v in rows if o is not None or v is not None])
+    title: str
+    head: list[str]
+    align: str
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
 
 
-def _p50s(stages: dict, *names: str) -> list[float]:
-    return [stages[s]["p50"] for s in names]
+def _markdown_lines(t: Table) -> list[str]:
+    rows = [t.head, ["---:" if a == "r" else "---" for a in t.align], *t.rows]
+    heading = [f"### {t.title}", ""] if t.title else []
+    return heading + [f"| {' | '.join(row)} |" for row in rows] + [x for note in t.notes for x in ("", note)] + [""]
+
+
+def _text_lines(t: Table) -> list[str]:
+    widths = [max(len(row[i]) for row in (t.head, *t.rows)) for i in range(len(t.head))]
+    rows = [
+        "  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(row, widths, t.align)).rstrip()
+        for row in (t.head, *t.rows)
+    ]
+    return (["", t.title] if t.title else []) + rows + t.notes
+
+
+def render(tables: list[Table], markdown: bool) -> str:
+    """The tables as Markdown (a ### heading each) or as aligned plain text for the terminal."""
+    return "\n".join(line for t in tables for line in (_markdown_lines if markdown else _text_lines)(t))
+
+
+def targets_table(doc: dict) -> Table:
+    """The targets of a results document, with what was skipped and what failed as notes."""
+    return Table(
+        "Targets (ratios within this run)",
+        ["result", "target", "measured"],
+        "lll",
+        [
+            [t["verdict"], f"{t['name']}: {t['target']}", t["measured"] + (f" — {t['reason']}" if t["reason"] else "")]
+            for t in doc.get("targets") or []
+        ],
+        [f"Skipped {name}: {why}." for name, why in (doc.get("skipped") or {}).items()]
+        + [f"Error in {name}: {why}." for name, why in (doc.get("errors") or {}).items()],
+    )
+
+
+def _cells(stats: dict, spec: str) -> list[str]:
+    """``spec`` "p50:.1f p90:.1f" -> the p50 and p90 of ``stats`` formatted so; a name of a stage dict takes its p50."""
+    pairs = (item.split(":") for item in spec.split())
+    return [format(stats[k]["p50"] if isinstance(stats[k], dict) else stats[k], f) for k, f in pairs]
+
+
+def _latency(doc: dict) -> Table | None:
+    if not (lat := doc.get("latency")):
+        return None
+    (w, h), total = lat["frame"], lat["stages"]["total"]
+    return Table(
+        f"One frame, {lat['backend'].upper()} {lat['precision']}, {size_text(lat)} "
+        f"(guidance-free, K=15, {w}x{h} frames of the sample clip)",
+        ["stage", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms"],
+        "lrrrr",
+        [
+            [stage, *_cells(s, "p50:.1f p90:.1f p99:.1f"), f"{s['mean']:.1f} ± {s['std']:.1f}"]
+            for stage, s in lat["stages"].items()
+        ],
+        [
+            f"{total['n']} timed frames: {1000 / total['p50']:.2f} FPS at the median. Peak RSS of the process "
+            f"after the main measurement: {doc.get('peak_rss_mb_ovseg', 0):.0f} MiB."
+        ],
+    )
 
 
 def _opt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-# ---- terminal ------------------------------------------------------------------------------------------------
-
-
-def _row(stats: dict) -> str:
-    return f"{stats['mean']:9.2f} {stats['std']:8.2f} {stats['p50']:9.2f} {stats['p90']:9.2f} {stats['p99']:9.2f} {stats['fps']:8.2f} {stats['n']:5d}"
-
-
-def _text_header(r: Report) -> list[str]:
-    env = r.doc["environment"]
-    return [
-        f"ovseg-bench  {env['cpu_model']} ({env['logical_cpus']} CPUs, {env['threads']} threads, "
-        f"{', '.join(env['cpu_flags'])})  ovseg {env['ovseg']}  onnxruntime {env['onnxruntime']}  "
-        f"load {env['load_average_start']} -> {env.get('load_average_end')}"
-    ]
-
-
-def _text_latency(r: Report) -> list[str]:
-    lat = r.doc.get("latency")
-    if not lat:
-        return []
-    return [
-        f"\nper stage, ms  ({lat['backend']} {lat['precision']}, {size_text(lat)}, "
-        f"frames {lat['frame'][0]}x{lat['frame'][1]}, peak RSS {lat['peak_rss_mb']:.0f} MiB)",
-        f"{'stage':<12} {'mean':>9} {'std':>8} {'p50':>9} {'p90':>9} {'p99':>9} {'FPS':>8} {'n':>5}",
-        *(f"{stage:<12} {_row(s)}" for stage, s in lat["stages"].items()),
-    ]
-
-
-def _text_naive(r: Report) -> list[str]:
-    n = r.doc.get("naive")
-    if not n:
-        return []
-    return [
-        f"\novseg vs naive TAG on a {n['frame'][0]}x{n['frame'][1]} frame, p50 ms (paired runs, {n['speedup']['n']} pairs)",
-        f"  {'stage':<12} {'ovseg':>10} {'naive':>10}",
-        *(f"  {s:<12} {_opt(o, '10.2f'):>10} {_opt(v, '10.2f'):>10}" for s, o, v in r.naive_stages),
-        f"  speed-up {n['speedup']['p50']:.2f}x (fastest vs fastest {n['speedup_fastest']:.2f}x), "
-        f"same labels on {n['agreement']:.2%} of pixels",
-    ]
-
-
-def _text_segments(r: Report) -> list[str]:
-    if not r.sweeps.get("segments"):
-        return []
-    lines = ["\nK     k-means  pooling  lookup   render  (p50 ms, encoders replayed)"]
-    for p in r.sweeps.get("segments") or []:
-        km, po, lo, re = _p50s(p["stages"], "kmeans", "pooling", "lookup", "render")
-        lines.append(f"  {p['k']:<4} {km:7.2f} {po:8.2f} {lo:7.3f} {re:8.2f}")
-    return lines
-
-
-def _text_backends(r: Report) -> list[str]:
-    lines = ["\nbackend / precision   total p50 ms"] if r.sweeps.get("backends") else []
-    for p in r.sweeps.get("backends") or []:
-        what = f"{p['latency']['stages']['total']['p50']:.1f}" if p.get("latency") else f"skipped: {p['skipped']}"
-        lines.append(f"  {p['backend']:<8} {p['precision']:<6}  {what}" + (f"  ({p['note']})" if p.get("note") else ""))
-    return lines
-
-
-def _text_video(r: Report) -> list[str]:
-    vid = r.doc.get("video")
-    if not vid:
-        return []
-    lines = [
-        f"\novseg-run --keyframe-interval {run['keyframe_interval']}: {run['fps']:.2f} FPS over {run['frames']} frames "
-        f"({vid['frame'][0]}x{vid['frame'][1]}, wall {run['wall_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MiB)"
-        for run in vid["runs"]
-    ]
-    lines.append(
-        f"  keyframe reuse: {vid['speedup']:.2f}x the frame rate, same labels on {vid['agreement']:.2%} of pixels"
+def _naive_table(doc: dict) -> Table | None:
+    if not (n := doc.get("naive")):
+        return None
+    stages = [(s, n["ovseg"].get(s, {}).get("p50"), n["naive"].get(s, {}).get("p50")) for s in STAGE_ORDER]
+    return Table(
+        f"ovseg vs the naive TAG pipeline ({n['frame'][0]}x{n['frame'][1]} frame, {n['speedup']['n']} paired runs)",
+        ["stage", "ovseg p50 ms", "naive p50 ms"],
+        "lrr",
+        [[s, _opt(o, ".1f"), _opt(v, ".1f")] for s, o, v in stages if o is not None or v is not None],
+        [
+            f"Same labels on {n['agreement']:.2%} of pixels; speed-up {n['speedup']['p50']:.2f}x (median of pairs; "
+            f"{n['speedup_fastest']:.2f}x fastest vs fastest). The naive side is PyTorch eager on the same weights "
+            f"(checked: min token cosine {min(n['same_weights_cosine'].values()):.6f}), features upsampled to full "
+            "resolution and averaged per mask, brute-force retrieval; k-means is ovseg's kernel on both sides."
+        ],
     )
-    return lines
 
 
-def _text_targets(r: Report) -> list[str]:
-    lines = ["\ntargets"]
-    for t in r.doc.get("targets") or []:
-        lines.append(f"  {t['verdict']:<4} {t['name']:<22} {t['target']}")
-        lines.append(f"       measured: {t['measured']}")
-        if t["reason"]:
-            lines.append(f"       {'why' if t['verdict'] == 'MISS' else 'note'}: {t['reason']}")
-    lines += [f"skipped {section}: {message}" for section, message in (r.doc.get("skipped") or {}).items()]
-    lines += [f"error in {section}: {message}" for section, message in (r.doc.get("errors") or {}).items()]
-    return lines
+def _backends(doc: dict) -> Table | None:
+    if not (points := (doc.get("sweeps") or {}).get("backends")):
+        return None
+    rows = [
+        [p["backend"], p["precision"], *_cells(p["latency"]["stages"], "dinov2:.0f clip:.0f total:.0f"), ""]
+        if p.get("latency")
+        else [p["backend"], p["precision"], "—", "—", "—", f"not measured: {p['skipped']}"]
+        for p in points
+    ]
+    head = ["backend", "precision", "DINOv2 ms", "CLIP ms", "total ms p50", "note"]
+    return Table("Backend and precision", head, "llrrrl", rows)
 
 
-TEXT_SECTIONS = (
-    _text_header,
-    _text_latency,
-    _text_naive,
-    _text_segments,
-    _text_backends,
-    _text_video,
-    _text_targets,
-)
+def _segments(doc: dict) -> Table | None:
+    if not (points := (doc.get("sweeps") or {}).get("segments")):
+        return None
+    rows = [[str(p["k"]), *_cells(p["stages"], "kmeans:.2f pooling:.2f lookup:.3f render:.2f")] for p in points]
+    head = ["K", "k-means", "pooling", "lookup", "render"]
+    return Table("Segments K (encoder outputs replayed; p50 ms)", head, "rrrrr", rows)
+
+
+def _video(doc: dict) -> Table | None:
+    if not (vid := doc.get("video")):
+        return None
+    return Table(
+        f"Video (`ovseg-run` on the {vid['frame'][0]}x{vid['frame'][1]} sample clip: decode, segment, overlay, save)",
+        ["keyframe interval", "frames", "FPS", "wall s", "peak RSS MiB"],
+        "rrrrr",
+        [_cells(r, "keyframe_interval:d frames:d fps:.2f wall_s:.1f peak_rss_mb:.0f") for r in vid["runs"]],
+        [
+            f"Keyframe reuse: {vid['speedup']:.2f}x the frame rate; the labels agree with every-frame CLIP on "
+            f"{vid['agreement']:.2%} of pixels (random weights: labels are decided by tiny score differences)."
+        ],
+    )
+
+
+def model(doc: dict) -> list[Table]:
+    """Every table of a run, in order: the main measurement, the targets, the naive reference, the sweeps, the video."""
+    tables = (_latency(doc), targets_table(doc), _naive_table(doc), _backends(doc), _segments(doc), _video(doc))
+    return [t for t in tables if t is not None]
+
+
+def _measured_by(doc: dict) -> str:
+    env = doc["environment"]
+    start, cpus = env.get("load_average_start"), env["logical_cpus"]
+    if start is None:
+        load = "The load of the machine was not recorded."
+    elif start < IDLE_LOAD * cpus:
+        load = f"The machine was otherwise idle (load average {start} at the start, on {cpus} CPUs)."
+    else:
+        load = (
+            f"The machine was busy when the run started (load average {start} on {cpus} CPUs), so absolute times "
+            "may be inflated and noisy."
+        )
+    return (
+        f"Measured by `ovseg-bench` on {env['cpu_model']} ({cpus} logical CPUs, {', '.join(env['cpu_flags'])}"
+        f"{'; no GPU' if env.get('device') == 'cpu' else ''}), "
+        f"{env['threads']} threads, onnxruntime {env['onnxruntime']}, ovseg {env['ovseg']}, in "
+        f"{doc.get('elapsed_s', 0) / 60:.0f} min. {load} Every ratio below compares runs interleaved in one loop "
+        "(ovseg and the naive reference in pairs)."
+    )
 
 
 def table(doc: dict) -> str:
-    r = model(doc)
-    return "\n".join(line for section in TEXT_SECTIONS for line in section(r))
+    return _measured_by(doc) + "\n" + render(model(doc), markdown=False)
 
 
-# ---- files -----------------------------------------------------------------------------------------------------
+GPU = Table(
+    "GPU",
+    ["GPU", "backend", "precision", "S", "DINOv2 ms", "CLIP ms", "total ms", "FPS"],
+    "lllrrrrr",
+    [[""] * 8],
+    [
+        "For measurements on a GPU (`ovseg-bench --bundle DIR --backend cuda --precision fp16`, or `--backend tensorrt`)."
+    ],
+)
+
+
+def markdown(doc: dict, reproduce: list[str]) -> str:
+    """docs/performance.md's tables from one run; ``reproduce`` holds the commands that produce it."""
+    head = ["## Performance", "", _measured_by(doc), "", "```sh", *reproduce, "```", "", ""]
+    return "\n".join(head) + render([*model(doc), GPU], markdown=True)
+
+
+# ---- CSV -----------------------------------------------------------------------------------------------------------
 
 
 def flatten(value, prefix: str = ""):
@@ -251,187 +309,3 @@ def write_csv(doc: dict, path: Path) -> None:
         for section, value in doc.items():
             for key, v in flatten(value):
                 w.writerow([section, key, ";".join(map(str, v)) if isinstance(v, (list, tuple)) else v])
-
-
-# ---- docs section --------------------------------------------------------------------------------------------------
-
-
-def _load_sentence(env: dict) -> str:
-    """What the load average says about the machine; at the end it includes the benchmark's own threads."""
-    start, cpus = env.get("load_average_start"), env["logical_cpus"]
-    if start is None:
-        return "The load of the machine was not recorded."
-    if start < IDLE_LOAD * cpus:
-        return f"The machine was otherwise idle (load average {start} at the start, on {cpus} CPUs)."
-    return (
-        f"The machine was busy when the run started (load average {start} on {cpus} CPUs), so absolute times "
-        "may be inflated and noisy."
-    )
-
-
-def _md_header(r: Report, reproduce: list[str]) -> list[str]:
-    env = r.doc["environment"]
-    return [
-        "## Performance",
-        "",
-        f"Measured by `ovseg-bench` on {env['cpu_model']} ({env['logical_cpus']} logical CPUs, "
-        f"{', '.join(env['cpu_flags'])}; no GPU), {env['threads']} threads, onnxruntime {env['onnxruntime']}, "
-        f"ovseg {env['ovseg']}, in {r.doc.get('elapsed_s', 0) / 60:.0f} min. "
-        + _load_sentence(env)
-        + " Every ratio below compares runs interleaved in one loop (ovseg and the naive reference in pairs).",
-        "",
-        "```sh",
-        *reproduce,
-        "```",
-        "",
-    ]
-
-
-def _md_table(title: str, head: str, align: str, rows: list[str], after: list[str] | None = None) -> list[str]:
-    return [title, "", head, align, *rows, *(after if after is not None else [""])]
-
-
-def _md_latency(r: Report) -> list[str]:
-    lat = r.doc.get("latency")
-    if not lat:
-        return []
-    w, h = lat["frame"]
-    total = lat["stages"]["total"]
-    return _md_table(
-        f"### One frame, {lat['backend'].upper()} {lat['precision']}, {size_text(lat)} "
-        f"(guidance-free, K=15, {w}x{h} frames of the sample clip)",
-        "| stage | p50 ms | p90 ms | p99 ms | mean ± std ms |",
-        "|---|---:|---:|---:|---:|",
-        [
-            f"| {stage} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['mean']:.1f} ± {s['std']:.1f} |"
-            for stage, s in lat["stages"].items()
-        ],
-        [
-            "",
-            f"{total['n']} timed frames: {1000 / total['p50']:.2f} FPS at the median. Peak RSS of the "
-            f"process after the main measurement: {r.doc.get('peak_rss_mb_ovseg', 0):.0f} MiB.",
-            "",
-        ],
-    )
-
-
-def _md_targets(r: Report) -> list[str]:
-    return _md_table(
-        "### Targets (ratios within this run)",
-        "| target | measured | result |",
-        "|---|---|---|",
-        [
-            f"| {t['target']} | {t['measured']}{' — ' + t['reason'] if t['reason'] else ''} | {t['verdict']} |"
-            for t in r.doc.get("targets") or []
-        ],
-    )
-
-
-def _md_naive(r: Report) -> list[str]:
-    n = r.doc.get("naive")
-    if not n:
-        return []
-    return _md_table(
-        f"### ovseg vs the naive TAG pipeline ({n['frame'][0]}x{n['frame'][1]} frame, {n['speedup']['n']} paired runs)",
-        "| stage | ovseg p50 ms | naive p50 ms |",
-        "|---|---:|---:|",
-        [f"| {s} | {_opt(o, '.1f')} | {_opt(v, '.1f')} |" for s, o, v in r.naive_stages],
-        [
-            "",
-            f"Same labels on {n['agreement']:.2%} of pixels; speed-up {n['speedup']['p50']:.2f}x (median of pairs). "
-            "The naive side is PyTorch eager on the same weights (checked: min token cosine "
-            f"{min(n['same_weights_cosine'].values()):.6f}), features upsampled to full resolution and averaged per mask, "
-            "brute-force retrieval; k-means is ovseg's kernel on both sides.",
-            "",
-        ],
-    )
-
-
-def _md_sweep(points: list[dict], head: list[str], lead, cells, measured: int) -> list[str]:
-    """A sweep's rows: ``lead`` cells, then the measured ``cells`` or dashes and why the point was not measured."""
-    if not points:
-        return []
-    rows = []
-    for p in points:
-        if p.get("latency"):
-            rows.append(f"| {lead(p)} | {cells(p, *_p50s(p['latency']['stages'], 'dinov2', 'clip', 'total'))} |")
-        else:
-            rows.append(f"| {lead(p)} | {' | '.join('—' * measured)} | not measured: {p['skipped']} |")
-    return _md_table(*head, rows)
-
-
-def _md_backends(r: Report) -> list[str]:
-    return _md_sweep(
-        r.sweeps.get("backends") or [],
-        [
-            "### Backend and precision",
-            "| backend | precision | DINOv2 ms | CLIP ms | total ms p50 | note |",
-            "|---|---|---:|---:|---:|---|",
-        ],
-        lambda p: f"{p['backend']} | {p['precision']}",
-        lambda p, d, c, t: f"{d:.0f} | {c:.0f} | {t:.0f} | {p.get('note', '')}",
-        measured=3,
-    )
-
-
-def _md_segments(r: Report) -> list[str]:
-    if not r.sweeps.get("segments"):
-        return []
-    rows = []
-    for p in r.sweeps.get("segments") or []:
-        km, po, lo, re = _p50s(p["stages"], "kmeans", "pooling", "lookup", "render")
-        rows.append(f"| {p['k']} | {km:.2f} | {po:.2f} | {lo:.3f} | {re:.2f} |")
-    return _md_table(
-        "### Segments K (encoder outputs replayed; p50 ms)",
-        "| K | k-means | pooling | lookup | render |",
-        "|---:|---:|---:|---:|---:|",
-        rows,
-    )
-
-
-def _md_video(r: Report) -> list[str]:
-    vid = r.doc.get("video")
-    if not vid:
-        return []
-    return _md_table(
-        f"### Video (`ovseg-run` on the {vid['frame'][0]}x{vid['frame'][1]} sample clip: decode, segment, overlay, save)",
-        "| keyframe interval | frames | FPS | wall s | peak RSS MiB |",
-        "|---:|---:|---:|---:|---:|",
-        [
-            f"| {run['keyframe_interval']} | {run['frames']} | {run['fps']:.2f} | {run['wall_s']:.1f} | {run['peak_rss_mb']:.0f} |"
-            for run in vid["runs"]
-        ],
-        [
-            "",
-            f"Keyframe reuse: {vid['speedup']:.2f}x the frame rate; the labels agree with every-frame CLIP on "
-            f"{vid['agreement']:.2%} of pixels (random weights: labels are decided by tiny score differences).",
-            "",
-        ],
-    )
-
-
-def _md_gpu(r: Report) -> list[str]:
-    return _md_table(
-        "### GPU\n\nFor measurements on a GPU (`ovseg-bench --bundle DIR --backend cuda --precision fp16`, "
-        "or `--backend tensorrt`); none were made for this table.",
-        "| GPU | backend | precision | S | DINOv2 ms | CLIP ms | total ms | FPS |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-        ["| | | | | | | | |"],
-    )
-
-
-MARKDOWN_SECTIONS = (
-    _md_latency,
-    _md_targets,
-    _md_naive,
-    _md_backends,
-    _md_segments,
-    _md_video,
-    _md_gpu,
-)
-
-
-def markdown(doc: dict, reproduce: list[str]) -> str:
-    """docs/performance.md's tables from one run; ``reproduce`` holds the commands that produce it."""
-    r = model(doc)
-    return "\n".join(_md_header(r, reproduce) + [line for section in MARKDOWN_SECTIONS for line in section(r)])

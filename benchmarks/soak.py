@@ -15,7 +15,7 @@ import os
 import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -23,7 +23,7 @@ import numpy as np
 
 from ovseg.environment import machine_key
 
-from .report import Target
+from .report import Target, render, targets_table
 from .targets import SOAK_MAX_P99_DRIFT, SOAK_MAX_RSS_GROWTH
 
 PERIOD = 1000  # frames; a soak of N frames has min(PERIOD, N // 4) per period
@@ -241,11 +241,9 @@ def table(doc: dict) -> str:
         f"switched off again), frame sizes {', '.join(doc['frame_sizes'])} in turn; a change takes "
         f"{doc['change_ms_p50']} ms (p50)",
     ]
-    for t in (Target(**{k: v for k, v in t.items() if k != "verdict"}) for t in doc["targets"]):
-        lines.append(f"{t.verdict:4}  {t.name}: {t.measured} (target {t.target}){'; ' + t.reason if t.reason else ''}")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + render([targets_table(doc)], markdown=False)
 
 
 def with_targets(doc: dict) -> dict:
-    doc["targets"] = [{**asdict(t), "verdict": t.verdict} for t in targets(doc)]
+    doc["targets"] = [t.record() for t in targets(doc)]
     return doc
