@@ -14,7 +14,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -202,19 +201,14 @@ def clip_frames(path: Path, frame: tuple[int, int], count: int) -> list:
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Every section in order, in a scratch directory removed afterwards; a failed section leaves a one-line error in doc["errors"]."""
-    work = Path(tempfile.mkdtemp(prefix="ovseg-bench-"))
-    try:
-        return _run(args, argv, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="ovseg-bench-") as work:
+        return _run(args, argv, Path(work))
 
 
 def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
-    import cv2
-    import numpy as np
     import onnxruntime as ort
 
-    from ovseg.runtime.bundle.manifest import describe_sizes, read_manifest
+    from ovseg.runtime.bundle.manifest import describe_sizes
     from ovseg.runtime.segmenter import SegmenterConfig
 
     from . import latency
@@ -222,100 +216,76 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     from .timing import Budget, environment, peak_rss_mb
     from .video import measure_video
 
-    bundle = args.bundle.expanduser()
-    manifest = read_manifest(bundle)
-    plan = make_plan(args)
-    doc: dict = {
-        "schema": "ovseg-bench/1",
-        "command": [PROG, *argv],
-        "environment": environment(args.threads),
-        "plan": asdict(plan),
-        "errors": {},
-        "skipped": {},
-    }
-    skip = set(args.skip)
-    say(
-        f"bundle {bundle} ({describe_sizes(manifest.image_sizes)}, CLIP {manifest.clip.model}, DINOv2 "
-        f"{manifest.dinov2.model}{', random weights' if manifest.random_weights else ''}); {args.threads} threads"
-    )
-
-    def section(name: str, fn, *where: str):
-        """Run one section; store its result at doc[where...]; a failure is recorded (and sets the exit status), never raised."""
-        if name in skip:
-            doc["skipped"].setdefault(name, "left out with --skip")
-            return None
-        started = time.perf_counter()
-        try:
-            result = fn()
-        except Exception as e:  # recorded and reported, never swallowed: the exit status says a section failed
-            doc["errors"][name] = f"{type(e).__name__}: {ovseg.cli.first_line(e)}"
-            say(f"{name} failed: {doc['errors'][name]}")
-            return None
-        finally:
-            say(f"{name}: {time.perf_counter() - started:.1f} s")
-        if where:
-            parent = doc
-            for key in where[:-1]:
-                parent = parent.setdefault(key, {})
-            parent[where[-1]] = [_plain(r) for r in result] if isinstance(result, list) else _plain(result)
-        return result
-
-    clip_path = work / "clip.mp4"
-    frames = clip_frames(clip_path, args.frame, max(plan.record_frames, 8))
-    main_budget = Budget(plan.warmup, plan.min_runs, plan.main_seconds)
-    small_budget = Budget(plan.warmup, max(3, plan.min_runs // 2), plan.main_seconds / 2)
-    k_budget = Budget(plan.warmup, max(5, plan.min_runs), 1.0 if args.quick else 3.0)
-
-    # 1. the main measurement
+    bundle, plan = args.bundle.expanduser(), make_plan(args)
+    doc: dict = {"schema": "ovseg-bench/1", "command": [PROG, *argv], "environment": environment(args.threads)}
+    doc.update(plan=asdict(plan), errors={}, skipped={}, sweeps={})
     opened = latency.open_recorded(
         bundle, args.threads, SegmenterConfig(), keep=plan.record_frames, backend=args.backend, precision=args.precision
     )
+    m = opened.manifest
+    say(
+        f"bundle {bundle} ({describe_sizes(m.image_sizes)}, CLIP {m.clip.model}, DINOv2 {m.dinov2.model}"
+        f"{', random weights' if m.random_weights else ''}); {args.threads} threads"
+    )
+    frames = clip_frames(work / "clip.mp4", args.frame, max(plan.record_frames, 8))
     say(
         f"timing every stage on {len(frames)} clip frames ({args.frame[0]}x{args.frame[1]}), "
         f"{plan.main_seconds:.0f} s and {plan.min_runs} frames at least"
     )
-    main = latency.measure(opened.segmenter, frames, main_budget, bundle=bundle)
+    main = latency.measure(
+        opened.segmenter, frames, Budget(plan.warmup, plan.min_runs, plan.main_seconds), bundle=bundle
+    )
     doc["latency"] = asdict(main)
     doc["peak_rss_mb_ovseg"] = round(peak_rss_mb(), 1)  # before the sweeps and torch add to it
-
-    # 2. sweeps in this process (the encoders' recorded outputs serve the K sweep)
-    doc["sweeps"] = {}
-    section("segments", lambda: latency.sweep_k(opened, frames, plan.ks, k_budget), "sweeps", "segments")
-    section(
-        "backends",
-        lambda: latency.sweep_backends(
-            bundle, manifest, frames, small_budget, args.threads, main, ort.get_available_providers()
+    k_budget = Budget(plan.warmup, max(5, plan.min_runs), 1.0 if args.quick else 3.0)
+    small = Budget(plan.warmup, max(3, plan.min_runs // 2), plan.main_seconds / 2)
+    sections = {  # the K sweep replays the encoders' recorded outputs; the naive reference imports torch: last
+        "segments": lambda: latency.sweep_k(opened, frames, plan.ks, k_budget),
+        "backends": lambda: latency.sweep_backends(
+            bundle, m, frames, small, args.threads, main, ort.get_available_providers()
         ),
-        "sweeps",
-        "backends",
-    )
-
-    # 3. ovseg-run on the clip, in a process of its own
-    section(
-        "video",
-        lambda: measure_video(
-            bundle, clip_path, work / "video", plan.video_frames, args.threads, args.keyframe_interval
+        "video": lambda: measure_video(
+            bundle, work / "clip.mp4", work / "video", plan.video_frames, args.threads, args.keyframe_interval
         ),
-        "video",
-    )
-
-    # 4. last, as it imports torch: the naive reference on an S x S frame
-    def naive_section():
-        from .naive import compare
-
-        s = manifest.clip.image_size  # the pooling size
-        square = np.ascontiguousarray(cv2.resize(frames[0], (s, s), interpolation=cv2.INTER_AREA))
-        # no warm-up pair: the label check's frame already warmed both pipelines up
-        return compare(opened, square, Budget(0, plan.naive_pairs, 0.0), args.threads, args.tiny_models)
-
-    section("naive", naive_section, "naive")
+        "naive": lambda: _naive(opened, frames[0], Budget(0, plan.naive_pairs, 0.0), args),
+    }
+    for name, fn in sections.items():
+        _section(doc, name, fn, args.skip)
     opened.segmenter.close()
-
     doc["environment"]["load_average_end"] = round(os.getloadavg()[0], 2)
     doc["peak_rss_mb_process"] = round(peak_rss_mb(), 1)
     doc = json.loads(json.dumps(doc, default=_jsonable))  # what the JSON file holds
-    doc["targets"] = [{**asdict(t), "verdict": t.verdict} for t in targets(doc)]
+    doc["targets"] = [t.record() for t in targets(doc)]
     return doc
+
+
+def _section(doc: dict, name: str, fn: Callable[[], object], skip: list[str]) -> None:
+    """Run one section; its result goes to doc (the sweeps to doc["sweeps"]); a failure is recorded (and sets the exit
+    status), never raised."""
+    if name in skip:
+        doc["skipped"][name] = "left out with --skip"
+        return
+    started = time.perf_counter()
+    try:
+        (doc["sweeps"] if name in ("segments", "backends") else doc)[name] = fn()
+    except Exception as e:  # recorded and reported, never swallowed: the exit status says a section failed
+        doc["errors"][name] = f"{type(e).__name__}: {ovseg.cli.first_line(e)}"
+        say(f"{name} failed: {doc['errors'][name]}")
+    finally:
+        say(f"{name}: {time.perf_counter() - started:.1f} s")
+
+
+def _naive(opened, frame, budget, args: argparse.Namespace):
+    """The naive reference against ovseg on an S x S frame, S the pooling size; no warm-up pair: the label check's
+    frame warms both pipelines up."""
+    import cv2
+    import numpy as np
+
+    from .naive import compare
+
+    s = opened.manifest.clip.image_size
+    square = np.ascontiguousarray(cv2.resize(frame, (s, s), interpolation=cv2.INTER_AREA))
+    return compare(opened, square, budget, args.threads, args.tiny_models)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,11 +388,9 @@ def _reproduce(doc: dict) -> str:
     return " ".join(shlex.quote(w) for w in kept)
 
 
-def _plain(value):
-    return asdict(value) if hasattr(value, "__dataclass_fields__") else value
-
-
 def _jsonable(value):
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "item"):
