@@ -88,13 +88,14 @@ def test_a_full_disk_stops_the_run_in_one_line_and_every_output_is_whole(tiny_bu
 
 
 def test_a_disk_full_from_the_start_fails_before_the_models_load(tmp_path):
-    from ovseg.runtime.io.sinks import DISK_RESERVE, FrameDirSink, SinkError, VideoSink
+    from ovseg.errors import OvsegError
+    from ovseg.runtime.io.sinks import DISK_RESERVE, FrameDirSink, VideoSink
 
     with small_disk(tmp_path / "disk", 4) as disk:
         fill(disk, DISK_RESERVE // 2)
-        with pytest.raises(SinkError, match="is full"):
+        with pytest.raises(OvsegError, match="is full"):
             VideoSink(disk / "out.mp4", fps=10)
-        with pytest.raises(SinkError, match="is full"):
+        with pytest.raises(OvsegError, match="is full"):
             FrameDirSink(disk / "frames")
 
 

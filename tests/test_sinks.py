@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from ovseg.runtime.io.sinks import FrameDirSink, JsonLinesSink, SinkError, VideoSink
+from ovseg.errors import OvsegError
+from ovseg.runtime.io.sinks import FrameDirSink, JsonLinesSink, VideoSink
 from ovseg.runtime.io.sources import Frame, VideoFileSource
 from ovseg.runtime.result import Result, Segment
 
@@ -82,9 +83,9 @@ def test_video_sink_without_frames_leaves_no_file(tmp_path):
 def test_unwritable_video_path_fails_at_construction(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    with pytest.raises(SinkError, match="cannot write video"):
+    with pytest.raises(OvsegError, match="cannot write video"):
         VideoSink(blocker / "out.mp4", fps=10)
-    with pytest.raises(SinkError, match="use .mp4"):
+    with pytest.raises(OvsegError, match="use .mp4"):
         VideoSink(tmp_path / "out.unknownext", fps=10)
 
 
@@ -123,7 +124,7 @@ def test_ids_over_255_are_written_as_uint16(tmp_path):
 
 
 def test_label_ids_a_png_cannot_hold_are_an_error(tmp_path):
-    with pytest.raises(SinkError, match="0..65535"):
+    with pytest.raises(OvsegError, match="0..65535"):
         FrameDirSink(tmp_path).write(frame(0), make_result(ids=(-1, 2)), None)
     assert leftovers(tmp_path) == []
 
@@ -131,7 +132,7 @@ def test_label_ids_a_png_cannot_hold_are_an_error(tmp_path):
 def test_unwritable_save_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(SinkError, match="cannot create --save-dir"):
+    with pytest.raises(OvsegError, match="cannot create --save-dir"):
         FrameDirSink(blocker / "frames")
 
 

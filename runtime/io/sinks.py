@@ -27,29 +27,14 @@ INDEX_BYTES_PER_FRAME = 64  # an mp4 index entry per frame (sample size, offset,
 FRAME_ROOM = 1 << 20  # what one frame may add to every output together (a video frame, a PNG, a JSON): check_room()
 
 
-class SinkError(OvsegError, RuntimeError):
-    """An output cannot be written; the message is one line saying which and why."""
-
-
 def frame_record(frame: Frame, result: Result) -> dict:
     """The JSON object of one frame: the source's frame index and timestamp, segments, timings."""
-    record = result.to_json_dict(frame.timestamp)
-    record["frame"] = frame.index
-    record["source"] = frame.source
-    return record
-
-
-def _plain(value):
-    """json.dumps fallback for numpy scalars and arrays."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return result.to_json_dict(frame.timestamp) | {"frame": frame.index, "source": frame.source}
 
 
 def to_json(record: dict, **kwargs) -> str:
-    return json.dumps(record, default=_plain, **kwargs)
+    """json.dumps that takes numpy scalars and arrays too."""
+    return json.dumps(record, default=lambda value: value.tolist(), **kwargs)
 
 
 def _temp_name(path: Path) -> Path:
@@ -64,24 +49,16 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise SinkError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def free_bytes(directory: Path) -> int | None:
-    """Bytes an unprivileged writer may still use on the disk holding ``directory`` (None: not known)."""
-    try:
-        st = os.statvfs(directory)
-    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
-        return None
-    return st.f_bavail * st.f_frsize
+        raise OvsegError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def check_space(directory: Path, reserve: int, what: str, frames: int) -> None:
-    """A SinkError when the disk holding ``directory`` has less than ``reserve`` bytes left: the run stops there, and
-    what was written so far is finalised in the room kept."""
-    free = free_bytes(directory)
-    if free is not None and free < reserve:
-        raise SinkError(
+    """An OvsegError when the disk holding ``directory`` has less than ``reserve`` bytes left for an unprivileged
+    writer: the run stops there, and what was written so far is finalised in the room kept."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free < reserve:
+        raise OvsegError(
             f"the disk holding {what} is full ({free / 2**20:.1f} MiB left, {reserve / 2**20:.1f} MiB kept to finalise "
             f"the outputs): stopped after {frames} frames, each output written so far is whole; free some space"
         )
@@ -91,7 +68,7 @@ class Sink(Closeable):
     needs_overlay = False  # True when write() uses the rendered overlay
 
     def check_room(self, frame_room: int = FRAME_ROOM) -> None:
-        """Raise SinkError when the disk lacks the room kept to finalise plus ``frame_room`` for the next frame.
+        """Raise an OvsegError when the disk lacks the room kept to finalise plus ``frame_room`` for the next frame.
         ovseg-run asks every sink before writing a frame to any; write() asks again with no frame room."""
 
     def write(self, frame: Frame, result: Result, overlay: np.ndarray | None) -> None:
@@ -114,7 +91,7 @@ class VideoSink(Sink):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SinkError(f"cannot write video {self.path}: {e.strerror or e}") from None
+            raise OvsegError(f"cannot write video {self.path}: {e.strerror or e}") from None
         # Open a writer once now, so a bad path or a missing encoder fails before any model is loaded.
         self._open((16, 16)).release()
         self._tmp.unlink(missing_ok=True)
@@ -126,15 +103,14 @@ class VideoSink(Sink):
             writer.release()
             self._tmp.unlink(missing_ok=True)
             if not os.access(self.path.parent, os.W_OK):
-                raise SinkError(f"cannot write video {self.path}: {self.path.parent} is not writable")
-            raise SinkError(
+                raise OvsegError(f"cannot write video {self.path}: {self.path.parent} is not writable")
+            raise OvsegError(
                 f"cannot write video {self.path}: OpenCV has no {VIDEO_FOURCC} writer for {self.path.suffix or 'files without a suffix'} (use .mp4)"
             )
         return writer
 
     def write(self, frame: Frame, result: Result, overlay: np.ndarray | None) -> None:
-        if overlay is None:
-            raise SinkError("VideoSink needs the rendered overlay")
+        assert overlay is not None  # needs_overlay
         self.check_room(frame_room=0)
         if self._writer is None:
             self._size = (overlay.shape[1], overlay.shape[0])
@@ -149,11 +125,10 @@ class VideoSink(Sink):
         check_space(self.path.parent, reserve, f"--save {self.path}", self.frames)
 
     def close(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.release()
-        self._writer = None
-        os.replace(self._tmp, self.path)
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+            os.replace(self._tmp, self.path)
 
 
 class FrameDirSink(Sink):
@@ -166,9 +141,9 @@ class FrameDirSink(Sink):
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SinkError(f"cannot create --save-dir {self.dir}: {e.strerror or e}") from None
+            raise OvsegError(f"cannot create --save-dir {self.dir}: {e.strerror or e}") from None
         if not os.access(self.dir, os.W_OK):
-            raise SinkError(f"--save-dir {self.dir} is not writable")
+            raise OvsegError(f"--save-dir {self.dir} is not writable")
         self.check_room()
 
     def check_room(self, frame_room: int = FRAME_ROOM) -> None:
@@ -180,18 +155,14 @@ class FrameDirSink(Sink):
         label_map = result.label_map
         low, high = (int(label_map.min()), int(label_map.max())) if label_map.size else (0, 0)
         if low < 0 or high > np.iinfo(np.uint16).max:
-            raise SinkError(f"label map of frame {frame.index} has ids {low}..{high}: a PNG label map holds 0..65535")
+            raise OvsegError(f"label map of frame {frame.index} has ids {low}..{high}: a PNG label map holds 0..65535")
         dtype = np.uint8 if high <= np.iinfo(np.uint8).max else np.uint16
-        ok, png = cv2.imencode(".png", label_map.astype(dtype))
-        if not ok:
-            raise SinkError(f"cannot encode the label map of frame {frame.index} as PNG")
-        atomic_write(self.dir / f"{stem}.png", png.tobytes())
-        record = frame_record(frame, result)
-        record["label_map"] = f"{stem}.png"
-        record["labels"] = {str(k): v for k, v in result.labels.items()}
+        atomic_write(self.dir / f"{stem}.png", cv2.imencode(".png", label_map.astype(dtype))[1].tobytes())
+        labels = {str(k): v for k, v in result.labels.items()}
+        record = frame_record(frame, result) | {"label_map": f"{stem}.png", "labels": labels}
         try:
             atomic_write(self.dir / f"{stem}.json", (to_json(record, indent=1) + "\n").encode())
-        except SinkError:
+        except OvsegError:
             (self.dir / f"{stem}.png").unlink(missing_ok=True)  # a frame is its label map and its JSON, or neither
             raise
         self.frames += 1
@@ -202,9 +173,7 @@ class JsonLinesSink(Sink):
 
     def __init__(self, stream: IO[str]):
         self.stream = stream
-        self.frames = 0
 
     def write(self, frame: Frame, result: Result, overlay: np.ndarray | None) -> None:
         self.stream.write(to_json(frame_record(frame, result)) + "\n")
         self.stream.flush()
-        self.frames += 1

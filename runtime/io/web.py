@@ -28,7 +28,7 @@ from ovseg.errors import OvsegError
 
 from ..pipeline.render import segment_palette
 from ..pipeline.vocabulary import DEFAULT_CONCEPTS, PRESETS, load_vocabulary, parse_class_list
-from ..result import Result
+from ..result import Result, largest_first
 from .sinks import Sink, frame_record, to_json
 from .sources import Frame
 
@@ -176,7 +176,7 @@ def legend(result: Result) -> list[dict]:
             "colour": "#" + palette[s.id][::-1].tobytes().hex(),
             "share": s.area / max(1, result.label_map.size),
         }
-        for s in sorted(result.segments, key=lambda s: (-s.area, s.id))
+        for s in largest_first(result.segments)
     ]
 
 
