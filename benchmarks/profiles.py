@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ovseg.cli import first_line, run_cli
+from ovseg.errors import OvsegError
 from ovseg.profiles import PROFILES, Profile
 
 from .report import Table, Target, render, targets_table
@@ -74,12 +75,12 @@ def make_plan(args: argparse.Namespace) -> ProfilePlan:
 
 
 def parse_bundles(items: list[str]) -> dict[str, Path]:
-    """--profile-bundle NAME=DIR values; a ValueError (one line) for anything else."""
+    """--profile-bundle NAME=DIR values; an OvsegError (one line) for anything else."""
     bundles = {}
     for item in items:
         name, sep, where = item.partition("=")
         if not sep or not where or name not in PROFILES:
-            raise ValueError(f"--profile-bundle takes NAME=DIR with NAME one of {', '.join(PROFILES)}, got {item!r}")
+            raise OvsegError(f"--profile-bundle takes NAME=DIR with NAME one of {', '.join(PROFILES)}, got {item!r}")
         bundles[name] = Path(where).expanduser()
     return bundles
 

@@ -24,10 +24,6 @@ COUNTS = re.compile(r"(\d+) frames in ([\d.]+) s \(([\d.]+) FPS\)")
 STAGE_ROW = re.compile(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
 
 
-class VideoError(OvsegError, RuntimeError):
-    """ovseg-run failed; the message is its last error line."""
-
-
 @dataclass
 class VideoRun:
     keyframe_interval: int
@@ -83,7 +79,7 @@ def run_ovseg(bundle: Path, clip: Path, out: Path, frames: int, threads: int, in
     counts = COUNTS.search(text)
     if proc.returncode != 0 or counts is None:
         lines = [line for line in text.splitlines() if line.strip()]
-        raise VideoError(f"ovseg-run exited {proc.returncode}: {lines[-1] if lines else 'no output'}")
+        raise OvsegError(f"ovseg-run exited {proc.returncode}: {lines[-1] if lines else 'no output'}")
     means = {
         m.group(1): float(m.group(2)) for m in map(STAGE_ROW.match, text.splitlines()) if m and m.group(1) != "stage"
     }
@@ -129,7 +125,7 @@ def label_agreement(a: Path, b: Path) -> float:
     la, lb = frame_labels(a), frame_labels(b)
     common = sorted(set(la) & set(lb))
     if not common:
-        raise VideoError(f"no common frames in {a} and {b}")
+        raise OvsegError(f"no common frames in {a} and {b}")
     same = sum(int((la[k] == lb[k]).sum()) for k in common)
     return same / sum(la[k].size for k in common)
 

@@ -120,8 +120,9 @@ def test_video_targets_and_files(bench):
 
 
 def test_injected_weights_cannot_be_rebuilt(tiny_bundle):
-    from ovseg.benchmarks.naive import NaiveError, rebuild
+    from ovseg.benchmarks.naive import rebuild
+    from ovseg.errors import OvsegError
     from ovseg.runtime.bundle.manifest import read_manifest
 
-    with pytest.raises(NaiveError, match="injected"):
+    with pytest.raises(OvsegError, match="injected"):
         rebuild(read_manifest(tiny_bundle))

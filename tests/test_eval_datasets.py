@@ -15,10 +15,10 @@ from ovseg.benchmarks.eval.datasets import (
     CITYSCAPES_LABEL_IDS,
     COCO_STUFF_IDS,
     DATASETS,
-    LayoutError,
     open_dataset,
 )
 from ovseg.benchmarks.eval.metrics import IGNORE, ConfusionMatrix, boundary_mask
+from ovseg.errors import OvsegError
 from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 
 VOC_ID = "2011_000003"
@@ -188,10 +188,10 @@ def test_cityscapes_train_ids_and_label_ids(tmp_path):
 )
 def test_wrong_directory_names_the_expected_layout(tmp_path, key, expected):
     (tmp_path / "something_else").mkdir()
-    with pytest.raises(LayoutError, match="expected") as info:
+    with pytest.raises(OvsegError, match="expected") as info:
         open_dataset(key, tmp_path)
     assert expected in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(LayoutError, match="no such directory"):
+    with pytest.raises(OvsegError, match="no such directory"):
         open_dataset(key, tmp_path / "missing")
 
 
@@ -199,18 +199,18 @@ def test_layout_errors_name_the_missing_file(tmp_path):
     root = make_voc(tmp_path)
     split = root / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
     split.write_text(f"{VOC_ID}\n2007_000033\n")
-    with pytest.raises(LayoutError, match="2007_000033 is in val.txt but"):
+    with pytest.raises(OvsegError, match="2007_000033 is in val.txt but"):
         open_dataset("voc21", root)
     ade = tmp_path / "ade" / "ADEChallengeData2016"
     write_jpg(ade / "images" / "validation" / "ADE_val_00000001.jpg", synthetic()[0])
     (ade / "annotations" / "validation").mkdir(parents=True)
-    with pytest.raises(LayoutError, match="has no label annotations/validation/ADE_val_00000001.png"):
+    with pytest.raises(OvsegError, match="has no label annotations/validation/ADE_val_00000001.png"):
         open_dataset("ade150", ade)
     rgb = tmp_path / "rgb"
     make_voc(rgb)
     cv2.imwrite(str(rgb / "VOCdevkit/VOC2012/SegmentationClass" / f"{VOC_ID}.png"), voc_sample()[0])
     ds = open_dataset("voc21", rgb)
-    with pytest.raises(LayoutError, match="is a RGB image"):
+    with pytest.raises(OvsegError, match="is a RGB image"):
         ds.label(ds.samples[0])
 
 

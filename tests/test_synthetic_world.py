@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from ovseg.benchmarks.eval.datasets import LayoutError, open_dataset
+from ovseg.benchmarks.eval.datasets import open_dataset
 from ovseg.benchmarks.synthetic import pretrain, scenes
 from ovseg.benchmarks.synthetic.dataset import split_layouts, video_frames, write_dataset
 from ovseg.benchmarks.synthetic.world import CLASSES, HELD_OUT, HELD_OUT_OBJECTS, OBJECTS, SEEN_OBJECTS, STUFF
+from ovseg.errors import OvsegError
 
 
 def test_scenes_are_deterministic_by_seed():
@@ -111,7 +112,7 @@ def test_the_layout_ovseg_eval_reads(tmp_path):
     assert len(record["annotations"]) == len(scene.masks)
     assert json.loads((root / "captions.json").read_text())[sample.name] == scene.caption
     (root / "classes.txt").unlink()
-    with pytest.raises(LayoutError, match="classes.txt"):
+    with pytest.raises(OvsegError, match="classes.txt"):
         open_dataset("synthetic", root)
 
 

@@ -18,12 +18,13 @@ from tqdm import tqdm
 import ovseg.cli
 from ovseg.cli import add_bundle_argument, add_segmenter_arguments, non_negative_int, positive_int
 from ovseg.constants import REFINES
+from ovseg.errors import OvsegError
 from ovseg.runtime.bundle.manifest import MANIFEST
 
-from .datasets import DATASETS, LayoutError, SegDataset, open_dataset
+from .datasets import DATASETS, SegDataset, open_dataset
 from .metrics import Scores
 from .protocols import PROTOCOLS, Free, Guided, LabelMatcher, Oracle, open_embedder
-from .state import StateError, Tally, read_report, state_path, write_json
+from .state import Tally, read_report, state_path, write_json
 from .vis import save_side_by_side
 
 PROG = "ovseg-eval"
@@ -250,14 +251,14 @@ def _check_resume(out: Path, config: dict) -> None:
     old = read_report(out).get("config", {})
     differ = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
     if differ:
-        raise StateError(
+        raise OvsegError(
             f"--resume: {out} was run with other {', '.join(differ)}; use the same options or start again without --resume"
         )
 
 
 def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
     if args.resume and args.out is None:
-        raise StateError("--resume needs --out: the results.json of the run to continue")
+        raise OvsegError("--resume needs --out: the results.json of the run to continue")
     dataset = open_dataset(args.dataset, args.data)
     samples = dataset.samples[: args.limit] if args.limit else dataset.samples
     config = _config(args)
@@ -267,7 +268,7 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
         _check_resume(args.out, config)
         tally = Tally.load(state, len(dataset.classes), args.boundary_tolerance, with_segments)
         if tally.done > len(samples):
-            raise StateError(
+            raise OvsegError(
                 f"--resume: {state} already counts {tally.done} images, more than the {len(samples)} asked for"
             )
         say(f"resuming after {tally.done} of {len(samples)} images")
@@ -306,7 +307,7 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
                 sample = samples[i]
                 image, gt = dataset.image(sample), dataset.label(sample)
                 if image.shape[:2] != gt.shape:
-                    raise LayoutError(
+                    raise OvsegError(
                         f"{sample.image} is {image.shape[1]}x{image.shape[0]} but its label {sample.label} is {gt.shape[1]}x{gt.shape[0]}"
                     )
                 outcome = protocol(seg, image, gt)

