@@ -9,26 +9,28 @@ import cv2
 import numpy as np
 
 QUIT_KEYS = (ord("q"), ord("Q"), 27)  # 27 is Esc
+FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache
+def _build_info(key: str) -> str:
+    """The value of ``key`` in OpenCV's build information, "" when it has none."""
+    for line in cv2.getBuildInformation().splitlines():
+        name, _, value = line.strip().partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return ""
+
+
 def gui_backend() -> str | None:
     """OpenCV's highgui backend (e.g. "GTK3", "QT5"), or None when it has none (opencv-python-headless)."""
-    for line in cv2.getBuildInformation().splitlines():
-        key, _, value = line.strip().partition(":")
-        if key.strip() == "GUI":
-            value = value.strip()
-            return None if not value or value.upper() == "NONE" else value
-    return None
+    value = _build_info("GUI")
+    return None if value.upper() in ("", "NONE") else value
 
 
 def has_gstreamer() -> bool:
     """True when this OpenCV can open GStreamer pipelines (JetPack's can; PyPI's wheels cannot)."""
-    for line in cv2.getBuildInformation().splitlines():
-        key, _, value = line.strip().partition(":")
-        if key.strip() == "GStreamer":
-            return value.strip().upper().startswith("YES")
-    return False
+    return _build_info("GStreamer").upper().startswith("YES")
 
 
 def display_problem() -> str | None:
@@ -60,24 +62,15 @@ def draw_status(image: np.ndarray, fps: float, timings: dict[str, float]) -> np.
     ):
         # As large as reads well, shrunk until it fits; too long even at the smallest size: FPS and total only.
         scale = min(0.7, max(0.4, image.shape[1] / 1400))
-        while scale > 0.3 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] > room:
+        while scale > 0.3 and cv2.getTextSize(text, FONT, scale, thickness)[0][0] > room:
             scale *= 0.95  # Hershey glyph widths do not scale linearly: shrink step by step
-        if cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] <= room:
+        if cv2.getTextSize(text, FONT, scale, thickness)[0][0] <= room:
             break
-    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    (w, h), base = cv2.getTextSize(text, FONT, scale, thickness)
     band_top = max(0, image.shape[0] - (h + base + 2 * pad))
     band = image[band_top:, : min(image.shape[1], w + 2 * pad)]
     band[...] = (band * 0.4).astype(image.dtype)  # darken behind the text so it reads on any frame
-    cv2.putText(
-        image,
-        text,
-        (pad, image.shape[0] - pad - base),
-        cv2.FONT_HERSHEY_SIMPLEX,
-        scale,
-        (255, 255, 255),
-        thickness,
-        cv2.LINE_AA,
-    )
+    cv2.putText(image, text, (pad, image.shape[0] - pad - base), FONT, scale, (255, 255, 255), thickness, cv2.LINE_AA)
     return image
 
 
@@ -93,8 +86,7 @@ class Window:
             cv2.namedWindow(self.title, cv2.WINDOW_NORMAL)
             self._open = True
         cv2.imshow(self.title, image)
-        key = cv2.waitKey(1) & 0xFF
-        if key in QUIT_KEYS:
+        if (cv2.waitKey(1) & 0xFF) in QUIT_KEYS:
             return False
         return cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) >= 1
 

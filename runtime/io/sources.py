@@ -108,10 +108,6 @@ def _describe(uri: int | str) -> str:
     return f"stream {uri}" if "://" in uri else f"video {uri}"
 
 
-def _parse_uri(uri: int | str) -> int | str:
-    return int(uri) if isinstance(uri, str) and uri.isdigit() else uri
-
-
 def open_video_capture(uri: int | str) -> cv2.VideoCapture:
     """cv2.VideoCapture, with open and read timeouts for network streams; GStreamer pipelines through GStreamer."""
     if is_gstreamer_pipeline(uri):
@@ -125,33 +121,27 @@ def open_video_capture(uri: int | str) -> cv2.VideoCapture:
             )
         return cv2.VideoCapture(uri, cv2.CAP_GSTREAMER)
     if isinstance(uri, str) and "://" in uri:
-        timeouts = [
-            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
-            STREAM_TIMEOUT_MS,
-            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
-            STREAM_TIMEOUT_MS,
-        ]
-        return cv2.VideoCapture(uri, cv2.CAP_ANY, timeouts)
+        ms = STREAM_TIMEOUT_MS
+        return cv2.VideoCapture(
+            uri, cv2.CAP_ANY, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        )
     return cv2.VideoCapture(uri)
 
 
-def _open_failure(uri: int | str) -> SourceError:
-    if isinstance(uri, int):
-        return SourceError(f"camera {uri} cannot be opened: check the device (ls /dev/video*) or use --video/--image")
-    if is_gstreamer_pipeline(uri):
-        return SourceError(
-            f"{_describe(uri)} cannot be started: check it with `gst-launch-1.0 <pipeline>` (fakesink for appsink)"
-        )
-    if "://" in uri:
-        return SourceError(
-            f"stream {uri} cannot be opened: check the URL and the network, or use --video PATH for a file"
-        )
-    if is_local_device(uri):
-        return SourceError(f"device {uri} cannot be opened or delivers no video OpenCV can decode: check what feeds it")
-    return _video_open_failure(uri)
+_OPEN_FAILURES = {  # what to check when a live source cannot be opened, by the first word of its name
+    "camera": "cannot be opened: check the device (ls /dev/video*) or use --video/--image",
+    "device": "cannot be opened or delivers no video OpenCV can decode: check what feeds it",
+    "GStreamer": "cannot be started: check it with `gst-launch-1.0 <pipeline>` (fakesink for appsink)",
+    "stream": "cannot be opened: check the URL and the network, or use --video PATH for a file",
+}
 
 
-def _video_open_failure(path: str) -> SourceError:
+def _fps(cap: cv2.VideoCapture) -> float | None:
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    return fps if fps and math.isfinite(fps) and fps > 0 else None
+
+
+def _open_failure(path: str) -> SourceError:
     if not os.path.exists(path):
         return SourceError(f"video {path} does not exist")
     return SourceError(f"video {path} cannot be opened: it is not a video OpenCV can decode, or it is truncated")
@@ -175,7 +165,7 @@ class LatestFrameCapture(Source):
         max_reconnect_time: float = 30.0,
         open_capture: Callable[[int | str], cv2.VideoCapture] = open_video_capture,
     ):
-        self.uri = _parse_uri(uri)
+        self.uri = int(uri) if isinstance(uri, str) and uri.isdigit() else uri
         self.name = _describe(self.uri)
         self.reconnect = reconnect
         self.backoff = backoff
@@ -185,10 +175,11 @@ class LatestFrameCapture(Source):
         self._is_file = not is_live(self.uri)
         cap = self._open()
         if cap is None:
-            raise _open_failure(self.uri)
+            if self._is_file:
+                raise _open_failure(str(self.uri))
+            raise SourceError(f"{self.name} {_OPEN_FAILURES[self.name.split()[0]]}")
         self._cap: cv2.VideoCapture = cap
-        fps = self._cap.get(cv2.CAP_PROP_FPS)
-        self.fps = fps if fps and math.isfinite(fps) and fps > 0 else None
+        self.fps = _fps(cap)
         self._cond = threading.Condition()
         self._latest: Frame | None = None
         self._read_count = 0
@@ -290,9 +281,8 @@ class VideoFileSource(Source):
         self._cap = cv2.VideoCapture(self.path)
         if not self._cap.isOpened():
             self._cap.release()
-            raise _video_open_failure(self.path)
-        fps = self._cap.get(cv2.CAP_PROP_FPS)
-        self.fps = fps if fps and math.isfinite(fps) and fps > 0 else None
+            raise _open_failure(self.path)
+        self.fps = _fps(self._cap)
         count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
         self.expected_frames = count if count > 0 else None  # from the container header; a truncated file has fewer
 
@@ -300,9 +290,8 @@ class VideoFileSource(Source):
         if self._cap.get(cv2.CAP_PROP_POS_FRAMES) > 0:  # iterated before (ovseg-run --loop): from the first frame again
             self._cap.release()
             self._cap = cv2.VideoCapture(self.path)
-        delivered = 0
-        bad_run = 0
-        while True:
+        delivered = bad_run = 0
+        while bad_run < MAX_CONSECUTIVE_BAD_FRAMES:
             ok, image = self._cap.read()
             if ok:
                 bad_run = 0
@@ -315,8 +304,6 @@ class VideoFileSource(Source):
             if bad_run == 0:
                 log.warning("video %s: frame %d cannot be decoded, skipping", self.path, position)
             bad_run += 1
-            if bad_run >= MAX_CONSECUTIVE_BAD_FRAMES:
-                break
         if self.expected_frames is not None and delivered < self.expected_frames:
             self.skipped = self.expected_frames - delivered
             log.warning(
@@ -328,10 +315,6 @@ class VideoFileSource(Source):
 
     def close(self) -> None:
         self._cap.release()
-
-
-def _is_glob(text: str) -> bool:
-    return any(c in text for c in "*?[")
 
 
 class ImageSource(Source):
@@ -355,17 +338,16 @@ class ImageSource(Source):
             return [path]
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise SourceError(f"no images in directory {spec} (looked for {', '.join(IMAGE_SUFFIXES)})")
-            return found
-        if _is_glob(spec):
+            none = f"no images in directory {spec} (looked for {', '.join(IMAGE_SUFFIXES)})"
+        elif any(c in spec for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec)) if os.path.isfile(p))
-            if not found:
-                raise SourceError(f"no files match {spec}")
-            return found
-        raise SourceError(
-            f"{spec} does not exist: give an image file, a directory of images or a glob like 'dir/*.png'"
-        )
+            none = f"no files match {spec}"
+        else:
+            none = f"{spec} does not exist: give an image file, a directory of images or a glob like 'dir/*.png'"
+            found = []
+        if not found:
+            raise SourceError(none)
+        return found
 
     def __iter__(self) -> Iterator[Frame]:
         delivered = 0
