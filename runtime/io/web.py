@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -184,15 +185,19 @@ def legend(result: Result) -> list[dict]:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    web: WebSink  # set on a subclass per sink
     timeout = SOCKET_TIMEOUT_S
     server_version = "ovseg-web"
 
     def log_message(self, format: str, *args) -> None:
         log.debug("web: %s %s", self.address_string(), format % args)
 
+    def handle(self) -> None:
+        with contextlib.suppress(OSError):  # the browser left (closed, reset, or stopped reading for SOCKET_TIMEOUT_S)
+            super().handle()
+
     def do_GET(self) -> None:
-        web, path = self.server.web, self.path.split("?", 1)[0]
+        web, path = self.web, self.path.split("?", 1)[0]
         frame = web.latest
         if path in ("/", "/index.html"):
             self._send(200, web.page, "text/html; charset=utf-8")
@@ -212,7 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, cv2.imencode(".png", frame.overlay)[1].tobytes(), "image/png")
 
     def do_POST(self) -> None:
-        web, length = self.server.web, self.headers.get("Content-Length")
+        web, length = self.web, self.headers.get("Content-Length")
         if self.path.split("?", 1)[0] != "/vocabulary":
             self._error(404, f"cannot POST to {self.path}: changes go to /vocabulary")
         elif not web.authorised(self.headers.get("Authorization", "")):
@@ -240,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
         """The request line and headers, then a 403 for a Host this machine does not answer to (no Host: not a browser)."""
         if not super().parse_request():
             return False
-        name = foreign_host(self.headers.get("Host", "localhost"), self.server.web.names)
+        name = foreign_host(self.headers.get("Host", "localhost"), self.web.names)
         if name is None:
             return True
         self._error(
@@ -284,8 +289,6 @@ class _Handler(BaseHTTPRequestHandler):
                     head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
                     self.wfile.write(head.encode() + jpeg + b"\r\n")
                     seq = frame.seq
-        except OSError:  # the browser left (closed, reset, or stopped reading for SOCKET_TIMEOUT_S)
-            pass
         finally:
             with web.cond:
                 web.viewers -= 1
@@ -298,17 +301,6 @@ class _Handler(BaseHTTPRequestHandler):
             return bool(poller.poll(0)) and not self.connection.recv(1, socket.MSG_PEEK)
         except OSError:
             return True
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], web: WebSink):
-        self.web = web
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request, client_address) -> None:
-        log.debug("web: request from %s failed", client_address, exc_info=True)
 
 
 class WebSink(Sink):
@@ -342,10 +334,11 @@ class WebSink(Sink):
         self._mode = GUIDANCE_FREE
         self._classes = classes  # guided mode's, as the Segmenter started with and the changes made since
         try:
-            self._server = _Server(address, self)
+            self._server = ThreadingHTTPServer(address, type("Handler", (_Handler,), {"web": self}))
         except (OSError, UnicodeError) as e:  # port taken, address not on this machine, unresolvable name
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise OvsegError(f"cannot serve --web on {address[0]}:{address[1]}: {reason}") from None
+        self._server.daemon_threads = True
         self.host, self.port = address[0], self._server.server_address[1]
         self.url = f"http://{self.host}:{self.port}/"
         self._thread = threading.Thread(target=self._server.serve_forever, name="ovseg-web", daemon=True)
