@@ -219,7 +219,9 @@ def sweep_backends(
             )
             continue
         try:
-            seg = Segmenter.from_bundle(bundle, backend=backend, precision=precision, threads=threads)
+            seg = Segmenter.from_bundle(
+                bundle, backend=backend, threads=threads, config=SegmenterConfig(precision=precision)
+            )
         except SegmenterError as e:
             points.append(BackendPoint(backend, precision, skipped=str(e).splitlines()[0]))
             continue

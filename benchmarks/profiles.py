@@ -41,6 +41,7 @@ import numpy as np
 from ovseg.cli import first_line, run_cli
 from ovseg.errors import OvsegError
 from ovseg.profiles import PROFILES, Profile
+from ovseg.runtime.config import SegmenterConfig
 
 from .report import Table, Target, render, targets_table
 from .targets import (
@@ -137,7 +138,7 @@ def play(bundle: Path, profile: str, frames: np.ndarray, out: Path, threads: int
     from ovseg.runtime.segmenter import Segmenter
 
     _native.set_num_threads(threads)
-    with Segmenter.from_bundle(bundle, backend="cpu", mode="guidance-free", profile=profile, threads=threads) as seg:
+    with Segmenter.from_bundle(bundle, backend="cpu", threads=threads, config=SegmenterConfig(profile=profile)) as seg:
         for frame in frames[:2]:
             seg(frame)
         seg.reset()
@@ -208,7 +209,7 @@ def _per_seed(bundle: Path, profile: str, seeds: int) -> Iterator:
     """The profile's guidance-free Segmenter with k-means seed 0, 1, ..."""
     from ovseg.runtime.segmenter import Segmenter
 
-    with Segmenter.from_bundle(bundle, backend="cpu", mode="guidance-free", profile=profile) as base:
+    with Segmenter.from_bundle(bundle, backend="cpu", config=SegmenterConfig(profile=profile)) as base:
         for seed in range(seeds):
             yield base.with_config(dataclasses.replace(base.config, seed=seed))
 

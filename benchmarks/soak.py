@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from ovseg.environment import machine_key
+from ovseg.runtime.config import SegmenterConfig
 
 from .report import Target, render, targets_table
 from .targets import SOAK_MAX_P99_DRIFT, SOAK_MAX_RSS_GROWTH
@@ -128,7 +129,7 @@ def run(bundle: Path, frames: int, threads: int | None, say) -> dict:
     say(f"soak: {frames} frames through one Segmenter, periods of {plan.period} frames; RSS every {RSS_EVERY}")
     started = time.perf_counter()
     cpu0 = time.process_time()
-    with Segmenter.from_bundle(bundle, threads=threads, precision="fp32") as seg:
+    with Segmenter.from_bundle(bundle, threads=threads, config=SegmenterConfig(precision="fp32")) as seg:
         vocabularies = 0
         for i in range(frames):
             action = plan.action(i)

@@ -17,6 +17,7 @@ HNSW_PARAMS = {"M": 32, "ef_construction": 200, "ef": 64}
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
 NUM_SEGMENTS = 15  # TAG's K: DINOv2 segment candidates per frame
+LOOKUPS = ("auto", "exact", "hnsw")  # vocabulary search (runtime/pipeline/lookup.py)
 REFINES = ("segments", "edges")  # vote guided logits inside segments; edge-aware upsampling of the score maps
 
 # What a lower precision or another backend must keep against CPU fp32 (ovseg-calib's gate, ovseg-check): the worst

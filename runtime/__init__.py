@@ -11,19 +11,20 @@ from typing import TYPE_CHECKING
 from ovseg.environment import check_install
 from ovseg.errors import SegmenterError
 
+from .config import SegmenterConfig
 from .result import Result, Segment
 
 check_install()  # two ONNX Runtimes or two OpenCVs overwrite each other: refuse them before anything loads
 
 if TYPE_CHECKING:
-    from .segmenter import Segmenter
+    from .segmenter import Segmenter, VideoStream
 
-__all__ = ["Result", "Segment", "Segmenter", "SegmenterError"]
+__all__ = ["Result", "Segment", "Segmenter", "SegmenterConfig", "SegmenterError", "VideoStream"]
 
 
 def __getattr__(name: str):
-    if name == "Segmenter":
-        from .segmenter import Segmenter
+    if name in ("Segmenter", "VideoStream"):
+        from . import segmenter
 
-        return Segmenter
+        return getattr(segmenter, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

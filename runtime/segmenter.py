@@ -15,25 +15,25 @@ each thread's video state.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .. import _native
-from ..constants import NUM_SEGMENTS, REFINES, STAGES, default_bundle
+from ..constants import STAGES, default_bundle
 from ..errors import SegmenterError
-from ..profiles import FAST, Profile, ProfileError, get_profile
+from ..profiles import FAST
 from .bundle.manifest import BundleError, Manifest, read_manifest
+from .config import SegmenterConfig
 from .pipeline.encoders import Engines, ImageEncoderFactory, run_encoder_batch
-from .pipeline.features import ClipFeatures, DenseFeatures, Keyframe, KeyframePolicy
+from .pipeline.features import ClipFeatures, DenseFeatures, Keyframe
 from .pipeline.guided import GuidedHead
 from .pipeline.labels import GuidanceFreeHead, LabelHysteresis
-from .pipeline.lookup import LOOKUPS, LabelIndex
+from .pipeline.lookup import LabelIndex
 from .pipeline.preprocess import Preprocessors, check_frame
 from .pipeline.refine import EdgeRefiner
 from .pipeline.render import draw_legend, label_stats, overlay, segment_palette
@@ -53,59 +53,6 @@ __all__ = [
     "label_stats",
     "segment_palette",
 ]
-
-MODES = ("auto", "guided", "guidance-free")
-# Stands in for the bundle's profile while the given settings are checked before the bundle is read: its keyframe
-# interval lets a given keyframe_change alone pass (the bundle's profile decides later whether it can apply).
-_ANY_PROFILE = FAST
-
-
-@dataclass
-class SegmenterConfig:
-    num_segments: int = NUM_SEGMENTS
-    top_k: int = 3  # labels looked up per segment: the best and top_k - 1 alternatives
-    score_threshold: float | None = None  # below it a segment is "unknown"
-    refine: str | None = None  # None | "segments" (guided) | "edges" (both modes)
-    keyframe_interval: int = 1  # CLIP at least every N-th frame; the segments move with DINOv2 in between
-    keyframe_change: float | None = None  # and as soon as this fraction of the picture changed since the keyframe
-    hysteresis: int = 3  # frames a new label must win in a row before a segment takes it
-    seed: int = 0  # k-means++ seeding of the first frame
-    kmeans_iters: int = 10
-
-    @classmethod
-    def from_profile(
-        cls,
-        profile: Profile,
-        num_segments: int | None = None,
-        keyframe_interval: int | None = None,
-        keyframe_change: float | None = None,
-        **settings,
-    ) -> SegmenterConfig:
-        """``settings`` with what is None taken from ``profile``. The profile's keyframe change applies only where the
-        interval allows keyframes to be skipped (a given ``keyframe_interval=1`` means CLIP on every frame)."""
-        interval = keyframe_interval if keyframe_interval is not None else profile.keyframe_interval
-        if keyframe_change is None and interval > 1:
-            keyframe_change = profile.keyframe_change
-        return cls(
-            num_segments=num_segments if num_segments is not None else profile.num_segments,
-            keyframe_interval=interval,
-            keyframe_change=keyframe_change,
-            **settings,
-        )
-
-    @property
-    def keyframes(self) -> KeyframePolicy:
-        return KeyframePolicy(self.keyframe_interval, self.keyframe_change)
-
-    def check(self) -> None:
-        if self.num_segments < 1 or self.top_k < 1 or self.hysteresis < 0:
-            raise SegmenterError(
-                f"num_segments and top_k must be >= 1 and hysteresis >= 0, got {self.num_segments}, {self.top_k}, "
-                f"{self.hysteresis}"
-            )
-        if self.refine is not None and self.refine not in REFINES:
-            raise SegmenterError(f"unknown refine {self.refine!r}: choose None, 'segments' or 'edges'")
-        self.keyframes.check()
 
 
 @dataclass
@@ -143,7 +90,9 @@ class Segmenter:
         index: LabelIndex,
         classes: list[str] | None = None,
     ):
-        config.check()
+        config = replace(config.resolve(manifest.profile), precision=engines.precision, lookup=index.requested)
+        k = config.num_segments
+        assert k is not None  # resolved
         self.manifest = manifest
         self.bundle_dir = Path(bundle_dir)
         self.engines = engines
@@ -156,13 +105,13 @@ class Segmenter:
             engines.dinov2,
             manifest.dinov2,
             self._pre["dinov2"],
-            config.num_segments,
+            k,
             config.kmeans_iters,
             config.seed,
             EdgeRefiner(dino_size) if edges else None,
         )
         self._clip_features = ClipFeatures(config.keyframes)
-        self._free_head = GuidanceFreeHead(clip_size, config.num_segments, config.top_k, config.score_threshold)
+        self._free_head = GuidanceFreeHead(clip_size, k, config.top_k, config.score_threshold)
         self._guided_head = GuidedHead(
             clip_size,
             config.top_k,
@@ -182,60 +131,26 @@ class Segmenter:
         cls,
         path: str | Path | None = None,
         *,
-        backend: str = "auto",
-        precision: str | None = None,
-        mode: str = "auto",
         classes: list[str] | str | None = None,
         vocab: list[str] | str | None = None,
-        num_segments: int | None = None,
-        top_k: int = 3,
-        score_threshold: float | None = None,
-        refine: str | None = None,
-        lookup: str = "auto",
-        ef: int | None = None,
-        keyframe_interval: int | None = None,
-        keyframe_change: float | None = None,
-        hysteresis: int = 3,
+        config: SegmenterConfig | None = None,
+        backend: str = "auto",
         threads: int | None = None,
-        seed: int = 0,
-        profile: str | None = None,
         trusted_keys: Sequence[str | Path] | None = None,
         image_encoder: ImageEncoderFactory | None = None,
     ) -> Segmenter:
         """Open a bundle (``path=None``: the default bundle) on ``backend``; raises SegmenterError naming what is missing.
 
-        ``precision``, ``num_segments`` and the keyframe policy (``keyframe_interval``, ``keyframe_change``) left as
-        None come from ``profile``, by default the one the bundle was exported as (``ovseg.profiles``; "accurate" for a
-        bundle that records none). ``threads`` is ONNX Runtime's intra-op threads per session; the native kernels'
-        thread pool is the process's (``ovseg._native.set_num_threads``, which ``ovseg-run --threads`` calls).
-        ``trusted_keys``: public key files, one of which must have signed the bundle (None: those configured,
-        ``ovseg.runtime.bundle.signing``; none configured: unsigned bundles open).
-        ``image_encoder`` opens the image encoders in place of ONNX Runtime sessions (``Engines.open``).
+        ``classes``: guided mode with these (names, a preset such as "voc20", or a text file); None: guidance-free,
+        naming from ``vocab`` (the same forms; None: the bundle's vocabulary). ``config``: see SegmenterConfig.
+        ``threads`` is ONNX Runtime's intra-op threads per session; the native kernels' thread pool is the process's
+        (``ovseg._native.set_num_threads``, which ``ovseg-run --threads`` calls). ``trusted_keys``: public key files,
+        one of which must have signed the bundle (None: those configured, ``ovseg.runtime.bundle.signing``; none
+        configured: unsigned bundles open). ``image_encoder`` opens the image encoders in place of ONNX Runtime
+        sessions (``Engines.open``; ovseg-serve's encoders on Triton).
         """
-        configure = functools.partial(  # the settings given here, with the rest from a profile
-            SegmenterConfig.from_profile,
-            num_segments=num_segments,
-            top_k=top_k,
-            score_threshold=score_threshold,
-            refine=refine,
-            keyframe_interval=keyframe_interval,
-            keyframe_change=keyframe_change,
-            hysteresis=hysteresis,
-            seed=seed,
-        )
-        try:
-            chosen = get_profile(profile) if profile is not None else None
-        except ProfileError as e:
-            raise SegmenterError(str(e)) from None
-        configure(chosen or _ANY_PROFILE).check()  # what was given, before any file is read
-        if mode not in MODES:
-            raise SegmenterError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-        if mode == "guided" and classes is None:
-            raise SegmenterError("mode='guided' needs classes: pass classes=[...] or a preset name such as 'voc20'")
-        if mode == "guidance-free" and classes is not None:
-            raise SegmenterError("mode='guidance-free' takes no classes: drop classes=, or use mode='guided'")
-        if lookup not in LOOKUPS:
-            raise SegmenterError(f"unknown lookup {lookup!r}: choose one of {', '.join(LOOKUPS)}")
+        config = config or SegmenterConfig()
+        config.resolve(FAST.name)  # what was given, before any file is read (FAST: skips keyframes, as a profile may)
         classes = _names(classes, "classes") if classes is not None else None  # fail before the sessions load
         vocab = _names(vocab, "vocab") if vocab is not None else None
         bundle_dir = Path(path if path is not None else default_bundle()).expanduser()
@@ -243,25 +158,26 @@ class Segmenter:
             manifest = read_manifest(
                 bundle_dir, trusted=None if trusted_keys is None else [Path(k) for k in trusted_keys]
             )
-            chosen = chosen or get_profile(manifest.profile)
-        except (BundleError, ProfileError) as e:
+        except BundleError as e:
             raise SegmenterError(str(e)) from None  # the Segmenter API raises one type
-        config = configure(chosen)
-        config.check()
-        engines = Engines.open(bundle_dir, manifest, backend, precision or chosen.precision, threads, image_encoder)
+        config = config.resolve(manifest.profile)
+        engines = Engines.open(bundle_dir, manifest, backend, config.precision or "auto", threads, image_encoder)
         try:
             if vocab is None:
-                index = LabelIndex.from_bundle(bundle_dir, manifest.vocabulary, lookup, ef)
+                index = LabelIndex.from_bundle(bundle_dir, manifest.vocabulary, config.lookup, config.ef)
             else:
                 embeddings = engines.embedder(vocab, manifest.text.templates)
-                index = LabelIndex(vocab, embeddings, lookup, hnsw_params=manifest.vocabulary.hnsw_params, ef=ef)
+                index = LabelIndex(
+                    vocab, embeddings, config.lookup, hnsw_params=manifest.vocabulary.hnsw_params, ef=config.ef
+                )
             return cls(manifest, bundle_dir, engines, config, index, classes)
         except BaseException:
             engines.close()
             raise
 
     def with_config(self, config: SegmenterConfig) -> Segmenter:
-        """A Segmenter with ``config`` over this one's engines, vocabulary and classes, with video state of its own.
+        """A Segmenter with ``config`` over this one's engines, vocabulary and classes, with video state of its own
+        (the precision and lookup stay this one's: they belong to the engines and the index).
 
         Opens no session; the engines are shared, so closing either Segmenter closes them for both.
         """
@@ -475,7 +391,7 @@ class Segmenter:
 
     def _hysteresis(self, stream: VideoStream) -> LabelHysteresis:
         if stream.labels is None:
-            stream.labels = LabelHysteresis(self.config.num_segments, self.config.hysteresis)
+            stream.labels = LabelHysteresis(self._free_head.num_segments, self.config.hysteresis)
         return stream.labels
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ovseg.runtime import Segmenter, SegmenterError
+from ovseg.runtime import Segmenter, SegmenterConfig, SegmenterError
 from ovseg.runtime.segmenter import VideoStream
 
 
@@ -29,7 +29,11 @@ def same(a, b) -> None:
 
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"keyframe_interval": 3}, {"classes": ["cat", "dog", "person"], "refine": "segments", "keyframe_interval": 2}],
+    [
+        {},
+        {"config": SegmenterConfig(keyframe_interval=3)},
+        {"classes": ["cat", "dog", "person"], "config": SegmenterConfig(refine="segments", keyframe_interval=2)},
+    ],
     ids=["free", "keyframes", "guided-voting"],
 )
 def test_batched_streams_equal_each_stream_alone(tiny_bundle, settings) -> None:

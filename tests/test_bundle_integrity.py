@@ -19,6 +19,7 @@ import pytest
 
 from ovseg.errors import SegmenterError
 from ovseg.runtime.bundle.manifest import MANIFEST, BundleError, read_manifest
+from ovseg.runtime.config import SegmenterConfig
 
 # the tiny bundle's files (a test checks the fixture has exactly these)
 TINY_FILES = (
@@ -157,7 +158,7 @@ def open_and_run(bundle: Path, name: str) -> None:
     from ovseg.runtime.segmenter import Segmenter
 
     precision = "fp16" if ".fp16." in name and "text" not in name else "fp32"
-    with Segmenter.from_bundle(bundle, precision=precision, lookup="hnsw") as seg:
+    with Segmenter.from_bundle(bundle, config=SegmenterConfig(precision=precision, lookup="hnsw")) as seg:
         seg(FRAME)
         seg.set_vocabulary(["cat", "dog"])
         seg(FRAME)

@@ -23,6 +23,7 @@ from ovseg.calib.gate import Thresholds, agreement
 from ovseg.constants import DEFAULT_COSINE, INT8_SYMMETRIC
 from ovseg.environment import machine_key
 from ovseg.runtime.bundle.manifest import BundleError, PlanRecord, read_manifest, sha256_file
+from ovseg.runtime.config import SegmenterConfig
 from ovseg.runtime.engines.precision import pick_precision
 from ovseg.runtime.result import Result, Segment
 
@@ -344,7 +345,7 @@ def test_calibration_of_a_bundle_whose_encoders_have_their_own_sizes(mixed_bundl
     gates = calibrate_bundle(bundle, CalibOptions(source=photos, thresholds=Thresholds(0.0, 0.0), **FAST))
     assert gates["int8"]["passed"] is True and gates["int8"]["min_cosine"] > 0.9
     frame = cv2.imread(str(photos / "4.png"))
-    with Segmenter.from_bundle(bundle, backend="cpu", precision="int8") as seg:
+    with Segmenter.from_bundle(bundle, backend="cpu", config=SegmenterConfig(precision="int8")) as seg:
         assert seg.precision == "int8" and seg(frame).label_map.shape == frame.shape[:2]
 
 

@@ -20,7 +20,6 @@ from ovseg.constants import RANDOM_WEIGHTS_WARNING
 from ovseg.profiles import DEFAULT_PROFILE, get_profile
 from ovseg.runtime import Segmenter
 from ovseg.runtime.result import Result, Segment
-from ovseg.runtime.segmenter import SegmenterConfig
 
 
 class FakeSegmenter:
@@ -35,8 +34,8 @@ class FakeSegmenter:
 
     def open(self, path, **kwargs):
         self.kwargs = kwargs
-        self.mode = kwargs["mode"]
-        self.config = SegmenterConfig.from_profile(get_profile(DEFAULT_PROFILE), kwargs["num_segments"])
+        self.mode = "guided" if kwargs["classes"] is not None else "guidance-free"
+        self.config = kwargs["config"].resolve(DEFAULT_PROFILE)
         return self
 
     def __call__(self, image: np.ndarray) -> Result:
@@ -89,7 +88,7 @@ def test_guided_numbers_match_the_explicit_prediction(voc3, tmp_path, capsys):
     fake = FakeSegmenter()
     out = tmp_path / "r.json"
     assert run(["--dataset", "voc21", "--data", voc3, "--out", out], fake) == 0
-    assert fake.kwargs["classes"][15] == "person" and fake.kwargs["mode"] == "guided"
+    assert fake.kwargs["classes"][15] == "person" and fake.mode == "guided"
     assert fake.calls == 3 and fake.resets == 3 and fake.closed
     _, gt, _ = voc_sample()
     cm = ConfusionMatrix(21)

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from ovseg.runtime import Segmenter, SegmenterError
+from ovseg.runtime.config import SegmenterConfig
 from ovseg.runtime.pipeline.features import CHANGED_COSINE, Keyframe, KeyframePolicy, changed_fraction, unit_rows
-from ovseg.runtime.segmenter import SegmenterConfig
 
 from assertions import one_line
 
 
 @pytest.fixture(scope="module")
 def seg(tiny_bundle) -> Segmenter:
-    s = Segmenter.from_bundle(tiny_bundle, backend="cpu", num_segments=6)
+    s = Segmenter.from_bundle(tiny_bundle, backend="cpu", config=SegmenterConfig(num_segments=6))
     yield s
     s.close()
 
@@ -142,11 +142,11 @@ def test_policy_decisions():
 )
 def test_bad_keyframe_settings_are_one_line_errors(tiny_bundle, config, message):
     with pytest.raises(SegmenterError) as err:
-        SegmenterConfig(**config).check()
+        SegmenterConfig(**config).resolve("accurate")
     one_line(err, message)
     with pytest.raises(SegmenterError) as err:  # from_bundle checks what it was given before it reads the bundle
-        Segmenter.from_bundle(tiny_bundle / "missing", **config)
+        Segmenter.from_bundle(tiny_bundle / "missing", config=SegmenterConfig(**config))
     one_line(err, message)
     with pytest.raises(SegmenterError) as err:  # the interval from the bundle's profile (accurate: 1)
-        Segmenter.from_bundle(tiny_bundle, keyframe_change=0.1)
+        Segmenter.from_bundle(tiny_bundle, config=SegmenterConfig(keyframe_change=0.1))
     one_line(err, "keyframe_change needs keyframe_interval > 1")

@@ -23,7 +23,7 @@ from test_segmenter import CLASSES, check_candidates_kept, check_result
 from test_tensorrt_build import HERE, PlanRunner, fake_tensorrt
 
 from ovseg import _native as nat
-from ovseg.runtime import Segmenter
+from ovseg.runtime import Segmenter, SegmenterConfig
 from ovseg.runtime.bundle.manifest import BundleError, describe_sizes, read_manifest
 from ovseg.runtime.pipeline.lookup import l2_normalise
 from ovseg.runtime.pipeline.vocabulary import GUIDED_TEMPLATES
@@ -40,7 +40,7 @@ def photo() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def seg(mixed_bundle):
-    s = Segmenter.from_bundle(mixed_bundle, backend="cpu", num_segments=6)
+    s = Segmenter.from_bundle(mixed_bundle, backend="cpu", config=SegmenterConfig(num_segments=6))
     yield s
     s.close()
 
@@ -139,7 +139,6 @@ def test_guidance_free_agrees_with_the_naive_tag_reference(mixed_bundle, photo):
     from ovseg.benchmarks import latency, naive
     from ovseg.benchmarks.report import size_text
     from ovseg.benchmarks.timing import Budget
-    from ovseg.runtime.segmenter import SegmenterConfig
 
     opened = latency.open_recorded(mixed_bundle, 2, SegmenterConfig(num_segments=6), keep=1)
     try:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 from ovseg.cli import by_profile
+from ovseg.constants import NUM_SEGMENTS
 from ovseg.export.bundle import ExportConfig
 from ovseg.export.cli import build_parser as export_parser
 from ovseg.export.cli import main as export_main
 from ovseg.profiles import ACCURATE, DEFAULT_PROFILE, FAST, PROFILES, ProfileError, get_profile
-from ovseg.runtime import Segmenter, SegmenterError
+from ovseg.runtime import Segmenter, SegmenterConfig, SegmenterError
 from ovseg.runtime.bundle.manifest import read_manifest
-from ovseg.runtime.segmenter import SegmenterConfig
 from ovseg.runtime.tools import run as run_cli
 
 from assertions import one_line
@@ -20,12 +20,7 @@ from assertions import one_line
 
 def test_accurate_is_what_ovseg_did_before_profiles():
     assert DEFAULT_PROFILE == "accurate" and get_profile(None) is ACCURATE
-    config = SegmenterConfig()  # the Segmenter's own defaults
-    assert (ACCURATE.num_segments, ACCURATE.keyframe_interval, ACCURATE.keyframe_change) == (
-        config.num_segments,
-        config.keyframe_interval,
-        config.keyframe_change,
-    )
+    assert (ACCURATE.num_segments, ACCURATE.keyframe_interval, ACCURATE.keyframe_change) == (NUM_SEGMENTS, 1, None)
     assert (ACCURATE.clip, ACCURATE.clip_size, ACCURATE.dinov2_size, ACCURATE.precision) == (
         "ViT-B-16:openai",
         448,
@@ -33,7 +28,7 @@ def test_accurate_is_what_ovseg_did_before_profiles():
         "auto",
     )
     for p in PROFILES.values():  # each a valid configuration
-        SegmenterConfig.from_profile(p).check()
+        assert SegmenterConfig(profile=p.name).resolve(DEFAULT_PROFILE).num_segments == p.num_segments
         assert p.describe().startswith(f"{p.name}: ")
     assert by_profile("keyframe_change") == ", ".join(
         f"{p.name} {'none' if p.keyframe_change is None else p.keyframe_change}" for p in PROFILES.values()
@@ -109,11 +104,13 @@ def test_the_segmenter_takes_unset_settings_from_the_bundles_profile(fast_bundle
         c = seg.config
         assert (c.num_segments, c.keyframe_interval, c.keyframe_change) == (15, 30, 0.1)
         assert seg.precision == "fp32"  # auto: no gate recorded
-        given = seg.with_config(SegmenterConfig.from_profile(FAST, num_segments=6, keyframe_change=0.3))
+        given = seg.with_config(SegmenterConfig(profile=FAST.name, num_segments=6, keyframe_change=0.3))
         assert (given.config.num_segments, given.config.keyframe_change) == (6, 0.3)
-    with Segmenter.from_bundle(fast_bundle, backend="cpu", keyframe_interval=1) as every_frame:
+    with Segmenter.from_bundle(fast_bundle, backend="cpu", config=SegmenterConfig(keyframe_interval=1)) as every_frame:
         assert every_frame.config.keyframe_change is None  # an interval of 1 leaves nothing for the change to skip
-    with Segmenter.from_bundle(tiny_bundle, backend="cpu", profile="fast", num_segments=5) as seg:
+    with Segmenter.from_bundle(
+        tiny_bundle, backend="cpu", config=SegmenterConfig(profile="fast", num_segments=5)
+    ) as seg:
         assert (seg.config.num_segments, seg.config.keyframe_interval) == (5, 30)  # another profile's runtime settings
 
 
@@ -126,7 +123,7 @@ def test_the_segmenter_takes_unset_settings_from_the_bundles_profile(fast_bundle
 )
 def test_settings_the_profile_cannot_take_are_one_line_errors(tiny_bundle, kwargs, message):
     with pytest.raises(SegmenterError) as err:
-        Segmenter.from_bundle(tiny_bundle, backend="cpu", **kwargs)
+        Segmenter.from_bundle(tiny_bundle, backend="cpu", config=SegmenterConfig(**kwargs))
     one_line(err, message)
 
 

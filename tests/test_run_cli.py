@@ -21,7 +21,7 @@ import pytest
 
 from ovseg import _native
 from ovseg.constants import RANDOM_WEIGHTS_WARNING
-from ovseg.runtime import Segmenter
+from ovseg.runtime import Segmenter, SegmenterConfig
 from ovseg.runtime.bundle.manifest import BundleError
 from ovseg.runtime.io.display import draw_status, has_display
 from ovseg.runtime.io.sources import VideoFileSource
@@ -168,14 +168,16 @@ def test_flags_reach_the_segmenter(video, tmp_path):
     assert fake.path == tmp_path
     assert fake.kwargs == dict(
         backend="cpu",
-        precision="fp16",
         classes=["cat", "dog"],
         vocab=None,
-        num_segments=7,
-        score_threshold=0.2,
-        refine="edges",
-        keyframe_interval=3,
-        keyframe_change=0.2,
+        config=SegmenterConfig(
+            precision="fp16",
+            num_segments=7,
+            score_threshold=0.2,
+            refine="edges",
+            keyframe_interval=3,
+            keyframe_change=0.2,
+        ),
         threads=2,
         trusted_keys=None,
     )

@@ -21,8 +21,9 @@ def test_importing_the_segmenter_leaves_torch_out():
 
 def test_running_the_segmenter_leaves_torch_out(tiny_bundle):
     code = (
-        "import numpy as np\nfrom ovseg.runtime import Segmenter\n"
-        f"seg = Segmenter.from_bundle({str(tiny_bundle)!r}, backend='cpu', classes=['cat', 'dog'], refine='segments')\n"
+        "import numpy as np\nfrom ovseg.runtime import Segmenter, SegmenterConfig\n"
+        f"seg = Segmenter.from_bundle({str(tiny_bundle)!r}, backend='cpu', classes=['cat', 'dog'], "
+        "config=SegmenterConfig(refine='segments'))\n"
         "seg(np.zeros((20, 30, 3), np.uint8)); seg.set_classes(None); seg.set_vocabulary(['a', 'b'])\n"
         "seg.render(np.zeros((20, 30), np.uint8), seg(np.zeros((20, 30), np.uint8)))"
     )

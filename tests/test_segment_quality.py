@@ -16,7 +16,7 @@ import pytest
 
 from ovseg import _native
 from ovseg.runtime import Segmenter
-from ovseg.runtime.segmenter import SegmenterConfig
+from ovseg.runtime.config import SegmenterConfig
 
 K = 15
 SEEDS = (0, 1, 2)

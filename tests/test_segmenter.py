@@ -28,7 +28,7 @@ def photo() -> np.ndarray:
 @pytest.fixture(scope="module")
 def seg(tiny_bundle) -> Segmenter:
     """A shared guidance-free Segmenter; tests that change it make their own."""
-    s = Segmenter.from_bundle(tiny_bundle, backend="cpu", num_segments=6)
+    s = Segmenter.from_bundle(tiny_bundle, backend="cpu", config=SegmenterConfig(num_segments=6))
     yield s
     s.close()
 
@@ -144,7 +144,7 @@ def test_refine_segments_is_a_no_op_without_classes(make, tiny_bundle, photo, se
 
 
 def test_explicit_fp16_runs_the_fp16_variants(tiny_bundle, photo):
-    seg = Segmenter.from_bundle(tiny_bundle, backend="cpu", precision="fp16", num_segments=6)
+    seg = Segmenter.from_bundle(tiny_bundle, backend="cpu", config=SegmenterConfig(precision="fp16", num_segments=6))
     assert seg.precision == "fp16" and seg.engines.clip.path.name.endswith(".fp16.onnx")
     check_result(seg(photo), photo.shape[:2], seg.labels)
 
@@ -166,11 +166,11 @@ def test_score_threshold_makes_unknown_segments_that_do_not_merge(make, tiny_bun
 def test_with_config_equals_from_bundle_with_that_config(seg, tiny_bundle, photo):
     settings = {"num_segments": 5, "refine": "edges", "keyframe_interval": 2, "hysteresis": 1, "seed": 3}
     frames = [np.roll(photo, 9 * i, axis=1) for i in range(3)]
-    opened = Segmenter.from_bundle(tiny_bundle, backend="cpu", **settings)
+    opened = Segmenter.from_bundle(tiny_bundle, backend="cpu", config=SegmenterConfig(**settings))
     derived = seg.with_config(SegmenterConfig(**settings))
     assert derived.engines is seg.engines and derived.index is seg.index and derived.config == opened.config
     assert all(same(a, b) for a, b in zip(map(opened, frames), map(derived, frames)))
-    guided = Segmenter.from_bundle(tiny_bundle, backend="cpu", classes=CLASSES, **settings)
+    guided = Segmenter.from_bundle(tiny_bundle, backend="cpu", classes=CLASSES, config=SegmenterConfig(**settings))
     assert (
         same(guided(photo), guided.with_config(guided.config)(photo))
         and guided.with_config(guided.config).mode == "guided"
@@ -337,7 +337,7 @@ def test_set_vocabulary_changes_the_labels(make, tiny_bundle, photo):
 
 def test_a_large_vocabulary_gets_an_hnsw_index(tiny_bundle, photo, monkeypatch):
     monkeypatch.setattr(lookup_module, "EXACT_MAX", 10)
-    seg = Segmenter.from_bundle(tiny_bundle, backend="cpu", num_segments=6, lookup="auto")
+    seg = Segmenter.from_bundle(tiny_bundle, backend="cpu", config=SegmenterConfig(num_segments=6, lookup="auto"))
     assert seg.index.method == "hnsw"  # voc21's 21 names > 10: the bundle's index
     seg.set_vocabulary([f"thing {i}" for i in range(5)])
     assert seg.index.method == "exact"
@@ -415,7 +415,7 @@ def test_legend_draws_only_inside_its_boxes(seg, photo):
 
 
 def test_a_with_block_closes_the_sessions(tiny_bundle, photo):
-    with Segmenter.from_bundle(tiny_bundle, backend="cpu", num_segments=4) as seg:
+    with Segmenter.from_bundle(tiny_bundle, backend="cpu", config=SegmenterConfig(num_segments=4)) as seg:
         assert seg(photo).label_map.shape == photo.shape[:2]
         clip = seg.engines.clip
         assert clip.session is not None

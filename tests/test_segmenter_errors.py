@@ -12,13 +12,13 @@ from ovseg.environment import machine_key
 from ovseg.errors import OvsegError
 from ovseg.runtime import Segmenter, SegmenterError
 from ovseg.runtime.bundle.manifest import BundleError, read_manifest
+from ovseg.runtime.config import SegmenterConfig
 from ovseg.runtime.engines import precision, sessions
 from ovseg.runtime.engines.engine import open_engine
 from ovseg.runtime.engines.precision import choose_precision
 from ovseg.runtime.engines.sessions import OnnxEncoder, resolve_backend
 from ovseg.runtime.engines.tensorrt import tensorrt_importable
 from ovseg.runtime.pipeline.vocabulary import VocabularyError
-from ovseg.runtime.segmenter import SegmenterConfig
 
 from assertions import one_line
 
@@ -164,7 +164,7 @@ def test_missing_precision_file_in_a_bundle(bundle_copy):
             m[role]["files"].pop("fp16")
 
     with pytest.raises(SegmenterError) as err:
-        Segmenter.from_bundle(bundle_copy(drop_fp16), backend="cpu", precision="fp16")
+        Segmenter.from_bundle(bundle_copy(drop_fp16), backend="cpu", config=SegmenterConfig(precision="fp16"))
     one_line(err, "no fp16 variant", "--fp16")
 
 
@@ -207,13 +207,11 @@ def test_tensorrt_engine_runs_a_plan(tmp_path, tiny_bundle):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"mode": "guided"}, "needs classes"),
-        ({"mode": "guidance-free", "classes": ["cat"]}, "takes no classes"),
-        ({"mode": "zero-shot"}, "unknown mode"),
-        ({"refine": "crf"}, "unknown refine"),
-        ({"num_segments": 0}, "num_segments"),
-        ({"keyframe_interval": 0}, "keyframe_interval"),
-        ({"lookup": "faiss"}, "unknown lookup"),
+        ({"config": SegmenterConfig(refine="crf")}, "unknown refine"),
+        ({"config": SegmenterConfig(num_segments=0)}, "num_segments"),
+        ({"config": SegmenterConfig(keyframe_interval=0)}, "keyframe_interval"),
+        ({"config": SegmenterConfig(lookup="faiss")}, "unknown lookup"),
+        ({"config": SegmenterConfig(precision="int4")}, "unknown precision"),
         ({"classes": []}, "no class names"),
         ({"vocab": "no-such-preset"}, "unknown vocabulary"),
     ],

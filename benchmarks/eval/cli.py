@@ -20,6 +20,7 @@ from ovseg.cli import add_bundle_argument, add_segmenter_arguments, non_negative
 from ovseg.constants import REFINES
 from ovseg.errors import OvsegError
 from ovseg.runtime.bundle.manifest import MANIFEST
+from ovseg.runtime.config import SegmenterConfig
 
 from .datasets import DATASETS, SegDataset, open_dataset
 from .metrics import Scores
@@ -134,16 +135,12 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 def _open(args: argparse.Namespace, dataset: SegDataset, open_segmenter: Callable):
-    guided = args.protocol == "guided"
     return open_segmenter(
         args.bundle,
-        backend=args.backend,
-        precision=args.precision,
-        mode="guided" if guided else "guidance-free",
-        classes=dataset.classes if guided else None,
+        classes=dataset.classes if args.protocol == "guided" else None,
         vocab=args.vocab if args.protocol == "free" else None,
-        num_segments=args.segments,
-        refine=args.refine,
+        config=SegmenterConfig(precision=args.precision, num_segments=args.segments, refine=args.refine),
+        backend=args.backend,
         threads=args.threads,
     )
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ovseg.constants import NUM_SEGMENTS
 from ovseg.runtime.bundle.manifest import MANIFEST
 from ovseg.runtime.pipeline.vocabulary import GUIDED_TEMPLATES
-from ovseg.runtime.segmenter import Segmenter
+from ovseg.runtime.segmenter import Segmenter, SegmenterConfig
 
 from ..eval.metrics import ConfusionMatrix
 from ..eval.protocols import Free, Guided, LabelMatcher, Oracle
@@ -110,14 +110,9 @@ def segmenter_score(seg: Segmenter, scenes: list[Scene], protocol: str, desc: st
 
 
 def open_world(bundle: Path, protocol: str, **options) -> Segmenter:
-    guided = protocol == "guided"
-    return Segmenter.from_bundle(
-        bundle,
-        backend="cpu",
-        mode="guided" if guided else "guidance-free",
-        classes=list(CLASSES) if guided else None,
-        **options,
-    )
+    """The world's bundle on the CPU; ``options``: SegmenterConfig's fields."""
+    classes = list(CLASSES) if protocol == "guided" else None
+    return Segmenter.from_bundle(bundle, backend="cpu", classes=classes, config=SegmenterConfig(**options))
 
 
 def eager_scores(scenes: list[Scene], dense: str, num_segments: int, clip=None) -> dict[str, Score]:

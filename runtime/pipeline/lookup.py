@@ -12,7 +12,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from ovseg.constants import HNSW_PARAMS
+from ovseg.constants import HNSW_PARAMS, LOOKUPS
 from ovseg.errors import SegmenterError
 
 from ..bundle.integrity import BundleError, read_names
@@ -21,7 +21,6 @@ from ..engines.sessions import OnnxEncoder
 from .text import ClipTokenizer
 from .vocabulary import prompts_for
 
-LOOKUPS = ("auto", "exact", "hnsw")
 EXACT_MAX = 5000  # lookup="auto" searches exactly up to here: docs/DESIGN.md, "Lookup: exact vs HNSW", has the sweep
 
 

@@ -134,10 +134,10 @@ def synthetic_frames(count: int, height: int = 480, width: int = 640) -> list[np
 
 def open_segmenter(bundle_dir: Path, backend: str, precision: str, threads: int | None):
     """The guidance-free Segmenter on ``backend`` at ``precision``, both asked for by name (no "auto")."""
-    from ..segmenter import Segmenter  # the native module loads here, not when the parser is built
+    from ..segmenter import Segmenter, SegmenterConfig  # the native module loads here, not when the parser is built
 
     return Segmenter.from_bundle(
-        bundle_dir, backend=backend, precision=precision, mode="guidance-free", threads=threads
+        bundle_dir, backend=backend, threads=threads, config=SegmenterConfig(precision=precision)
     )
 
 

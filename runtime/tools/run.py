@@ -29,6 +29,7 @@ from ovseg.cli import (
 from ovseg.constants import REFINES
 
 from ..bundle.signing import add_trusted_key_argument
+from ..config import SegmenterConfig
 from ..io.display import Window, display_problem, draw_status
 from ..io.sinks import FrameDirSink, JsonLinesSink, Sink, VideoSink
 from ..io.sources import Frame, ImageSource, LatestFrameCapture, Source, VideoFileSource, is_live, sample_clip
@@ -233,15 +234,17 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
                 _native.set_num_threads(args.threads)
             seg = open_segmenter(
                 args.bundle,
-                backend=args.backend,
-                precision=args.precision,
                 classes=classes,
                 vocab=args.vocab,
-                num_segments=args.segments,
-                score_threshold=args.threshold,
-                refine=args.refine,
-                keyframe_interval=args.keyframe_interval,
-                keyframe_change=args.keyframe_change,
+                config=SegmenterConfig(
+                    precision=args.precision,
+                    num_segments=args.segments,
+                    keyframe_interval=args.keyframe_interval,
+                    keyframe_change=args.keyframe_change,
+                    score_threshold=args.threshold,
+                    refine=args.refine,
+                ),
+                backend=args.backend,
                 threads=args.threads,
                 trusted_keys=args.trusted_key,
             )

@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.generate_only and args.repository is None:
         parser.error("--generate-only needs --repository DIR")
+    given = {"precision": args.precision, "num_segments": args.segments}
     settings = {
         "backend": args.backend,
-        "precision": args.precision,
-        "num_segments": args.segments,
+        "config": {k: v for k, v in given.items() if v is not None},
         "threads": args.threads,
         "trusted_keys": [str(k.expanduser().resolve()) for k in args.trusted_key] if args.trusted_key else None,
     }

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from ..config import SegmenterConfig
 from ..pipeline.render import overlay
 from ..result import Result, Segment
 from .protocol import FRAME, LABEL_MAP, MODEL, OPTIONS, SEGMENTS, RequestOptions, ServingError
@@ -218,7 +219,7 @@ def _one_line(e: Exception) -> str:
     return f"{status or type(e).__name__}: {' '.join(str(message or e).split())}"
 
 
-# Segmenter settings that live on the server (ovseg-serve takes them), by Segmenter.from_bundle's argument names.
+# Segmenter settings that live on the server (ovseg-serve takes them), by from_bundle's and SegmenterConfig's names.
 SERVER_SETTINGS = {
     "backend": "--backend",
     "precision": "--precision",
@@ -234,10 +235,11 @@ SERVER_SETTINGS = {
 def remote_opener(servers: list[str]) -> Callable[..., RemoteSegmenter]:
     """What ovseg-run opens instead of a local Segmenter with --server (the same arguments as Segmenter.from_bundle)."""
 
-    def open_remote(bundle, *, classes=None, vocab=None, score_threshold=None, **local) -> RemoteSegmenter:
-        given = [SERVER_SETTINGS.get(k, k) for k, v in local.items() if v not in (None, "auto")]
+    def open_remote(bundle, *, classes=None, vocab=None, config: SegmenterConfig, **local) -> RemoteSegmenter:
+        settings = {**local, **{k: getattr(config, k) for k in SERVER_SETTINGS if hasattr(config, k)}}
+        given = [SERVER_SETTINGS[k] for k, v in settings.items() if v not in (None, "auto")]
         if given:
             raise ServingError(f"with --server the server's Segmenter runs: give {', '.join(given)} to ovseg-serve")
-        return RemoteSegmenter.open(servers, classes, vocab, score_threshold)
+        return RemoteSegmenter.open(servers, classes, vocab, config.score_threshold)
 
     return open_remote

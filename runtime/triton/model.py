@@ -22,6 +22,7 @@ import numpy as np
 from ovseg.errors import SegmenterError
 
 from ..bundle.manifest import EncoderInfo
+from ..config import SegmenterConfig
 from ..pipeline.preprocess import check_frame
 from ..segmenter import Segmenter, VideoStream
 from .protocol import (
@@ -70,9 +71,11 @@ class TritonPythonModel:
         self.max_pixels = int(params["max_pixels"])
         self.instance = args.get("model_instance_name", "ovseg")
         settings = json.loads(params["segmenter"])
+        config = SegmenterConfig(**settings.pop("config", {}))
         if params.get("encoders") == "onnxruntime":  # the encoders are models of this server (repository.py)
-            settings |= {"backend": "triton", "precision": "served", "image_encoder": self._served_encoder}
-        self.segmenter = Segmenter.from_bundle(params["bundle"], **settings)
+            config = replace(config, precision=params["encoder_precision"])
+            settings |= {"backend": "triton", "image_encoder": self._served_encoder}
+        self.segmenter = Segmenter.from_bundle(params["bundle"], config=config, **settings)
         self.variants: OrderedDict[str, Segmenter] = OrderedDict()
         self.streams: dict[int, HeldStream] = {}
 
@@ -161,7 +164,6 @@ class TritonPythonModel:
             top_k=options.top_k if options.top_k is not None else base.top_k,
             score_threshold=options.threshold if options.threshold is not None else base.score_threshold,
         )
-        config.check()
         variant = self.segmenter.with_config(config)
         if options.vocabulary is not None:
             variant.set_vocabulary(options.vocabulary)

@@ -58,7 +58,8 @@ class RepositoryConfig:
     queue_delay_us: int = 2000  # how long a frame may wait for others to join its batch
     idle_seconds: float = 60.0  # a stream without frames for this long is dropped (Triton's and ovseg's state)
     max_pixels: int = 4096 * 4096  # larger frames are refused
-    segmenter: dict = field(default_factory=dict)  # Segmenter.from_bundle keyword arguments (backend, precision, ...)
+    # Segmenter.from_bundle keyword arguments (backend, threads, trusted_keys), "config" the SegmenterConfig's fields
+    segmenter: dict = field(default_factory=dict)
     encoders: str = "python"  # "python": in the Python model; "onnxruntime": on Triton's ONNX Runtime backend (GPU)
     encoder_precision: str = "fp32"  # with "onnxruntime": the bundle's ONNX files of this precision (fp32, fp16)
 
@@ -151,6 +152,7 @@ def model_config(bundle: Path, config: RepositoryConfig) -> str:
         "idle_seconds": repr(config.idle_seconds),
         "max_pixels": str(config.max_pixels),
         "encoders": config.encoders,
+        "encoder_precision": config.encoder_precision,
     }
     parameters = ",\n".join(
         f"  {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}" for k, v in params.items()

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ovseg.runtime import Segmenter
+from ovseg.runtime import Segmenter, SegmenterConfig
 
 MODES = {  # name: Segmenter.from_bundle settings
     "free": {},
     "guided": {"classes": "voc21"},
-    "guided-segments": {"classes": "voc21", "refine": "segments"},
+    "guided-segments": {"classes": "voc21", "config": SegmenterConfig(refine="segments")},
 }
 MIN_AGREEMENT = 0.99
 THREADS = 2
@@ -34,7 +34,9 @@ THREADS = 2
 def segment(bundle: Path, photos: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for mode, settings in MODES.items():
-        seg = Segmenter.from_bundle(bundle, backend="cpu", precision="fp32", threads=THREADS, **settings)
+        config = settings.get("config", SegmenterConfig())
+        config.precision = "fp32"
+        seg = Segmenter.from_bundle(bundle, backend="cpu", threads=THREADS, **{**settings, "config": config})
         for path in sorted(photos.glob("*.npy")):
             seg.reset()
             start = time.perf_counter()
