@@ -15,10 +15,6 @@ from .constants import DEFAULT_CLIP, NUM_SEGMENTS
 from .errors import OvsegError
 
 
-class ProfileError(OvsegError, ValueError):
-    """An unknown profile name."""
-
-
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -84,10 +80,10 @@ DEFAULT_PROFILE = ACCURATE.name
 
 
 def get_profile(name: str | None) -> Profile:
-    """The profile called ``name`` (None: the default); a one-line ProfileError for any other name."""
+    """The profile called ``name`` (None: the default); a one-line OvsegError for any other name."""
     if name is None:
         return PROFILES[DEFAULT_PROFILE]
     try:
         return PROFILES[name]
     except KeyError:
-        raise ProfileError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}") from None
+        raise OvsegError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}") from None

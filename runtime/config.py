@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..constants import LOOKUPS, PRECISIONS, REFINES
-from ..errors import SegmenterError
-from ..profiles import ProfileError, get_profile
+from ..errors import OvsegError, SegmenterError
+from ..profiles import get_profile
 from .pipeline.features import KeyframePolicy
 
 
@@ -36,7 +36,7 @@ class SegmenterConfig:
         given ``keyframe_interval=1`` means CLIP on every frame)."""
         try:
             profile = get_profile(self.profile or bundle_profile)
-        except ProfileError as e:
+        except OvsegError as e:
             raise SegmenterError(str(e)) from None
         k = self.num_segments if self.num_segments is not None else profile.num_segments
         interval = self.keyframe_interval if self.keyframe_interval is not None else profile.keyframe_interval

@@ -7,10 +7,11 @@ import pytest
 
 from ovseg.cli import by_profile
 from ovseg.constants import NUM_SEGMENTS
+from ovseg.errors import OvsegError
 from ovseg.export.bundle import ExportConfig
 from ovseg.export.cli import build_parser as export_parser
 from ovseg.export.cli import main as export_main
-from ovseg.profiles import ACCURATE, DEFAULT_PROFILE, FAST, PROFILES, ProfileError, get_profile
+from ovseg.profiles import ACCURATE, DEFAULT_PROFILE, FAST, PROFILES, get_profile
 from ovseg.runtime import Segmenter, SegmenterConfig, SegmenterError
 from ovseg.runtime.bundle.manifest import read_manifest
 from ovseg.runtime.tools import run as run_cli
@@ -36,10 +37,10 @@ def test_accurate_is_what_ovseg_did_before_profiles():
 
 
 def test_unknown_profile_is_a_one_line_error():
-    with pytest.raises(ProfileError) as err:
+    with pytest.raises(OvsegError) as err:
         get_profile("fastest")
     one_line(err, "unknown profile 'fastest'", "accurate, balanced, fast")
-    with pytest.raises(ProfileError):
+    with pytest.raises(OvsegError):
         ExportConfig(profile="fastest")
 
 
