@@ -17,13 +17,13 @@ from .result import Result, Segment
 check_install()  # two ONNX Runtimes or two OpenCVs overwrite each other: refuse them before anything loads
 
 if TYPE_CHECKING:
-    from .segmenter import Segmenter, VideoStream
+    from .segmenter import Segmenter, Stream, VideoStream
 
-__all__ = ["Result", "Segment", "Segmenter", "SegmenterConfig", "SegmenterError", "VideoStream"]
+__all__ = ["Result", "Segment", "Segmenter", "SegmenterConfig", "SegmenterError", "Stream", "VideoStream"]
 
 
 def __getattr__(name: str):
-    if name in ("Segmenter", "VideoStream"):
+    if name in ("Segmenter", "Stream", "VideoStream"):
         from . import segmenter
 
         return getattr(segmenter, name)

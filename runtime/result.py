@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -36,6 +36,23 @@ class Result:
     frame_index: int = 0
     keyframe: bool = True  # CLIP ran on this frame; False: its labels come from the last keyframe's CLIP features
     change: float | None = None  # fraction of the picture changed since the last keyframe (keyframe_change only)
+
+    def mask(self, label: str) -> np.ndarray:
+        """(H, W) bool: the pixels of the segments labelled ``label``."""
+        ids = [sid for sid, name in self.labels.items() if name == label]
+        return np.isin(self.label_map, ids)
+
+    def class_map(self, names: Sequence[str]) -> np.ndarray:
+        """(H, W) each pixel's label as its index in ``names`` (guided mode: ``seg.labels``), uint8 with 255 for a
+        label not in ``names`` ("unknown") where there are under 255 names, else uint16 with 65535."""
+        dtype = np.uint8 if len(names) < 255 else np.uint16
+        none = np.iinfo(dtype).max
+        index = {name: i for i, name in enumerate(names)}
+        lut = np.full(int(self.label_map.max(initial=0)) + 1, none, dtype)
+        for sid, label in self.labels.items():
+            if sid < len(lut):
+                lut[sid] = index.get(label, none)
+        return lut[self.label_map]
 
     def to_json_dict(self, timestamp: float | None = None) -> dict:
         return {

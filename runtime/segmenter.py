@@ -46,6 +46,7 @@ __all__ = [
     "SegmenterConfig",
     "SegmenterError",
     "STAGES",
+    "Stream",
     "VideoStream",
     "UNKNOWN",
     "LabelHysteresis",
@@ -68,15 +69,36 @@ class VideoStream:
     frame_index: int = 0
 
 
+class Stream:
+    """One camera's frames through a Segmenter (``seg.stream()``): ``stream(frame)`` continues its video state. Callable
+    from any thread, one frame at a time per stream (a second caller waits for the first); streams share the
+    Segmenter's encoders. ``state`` is the VideoStream that ``Segmenter.batch`` takes."""
+
+    def __init__(self, segmenter: Segmenter):
+        self.segmenter = segmenter
+        self.state = VideoStream()
+        self._lock = threading.Lock()
+
+    def __call__(self, frame_bgr: np.ndarray) -> Result:
+        with self._lock:
+            return self.segmenter.batch([frame_bgr], [self.state])[0]
+
+    def reset(self) -> None:
+        """Forget this stream's video state (a camera cut, a new scene)."""
+        with self._lock:
+            self.state = VideoStream()
+
+
 class Segmenter:
     """Open-vocabulary segmentation of frames with a bundle's ONNX encoders; see the module docstring.
 
-    Thread safety: calls are serialised by one lock (the encoders and their preallocated inputs are
-    shared, and ONNX Runtime already uses every core inside one run). Video state (k-means warm start,
-    label hysteresis, keyframe reuse) is kept per thread, so each thread is its own stream and gets
-    exactly the results it would get alone; ``reset()`` forgets the calling thread's stream. ``batch``
-    takes frames of several streams (``VideoStream``) at once and runs each encoder once on them. Changing
-    the vocabulary or classes applies to every stream from its next frame.
+    Thread safety: a Segmenter may be shared; its per-frame work is serialised by one lock (the encoders and their
+    preallocated inputs are shared, and ONNX Runtime already uses every core inside one run). Video state (k-means
+    warm start, label hysteresis, keyframe reuse) belongs to a stream: ``seg.stream()`` gives one per camera, callable
+    from any thread; ``seg(frame)`` uses the calling thread's own stream (``reset()`` forgets it), so under a thread
+    pool that hands one camera's frames to several threads, use ``seg.stream()``. ``batch`` takes frames of several
+    streams (``VideoStream``) at once and runs each encoder once on them. Changing the vocabulary or classes applies
+    to every stream from its next frame.
 
     Segment areas are counted on the label map at the frame's size; bounding boxes likewise.
     """
@@ -234,6 +256,10 @@ class Segmenter:
             self._class_embeddings = self.engines.embedder(names, GUIDED_TEMPLATES)
             self._classes = names
             self._vocab_version += 1
+
+    def stream(self) -> Stream:
+        """A new stream of frames (one camera) with video state of its own."""
+        return Stream(self)
 
     def reset(self) -> None:
         """Forget the calling thread's video state (warm start, hysteresis, keyframe)."""

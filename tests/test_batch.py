@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,46 @@ def test_batch_refuses_a_stream_twice_and_mismatched_lists(tiny_bundle) -> None:
         with pytest.raises(SegmenterError, match="one stream per frame"):
             seg.batch([frame, frame], [stream])
         assert stream.frame_index == 0  # refused before anything ran
+
+
+def test_a_stream_continues_whichever_thread_calls_it(tiny_bundle) -> None:
+    """An executor hands one camera's frames to whichever thread is free: a stream's state follows the stream, not the
+    thread, so each frame gets what one serial stream gives it (the thread's own stream would start over)."""
+    video = moving_frames(3, 4, (80, 96))
+    with Segmenter.from_bundle(tiny_bundle, threads=1, config=SegmenterConfig(keyframe_interval=2)) as seg:
+        serial = VideoStream()
+        expected = [seg.batch([f], [serial])[0] for f in video]
+        stream, got = seg.stream(), []
+        for frame in video:  # every frame on a thread of its own
+            worker = threading.Thread(target=lambda f=frame: got.append(stream(f)))
+            worker.start()
+            worker.join()
+        for a, b in zip(got, expected):
+            same(a, b)
+        assert [r.frame_index for r in got] == [0, 1, 2, 3] and [r.keyframe for r in got] == [True, False, True, False]
+        stream.reset()
+        assert stream(video[0]).frame_index == 0
+
+
+def test_streams_called_at_once_from_threads_each_equal_their_serial_run(tiny_bundle) -> None:
+    videos = [moving_frames(s, 4, (72, 72)) for s in range(3)]
+    with Segmenter.from_bundle(tiny_bundle, threads=1) as seg:
+        expected = []
+        for video in videos:
+            serial = VideoStream()
+            expected.append([seg.batch([f], [serial])[0] for f in video])
+        streams = [seg.stream() for _ in videos]
+        got: list[list] = [[] for _ in videos]
+
+        def play(k: int) -> None:
+            for frame in videos[k]:
+                got[k].append(streams[k](frame))
+
+        workers = [threading.Thread(target=play, args=(k,)) for k in range(len(videos))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        for k in range(len(videos)):
+            for a, b in zip(got[k], expected[k], strict=True):
+                same(a, b)

@@ -109,6 +109,26 @@ def test_guided_mode_labels_pixels_with_the_classes(tiny_bundle, photo):
     assert seg.mode == "guided" and seg.labels == load_vocabulary("voc20")
 
 
+def test_class_map_and_masks_of_a_result(make, photo):
+    guided = make(classes=CLASSES)
+    result = guided(photo)
+    ids = result.class_map(guided.labels)
+    assert ids.dtype == np.uint8 and ids.shape == photo.shape[:2]
+    present = {s.label for s in result.segments}
+    for i, name in enumerate(CLASSES):
+        mask = result.mask(name)
+        assert mask.dtype == bool and np.array_equal(mask, ids == i)
+        assert mask.any() == (name in present)
+    assert not (ids == 255).any()  # guided: every pixel has a class
+    free = make()(photo)
+    some = free.segments[0].label
+    assert np.array_equal(free.class_map([some]) == 0, free.mask(some))
+    assert (free.class_map([some]) == 255).sum() == free.label_map.size - free.mask(some).sum()
+    many = [f"name {i}" for i in range(300)] + [some]
+    assert free.class_map(many).dtype == np.uint16 and np.array_equal(free.class_map(many) == 300, free.mask(some))
+    assert not free.mask("no such label").any()
+
+
 def test_guided_text_embeddings_match_the_export_side(make, tiny_bundle):
     """The runtime's ONNX prompt ensemble gives the numbers ovseg.export.bundle.embed_names wrote into the bundle."""
     seg = make()
