@@ -228,7 +228,7 @@ def test_failing_gate_writes_nothing_then_force_records_failure(calibrated, phot
 
 
 def test_ovseg_calib_sign_signs_the_new_manifest(calibrated, photos, tmp_path, capsys):
-    from ovseg.runtime.bundle.signing import SigningError, new_key, sign_bundle
+    from ovseg.runtime.bundle.signing import new_key, sign_bundle
 
     bundle = tmp_path / "bundle"
     shutil.copytree(calibrated, bundle)
@@ -241,7 +241,7 @@ def test_ovseg_calib_sign_signs_the_new_manifest(calibrated, photos, tmp_path, c
     assert read_manifest(bundle, trusted=[public]).gates["int8"]["passed"]
     assert calib_main(argv) == 0
     assert f"ovseg-calib: {bundle} was signed and its new manifest is not" in capsys.readouterr().out
-    with pytest.raises(SigningError, match="is not signed"):
+    with pytest.raises(BundleError, match="is not signed"):
         read_manifest(bundle, trusted=[public])
 
 

@@ -24,7 +24,7 @@ from ovseg.runtime.bundle.manifest import (
     read_manifest,
     write_manifest,
 )
-from ovseg.runtime.bundle.signing import SIGNATURE, SigningError, new_key, sign_bundle
+from ovseg.runtime.bundle.signing import SIGNATURE, new_key, sign_bundle
 
 FRAME = np.zeros((48, 64, 3), np.uint8)
 
@@ -48,7 +48,7 @@ def test_a_new_key_pair_is_private_and_never_overwritten(keys):
     private, public = keys["a"]
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     assert b"PRIVATE KEY" in private.read_bytes() and b"PUBLIC KEY" in public.read_bytes()
-    with pytest.raises(SigningError, match="never overwritten"):
+    with pytest.raises(BundleError, match="never overwritten"):
         new_key(private)
 
 
@@ -57,13 +57,13 @@ def test_a_signed_bundle_loads_with_its_key_and_is_refused_with_another(bundle, 
     assert (bundle / SIGNATURE).is_file()
     read_manifest(bundle, trusted=[keys["a"][1]])
     read_manifest(bundle, trusted=[keys["b"][1], keys["a"][1]])  # one trusted key is enough
-    with pytest.raises(SigningError, match=r"not signed by a trusted key \(b\.pub\)"):
+    with pytest.raises(BundleError, match=r"not signed by a trusted key \(b\.pub\)"):
         read_manifest(bundle, trusted=[keys["b"][1]])
 
 
 def test_an_unsigned_bundle_is_refused_only_where_keys_are_trusted(bundle, keys):
     read_manifest(bundle)  # no trusted keys: as before
-    with pytest.raises(SigningError, match="is not signed and this machine trusts only signed bundles"):
+    with pytest.raises(BundleError, match="is not signed and this machine trusts only signed bundles"):
         read_manifest(bundle, trusted=[keys["a"][1]])
 
 
@@ -73,7 +73,7 @@ def test_a_manifest_changed_after_signing_is_refused(bundle, keys):
     doc["clip"]["files"]["fp32"] = "clip_visual.fp16.onnx"  # every sha256 still matches
     (bundle / MANIFEST).write_text(json.dumps(doc))
     read_manifest(bundle)
-    with pytest.raises(SigningError, match="or its manifest changed after signing"):
+    with pytest.raises(BundleError, match="or its manifest changed after signing"):
         read_manifest(bundle, trusted=[keys["a"][1]])
 
 
@@ -116,7 +116,7 @@ def test_keys_as_openssl_writes_them_and_as_raw_base64(bundle, tmp_path):
 
     from cryptography.hazmat.primitives import serialization
 
-    raw = signing.load_public_key(public).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = signing.load_key(public).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     (tmp_path / "raw.pub").write_text(base64.b64encode(raw).decode() + "\n")
     read_manifest(bundle, trusted=[tmp_path / "raw.pub"])
 
@@ -132,7 +132,7 @@ def test_keys_as_openssl_writes_them_and_as_raw_base64(bundle, tmp_path):
 def test_a_bad_public_key_is_one_line(bundle, keys, tmp_path, content, message):
     sign_bundle(bundle, keys["a"][0])
     (tmp_path / "bad.pub").write_bytes(content)
-    with pytest.raises(SigningError, match=message) as e:
+    with pytest.raises(BundleError, match=message) as e:
         read_manifest(bundle, trusted=[tmp_path / "bad.pub"])
     assert "\n" not in str(e.value)
 
@@ -140,7 +140,7 @@ def test_a_bad_public_key_is_one_line(bundle, keys, tmp_path, content, message):
 def test_a_corrupt_signature_file_is_refused(bundle, keys):
     sign_bundle(bundle, keys["a"][0])
     (bundle / SIGNATURE).write_bytes(b"\x00\xff garbage")
-    with pytest.raises(SigningError, match="cannot be read as a signature"):
+    with pytest.raises(BundleError, match="cannot be read as a signature"):
         read_manifest(bundle, trusted=[keys["a"][1]])
 
 
@@ -156,20 +156,20 @@ def test_rewriting_a_bundle_drops_its_signature_unless_a_key_signs_the_new_manif
         link_tree(bundle, tmp)
         write_manifest(tmp, manifest)
     assert not (bundle / SIGNATURE).exists()
-    with pytest.raises(SigningError, match="is not signed"):
+    with pytest.raises(BundleError, match="is not signed"):
         read_manifest(bundle, trusted=[keys["a"][1]])
     manifest.profile = "rewritten"
     with atomic_bundle_dir(bundle, force=True) as tmp:
         link_tree(bundle, tmp)
         write_manifest(tmp, manifest, signing.load_private_key(keys["b"][0]))
     assert read_manifest(bundle, trusted=[keys["b"][1]]).profile == "rewritten"
-    with pytest.raises(SigningError, match="not signed by a trusted key"):
+    with pytest.raises(BundleError, match="not signed by a trusted key"):
         read_manifest(bundle, trusted=[keys["a"][1]])
 
 
 def test_without_cryptography_trusted_keys_are_one_line_naming_the_extra(bundle, keys, monkeypatch):
     monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.asymmetric", None)
-    with pytest.raises(SigningError, match=r"pip install 'ovseg\[sign\]'"):
+    with pytest.raises(BundleError, match=r"pip install 'ovseg\[sign\]'"):
         read_manifest(bundle, trusted=[keys["a"][1]])
     read_manifest(bundle)  # nothing trusted: cryptography is never imported
 
@@ -197,7 +197,7 @@ def test_ovseg_export_sign_writes_a_signed_bundle(tmp_path, keys, monkeypatch):
     monkeypatch.delenv(signing.TRUSTED_KEYS_ENV, raising=False)
     out = _export(tmp_path / "signed", image_size=112, vocab="voc21", sign=keys["a"][0])
     read_manifest(out, trusted=[keys["a"][1]])
-    with pytest.raises(SigningError, match="not signed by a trusted key"):
+    with pytest.raises(BundleError, match="not signed by a trusted key"):
         read_manifest(out, trusted=[keys["b"][1]])
 
 

@@ -19,7 +19,7 @@ from ovseg.calib.bundle import CalibOptions, calibrate_bundle
 from ovseg.calib.gate import Thresholds
 from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE, INT8_SYMMETRIC
 from ovseg.errors import SegmenterError
-from ovseg.runtime.bundle.manifest import DeviceInfo, PlanRecord, read_manifest, sha256_file
+from ovseg.runtime.bundle.manifest import BundleError, DeviceInfo, PlanRecord, read_manifest, sha256_file
 from ovseg.runtime.engines import engine as engine_module
 from ovseg.runtime.engines.engine import open_engine
 from ovseg.runtime.engines.sessions import OnnxEncoder
@@ -224,7 +224,7 @@ def test_ovseg_build_writes_checked_plans_and_their_records(bundle_copy, device,
 def test_ovseg_build_sign_signs_the_new_manifest_and_a_bad_key_builds_nothing(
     bundle_copy, device, monkeypatch, tmp_path, capsys
 ):
-    from ovseg.runtime.bundle.signing import SigningError, new_key, sign_bundle
+    from ovseg.runtime.bundle.signing import new_key, sign_bundle
 
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
     d = bundle_copy.dir
@@ -238,7 +238,7 @@ def test_ovseg_build_sign_signs_the_new_manifest_and_a_bad_key_builds_nothing(
     assert "trt_fp16" in read_manifest(d, trusted=[public]).clip.files
     assert build.main(["--bundle", str(d), "--fp16"]) == 0  # rebuilt without the key: unsigned, and said so
     assert f"{d} was signed and its new manifest is not" in capsys.readouterr().err
-    with pytest.raises(SigningError, match="is not signed"):
+    with pytest.raises(BundleError, match="is not signed"):
         read_manifest(d, trusted=[public])
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import os
 import sys
 from collections.abc import Sequence
@@ -30,62 +29,43 @@ TRUSTED_KEYS_ENV = "OVSEG_TRUSTED_KEYS"  # public key files or folders of them, 
 KEY_SUFFIXES = (".pub", ".pem")  # what counts as a key in a folder of trusted keys
 
 
-def trusted_keys_dir() -> Path:
-    return ovseg_home() / "trusted-keys"
-
-
-class SigningError(BundleError):
-    """A key or signature cannot be used, or a bundle is not signed by a trusted key."""
-
-
 def _ed25519():
     try:
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
-        raise SigningError(
+        raise BundleError(
             "signed bundles need the cryptography package: pip install 'ovseg[sign]' (or unset the trusted keys)"
         ) from None
     return ed25519
 
 
-def _key_bytes(path: Path) -> bytes:
-    try:
-        return path.expanduser().read_bytes()
-    except OSError as e:
-        raise SigningError(f"cannot read key {path}: {e.strerror or e}") from None
-
-
 def load_private_key(path: Path):
-    """An Ed25519 private key: PEM (PKCS#8, as `openssl genpkey -algorithm ed25519` writes) or base64 of 32 bytes."""
-    return _load_key(path, private=True)
+    """An Ed25519 private key (load_key)."""
+    return load_key(path, private=True)
 
 
-def load_public_key(path: Path):
-    """An Ed25519 public key: PEM (SubjectPublicKeyInfo, as `openssl pkey -pubout` writes) or base64 of 32 bytes."""
-    return _load_key(path, private=False)
-
-
-def _load_key(path: Path, private: bool):
+def load_key(path: Path, private: bool = False):
+    """An Ed25519 public key: PEM (SubjectPublicKeyInfo, as `openssl pkey -pubout` writes) or base64 of 32 bytes; with
+    ``private`` a private key: PEM (PKCS#8, as `openssl genpkey -algorithm ed25519` writes) or base64 of 32 bytes."""
     ed25519 = _ed25519()
     from cryptography.hazmat.primitives import serialization
 
     kind = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
     what = "an unencrypted Ed25519 private key" if private else "an Ed25519 public key"
-    data = _key_bytes(path)
+    try:
+        data = path.expanduser().read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read key {path}: {e.strerror or e}") from None
     try:
         if b"-----BEGIN" in data:
-            key = (
-                serialization.load_pem_private_key(data, password=None)
-                if private
-                else serialization.load_pem_public_key(data)
-            )
+            key = serialization.load_pem_private_key(data, None) if private else serialization.load_pem_public_key(data)
         else:
             raw = base64.b64decode(data.strip(), validate=True)
             key = kind.from_private_bytes(raw) if private else kind.from_public_bytes(raw)
-    except (ValueError, TypeError, binascii.Error) as e:
-        raise SigningError(f"{path} is not {what} ({' '.join(str(e).split())})") from None
+    except (ValueError, TypeError) as e:  # binascii.Error is a ValueError
+        raise BundleError(f"{path} is not {what} ({' '.join(str(e).split())})") from None
     if not isinstance(key, kind):
-        raise SigningError(f"{path} is a {type(key).__name__}, not {what}")
+        raise BundleError(f"{path} is a {type(key).__name__}, not {what}")
     return key
 
 
@@ -97,13 +77,14 @@ def configured_key_files(given: Sequence[Path] | None = None) -> list[Path]:
     elif os.environ.get(TRUSTED_KEYS_ENV):
         entries = [Path(p) for p in os.environ[TRUSTED_KEYS_ENV].split(os.pathsep) if p]
     else:
-        entries = [trusted_keys_dir()] if trusted_keys_dir().is_dir() else []
+        home = ovseg_home() / "trusted-keys"
+        entries = [home] if home.is_dir() else []
     files: list[Path] = []
     for entry in (e.expanduser() for e in entries):
         if entry.is_dir():
             found = sorted(p for p in entry.iterdir() if p.suffix in KEY_SUFFIXES and p.is_file())
             if not found:
-                raise SigningError(f"trusted-key folder {entry} holds no .pub or .pem key: add one, or remove it")
+                raise BundleError(f"trusted-key folder {entry} holds no .pub or .pem key: add one, or remove it")
             files += found
         else:
             files.append(entry)
@@ -111,21 +92,21 @@ def configured_key_files(given: Sequence[Path] | None = None) -> list[Path]:
 
 
 def verify_bundle(bundle_dir: Path, key_files: Sequence[Path]) -> Path:
-    """The key file whose key signed ``bundle_dir``'s manifest; a SigningError when none did."""
+    """The key file whose key signed ``bundle_dir``'s manifest; a BundleError when none did."""
     from cryptography.exceptions import InvalidSignature
 
-    keys = [(path, load_public_key(path)) for path in key_files]
+    keys = [(path, load_key(path)) for path in key_files]
     sig_path = bundle_dir / SIGNATURE
     if not sig_path.is_file():
-        raise SigningError(
+        raise BundleError(
             f"bundle {bundle_dir} is not signed and this machine trusts only signed bundles: sign it on the "
             f"workstation with `{PROG} --bundle DIR --key KEY` (or `ovseg-export --sign KEY`)"
         )
     try:
         signature = base64.b64decode(sig_path.read_bytes().strip(), validate=True)
         manifest = (bundle_dir / "manifest.json").read_bytes()
-    except (OSError, binascii.Error, ValueError) as e:
-        raise SigningError(f"{sig_path} cannot be read as a signature ({' '.join(str(e).split())})") from None
+    except (OSError, ValueError) as e:  # binascii.Error is a ValueError
+        raise BundleError(f"{sig_path} cannot be read as a signature ({' '.join(str(e).split())})") from None
     for path, key in keys:
         try:
             key.verify(signature, manifest)
@@ -133,7 +114,7 @@ def verify_bundle(bundle_dir: Path, key_files: Sequence[Path]) -> Path:
         except InvalidSignature:
             continue
     names = ", ".join(p.name for p in key_files)
-    raise SigningError(
+    raise BundleError(
         f"bundle {bundle_dir} is not signed by a trusted key ({names}), or its manifest changed after signing: "
         f"refusing it; sign it again with a trusted key (`{PROG} --bundle DIR --key KEY`)"
     )
@@ -149,7 +130,7 @@ def sign_dir(bundle_dir: Path, key) -> Path:
         os.replace(tmp, out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise SigningError(f"cannot write {out}: {e.strerror or e}") from None
+        raise BundleError(f"cannot write {out}: {e.strerror or e}") from None
     return out
 
 
@@ -176,9 +157,9 @@ def new_key(path: Path) -> tuple[Path, Path]:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise SigningError(f"{path} exists: a key is never overwritten; pick another path") from None
+        raise BundleError(f"{path} exists: a key is never overwritten; pick another path") from None
     except OSError as e:
-        raise SigningError(f"cannot write {path}: {e.strerror or e}") from None
+        raise BundleError(f"cannot write {path}: {e.strerror or e}") from None
     with os.fdopen(fd, "wb") as f:
         f.write(private)
     pub.write_bytes(public)
@@ -233,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if sum(x is not None and x is not False for x in (args.key, args.new_key, args.verify or None)) != 1:
+    if sum(map(bool, (args.key, args.new_key, args.verify))) != 1:
         parser.error("give one of --new-key KEY, --bundle DIR --key KEY, --bundle DIR --verify")
     if (args.key or args.verify) and args.bundle is None:
         parser.error("--key and --verify need --bundle DIR")
@@ -249,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
             files = configured_key_files(args.trusted_key)
             if not files:
-                raise SigningError(
+                raise BundleError(
                     f"no trusted key to verify with: pass --trusted-key KEY.pub or set ${TRUSTED_KEYS_ENV}"
                 )
             read_manifest(args.bundle, trusted=files)
