@@ -33,6 +33,19 @@ class ServingError(SegmenterError):
     """A request or a server that cannot be served; the message says what to change."""
 
 
+def _names(v: object) -> bool:
+    return isinstance(v, str) or isinstance(v, list) and all(isinstance(n, str) for n in v)
+
+
+# Each option's check of a value that is not null, and what the check wants.
+_CHECKS = {
+    "classes": (_names, "a list of names, a preset name or null"),
+    "vocabulary": (_names, "a list of names, a preset name or null"),
+    "top_k": (lambda v: type(v) is int, "an integer"),
+    "threshold": (lambda v: type(v) in (int, float), "a number"),
+}
+
+
 @dataclass(frozen=True)
 class RequestOptions:
     classes: list[str] | str | None = None  # names, or a preset / file name, as Segmenter.set_classes takes them
@@ -53,28 +66,10 @@ class RequestOptions:
             raise ServingError(f'OPTIONS is not JSON ({e}): send an object such as {{"classes": ["person"]}}') from None
         if not isinstance(raw, dict):
             raise ServingError(f"OPTIONS must be a JSON object, got {type(raw).__name__}")
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ServingError(f"OPTIONS has unknown keys {unknown}: use {sorted(cls.__dataclass_fields__)}")
-        return cls(
-            classes=_names(raw.get("classes"), "classes"),
-            vocabulary=_names(raw.get("vocabulary"), "vocabulary"),
-            top_k=None if raw.get("top_k") is None else int(_number(raw.get("top_k"), "top_k", int) or 0),
-            threshold=_number(raw.get("threshold"), "threshold", float),
-        )
-
-
-def _names(value: object, key: str) -> list[str] | str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    raise ServingError(f"OPTIONS {key} must be a list of names, a preset name or null, got {value!r}"[:300])
-
-
-def _number(value: object, key: str, kind: type) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ServingError(f"OPTIONS {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    return value
+        if set(raw) - set(_CHECKS):
+            raise ServingError(f"OPTIONS has unknown keys {sorted(set(raw) - set(_CHECKS))}: use {sorted(_CHECKS)}")
+        for key, value in raw.items():
+            ok, wanted = _CHECKS[key]
+            if value is not None and not ok(value):
+                raise ServingError(f"OPTIONS {key} must be {wanted}, got {value!r}"[:300])
+        return cls(**raw)
