@@ -15,6 +15,8 @@ import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
 
 import cv2
 import numpy as np
@@ -65,16 +67,15 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.idle_seconds = float(params["idle_seconds"])
         self.max_pixels = int(params["max_pixels"])
         self.instance = args.get("model_instance_name", "ovseg")
         settings = json.loads(params["segmenter"])
         config = SegmenterConfig(**settings.pop("config", {}))
-        if params.get("encoders") == "onnxruntime":  # the encoders are models of this server (repository.py)
+        if params["encoders"] == "onnxruntime":  # the encoders are models of this server (repository.py)
             config = replace(config, precision=params["encoder_precision"])
-            settings |= {"backend": "triton", "image_encoder": self._served_encoder}
+            settings |= {"backend": "triton", "image_encoder": partial(ServedEncoder, pb_utils)}
         self.segmenter = Segmenter.from_bundle(params["bundle"], config=config, **settings)
         self.variants: OrderedDict[str, Segmenter] = OrderedDict()
         self.streams: dict[int, HeldStream] = {}
@@ -92,32 +93,25 @@ class TritonPythonModel:
                 responses[i] = self._error(str(e))
         while work:  # a batch holds one frame per stream; a stream's next frame waits for the next
             batch: dict[int, Work] = {}
-            rest = []
             for w in work:
-                if w.corrid in batch:
-                    rest.append(w)
-                else:
-                    batch[w.corrid] = w
-            for group in _by_segmenter(list(batch.values())):
+                batch.setdefault(w.corrid, w)
+            work = [w for w in work if batch[w.corrid] is not w]
+            groups: dict[int, list[Work]] = {}  # by the Segmenter variant that serves their options
+            for w in batch.values():
+                groups.setdefault(id(w.segmenter), []).append(w)
+            for group in groups.values():
                 self._run(group, responses)
-            work = rest
         return responses
 
     def finalize(self) -> None:
         self.segmenter.close()
 
-    def _served_encoder(self, info: EncoderInfo, role: str, output: str) -> ServedEncoder:
-        return ServedEncoder(self.pb, ENCODER_MODELS[role], info, output)
-
-    # ---- one request ------------------------------------------------------------------------------------------
-
     def _accept(self, index: int, request, now: float) -> Work:
-        corrid = int(self._tensor(request, CORRID).reshape(-1)[0])
-        start = bool(self._tensor(request, START).reshape(-1)[0])
-        end = bool(self._tensor(request, END).reshape(-1)[0])
+        controls = (self.pb.get_input_tensor_by_name(request, name).as_numpy() for name in (CORRID, START, END))
+        corrid, start, end = (int(c.flat[0]) for c in controls)  # Triton's sequence batcher always sends them
         frame = self._frame(request)
-        raw = self._optional(request, OPTIONS)
-        options = RequestOptions.from_json(raw.reshape(-1)[0] if raw is not None else b"")
+        raw = self._input(request, OPTIONS)
+        options = RequestOptions.from_json(raw.flat[0] if raw is not None else b"")
         key = options.to_json()
         segmenter = self._variant(options, key)
         held = self.streams.get(corrid)
@@ -126,27 +120,23 @@ class TritonPythonModel:
         elif held.options != key:
             held.stream.vocab_version, held.options = -1, key  # new names: labels start afresh, segments continue
         held.seen = now
-        return Work(index, corrid, frame, segmenter, end)
+        return Work(index, corrid, frame, segmenter, bool(end))
 
     def _frame(self, request) -> np.ndarray:
-        image, raw = self._optional(request, IMAGE), self._optional(request, FRAME)
-        if (image is None) == (raw is None):
-            raise ServingError(
-                "send one of IMAGE (JPEG/PNG bytes) or FRAME (uint8 H x W x C pixels), not both or neither"
-            )
-        if image is not None:
-            data = image.reshape(-1)[0] if image.size else b""
-            if not isinstance(data, bytes) or not data:
-                raise ServingError("IMAGE is empty: send the bytes of a JPEG or PNG file")
-            frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-            if frame is None:
+        image, raw = self._input(request, IMAGE), self._input(request, FRAME)
+        if image is not None and raw is None:
+            data = image.flat[0]
+            decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+            if decoded is None:
                 raise ServingError(
                     f"IMAGE ({len(data)} bytes) is not an image OpenCV can decode: send JPEG or PNG bytes"
                 )
-        else:
-            assert raw is not None
-            frame = raw[0] if raw.ndim == 4 and raw.shape[0] == 1 else raw
-        frame = check_frame(frame)  # the Segmenter's own check, so that this request alone is refused
+            raw = decoded[None]
+        elif image is not None or raw is None:
+            raise ServingError(
+                "send one of IMAGE (JPEG/PNG bytes) or FRAME (uint8 H x W x C pixels), not both or neither"
+            )
+        frame = check_frame(raw[0])  # the Segmenter's own check, so that this request alone is refused
         if frame.shape[0] * frame.shape[1] > self.max_pixels:
             raise ServingError(
                 f"the frame is {frame.shape[1]} x {frame.shape[0]}, over this server's {self.max_pixels} pixels: "
@@ -158,13 +148,10 @@ class TritonPythonModel:
         if key in self.variants:
             self.variants.move_to_end(key)
             return self.variants[key]
-        base = self.segmenter.config
-        config = replace(
-            base,
-            top_k=options.top_k if options.top_k is not None else base.top_k,
-            score_threshold=options.threshold if options.threshold is not None else base.score_threshold,
+        given: dict[str, Any] = {"top_k": options.top_k, "score_threshold": options.threshold}
+        variant = self.segmenter.with_config(
+            replace(self.segmenter.config, **{k: v for k, v in given.items() if v is not None})
         )
-        variant = self.segmenter.with_config(config)
         if options.vocabulary is not None:
             variant.set_vocabulary(options.vocabulary)
         if options.classes is not None:
@@ -193,17 +180,9 @@ class TritonPythonModel:
                 ]
             )
 
-    # ---- tensors ------------------------------------------------------------------------------------------------
-
-    def _optional(self, request, name: str) -> np.ndarray | None:
+    def _input(self, request, name: str) -> np.ndarray | None:
         tensor = self.pb.get_input_tensor_by_name(request, name)
         return None if tensor is None else tensor.as_numpy()
-
-    def _tensor(self, request, name: str) -> np.ndarray:
-        value = self._optional(request, name)
-        if value is None:
-            raise ServingError(f"the request has no {name}: send frames in a sequence (correlation id, START, END)")
-        return value
 
     def _error(self, message: str):
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message))
@@ -215,8 +194,8 @@ class ServedEncoder:
     max_batch = None  # Triton's dynamic batcher splits what its encoder models' max_batch_size does not take
     backend = "triton"
 
-    def __init__(self, pb, model: str, info: EncoderInfo, output: str):
-        self.pb, self.model, self.output = pb, model, output
+    def __init__(self, pb, info: EncoderInfo, role: str, output: str):
+        self.pb, self.model, self.output = pb, ENCODER_MODELS[role], output
         self.input = np.zeros((1, 3, info.image_size, info.image_size), np.float32)
 
     def run(self, x: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -235,10 +214,3 @@ class ServedEncoder:
 
     def close(self) -> None:
         pass
-
-
-def _by_segmenter(work: list[Work]) -> list[list[Work]]:
-    groups: dict[int, list[Work]] = {}
-    for w in work:
-        groups.setdefault(id(w.segmenter), []).append(w)
-    return list(groups.values())
