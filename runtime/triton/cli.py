@@ -13,14 +13,30 @@ import tempfile
 import time
 from pathlib import Path
 
-from ovseg.cli import add_bundle_argument, add_segmenter_arguments, log_lines, positive_int, run_cli, say
+from ovseg.cli import (
+    add_bundle_argument,
+    add_segmenter_arguments,
+    log_lines,
+    non_negative_int,
+    positive_int,
+    run_cli,
+    say,
+)
 
 from ..bundle.signing import add_trusted_key_argument
 from .repository import RepositoryConfig, write_repository
 from .server import Ports, TritonServer
 
 PROG = "ovseg-serve"
-DEFAULTS = RepositoryConfig()
+# The repository's settings as flags: (flag, RepositoryConfig field, type, metavar, help).
+TUNING = (
+    ("--instances", "instances", positive_int, "N", "model instances, each with its own encoder sessions"),
+    ("--max-batch", "max_batch", positive_int, "N", "most frames of different streams per encoder run"),
+    ("--max-streams", "max_streams", positive_int, "N", "streams served at once per instance"),
+    ("--queue-delay-us", "queue_delay_us", non_negative_int, "US", "how long a frame waits for others to batch with"),
+    ("--idle-timeout", "idle_seconds", float, "S", "drop a stream after S seconds without frames"),
+    ("--max-pixels", "max_pixels", positive_int, "N", "refuse frames of more pixels"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,51 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address the endpoints bind (default 127.0.0.1; 0.0.0.0 opens them to the network)",
     )
-    p.add_argument("--grpc-port", type=positive_int, default=8001, metavar="N")
-    p.add_argument("--http-port", type=positive_int, default=8000, metavar="N")
-    p.add_argument("--metrics-port", type=positive_int, default=8002, metavar="N")
-    p.add_argument(
-        "--instances",
-        type=positive_int,
-        default=DEFAULTS.instances,
-        metavar="N",
-        help=f"model instances, each with its own encoder sessions (default {DEFAULTS.instances})",
-    )
-    p.add_argument(
-        "--max-batch",
-        type=positive_int,
-        default=DEFAULTS.max_batch,
-        metavar="N",
-        help=f"most frames of different streams per encoder run (default {DEFAULTS.max_batch})",
-    )
-    p.add_argument(
-        "--max-streams",
-        type=positive_int,
-        default=DEFAULTS.max_streams,
-        metavar="N",
-        help=f"streams served at once per instance (default {DEFAULTS.max_streams})",
-    )
-    p.add_argument(
-        "--queue-delay-us",
-        type=int,
-        default=DEFAULTS.queue_delay_us,
-        metavar="US",
-        help=f"how long a frame waits for others to batch with (default {DEFAULTS.queue_delay_us})",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=DEFAULTS.idle_seconds,
-        metavar="S",
-        help=f"drop a stream after S seconds without frames (default {DEFAULTS.idle_seconds:g})",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=positive_int,
-        default=DEFAULTS.max_pixels,
-        metavar="N",
-        help=f"refuse frames of more pixels (default {DEFAULTS.max_pixels}, 4096 x 4096)",
-    )
+    for kind, port in vars(Ports()).items():
+        p.add_argument(f"--{kind}-port", type=positive_int, default=port, metavar="N")
+    for flag, name, parse, metavar, text in TUNING:
+        default = getattr(RepositoryConfig, name)
+        p.add_argument(
+            flag, dest=name, type=parse, default=default, metavar=metavar, help=f"{text} (default {default})"
+        )
     p.add_argument(
         "--gpu-encoders",
         action="store_true",
@@ -118,15 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         "trusted_keys": [str(k.expanduser().resolve()) for k in args.trusted_key] if args.trusted_key else None,
     }
     config = RepositoryConfig(
-        args.instances,
-        args.max_batch,
-        args.max_streams,
-        args.queue_delay_us,
-        args.idle_timeout,
-        args.max_pixels,
-        {k: v for k, v in settings.items() if v is not None},
-        "onnxruntime" if args.gpu_encoders else "python",
-        args.encoder_precision,
+        **{name: getattr(args, name) for _, name, *_ in TUNING},
+        segmenter={k: v for k, v in settings.items() if v is not None},
+        encoders="onnxruntime" if args.gpu_encoders else "python",
+        encoder_precision=args.encoder_precision,
     )
 
     def body() -> int:
@@ -142,19 +115,15 @@ def main(argv: list[str] | None = None) -> int:
                 repository, Ports(args.grpc_port, args.http_port, args.metrics_port), args.host, args.log
             )
             stack.callback(server.stop)
-            say(PROG, f"starting tritonserver ({server.server.binary}) on {args.bundle}")
+            say(PROG, f"starting tritonserver ({server.binary}) on {args.bundle}")
             started = time.perf_counter()
             server.start()
-            say(
-                PROG,
-                f"ready in {time.perf_counter() - started:.1f} s: "
-                + ", ".join(f"{k} {v}" for k, v in server.endpoints.items()),
-            )
-            say(PROG, f"clients: ovseg-run --server {server.grpc_url} --camera 0; stop with Ctrl-C")
+            grpc, http = f"grpc://{args.host}:{args.grpc_port}", f"http://{args.host}:{args.http_port}"
+            metrics = f"http://{args.host}:{args.metrics_port}/metrics"
+            say(PROG, f"ready in {time.perf_counter() - started:.1f} s: grpc {grpc}, http {http}, metrics {metrics}")
+            say(PROG, f"clients: ovseg-run --server {grpc} --camera 0; stop with Ctrl-C")
             assert server.process is not None
-            while server.process.poll() is None:
-                time.sleep(0.5)
-            say(PROG, f"error: tritonserver exited ({server.process.returncode}) on its own; see --log FILE")
+            say(PROG, f"error: tritonserver exited ({server.process.wait()}) on its own; see --log FILE")
             return 1
 
     return run_cli(PROG, body, "the server is stopped")
