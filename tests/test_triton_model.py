@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from test_batch import moving_frames
 
+from ovseg.errors import OvsegError
 from ovseg.runtime import Segmenter
 from ovseg.runtime.segmenter import VideoStream
 from ovseg.runtime.triton.protocol import CORRID, END, FRAME, LABEL_MAP, OPTIONS, SEGMENTS, START, ServingError
@@ -194,7 +195,7 @@ def test_bad_requests_get_an_error_each_and_the_rest_are_served(tiny_bundle, tmp
 
 
 def test_repository_refuses_a_bad_bundle_and_settings(tmp_path) -> None:
-    with pytest.raises(ServingError, match="no bundle at"):
+    with pytest.raises(OvsegError, match="no bundle at"):
         write_repository(tmp_path / "missing", tmp_path / "repository", RepositoryConfig())
     with pytest.raises(ServingError, match="idle timeout"):
         write_repository(tmp_path / "missing", tmp_path / "repository", RepositoryConfig(idle_seconds=0))

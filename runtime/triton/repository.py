@@ -13,17 +13,15 @@ frames of several streams that wait together reach the model as one batch. model
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import site
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ovseg import __version__
 
-from ..bundle.manifest import BundleError, EncoderInfo, Manifest, read_manifest
+from ..bundle.manifest import read_manifest
 from .protocol import (
     CORRID,
     ENCODER_MODELS,
@@ -38,7 +36,6 @@ from .protocol import (
     ServingError,
 )
 
-ENCODER_PLACES = ("python", "onnxruntime")
 MODEL_PY = '''"""ovseg {version}: the Segmenter on Triton's Python backend (ovseg.runtime.triton.model); written by ovseg-serve."""
 
 import site
@@ -56,71 +53,53 @@ class RepositoryConfig:
     max_batch: int = 8  # frames of different streams run through the encoders together
     max_streams: int = 64  # streams served at once, per instance
     queue_delay_us: int = 2000  # how long a frame may wait for others to join its batch
-    idle_seconds: float = 60.0  # a stream without frames for this long is dropped (Triton's and ovseg's state)
+    idle_seconds: float = 60  # a stream without frames for this long is dropped (Triton's and ovseg's state)
     max_pixels: int = 4096 * 4096  # larger frames are refused
     # Segmenter.from_bundle keyword arguments (backend, threads, trusted_keys), "config" the SegmenterConfig's fields
     segmenter: dict = field(default_factory=dict)
     encoders: str = "python"  # "python": in the Python model; "onnxruntime": on Triton's ONNX Runtime backend (GPU)
     encoder_precision: str = "fp32"  # with "onnxruntime": the bundle's ONNX files of this precision (fp32, fp16)
 
-    def check(self) -> None:
-        if min(self.instances, self.max_batch, self.max_streams, self.max_pixels) < 1 or self.queue_delay_us < 0:
-            raise ServingError("instances, max batch, max streams and max pixels must be >= 1, queue delay >= 0")
-        if self.encoders not in ENCODER_PLACES:
-            raise ServingError(f"encoders go in one of {', '.join(ENCODER_PLACES)}, got {self.encoders!r}")
-        if self.idle_seconds <= 0:
-            raise ServingError(f"the idle timeout must be > 0 seconds, got {self.idle_seconds}")
-
 
 def write_repository(bundle: Path, repository: Path, config: RepositoryConfig) -> Path:
-    """Write the model repository for ``bundle`` into ``repository`` (replacing its ovseg model); returns the model
+    """Write the model repository for ``bundle`` into ``repository`` (replacing its ovseg models); returns the model
     directory. The bundle is read first, so a bad bundle fails here rather than in the server's log."""
-    config.check()
+    if config.idle_seconds <= 0:
+        raise ServingError(f"the idle timeout must be > 0 seconds, got {config.idle_seconds}")
     bundle = Path(bundle).expanduser().resolve()
-    try:
-        keys = config.segmenter.get("trusted_keys")
-        manifest = read_manifest(bundle, trusted=[Path(k) for k in keys] if keys else None)
-    except BundleError as e:
-        raise ServingError(str(e)) from None
-    repository = Path(repository).expanduser().resolve()
-    repository.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL}-", dir=repository))
-    (tmp / "1").mkdir()
-    (tmp / "config.pbtxt").write_text(model_config(bundle, config))
-    (tmp / "1" / "model.py").write_text(MODEL_PY.format(version=__version__, site_dirs=site_dirs()))
-    target = repository / MODEL
-    if config.encoders == "onnxruntime":
-        for name, info in encoder_models(manifest).values():
-            write_encoder_model(repository / name, bundle, info, config)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return target
-
-
-def encoder_models(manifest: Manifest) -> dict[str, tuple[str, EncoderInfo]]:
-    """The image encoders' Triton model names and bundle records, by the role Engines.open opens them as."""
-    return {
-        "CLIP image": (ENCODER_MODELS["CLIP image"], manifest.clip),
-        "DINOv2": (ENCODER_MODELS["DINOv2"], manifest.dinov2),
+    keys = config.segmenter.get("trusted_keys")
+    manifest = read_manifest(bundle, trusted=[Path(k) for k in keys] if keys else None)
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]  # where ovseg and its dependencies are, venv first
+    dirs = [d for d in dict.fromkeys(dirs) if Path(d).is_dir() and d.startswith(sys.prefix)] or dirs[:1]
+    models: dict[str, tuple[str, str | Path]] = {
+        MODEL: (model_config(bundle, config), MODEL_PY.format(version=__version__, site_dirs=dirs))
     }
+    if config.encoders == "onnxruntime":
+        for role, info in (("CLIP image", manifest.clip), ("DINOv2", manifest.dinov2)):
+            if config.encoder_precision not in info.files:
+                raise ServingError(
+                    f"the bundle has no {config.encoder_precision} ONNX file for {info.files}: export it "
+                    "(ovseg-export --fp16) or pick another --encoder-precision"
+                )
+            name = ENCODER_MODELS[role]
+            models[name] = (encoder_config(name, config), bundle / info.files[config.encoder_precision])
+    repository = Path(repository).expanduser().resolve()
+    for name, (pbtxt, model) in models.items():
+        shutil.rmtree(repository / name, ignore_errors=True)
+        (repository / name / "1").mkdir(parents=True)
+        (repository / name / "config.pbtxt").write_text(pbtxt)
+        if isinstance(model, Path):
+            shutil.copy2(model, repository / name / "1" / "model.onnx")
+        else:
+            (repository / name / "1" / "model.py").write_text(model)
+    return repository / MODEL
 
 
-def write_encoder_model(model_dir: Path, bundle: Path, info: EncoderInfo, config: RepositoryConfig) -> None:
+def encoder_config(name: str, config: RepositoryConfig) -> str:
     """An image encoder on Triton's ONNX Runtime backend: on the GPU, dynamic batching, TensorRT as ORT's accelerator
     at the encoder precision (engines cached by Triton). Never run here: that backend ships only in NVIDIA's
     containers."""
-    source = info.files.get(config.encoder_precision)
-    if source is None:
-        raise ServingError(
-            f"the bundle has no {config.encoder_precision} ONNX file for {info.files}: export it (ovseg-export --fp16) "
-            "or pick another --encoder-precision"
-        )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
-    (tmp / "1").mkdir()
-    shutil.copy2(bundle / source, tmp / "1" / "model.onnx")
-    mode = "FP16" if config.encoder_precision == "fp16" else "FP32"
-    (tmp / "config.pbtxt").write_text(f"""name: "{model_dir.name}"
+    return f"""name: "{name}"
 backend: "onnxruntime"
 max_batch_size: {config.max_batch}
 dynamic_batching {{ max_queue_delay_microseconds: {config.queue_delay_us} }}
@@ -128,20 +107,11 @@ instance_group [ {{ count: 1 kind: KIND_GPU }} ]
 optimization {{ execution_accelerators {{
   gpu_execution_accelerator : [ {{
     name : "tensorrt"
-    parameters {{ key: "precision_mode" value: "{mode}" }}
+    parameters {{ key: "precision_mode" value: "{config.encoder_precision.upper()}" }}
     parameters {{ key: "trt_engine_cache_enable" value: "1" }}
   }} ]
 }} }}
-""")
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    os.replace(tmp, model_dir)
-
-
-def site_dirs() -> list[str]:
-    """Where this interpreter finds ovseg and its dependencies (a venv's site-packages first)."""
-    dirs = [*site.getsitepackages(), site.getusersitepackages()]
-    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir() and d.startswith(sys.prefix)] or dirs[:1]
+"""
 
 
 def model_config(bundle: Path, config: RepositoryConfig) -> str:
