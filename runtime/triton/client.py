@@ -12,10 +12,10 @@ import itertools
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -26,21 +26,19 @@ from .protocol import FRAME, LABEL_MAP, MODEL, OPTIONS, SEGMENTS, RequestOptions
 
 log = logging.getLogger("ovseg")
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between tries at one server before the next one is tried
-# gRPC status codes that mean "the server is not there (yet)", as opposed to "it refused this request".
 FORGOTTEN = "must specify the START flag"  # Triton's answer to a frame of a sequence it does not hold
-UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED")
+# gRPC status codes that mean "the server is not there (yet)", as opposed to "it refused this request".
+UNREACHABLE = ("[StatusCode.UNAVAILABLE]", "[StatusCode.DEADLINE_EXCEEDED]", "[StatusCode.CANCELLED]")
 
 
 def parse_servers(values: list[str]) -> list[str]:
     """``grpc://HOST:PORT`` URLs (repeated, or comma lists) as ``HOST:PORT``; ServingError for anything else."""
     servers = []
-    for value in (v.strip() for item in values for v in item.split(",")):
-        if not value:
-            continue
-        url = urlsplit(value if "://" in value else f"grpc://{value}")
-        if url.scheme != "grpc" or not url.hostname or url.port is None or url.path not in ("", "/"):
+    for value in filter(None, (v.strip() for item in values for v in item.split(","))):
+        url = re.fullmatch(r"(?:grpc://)?([^/:@\s\[\]]+|\[[0-9a-fA-F:.]+\]):(\d{1,5})/?", value)
+        if url is None:
             raise ServingError(f"--server takes grpc://HOST:PORT, got {value!r}")
-        servers.append(f"{url.hostname}:{url.port}")
+        servers.append(f"{url[1]}:{url[2]}")
     if not servers:
         raise ServingError("--server got no address: give grpc://HOST:PORT")
     return servers
@@ -54,58 +52,49 @@ class RemoteStream:
         self.corrid = random.getrandbits(63) or 1
         self.server = first  # index into owner.servers
         self.started = False
-        self.frames = 0
 
     def __call__(self, frame: np.ndarray, end: bool = False) -> Result:
-        start = time.perf_counter()
-        tries = itertools.chain.from_iterable(
-            ((s, d) for d in (0.0, *self.owner.retry_delays)) for s in self.owner.rotation(self.server)
-        )
+        start, owner = time.perf_counter(), self.owner
+        servers = [(self.server + i) % len(owner.servers) for i in range(len(owner.servers))]
+        tries = itertools.product(servers, (0.0, *owner.retry_delays))
         last = ""
         for server, delay in tries:
             if delay:
-                self.owner.report(f"server {self.owner.servers[server]} unreachable ({last}); retrying in {delay:g} s")
+                owner.report(f"server {owner.servers[server]} unreachable ({last}); retrying in {delay:g} s")
                 time.sleep(delay)
             if server != self.server:
-                self.owner.report(f"stream moves to server {self.owner.servers[server]}")
+                owner.report(f"stream moves to server {owner.servers[server]}")
                 self.server, self.started = server, False
             try:
-                outputs = self.owner.infer(server, frame, self.corrid, not self.started, end)
+                label_map, body = owner.infer(server, frame, self.corrid, not self.started, end)
             except ServingError as e:
                 if FORGOTTEN in str(e) and self.started:  # dropped when idle, or the server restarted
-                    self.owner.report(f"server {self.owner.servers[server]} forgot the stream; starting it again")
+                    owner.report(f"server {owner.servers[server]} forgot the stream; starting it again")
                     self.started = False
-                    outputs = self.owner.infer(server, frame, self.corrid, True, end)
+                    label_map, body = owner.infer(server, frame, self.corrid, True, end)
                 elif not str(e).startswith(UNREACHABLE):
-                    raise ServingError(str(e).split(": ", 1)[-1]) from None
+                    raise ServingError(str(e).split("] ", 1)[-1]) from None
                 else:
-                    last, self.started = str(e).split(": ", 1)[-1][:120], False
+                    last, self.started = str(e).split("] ", 1)[-1][:120], False
                     continue
             self.started = not end
-            return self._result(*outputs, (time.perf_counter() - start) * 1000)
-        raise ServingError(f"no server answered ({', '.join(self.owner.servers)}): {last}")
-
-    def _result(self, label_map: np.ndarray, body: dict, total_ms: float) -> Result:
-        segments = [
-            Segment(s["id"], s["label"], s["score"], s["area"], tuple(s["bbox"]), [tuple(a) for a in s["alternatives"]])
-            for s in body["segments"]
-        ]
-        timings = dict(body["timings_ms"])
-        timings["total"] = total_ms  # as this client waited for it, network included
-        self.frames += 1
-        return Result(
-            label_map,
-            segments,
-            {s.id: s.label for s in segments},
-            timings,
-            body["frame"],
-            body["keyframe"],
-            body["change"],
-        )
+            segments = [
+                Segment(
+                    s["id"], s["label"], s["score"], s["area"], tuple(s["bbox"]), [tuple(a) for a in s["alternatives"]]
+                )
+                for s in body["segments"]
+            ]
+            timings = body["timings_ms"] | {"total": (time.perf_counter() - start) * 1000}  # network included
+            labels = {s.id: s.label for s in segments}
+            return Result(label_map, segments, labels, timings, body["frame"], body["keyframe"], body["change"])
+        raise ServingError(f"no server answered ({', '.join(owner.servers)}): {last}")
 
 
 class RemoteSegmenter:
     """Segmenter-like access to ovseg-serve: ``__call__`` runs the calling code's stream, ``stream()`` makes more."""
+
+    precision = "the server's precision"
+    render = staticmethod(overlay)
 
     def __init__(
         self,
@@ -128,24 +117,9 @@ class RemoteSegmenter:
         self._next = 0
         self._default: RemoteStream | None = None
 
-    @classmethod
-    def open(
-        cls,
-        servers: list[str],
-        classes: list[str] | str | None = None,
-        vocab: list[str] | str | None = None,
-        score_threshold: float | None = None,
-        top_k: int | None = None,
-    ) -> RemoteSegmenter:
-        return cls(servers, RequestOptions(classes, vocab, top_k, score_threshold))
-
     def stream(self) -> RemoteStream:
-        first = self._next % len(self.servers)
         self._next += 1
-        return RemoteStream(self, first)
-
-    def rotation(self, first: int) -> list[int]:
-        return [(first + i) % len(self.servers) for i in range(len(self.servers))]
+        return RemoteStream(self, (self._next - 1) % len(self.servers))
 
     def infer(self, server: int, frame: np.ndarray, corrid: int, start: bool, end: bool) -> tuple[np.ndarray, dict]:
         g = self._grpc
@@ -166,8 +140,8 @@ class RemoteSegmenter:
                 outputs=[g.InferRequestedOutput(LABEL_MAP), g.InferRequestedOutput(SEGMENTS)],
                 client_timeout=self.timeout,
             )
-        except Exception as e:  # tritonclient raises InferenceServerException, grpc its own errors
-            raise ServingError(_one_line(e)) from None
+        except Exception as e:  # tritonclient's InferenceServerException: "[StatusCode.X] message"
+            raise ServingError(" ".join(str(e).split())) from None
         label_map, body = response.as_numpy(LABEL_MAP), response.as_numpy(SEGMENTS)
         if label_map is None or body is None or label_map.size == 0 or body.size == 0:
             raise ServingError(f"server {self.servers[server]} answered without data: is it ovseg-serve's model?")
@@ -190,9 +164,6 @@ class RemoteSegmenter:
     def set_vocabulary(self, names: list[str] | str) -> None:
         self.options = replace(self.options, vocabulary=names)
 
-    def render(self, frame_bgr: np.ndarray, result: Result, alpha: float = 0.5, legend: bool = True) -> np.ndarray:
-        return overlay(frame_bgr, result, alpha, legend)
-
     @property
     def mode(self) -> str:
         return "guided" if self.options.classes is not None else "guidance-free"
@@ -201,22 +172,9 @@ class RemoteSegmenter:
     def backend(self) -> str:
         return f"Triton at {', '.join(f'grpc://{s}' for s in self.servers)}"
 
-    @property
-    def precision(self) -> str:
-        return "the server's precision"
-
-    random_weights = False  # the server says so in its own log
-
     def close(self) -> None:
         for client in self._clients:
             client.close()
-
-
-def _one_line(e: Exception) -> str:
-    """``STATUS: message`` of a tritonclient / gRPC error, on one line."""
-    status, message = (getattr(e, name, None) for name in ("status", "message"))
-    status, message = (f() if callable(f) else None for f in (status, message))
-    return f"{status or type(e).__name__}: {' '.join(str(message or e).split())}"
 
 
 # Segmenter settings that live on the server (ovseg-serve takes them), by from_bundle's and SegmenterConfig's names.
@@ -236,10 +194,10 @@ def remote_opener(servers: list[str]) -> Callable[..., RemoteSegmenter]:
     """What ovseg-run opens instead of a local Segmenter with --server (the same arguments as Segmenter.from_bundle)."""
 
     def open_remote(bundle, *, classes=None, vocab=None, config: SegmenterConfig, **local) -> RemoteSegmenter:
-        settings = {**local, **{k: getattr(config, k) for k in SERVER_SETTINGS if hasattr(config, k)}}
-        given = [SERVER_SETTINGS[k] for k, v in settings.items() if v not in (None, "auto")]
+        settings = {**local, **vars(config)}
+        given = [flag for key, flag in SERVER_SETTINGS.items() if settings.get(key) not in (None, "auto")]
         if given:
             raise ServingError(f"with --server the server's Segmenter runs: give {', '.join(given)} to ovseg-serve")
-        return RemoteSegmenter.open(servers, classes, vocab, config.score_threshold)
+        return RemoteSegmenter(servers, RequestOptions(classes, vocab, None, config.score_threshold))
 
     return open_remote
