@@ -112,25 +112,8 @@ def test_guided_numbers_match_the_explicit_prediction(voc3, tmp_path, capsys):
 
 def test_oracle_protocol_scores_segment_candidates(voc3, tmp_path):
     out = tmp_path / "o.json"
-    assert (
-        run(
-            [
-                "--dataset",
-                "voc20",
-                "--data",
-                voc3,
-                "--protocol",
-                "oracle",
-                "--limit",
-                "1",
-                "--out",
-                out,
-                "--boundary-tolerance",
-                "2",
-            ]
-        )
-        == 0
-    )
+    argv = ["--dataset", "voc20", "--data", voc3, "--protocol", "oracle", "--limit", "1", "--out", out]
+    assert run([*argv, "--boundary-tolerance", "2"]) == 0
     report = json.loads(out.read_text())
     image, gt21, _ = voc_sample()
     gt = np.where((gt21 == 0) | (gt21 == IGNORE), IGNORE, gt21 - 1).astype(np.uint8)
@@ -140,6 +123,8 @@ def test_oracle_protocol_scores_segment_candidates(voc3, tmp_path):
     assert report["metrics"]["mIoU"] == pytest.approx(cm.scores().miou)
     assert report["segments"]["per_image"] == 4 and report["segments"]["boundary_tolerance_px"] == 2
     assert 0 < report["segments"]["boundary_recall"] < 100
+    assert run([*argv, "--boundary-tolerance", "2", "--resume"]) == 0  # nothing left to do: the counts read back
+    assert json.loads(out.read_text())["segments"] == report["segments"]
 
 
 def test_resume_after_limit_and_after_interrupt_gives_the_full_run(voc3, tmp_path):
@@ -156,9 +141,7 @@ def test_resume_after_limit_and_after_interrupt_gives_the_full_run(voc3, tmp_pat
     assert json.loads(part.read_text())["metrics"] == expected
 
     cut = tmp_path / "cut.json"
-    assert (
-        run(["--dataset", "voc21", "--data", voc3, "--out", cut, "--save-every", "1"], FakeSegmenter(raise_at=2)) == 130
-    )
+    assert run(["--dataset", "voc21", "--data", voc3, "--out", cut], FakeSegmenter(raise_at=2)) == 130
     partial = json.loads(cut.read_text())
     assert partial["progress"]["done"] == 2 and not partial["progress"]["complete"]
     with np.load(state_path(cut), allow_pickle=False) as z:  # plain arrays, no pickle

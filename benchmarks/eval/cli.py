@@ -9,12 +9,12 @@ import logging
 import platform
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+import ovseg
 import ovseg.cli
 from ovseg.cli import add_bundle_argument, add_segmenter_arguments, non_negative_int, positive_int
 from ovseg.constants import REFINES
@@ -23,28 +23,13 @@ from ovseg.runtime.bundle.manifest import MANIFEST
 from ovseg.runtime.config import SegmenterConfig
 
 from .datasets import DATASETS, SegDataset, open_dataset
-from .metrics import Scores
-from .protocols import PROTOCOLS, Free, Guided, LabelMatcher, Oracle, open_embedder
+from .protocols import PROTOCOLS, Free, make_protocol, open_embedder
 from .state import Tally, read_report, state_path, write_json
 from .vis import save_side_by_side
 
 PROG = "ovseg-eval"
 REPORT_VERSION = 1
-# What must be equal for --resume to add to the counts; --limit may grow, the rest only changes output.
-RESUME_KEYS = (
-    "dataset",
-    "data",
-    "protocol",
-    "bundle",
-    "bundle_manifest_sha256",
-    "backend",
-    "precision",
-    "segments",
-    "refine",
-    "match_with",
-    "vocab",
-    "boundary_tolerance",
-)
+SAVE_EVERY = 25  # images between writes of the state; it is written on every exit too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue the run whose state --out holds")
     p.add_argument(
-        "--save-every", type=positive_int, default=25, metavar="N", help="write the state every N images (default 25)"
-    )
-    p.add_argument(
         "--save-vis", type=Path, metavar="DIR", help="write side-by-side PNGs (photo, ground truth, prediction, legend)"
     )
     p.add_argument(
@@ -110,19 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 say = functools.partial(ovseg.cli.say, PROG)
 
 
-def _manifest_sha(bundle: Path) -> str | None:
-    path = bundle / MANIFEST
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
 def _config(args: argparse.Namespace) -> dict:
-    free = args.protocol == "free"
+    free, manifest = args.protocol == "free", args.bundle.expanduser() / MANIFEST
     return {
         "dataset": args.dataset,
         "data": str(args.data.expanduser().resolve()),
         "protocol": args.protocol,
         "bundle": str(args.bundle.expanduser().resolve()),
-        "bundle_manifest_sha256": _manifest_sha(args.bundle.expanduser()),
+        "bundle_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
         "backend": args.backend,
         "precision": args.precision,
         "segments": args.segments,
@@ -130,48 +107,7 @@ def _config(args: argparse.Namespace) -> dict:
         "match_with": args.match_with if free else None,
         "vocab": args.vocab if free else None,
         "boundary_tolerance": args.boundary_tolerance,
-        "limit": args.limit,
-    }
-
-
-def _open(args: argparse.Namespace, dataset: SegDataset, open_segmenter: Callable):
-    return open_segmenter(
-        args.bundle,
-        classes=dataset.classes if args.protocol == "guided" else None,
-        vocab=args.vocab if args.protocol == "free" else None,
-        config=SegmenterConfig(precision=args.precision, num_segments=args.segments, refine=args.refine),
-        backend=args.backend,
-        threads=args.threads,
-    )
-
-
-def _protocol(args: argparse.Namespace, dataset: SegDataset, tally: Tally):
-    if args.protocol == "guided":
-        return Guided(dataset.classes)
-    if args.protocol == "oracle":
-        return Oracle(len(dataset.classes))
-    matcher = LabelMatcher(dataset.classes, open_embedder(args.match_with, args.bundle.expanduser()))
-    matcher.pixels = tally.word_pixels  # one dict: resumed counts continue
-    return Free(matcher)
-
-
-def _scores_dict(scores: Scores, classes: list[str]) -> dict:
-    per_class = [
-        {
-            "class": name,
-            "iou": float(scores.iou[c]),
-            "accuracy": float(scores.accuracy[c]),
-            "gt_pixels": int(scores.gt_pixels[c]),
-            "pred_pixels": int(scores.pred_pixels[c]),
-        }
-        for c, name in enumerate(classes)
-    ]
-    return {
-        "mIoU": scores.miou,
-        "pixel_accuracy": scores.pixel_accuracy,
-        "mean_accuracy": scores.mean_accuracy,
-        "classes_in_mean": int(np.sum(~np.isnan(scores.iou))),
-        "per_class": per_class,
+        "limit": args.limit,  # the one key --resume may change: the rest must be equal for it to add to the counts
     }
 
 
@@ -179,14 +115,30 @@ def build_report(
     config: dict, runtime: dict, dataset: SegDataset, total: int, last: str | None, tally: Tally, protocol
 ) -> dict:
     """Every number of the run so far, percentages for the metrics; undefined values become null in the JSON."""
+    scores, classes = tally.matrix.scores(), dataset.classes
     report = {
         "ovseg_eval": REPORT_VERSION,
         "config": config,
         "runtime": runtime,
-        "dataset": {"key": dataset.key, "title": dataset.title, "classes": dataset.classes, "images": len(dataset)},
+        "dataset": {"key": dataset.key, "title": dataset.title, "classes": classes, "images": len(dataset)},
         "progress": {"done": tally.done, "total": total, "last": last, "complete": tally.done >= total},
         "state_file": None,
-        "metrics": _scores_dict(tally.matrix.scores(), dataset.classes),
+        "metrics": {
+            "mIoU": scores.miou,
+            "pixel_accuracy": scores.pixel_accuracy,
+            "mean_accuracy": scores.mean_accuracy,
+            "classes_in_mean": int(np.sum(~np.isnan(scores.iou))),
+            "per_class": [
+                {
+                    "class": name,
+                    "iou": float(scores.iou[c]),
+                    "accuracy": float(scores.accuracy[c]),
+                    "gt_pixels": int(scores.gt_pixels[c]),
+                    "pred_pixels": int(scores.pred_pixels[c]),
+                }
+                for c, name in enumerate(classes)
+            ],
+        },
         "timing_ms": {stage: ms / tally.done for stage, ms in tally.timing_ms.items()} if tally.done else {},
         # rows: ground-truth class; columns: predicted class, then "no class" (labels such as "unknown")
         "confusion_matrix": tally.matrix.counts.tolist(),
@@ -207,10 +159,9 @@ def build_report(
         }
     if isinstance(protocol, Free):
         m = protocol.matcher
-        ordered = sorted(m.pixels.items(), key=lambda kv: -kv[1])
         report["labels"] = [
-            {"label": w, "pixels": n, "class": dataset.classes[m.cache[w]] if w in m.cache else None}
-            for w, n in ordered
+            {"label": w, "pixels": n, "class": classes[m.cache[w]] if w in m.cache else None}
+            for w, n in sorted(m.pixels.items(), key=lambda kv: -kv[1])
         ]
     return report
 
@@ -244,44 +195,66 @@ def format_table(report: dict) -> str:
     return "\n".join(lines + ["", head, row])
 
 
-def _check_resume(out: Path, config: dict) -> None:
-    old = read_report(out).get("config", {})
-    differ = [k for k in RESUME_KEYS if old.get(k) != config.get(k)]
+def _tally(args: argparse.Namespace, dataset: SegDataset, total: int, config: dict, state: Path | None) -> Tally:
+    """Empty counts, or with --resume those of the run --out holds, after checking that it ran as this one does."""
+    tally = Tally(len(dataset.classes), args.boundary_tolerance, with_segments=args.protocol == "oracle")
+    if not args.resume:
+        return tally
+    if state is None:
+        raise OvsegError("--resume needs --out: the results.json of the run to continue")
+    old = read_report(args.out).get("config", {})
+    differ = [k for k in config if k != "limit" and old.get(k) != config[k]]
     if differ:
         raise OvsegError(
-            f"--resume: {out} was run with other {', '.join(differ)}; use the same options or start again without --resume"
+            f"--resume: {args.out} was run with other {', '.join(differ)}; use the same options or start again without --resume"
         )
+    tally.load(state)
+    if tally.done > total:
+        raise OvsegError(f"--resume: {state} already counts {tally.done} images, more than the {total} asked for")
+    say(f"resuming after {tally.done} of {total} images")
+    return tally
 
 
-def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
-    if args.resume and args.out is None:
-        raise OvsegError("--resume needs --out: the results.json of the run to continue")
+def _runtime(seg) -> dict:
+    """What ran: the Segmenter as opened, the versions, the start time."""
+    import onnxruntime
+
+    return {
+        "backend": seg.backend,
+        "precision": seg.precision,
+        "mode": seg.mode,
+        "segments": seg.config.num_segments,  # --segments, or the bundle's profile's
+        "random_weights": seg.random_weights,
+        "ovseg": ovseg.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ovseg.runtime.segmenter import Segmenter
+
     dataset = open_dataset(args.dataset, args.data)
     samples = dataset.samples[: args.limit] if args.limit else dataset.samples
-    config = _config(args)
-    with_segments = args.protocol == "oracle"
-    state = state_path(args.out) if args.out else None
-    if args.resume:
-        _check_resume(args.out, config)
-        tally = Tally.load(state, len(dataset.classes), args.boundary_tolerance, with_segments)
-        if tally.done > len(samples):
-            raise OvsegError(
-                f"--resume: {state} already counts {tally.done} images, more than the {len(samples)} asked for"
-            )
-        say(f"resuming after {tally.done} of {len(samples)} images")
-    else:
-        tally = Tally(len(dataset.classes), args.boundary_tolerance, with_segments)
-    seg = _open(args, dataset, open_segmenter)
+    config, state = _config(args), state_path(args.out) if args.out else None
+    tally = _tally(args, dataset, len(samples), config, state)
+    seg = Segmenter.from_bundle(
+        args.bundle,
+        classes=dataset.classes if args.protocol == "guided" else None,
+        vocab=args.vocab if args.protocol == "free" else None,
+        config=SegmenterConfig(precision=args.precision, num_segments=args.segments, refine=args.refine),
+        backend=args.backend,
+        threads=args.threads,
+    )
     try:
-        protocol = _protocol(args, dataset, tally)
-        runtime = {
-            "backend": seg.backend,
-            "precision": seg.precision,
-            "mode": seg.mode,
-            "segments": seg.config.num_segments,  # --segments, or the bundle's profile's
-            "random_weights": bool(seg.random_weights),
-            **_versions(),
-        }
+        embed = open_embedder(args.match_with, args.bundle.expanduser()) if args.protocol == "free" else None
+        protocol = make_protocol(args.protocol, dataset.classes, embed)
+        if isinstance(protocol, Free):
+            protocol.matcher.pixels = tally.word_pixels  # one dict: resumed counts continue
+        runtime = _runtime(seg)
         say(
             f"{dataset.title}: {len(samples)} images, {args.protocol} protocol, {seg.mode} mode, backend {seg.backend}, {seg.precision}"
         )
@@ -300,28 +273,21 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
             total=len(samples), initial=tally.done, unit="img", desc=args.dataset, dynamic_ncols=True, file=sys.stderr
         )
         try:
-            for i in range(tally.done, len(samples)):
-                sample = samples[i]
+            for i, sample in enumerate(samples[tally.done :], start=tally.done):
                 image, gt = dataset.image(sample), dataset.label(sample)
                 if image.shape[:2] != gt.shape:
                     raise OvsegError(
                         f"{sample.image} is {image.shape[1]}x{image.shape[0]} but its label {sample.label} is {gt.shape[1]}x{gt.shape[0]}"
                     )
                 outcome = protocol(seg, image, gt)
-                tally.update(gt, outcome, outcome.timings)
+                tally.update(gt, outcome)
                 last = sample.name
                 if args.save_vis is not None and i < args.vis_count:
-                    save_side_by_side(
-                        args.save_vis / f"{i:05d}_{sample.name}.png",
-                        image,
-                        gt,
-                        outcome.prediction,
-                        dataset.classes,
-                        f"prediction ({args.protocol})",
-                    )
+                    name, title = f"{i:05d}_{sample.name}.png", f"prediction ({args.protocol})"
+                    save_side_by_side(args.save_vis / name, image, gt, outcome.prediction, dataset.classes, title)
                 bar.update(1)
                 bar.set_postfix_str(f"mIoU {tally.matrix.scores().miou:.2f}", refresh=False)
-                if args.out is not None and tally.done % args.save_every == 0:
+                if args.out is not None and tally.done % SAVE_EVERY == 0:
                     save()
         except KeyboardInterrupt as e:
             stopped = e
@@ -330,10 +296,8 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
             report = save()  # whatever ends the loop, the counts so far are kept and resumable
         print(format_table(report), flush=True)
         if args.out is not None:
-            say(
-                f"wrote {args.out} and {state}"
-                + ("; continue with --resume" if not report["progress"]["complete"] else "")
-            )
+            resume = "" if report["progress"]["complete"] else "; continue with --resume"
+            say(f"wrote {args.out} and {state}{resume}")
         if args.save_vis is not None:
             say(f"side-by-side pictures in {args.save_vis}")
         if stopped is not None:
@@ -341,25 +305,6 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
         return 0
     finally:
         seg.close()
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import onnxruntime
-
-    try:
-        ovseg_version = version("ovseg")
-    except PackageNotFoundError:  # a source checkout on sys.path, not installed
-        ovseg_version = None
-    return {
-        "ovseg": ovseg_version,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,10 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             "--refine segments votes guided-mode logits inside segments: use it with --protocol guided, or --refine edges"
         )
-    from ovseg.runtime.segmenter import Segmenter
-
     with ovseg.cli.log_lines(PROG, logging.WARNING):  # a random-weights bundle, an unreadable image: one line each
-        return ovseg.cli.run_cli(PROG, functools.partial(_run, args, Segmenter.from_bundle))
+        return ovseg.cli.run_cli(PROG, functools.partial(_run, args))
 
 
 if __name__ == "__main__":

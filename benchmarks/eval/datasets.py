@@ -69,24 +69,14 @@ def read_label_values(path: Path) -> np.ndarray:
     return values
 
 
-def _locate(root: Path, prefixes: list[str], required: list[str]) -> Path | None:
-    """The first of root/prefix that has every required path, or None."""
-    for prefix in prefixes:
-        base = root / prefix if prefix else root
-        if all((base / r).exists() for r in required):
-            return base
-    return None
-
-
 class SegDataset:
     """A benchmark on disk; subclasses find the samples and the label table of one layout."""
 
-    key: str  # preset name in ovseg.runtime.pipeline.vocabulary
     title: str
     layout: str  # the expected layout, for the error message
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser()
+    def __init__(self, root: str | Path, key: str):
+        self.root, self.key = Path(root).expanduser(), key  # key: preset name in ovseg.runtime.pipeline.vocabulary
         if not self.root.is_dir():
             raise self.layout_error("no such directory")
         self.samples, self.table = self._scan()
@@ -99,6 +89,13 @@ class SegDataset:
 
     def layout_error(self, why: str) -> OvsegError:
         return OvsegError(f"{self.root} is not {self.title} ({why}): expected {self.layout}")
+
+    def _base(self, prefixes: tuple[str, ...], required: tuple[str, ...]) -> Path:
+        """The first of root/prefix that has every required path."""
+        for prefix in prefixes:
+            if all((self.root / prefix / r).exists() for r in required):
+                return self.root / prefix
+        raise self.layout_error(f"{' or '.join(required)} not found")
 
     def _scan(self) -> tuple[list[Sample], np.ndarray]:
         raise NotImplementedError
@@ -113,11 +110,12 @@ class SegDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _pairs(self, images: Path, labels: Path, image_glob: str, label_of) -> list[Sample]:
-        """Every image under ``images`` with a label file ``label_of(image)``; an image without one is a layout error."""
+    def _pairs(self, images: Path, labels: Path, image_glob: str, label_of=None) -> list[Sample]:
+        """Every image under ``images`` with a label file ``label_of(image)`` (default: labels/STEM.png); an image
+        without one is a layout error."""
         samples = []
         for image in sorted(images.glob(image_glob)):
-            label = label_of(image)
+            label = label_of(image) if label_of else labels / f"{image.stem}.png"
             if not label.is_file():
                 raise self.layout_error(f"{image.name} has no label {label.relative_to(labels.parent.parent)}")
             samples.append(Sample(image.stem, image, label))
@@ -131,15 +129,8 @@ class VOC2012(SegDataset):
     layout = "VOCdevkit/VOC2012/ with JPEGImages/, SegmentationClass/ (palette PNGs) and ImageSets/Segmentation/val.txt"
     split = "ImageSets/Segmentation/val.txt"
 
-    def __init__(self, root: str | Path, background: bool):
-        self.background = background
-        self.key = "voc21" if background else "voc20"
-        super().__init__(root)
-
     def _scan(self):
-        base = _locate(self.root, ["", "VOC2012", "VOCdevkit/VOC2012"], ["JPEGImages", "SegmentationClass", self.split])
-        if base is None:
-            raise self.layout_error("JPEGImages/, SegmentationClass/ or the val list not found")
+        base = self._base(("", "VOC2012", "VOCdevkit/VOC2012"), ("JPEGImages", "SegmentationClass", self.split))
         samples = []
         for name in (base / self.split).read_text().split():
             sample = Sample(name, base / "JPEGImages" / f"{name}.jpg", base / "SegmentationClass" / f"{name}.png")
@@ -148,7 +139,7 @@ class VOC2012(SegDataset):
                     f"{name} is in val.txt but JPEGImages/{name}.jpg or SegmentationClass/{name}.png is missing"
                 )
             samples.append(sample)
-        shift = 0 if self.background else 1  # VOC-20: background joins the ignored outlines
+        shift = 0 if self.key == "voc21" else 1  # VOC-20: background joins the ignored outlines
         return samples, lut({v: v - shift for v in range(shift, 21)})
 
 
@@ -161,24 +152,16 @@ class PascalContext(SegDataset):
         "(written by PixelCLIP's datasets/prepare_pascal_context_59.py)"
     )
 
-    def __init__(self, root: str | Path, background: bool):
-        self.background = background
-        self.key = "context60" if background else "context59"
-        super().__init__(root)
-
     def _scan(self):
         labels_rel = "annotations_detectron2/pc59_val"
-        base = _locate(self.root, ["", "VOC2010", "VOCdevkit/VOC2010"], ["JPEGImages", labels_rel])
-        if base is None:
-            raise self.layout_error("JPEGImages/ or annotations_detectron2/pc59_val/ not found")
-        images, labels = base / "JPEGImages", base / labels_rel
+        base = self._base(("", "VOC2010", "VOCdevkit/VOC2010"), ("JPEGImages", labels_rel))
         samples = []
-        for label in sorted(labels.glob("*.png")):
-            image = images / f"{label.stem}.jpg"
+        for label in sorted((base / labels_rel).glob("*.png")):
+            image = base / "JPEGImages" / f"{label.stem}.jpg"
             if not image.is_file():
                 raise self.layout_error(f"label {label.name} has no photo JPEGImages/{image.name}")
             samples.append(Sample(label.stem, image, label))
-        if self.background:  # Context-60: the pixels outside the 59 classes are "background", class 0
+        if self.key == "context60":  # the pixels outside the 59 classes are "background", class 0
             return samples, lut({**{v: v + 1 for v in range(59)}, IGNORE: 0})
         return samples, lut({v: v for v in range(59)})
 
@@ -189,14 +172,9 @@ class ADE20K(SegDataset):
     title = "ADE20K-150"
     layout = "ADEChallengeData2016/ with images/validation/*.jpg and annotations/validation/*.png"
 
-    key = "ade150"
-
     def _scan(self):
-        base = _locate(self.root, ["", "ADEChallengeData2016"], ["images/validation", "annotations/validation"])
-        if base is None:
-            raise self.layout_error("images/validation/ or annotations/validation/ not found")
-        labels = base / "annotations/validation"
-        samples = self._pairs(base / "images/validation", labels, "*.jpg", lambda im: labels / f"{im.stem}.png")
+        base = self._base(("", "ADEChallengeData2016"), ("images/validation", "annotations/validation"))
+        samples = self._pairs(base / "images/validation", base / "annotations/validation", "*.jpg")
         return samples, lut({v: v - 1 for v in range(1, 151)})
 
 
@@ -213,21 +191,15 @@ class CocoStuff(SegDataset):
         "(prepared, 0-170) or annotations/val2017/*.png (stuffthingmaps_trainval2017)"
     )
 
-    key = "cocostuff171"
-
     def _scan(self):
-        for prefix in ("", "coco-stuff", "coco"):
-            base = self.root / prefix if prefix else self.root
+        for base in (self.root, self.root / "coco-stuff", self.root / "coco"):
             images = next((base / d for d in ("images/val2017", "val2017") if (base / d).is_dir()), None)
-            if images is None:
+            prepared, raw = base / "annotations_detectron2/val2017", base / "annotations/val2017"
+            if images is None or not (prepared.is_dir() or raw.is_dir()):
                 continue
-            if (base / "annotations_detectron2/val2017").is_dir():
-                labels, table = base / "annotations_detectron2/val2017", lut({v: v for v in range(171)})
-            elif (base / "annotations/val2017").is_dir():
-                labels, table = base / "annotations/val2017", lut({cid - 1: i for i, cid in enumerate(COCO_STUFF_IDS)})
-            else:
-                continue
-            return self._pairs(images, labels, "*.jpg", lambda im, labels=labels: labels / f"{im.stem}.png"), table
+            if prepared.is_dir():
+                return self._pairs(images, prepared, "*.jpg"), lut({v: v for v in range(171)})
+            return self._pairs(images, raw, "*.jpg"), lut({cid - 1: i for i, cid in enumerate(COCO_STUFF_IDS)})
         raise self.layout_error("val2017 photos or their label PNGs not found")
 
 
@@ -241,30 +213,23 @@ class Cityscapes(SegDataset):
     title = "Cityscapes"
     layout = "cityscapes/ with leftImg8bit/val/<city>/*_leftImg8bit.png and gtFine/val/<city>/*_gtFine_labelTrainIds.png (or _labelIds.png)"
 
-    key = "cityscapes19"
-
     def _scan(self):
-        base = _locate(self.root, ["", "cityscapes"], ["leftImg8bit/val", "gtFine/val"])
-        if base is None:
-            raise self.layout_error("leftImg8bit/val/ or gtFine/val/ not found")
+        base = self._base(("", "cityscapes"), ("leftImg8bit/val", "gtFine/val"))
         images, labels = base / "leftImg8bit/val", base / "gtFine/val"
 
-        def stem(im):
-            return im.name.replace("_leftImg8bit.png", "")
+        def label_of(image: Path, ids: str = "labelTrainIds") -> Path:
+            return labels / image.parent.name / image.name.replace("leftImg8bit.png", f"gtFine_{ids}.png")
 
         first = next(iter(sorted(images.glob("*/*_leftImg8bit.png"))), None)
-        if first is not None and not (labels / first.parent.name / f"{stem(first)}_gtFine_labelTrainIds.png").is_file():
-            label_of, table = (
-                (lambda im: labels / im.parent.name / f"{stem(im)}_gtFine_labelIds.png"),
-                lut({label_id: i for i, label_id in enumerate(CITYSCAPES_LABEL_IDS)}),
-            )
+        if first is not None and not label_of(first).is_file():  # labelIds only: mapped to trainIds
+            samples = self._pairs(images, labels, "*/*_leftImg8bit.png", lambda im: label_of(im, "labelIds"))
+            table = lut({label_id: i for i, label_id in enumerate(CITYSCAPES_LABEL_IDS)})
         else:
-            label_of, table = (
-                (lambda im: labels / im.parent.name / f"{stem(im)}_gtFine_labelTrainIds.png"),
+            samples, table = (
+                self._pairs(images, labels, "*/*_leftImg8bit.png", label_of),
                 lut({v: v for v in range(19)}),
             )
-        samples = self._pairs(images, labels, "*/*_leftImg8bit.png", label_of)
-        return [Sample(stem(s.image), s.image, s.label) for s in samples], table
+        return [Sample(s.name.replace("_leftImg8bit", ""), s.image, s.label) for s in samples], table
 
 
 class Synthetic(SegDataset):
@@ -275,24 +240,21 @@ class Synthetic(SegDataset):
         "classes.txt, images/*.png and labels/*.png (class indices), as `python -m ovseg.benchmarks.synthetic.dataset` "
         "writes them"
     )
-    key = "synthetic"
 
     def _classes(self) -> list[str]:
         return [line.strip() for line in (self.root / "classes.txt").read_text().splitlines() if line.strip()]
 
     def _scan(self):
-        if not all((self.root / p).exists() for p in ("classes.txt", "images", "labels")):
-            raise self.layout_error("classes.txt, images/ or labels/ not found")
-        labels = self.root / "labels"
+        self._base(("",), ("classes.txt", "images", "labels"))
         table = lut({v: v for v in range(len(self._classes()))})
-        return self._pairs(self.root / "images", labels, "*.png", lambda im: labels / im.name), table
+        return self._pairs(self.root / "images", self.root / "labels", "*.png"), table
 
 
 DATASETS = {
-    "voc20": lambda root: VOC2012(root, background=False),
-    "voc21": lambda root: VOC2012(root, background=True),
-    "context59": lambda root: PascalContext(root, background=False),
-    "context60": lambda root: PascalContext(root, background=True),
+    "voc20": VOC2012,
+    "voc21": VOC2012,
+    "context59": PascalContext,
+    "context60": PascalContext,
     "ade150": ADE20K,
     "cocostuff171": CocoStuff,
     "cityscapes19": Cityscapes,
@@ -301,6 +263,4 @@ DATASETS = {
 
 
 def open_dataset(key: str, root: str | Path) -> SegDataset:
-    if key not in DATASETS:
-        raise OvsegError(f"unknown dataset {key!r}: choose one of {', '.join(DATASETS)}")
-    return DATASETS[key](root)
+    return DATASETS[key](root, key)

@@ -150,10 +150,3 @@ class BoundaryCounts:
     @property
     def precision(self) -> float:
         return 100 * self.pred_matched / self.pred_total if self.pred_total else float("nan")
-
-    def as_array(self) -> np.ndarray:
-        return np.array([self.gt_total, self.gt_matched, self.pred_total, self.pred_matched], np.int64)
-
-    @classmethod
-    def from_array(cls, tolerance: int, a: np.ndarray) -> BoundaryCounts:
-        return cls(tolerance, *(int(v) for v in a))

@@ -37,10 +37,6 @@ READABLE = {
 Embed = Callable[[list[str]], np.ndarray]  # names -> (N, D) L2-normalised embeddings
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def clip_text_embedder(bundle_dir: Path) -> Embed:
     """The bundle's CLIP text encoder through the runtime (ONNX Runtime on the CPU, no torch), prompt "a photo of a {}."."""
     from ovseg.runtime.bundle.manifest import read_manifest
@@ -51,11 +47,8 @@ def clip_text_embedder(bundle_dir: Path) -> Embed:
     return lambda names: embed(list(names), CONCEPT_TEMPLATES)
 
 
-def sentence_embedder(model_dir: Path, bf16: bool = False) -> Embed:
-    """A sentence-transformers model directory (BERT-style, mean pooling) run with plain transformers + torch.
-
-    ``bf16`` runs the model under bfloat16 autocast (about 2x faster on CPUs with AMX or AVX-512 BF16;
-    cosines to the fp32 embeddings stay above 0.9999 on the concept list)."""
+def sentence_embedder(model_dir: Path) -> Embed:
+    """A sentence-transformers model directory (BERT-style, mean pooling) run with plain transformers + torch."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise OvsegError(
@@ -78,11 +71,11 @@ def sentence_embedder(model_dir: Path, bf16: bool = False) -> Embed:
 
     def embed(names: list[str]) -> np.ndarray:
         batch = tokenizer(list(names), padding=True, truncation=True, max_length=128, return_tensors="pt")
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            tokens = model(**batch).last_hidden_state.float()
+        with torch.inference_mode():
+            tokens = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
         mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return _normalise(mean.numpy())
+        return torch.nn.functional.normalize(mean, dim=-1).numpy()
 
     return embed
 
@@ -144,40 +137,37 @@ def _paint(label_map: np.ndarray, classes: dict[int, int]) -> np.ndarray:
 class Guided:
     """The Segmenter in guided mode with the dataset's class names (opened with classes=); names map back to indices."""
 
-    name = "guided"
-
     def __init__(self, class_names: list[str]):
         self.index = {name: i for i, name in enumerate(class_names)}
 
     def __call__(self, seg, image: np.ndarray, gt: np.ndarray) -> Outcome:
         seg.reset()  # dataset images are unrelated: no state from the previous one
-        result = seg(image)
-        classes = {i: self.index.get(name, IGNORE) for i, name in result.labels.items()}
-        return Outcome(_paint(result.label_map, classes), timings=dict(result.timings))
+        return self.outcome(seg(image))
+
+    def outcome(self, result) -> Outcome:
+        """The class map of a Result already computed (a video's frames: no reset between them)."""
+        return Outcome(_paint(result.label_map, self.classes(result)), timings=dict(result.timings))
+
+    def classes(self, result) -> dict[int, int]:
+        return {i: self.index.get(name, IGNORE) for i, name in result.labels.items()}
 
 
-class Free:
-    """The Segmenter in guidance-free mode; each segment's label is mapped to a dataset class by the matcher."""
-
-    name = "free"
+class Free(Guided):
+    """The Segmenter in guidance-free mode; each segment's label is mapped to a dataset class by the matcher (the run
+    is Guided's, the naming differs)."""
 
     def __init__(self, matcher: LabelMatcher):
         self.matcher = matcher
 
-    def __call__(self, seg, image: np.ndarray, gt: np.ndarray) -> Outcome:
-        seg.reset()
-        result = seg(image)
+    def classes(self, result) -> dict[int, int]:
         named = {s.id: s.label for s in result.segments if s.label != UNKNOWN}
-        classes = dict(zip(named, self.matcher(list(named.values()))))
         for s in result.segments:
             self.matcher.pixels[s.label] = self.matcher.pixels.get(s.label, 0) + int(s.area)
-        return Outcome(_paint(result.label_map, classes), timings=dict(result.timings))
+        return dict(zip(named, self.matcher(list(named.values()))))
 
 
 class Oracle:
     """The Segmenter's un-merged segment candidates, each given its majority ground-truth class: naming left out."""
-
-    name = "oracle"
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
@@ -187,3 +177,12 @@ class Oracle:
         segments = seg.candidates(image)
         ms = (time.perf_counter() - start) * 1000
         return Outcome(oracle_prediction(segments, gt, self.num_classes), segments, {"total": ms})
+
+
+def make_protocol(name: str, class_names: list[str], embed: Embed | None = None):
+    """The protocol ``name`` over ``class_names``; ``embed``: the free protocol's text embeddings (it needs them)."""
+    if name == "guided":
+        return Guided(class_names)
+    if name == "oracle":
+        return Oracle(len(class_names))
+    return Free(LabelMatcher(class_names, embed))

@@ -7,11 +7,14 @@ and skips the images already counted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -32,84 +35,71 @@ class Tally:
     with_segments: bool
     done: int = 0  # images counted, in dataset order
     segments: int = 0  # segments seen, summed over images
-    matrix: ConfusionMatrix = None  # type: ignore[assignment]
-    boundary: BoundaryCounts = None  # type: ignore[assignment]
+    matrix: ConfusionMatrix = field(init=False)
+    boundary: BoundaryCounts = field(init=False)
     timing_ms: dict[str, float] = field(default_factory=dict)  # summed per stage
     word_pixels: dict[str, int] = field(default_factory=dict)  # free protocol: label -> pixels
 
     def __post_init__(self):
-        self.matrix = self.matrix or ConfusionMatrix(self.num_classes)
-        self.boundary = self.boundary or BoundaryCounts(self.tolerance)
+        self.matrix, self.boundary = ConfusionMatrix(self.num_classes), BoundaryCounts(self.tolerance)
 
-    def update(self, gt: np.ndarray, outcome: Outcome, timings: dict[str, float]) -> None:
+    def update(self, gt: np.ndarray, outcome: Outcome) -> None:
         self.matrix.update(gt, outcome.prediction)
         if outcome.segments is not None:
             self.segments += len(np.unique(outcome.segments))
             self.boundary.update(outcome.segments, gt)
-        for stage, ms in timings.items():
+        for stage, ms in outcome.timings.items():
             self.timing_ms[stage] = self.timing_ms.get(stage, 0.0) + float(ms)
         self.done += 1
 
-    def save(self, path: Path) -> None:
-        words = list(self.word_pixels)
-        stages = list(self.timing_ms)
-        arrays = {
-            "version": np.array([STATE_VERSION, self.num_classes, self.tolerance, int(self.with_segments)], np.int64),
-            "counters": np.array([self.done, self.segments], np.int64),
-            "matrix": self.matrix.counts,
-            "boundary": self.boundary.as_array(),
-            "timing_stages": np.array(stages, dtype=str) if stages else np.zeros(0, "<U1"),
-            "timing_ms": np.array([self.timing_ms[s] for s in stages], np.float64),
-            "words": np.array(words, dtype=str) if words else np.zeros(0, "<U1"),
-            "word_pixels": np.array([self.word_pixels[w] for w in words], np.int64),
-        }
-        with _atomic(path) as f:
-            np.savez(f, **arrays)
+    def _header(self) -> list[int]:
+        return [STATE_VERSION, self.num_classes, self.tolerance, int(self.with_segments)]
 
-    @classmethod
-    def load(cls, path: Path, num_classes: int, tolerance: int, with_segments: bool) -> Tally:
+    def save(self, path: Path) -> None:
+        b = self.boundary
+        with _atomic(path) as f:
+            np.savez(
+                f,
+                version=np.array(self._header(), np.int64),
+                counters=np.array([self.done, self.segments], np.int64),
+                matrix=self.matrix.counts,
+                boundary=np.array([b.gt_total, b.gt_matched, b.pred_total, b.pred_matched], np.int64),
+                timing_stages=np.array(list(self.timing_ms), dtype=str),
+                timing_ms=np.array(list(self.timing_ms.values()), np.float64),
+                words=np.array(list(self.word_pixels), dtype=str),
+                word_pixels=np.array(list(self.word_pixels.values()), np.int64),
+            )
+
+    def load(self, path: Path) -> None:
+        """Continue from the counts ``save`` wrote to ``path`` with the same classes, tolerance and protocol."""
         try:
             with np.load(path, allow_pickle=False) as z:
                 a = {k: z[k] for k in z.files}
         except (OSError, ValueError) as e:
             raise OvsegError(f"cannot read the state file {path} ({e}); start again without --resume") from None
-        version, c, tol, segs = (int(v) for v in a["version"])
-        if version != STATE_VERSION or c != num_classes or tol != tolerance or bool(segs) != with_segments:
+        if a["version"].tolist() != self._header():
             raise OvsegError(f"{path} was written by another configuration; start again without --resume")
-        done, segments = (int(v) for v in a["counters"])
-        return cls(
-            num_classes,
-            tolerance,
-            with_segments,
-            done,
-            segments,
-            ConfusionMatrix(num_classes, a["matrix"]),
-            BoundaryCounts.from_array(tolerance, a["boundary"]),
-            dict(zip(a["timing_stages"].tolist(), a["timing_ms"].tolist())),
-            dict(zip(a["words"].tolist(), (int(v) for v in a["word_pixels"]))),
-        )
+        self.done, self.segments = (int(v) for v in a["counters"])
+        self.matrix = ConfusionMatrix(self.num_classes, a["matrix"])
+        self.boundary = BoundaryCounts(self.tolerance, *(int(v) for v in a["boundary"]))
+        self.timing_ms = dict(zip(a["timing_stages"].tolist(), a["timing_ms"].tolist()))
+        self.word_pixels = dict(zip(a["words"].tolist(), (int(v) for v in a["word_pixels"])))
 
 
-class _atomic:
-    """Open a temporary file next to ``path`` for binary writing; on a clean exit it replaces ``path``."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.file = os.fdopen(fd, "wb")
-        return self.file
-
-    def __exit__(self, exc_type, *_):
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file next to ``path`` for binary writing; on a clean exit it replaces ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def write_json(path: Path, report: dict) -> None:

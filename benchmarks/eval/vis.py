@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from ovseg.errors import OvsegError
+from ovseg.runtime.pipeline.render import segment_palette
 
 from .metrics import IGNORE
 
@@ -17,27 +18,10 @@ TITLE_HEIGHT = 28
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-def palette(n: int = 256) -> np.ndarray:
-    """(n, 3) BGR colours: PASCAL VOC's bit-interleaved colour map, shifted by one so no class is black.
-
-    Class c is drawn in VOC colour c + 1; black is kept for ignored pixels and no-class predictions.
-    """
-    colours = np.zeros((n + 1, 3), np.uint8)
-    for i in range(n + 1):
-        r = g = b = 0
-        c = i
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        colours[i] = (b, g, r)
-    out = colours[1:].copy()
-    out[IGNORE] = 0
-    return out
-
-
-PALETTE = palette()
+# Class c in the runtime's segment colour c (PASCAL VOC's colour c + 1, so no class is black); black is kept for ignored
+# pixels and no-class predictions.
+PALETTE = segment_palette(256)
+PALETTE[IGNORE] = 0
 
 
 def _panel(image: np.ndarray, title: str) -> np.ndarray:
@@ -62,20 +46,15 @@ def _legend(classes: list[str], shown: list[int], height: int) -> np.ndarray:
     return panel
 
 
-def side_by_side(
-    photo: np.ndarray, gt: np.ndarray, prediction: np.ndarray, classes: list[str], title: str
-) -> np.ndarray:
+def save_side_by_side(
+    path: Path, photo: np.ndarray, gt: np.ndarray, prediction: np.ndarray, classes: list[str], title: str
+) -> None:
     """One BGR picture; the legend lists the classes in the ground truth or the prediction, most pixels first."""
-    counts = np.bincount(gt[gt != IGNORE], minlength=len(classes)) + np.bincount(
-        prediction[prediction != IGNORE], minlength=len(classes)
-    )
+    counts = sum(np.bincount(m[m != IGNORE], minlength=len(classes)) for m in (gt, prediction))
     shown = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0 and c < len(classes)]
-    panels = [_panel(photo, "photo"), _panel(PALETTE[gt], "ground truth"), _panel(PALETTE[prediction], title)]
-    picture = np.hstack(panels)
-    return np.hstack([picture, _legend(classes, shown, picture.shape[0])])
-
-
-def save_side_by_side(path: Path, *args, **kwargs) -> None:
+    picture = np.hstack(
+        [_panel(photo, "photo"), _panel(PALETTE[gt], "ground truth"), _panel(PALETTE[prediction], title)]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), side_by_side(*args, **kwargs)):
+    if not cv2.imwrite(str(path), np.hstack([picture, _legend(classes, shown, picture.shape[0])])):
         raise OvsegError(f"cannot write {path}: check that its folder is writable and the disk has room")

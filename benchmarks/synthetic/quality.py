@@ -29,7 +29,7 @@ from ovseg.runtime.pipeline.vocabulary import GUIDED_TEMPLATES
 from ovseg.runtime.segmenter import Segmenter, SegmenterConfig
 
 from ..eval.metrics import ConfusionMatrix
-from ..eval.protocols import Free, Guided, LabelMatcher, Oracle
+from ..eval.protocols import make_protocol
 from .dataset import split_layouts, video_frames, write_dataset
 from .pretrain import CONFIG, WEIGHTS
 from .scenes import Scene, render
@@ -91,13 +91,9 @@ def score(predictions: Iterable[tuple[np.ndarray, np.ndarray]], protocol: str) -
 
 
 def protocol_for(name: str):
-    if name == "guided":
-        return Guided(list(CLASSES))
-    if name == "oracle":
-        return Oracle(len(CLASSES))
     names = list(CLASSES)  # the bundle's vocabulary is the class list: a label is its own class
-    return Free(
-        LabelMatcher(names, lambda labels: np.eye(len(names), dtype=np.float32)[[names.index(n) for n in labels]])
+    return make_protocol(
+        name, names, lambda labels: np.eye(len(names), dtype=np.float32)[list(map(names.index, labels))]
     )
 
 
@@ -136,19 +132,8 @@ def video_score(seg: Segmenter, clips: list[list[Scene]], protocol: str) -> Scor
     for clip in tqdm(clips, desc="video", leave=False):
         seg.reset()
         for frame in clip:
-            result = seg(bgr(frame))
-            pairs.append((frame.labels, run_result(run, result)))
+            pairs.append((frame.labels, run.outcome(seg(bgr(frame))).prediction))
     return score(pairs, protocol)
-
-
-def run_result(run, result) -> np.ndarray:
-    """A protocol's prediction from a Result already computed (video: no reset between frames)."""
-    from ..eval.protocols import _paint
-
-    if isinstance(run, Guided):
-        return _paint(result.label_map, {i: run.index.get(n, 255) for i, n in result.labels.items()})
-    named = {s.id: s.label for s in result.segments}
-    return _paint(result.label_map, dict(zip(named, run.matcher(list(named.values())))))
 
 
 def option_costs(bundle: Path, scenes: list[Scene], clips: list[list[Scene]]) -> list[dict]:
