@@ -195,6 +195,15 @@ def test_clean_shutdown_leaves_nothing_behind(tiny_bundle, tmp_path) -> None:
     assert shm_segments() - before == set()
 
 
+def test_a_server_that_cannot_start_is_one_line(tiny_bundle, tmp_path) -> None:
+    log = tmp_path / "no-such-folder" / "server.log"
+    command = [str(SERVE_PYTHON), "-m", "ovseg.runtime.triton.cli", "--bundle", str(tiny_bundle), "--log", str(log)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "cannot start" in errors[0] and "No such file or directory" in errors[0], out.stderr
+
+
 def ovseg_run(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "ovseg.runtime.tools.run", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)

@@ -84,15 +84,18 @@ class TritonServer:
         env = dict(os.environ)
         if self.bundled is not None:
             command += self._stage(self.bundled, env)
-        with open(self.log or os.devnull, "ab") as out:
-            self.process = subprocess.Popen(
-                command,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # stopped here, in order; not by the terminal's Ctrl-C
-                preexec_fn=_die_with_parent,
-            )
+        try:
+            with open(self.log or os.devnull, "ab") as out:
+                self.process = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # stopped here, in order; not by the terminal's Ctrl-C
+                    preexec_fn=_die_with_parent,
+                )
+        except OSError as e:  # an unwritable --log, or a binary that cannot run here
+            raise ServingError(f"cannot start {self.binary} (log {self.log or 'off'}): {e.strerror or e}") from None
         try:
             wait_ready(self.process, self.host, self.ports.http, timeout)
         except ServingError as e:
