@@ -1,18 +1,16 @@
-"""What a bundle's files may be: named plainly inside the bundle, pinned by the manifest's sha256, and each whole and of
-the kind the manifest says, checked before any library parses it.
+"""What a bundle's files may be: named plainly inside the bundle, pinned by the manifest's sha256, and whole.
 
 A sha256 protects against accidental corruption only when the manifest is the one that was exported; these checks
-make a manifest that was edited and re-hashed (or a file that a library would misread) a one-line ``BundleError``
-naming the file, never a traceback or a crash inside ONNX Runtime, numpy, tokenizers or hnswlib.
+make a manifest that was edited and re-hashed a one-line ``BundleError`` naming the file, never a read outside the
+bundle, a traceback or a crash inside numpy or hnswlib. What a library refuses in one line as a file is opened (a
+tokenizer, an encoder's inputs and outputs) is said there, naming the file.
 """
 
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +21,6 @@ from ovseg.errors import OvsegError
 if TYPE_CHECKING:
     from .manifest import Manifest
 
-FLOAT, INT64 = 1, 7  # ONNX element types
 REEXPORT = "re-export the bundle with `ovseg-export --force`"
 
 
@@ -31,29 +28,8 @@ class BundleError(OvsegError, RuntimeError):
     """A bundle is missing, incomplete or from an incompatible version."""
 
 
-@dataclass(frozen=True)
-class Expect:
-    """What an ONNX file of one role takes and gives, as far as the manifest says."""
-
-    role: str  # "CLIP image", "DINOv2", "CLIP text"
-    input_type: int  # ONNX TensorProto element type: 1 float, 7 int64
-    input_dims: tuple[int | None, ...]  # None: any (batch, length)
-    output: str  # the output the runtime reads
-    output_width: int | None  # its last dimension (None: not said by the manifest)
-
-
-def expectations(manifest: Manifest) -> dict[str, Expect]:
-    s, t = manifest.clip.image_size, manifest.dinov2.image_size
-    return {
-        "clip": Expect("CLIP image", FLOAT, (None, 3, s, s), "patch_embeddings", manifest.clip.embed_dim),
-        "dinov2": Expect("DINOv2", FLOAT, (None, 3, t, t), "tokens", manifest.dinov2.embed_dim),
-        "text": Expect("CLIP text", INT64, (None, None), "text_embeddings", manifest.text.embed_dim),
-    }
-
-
 def named_files(manifest: Manifest) -> dict[str, str]:
-    """Every file the manifest names for loading -> its kind: "clip", "dinov2" or "text" (ONNX), "plan", "npy",
-    "tokenizer", "names" or "hnsw"."""
+    """Every file the manifest names for loading -> its kind: "onnx", "plan", "npy", "tokenizer", "names" or "hnsw"."""
     files: dict[str, str] = {}
 
     def add(name: object, kind: str, where: str) -> None:
@@ -63,9 +39,9 @@ def named_files(manifest: Manifest) -> dict[str, str]:
 
     for encoder in ("clip", "dinov2"):
         for key, name in _mapping(getattr(manifest, encoder).files, f"{encoder}.files").items():
-            add(name, "plan" if key.startswith("trt_") else encoder, f"{encoder}.files.{key}")
+            add(name, "plan" if key.startswith("trt_") else "onnx", f"{encoder}.files.{key}")
     for key, name in _mapping(manifest.text.files, "text.files").items():
-        add(name, "text", f"text.files.{key}")
+        add(name, "onnx", f"text.files.{key}")
     add(manifest.text.tokenizer, "tokenizer", "text.tokenizer")
     add(manifest.vocabulary.names, "names", "vocabulary.names")
     for key, name in _mapping(manifest.vocabulary.embeddings, "vocabulary.embeddings").items():
@@ -136,32 +112,26 @@ def check_fields(manifest: Manifest) -> None:
         fields[f"{e}.std"] = numbers(info.std, 3) and all(v > 0 for v in info.std)
     bad = [name for name, ok in fields.items() if not ok]
     if bad:
-        value = _field(manifest, bad[0])
+        section, key = bad[0].split(".")
+        value = getattr(getattr(manifest, section), key)
         raise BundleError(f"the manifest's {bad[0]} is {value!r}, which the runtime cannot use: {REEXPORT}")
 
 
-def _field(manifest: Manifest, dotted: str) -> object:
-    first, second = dotted.split(".")
-    return getattr(getattr(manifest, first), second)
-
-
 def check_files(bundle_dir: Path, manifest: Manifest, files: dict[str, str]) -> None:
-    """Each named file whole and of its kind (the sha256 check has passed: these catch a re-hashed manifest)."""
-    expect = expectations(manifest)
+    """Each named file whole (the sha256 check has passed: these catch a re-hashed manifest). A TensorRT plan is opaque:
+    its sha256 and ovseg-build's record of where it was built vouch for it; the tokenizer, ONNX Runtime and the
+    encoders' inputs and outputs are checked as they are opened, each failure one line naming the file."""
     size, width = manifest.vocabulary.size, manifest.text.embed_dim
     for name, kind in files.items():
         path = bundle_dir / name
-        if kind in expect:
-            check_onnx(path, manifest.sha256, expect[kind])
+        if kind == "onnx":
+            check_onnx(path, manifest.sha256)
         elif kind == "npy":
             check_embeddings(path, size, width)
-        elif kind == "tokenizer":
-            check_tokenizer(path)
         elif kind == "names":
             read_names(path, size)
         elif kind == "hnsw":
             check_hnsw(path, size, width)
-        # a TensorRT plan is opaque: its sha256 and ovseg-build's record of where it was built vouch for it
 
 
 def corrupt(path: Path, why: str) -> BundleError:
@@ -191,15 +161,11 @@ _SUBMESSAGES = {
 }
 
 
-class _Malformed(ValueError):
-    pass
-
-
-def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+def _varint(buf: mmap.mmap, pos: int, end: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= end or shift > 63:
-            raise _Malformed("a number runs past its message")
+            raise ValueError("a number runs past its message")
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -208,103 +174,59 @@ def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+def _fields(buf: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """(field number, wire type, value or start, end) of each field in buf[pos:end]."""
     while pos < end:
         key, pos = _varint(buf, pos, end)
         number, wire = key >> 3, key & 7
         if number == 0:
-            raise _Malformed("field number 0")
+            raise ValueError("field number 0")
         if wire == 0:
             value, pos = _varint(buf, pos, end)
             yield number, wire, value, pos
-        elif wire == 2:
+            continue
+        if wire == 2:
             length, pos = _varint(buf, pos, end)
-            if pos + length > end:
-                raise _Malformed("a field runs past the end of the file")
-            yield number, wire, pos, pos + length
-            pos += length
         elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-            if pos > end:
-                raise _Malformed("a field runs past the end of the file")
-            yield number, wire, pos, pos
+            length = 8 if wire == 1 else 4
         else:
-            raise _Malformed(f"wire type {wire}")
+            raise ValueError(f"wire type {wire}")
+        if pos + length > end:
+            raise ValueError("a field runs past the end of the file")
+        yield number, wire, pos, pos + length
+        pos += length
 
 
-def _children(buf: memoryview, start: int, stop: int, number: int, wire: int = 2) -> list:
-    """One field of a message: its (start, end) spans (wire 2) or its values (wire 0)."""
-    return [(s, e) if wire == 2 else s for n, w, s, e in _fields(buf, start, stop) if n == number and w == wire]
+def _strings(buf: mmap.mmap, start: int, stop: int, number: int) -> list[str]:
+    """The string field ``number`` of the message buf[start:stop], each time it occurs."""
+    return [buf[s:e].decode("utf-8", "replace") for n, w, s, e in _fields(buf, start, stop) if (n, w) == (number, 2)]
 
 
-def _string(buf: memoryview, span: tuple[int, int]) -> str:
-    return bytes(buf[span[0] : span[1]]).decode("utf-8", "replace")
-
-
-def _external_data(buf: memoryview, kind: str, pos: int, end: int, found: list[str], depth: int = 0) -> set[int]:
+def _external_data(buf: mmap.mmap, kind: str, pos: int, end: int, found: list[str], depth: int = 0) -> set[int]:
     """Walk one message: external-data locations are appended to ``found``; returns the field numbers seen."""
     if depth > 64:
-        raise _Malformed("messages nested too deep")
+        raise ValueError("messages nested too deep")
     seen = set()
     for number, wire, start, stop in _fields(buf, pos, end):
         seen.add(number)
         sub = _SUBMESSAGES.get((kind, number))
         if sub == "entry" and wire == 2:
-            if [_string(buf, k) for k in _children(buf, start, stop, 1)] == ["location"]:
-                found += [_string(buf, v) for v in _children(buf, start, stop, 2)]
+            if _strings(buf, start, stop, 1) == ["location"]:
+                found += _strings(buf, start, stop, 2)
         elif sub is not None and wire == 2:
             _external_data(buf, sub, start, stop, found, depth + 1)
     return seen
 
 
-def _value_info(buf: memoryview, start: int, stop: int) -> tuple[str, int, tuple[int | None, ...] | None]:
-    """A graph input/output: (name, element type, dims with None for symbolic ones; None when no shape is given)."""
-    name = next((_string(buf, span) for span in _children(buf, start, stop, 1)), "")
-    elem, dims = 0, None
-    for s, e in _children(buf, start, stop, 2):  # TypeProto
-        for s2, e2 in _children(buf, s, e, 1):  # tensor_type
-            elem = next(iter(_children(buf, s2, e2, 1, wire=0)), elem)
-            for s3, e3 in _children(buf, s2, e2, 2):  # TensorShapeProto: dim (dim_value, or a symbolic name)
-                dims = tuple(
-                    next(iter(_children(buf, s4, e4, 1, wire=0)), None) for s4, e4 in _children(buf, s3, e3, 1)
-                )
-    return name, elem, dims
-
-
-def _graph_io(buf: memoryview) -> tuple[list, list]:
-    graphs = _children(buf, 0, len(buf), 7)
-    inputs, outputs = (
-        [_value_info(buf, s, e) for gs, ge in graphs for s, e in _children(buf, gs, ge, n)] for n in (11, 12)
-    )
-    return inputs, outputs
-
-
-def _tensor(elem: int, dims: tuple[int | None, ...] | None) -> str:
-    """ "float Nx3x224x224" for people."""
-    name = {FLOAT: "float", INT64: "int64", 10: "float16", 11: "double"}.get(elem, f"ONNX type {elem}")
-    return f"{name} {'x'.join('N' if d is None else str(d) for d in dims or ())}".strip()
-
-
-def _read_onnx(path: Path) -> tuple[set[int], list[str], list, list]:
-    """(top-level field numbers, external-data locations, graph inputs, graph outputs) of an ONNX file."""
+def check_onnx(path: Path, digests: dict[str, str]) -> None:
+    """A whole ONNX model (ir_version and a graph) whose external data, if any, are files of the bundle that the
+    manifest pins."""
+    found: list[str] = []
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            buf = memoryview(m)
-            try:
-                found: list[str] = []
-                seen = _external_data(buf, "model", 0, len(buf), found)
-                return (seen, found, *_graph_io(buf))
-            finally:
-                buf.release()
-    except ValueError as e:  # _Malformed, or mmap of an empty file
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            seen = _external_data(buf, "model", 0, len(buf), found)
+    except ValueError as e:  # a malformed message, or mmap of an empty file
         raise corrupt(path, f"not a whole ONNX model: {e}") from None
-
-
-def check_onnx(path: Path, digests: dict[str, str], expect: Expect) -> None:
-    """A whole ONNX model (ir_version and a graph) of the role the manifest gives it, whose external data, if any,
-    are files of the bundle that the manifest pins."""
-    seen, found, inputs, outputs = _read_onnx(path)
     if not {1, 7} <= seen:
         raise corrupt(path, "not an ONNX model: no IR version or no graph")
     for location in found:
@@ -313,67 +235,23 @@ def check_onnx(path: Path, digests: dict[str, str], expect: Expect) -> None:
                 f"{path} keeps weights in {location!r}, which is not a file of this bundle pinned by its manifest: "
                 f"refusing to load it; {REEXPORT}"
             )
-    want = _tensor(expect.input_type, expect.input_dims)
-    if len(inputs) != 1:
-        raise corrupt(path, f"{len(inputs)} inputs, a {expect.role} encoder takes one ({want})")
-    _, elem, dims = inputs[0]
-    if elem != expect.input_type or not _fits(dims, expect.input_dims):
-        raise corrupt(path, f"it takes {_tensor(elem, dims)}, a {expect.role} encoder of this bundle takes {want}")
-    last = next((o[2][-1] if o[2] else None for o in outputs if o[0] == expect.output), "missing")
-    if last == "missing":
-        raise corrupt(path, f"no {expect.output} output: it is not a {expect.role} encoder")
-    if None not in (expect.output_width, last) and last != expect.output_width:
-        raise corrupt(path, f"its {expect.output} are {last} wide, the manifest says {expect.output_width}")
 
 
-def _fits(dims: tuple[int | None, ...] | None, want: tuple[int | None, ...]) -> bool:
-    """Dims that can be ``want`` (None on either side: any); no shape given fits too."""
-    return dims is None or (len(dims) == len(want) and all(None in (d, w) or d == w for d, w in zip(dims, want)))
-
-
-# --- text embeddings, tokenizer, names ------------------------------------------------------------------------------
-
-EMBEDDING_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# --- text embeddings, names -------------------------------------------------------------------------------------------
 
 
 def check_embeddings(path: Path, rows: int, dim: int) -> None:
     """A plain (no pickle) float32/float16 .npy of (vocabulary size, text embedding width), whole and finite."""
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in read_header:
-                raise ValueError(f".npy format version {version}")
-            shape, fortran, dtype = read_header[version](f)
-            offset = f.tell()
-    except (ValueError, OSError, SyntaxError, TypeError) as e:
+        values = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
         raise corrupt(path, f"not a .npy array: {' '.join(str(e).split())}") from None
-    if dtype not in EMBEDDING_DTYPES:
-        raise corrupt(path, f"dtype {dtype}, not float32 or float16")
-    if tuple(shape) != (rows, dim) or fortran:
-        raise corrupt(path, f"shape {tuple(shape)}, the manifest says ({rows}, {dim})")
-    size = path.stat().st_size
-    if size != offset + rows * dim * dtype.itemsize:
-        raise corrupt(
-            path, f"{size} bytes, a ({rows}, {dim}) {dtype} array takes {offset + rows * dim * dtype.itemsize}"
-        )
-    values = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(rows, dim))
-    try:
-        finite = bool(np.isfinite(values).all())
-    finally:
-        del values
-    if not finite:
+    if not isinstance(values, np.ndarray) or values.dtype not in (np.float32, np.float16):
+        raise corrupt(path, f"dtype {getattr(values, 'dtype', None)}, not float32 or float16")
+    if values.shape != (rows, dim):
+        raise corrupt(path, f"shape {values.shape}, the manifest says ({rows}, {dim})")
+    if not np.isfinite(values).all():
         raise corrupt(path, "it holds NaN or infinite values")
-
-
-def check_tokenizer(path: Path) -> None:
-    """A tokenizers JSON file: one JSON object with a model."""
-    try:
-        doc = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise corrupt(path, f"not a tokenizer JSON file: {' '.join(str(e).split())}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
-        raise corrupt(path, "JSON, but not a tokenizers file (no model)")
 
 
 def read_names(path: Path, size: int) -> list[str]:

@@ -186,7 +186,7 @@ def sha256_file(path: Path) -> str:
 
 def read_manifest(bundle_dir: str | Path, verify: bool = True, trusted: Sequence[Path] | None = None) -> Manifest:
     """Read a bundle's manifest, refuse one naming files outside the bundle or not pinned by it, and (by default)
-    verify every file's sha256 and that each named file is whole and of its kind; every failure is a one-line
+    verify every file's sha256 and that each named file is whole; every failure is a one-line
     BundleError. With ``verify``, a manifest not signed by one of the ``trusted`` public key files (None: those
     configured, bundle.signing; none configured: no signature needed) is refused before it is parsed."""
     bundle_dir = Path(bundle_dir).expanduser()
