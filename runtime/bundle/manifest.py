@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -142,18 +141,10 @@ class Manifest:
         shared = d.pop("image_size", None)  # manifests before per-encoder sizes: both encoders at this size
 
         def enc(e):
-            plans = {key: PlanRecord(**r) for key, r in e.get("plans", {}).items()}
             sized = {"image_size": shared} if shared is not None else {}
-            return EncoderInfo(
-                **{
-                    **sized,
-                    **e,
-                    "grid": tuple(e["grid"]),
-                    "mean": tuple(e["mean"]),
-                    "std": tuple(e["std"]),
-                    "plans": plans,
-                }
-            )
+            tuples = {key: tuple(e[key]) for key in ("grid", "mean", "std")}
+            plans = {key: PlanRecord(**r) for key, r in e.get("plans", {}).items()}
+            return EncoderInfo(**{**sized, **e, **tuples, "plans": plans})
 
         d["clip"] = enc(d["clip"])
         d["dinov2"] = enc(d["dinov2"])
@@ -199,9 +190,7 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True, trusted: Sequence
             verify_bundle(bundle_dir, keys)
     try:
         manifest = Manifest.from_dict(json.loads(path.read_text()))
-    except BundleError:
-        raise
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:  # BundleError is none of them
         raise BundleError(
             f"{path} is not a valid ovseg manifest ({' '.join(str(e).split())}): re-export with `ovseg-export --force`"
         ) from None
@@ -237,28 +226,21 @@ def atomic_bundle_dir(final: str | Path, force: bool) -> Iterator[Path]:
     tmp.chmod(0o755)
     try:
         yield tmp
-        if final.exists() and exchange(tmp, final):
-            shutil.rmtree(tmp, ignore_errors=True)  # the old bundle, now under the temporary name
-            return
-        old = None
-        if final.exists():
+        if not (final.exists() and exchange(tmp, final)):  # exchanged: tmp holds the old bundle, removed below
             old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def exchange(a: Path, b: Path) -> bool:
     """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    if not sys.platform.startswith("linux"):
-        return False
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # a C library without it (glibc < 2.28, musl)
+    except (AttributeError, OSError, TypeError):  # not Linux, or a C library without it (glibc < 2.28, musl)
         return False
     at_fdcwd, rename_exchange = -100, 2
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
@@ -284,7 +266,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process
-        return True
+        pass
     return True
 
 
