@@ -24,22 +24,19 @@ import numpy as np
 
 from ovseg.export.train.synthetic import sa1b_record
 
-from .scenes import Layout, Scene, clip_layouts, render, sample_layout, training_objects
-from .world import CLASSES, OBJECTS
+from .scenes import Layout, Scene, clip_layouts, render, sample_layout
+from .world import CLASSES, OBJECTS, SEEN_OBJECTS
 
-SPLITS = {"val": ((2, 5), OBJECTS, 1_000_000), "train": ((1, 3), None, 2_000_000)}  # objects, allowed, seed offset
+SPLITS = {
+    "val": ((2, 5), OBJECTS, 1_000_000),
+    "train": ((1, 3), SEEN_OBJECTS, 2_000_000),
+}  # objects, allowed, seed offset
 
 
 def split_layouts(split: str, count: int, seed: int = 0, size: tuple[int, int] = (224, 224)) -> list[Layout]:
     objects, allowed, offset = SPLITS[split]
     rng = np.random.default_rng(offset + seed)
-    return [sample_layout(rng, size, objects, allowed or training_objects()) for _ in range(count)]
-
-
-def write_scene(root: Path, name: str, index: int, scene: Scene) -> None:
-    cv2.imwrite(str(root / "images" / f"{name}.png"), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
-    cv2.imwrite(str(root / "labels" / f"{name}.png"), scene.labels)
-    (root / "masks" / f"{name}.json").write_text(json.dumps(sa1b_record(scene.masks, index, f"{name}.png")))
+    return [sample_layout(rng, size, objects, allowed) for _ in range(count)]
 
 
 def write_dataset(root: Path, layouts: list[Layout], prefix: str = "scene") -> Path:
@@ -51,7 +48,9 @@ def write_dataset(root: Path, layouts: list[Layout], prefix: str = "scene") -> P
     for i, layout in enumerate(layouts):
         name = f"{prefix}_{i:05d}"
         scene = render(layout)
-        write_scene(root, name, i, scene)
+        cv2.imwrite(str(root / "images" / f"{name}.png"), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(root / "labels" / f"{name}.png"), scene.labels)
+        (root / "masks" / f"{name}.json").write_text(json.dumps(sa1b_record(scene.masks, i, f"{name}.png")))
         captions[name] = scene.caption
     (root / "captions.json").write_text(json.dumps(captions, indent=1))
     return root

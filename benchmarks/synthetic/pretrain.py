@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from .scenes import caption, render, sample_layout, training_objects
+from .scenes import caption, render, sample_layout
 from .world import HELD_OUT_OBJECTS, SEEN_OBJECTS, STUFF, colour_shape
 
 FIXTURE = Path(__file__).resolve().parent / "tiny_clip"
@@ -71,16 +71,15 @@ class CaptionedScenes(IterableDataset):
     def __iter__(self):
         torch.set_num_threads(1)
         rng = np.random.default_rng(self.seed)
-        allowed = training_objects()
-        colours = sorted({colour_shape(n)[0] for n in allowed})
+        colours = sorted({colour_shape(n)[0] for n in SEEN_OBJECTS})
         count = int(self.batch * self.single)
         while True:
             singles: list[str] = []
             while len(singles) < count:
                 colour = colours[int(rng.integers(len(colours)))]
-                singles += [n for n in allowed if colour_shape(n)[0] == colour]
+                singles += [n for n in SEEN_OBJECTS if colour_shape(n)[0] == colour]
             layouts = [sample_layout(rng, objects=(1, 1), allowed=(n,)) for n in singles[:count]]
-            layouts += [sample_layout(rng, objects=(2, 3), allowed=allowed) for _ in range(self.batch - len(layouts))]
+            layouts += [sample_layout(rng, objects=(2, 3), allowed=SEEN_OBJECTS) for _ in range(self.batch - count)]
             scenes = [render(layout, rng) for layout in layouts]
             captions = [s.caption for s in scenes]
             named = [tuple(sorted(s.names)) for s in scenes]
@@ -101,13 +100,9 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tenso
 
 def single_object_set(names: tuple[str, ...], count: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
     """``count`` single-object images spread evenly over ``names``, on random floors; (images, class indices)."""
-    rng = np.random.default_rng(seed)
-    images, targets = [], []
-    for i in range(count):
-        k = i % len(names)
-        images.append(render(sample_layout(rng, objects=(1, 1), allowed=(names[k],))).image)
-        targets.append(k)
-    return to_tensor(np.stack(images)), np.asarray(targets)
+    rng, targets = np.random.default_rng(seed), np.arange(count) % len(names)
+    images = [render(sample_layout(rng, objects=(1, 1), allowed=(names[k],))).image for k in targets]
+    return to_tensor(np.stack(images)), targets
 
 
 @torch.no_grad()
@@ -154,13 +149,12 @@ def save_fixture(model, tokenizer, record: Record) -> None:
     keep[used_token_rows(tokenizer)] = True
     embedding[~keep] = 0
     state = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in state.items()}
-    tmp = WEIGHTS.with_name(f".{WEIGHTS.name}.tmp-{os.getpid()}")
-    save_file(state, str(tmp))
-    tmp.chmod(0o644)
-    os.replace(tmp, WEIGHTS)
-    tmp = RECORD.with_name(f".{RECORD.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
-    os.replace(tmp, RECORD)
+    record_text = json.dumps(asdict(record), indent=2) + "\n"
+    for path, write in ((WEIGHTS, lambda f: save_file(state, str(f))), (RECORD, lambda f: f.write_text(record_text))):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # each file whole or not replaced
+        write(tmp)
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
 
 
 def load_fixture() -> open_clip.CLIP:

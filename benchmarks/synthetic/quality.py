@@ -17,7 +17,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,7 @@ class Score:
     miou: float
     pixel_accuracy: float
     images: int
-    per_class_iou: dict[str, float] = field(default_factory=dict)
+    per_class_iou: dict[str, float]
 
 
 def score(predictions: Iterable[tuple[np.ndarray, np.ndarray]], protocol: str) -> Score:
@@ -105,10 +105,10 @@ def segmenter_score(seg: Segmenter, scenes: list[Scene], protocol: str, desc: st
     return score(outcomes, protocol)
 
 
-def open_world(bundle: Path, protocol: str, **options) -> Segmenter:
+def open_world(bundle: Path, protocol: str, vocab: list[str] | None = None, **options) -> Segmenter:
     """The world's bundle on the CPU; ``options``: SegmenterConfig's fields."""
     classes = list(CLASSES) if protocol == "guided" else None
-    return Segmenter.from_bundle(bundle, backend="cpu", classes=classes, config=SegmenterConfig(**options))
+    return Segmenter.from_bundle(bundle, backend="cpu", classes=classes, vocab=vocab, config=SegmenterConfig(**options))
 
 
 def eager_scores(scenes: list[Scene], dense: str, num_segments: int, clip=None) -> dict[str, Score]:
@@ -170,12 +170,11 @@ def option_costs(bundle: Path, scenes: list[Scene], clips: list[list[Scene]]) ->
     return rows
 
 
-def calibrate_world_bundle(bundle: Path, frames: Path) -> dict:
-    """ovseg-calib on scenes of the training split; the gate's verdict is recorded, a failed gate is kept (--force) so
-    that its label cost is measured too."""
-    from ovseg.calib.bundle import CalibOptions, calibrate_bundle
-
-    return calibrate_bundle(bundle, CalibOptions(source=frames, force=True))
+def training_split(out: Path) -> Path:
+    """The training split's scenes on disk (ovseg-calib's frames, ovseg-train's images and masks), written once."""
+    if not (out / "train" / "classes.txt").is_file():
+        write_dataset(out / "train", split_layouts("train", TRAIN_SCENES))
+    return out / "train"
 
 
 def pixelclip_gain(out: Path, scenes: list[Scene], masks: str, iters: int, dense: tuple[str, ...]) -> dict:
@@ -184,9 +183,7 @@ def pixelclip_gain(out: Path, scenes: list[Scene], masks: str, iters: int, dense
     from ovseg.export.train.data import CropConfig
     from ovseg.export.train.engine import TrainConfig, train
 
-    data = out / "train"
-    if not (data / "classes.txt").is_file():
-        write_dataset(data, split_layouts("train", TRAIN_SCENES))
+    data = training_split(out)
     run = out / f"pixelclip-{masks}"
     size = IMAGE_SIZE
     cfg = TrainConfig(
@@ -254,12 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{dense}: " + ", ".join(f"{k} {entry[k]['miou']:.2f}" for k in ("guided", "free", "oracle")))
             print(f"{dense} eager: " + ", ".join(f"{k} {v['miou']:.2f}" for k, v in entry["eager"].items()))
     if "options" in args.sections:
+        from ovseg.calib.bundle import CalibOptions, calibrate_bundle
+
         dense = args.dense[0]
         bundle = export_world_bundle(args.out / f"options-{dense}", dense, fp16=True)
-        train = args.out / "train"
-        if not (train / "classes.txt").is_file():
-            write_dataset(train, split_layouts("train", TRAIN_SCENES))
-        report["int8_gate"] = calibrate_world_bundle(bundle, train / "images")
+        # the gate's verdict is recorded; a failed gate is kept (force) so that its label cost is measured too
+        frames = training_split(args.out) / "images"
+        report["int8_gate"] = calibrate_bundle(bundle, CalibOptions(source=frames, force=True))
         rows = option_costs(bundle, scenes, video_frames(args.clips, 12))
         report["option_costs"] = {"dense": dense, "rows": rows}
         (args.out / "option_costs.md").write_text(markdown(rows) + "\n")

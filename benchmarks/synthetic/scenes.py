@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .world import CLASSES, COLOURS, HELD_OUT, OBJECTS, SHAPES, STUFF, class_index, colour_shape
+from .world import CLASSES, COLOURS, OBJECTS, SHAPES, STUFF, colour_shape
 
 MIN_VISIBLE = 0.4
 # Shapes stand upright, tilted by at most 15 degrees: at any rotation a square is a diamond and a tiny ViT with 32-pixel
@@ -163,14 +163,14 @@ def render(layout: Layout, caption_order: np.random.Generator | None = None) -> 
     rng = np.random.default_rng(layout.seed)
     size = layout.size
     image = np.repeat(floor_texture(layout.floor, size, rng)[..., None], 3, axis=2)
-    labels = np.full(size, class_index(layout.floor), np.uint8)
+    labels = np.full(size, CLASSES.index(layout.floor), np.uint8)
     full = object_masks(layout.objects, size)
     for p, mask in zip(layout.objects, full):
         colour = np.asarray(COLOURS[colour_shape(p.name)[0]], np.float32) + rng.uniform(-1, 1, 3) * COLOUR_JITTER
         image[mask] = colour + rng.normal(0, 3, (int(mask.sum()), 3))
-        labels[mask] = class_index(p.name)
+        labels[mask] = CLASSES.index(p.name)
     visible = visible_masks(full)
-    floor = labels == class_index(layout.floor)
+    floor = labels == CLASSES.index(layout.floor)
     names = [p.name for p in layout.objects]
     if caption_order is not None:
         names = [names[i] for i in caption_order.permutation(len(names))]
@@ -181,10 +181,6 @@ def render(layout: Layout, caption_order: np.random.Generator | None = None) -> 
         caption=caption(names, layout.floor),
         names=(*names, layout.floor),
     )
-
-
-def training_objects() -> tuple[str, ...]:
-    return tuple(n for n in OBJECTS if colour_shape(n) not in HELD_OUT)
 
 
 def clip_layouts(layout: Layout, frames: int, rng: np.random.Generator, speed: float = 0.02) -> list[Layout]:
@@ -207,6 +203,3 @@ def clip_layouts(layout: Layout, frames: int, rng: np.random.Generator, speed: f
             moved.append(Placement(p.name, (x, y), p.radius, p.angle))
         objects = moved
     return out
-
-
-__all__ = ["CLASSES", "Layout", "Placement", "Scene", "caption", "clip_layouts", "render", "sample_layout"]

@@ -22,10 +22,6 @@ SEEN_OBJECTS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not i
 HELD_OUT_OBJECTS = tuple(f"{c} {s}" for c, s in sorted(HELD_OUT))
 
 
-def class_index(name: str) -> int:
-    return CLASSES.index(name)
-
-
 def colour_shape(name: str) -> tuple[str, str]:
     colour, shape = name.split(" ", 1)
     return colour, shape
