@@ -8,7 +8,7 @@ wrapped in a ``Recorder``, so one measurement loop also yields the encoder outpu
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,13 +88,6 @@ def open_recorded(
     return Opened(seg, manifest, recorded.clip, recorded.dinov2)
 
 
-def replayed(opened: Opened, config: SegmenterConfig) -> Segmenter:
-    """A Segmenter with ``config`` on the recorded encoder outputs, the same vocabulary and text encoder."""
-    seg = opened.segmenter
-    engines = dataclasses.replace(seg.engines, clip=Replay(opened.clip), dinov2=Replay(opened.dinov2))
-    return Segmenter(opened.manifest, seg.bundle_dir, engines, config, seg.index)
-
-
 @dataclass
 class StageLatency:
     """Per-stage statistics of one configuration, with what it ran on."""
@@ -109,18 +102,24 @@ class StageLatency:
     peak_rss_mb: float | None = None
 
 
-def measure(seg: Segmenter, frames: list[np.ndarray], budget: Budget, *, bundle: Path) -> StageLatency:
-    """Time ``seg`` on ``frames`` cyclically."""
-    samples: dict[str, list[float]] = {s: [] for s in STAGES}
+def _samples(seg: Segmenter, frames: list[np.ndarray], budget: Budget, keys: tuple[str, ...]) -> dict[str, list[float]]:
+    """Each timed frame's milliseconds per key (a stage, or "post_encoders": the total less both encoders)."""
+    samples: dict[str, list[float]] = {k: [] for k in keys}
 
     def call(i: int) -> None:
         t = seg(frames[i % len(frames)]).timings
+        t["post_encoders"] = t["total"] - t.get("dinov2", 0.0) - t.get("clip", 0.0)
         if i >= budget.warmup:
-            for stage in samples:
-                samples[stage].append(t.get(stage, 0.0))
+            for k in keys:
+                samples[k].append(t.get(k, 0.0))
 
     repeat(call, budget)
-    stages = {s: Stats.of(v) for s, v in samples.items() if any(v)}
+    return samples
+
+
+def measure(seg: Segmenter, frames: list[np.ndarray], budget: Budget, *, bundle: Path) -> StageLatency:
+    """Time ``seg`` on ``frames`` cyclically."""
+    samples = _samples(seg, frames, budget, STAGES)
     ratios = [t / (d + c) for t, d, c in zip(samples["total"], samples["dinov2"], samples["clip"]) if d + c > 0]
     h, w = frames[0].shape[:2]
     return StageLatency(
@@ -129,7 +128,7 @@ def measure(seg: Segmenter, frames: list[np.ndarray], budget: Budget, *, bundle:
         seg.backend,
         seg.precision,
         (w, h),
-        stages,
+        {s: Stats.of(v) for s, v in samples.items() if any(v)},
         Stats.of(ratios) if ratios else None,
         round(peak_rss_mb(), 1),
     )
@@ -143,28 +142,13 @@ class KPoint:
 
 def sweep_k(opened: Opened, frames: list[np.ndarray], ks: list[int], budget: Budget) -> list[KPoint]:
     """Stages that depend on K, with the recorded encoder outputs replayed in the order they were recorded."""
-    base = opened.segmenter.config
-    points = []
-    for k in ks:
-        seg = replayed(
-            opened, SegmenterConfig(num_segments=k, top_k=base.top_k, hysteresis=base.hysteresis, seed=base.seed)
-        )
-        points.append(KPoint(k, _time_post_encoders(seg, frames[: len(opened.dinov2.outputs)], budget)))
+    seg, keys, points = opened.segmenter, ("kmeans", "pooling", "lookup", "render", "post_encoders"), []
+    for k in ks:  # fresh replays: frame i meets the encoder outputs recorded for it
+        engines = dataclasses.replace(seg.engines, clip=Replay(opened.clip), dinov2=Replay(opened.dinov2))
+        replayed = Segmenter(seg.manifest, seg.bundle_dir, engines, replace(seg.config, num_segments=k), seg.index)
+        samples = _samples(replayed, frames[: len(opened.dinov2.outputs)], budget, keys)
+        points.append(KPoint(k, {s: Stats.of(v) for s, v in samples.items()}))
     return points
-
-
-def _time_post_encoders(seg: Segmenter, frames: list[np.ndarray], budget: Budget) -> dict[str, Stats]:
-    samples: dict[str, list[float]] = {s: [] for s in ("kmeans", "pooling", "lookup", "render", "post_encoders")}
-
-    def call(i: int) -> None:
-        t = seg(frames[i % len(frames)]).timings
-        if i >= budget.warmup:
-            for s in ("kmeans", "pooling", "lookup", "render"):
-                samples[s].append(t[s])
-            samples["post_encoders"].append(t["total"] - t["dinov2"] - t["clip"])
-
-    repeat(call, budget)
-    return {s: Stats.of(v) for s, v in samples.items()}
 
 
 @dataclass
@@ -173,15 +157,6 @@ class BackendPoint:
     precision: str
     latency: StageLatency | None = None
     skipped: str = ""  # why it was not measured
-
-
-def _has(manifest: Manifest, backend: str, precision: str) -> list[str]:
-    """The image encoders without a file for ``precision`` (TensorRT builds its engine from fp32)."""
-    return [
-        role
-        for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2))
-        if precision not in info.files and f"trt_{precision}" not in info.files and backend != "tensorrt"
-    ]
 
 
 def sweep_backends(
@@ -210,13 +185,14 @@ def sweep_backends(
         if backend in gpu and gpu[backend] not in available:
             points.append(BackendPoint(backend, precision, skipped=f"no GPU: ONNX Runtime has {', '.join(available)}"))
             continue
-        missing = _has(manifest, backend, precision)
+        missing = [  # the image encoders without a file for ``precision`` (TensorRT builds its engine from fp32)
+            role
+            for role, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2))
+            if precision not in info.files and f"trt_{precision}" not in info.files and backend != "tensorrt"
+        ]
         if missing:
-            points.append(
-                BackendPoint(
-                    backend, precision, skipped=f"the bundle has no {precision} {' or '.join(missing)} encoder"
-                )
-            )
+            why = f"the bundle has no {precision} {' or '.join(missing)} encoder"
+            points.append(BackendPoint(backend, precision, skipped=why))
             continue
         try:
             seg = Segmenter.from_bundle(
@@ -230,10 +206,6 @@ def sweep_backends(
         finally:
             seg.close()
     return points
-
-
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(a == b))
 
 
 def pixel_labels(result, names: list[str]) -> np.ndarray:

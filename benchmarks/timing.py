@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import ovseg
 from ovseg.environment import cpu_model
 
 
@@ -47,79 +48,48 @@ class Stats:
         v = np.asarray(list(samples_ms), np.float64)
         if v.size == 0:
             raise ValueError("no samples to summarise")
-        p50, p90, p99 = np.percentile(v, [50, 90, 99])
         mean = float(v.mean())
+        p50, p90, p99 = (float(x) for x in np.percentile(v, [50, 90, 99]))
         return cls(
-            int(v.size),
-            mean,
-            float(v.std()),
-            float(v.min()),
-            float(p50),
-            float(p90),
-            float(p99),
-            1000.0 / mean if mean > 0 else float("inf"),
+            v.size, mean, float(v.std()), float(v.min()), p50, p90, p99, 1000.0 / mean if mean > 0 else float("inf")
         )
 
 
-def repeat(call: Callable[[int], None], budget: Budget) -> int:
-    """Call ``call(i)`` for i = 0, 1, ... (warm-up calls included); return how many calls were timed.
-
-    The caller records its own samples for i >= budget.warmup; the loop stops at ``max_runs`` timed
-    calls, or once ``min_runs`` are done and ``seconds`` have passed since the first timed call.
-    """
+def repeat(call: Callable[[int], None], budget: Budget) -> None:
+    """Call ``call(i)`` for i = 0, 1, ... (warm-up calls included); the caller records its own samples for
+    i >= budget.warmup. The loop stops at ``max_runs`` timed calls, or once ``min_runs`` are done and ``seconds`` have
+    passed since the first timed call."""
     for i in range(budget.warmup):
         call(i)
-    start = time.perf_counter()
-    runs = 0
+    start, runs = time.perf_counter(), 0
     while runs < budget.max_runs and (runs < budget.min_runs or time.perf_counter() - start < budget.seconds):
         call(budget.warmup + runs)
         runs += 1
-    return runs
 
 
-def peak_rss_mb(children: bool = False) -> float:
-    """Peak resident set size of this process (or of its largest waited-for child), MiB."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, MiB."""
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-    return usage.ru_maxrss * scale / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def cpu_flags() -> list[str]:
     """The SIMD extensions GEMM speed depends on (from /proc/cpuinfo)."""
-    wanted = (
-        "avx",
-        "avx2",
-        "fma",
-        "avx512f",
-        "avx512_vnni",
-        "avx512_bf16",
-        "amx_tile",
-        "amx_int8",
-        "amx_bf16",
-        "neon",
-        "asimd",
-    )
+    wanted = "avx avx2 fma avx512f avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16 neon asimd".split()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
+            have = next(
+                (set(line.split(":", 1)[1].split()) for line in f if line.startswith(("flags", "Features"))), set()
+            )
     except OSError:
-        pass
-    return []
+        return []
+    return [w for w in wanted if w in have]
 
 
 def environment(threads: int) -> dict:
     """Device, CPU, threads and versions, recorded with every result."""
     import onnxruntime as ort
 
-    try:
-        from importlib.metadata import version
-
-        ovseg_version = version("ovseg")
-    except Exception:
-        ovseg_version = "unknown"
     providers = ort.get_available_providers()
     gpu = [p for p in providers if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
     return {
@@ -129,7 +99,7 @@ def environment(threads: int) -> dict:
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "ort_providers": providers,
-        "ovseg": ovseg_version,
+        "ovseg": ovseg.__version__,
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),

@@ -46,26 +46,9 @@ class VideoThroughput:
 
 def run_ovseg(bundle: Path, clip: Path, out: Path, frames: int, threads: int, interval: int) -> VideoRun:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "ovseg.runtime.tools.run",
-        "--bundle",
-        str(bundle),
-        "--video",
-        str(clip),
-        "--save",
-        str(out / "overlay.mp4"),
-        "--save-dir",
-        str(out / "frames"),
-        "--no-show",
-        "--max-frames",
-        str(frames),
-        "--threads",
-        str(threads),
-        "--keyframe-interval",
-        str(interval),
-    ]
+    options = f"--no-show --max-frames {frames} --threads {threads} --keyframe-interval {interval}".split()
+    cmd = [sys.executable, "-m", "ovseg.runtime.tools.run", "--bundle", str(bundle), "--video", str(clip), *options]
+    cmd += ["--save", str(out / "overlay.mp4"), "--save-dir", str(out / "frames")]
     log = out / "stderr.txt"
     start = time.perf_counter()
     peak_kib = 0
@@ -100,8 +83,8 @@ def _vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def frame_labels(frames_dir: Path) -> dict[str, np.ndarray]:
-    """Per frame file stem: the label name index of every pixel, names interned across frames."""
+def frame_labels(frames_dir: Path, names: dict[str, int]) -> dict[str, np.ndarray]:
+    """Per frame file stem: the index in ``names`` (which grows as new ones come) of every pixel's label."""
     out = {}
     for record in sorted(frames_dir.glob("frame_*.json")):
         meta = json.loads(record.read_text())
@@ -109,20 +92,14 @@ def frame_labels(frames_dir: Path) -> dict[str, np.ndarray]:
         lut = np.full(ids.max() + 1, -1, np.int64)
         for sid, name in meta["labels"].items():
             if int(sid) < len(lut):
-                lut[int(sid)] = _intern(name)
+                lut[int(sid)] = names.setdefault(name, len(names))
         out[record.stem] = lut[ids]
     return out
 
 
-_NAMES: dict[str, int] = {}
-
-
-def _intern(name: str) -> int:
-    return _NAMES.setdefault(name, len(_NAMES))
-
-
 def label_agreement(a: Path, b: Path) -> float:
-    la, lb = frame_labels(a), frame_labels(b)
+    names: dict[str, int] = {}
+    la, lb = frame_labels(a, names), frame_labels(b, names)
     common = sorted(set(la) & set(lb))
     if not common:
         raise OvsegError(f"no common frames in {a} and {b}")
