@@ -362,6 +362,8 @@ def _manifest(tiny_bundle, gates, int8=True, fp16=True):
 
 
 def test_pick_precision(tiny_bundle, caplog):
+    from ovseg.errors import SegmenterError
+
     here = {"machine": machine_key()}
     ok = {"passed": True, "speedup_vs_fp32": 1.9, "min_cosine": 0.99, "label_agreement": 1.0, **here}
     slow_fp16 = {"passed": True, "speedup_vs_fp32": 0.4, **here}
@@ -385,10 +387,12 @@ def test_pick_precision(tiny_bundle, caplog):
     with caplog.at_level(logging.WARNING, logger="ovseg"):
         assert pick_precision(_manifest(tiny_bundle, {"int8": failed}), "cpu", "int8") == "int8"
     assert "failed its accuracy gate" in caplog.text
-    with pytest.raises(ValueError, match="no int8 variant of the CLIP image and DINOv2 encoders.*ovseg-calib") as info:
+    with pytest.raises(
+        SegmenterError, match="no int8 variant of the CLIP image and DINOv2 encoders.*ovseg-calib"
+    ) as info:
         pick_precision(_manifest(tiny_bundle, {}, int8=False), "cpu", "int8")
     assert "\n" not in str(info.value)
-    with pytest.raises(ValueError, match="unknown precision"):
+    with pytest.raises(SegmenterError, match="unknown precision"):
         pick_precision(m, "cpu", "int4")
     assert pick_precision(m, "cpu", "fp32") == "fp32"
 

@@ -15,7 +15,7 @@ from ovseg.runtime.bundle.manifest import BundleError, read_manifest
 from ovseg.runtime.config import SegmenterConfig
 from ovseg.runtime.engines import precision, sessions
 from ovseg.runtime.engines.engine import open_engine
-from ovseg.runtime.engines.precision import choose_precision
+from ovseg.runtime.engines.precision import pick_precision
 from ovseg.runtime.engines.sessions import OnnxEncoder, resolve_backend
 from ovseg.runtime.engines.tensorrt import tensorrt_importable
 from ovseg.runtime.pipeline.vocabulary import VocabularyError
@@ -106,7 +106,7 @@ def test_cuda_with_the_cpu_int8_model_is_refused(tiny_bundle, monkeypatch):
     for requested in ("cuda", "auto"):
         backend = resolve_backend(requested, WITH_CUDA)
         with pytest.raises(SegmenterError) as err:
-            choose_precision(manifest, backend, "int8")
+            pick_precision(manifest, backend, "int8")
         one_line(err, "int8 on backend 'cuda'", "CPU", "precision='fp16'", "backend='tensorrt'")
     with pytest.raises(SegmenterError) as err:
         open_engine(tiny_bundle, manifest.dinov2, "DINOv2", "cuda", "int8", None)
@@ -117,7 +117,7 @@ def test_cuda_with_the_cpu_int8_model_is_refused(tiny_bundle, monkeypatch):
         dinov2=dataclasses.replace(manifest.dinov2, files={**manifest.dinov2.files, "int8": "dinov2.onnx"}),
         gates={"int8": {"passed": True, "speedup_vs_fp32": 1.7, "machine": machine_key()}},
     )
-    assert choose_precision(calibrated, "cpu", "auto") == "int8"
+    assert pick_precision(calibrated, "cpu", "auto") == "int8"
     assert precision.pick_precision(calibrated, "cuda", "auto") == "fp16"  # auto never picks the CPU's int8 on a GPU
 
 
@@ -140,22 +140,22 @@ def test_backend_resolution(monkeypatch):
 def test_precision_choice(tiny_bundle, monkeypatch):
     seg = Segmenter.from_bundle(tiny_bundle, backend="cpu")
     manifest = seg.manifest
-    assert choose_precision(manifest, "cpu", "auto") == "fp32"  # fp16 ONNX on a CPU is slower, not faster
-    assert choose_precision(manifest, "cuda", "auto") == "fp16"
+    assert pick_precision(manifest, "cpu", "auto") == "fp32"  # fp16 ONNX on a CPU is slower, not faster
+    assert pick_precision(manifest, "cuda", "auto") == "fp16"
     failed = dataclasses.replace(manifest, gates={"fp16": {"passed": False}})
-    assert choose_precision(failed, "cuda", "auto") == "fp32"  # a failed gate is never picked by auto
-    assert choose_precision(manifest, "cpu", "fp16") == "fp16"  # asked for explicitly: honoured
+    assert pick_precision(failed, "cuda", "auto") == "fp32"  # a failed gate is never picked by auto
+    assert pick_precision(manifest, "cpu", "fp16") == "fp16"  # asked for explicitly: honoured
 
     def drop(info):
         return dataclasses.replace(info, files={"fp32": info.files["fp32"]})
 
     without_fp16 = dataclasses.replace(manifest, clip=drop(manifest.clip), dinov2=drop(manifest.dinov2))
-    assert choose_precision(without_fp16, "cuda", "auto") == "fp32"
+    assert pick_precision(without_fp16, "cuda", "auto") == "fp32"
     with pytest.raises(SegmenterError) as err:
-        choose_precision(without_fp16, "cuda", "fp16")
+        pick_precision(without_fp16, "cuda", "fp16")
     one_line(err, "no fp16 variant", "ovseg-export --fp16")
     with pytest.raises(SegmenterError, match="unknown precision 'int4'"):
-        choose_precision(manifest, "cpu", "int4")
+        pick_precision(manifest, "cpu", "int4")
 
 
 def test_missing_precision_file_in_a_bundle(bundle_copy):

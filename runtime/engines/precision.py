@@ -19,8 +19,6 @@ from ..bundle.manifest import EncoderInfo, Manifest
 
 log = logging.getLogger("ovseg")
 
-GPU_DEVICES = ("gpu", "cuda", "tensorrt")
-
 
 def encoders(manifest: Manifest) -> dict[str, EncoderInfo]:
     return {"CLIP image": manifest.clip, "DINOv2": manifest.dinov2}
@@ -38,11 +36,13 @@ def gate_passed(manifest: Manifest, precision: str) -> bool | None:
 
 
 def pick_precision(manifest: Manifest, device: str, requested: str = "auto") -> str:
-    """The precision to run on ``device`` ("cpu", or "gpu"/"cuda"/"tensorrt"); ValueError (one line) for what cannot be."""
+    """The image encoders' precision on ``device`` ("cpu", or "gpu"/"cuda"/"tensorrt"): gated, never a silent
+    fallback; a one-line SegmenterError for what cannot be."""
+    refuse_cuda_int8(device, requested)
     if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
+        raise SegmenterError(f"unknown precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if requested == "auto":
-        if device in GPU_DEVICES:
+        if device in ("gpu", "cuda", "tensorrt"):
             return "fp16" if has_precision(manifest, "fp16") and gate_passed(manifest, "fp16") is not False else "fp32"
         return _auto(manifest)
     missing = [
@@ -57,7 +57,7 @@ def pick_precision(manifest: Manifest, device: str, requested: str = "auto") -> 
             if requested == "int8"
             else f"re-export with `ovseg-export --{requested}`"
         )
-        raise ValueError(
+        raise SegmenterError(
             f"the bundle has no {requested} variant of the {' and '.join(missing)} encoder{'s' if len(missing) > 1 else ''} "
             f"(every encoder has {', '.join(have) or 'nothing in common'}): {how}, or pick precision='fp32'"
         )
@@ -75,51 +75,34 @@ def pick_precision(manifest: Manifest, device: str, requested: str = "auto") -> 
 _warned: set[tuple] = set()  # warnings of "auto" already given in this process
 
 
-def _warn_once(key: tuple, message: str, *args) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(message, *args)
-
-
 def _auto(manifest: Manifest) -> str:
     """The fastest precision whose gate passed and measured a speed-up over fp32 on this machine (a lower precision's
     gain depends on the CPU: int8 was 1.21x for DINOv2 on an AVX2-only AMD, 1.55-1.66x on an AMX Intel)."""
     best, best_speedup = "fp32", 1.0
     here = machine_key()
     for precision, gate in manifest.gates.items():
-        speedup = gate.get("speedup_vs_fp32")
-        if (
-            gate.get("passed") is True
-            and isinstance(speedup, (int, float))
-            and speedup > best_speedup
-            and has_precision(manifest, precision)
-        ):
-            if gate.get("machine") != here:
-                _warn_once(
-                    ("elsewhere", precision, gate.get("machine")),
-                    "precision auto does not take %s: its gate measured %.2fx over fp32 on %s, not on this machine "
-                    "(%s): run `ovseg-calib` here to measure it",
-                    precision,
-                    speedup,
-                    gate.get("machine") or "a machine it did not record",
-                    here,
-                )
-                continue
+        speedup, machine = gate.get("speedup_vs_fp32"), gate.get("machine")
+        if gate.get("passed") is not True or not isinstance(speedup, (int, float)) or speedup <= best_speedup:
+            continue
+        if not has_precision(manifest, precision):
+            continue
+        if machine == here:
             best, best_speedup = precision, float(speedup)
+        elif (precision, machine) not in _warned:
+            _warned.add((precision, machine))
+            log.warning(
+                "precision auto does not take %s: its gate measured %.2fx over fp32 on %s, not on this machine (%s): "
+                "run `ovseg-calib` here to measure it",
+                precision,
+                speedup,
+                machine or "a machine it did not record",
+                here,
+            )
     return best
 
 
 def _num(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
-
-
-def choose_precision(manifest: Manifest, backend: str, requested: str) -> str:
-    """The image encoders' precision (pick_precision: gated, never a silent fallback)."""
-    refuse_cuda_int8(backend, requested)
-    try:
-        return pick_precision(manifest, backend, requested)
-    except ValueError as e:
-        raise SegmenterError(str(e)) from None
 
 
 def refuse_cuda_int8(backend: str, precision: str) -> None:

@@ -20,7 +20,7 @@ from ovseg.errors import SegmenterError
 
 from ..bundle.manifest import EncoderInfo, Manifest
 from ..engines.engine import BatchEngine, Engine, open_engine
-from ..engines.precision import choose_precision
+from ..engines.precision import pick_precision
 from ..engines.sessions import OnnxEncoder, resolve_backend, session_plan
 from .lookup import PromptEmbedder
 from .preprocess import Preprocessor
@@ -56,7 +56,7 @@ class Engines:
         text_backend = "cpu" if image_encoder is not None else None  # beside served encoders: the text one here
         if image_encoder is None:
             backend = resolve_backend(backend)
-            precision = choose_precision(manifest, backend, precision)
+            precision = pick_precision(manifest, backend, precision)
 
             def image_encoder(info: EncoderInfo, role: str, output: str) -> Engine:
                 return open_engine(
