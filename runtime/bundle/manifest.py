@@ -61,12 +61,12 @@ class PlanRecord:
     # before ovseg-build measured it)
     label_agreement: float | None = None
 
+    @property
+    def device(self) -> DeviceInfo:
+        return DeviceInfo(self.tensorrt, self.gpu, self.compute_capability)
+
     def fits(self, device: DeviceInfo) -> bool:
-        return (self.tensorrt, self.gpu, self.compute_capability) == (
-            device.tensorrt,
-            device.gpu,
-            device.compute_capability,
-        )
+        return self.device == device
 
 
 @dataclass(frozen=True)

@@ -31,19 +31,13 @@ def gpu_name() -> str | None:
     model = Path("/proc/device-tree/model")
     if is_jetson() and model.is_file():
         return model.read_text(errors="replace").strip("\0 \n") or None
-    prop = _device_0_properties()
-    if prop is not None:
-        return _device_name(prop) or None
-    return _nvidia_smi("name")
-
-
-def _device_0_properties():
-    """cuda-python's properties of CUDA's device 0; None without cuda-python, a driver or a device."""
     try:
         err, prop = _cudart().cudaGetDeviceProperties(0)
-        return prop if int(err) == 0 else None
-    except Exception:  # whatever cuda-python raises without a driver or device: the caller asks nvidia-smi
-        return None
+    except Exception:  # whatever cuda-python raises without itself, a driver or a device: nvidia-smi may know
+        err = None
+    if err is not None and int(err) == 0:
+        return _device_name(prop) or None
+    return _nvidia_smi("name")
 
 
 def _device_name(prop) -> str:
@@ -51,21 +45,13 @@ def _device_name(prop) -> str:
     return name.strip("\0 ")
 
 
-def cuda_device_0() -> str | None:
-    """nvidia-smi's --id of the GPU CUDA calls device 0: the first entry of CUDA_VISIBLE_DEVICES (an index or a
-    UUID), else 0; None when it hides every GPU. An index names the same GPU for both only in PCI bus order
-    (CUDA_DEVICE_ORDER=PCI_BUS_ID, or GPUs all alike); a UUID always does."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return "0"
-    first = visible.split(",")[0].strip()
-    return None if not first or first.startswith("-") else first
-
-
 def _nvidia_smi(field: str) -> str | None:
-    """nvidia-smi's ``field`` of CUDA's device 0; None without nvidia-smi, a visible GPU or an answer."""
-    smi, device = shutil.which("nvidia-smi"), cuda_device_0()
-    if smi is None or device is None:
+    """nvidia-smi's ``field`` of the GPU CUDA calls device 0, the first of CUDA_VISIBLE_DEVICES (an index or a UUID),
+    else 0; None without nvidia-smi, a visible GPU or an answer. An index names the same GPU for both only in PCI bus
+    order (CUDA_DEVICE_ORDER=PCI_BUS_ID, or GPUs all alike); a UUID always does."""
+    device = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    smi = shutil.which("nvidia-smi")
+    if smi is None or not device or device.startswith("-"):
         return None
     try:
         out = subprocess.run(
@@ -93,13 +79,10 @@ def this_device() -> DeviceInfo:
     return DeviceInfo(str(trt.__version__), _device_name(prop), f"{prop.major}.{prop.minor}")
 
 
-CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: no driver, or one older than cuda-python's CUDA
-
-
 def cuda_error_fix(err) -> str:
     """What to do about a cuda-python call that failed with ``err``: cuda-python is built for one CUDA major (13.x
     needs driver 580+; JetPack 6 is CUDA 12), and every call fails where the driver is missing or older."""
-    if int(err) != CUDA_ERROR_INSUFFICIENT_DRIVER:
+    if int(err) != 35:  # cudaErrorInsufficientDriver: no driver, or one older than cuda-python's CUDA
         return "check the GPU and driver with nvidia-smi"
     bindings = installed(("cuda-bindings", "cuda-python"))
     version = bindings.get("cuda-bindings") or bindings.get("cuda-python") or "?"

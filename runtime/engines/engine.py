@@ -69,12 +69,16 @@ def open_engine(
     refuse_cuda_int8(backend, precision)
     plan = info.files.get(f"trt_{precision}")
     if backend == "tensorrt" and plan and tensorrt_importable():
-        foreign = foreign_plan(info, f"trt_{precision}")
-        if foreign is None:
+        record = info.plans.get(f"trt_{precision}")  # where the plan was built: a plan without a record is tried
+        if record is None or record.fits(this_device()):
             with stdout_to_stderr():
                 return TensorRTEngine(bundle_dir / plan, shape, outputs)
         log.warning(
-            "%s: skipped, so TensorRT's execution provider runs instead; `ovseg-build` here builds one", foreign
+            "%s was built for %s; this is %s: skipped, so TensorRT's execution provider runs instead; `ovseg-build` "
+            "here builds one",
+            plan,
+            record.device,
+            this_device(),
         )
         plan = None
     if backend == "tensorrt" and precision == "int8":  # the EP cannot take the CPU's uint8 Q/DQ model, nor calibrate
@@ -87,9 +91,8 @@ def open_engine(
                 else f"the tensorrt package does not import here: {tensorrt_fix()}"
             )
         )
-    onnx_file = info.files.get(precision)
-    if backend == "tensorrt":
-        onnx_file = info.files.get("fp32")  # the EP builds its own fp16 engine from the fp32 graph
+    # the TensorRT EP builds its own fp16 engine from the fp32 graph
+    onnx_file = info.files.get("fp32" if backend == "tensorrt" else precision)
     if onnx_file is None:
         raise SegmenterError(
             f"the bundle has only {', '.join(sorted(info.files))} for the {role} encoder, not an ONNX {precision} file: "
@@ -100,18 +103,4 @@ def open_engine(
     if backend == "tensorrt":
         cache = trt_cache_dir((digests or {}).get(onnx_file) or sha256_file(path), precision)
         open_trt_cache(cache, f"the {role} encoder ({precision})")
-    return OnnxEncoder(path, session_plan(backend, precision, threads, image_size, cache), None, shape, outputs=outputs)
-
-
-def foreign_plan(info: EncoderInfo, key: str) -> str | None:
-    """Why the plan ``info.files[key]`` was built for another device, or None (a plan without a record is tried)."""
-    record = info.plans.get(key)
-    if record is None:
-        return None
-    device = this_device()
-    if record.fits(device):
-        return None
-    return (
-        f"{info.files[key]} was built for {record.gpu} (compute {record.compute_capability}), TensorRT "
-        f"{record.tensorrt}; this is {device}"
-    )
+    return OnnxEncoder(path, session_plan(backend, precision, threads, image_size, cache), shape, outputs=outputs)

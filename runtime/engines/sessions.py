@@ -181,7 +181,7 @@ def session_plan(
     fixed to 1 so that no shape arithmetic is left for ORT to place on the CPU; its engine then takes one frame a run
     (``max_batch``), and ``Segmenter.batch`` runs the frames of a batch one by one. The text encoder's inputs stay
     dynamic and its shape arithmetic may run on the CPU; CUDA must still be its first provider (check_providers).
-    ``trt_cache``: the TensorRT provider's cache directory (trt_cache_dir), needed for backend "tensorrt".
+    ``trt_cache``: the TensorRT provider's cache directory (trt_cache_dir), for backend "tensorrt".
     """
     if backend == "cpu":
         return SessionPlan([PROVIDERS["cpu"]], threads)
@@ -193,26 +193,15 @@ def session_plan(
     config[DISABLE_CPU_FALLBACK] = "1"
     if backend == "cuda":
         return SessionPlan([PROVIDERS["cuda"]], threads, config, {BATCH_AXIS: 1})
-    if trt_cache is None:
-        raise ValueError("backend 'tensorrt' needs the TensorRT provider's cache directory (trt_cache_dir)")
-    trt = (PROVIDERS["tensorrt"], tensorrt_options(precision, image_size, trt_cache))
-    return SessionPlan([trt, PROVIDERS["cuda"]], threads, config, {BATCH_AXIS: 1})
-
-
-def tensorrt_options(precision: str, image_size: int, cache: Path) -> dict[str, str | bool]:
-    """The TensorRT provider's options: engine and timing caches in ``cache`` (user-writable, never the bundle), and
-    one fixed profile for the one input, so the engine is built when the session is created, not inside a run."""
+    # engine and timing caches in trt_cache (user-writable, never the bundle), and one fixed profile for the one input,
+    # so that the engine is built when the session is created, not inside a run
     shape = f"{IMAGE_INPUT}:1x3x{image_size}x{image_size}"
-    return {
-        "trt_fp16_enable": precision == "fp16",
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(cache),
-        "trt_profile_min_shapes": shape,
-        "trt_profile_opt_shapes": shape,
-        "trt_profile_max_shapes": shape,
-    }
+    trt: dict[str, str | bool] = {"trt_fp16_enable": precision == "fp16"}
+    for kind in ("engine", "timing"):
+        trt |= {f"trt_{kind}_cache_enable": True, f"trt_{kind}_cache_path": str(trt_cache)}
+    for kind in ("min", "opt", "max"):
+        trt[f"trt_profile_{kind}_shapes"] = shape
+    return SessionPlan([(PROVIDERS["tensorrt"], trt), PROVIDERS["cuda"]], threads, config, {BATCH_AXIS: 1})
 
 
 def trt_cache_dir(digest: str, precision: str) -> Path:
@@ -285,16 +274,13 @@ def _descriptors_to(target: int, descriptors: tuple[int, ...]) -> Iterator[None]
     try:
         yield
     finally:
-        _flush_c_stdout()
+        # C's stdout buffer (and C++'s std::cout, synced with it) reaches descriptor 1 when flushed; no C library to
+        # reach: not Linux or macOS
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            ctypes.CDLL(None).fflush(None)
         for fd, copy in saved.items():
             os.dup2(copy, fd)
             os.close(copy)
-
-
-def _flush_c_stdout() -> None:
-    """C's stdout buffer (and C++'s std::cout, synced with it) is written to descriptor 1 when flushed."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):  # no C library to reach (not Linux or macOS)
-        ctypes.CDLL(None).fflush(None)
 
 
 def check_providers(session, plan: SessionPlan, path: Path, nodes: Mapping[str, int] | None = None) -> str:
@@ -355,20 +341,19 @@ def _one_line(e: BaseException) -> str:
 
 class OnnxEncoder:
     """One ONNX Runtime session, created once on the provider asked for (checked), with a preallocated input and IO
-    binding on a GPU. ``plan``: a SessionPlan, or a providers list opened with ``threads`` and nothing else.
+    binding on a GPU. ``plan``: a SessionPlan, or a providers list opened with ORT's defaults.
     An image encoder on a GPU (``input_shape`` given) runs once at opening, profiled, to learn where its nodes ran."""
 
     def __init__(
         self,
         path: Path,
         plan: SessionPlan | list,
-        threads: int | None = None,
         input_shape: tuple[int, ...] | None = None,
         io_binding: bool | None = None,
         outputs: Sequence[str] | None = None,
     ):
         self.path = Path(path)
-        plan = plan if isinstance(plan, SessionPlan) else SessionPlan(list(plan), threads)
+        plan = plan if isinstance(plan, SessionPlan) else SessionPlan(list(plan))
         self.max_batch = plan.fixed_axes.get(BATCH_AXIS)  # frames a run takes (None: any number)
         options, profiled = plan.options(), plan.provider != PROVIDERS["cpu"] and input_shape is not None
         if profiled:
@@ -392,7 +377,7 @@ class OnnxEncoder:
                 f"{self.path.name} has {len(inputs)} inputs, the runtime feeds one: re-export the bundle"
             )
         self.input_name = inputs[0].name
-        self.input = np.zeros(input_shape, np.float32) if input_shape else np.zeros(0, np.float32)
+        self.input = np.zeros(input_shape or 0, np.float32)
         if input_shape:
             _check_shape(self.path.name, inputs[0], input_shape)
         self.output_names = _pick_outputs(self.path.name, [o.name for o in self.session.get_outputs()], outputs)
