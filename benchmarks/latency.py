@@ -23,6 +23,8 @@ from ovseg.runtime.segmenter import Segmenter, SegmenterConfig
 
 from .timing import Budget, Stats, peak_rss_mb, repeat
 
+SWEEP = (("cpu", "fp32"), ("cpu", "fp16"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16"), ("tensorrt", "fp16"))
+
 
 class Recorder:
     """An engine that passes runs through and keeps the outputs of the first ``keep`` runs (and the last one)."""
@@ -168,18 +170,11 @@ def sweep_backends(
     measured: StageLatency,
     available: list[str],
 ) -> list[BackendPoint]:
-    """ORT fp32, fp16 and int8 when the bundle has them, CUDA / TensorRT when ONNX Runtime has them; the main run is one."""
+    """SWEEP: ORT fp32, fp16 and int8 when the bundle has them, CUDA / TensorRT when ONNX Runtime has them; the main
+    run is one."""
     points = [BackendPoint(measured.backend, measured.precision, measured)]
     gpu = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-    combos = [
-        ("cpu", "fp32"),
-        ("cpu", "fp16"),
-        ("cpu", "int8"),
-        ("cuda", "fp32"),
-        ("cuda", "fp16"),
-        ("tensorrt", "fp16"),
-    ]
-    for backend, precision in combos:
+    for backend, precision in SWEEP:
         if (backend, precision) == (measured.backend, measured.precision):
             continue
         if backend in gpu and gpu[backend] not in available:

@@ -41,14 +41,6 @@ def lut(mapping: dict[int, int]) -> np.ndarray:
     return table
 
 
-def read_image(path: Path) -> np.ndarray:
-    """BGR uint8, pixels as stored: labels are aligned to the stored pixels, so EXIF orientation is not applied."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-        raise OvsegError(f"cannot read image {path}: the file is missing or not an image")
-    return image
-
-
 def read_label_values(path: Path) -> np.ndarray:
     """The stored values of a label PNG: palette indices (VOC) or grey levels, as uint8."""
     from PIL import Image  # Pillow, not OpenCV: OpenCV turns palette PNGs into colours
@@ -101,7 +93,11 @@ class SegDataset:
         raise NotImplementedError
 
     def image(self, sample: Sample) -> np.ndarray:
-        return read_image(sample.image)
+        """BGR uint8, pixels as stored: labels are aligned to the stored pixels, so EXIF orientation is not applied."""
+        image = cv2.imread(str(sample.image), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if image is None:
+            raise OvsegError(f"cannot read image {sample.image}: the file is missing or not an image")
+        return image
 
     def label(self, sample: Sample) -> np.ndarray:
         """Class indices (uint8, 255 = ignore) at the image's size."""

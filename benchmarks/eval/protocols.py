@@ -37,16 +37,6 @@ READABLE = {
 Embed = Callable[[list[str]], np.ndarray]  # names -> (N, D) L2-normalised embeddings
 
 
-def clip_text_embedder(bundle_dir: Path) -> Embed:
-    """The bundle's CLIP text encoder through the runtime (ONNX Runtime on the CPU, no torch), prompt "a photo of a {}."."""
-    from ovseg.runtime.bundle.manifest import read_manifest
-    from ovseg.runtime.pipeline.encoders import open_embedder
-    from ovseg.runtime.pipeline.vocabulary import CONCEPT_TEMPLATES
-
-    embed = open_embedder(Path(bundle_dir), read_manifest(bundle_dir, verify=False), backend="cpu")
-    return lambda names: embed(list(names), CONCEPT_TEMPLATES)
-
-
 def sentence_embedder(model_dir: Path) -> Embed:
     """A sentence-transformers model directory (BERT-style, mean pooling) run with plain transformers + torch."""
     model_dir = Path(model_dir)
@@ -92,9 +82,15 @@ def minilm_dir() -> Path:
 
 
 def open_embedder(spec: str, bundle_dir: Path) -> Embed:
-    """'clip' (the bundle's text encoder), 'minilm' (the packaged all-MiniLM-L6-v2) or a model directory."""
+    """'clip' (the bundle's text encoder through the runtime: ONNX Runtime on the CPU, no torch, prompt "a photo of a
+    {}."), 'minilm' (the packaged all-MiniLM-L6-v2) or a model directory."""
     if spec == "clip":
-        return clip_text_embedder(bundle_dir)
+        from ovseg.runtime.bundle.manifest import read_manifest
+        from ovseg.runtime.pipeline import encoders
+        from ovseg.runtime.pipeline.vocabulary import CONCEPT_TEMPLATES
+
+        embed = encoders.open_embedder(bundle_dir, read_manifest(bundle_dir, verify=False), backend="cpu")
+        return lambda names: embed(list(names), CONCEPT_TEMPLATES)
     return sentence_embedder(minilm_dir() if spec == "minilm" else Path(spec).expanduser())
 
 
