@@ -186,8 +186,6 @@ def train(steps: int, batch: int, seed: int, lr: float, eval_every: int, target:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     seen = single_object_set(SEEN_OBJECTS, 240, EVAL_SEED)
     held = single_object_set(HELD_OUT_OBJECTS, 96, EVAL_SEED + 1)
-    all_objects = SEEN_OBJECTS + HELD_OUT_OBJECTS
-    held_targets = held[1] + len(SEEN_OBJECTS)
     loader = DataLoader(CaptionedScenes(batch, seed + done), batch_size=None, num_workers=1)
     command = shlex.join(["python", "-m", "ovseg.benchmarks.synthetic.pretrain", *sys.argv[1:]])
     start = time.perf_counter()
@@ -213,7 +211,8 @@ def train(steps: int, batch: int, seed: int, lr: float, eval_every: int, target:
             record.steps, record.wall_seconds = done + step + 1, round(before + wall, 1)
             record.runs = [*runs, {"command": command, "steps": step + 1, "wall_seconds": wall}]
             record.seen_top1 = zero_shot(model, tokenizer, *seen, SEEN_OBJECTS)
-            record.held_out_top1 = zero_shot(model, tokenizer, held[0], held_targets, all_objects)
+            held_out = SEEN_OBJECTS + HELD_OUT_OBJECTS  # named among all 24
+            record.held_out_top1 = zero_shot(model, tokenizer, held[0], held[1] + len(SEEN_OBJECTS), held_out)
             save_fixture(model, tokenizer, record)
             bar.write(
                 f"step {step + 1}: zero-shot seen {record.seen_top1:.3f}, held-out combos {record.held_out_top1:.3f}"

@@ -33,8 +33,6 @@ class Stages:
     dino_pixels: torch.Tensor
     clip: np.ndarray  # (gh, gw, D) dense CLIP tokens
     dinov2: np.ndarray  # (h, w, Dd) patch tokens
-    guided: np.ndarray | None = None  # (H, W) class indices
-    free: np.ndarray | None = None  # (H, W) vocabulary indices
 
 
 def normalised(rgb: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -84,12 +82,13 @@ class EagerPipeline:
         )
 
     def guided(self, stages: Stages, text: torch.Tensor) -> np.ndarray:
+        """(H, W) class indices."""
         grid = F.normalize(torch.from_numpy(stages.clip), dim=-1)
         logits = torch.einsum("hwd,cd->chw", grid, text)
-        stages.guided = upsample(logits, (self.size, self.size)).argmax(dim=0).numpy()
-        return stages.guided
+        return upsample(logits, (self.size, self.size)).argmax(dim=0).numpy()
 
     def free(self, stages: Stages, vocabulary: torch.Tensor) -> np.ndarray:
+        """(H, W) vocabulary indices."""
         h, w, dd = stages.dinov2.shape
         x = np.ascontiguousarray(stages.dinov2.reshape(-1, dd), np.float32)
         _, _, scores = _native.spherical_kmeans(x, self.num_segments, self.iterations, self.seed, None)
@@ -100,5 +99,4 @@ class EagerPipeline:
         for k in torch.unique(segment):
             mean = features[:, segment == k].mean(dim=1)
             labels[k] = int((F.normalize(mean, dim=0) @ vocabulary.T).argmax())
-        stages.free = labels[segment].numpy()
-        return stages.free
+        return labels[segment].numpy()
