@@ -72,15 +72,10 @@ def load_key(path: Path, private: bool = False):
 def configured_key_files(given: Sequence[Path] | None = None) -> list[Path]:
     """The trusted public keys: ``given`` (--trusted-key), else $OVSEG_TRUSTED_KEYS, else $OVSEG_HOME/trusted-keys/.
     A folder stands for the .pub and .pem files in it. Empty: no key is trusted, and bundles are not checked."""
-    if given:
-        entries = [Path(p) for p in given]
-    elif os.environ.get(TRUSTED_KEYS_ENV):
-        entries = [Path(p) for p in os.environ[TRUSTED_KEYS_ENV].split(os.pathsep) if p]
-    else:
-        home = ovseg_home() / "trusted-keys"
-        entries = [home] if home.is_dir() else []
+    from_env = [p for p in os.environ.get(TRUSTED_KEYS_ENV, "").split(os.pathsep) if p]
+    home = ovseg_home() / "trusted-keys"
     files: list[Path] = []
-    for entry in (e.expanduser() for e in entries):
+    for entry in (Path(e).expanduser() for e in given or from_env or ([home] if home.is_dir() else [])):
         if entry.is_dir():
             found = sorted(p for p in entry.iterdir() if p.suffix in KEY_SUFFIXES and p.is_file())
             if not found:

@@ -173,7 +173,8 @@ def session_plan(
     image_size: int | None = None,
     trt_cache: Path | None = None,
 ) -> SessionPlan:
-    """The session of an image encoder at ``image_size``, or of the text encoder (``image_size=None``), on ``backend``.
+    """The session of an image encoder at ``image_size``, or of the text encoder (``image_size=None``), on ``backend``
+    (resolve_backend's).
 
     cpu: ONNX Runtime's defaults with ``threads``. cuda and tensorrt: ORT's CPU thread pool is one thread (``threads``
     overrides it) that does not spin, so it leaves the cores to the native post-processing. An image encoder runs
@@ -185,8 +186,6 @@ def session_plan(
     """
     if backend == "cpu":
         return SessionPlan([PROVIDERS["cpu"]], threads)
-    if backend not in PROVIDERS:
-        raise SegmenterError(f"unknown backend {backend!r}: choose one of {', '.join(PROVIDERS)}")
     threads, config = threads or 1, {INTRA_OP_SPINNING: "0"}
     if image_size is None:
         return SessionPlan([PROVIDERS["cuda"], PROVIDERS["cpu"]], threads, config)
