@@ -213,8 +213,7 @@ def compare(opened: Opened, frame: np.ndarray, budget: Budget, threads: int, tin
     torch.set_num_threads(threads)
     manifest, seg = opened.manifest, opened.segmenter
     enc = rebuild(manifest, tiny)
-    vocab = np.load(opened.segmenter.bundle_dir / manifest.vocabulary.embeddings["fp32"], allow_pickle=False)
-    cfg = seg.config
+    cfg, vocab = seg.config, np.load(seg.bundle_dir / manifest.vocabulary.embeddings["fp32"], allow_pickle=False)
     naive = NaiveTAG(enc, manifest, vocab, cfg)
 
     seg.reset()

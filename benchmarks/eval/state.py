@@ -103,19 +103,11 @@ def _atomic(path: Path) -> Iterator[BinaryIO]:
 
 
 def write_json(path: Path, report: dict) -> None:
+    finite = json.loads(
+        json.dumps(report), parse_constant=lambda _: None
+    )  # NaN (an undefined IoU) as null: strict JSON
     with _atomic(path) as f:
-        f.write((json.dumps(_finite(report), indent=2) + "\n").encode())
-
-
-def _finite(x):
-    """NaN/inf (an undefined IoU) as null: strict JSON has no NaN."""
-    if isinstance(x, float):
-        return x if np.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
+        f.write((json.dumps(finite, indent=2) + "\n").encode())
 
 
 def state_path(out: Path) -> Path:
