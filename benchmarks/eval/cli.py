@@ -128,15 +128,9 @@ def build_report(
             "pixel_accuracy": scores.pixel_accuracy,
             "mean_accuracy": scores.mean_accuracy,
             "classes_in_mean": int(np.sum(~np.isnan(scores.iou))),
-            "per_class": [
-                {
-                    "class": name,
-                    "iou": float(scores.iou[c]),
-                    "accuracy": float(scores.accuracy[c]),
-                    "gt_pixels": int(scores.gt_pixels[c]),
-                    "pred_pixels": int(scores.pred_pixels[c]),
-                }
-                for c, name in enumerate(classes)
+            "per_class": [  # c: class name; i, a: IoU and accuracy; g, p: ground-truth and predicted pixels
+                {"class": c, "iou": float(i), "accuracy": float(a), "gt_pixels": int(g), "pred_pixels": int(p)}
+                for c, i, a, g, p in zip(classes, scores.iou, scores.accuracy, scores.gt_pixels, scores.pred_pixels)
             ],
         },
         "timing_ms": {stage: ms / tally.done for stage, ms in tally.timing_ms.items()} if tally.done else {},
