@@ -15,9 +15,8 @@ from torch import nn
 
 from ovseg.constants import DEFAULT_CLIP, DENSE_METHODS
 
-from .errors import WeightsUnavailable, patch_grid
+from .errors import ExportError, WeightsUnavailable, patch_grid
 from .hub import hub_reachable
-from .onnx_io import ExportError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,12 +50,8 @@ def load_clip(
     (visual weights only are fine: the text tower then comes from ``PRETRAINED``).
     """
     model_name, pretrained = parse_clip_spec(spec)
-    if pretrained == "openai" and not model_name.endswith("-quickgelu"):
-        model_name_arch = (
-            f"{model_name}-quickgelu" if f"{model_name}-quickgelu" in open_clip.list_models() else model_name
-        )
-    else:
-        model_name_arch = model_name
+    quick = f"{model_name}-quickgelu"  # OpenAI's weights were trained with QuickGELU
+    model_name_arch = quick if pretrained == "openai" and quick in open_clip.list_models() else model_name
     if random_weights:
         torch.manual_seed(0)
         return open_clip.create_model(model_name_arch, pretrained=None).eval(), "random"
@@ -159,10 +154,6 @@ def _load_state(model: open_clip.CLIP, state: dict[str, torch.Tensor], path, ful
             f"--clip-weights {path} does not fit {type(model).__name__}: missing {len(missing)} keys, e.g. {missing[:3]}"
         )
     for key in wanted:
-        if key == "visual.positional_embedding" and state[key].shape != own[key].shape:
-            raise ExportError(
-                f"--clip-weights {path}: position embedding {tuple(state[key].shape)} does not fit {tuple(own[key].shape)}"
-            )
         if state[key].shape != own[key].shape:
             raise ExportError(
                 f"--clip-weights {path}: {key} has shape {tuple(state[key].shape)}, the model wants {tuple(own[key].shape)}"
@@ -241,20 +232,15 @@ class ClipDenseVisual(nn.Module):
         return pooled, tokens
 
 
-def _qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    attn = block.attn
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    heads = attn.num_heads
-
-    def split(t):
-        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
-
-    return split(q), split(k), split(v), heads
+def _qkv(block: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """q, k and v of ``block``'s attention, each (B, heads, N, head_dim)."""
+    qkv = F.linear(x, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+    return [t.reshape(t.shape[0], t.shape[1], block.attn.num_heads, -1).transpose(1, 2) for t in qkv]
 
 
 def _block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One residual attention block, written out so that batch and sequence length stay dynamic in ONNX."""
-    q, k, v, _ = _qkv(block, block.ln_1(x))
+    q, k, v = _qkv(block, block.ln_1(x))
     logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
     if mask is not None:
         logits = logits + mask
@@ -264,22 +250,16 @@ def _block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None 
 
 
 def _value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    _, _, v, _ = _qkv(block, x)
-    v = v.transpose(1, 2).reshape(x.shape)
-    return block.attn.out_proj(v)
+    return block.attn.out_proj(_qkv(block, x)[2].transpose(1, 2).reshape(x.shape))
 
 
 def _self_self_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """GEM's self-self attention (one iteration), temperature = mean token norm * head_dim^-0.5."""
-    q, k, v, _ = _qkv(block, x)
-    scale = q.shape[-1] ** -0.5
-    inv_temp = x.norm(dim=-1).mean(dim=-1).reshape(-1, 1, 1, 1) * scale
+    q, k, v = _qkv(block, x)
+    inv_temp = x.norm(dim=-1).mean(dim=-1).reshape(-1, 1, 1, 1) * q.shape[-1] ** -0.5
     out = 0
-    for p in (
-        v,
-        k,
-        q,
-    ):  # the temperature scales one N x d operand, not the N x N logits: same math, less memory traffic
+    # the temperature scales one N x d operand, not the N x N logits: same math, less memory traffic
+    for p in (v, k, q):
         p = F.normalize(p, dim=-1)
         p = F.normalize(torch.softmax((p * inv_temp) @ p.transpose(-2, -1), dim=-1) @ p, dim=-1)
         out = out + torch.softmax((p * inv_temp) @ p.transpose(-2, -1), dim=-1) @ v
@@ -303,14 +283,17 @@ class ClipTextEncoder(nn.Module):
         self.register_buffer("causal_mask", torch.full((n, n), float("-inf")).triu(1), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encode_embeddings(input_ids, self.model.token_embedding(input_ids))
+
+    def encode_embeddings(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """From token embeddings (B, L, width) of ``input_ids``, so learnable vectors can stand in for words."""
         m = self.model
         length = input_ids.shape[1]
-        x = m.token_embedding(input_ids) + m.positional_embedding[:length]
+        x = embeddings + m.positional_embedding[:length]
         mask = self.causal_mask[:length, :length]
         for block in m.transformer.resblocks:
             x = _block_forward(block, x, mask)
-        x = m.ln_final(x)
-        x = x[torch.arange(x.shape[0]), input_ids.argmax(dim=-1)]
+        x = m.ln_final(x)[torch.arange(x.shape[0]), input_ids.argmax(dim=-1)]
         return x @ m.text_projection if not isinstance(m.text_projection, nn.Linear) else m.text_projection(x)
 
 

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from ovseg.export import dinov2 as dino
 from ovseg.export.bundle import ExportConfig, export_bundle
 from ovseg.export.clip import ClipDenseVisual, _load_state, _read_checkpoint, tiny_clip
+from ovseg.export.errors import ExportError
 from ovseg.export.train import cli
-from ovseg.export.train.data import CropConfig, DinoMasker, InfiniteDraws, MaskDataset, TrainError, collate, find_images
+from ovseg.export.train.data import CropConfig, DinoMasker, InfiniteDraws, MaskDataset, collate, find_images
 from ovseg.export.train.engine import TrainConfig, lr_factor, train
 from ovseg.export.train.losses import cluster_targets, mask_loss, pool_masks, sinkhorn
 from ovseg.export.train.model import ClassPrompts, DenseClip, ema_update, make_teacher, set_trainable
@@ -147,7 +148,7 @@ def test_annotations_may_live_in_a_mirrored_tree(data, tmp_path):
     items = find_images(tmp_path / "images", "sa1b", tmp_path / "annotations")
     assert [i.annotation.parent.name for i in items] == ["part", "part"]
     assert len(MaskDataset(items, "sa1b", SMALL)[0].masks) > 0
-    with pytest.raises(TrainError, match="no annotation JSON"):
+    with pytest.raises(ExportError, match="no annotation JSON"):
         find_images(tmp_path / "images", "sa1b")
 
 
@@ -285,9 +286,9 @@ def test_outputs_load_in_the_export_and_run_in_a_bundle(trained, tmp_path):
 def test_resume_continues_the_run(data, tmp_path):
     out = tmp_path / "run"
     train(small_config(data, out, iters=2), clip_model=tiny_clip())
-    with pytest.raises(TrainError, match="exists: pass --resume"):
+    with pytest.raises(ExportError, match="exists: pass --resume"):
         train(small_config(data, out, iters=3), clip_model=tiny_clip())
-    with pytest.raises(TrainError, match="prompts=8"):
+    with pytest.raises(ExportError, match="prompts=8"):
         train(small_config(data, out, iters=3, prompts=4, resume=True), clip_model=tiny_clip())
     result = train(small_config(data, out, iters=3, resume=True), clip_model=tiny_clip())
     assert len(result.losses) == 1
@@ -320,10 +321,10 @@ def test_bad_data_fails_with_one_line(tmp_path, capsys):
     (data / "synthetic_0001.json").unlink()
     assert "have no annotation JSON" in run("--data", str(data))
     assert "annotation directory" in run("--data", str(data), "--annotations", str(tmp_path / "nowhere"))
-    with pytest.raises(TrainError, match="unreadable annotation"):
+    with pytest.raises(ExportError, match="unreadable annotation"):
         (data / "synthetic_0001.json").write_text("{not json")
         MaskDataset(find_images(data, "sa1b"), "sa1b", SMALL)[1]
-    with pytest.raises(TrainError, match="masks of size"):
+    with pytest.raises(ExportError, match="masks of size"):
         other = write_colour_regions(tmp_path / "o", count=1, size=(30, 30))
         (data / "synthetic_0001.json").write_text((other / "synthetic_0000.json").read_text())
         MaskDataset(find_images(data, "sa1b"), "sa1b", SMALL)[1]

@@ -10,63 +10,53 @@ import typing
 
 from ovseg.cli import run_cli
 from ovseg.errors import OvsegError
+from ovseg.export.errors import ExportError
 
-from .data import MASK_SOURCES, CropConfig, TrainError
+from .data import MASK_SOURCES, CropConfig
 from .engine import TrainConfig, train
 from .model import FINETUNE
 
 PROG = "ovseg-train"
 
 
-# Flags named after TrainConfig's and CropConfig's fields (--prompt-words sets prompt_words), in --help's order; their
-# defaults and types are the dataclasses' own, and a bool field (default False) is a switch.
+# Flags named after TrainConfig's (T) and CropConfig's (C) fields (--prompt-words sets prompt_words), in --help's order;
+# their defaults and types are the dataclasses' own, and a bool field (default False) is a switch.
+T, C = TrainConfig, CropConfig
 FLAGS = (
-    (TrainConfig, "data", "folder of images (recursively); SA-1B layout: IMAGE.jpg + IMAGE.json"),
-    (TrainConfig, "out", "output folder: checkpoint.pt, log.csv, config.json, the exported files"),
-    (
-        TrainConfig,
-        "annotations",
-        "SA-1B JSONs under this folder at the images' relative paths (default: beside the images)",
-    ),
-    (TrainConfig, "masks", "sa1b: COCO RLE masks from IMAGE.json; dino: DINOv2 k-means masks made on the fly"),
-    (TrainConfig, "clip", "open_clip MODEL[:PRETRAINED] (default %(default)s)"),
-    (TrainConfig, "clip_weights", "local CLIP checkpoint to start from (as ovseg-export takes)"),
-    (TrainConfig, "random_weights", "random CLIP (and DINOv2) weights: a smoke test, not a model"),
-    (
-        TrainConfig,
-        "finetune",
-        "attention: attention weights + position embedding (PixelCLIP ViT); full: the whole image encoder",
-    ),
-    (TrainConfig, "prompts", "learnable class prompts k (default %(default)s)"),
-    (TrainConfig, "prompt_words", "learnable tokens per prompt (default %(default)s)"),
-    (TrainConfig, "iters", "optimizer steps (default %(default)s)"),
-    (TrainConfig, "batch", "images per step over all processes (default %(default)s)"),
-    (
-        TrainConfig,
-        "lr",
-        "base learning rate, the head's (default %(default)s); CLIP's and the prompts' are multiples of it",
-    ),
-    (TrainConfig, "lr_end", "learning rate at the end of the cosine (default %(default)s)"),
-    (TrainConfig, "warmup", "linear warm-up steps (default %(default)s, as PixelCLIP)"),
-    (TrainConfig, "clip_lr_mult", "CLIP's learning rate as a multiple of --lr (default %(default)s)"),
-    (TrainConfig, "prompt_lr_mult", "the prompts' learning rate as a multiple of --lr (default %(default)s)"),
-    (TrainConfig, "weight_decay", "AdamW weight decay, none on norm layers (default %(default)s)"),
-    (TrainConfig, "grad_clip", "max L2 norm of all gradients (default %(default)s)"),
-    (TrainConfig, "ema", "teacher momentum (default %(default)s)"),
-    (CropConfig, "short_side", "images resized to this short side before cropping (default %(default)s)"),
-    (CropConfig, "max_size", "cap on the long side after resizing (default %(default)s)"),
-    (CropConfig, "crop", "square crop side (default %(default)s)"),
-    (CropConfig, "clip_size", "CLIP input side for teacher and student (default %(default)s)"),
-    (CropConfig, "mask_size", "mask and loss resolution (default %(default)s)"),
-    (TrainConfig, "dinov2", "DINOv2 for --masks dino, as ovseg-export takes it (default %(default)s)"),
-    (TrainConfig, "dino_size", "DINOv2 input side for --masks dino (default %(default)s)"),
-    (TrainConfig, "dino_clusters", "k-means clusters per image (default %(default)s)"),
-    (TrainConfig, "workers", "data loader processes per training process (default %(default)s)"),
-    (TrainConfig, "seed", "random seed (default %(default)s)"),
-    (TrainConfig, "save_every", "checkpoint every N steps (default %(default)s)"),
-    (TrainConfig, "resume", "continue OUT/checkpoint.pt"),
-    (TrainConfig, "force", "start over even if OUT/checkpoint.pt exists"),
-    (TrainConfig, "vocab", "vocabulary for the prompts' nearest names (preset or file; default %(default)s)"),
+    (T, "data", "folder of images (recursively); SA-1B layout: IMAGE.jpg + IMAGE.json"),
+    (T, "out", "output folder: checkpoint.pt, log.csv, config.json, the exported files"),
+    (T, "annotations", "SA-1B JSONs under this folder at the images' relative paths (default: beside the images)"),
+    (T, "masks", "sa1b: COCO RLE masks from IMAGE.json; dino: DINOv2 k-means masks made on the fly"),
+    (T, "clip", "open_clip MODEL[:PRETRAINED] (default %(default)s)"),
+    (T, "clip_weights", "local CLIP checkpoint to start from (as ovseg-export takes)"),
+    (T, "random_weights", "random CLIP (and DINOv2) weights: a smoke test, not a model"),
+    (T, "finetune", "attention: attention weights + position embedding (PixelCLIP ViT); full: the whole image encoder"),
+    (T, "prompts", "learnable class prompts k (default %(default)s)"),
+    (T, "prompt_words", "learnable tokens per prompt (default %(default)s)"),
+    (T, "iters", "optimizer steps (default %(default)s)"),
+    (T, "batch", "images per step over all processes (default %(default)s)"),
+    (T, "lr", "base learning rate, the head's (default %(default)s); CLIP's and the prompts' are multiples of it"),
+    (T, "lr_end", "learning rate at the end of the cosine (default %(default)s)"),
+    (T, "warmup", "linear warm-up steps (default %(default)s, as PixelCLIP)"),
+    (T, "clip_lr_mult", "CLIP's learning rate as a multiple of --lr (default %(default)s)"),
+    (T, "prompt_lr_mult", "the prompts' learning rate as a multiple of --lr (default %(default)s)"),
+    (T, "weight_decay", "AdamW weight decay, none on norm layers (default %(default)s)"),
+    (T, "grad_clip", "max L2 norm of all gradients (default %(default)s)"),
+    (T, "ema", "teacher momentum (default %(default)s)"),
+    (C, "short_side", "images resized to this short side before cropping (default %(default)s)"),
+    (C, "max_size", "cap on the long side after resizing (default %(default)s)"),
+    (C, "crop", "square crop side (default %(default)s)"),
+    (C, "clip_size", "CLIP input side for teacher and student (default %(default)s)"),
+    (C, "mask_size", "mask and loss resolution (default %(default)s)"),
+    (T, "dinov2", "DINOv2 for --masks dino, as ovseg-export takes it (default %(default)s)"),
+    (T, "dino_size", "DINOv2 input side for --masks dino (default %(default)s)"),
+    (T, "dino_clusters", "k-means clusters per image (default %(default)s)"),
+    (T, "workers", "data loader processes per training process (default %(default)s)"),
+    (T, "seed", "random seed (default %(default)s)"),
+    (T, "save_every", "checkpoint every N steps (default %(default)s)"),
+    (T, "resume", "continue OUT/checkpoint.pt"),
+    (T, "force", "start over even if OUT/checkpoint.pt exists"),
+    (T, "vocab", "vocabulary for the prompts' nearest names (preset or file; default %(default)s)"),
 )
 CHOICES = {"masks": MASK_SOURCES, "finetune": FINETUNE}
 
@@ -132,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(config_from_args(args))
     except OvsegError as e:
-        raise TrainError(_one_line(e)) from e
+        raise ExportError(_one_line(e)) from e
     if "visual" in result.files:
         print(f"{PROG}: {result.steps} steps; export with: ovseg-export --clip-weights {result.files['visual']}")
     return 0

@@ -21,16 +21,12 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset, Sampler
 
 from ovseg import _native
-from ovseg.errors import OvsegError
 from ovseg.export.clip import CLIP_MEAN
 from ovseg.export.dinov2 import IMAGENET_MEAN, IMAGENET_STD, Dinov2PatchTokens
+from ovseg.export.errors import ExportError
 
 MASK_SOURCES = ("sa1b", "dino")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-class TrainError(OvsegError, ValueError):
-    """Training cannot go on; the message is one line saying why."""
 
 
 @dataclass
@@ -93,20 +89,20 @@ def find_images(root: Path, masks: str, annotations: Path | None = None) -> list
     """Images under ``root`` (recursively). For SA-1B masks each needs its JSON: IMAGE.json beside it (the SA-1B
     tars' layout) or, with ``annotations``, at the same relative path under that folder (PixelCLIP's layout)."""
     if masks not in MASK_SOURCES:
-        raise TrainError(f"unknown mask source {masks!r}: choose one of {', '.join(MASK_SOURCES)}")
+        raise ExportError(f"unknown mask source {masks!r}: choose one of {', '.join(MASK_SOURCES)}")
     if not root.is_dir():
-        raise TrainError(f"data directory {root} does not exist")
+        raise ExportError(f"data directory {root} does not exist")
     if annotations is not None and not annotations.is_dir():
-        raise TrainError(f"annotation directory {annotations} does not exist")
+        raise ExportError(f"annotation directory {annotations} does not exist")
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
-        raise TrainError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+        raise ExportError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     if masks == "dino":
         return [Item(p, None) for p in images]
     items = [Item(p, (annotations / p.relative_to(root) if annotations else p).with_suffix(".json")) for p in images]
     orphans = [i.annotation for i in items if not i.annotation.is_file()]
     if orphans:
-        raise TrainError(
+        raise ExportError(
             f"{len(orphans)} of {len(items)} images have no annotation JSON (e.g. {orphans[0]}); "
             "SA-1B layout is IMAGE.jpg + IMAGE.json (or --annotations DIR mirroring --data), or use --masks dino"
         )
@@ -121,11 +117,11 @@ def read_rles(path: Path, height: int, width: int) -> list[dict]:
         rles = [a["segmentation"] for a in annotations if not a.get("iscrowd", 0)]
         sizes = {tuple(r["size"]) for r in rles}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TrainError(
+        raise ExportError(
             f"unreadable annotation {path}: {type(e).__name__} {str(e)[:80]} (want {{'annotations': [{{'segmentation': {{'size', 'counts'}}}}]}})"
         ) from None
     if sizes - {(height, width)}:
-        raise TrainError(f"annotation {path} has masks of size {sorted(sizes)[0]} for a {height}x{width} image")
+        raise ExportError(f"annotation {path} has masks of size {sorted(sizes)[0]} for a {height}x{width} image")
     return rles
 
 
@@ -159,7 +155,7 @@ class MaskDataset(Dataset):
         rng = np.random.default_rng([self.seed, draw])
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
-            raise TrainError(f"cannot read image {path}")
+            raise ExportError(f"cannot read image {path}")
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         h, w = image.shape[:2]
         scale = cfg.short_side / min(h, w)
@@ -185,8 +181,8 @@ class MaskDataset(Dataset):
         keep = np.outer(inside_y, inside_x)
         student = view
         if cfg.strong:
-            student, box = _strong_augment(view, (ch, cw), flip, rng)
-            keep = keep & ~_box_on_grid(box, cfg.crop, m)
+            student, (by0, bx0, by1, bx1) = _strong_augment(view, (ch, cw), flip, rng)
+            keep = keep & ~np.outer((centres >= by0) & (centres < by1), (centres >= bx0) & (centres < bx1))
 
         masks = np.zeros((0, m, m), bool)
         if self.masks == "sa1b":
@@ -195,9 +191,8 @@ class MaskDataset(Dataset):
             if flip:
                 xs = xs[::-1]
             grids = [decode_rle(r)[np.ix_(ys, xs)].astype(bool) & keep for r in read_rles(item.annotation, h, w)]
-            grids = sorted(
-                (g for g in grids if g.sum() > 1), key=lambda g: -int(g.sum())
-            )  # PixelCLIP drops masks of <= 1 pixel
+            # PixelCLIP drops masks of <= 1 pixel
+            grids = sorted((g for g in grids if g.sum() > 1), key=lambda g: -int(g.sum()))
             if grids:
                 masks = np.stack(grids)
 
@@ -250,12 +245,6 @@ def _strong_augment(
     return x, (y0, x0, y0 + bh, x0 + bw)
 
 
-def _box_on_grid(box: tuple[int, int, int, int], crop: int, m: int) -> np.ndarray:
-    centres = (np.arange(m) + 0.5) * crop / m
-    y0, x0, y1, x1 = box
-    return np.outer((centres >= y0) & (centres < y1), (centres >= x0) & (centres < x1))
-
-
 class InfiniteDraws(Sampler[int]):
     """Endless draws for one rank: epoch e is a seeded permutation of the images, dealt round-robin to the ranks
     (padded to a multiple of the world size); a draw id is e * n + index, so each draw augments differently."""
@@ -281,9 +270,7 @@ class DinoMasker:
     def __init__(
         self, model, image_size: int = 448, clusters: int = 16, mask_size: int = 256, iters: int = 10, seed: int = 0
     ):
-        self.tokens = Dinov2PatchTokens(model, image_size).eval()
-        for p in self.tokens.parameters():
-            p.requires_grad_(False)
+        self.tokens = Dinov2PatchTokens(model, image_size).eval().requires_grad_(False)
         self.clusters, self.mask_size, self.iters, self.seed = clusters, mask_size, iters, seed
         self.grid = self.tokens.grid
 

@@ -3,11 +3,12 @@ CUDA, DDP under torchrun (NCCL on GPUs, gloo on CPUs), checkpoints that resume e
 
 from __future__ import annotations
 
-import csv
+import functools
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ovseg.export.clip import CLIP_MEAN, CLIP_STD, DEFAULT_CLIP, load_clip
-from ovseg.export.dinov2 import DEFAULT_MODEL as DEFAULT_DINOV2
+from ovseg.constants import DEFAULT_CLIP, DEFAULT_DINOV2
+from ovseg.export.clip import CLIP_MEAN, CLIP_STD, load_clip
 from ovseg.export.dinov2 import load_dinov2
+from ovseg.export.errors import ExportError
 
-from .data import Batch, CropConfig, DinoMasker, InfiniteDraws, MaskDataset, TrainError, collate, find_images
+from .data import Batch, CropConfig, DinoMasker, InfiniteDraws, MaskDataset, collate, find_images
 from .losses import cluster_targets, mask_loss
 from .model import ClassPrompts, ConvHead, DenseClip, Student, ema_update, make_teacher, set_trainable
 from .outputs import write_outputs
@@ -121,16 +123,15 @@ def param_groups(student: Student, cfg: TrainConfig) -> list[dict]:
 
 def _init_distributed() -> tuple[int, int, int, bool]:
     """(rank, world size, local rank, whether this call initialised the process group) from torchrun's variables."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
     if world == 1:
         return 0, 1, 0, False
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), False
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), local, True
+    owns = not dist.is_initialized()
+    if owns:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local, owns
 
 
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
@@ -150,10 +151,10 @@ def _check_out_dir(cfg: TrainConfig) -> Path | None:
     ckpt = cfg.out / CHECKPOINT
     if cfg.resume:
         if not ckpt.is_file():
-            raise TrainError(f"--resume: no {ckpt} to resume from")
+            raise ExportError(f"--resume: no {ckpt} to resume from")
         return ckpt
     if ckpt.exists() and not cfg.force:
-        raise TrainError(f"{ckpt} exists: pass --resume to continue it or --force to start over")
+        raise ExportError(f"{ckpt} exists: pass --resume to continue it or --force to start over")
     return None
 
 
@@ -161,14 +162,14 @@ def _load_resume(path: Path, cfg: TrainConfig) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TrainError(f"--resume: {path} is not a readable ovseg-train checkpoint ({type(e).__name__})") from None
+        raise ExportError(f"--resume: {path} is not a readable ovseg-train checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"--resume: {path} is not an {CHECKPOINT_FORMAT} checkpoint")
+        raise ExportError(f"--resume: {path} is not an {CHECKPOINT_FORMAT} checkpoint")
     saved = json.loads(state["config"])
     now = json.loads(cfg.to_json())
     differ = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
     if differ:
-        raise TrainError(
+        raise ExportError(
             f"--resume: {path} was trained with other settings: "
             + ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in differ)
         )
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig, clip_model: open_clip.CLIP | None = None, dinov2_mod
     beyond load_clip / load_dinov2)."""
     cfg.out = Path(cfg.out)
     if cfg.iters < 1 or cfg.prompts < 1 or cfg.batch < 1:
-        raise TrainError("--iters, --prompts and --batch must be positive")
+        raise ExportError("--iters, --prompts and --batch must be positive")
     resume_path = _check_out_dir(cfg)
     rank, world, local, owns_group = _init_distributed()
     try:
@@ -192,57 +193,26 @@ def train(cfg: TrainConfig, clip_model: open_clip.CLIP | None = None, dinov2_mod
 
 def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, resume_path: Path | None) -> TrainResult:
     if cfg.batch % world:
-        raise TrainError(f"--batch {cfg.batch} does not split over {world} processes")
+        raise ExportError(f"--batch {cfg.batch} does not split over {world} processes")
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True  # PixelCLIP: float32 matmul precision "high"
     images = find_images(Path(cfg.data), cfg.masks, cfg.annotations and Path(cfg.annotations))
-
-    if clip_model is None:
-        clip_model, _ = load_clip(cfg.clip, cfg.clip_weights, cfg.random_weights)
-    for p in clip_model.parameters():
-        p.requires_grad_(False)
-    set_trainable(clip_model.visual, cfg.finetune)
-    torch.manual_seed(cfg.seed)
-    dense = DenseClip(clip_model.visual, cfg.crop.clip_size, "pixelclip")
-    teacher = make_teacher(dense)
-    student = Student(
-        dense, ClassPrompts(clip_model, cfg.prompts, cfg.prompt_words, cfg.seed), ConvHead(), cfg.crop.mask_size
-    )
-    student.to(device).train()
-    teacher.to(device)
+    clip_model, student, teacher = _models(cfg, clip_model, device)
     optimizer = torch.optim.AdamW(param_groups(student, cfg), lr=cfg.lr)
-    amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-
-    start = 0
-    if resume_path is not None:
-        state = _load_resume(resume_path, cfg)
-        _restore(state, student, teacher, optimizer, scaler)
-        start = int(state["step"])
+    autocast, scaler = _mixed_precision(cfg.amp and device.type == "cuda", device)
+    start = 0 if resume_path is None else _restore(_load_resume(resume_path, cfg), student, teacher, optimizer, scaler)
     if start >= cfg.iters:
-        raise TrainError(f"the checkpoint is at step {start}: raise --iters above it to train further")
+        raise ExportError(f"the checkpoint is at step {start}: raise --iters above it to train further")
 
     loader, masker = _data(cfg, images, rank, world, start, dinov2_model, device)
-    model = (
-        DistributedDataParallel(student, device_ids=[local] if device.type == "cuda" else None)
-        if world > 1
-        else student
-    )
-
+    model = student
+    if world > 1:
+        model = DistributedDataParallel(student, device_ids=[local] if device.type == "cuda" else None)
     files = {"checkpoint": cfg.out / CHECKPOINT, "log": cfg.out / LOG}
     if rank == 0:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / "config.json").write_text(cfg.to_json() + "\n")
-        if start == 0:
-            files["log"].write_text("step,loss,lr,masks,clusters,seconds\n")
-    trained = [p for g in optimizer.param_groups for p in g["params"]]
+        _start_files(cfg, files["log"], start)
     mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
-
-    def normalise(x):
-        return (x.float() / 255 - mean) / std
-
     losses: list[float] = []
     bar = tqdm(total=cfg.iters, initial=start, desc="ovseg-train", unit="step", disable=rank != 0, dynamic_ncols=True)
     batches = iter(loader)
@@ -255,10 +225,10 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
         masks = batch.masks if masker is None else masker(batch.dino, batch.keep)
 
         ema_update(teacher.visual, student.dense.visual, cfg.ema)
-        with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=amp):
-            teacher_features = teacher.dense(normalise(batch.teacher))
-        with torch.autocast(device.type, amp_dtype, enabled=amp):
-            logits, embeddings = model(normalise(batch.student))
+        with torch.no_grad(), autocast():
+            teacher_features = teacher.dense((batch.teacher.float() / 255 - mean) / std)
+        with autocast():
+            logits, embeddings = model((batch.student.float() / 255 - mean) / std)
         targets = cluster_targets(
             masks, teacher_features.float(), embeddings.detach().float(), cfg.logit_scale, cfg.sinkhorn_iters
         )
@@ -267,25 +237,16 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)  # the frozen ones have no gradient
         scaler.step(optimizer)
         scaler.update()
 
-        value = _mean_over_ranks(loss, world)
-        losses.append(value)
-        if rank == 0:
-            with files["log"].open("a", newline="") as f:  # lr: the base (head) rate; CLIP and prompts scale it
-                csv.writer(f).writerow(
-                    [
-                        step + 1,
-                        f"{value:.6f}",
-                        f"{cfg.lr * factor:.3e}",
-                        len(targets.assignment),
-                        targets.clusters_used,
-                        f"{time.perf_counter() - tick:.3f}",
-                    ]
-                )
-            bar.set_postfix(loss=f"{value:.4f}", clusters=targets.clusters_used)
+        losses.append(_mean_over_ranks(loss, world))
+        if rank == 0:  # lr: the base (head) rate; CLIP and prompts scale it
+            row = f"{losses[-1]:.6f},{cfg.lr * factor:.3e},{len(targets.assignment)},{targets.clusters_used}"
+            with files["log"].open("a") as f:
+                f.write(f"{step + 1},{row},{time.perf_counter() - tick:.3f}\n")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", clusters=targets.clusters_used)
             bar.update(1)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.iters:
                 _save_atomic(_checkpoint(step + 1, cfg, student, teacher, optimizer, scaler), files["checkpoint"])
@@ -299,6 +260,33 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
     if world > 1:
         dist.barrier()
     return TrainResult(cfg.iters, losses, files, student, teacher)
+
+
+def _mixed_precision(amp: bool, device: torch.device) -> tuple[Callable, torch.amp.GradScaler]:
+    """The autocast of each forward and the gradient scaler: bf16 where CUDA has it, else fp16 with loss scaling."""
+    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    autocast = functools.partial(torch.autocast, device.type, dtype, enabled=amp)
+    return autocast, torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
+
+
+def _start_files(cfg: TrainConfig, log: Path, start: int) -> None:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "config.json").write_text(cfg.to_json() + "\n")
+    if start == 0:
+        log.write_text("step,loss,lr,masks,clusters,seconds\n")
+
+
+def _models(cfg: TrainConfig, clip_model: open_clip.CLIP | None, device: torch.device):
+    """CLIP (loaded unless given) frozen but for the trained part of its image tower, the student and its teacher."""
+    if clip_model is None:
+        clip_model, _ = load_clip(cfg.clip, cfg.clip_weights, cfg.random_weights)
+    set_trainable(clip_model.requires_grad_(False).visual, cfg.finetune)
+    torch.manual_seed(cfg.seed)
+    dense = DenseClip(clip_model.visual, cfg.crop.clip_size, "pixelclip")
+    teacher = make_teacher(dense)
+    prompts = ClassPrompts(clip_model, cfg.prompts, cfg.prompt_words, cfg.seed)
+    student = Student(dense, prompts, ConvHead(), cfg.crop.mask_size)
+    return clip_model, student.to(device).train(), teacher.to(device)
 
 
 def _data(
@@ -347,7 +335,9 @@ def _checkpoint(step: int, cfg: TrainConfig, student: Student, teacher: DenseCli
     }
 
 
-def _restore(state: dict, student: Student, teacher: DenseClip, optimizer, scaler) -> None:
+def _restore(state: dict, student: Student, teacher: DenseClip, optimizer, scaler) -> int:
+    """Load a checkpoint's state into the run; returns its step."""
+
     def strip(d):
         return {k.removeprefix("visual."): v for k, v in d.items()}
 
@@ -360,7 +350,8 @@ def _restore(state: dict, student: Student, teacher: DenseClip, optimizer, scale
         optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
+        return int(state["step"])
     except (KeyError, RuntimeError, ValueError) as e:
-        raise TrainError(
+        raise ExportError(
             f"--resume: the checkpoint does not fit this model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
         ) from None

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer, tokenize
 from torch import nn
 
-from ovseg.export.clip import ClipDenseVisual, ClipTextEncoder, _block_forward, _resize_pos_embed
-
-from .data import TrainError
+from ovseg.export.clip import ClipDenseVisual, ClipTextEncoder, _resize_pos_embed, visual_patch_size
+from ovseg.export.errors import ExportError
 
 FINETUNE = ("attention", "full")
 TEMPLATE = "A photo of a {} in the scene"  # PixelCLIP's training prompt; the learnable words replace {}
@@ -42,7 +41,7 @@ class DenseClip(ClipDenseVisual):
 def set_trainable(visual: nn.Module, finetune: str) -> list[str]:
     """PixelCLIP's "attention" subset (attention weights and the position embedding) or the "full" encoder."""
     if finetune not in FINETUNE:
-        raise TrainError(f"unknown --finetune {finetune!r}: choose one of {', '.join(FINETUNE)}")
+        raise ExportError(f"unknown --finetune {finetune!r}: choose one of {', '.join(FINETUNE)}")
     names = []
     for name, p in visual.named_parameters():
         p.requires_grad_(finetune == "full" or ".attn." in name or name == "positional_embedding")
@@ -65,20 +64,6 @@ class _TextTower(nn.Module):
         self.text_projection = clip.text_projection
 
 
-class PromptEncoder(ClipTextEncoder):
-    """ClipTextEncoder that starts from token embeddings, so learnable vectors can stand in for words."""
-
-    def encode_embeddings(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        length = input_ids.shape[1]
-        x = embeddings + m.positional_embedding[:length]
-        mask = self.causal_mask[:length, :length]
-        for block in m.transformer.resblocks:
-            x = _block_forward(block, x, mask)
-        x = m.ln_final(x)[torch.arange(x.shape[0]), input_ids.argmax(dim=-1)]
-        return x @ m.text_projection if not isinstance(m.text_projection, nn.Linear) else m.text_projection(x)
-
-
 class ClassPrompts(nn.Module):
     """k class prompts, each ``words`` learnable token embeddings inside TEMPLATE, through the frozen text tower.
 
@@ -86,14 +71,11 @@ class ClassPrompts(nn.Module):
 
     def __init__(self, clip: open_clip.CLIP, k: int = 64, words: int = 4, seed: int = 0):
         super().__init__()
-        if getattr(clip, "text_pool_type", "argmax") != "argmax" or not hasattr(clip, "token_embedding"):
-            raise TrainError("learnable prompts need an open_clip CLIP whose text tower pools at the end-of-text token")
+        ClipTextEncoder(clip)  # an ExportError unless the text tower pools at the end-of-text token
         (placeholder,) = SimpleTokenizer().encode(PLACEHOLDER)
         ids = tokenize([TEMPLATE.format(" ".join([PLACEHOLDER] * words))], clip.context_length)
         ids = ids[:, : int(ids.argmax()) + 1]  # up to end-of-text: the causal tower never looks further
-        self.text = PromptEncoder(_TextTower(clip))
-        for p in self.text.parameters():
-            p.requires_grad_(False)
+        self.text = ClipTextEncoder(_TextTower(clip)).requires_grad_(False)
         self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("slots", (ids[0] == placeholder).nonzero()[:, 0], persistent=False)
         vocab = clip.token_embedding.num_embeddings
@@ -160,14 +142,8 @@ class Student(nn.Module):
 
 def make_teacher(dense: DenseClip) -> DenseClip:
     """A frozen copy of the student's image encoder (built before the student's first forward)."""
-    teacher = DenseClip(copy.deepcopy(dense.visual), dense.grid[0] * _patch(dense.visual), dense.method).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-def _patch(visual: nn.Module) -> int:
-    return visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
+    teacher = DenseClip(copy.deepcopy(dense.visual), dense.grid[0] * visual_patch_size(dense.visual), dense.method)
+    return teacher.eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -34,21 +34,12 @@ def save_visual(visual: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def save_prompts(embeddings: torch.Tensor, path: Path) -> np.ndarray:
-    """L2-normalised text embeddings of the learned prompts, (k, D) float32, no pickle."""
-    out = F.normalize(embeddings.detach().float().cpu(), dim=-1).numpy()
-    np.save(path, out, allow_pickle=False)
-    return out
-
-
 def nearest_names(clip: open_clip.CLIP, prompts: np.ndarray, vocab: str, top: int = 5, batch: int = 256) -> list[dict]:
     """For each learned prompt, the ``top`` closest names of ``vocab`` (embedded as ovseg-export does) with cosines."""
     names = load_vocabulary(vocab)
     templates = CONCEPT_TEMPLATES if vocab == DEFAULT_CONCEPTS else GUIDED_TEMPLATES
     tokenizer = ClipTokenizer(build_clip_tokenizer(), clip.context_length)
-    encoder = ClipTextEncoder(clip).eval()
-    with torch.no_grad():
-        table = embed_names(encoder, tokenizer, names, templates, batch)
+    table = embed_names(ClipTextEncoder(clip).eval(), tokenizer, names, templates, batch)
     cosines = prompts @ table.T
     best = np.argsort(-cosines, axis=1)[:, :top]
     return [
@@ -61,7 +52,8 @@ def write_outputs(
     out: Path, visual: torch.nn.Module, embeddings: torch.Tensor, clip: open_clip.CLIP, vocab: str | None, top: int
 ) -> dict[str, Path]:
     paths = {"visual": save_visual(visual, out / VISUAL_WEIGHTS), "prompts": out / PROMPTS}
-    prompts = save_prompts(embeddings, paths["prompts"])
+    prompts = F.normalize(embeddings.detach().float().cpu(), dim=-1).numpy()  # (k, D) float32, no pickle
+    np.save(paths["prompts"], prompts, allow_pickle=False)
     if vocab:
         paths["names"] = out / PROMPT_NAMES
         table = {"vocabulary": vocab, "prompts": nearest_names(clip, prompts, vocab, top)}
