@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -126,25 +127,10 @@ def export(args: argparse.Namespace) -> int:
         read_frames(args.calib_images, args.frames)
     from .bundle import ExportConfig, export_bundle  # torch loads here, after --help and argument errors
 
-    cfg = ExportConfig(
-        out=args.out,
-        clip=args.clip,
-        clip_weights=args.clip_weights,
-        dense=args.dense,
-        dinov2=args.dinov2,
-        image_size=args.image_size,
-        clip_size=args.clip_size,
-        dinov2_size=args.dinov2_size,
-        profile=args.profile,
-        vocab=args.vocab,
-        fp16=args.fp16,
-        random_weights=args.random_weights,
-        force=args.force,
-        workspace_mib=args.workspace,
-        int8=options_from(args, args.calib_images, args.force_precision) if args.int8 else None,
-        sign=args.sign,
-    )
-    export_bundle(cfg)
+    # the flags are named after ExportConfig's fields
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExportConfig) if f.name in vars(args)}
+    int8 = options_from(args, args.calib_images, args.force_precision) if args.int8 else None
+    export_bundle(ExportConfig(**{**given, "workspace_mib": args.workspace, "int8": int8}))
     return 0
 
 

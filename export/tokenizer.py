@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from open_clip.tokenizer import SimpleTokenizer
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -36,8 +34,3 @@ def build_clip_tokenizer() -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([SOT, EOT])
     return tokenizer
-
-
-def save_clip_tokenizer(path: Path) -> Path:
-    build_clip_tokenizer().save(str(path))
-    return path
