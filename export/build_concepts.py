@@ -21,11 +21,12 @@ import argparse
 import functools
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from ovseg.cli import run_cli
-from ovseg.errors import OvsegError
+from ovseg.export.errors import ExportError
 
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -62,11 +63,6 @@ PERSON_LEXFILE = 18  # untagged compounds naming people are roles, not things a 
 # COCO-Stuff names stuff "<surface>-<material>" ("wall-brick" -> "brick wall") and "<thing>-other"/"-stuff".
 COCO_STUFF_SURFACES = ("wall", "floor", "ceiling")
 COCO_STUFF_RENAMES = {"window-blind": "window blind"}
-NOUN_SENSE = "1"  # ss_type of nouns in a sense key
-
-
-class WordNetMissing(OvsegError, RuntimeError):
-    """WordNet's database files are not where --wordnet points."""
 
 
 @dataclass(frozen=True)
@@ -113,10 +109,6 @@ def read_tag_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-def sense_key(lemma: str, synset: Synset, lex_id: int) -> str:
-    return f"{lemma.lower()}%{NOUN_SENSE}:{synset.lexfile:02d}:{lex_id:02d}::"
-
-
 def find_root(synsets: dict[int, Synset], lemma: str) -> int:
     for synset in synsets.values():
         if any(word == lemma for word, _ in synset.lemmas):
@@ -142,36 +134,16 @@ def readable(lemma: str) -> str:
     return lemma.replace("_", " ")
 
 
-def is_plain_lemma(name: str) -> bool:
-    """No proper nouns (capitals), digits, odd characters or long phrases."""
-    return LEMMA_PATTERN.fullmatch(name) is not None and len(name.split()) <= MAX_WORDS
-
-
-def word_frequencies(tag_counts: dict[str, int]) -> dict[str, int]:
-    """Single-word lemma (any part of speech) -> its tag count summed over senses."""
-    frequencies: dict[str, int] = {}
-    for key, count in tag_counts.items():
-        lemma = key.partition("%")[0]
-        if "_" not in lemma:
-            frequencies[lemma] = frequencies.get(lemma, 0) + count
-    return frequencies
-
-
-def is_common_compound(name: str, word_frequency: dict[str, int]) -> bool:
-    words = name.split()
-    return len(words) > 1 and all(word_frequency.get(word, 0) >= COMMON_WORD_MIN_TAGS for word in words)
-
-
-def offensive_lemmas(synsets: dict[int, Synset]) -> set[str]:
-    return {readable(word).lower() for s in synsets.values() if OFFENSIVE_GLOSS.search(s.gloss) for word, _ in s.lemmas}
-
-
 def wordnet_concepts(wordnet_dir: Path) -> set[str]:
-    """Visual WordNet nouns: tagged senses, plus untagged compounds of common words (not people)."""
+    """Visual WordNet nouns: tagged senses, plus untagged compounds of common words (not people). No proper nouns
+    (capitals), digits, odd characters, long phrases or lemmas with an offensive sense."""
     synsets = parse_data_noun(wordnet_dir / "data.noun")
     tag_counts = read_tag_counts(wordnet_dir / "cntlist.rev")
-    word_frequency = word_frequencies(tag_counts)
-    offensive = offensive_lemmas(synsets)
+    common: Counter[str] = Counter()  # single-word lemma (any part of speech) -> its tag count summed over senses
+    for key, count in tag_counts.items():
+        if "_" not in (lemma := key.partition("%")[0]):
+            common[lemma] += count
+    offensive = {readable(w).lower() for s in synsets.values() if OFFENSIVE_GLOSS.search(s.gloss) for w, _ in s.lemmas}
     names: set[str] = set()
     for offset in descendants(synsets, find_root(synsets, ROOT_LEMMA)):
         synset = synsets[offset]
@@ -179,10 +151,12 @@ def wordnet_concepts(wordnet_dir: Path) -> set[str]:
             continue
         for word, lex_id in synset.lemmas:
             name = readable(word)
-            if not is_plain_lemma(name) or name in offensive:
+            words = name.split()
+            if not LEMMA_PATTERN.fullmatch(name) or len(words) > MAX_WORDS or name in offensive:
                 continue
-            tagged = tag_counts.get(sense_key(word, synset, lex_id), 0) > 0
-            if tagged or (synset.lexfile != PERSON_LEXFILE and is_common_compound(name, word_frequency)):
+            tagged = tag_counts.get(f"{word.lower()}%1:{synset.lexfile:02d}:{lex_id:02d}::", 0) > 0  # 1: a noun
+            compound = len(words) > 1 and all(common[w] >= COMMON_WORD_MIN_TAGS for w in words)
+            if tagged or (synset.lexfile != PERSON_LEXFILE and compound):
                 names.add(name)
     return names
 
@@ -215,23 +189,17 @@ def read_class_list(path: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-def source_concepts(sources_dir: Path) -> set[str]:
-    return {
-        name
-        for path in sorted(sources_dir.glob("*.txt"))
-        for line in read_class_list(path)
-        for name in class_list_names(line)
-    }
-
-
 def build_concepts(wordnet_dir: Path = DEFAULT_WORDNET_DIR, sources_dir: Path = SOURCES_DIR) -> list[str]:
     missing = [name for name in ("data.noun", "cntlist.rev") if not (wordnet_dir / name).is_file()]
     if missing:
-        raise WordNetMissing(
+        raise ExportError(
             f"WordNet database not found in {wordnet_dir} (missing {', '.join(missing)}): "
             "run `apt-get install wordnet-base` or pass --wordnet DIR"
         )
-    return sorted(wordnet_concepts(wordnet_dir) | source_concepts(sources_dir))
+    lists = [read_class_list(path) for path in sorted(sources_dir.glob("*.txt"))]
+    return sorted(
+        wordnet_concepts(wordnet_dir) | {name for lines in lists for line in lines for name in class_list_names(line)}
+    )
 
 
 def render(names: list[str]) -> str:
