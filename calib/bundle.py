@@ -20,6 +20,7 @@ import onnxruntime as ort
 import ovseg.cli
 from ovseg.constants import INT8_SYMMETRIC
 from ovseg.environment import machine_key
+from ovseg.export.errors import ExportError
 from ovseg.runtime.bundle.manifest import (
     EncoderInfo,
     Manifest,
@@ -29,10 +30,11 @@ from ovseg.runtime.bundle.manifest import (
     write_manifest,
 )
 from ovseg.runtime.bundle.signing import load_private_key
+from ovseg.runtime.tools.compare import Thresholds
 
 from . import gate
 from .cli import PROG
-from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT, CalibrationData, CalibrationError, Norm, load_calibration
+from .data import DEFAULT_FRAMES, DEFAULT_HOLDOUT, CalibrationData, Norm, load_calibration
 from .quantize import METHODS, cache_path, calibrate, quantize, sensitivity
 
 MODELS = ("clip", "dinov2")  # --models names = Manifest attributes
@@ -41,17 +43,13 @@ FALLBACK_ROUNDS = 3  # at most this many re-quantisations per encoder when its c
 FALLBACK_STEP = 4  # nodes moved back to float per round, the most sensitive first
 
 
-class GateFailed(CalibrationError):
-    """A precision fell under the gate's thresholds and --force was not given: nothing was written."""
-
-
 @dataclass
 class CalibOptions:
     source: Path  # folder of images or a video
     method: str = "minmax"
     frames: int = DEFAULT_FRAMES
     holdout: float = DEFAULT_HOLDOUT
-    thresholds: gate.Thresholds = field(default_factory=gate.Thresholds)
+    thresholds: Thresholds = field(default_factory=Thresholds)
     models: tuple[str, ...] = MODELS  # encoders to (re)calibrate; the gate always covers every int8 encoder
     precisions: tuple[str, ...] = ("int8",)  # "fp16": also gate the bundle's fp16 variants (nothing new is written)
     force: bool = False  # write a precision that failed its gate, recorded as passed=False
@@ -61,30 +59,28 @@ class CalibOptions:
 
     def check(self) -> None:
         if self.method not in METHODS:
-            raise CalibrationError(f"unknown calibration method {self.method!r}: choose one of {', '.join(METHODS)}")
+            raise ExportError(f"unknown calibration method {self.method!r}: choose one of {', '.join(METHODS)}")
         unknown = [m for m in self.models if m not in MODELS] + [p for p in self.precisions if p not in PRECISIONS]
         if unknown or not self.models:
-            raise CalibrationError(
+            raise ExportError(
                 f"unknown or no models/precisions {unknown}: models are {', '.join(MODELS)}, precisions {', '.join(PRECISIONS)}"
             )
         if self.timing_runs < 1 or self.fallback_rounds < 0:
-            raise CalibrationError("--timing-runs must be at least 1 and --fallback-rounds at least 0")
+            raise ExportError("--timing-runs must be at least 1 and --fallback-rounds at least 0")
 
 
 say = functools.partial(ovseg.cli.say, PROG)
 
 
 def norms(manifest: Manifest) -> dict[str, Norm]:
-    return {
-        m: Norm(getattr(manifest, m).mean, getattr(manifest, m).std, getattr(manifest, m).image_size) for m in MODELS
-    }
+    return {m: Norm(info.mean, info.std, info.image_size) for m in MODELS for info in [getattr(manifest, m)]}
 
 
 def check_fp32(bundle_dir: Path, manifest: Manifest, models: tuple[str, ...]) -> None:
     for m in models:
         name = getattr(manifest, m).files.get("fp32")
         if not name or not (bundle_dir / name).is_file():
-            raise CalibrationError(
+            raise ExportError(
                 f"the bundle at {bundle_dir} has no fp32 {m} model to calibrate: re-export it with `ovseg-export`"
             )
 
@@ -112,7 +108,6 @@ def calibrate_export(tmp: Path, manifest: Manifest, opts: CalibOptions, previous
     Calibration caches of the bundle being replaced (``previous``) are reused when their key still matches.
     """
     opts.check()
-    check_fp32(tmp, manifest, opts.models)
     for m in opts.models:
         old = previous and cache_path(previous / getattr(manifest, m).files["fp32"])
         if old and old.is_file():
@@ -124,7 +119,7 @@ def calibrate_export(tmp: Path, manifest: Manifest, opts: CalibOptions, previous
 def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: CalibOptions) -> Manifest:
     """Write the int8 encoders into ``d``, gate every asked-for precision, return the manifest with files and gates.
 
-    Raises GateFailed (having written nothing that the caller keeps) when a gate fails without ``opts.force``.
+    Raises ExportError (having written nothing that the caller keeps) when a gate fails without ``opts.force``.
     """
     # the gates being re-measured are dropped until then (an old failed verdict would only make the Segmenter warn)
     manifest = dataclasses.replace(
@@ -139,14 +134,14 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
             setattr(manifest, m, info)
         lacking = [m for m in MODELS if "int8" not in getattr(manifest, m).files]
         if lacking:
-            raise CalibrationError(
+            raise ExportError(
                 f"int8 needs every image encoder: the bundle has no int8 {', '.join(lacking)}; add it to --models"
             )
     write_manifest(d, manifest)  # the Segmenter reads the bundle from disk
     failed = []
     for precision in opts.precisions:
         if not all(precision in getattr(manifest, m).files for m in MODELS):
-            raise CalibrationError(
+            raise ExportError(
                 f"the bundle has no {precision} variant of every image encoder to gate: re-export with --{precision}"
             )
         record = gate_precision(d, manifest, precision, data, opts, details if precision == "int8" else {})
@@ -157,12 +152,9 @@ def calibrate_dir(d: Path, manifest: Manifest, data: CalibrationData, opts: Cali
     if failed and not opts.force:
         worst, t = manifest.gates[failed[0]], opts.thresholds
         short = [f"min cosine {worst['min_cosine']:.4f} < {t.cosine}"] if worst["min_cosine"] < t.cosine else []
-        short += (
-            [f"label agreement {worst['label_agreement']:.3f} < {t.agreement}"]
-            if worst["label_agreement"] < t.agreement
-            else []
-        )
-        raise GateFailed(
+        if worst["label_agreement"] < t.agreement:
+            short.append(f"label agreement {worst['label_agreement']:.3f} < {t.agreement}")
+        raise ExportError(
             f"{failed[0]} failed its gate ({' and '.join(short)}): nothing written; pass --force to keep it, recorded as failed"
         )
     return manifest
@@ -185,7 +177,7 @@ def _quantize_encoder(
     excluded: list[str] = []
 
     def quantize_checked(path: Path, tensorrt: bool = False) -> tuple[list[str], list[str], gate.EncoderCheck]:
-        _unlink(path)  # never write through a hard link into the bundle being replaced
+        path.unlink(missing_ok=True)  # never write through a hard link into the bundle being replaced
         kept, quantized = quantize(fp32, path, ranges, tuple(excluded), tensorrt)
         return kept, quantized, gate.encoder_check(reference, gate.session(path), data.holdout[m])
 
@@ -226,12 +218,12 @@ def _quantize_encoder(
         }
         say(f"{symmetric.name} (TensorRT's int8 source): min cosine {check.min_cosine:.4f}")
         if not passed and not opts.force:
-            raise GateFailed(
+            raise ExportError(
                 f"{symmetric.name} (for TensorRT) reaches a worst per-token cosine of {check.min_cosine:.4f} against "
                 f"fp32, under {opts.thresholds.cosine}: nothing written; pass --force to keep it, recorded as failed"
             )
         if stale:
-            _unlink(d / stale)
+            (d / stale).unlink(missing_ok=True)
             say(f"int8 {m}: {stale} removed (built from the previous model): run `ovseg-build --int8` on the device")
     return info, details
 
@@ -246,24 +238,19 @@ def gate_precision(
 ) -> dict:
     """The gate record of ``precision`` against fp32: encoder cosines, speed, pipeline agreement."""
     models: dict[str, dict] = {}
-    fp32_ms = candidate_ms = 0.0
-    cosines = []
     for m in MODELS:
         info = getattr(manifest, m)
         reference, candidate = gate.session(d / info.files["fp32"]), gate.session(d / info.files[precision])
         check = gate.encoder_check(reference, candidate, data.holdout[m])
-        timing = gate.time_pair(reference, candidate, data.holdout[m][:1], opts.timing_runs)
-        fp32_ms += timing.fp32_ms
-        candidate_ms += timing.candidate_ms
-        cosines.append(check)
+        ms = gate.time_pair(reference, candidate, data.holdout[m][:1], opts.timing_runs)
         models[m] = {
             **details.get(m, {}),
             "min_cosine": check.min_cosine,
             "mean_cosine": check.mean_cosine,
             "outputs": check.outputs,
-            "fp32_ms": timing.fp32_ms,
-            f"{precision}_ms": timing.candidate_ms,
-            "speedup_vs_fp32": timing.speedup,
+            "fp32_ms": ms[0],
+            f"{precision}_ms": ms[1],
+            "speedup_vs_fp32": ms[0] / ms[1],
             "weights": info.weights,
         }
     say(f"{precision}: pipeline agreement on {data.n_holdout} held-out frames")
@@ -273,33 +260,26 @@ def gate_precision(
     finally:
         reference.close()
         candidate.close()
-    min_cosine = min(c.min_cosine for c in cosines)
+    min_cosine = min(r["min_cosine"] for r in models.values())
     passed = min_cosine >= opts.thresholds.cosine and label_agreement >= opts.thresholds.agreement
     return {
         "passed": bool(passed),
         "min_cosine": min_cosine,
-        "mean_cosine": min(c.mean_cosine for c in cosines),
+        "mean_cosine": min(r["mean_cosine"] for r in models.values()),
         "label_agreement": label_agreement,
         "pixel_agreement": pixel_agreement,
-        "speedup_vs_fp32": fp32_ms / candidate_ms,
+        "speedup_vs_fp32": sum(r["fp32_ms"] for r in models.values())
+        / sum(r[f"{precision}_ms"] for r in models.values()),
         "frames": data.n_holdout,
         "calibration_frames": data.n_calib if precision == "int8" else 0,
         "method": opts.method if precision == "int8" else None,
         "thresholds": {"cosine": opts.thresholds.cosine, "label_agreement": opts.thresholds.agreement},
-        "weights": "random weights"
-        if manifest.random_weights
-        else "weights as exported",  # per encoder: models.*.weights
+        # per encoder: models.*.weights
+        "weights": "random weights" if manifest.random_weights else "weights as exported",
         "measured_on": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {ort.__version__} CPU",
         "machine": machine_key(),  # precision "auto" trusts speedup_vs_fp32 only on this machine
         "models": models,
     }
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _summary(precision: str, r: dict) -> str:

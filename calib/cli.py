@@ -12,11 +12,9 @@ against fp32 by the same cosine on ONNX Runtime's CPU. `ovseg-build --int8` buil
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from ovseg.cli import add_bundle_argument, fraction, log_lines, run_cli
@@ -136,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from(args: argparse.Namespace, source: Path, force: bool, models=None, precisions=("int8",)):
+    from ovseg.runtime.tools.compare import Thresholds
+
     from .bundle import MODELS, CalibOptions
-    from .gate import Thresholds
 
     return CalibOptions(
         source=source,
@@ -155,18 +154,12 @@ def options_from(args: argparse.Namespace, source: Path, force: bool, models=Non
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with _warnings_on_stderr():
-        return run_cli(PROG, functools.partial(calibrate, args), aftermath=f"{args.bundle} is unchanged")
-
-
-@contextlib.contextmanager
-def _warnings_on_stderr() -> Iterator[None]:
-    """ovseg's warnings (a frame that cannot be read, a damaged calibration cache) as ``ovseg-calib: ...`` lines while
-    the command runs, written above the progress bars."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    # ovseg's warnings (a frame that cannot be read, a damaged calibration cache) as ``ovseg-calib: ...`` lines while
+    # the command runs, written above the progress bars
     with log_lines(PROG, logging.WARNING) as logger, logging_redirect_tqdm([logger]):
-        yield
+        return run_cli(PROG, functools.partial(calibrate, args), aftermath=f"{args.bundle} is unchanged")
 
 
 def calibrate(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ovseg.errors import OvsegError, SegmenterError
+from ovseg.errors import SegmenterError
+from ovseg.export.errors import ExportError
 from ovseg.runtime.io.sources import IMAGE_SUFFIXES, evenly_spaced
 from ovseg.runtime.pipeline.preprocess import Preprocessors
 
@@ -26,10 +27,6 @@ DEFAULT_FRAMES = 40  # 32 to calibrate on + 8 held out: enough for stable MinMax
 DEFAULT_HOLDOUT = 0.2
 MIN_HOLDOUT = 2  # one held-out frame says little about agreement
 MIN_CALIB = 2
-
-
-class CalibrationError(OvsegError, RuntimeError):
-    """Calibration cannot go on; the message is one line saying what to do. Nothing has been written."""
 
 
 @dataclass
@@ -59,12 +56,12 @@ class CalibrationData:
 
 
 def split_sizes(n: int, holdout: float) -> tuple[int, int]:
-    """(calibration, held-out) frame counts; CalibrationError when ``n`` frames cannot make both."""
+    """(calibration, held-out) frame counts; ExportError when ``n`` frames cannot make both."""
     if not 0.0 < holdout < 1.0:
-        raise CalibrationError(f"--holdout must be a fraction between 0 and 1, got {holdout}")
+        raise ExportError(f"--holdout must be a fraction between 0 and 1, got {holdout}")
     n_hold = max(MIN_HOLDOUT, round(n * holdout))
     if n - n_hold < MIN_CALIB:
-        raise CalibrationError(
+        raise ExportError(
             f"{n} frame(s) are too few to hold out {n_hold} for the gate and calibrate on at least {MIN_CALIB}: "
             f"give at least {MIN_HOLDOUT + MIN_CALIB} readable images (or a longer video)"
         )
@@ -79,7 +76,7 @@ def holdout_indices(n: int, n_hold: int) -> list[int]:
 def _image_frames(folder: Path, n: int) -> list[np.ndarray]:
     paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise CalibrationError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise ExportError(f"no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
     frames = []
     for i in tqdm(evenly_spaced(len(paths), n), desc="reading images", unit="img", leave=False):
         image = cv2.imread(str(paths[i]), cv2.IMREAD_UNCHANGED)
@@ -88,7 +85,7 @@ def _image_frames(folder: Path, n: int) -> list[np.ndarray]:
             continue
         frames.append(image)
     if not frames:
-        raise CalibrationError(f"none of the {len(paths)} image(s) in {folder} could be read")
+        raise ExportError(f"none of the {len(paths)} image(s) in {folder} could be read")
     return frames
 
 
@@ -96,7 +93,7 @@ def _video_frames(path: Path, n: int) -> list[np.ndarray]:
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
-            raise CalibrationError(f"cannot open {path} as a video (not a video file, or OpenCV lacks its codec)")
+            raise ExportError(f"cannot open {path} as a video (not a video file, or OpenCV lacks its codec)")
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         if count <= 0:  # no frame count in the header: count by decoding once
             count = 0
@@ -114,7 +111,7 @@ def _video_frames(path: Path, n: int) -> list[np.ndarray]:
                 if ok and image is not None:
                     frames.append(image)
         if not frames:
-            raise CalibrationError(f"no frame of {path} could be decoded")
+            raise ExportError(f"no frame of {path} could be decoded")
         return frames
     finally:
         cap.release()
@@ -124,12 +121,12 @@ def read_frames(source: str | Path, n: int) -> list[np.ndarray]:
     """Up to ``n`` frames sampled evenly from a folder of images or a video file, as decoded."""
     path = Path(source).expanduser()
     if n < MIN_HOLDOUT + MIN_CALIB:
-        raise CalibrationError(f"--frames must be at least {MIN_HOLDOUT + MIN_CALIB}, got {n}")
+        raise ExportError(f"--frames must be at least {MIN_HOLDOUT + MIN_CALIB}, got {n}")
     if path.is_dir():
         return _image_frames(path, n)
     if path.is_file():
         return _video_frames(path, n)
-    raise CalibrationError(f"{source} does not exist: give a folder of images or a video file")
+    raise ExportError(f"{source} does not exist: give a folder of images or a video file")
 
 
 def load_calibration(
@@ -138,7 +135,7 @@ def load_calibration(
     frames: int = DEFAULT_FRAMES,
     holdout: float = DEFAULT_HOLDOUT,
 ) -> CalibrationData:
-    """Read, split and preprocess (each role at its ``Norm.size``); raises CalibrationError (one line) for every bad
+    """Read, split and preprocess (each role at its ``Norm.size``); raises ExportError (one line) for every bad
     input."""
     decoded = read_frames(source, frames)
     pre = Preprocessors({role: norm.size for role, norm in norms.items()})
@@ -152,27 +149,19 @@ def load_calibration(
             continue
         rgbs.append({p.size: p.rgb.copy() for p in pre.distinct})
         kept.append(frame)
-    n_calib, n_hold = split_sizes(len(kept), holdout)
-    held = set(holdout_indices(len(kept), n_hold))
-    parts: dict[str, dict[str, np.ndarray]] = {"calib": {}, "holdout": {}}
+    held = holdout_indices(len(kept), split_sizes(len(kept), holdout)[1])
+    rest = [i for i in range(len(kept)) if i not in held]
+    calib, hold = {}, {}
     for role, norm in norms.items():
         p = pre[role]
         batch = np.empty((len(kept), 3, norm.size, norm.size), np.float32)
         for i, frame_rgbs in enumerate(rgbs):
             p.rgb[...] = frame_rgbs[norm.size]
             p.normalise(batch[i : i + 1], norm.mean, norm.std)
-        parts["holdout"][role] = batch[sorted(held)]
-        parts["calib"][role] = batch[[i for i in range(len(kept)) if i not in held]]
+        hold[role], calib[role] = batch[held], batch[rest]
     # the frames at every size; at one size the digest (and so the cache key) is what it was before sizes per encoder
     digest = hashlib.sha256()
-    for i, frame_rgbs in enumerate(rgbs):
-        if i not in held:
-            for rgb in frame_rgbs.values():
-                digest.update(rgb.tobytes())
-    return CalibrationData(
-        source=str(source),
-        calib=parts["calib"],
-        holdout=parts["holdout"],
-        holdout_frames=[kept[i] for i in sorted(held)],
-        digest=digest.hexdigest(),
-    )
+    for i in rest:
+        for rgb in rgbs[i].values():
+            digest.update(rgb.tobytes())
+    return CalibrationData(str(source), calib, hold, [kept[i] for i in held], digest.hexdigest())

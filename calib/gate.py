@@ -10,49 +10,18 @@ Speed: the two encoder sessions timed interleaved (warm-up, then ``runs`` each, 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from ovseg.onnx_helpers import session_options
-from ovseg.runtime.tools.compare import (
-    EncoderCheck,
-    Thresholds,
-    agreement,
-    agreement_totals,
-    compare_outputs,
-    label_map_names,
-)
-
-__all__ = [
-    "EncoderCheck",
-    "Thresholds",
-    "Timing",
-    "agreement",
-    "encoder_check",
-    "label_map_names",
-    "open_segmenter",
-    "pipeline_agreement",
-    "session",
-    "time_pair",
-]
+from ovseg.runtime.tools.compare import EncoderCheck, agreement, agreement_totals, compare_outputs
 
 
-@dataclass
-class Timing:
-    fp32_ms: float
-    candidate_ms: float
-
-    @property
-    def speedup(self) -> float:
-        return self.fp32_ms / self.candidate_ms
-
-
-def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+def session(path: Path) -> ort.InferenceSession:
     """A CPU session with the runtime's settings (all graph optimisations, the default thread count)."""
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
 
 def encoder_check(fp32: ort.InferenceSession, candidate: ort.InferenceSession, frames: np.ndarray) -> EncoderCheck:
@@ -68,8 +37,8 @@ def encoder_check(fp32: ort.InferenceSession, candidate: ort.InferenceSession, f
     )
 
 
-def time_pair(fp32: ort.InferenceSession, candidate: ort.InferenceSession, x: np.ndarray, runs: int = 5) -> Timing:
-    """Median latency of both sessions on ``x`` (1, 3, S, S), runs interleaved so load changes hit both alike."""
+def time_pair(fp32: ort.InferenceSession, candidate: ort.InferenceSession, x: np.ndarray, runs: int = 5) -> list[float]:
+    """Median latency in ms of both sessions on ``x`` (1, 3, S, S), runs interleaved so load changes hit both alike."""
     feed = {fp32.get_inputs()[0].name: x}
     for s in (fp32, candidate):
         s.run(None, feed)
@@ -79,7 +48,7 @@ def time_pair(fp32: ort.InferenceSession, candidate: ort.InferenceSession, x: np
             start = time.perf_counter()
             s.run(None, feed)
             t.append(time.perf_counter() - start)
-    return Timing(float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3))
+    return [float(np.median(t) * 1e3) for t in times]
 
 
 def pipeline_agreement(reference, candidate, frames: list[np.ndarray]) -> tuple[float, float]:

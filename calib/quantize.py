@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -33,8 +34,6 @@ from tqdm import tqdm
 
 from ovseg.onnx_helpers import output_projections, session_options
 from ovseg.runtime.bundle.manifest import sha256_file
-
-from .data import CalibrationError
 
 log = logging.getLogger("ovseg.calib")
 
@@ -56,19 +55,10 @@ def cache_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.name.removesuffix(".onnx") + CACHE_SUFFIX)
 
 
-def cache_key(model_sha256: str, frames_digest: str, method: str) -> str:
-    return hashlib.sha256(f"{CACHE_VERSION}:{model_sha256}:{frames_digest}:{method}".encode()).hexdigest()
-
-
-def _const_inputs(model: onnx.ModelProto) -> set[str]:
-    names = {i.name for i in model.graph.initializer}
-    names |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    return names
-
-
 def attention_matmuls(model: onnx.ModelProto) -> list[str]:
     """MatMuls whose both inputs are activations (q.kT, attention x values, GEM's self-self attention)."""
-    consts = _const_inputs(model)
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
 
 
@@ -79,10 +69,8 @@ def float_nodes(model: onnx.ModelProto, exclude: tuple[str, ...] = ()) -> list[s
     not survive a 1/255 step, and ORT's int8 kernels for activation x activation products are no faster than fp32
     (docs/DESIGN.md, "Measurements behind defaults").
     """
-    names = [n.name for n in model.graph.node if n.op_type in FLOAT_OPS]
-    names += output_projections(model)
-    names += attention_matmuls(model)
-    return list(dict.fromkeys(names + list(exclude)))
+    names = [n.name for n in model.graph.node if n.op_type in FLOAT_OPS] + output_projections(model)
+    return list(dict.fromkeys(names + attention_matmuls(model) + list(exclude)))
 
 
 def calibrate(
@@ -93,19 +81,22 @@ def calibrate(
     Returns (ranges, recalibrated). The cache is JSON (no pickle), written atomically.
     """
     cache = cache or cache_path(model_path)
-    key = cache_key(sha256_file(model_path), digest, method)
+    key = hashlib.sha256(f"{CACHE_VERSION}:{sha256_file(model_path)}:{digest}:{method}".encode()).hexdigest()
     cached = read_cache(cache, key)
     if cached is not None:
         return cached, False
     ranges = compute_ranges(model_path, frames, method)
-    write_cache(cache, key, ranges, {"method": method, "frames": int(len(frames)), "model": model_path.name})
+    minmax = {k: TensorData(lowest=v.lowest, highest=v.highest) for k, v in ranges.items()}  # no histograms
+    payload = {"key": key, "version": CACHE_VERSION, "method": method, "frames": len(frames), "model": model_path.name}
+    payload["ranges"] = TensorsData(ranges.calibration_method, minmax).to_dict()
+    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, cls=CalibrationCacheEncoder))
+    os.replace(tmp, cache)
     return ranges, True
 
 
 def compute_ranges(model_path: Path, frames: np.ndarray, method: str) -> TensorsData:
     """Run ORT's calibrator over the frames one at a time (bounded memory, a progress bar)."""
-    if method not in METHODS:
-        raise CalibrationError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
     model = onnx.load(str(model_path), load_external_data=False)
     input_name = model.graph.input[0].name
     with tempfile.TemporaryDirectory(prefix="ovseg-calib-") as tmp:
@@ -117,22 +108,13 @@ def compute_ranges(model_path: Path, frames: np.ndarray, method: str) -> Tensors
             extra_options={"symmetric": method == "percentile"},
         )
         for x in tqdm(frames, desc=f"calibrating {model_path.name} ({method})", unit="frame", leave=False):
+            one_feed = SimpleNamespace(get_next=iter([{input_name: x[None]}, None]).__next__)  # a data reader
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram collector prints a line per call
-                calibrator.collect_data(_OneBatch({input_name: x[None]}))
+                calibrator.collect_data(one_feed)
         with contextlib.redirect_stdout(io.StringIO()):
             ranges = calibrator.compute_data()
         del calibrator
     return ranges
-
-
-class _OneBatch:
-    """A CalibrationDataReader over one feed."""
-
-    def __init__(self, feed: dict[str, np.ndarray]):
-        self._feeds = [feed]
-
-    def get_next(self):
-        return self._feeds.pop() if self._feeds else None
 
 
 def read_cache(cache: Path, key: str) -> TensorsData | None:
@@ -146,16 +128,6 @@ def read_cache(cache: Path, key: str) -> TensorsData | None:
     except (ValueError, KeyError, TypeError) as e:
         log.warning("ignoring the unreadable calibration cache %s (%s)", cache, e)
         return None
-
-
-def write_cache(cache: Path, key: str, ranges: TensorsData, about: dict) -> None:
-    ranges = TensorsData(
-        ranges.calibration_method, {k: TensorData(lowest=v.lowest, highest=v.highest) for k, v in ranges.items()}
-    )
-    payload = {"key": key, "version": CACHE_VERSION, **about, "ranges": ranges.to_dict()}  # ranges only, no histograms
-    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, cls=CalibrationCacheEncoder))
-    os.replace(tmp, cache)
 
 
 def quantize(
@@ -202,8 +174,7 @@ def quantize(
     read_float(qmodel.graph, keep, model.graph)
     onnx.checker.check_model(qmodel, full_check=True)
     onnx.save(qmodel, str(out_path))
-    quantized = quantized_nodes(qmodel)
-    return keep, quantized
+    return keep, quantized_nodes(qmodel)
 
 
 def read_float(graph: onnx.GraphProto, kept: list[str], source: onnx.GraphProto) -> None:
@@ -217,26 +188,19 @@ def read_float(graph: onnx.GraphProto, kept: list[str], source: onnx.GraphProto)
     source_weights = {i.name: i for i in source.initializer}
     weights = {i.name for i in graph.initializer}
 
-    def behind_identities(name: str, producers: dict) -> str:
-        while name in producers and producers[name].op_type == "Identity":
-            name = producers[name].input[0]
-        return name
-
     def float_tensor(name: str) -> str | None:
-        dq = producer.get(behind_identities(name, producer))
+        dq = producer.get(_behind_identities(name, producer))
         if dq is None or dq.op_type != "DequantizeLinear":
             return None
         q = producer.get(dq.input[0])
         if q is not None and q.op_type == "QuantizeLinear":
             return q.input[0]
-        weight = behind_identities(name, source_producer)
+        weight = _behind_identities(name, source_producer)
         if weight not in source_weights:
             return None
         copy = f"{weight}_float"  # the quantiser may have given the weight's own name to its DQ output
         if copy not in weights:
-            graph.initializer.append(
-                onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(source_weights[weight]), copy)
-            )
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(source_weights[weight]), copy))
             weights.add(copy)
         return copy
 
@@ -245,17 +209,25 @@ def read_float(graph: onnx.GraphProto, kept: list[str], source: onnx.GraphProto)
         inputs = node.input[:1] if node.op_type == "Shape" else node.input if node.name in readers else []
         for i, name in enumerate(inputs):
             node.input[i] = float_tensor(name) or name
+    _drop_unread(graph, ("QuantizeLinear", "DequantizeLinear", "Identity"))
+
+
+def _drop_unread(graph: onnx.GraphProto, ops: tuple[str, ...]) -> None:
+    """Remove the nodes of ``ops`` whose outputs nothing reads, until there are none."""
     while True:
-        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-        dead = [
-            n
-            for n in graph.node
-            if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Identity") and not any(o in used for o in n.output)
-        ]
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ops and not read.intersection(n.output)]
         if not dead:
             return
         for n in dead:
             graph.node.remove(n)
+
+
+def _behind_identities(name: str, producer: dict[str, onnx.NodeProto]) -> str:
+    """The tensor behind Identity nodes (the quantiser shares one DQ among consumers through one)."""
+    while name in producer and producer[name].op_type == "Identity":
+        name = producer[name].input[0]
+    return name
 
 
 @contextlib.contextmanager

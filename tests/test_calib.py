@@ -16,16 +16,17 @@ import pytest
 
 from ovseg.calib import gate as g
 from ovseg.calib import quantize as q
-from ovseg.calib.bundle import FALLBACK_STEP, CalibOptions, GateFailed, calibrate_bundle, norms
+from ovseg.calib.bundle import FALLBACK_STEP, CalibOptions, calibrate_bundle, norms
 from ovseg.calib.cli import main as calib_main
-from ovseg.calib.data import CalibrationError, Norm, holdout_indices, load_calibration, read_frames, split_sizes
-from ovseg.calib.gate import Thresholds, agreement
+from ovseg.calib.data import Norm, holdout_indices, load_calibration, read_frames, split_sizes
 from ovseg.constants import DEFAULT_COSINE, INT8_SYMMETRIC
 from ovseg.environment import machine_key
+from ovseg.export.errors import ExportError
 from ovseg.runtime.bundle.manifest import BundleError, PlanRecord, read_manifest, sha256_file
 from ovseg.runtime.config import SegmenterConfig
 from ovseg.runtime.engines.precision import pick_precision
 from ovseg.runtime.result import Result, Segment
+from ovseg.runtime.tools.compare import Thresholds, agreement
 
 from assertions import one_line
 
@@ -220,7 +221,7 @@ def test_failing_gate_writes_nothing_then_force_records_failure(calibrated, phot
         len(fallback["fallback"]) == FALLBACK_STEP and len(fallback["rounds"]) == 2
     )  # the most sensitive nodes went float
     assert pick_precision(manifest, "cpu") == "fp32"
-    with pytest.raises(GateFailed):
+    with pytest.raises(ExportError):
         calibrate_bundle(
             bundle,
             CalibOptions(source=photos, thresholds=Thresholds(1.5, 1.5), models=("dinov2",), fallback_rounds=0, **FAST),
@@ -268,13 +269,13 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(tiny_bundle, photos, tmp_
     }
     (tmp_path / "notavideo.mp4").write_bytes(b"\x00" * 100)
     for source, message in cases.items():
-        with pytest.raises(CalibrationError, match=message) as info:
+        with pytest.raises(ExportError, match=message) as info:
             calibrate_bundle(bundle, CalibOptions(source=source, **FAST))
         assert "\n" not in str(info.value)
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["dinov2"]["files"].pop("fp32")
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CalibrationError, match="no fp32 dinov2 model"):
+    with pytest.raises(ExportError, match="no fp32 dinov2 model"):
         calibrate_bundle(bundle, CalibOptions(source=photos, **FAST))
     (bundle / "manifest.json").write_bytes(before["manifest.json"])
     assert _tree(bundle) == before
@@ -299,7 +300,7 @@ def test_calib_warnings_are_its_own_lines_and_the_root_logger_is_left_alone(tiny
 
 def test_split_and_video_sampling(tmp_path):
     assert split_sizes(10, 0.2) == (8, 2) and split_sizes(40, 0.2) == (32, 8) and split_sizes(4, 0.2) == (2, 2)
-    with pytest.raises(CalibrationError, match="too few"):
+    with pytest.raises(ExportError, match="too few"):
         split_sizes(3, 0.2)
     assert holdout_indices(10, 2) == [2, 7] and len(set(holdout_indices(40, 8))) == 8
     path = tmp_path / "clip.avi"
@@ -461,7 +462,7 @@ def test_a_model_for_tensorrt_under_the_gate_writes_nothing_and_a_new_one_drops_
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     before = _tree(bundle)
     strict = dict(source=photos, thresholds=Thresholds(1.5, 0.0), models=("dinov2",), fallback_rounds=0, tensorrt=True)
-    with pytest.raises(GateFailed) as err:
+    with pytest.raises(ExportError) as err:
         calibrate_bundle(bundle, CalibOptions(**strict, **FAST))
     one_line(
         err, "dinov2.int8_symmetric.onnx (for TensorRT) reaches a worst per-token cosine", "nothing written", "--force"

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from ovseg.calib.bundle import CalibOptions, calibrate_bundle
-from ovseg.calib.gate import Thresholds
 from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE, INT8_SYMMETRIC
 from ovseg.errors import SegmenterError
 from ovseg.runtime.bundle.manifest import BundleError, DeviceInfo, PlanRecord, read_manifest, sha256_file
@@ -24,7 +23,7 @@ from ovseg.runtime.engines import engine as engine_module
 from ovseg.runtime.engines.engine import open_engine
 from ovseg.runtime.engines.sessions import OnnxEncoder
 from ovseg.runtime.tools import build
-from ovseg.runtime.tools.compare import synthetic_frames
+from ovseg.runtime.tools.compare import Thresholds, synthetic_frames
 
 HERE = DeviceInfo("10.3.0", "NVIDIA Jetson AGX Orin", "8.7")
 STRONGLY_TYPED = 1
