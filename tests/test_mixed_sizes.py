@@ -137,14 +137,13 @@ def test_guidance_free_agrees_with_the_naive_tag_reference(mixed_bundle, photo):
     """TAG in torch eager on the same weights, each encoder at its own size, CLIP's features upsampled to CLIP's
     input size and averaged in each mask there: the runtime's labels, pixel for pixel."""
     from ovseg.benchmarks import latency, naive
-    from ovseg.benchmarks.report import size_text
     from ovseg.benchmarks.timing import Budget
 
-    opened = latency.open_recorded(mixed_bundle, 2, SegmenterConfig(num_segments=6), keep=1)
+    opened = latency.open_recorded(mixed_bundle, 2, SegmenterConfig(num_segments=6, precision="fp32"), keep=1)
     try:
         square = np.ascontiguousarray(cv2.resize(photo, (CLIP_SIZE, CLIP_SIZE), interpolation=cv2.INTER_AREA))
         lat = latency.measure(opened.segmenter, [square], Budget(0, 2, 0.0), bundle=mixed_bundle)
-        assert lat.image_sizes == SIZES and size_text(dataclasses.asdict(lat)) == "CLIP 160x160, DINOv2 98x98"
+        assert lat.image_sizes == SIZES and describe_sizes(lat.image_sizes) == "CLIP 160x160, DINOv2 98x98"
         compared = naive.compare(opened, square, Budget(0, 1, 0.0), 2, tiny=True)
     finally:
         opened.segmenter.close()
