@@ -53,9 +53,7 @@ FAILED=0
 # One summary line per step, with the step's time.
 step_start() { STEP_T0=$SECONDS; echo; echo "==== gpu_check: $1"; }
 record() {  # record STEP PASS|FAIL|SKIP REASON
-  local line="gpu_check: $1: $2 ($3; $((SECONDS - STEP_T0)) s)"
-  echo "$line"
-  echo "$line" >>"$SUMMARY"
+  echo "gpu_check: $1: $2 ($3; $((SECONDS - STEP_T0)) s)" | tee -a "$SUMMARY"
   if [[ $2 == FAIL ]]; then FAILED=$((FAILED + 1)); fi
 }
 finish() {
@@ -66,7 +64,6 @@ finish() {
   cat "$SUMMARY"
   ((FAILED == 0))
 }
-py() { "$VPY" "$@"; }
 # The symmetric int8 model ovseg-build --int8 builds from: ovseg-calib --tensorrt on six synthetic frames. --force:
 # this step is about the plans (ovseg-build gates them); the CPU int8 gate's verdict stays in the manifest.
 int8_source() {
@@ -152,19 +149,19 @@ EOF
     >"$("$VPY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_gpu_check_base.pth"
   if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
     echo "-- carried wheels: $(cd "$REPO/.whl" && ls ./*.whl | tr '\n' ' ')"
-    py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$REPO"/.whl/*.whl
+    "$VPY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$REPO"/.whl/*.whl
   fi
   local hnsw_note="hnswlib: $(importable hnswlib && echo installed || echo absent)"
   if ! importable hnswlib && compgen -G "$REPO/.whl/hnswlib-*.tar.gz" >/dev/null; then
-    if py -m pip install -q --no-index --no-deps --no-build-isolation "$REPO"/.whl/hnswlib-*.tar.gz; then
+    if "$VPY" -m pip install -q --no-index --no-deps --no-build-isolation "$REPO"/.whl/hnswlib-*.tar.gz; then
       hnsw_note="hnswlib: built from the carried sdist"
     else
       hnsw_note="hnswlib: the carried sdist failed to build"
     fi
   fi
   echo "-- $hnsw_note"
-  if py -m pip install -v --no-index --no-deps --no-build-isolation -C build-dir="$WORK/build" -e "$REPO" \
-    >"$RESULTS/build.log" 2>&1 && [[ $(py -c 'import ovseg._native as n; print(n.__file__)' 2>&1) == "$WORK"/* ]]; then
+  if "$VPY" -m pip install -v --no-index --no-deps --no-build-isolation -C build-dir="$WORK/build" -e "$REPO" \
+    >"$RESULTS/build.log" 2>&1 && [[ $("$VPY" -c 'import ovseg._native as n; print(n.__file__)' 2>&1) == "$WORK"/* ]]; then
     record build PASS "$hnsw_note; build.log"
   else
     tail -n 30 "$RESULTS/build.log"
@@ -191,7 +188,7 @@ EOF
 
   # ---- 3b. the torch side on the GPU ----
   local no_torch_cuda  # why the torch steps cannot run; empty where torch has a GPU
-  no_torch_cuda=$(py -c 'import torch as t; t.cuda.is_available() or print(f"torch {t.__version__} sees no GPU")' \
+  no_torch_cuda=$("$VPY" -c 'import torch as t; t.cuda.is_available() or print(f"torch {t.__version__} sees no GPU")' \
     2>/dev/null || echo "torch does not import")
   torch_step export-cuda test_export_traced_on_cuda_matches_the_cpu_and_onnxruntime open_clip
   torch_step train-amp test_ovseg_train_with_mixed_precision_under_torchrun open_clip hnswlib
@@ -199,10 +196,10 @@ EOF
 
   # ---- 4. later modes: only where onnxruntime-gpu or tensorrt is installed ----
   local ort_gpu="" trt="" bundle=$WORK/bundle
-  if py -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' \
+  if "$VPY" -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' \
     2>/dev/null; then ort_gpu=1; fi
   importable tensorrt && trt=1
-  local why_no_ort="onnxruntime $(py -c 'import onnxruntime as o; print(o.__version__)' 2>/dev/null || echo '(none)')"
+  local why_no_ort="onnxruntime $("$VPY" -c 'import onnxruntime as o; print(o.__version__)' 2>/dev/null || echo '(none)')"
   why_no_ort+=" has no CUDAExecutionProvider (onnxruntime-gpu is not installed)"
   step_start bundle
   local have_bundle=""
