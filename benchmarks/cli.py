@@ -1,6 +1,6 @@
 """ovseg-bench: per-stage latency, the K and backend sweeps, the naive TAG reference and video throughput.
 
-    ovseg-bench --bundle DIR [--quick] [--out results.json] [--csv results.csv] [--markdown perf.md]
+    ovseg-bench --bundle DIR [--quick] [--out results.json] [--markdown perf.md]
 
 Timings on a shared machine are noisy: comparisons are ratios of runs interleaved in one loop
 (ovseg and the naive reference), and the load average is recorded.
@@ -71,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_bundle_argument(p, "bundle to measure")
     p.add_argument("--quick", action="store_true", help="short budgets and a small K sweep")
     p.add_argument("--out", type=Path, metavar="results.json", help="write every result as JSON")
-    p.add_argument("--csv", type=Path, metavar="results.csv", help="write every result as rows: section, key, value")
     p.add_argument("--markdown", type=Path, metavar="FILE.md", help="write docs/performance.md's tables from this run")
     main = "of the main measurement (default %(default)s)"
     p.add_argument("--backend", choices=("cpu", "cuda", "tensorrt"), default="cpu", help=f"backend {main}")
@@ -263,11 +262,8 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"\n{PROG}: {doc['elapsed_s']:.0f} s", file=sys.stderr)
     if args.out:
         _write(args.out, json.dumps(doc, indent=1) + "\n")
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        report.write_csv(doc, args.csv)
     if args.markdown:  # with the command line of this run, less the output options
-        words, drop = doc["command"], {"--out", "--csv", "--markdown"}
+        words, drop = doc["command"], {"--out", "--markdown"}
         kept = [w for i, w in enumerate(words) if w not in drop and (i == 0 or words[i - 1] not in drop)]
         _write(args.markdown, markdown(doc, [shlex.join(kept)]))
     return 1 if doc["errors"] else 0
@@ -291,8 +287,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def run_soak(args: argparse.Namespace, argv: list[str]) -> int:
     from . import soak
 
-    if args.soak < soak.MIN_FRAMES or args.profiles or args.markdown or args.csv:
-        raise OvsegError(f"--soak N takes N >= {soak.MIN_FRAMES} frames and no --profiles, --markdown or --csv")
+    if args.soak < soak.MIN_FRAMES or args.profiles or args.markdown:
+        raise OvsegError(f"--soak N takes N >= {soak.MIN_FRAMES} frames and no --profiles or --markdown")
     bundle = args.bundle
     if args.tiny_models and not any(a == "--bundle" or a.startswith("--bundle=") for a in argv):
         bundle = soak.tiny_bundle(args.cache.expanduser(), say)

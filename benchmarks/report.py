@@ -1,11 +1,9 @@
-"""ovseg-bench's results (one JSON-able dict) as targets, CSV rows and one report model: titled tables with notes, which
+"""ovseg-bench's results (one JSON-able dict) as targets and one report model: titled tables with notes, which
 two formatters render, for the terminal and for docs/performance.md. --profiles and --soak render their tables the same way."""
 
 from __future__ import annotations
 
-import csv
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ovseg.constants import STAGES
 from ovseg.runtime.bundle.manifest import common_size, describe_sizes
@@ -259,27 +257,3 @@ def markdown(doc: dict, reproduce: list[str]) -> str:
     """docs/performance.md's tables from one run; ``reproduce`` holds the commands that produce it."""
     head = ["## Performance", "", _measured_by(doc), "", "```sh", *reproduce, "```", "", ""]
     return "\n".join(head) + render([*model(doc), GPU], markdown=True)
-
-
-# ---- CSV -----------------------------------------------------------------------------------------------------------
-
-
-def flatten(value, prefix: str = ""):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value):
-        for i, v in enumerate(value):
-            yield from flatten(v, f"{prefix}[{i}]")
-    else:
-        yield prefix, value
-
-
-def write_csv(doc: dict, path: Path) -> None:
-    """Every scalar of the results as one row: section, key (a dotted path), value."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["section", "key", "value"])
-        for section, value in doc.items():
-            for key, v in flatten(value):
-                w.writerow([section, key, ";".join(map(str, v)) if isinstance(v, (list, tuple)) else v])
