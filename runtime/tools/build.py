@@ -63,10 +63,6 @@ SOURCES = {"fp32": "fp32", "fp16": "fp16", "int8": INT8_SYMMETRIC}
 RETRY = {"fp16": "build without --fp16, or ", "int8": "build --fp16 plans, or "}  # what to try when a plan falls short
 
 
-class BuildError(OvsegError, RuntimeError):
-    """A plan cannot be built or does not match fp32; one line saying what to do."""
-
-
 @dataclass(frozen=True)
 class PlanSpec:
     """What trtexec would be told: the input's one shape (min = opt = max), workspace and timing cache."""
@@ -102,19 +98,19 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def load_tensorrt():
-    """The tensorrt module once it imports, is 10.3 or later and can create a builder here; else BuildError."""
+    """The tensorrt module once it imports, is 10.3 or later and can create a builder here; else OvsegError."""
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise BuildError(f"tensorrt does not import ({e}): {install()}") from None
+        raise OvsegError(f"tensorrt does not import ({e}): {install()}") from None
     version = str(getattr(trt, "__version__", "0"))
     if _version(version) < MIN_TENSORRT:
-        raise BuildError(f"TensorRT {version} is older than 10.3, the oldest ovseg is checked against: {install()}")
+        raise OvsegError(f"TensorRT {version} is older than 10.3, the oldest ovseg is checked against: {install()}")
     try:
         trt.Builder(trt.Logger(trt.Logger.WARNING))
     except Exception as e:  # TypeError for the NULL builder of a machine without a usable GPU (TensorRT logged why)
         why = "no usable CUDA GPU or driver: TensorRT's message above says which" if isinstance(e, TypeError) else None
-        raise BuildError(
+        raise OvsegError(
             f"TensorRT {version} cannot create a builder here ({why or _one_line(e)}): {install()}"
         ) from None
     return trt
@@ -144,30 +140,27 @@ def build_plan(trt, onnx_path: Path, plan_path: Path, spec: PlanSpec) -> Path:
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuildError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+        raise OvsegError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     if network.num_inputs != 1:
-        raise BuildError(f"{onnx_path.name} has {network.num_inputs} inputs, an image encoder has one: re-export it")
+        raise OvsegError(f"{onnx_path.name} has {network.num_inputs} inputs, an image encoder has one: re-export it")
     config = builder.create_builder_config()
     config.clear_flag(trt.BuilderFlag.TF32)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
     cache_file = spec.timing_cache
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")
     if not config.set_timing_cache(cache, False):
-        raise BuildError(f"TensorRT refuses the timing cache {cache_file} (another GPU or TensorRT?): delete it")
+        raise OvsegError(f"TensorRT refuses the timing cache {cache_file} (another GPU or TensorRT?): delete it")
     profile = builder.create_optimization_profile()
     shape = tuple(spec.input_shape)
     profile.set_shape(network.get_input(0).name, shape, shape, shape)
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BuildError(f"TensorRT could not build a plan from {onnx_path.name} (its log above says why)")
+        raise OvsegError(f"TensorRT could not build a plan from {onnx_path.name} (its log above says why)")
     _write_atomic(plan_path, bytes(serialized))
     if cache_file is not None:
         _write_atomic(cache_file, bytes(config.get_timing_cache().serialize()))
     return plan_path
-
-
-OpenPlan = Callable[[Path, tuple[int, ...]], Engine]
 
 
 def _open_plan(path: Path, shape: tuple[int, ...]) -> Engine:
@@ -189,18 +182,17 @@ def build_dir(
     opts: BuildOptions,
     trt,
     log: Callable[[str], None],
-    open_plan: OpenPlan | None = None,
 ) -> Manifest:
     """Build, check and record the plans of both image encoders in ``d``; the manifest with them (not written)."""
     precision, source_key = opts.precision, SOURCES[opts.precision]
     missing = [e for e in ENCODERS if source_key not in getattr(manifest, e).files]
     if missing and precision == "int8":
-        raise BuildError(
+        raise OvsegError(
             f"the bundle has no symmetric int8 {' or '.join(missing)} model for TensorRT: run `ovseg-calib --tensorrt` "
             "first (it writes one beside the CPU's int8 model)"
         )
     if missing:
-        raise BuildError(f"the bundle has no {precision} {' or '.join(missing)} model: re-export with --{precision}")
+        raise OvsegError(f"the bundle has no {precision} {' or '.join(missing)} model: re-export with --{precision}")
     device = this_device()
     cache = opts.timing_cache or default_timing_cache(device)
     frames = synthetic_frames(opts.frames)
@@ -219,14 +211,14 @@ def build_dir(
             )
             build_plan(trt, d / info.files[source_key], plans[e], PlanSpec(shape, opts.workspace_mib, cache))
             log(f"checking {plans[e].name} against {info.files['fp32']} on the CPU ({opts.frames} frames)")
-            engines[e] = (open_plan or _open_plan)(plans[e], shape)
+            engines[e] = _open_plan(plans[e], shape)
             reference = OnnxEncoder(d / info.files["fp32"], [PROVIDERS["cpu"]], input_shape=shape)
             try:
                 checks[e] = check_plan(engines[e], reference, [x[e] for x in inputs])
             finally:
                 reference.close()
             if checks[e].min_cosine < opts.min_cosine:
-                raise BuildError(
+                raise OvsegError(
                     f"{plans[e].name} reaches a worst per-token cosine of {checks[e].min_cosine:.4f} against fp32, under "
                     f"{opts.min_cosine}: nothing written; {RETRY.get(precision, '')}run ovseg-check on the ONNX files"
                 )
@@ -237,7 +229,7 @@ def build_dir(
         for engine in engines.values():
             engine.close()
     if labels < opts.min_agreement:
-        raise BuildError(
+        raise OvsegError(
             f"the Segmenter on the {precision} plans labels {labels:.3f} of the segments as CPU fp32 does, under "
             f"{opts.min_agreement}: nothing written; {RETRY.get(precision, '')}run ovseg-check on the ONNX files"
         )
@@ -283,7 +275,7 @@ def plan_agreement(
     return results_agreement(expected, got)
 
 
-def build_bundle(opts: BuildOptions, open_plan: OpenPlan | None = None) -> Manifest:
+def build_bundle(opts: BuildOptions) -> Manifest:
     """ovseg-build: the bundle with its plans, replaced in one rename, or untouched when anything fails."""
     trt = load_tensorrt()
     key = load_private_key(opts.sign) if opts.sign is not None else None  # a bad key fails before any plan is built
@@ -292,10 +284,10 @@ def build_bundle(opts: BuildOptions, open_plan: OpenPlan | None = None) -> Manif
     try:
         with atomic_bundle_dir(bundle, force=True) as tmp:
             link_tree(bundle, tmp)
-            manifest = build_dir(tmp, manifest, opts, trt, lambda m: say(PROG, m), open_plan)
+            manifest = build_dir(tmp, manifest, opts, trt, lambda m: say(PROG, m))
             _write_manifest(tmp, manifest, key)
     except OSError as e:
-        raise BuildError(f"cannot write the bundle {bundle} ({e.strerror or e}): make it writable") from None
+        raise OvsegError(f"cannot write the bundle {bundle} ({e.strerror or e}): make it writable") from None
     return manifest
 
 

@@ -196,18 +196,14 @@ def warnings_into(notes: list[str]) -> Iterator[None]:
         logger.removeFilter(keep)
 
 
-def engine_name(engine: object) -> str:
-    if isinstance(engine, OnnxEncoder):
-        used = engine.session.get_providers()[0]
-        return ENGINE_NAMES.get(used, used)
-    return "TensorRT plan" if isinstance(engine, TensorRTEngine) else type(engine).__name__
-
-
 def describe_engines(engines) -> str:
-    names = {e: engine_name(getattr(engines, e)) for e in ENCODERS}
-    if len(set(names.values())) == 1:
-        return names[ENCODERS[0]]
-    return ", ".join(f"{e}: {n}" for e, n in names.items())
+    """What runs the image encoders: "ORT CUDA", or per encoder where they differ."""
+    names = {}
+    for e in ENCODERS:
+        engine = getattr(engines, e)
+        used = engine.session.get_providers()[0] if isinstance(engine, OnnxEncoder) else type(engine).__name__
+        names[e] = "TensorRT plan" if isinstance(engine, TensorRTEngine) else ENGINE_NAMES.get(used, used)
+    return names[ENCODERS[0]] if len(set(names.values())) == 1 else ", ".join(f"{e}: {n}" for e, n in names.items())
 
 
 def reference_run(bundle_dir: Path, manifest: Manifest, frames: Frames, threads: int | None) -> Reference:
@@ -248,7 +244,14 @@ def check_combination(
             row.engine = describe_engines(seg.engines)  # a session on another provider did not open (check_providers)
             outputs = run_encoders(seg.engines, reference.inputs)
             results, row.ms_per_frame = run_pipeline(seg, frames.images)
-            _compare(row, reference, outputs, results, thresholds, notes)
+            row.encoders = {
+                e: compare_outputs(zip((r[e] for r in reference.outputs), (o[e] for o in outputs))) for e in ENCODERS
+            }
+            row.min_cosine = min(c.min_cosine for c in row.encoders.values())
+            row.mean_cosine = min(c.mean_cosine for c in row.encoders.values())
+            row.label_agreement, row.pixel_agreement = results_agreement(reference.results, results)
+            row.status = PASS if thresholds.passed(row.min_cosine, row.label_agreement) else FAIL
+            notes[:0] = shortfalls(row, thresholds)
         except Exception as e:  # an error while running fails this row; the others still run
             notes.insert(0, f"failed while running: {_error(e)}")
             row.status = FAIL
@@ -258,31 +261,18 @@ def check_combination(
     return row
 
 
-def _compare(
-    row: Row,
-    reference: Reference,
-    outputs: list[dict[str, dict[str, np.ndarray]]],
-    results: list[Result],
-    thresholds: Thresholds,
-    notes: list[str],
-) -> None:
-    row.encoders = {
-        e: compare_outputs((ref[e], out[e]) for ref, out in zip(reference.outputs, outputs)) for e in ENCODERS
-    }
-    row.min_cosine = min(c.min_cosine for c in row.encoders.values())
-    row.mean_cosine = min(c.mean_cosine for c in row.encoders.values())
-    row.label_agreement, row.pixel_agreement = results_agreement(reference.results, results)
-    row.status = PASS if thresholds.passed(row.min_cosine, row.label_agreement) else FAIL
+def shortfalls(row: Row, thresholds: Thresholds) -> list[str]:
+    """What fell short of the thresholds, for the row's note."""
     short = []
-    if not row.min_cosine >= thresholds.cosine:
+    if not (row.min_cosine or 0.0) >= thresholds.cosine:
         e, name, worst = min(
             ((e, name, s["min_cosine"]) for e, c in row.encoders.items() for name, s in c.outputs.items()),
             key=lambda t: t[2] if not math.isnan(t[2]) else -math.inf,
         )
         short.append(f"{e} {name} cosine {worst:.4f} < {thresholds.cosine}")
-    if not row.label_agreement >= thresholds.agreement:
+    if not (row.label_agreement or 0.0) >= thresholds.agreement:
         short.append(f"label agreement {row.label_agreement:.3f} < {thresholds.agreement}")
-    notes[:0] = short
+    return short
 
 
 def _error(e: Exception) -> str:
