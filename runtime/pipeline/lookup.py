@@ -1,11 +1,7 @@
-"""Label lookup: the vocabulary's text embeddings, searched exactly or with HNSW, and how new names get embedded.
-
-``python -m ovseg.runtime.pipeline.lookup`` re-measures the exact/HNSW crossover on this machine.
-"""
+"""Label lookup: the vocabulary's text embeddings, searched exactly or with HNSW, and how new names get embedded."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,34 +144,3 @@ class PromptEmbedder:
             emb = l2_normalise(emb).reshape(len(chunk), len(templates), -1).mean(axis=1)
             chunks.append(l2_normalise(emb))
         return np.concatenate(chunks)
-
-
-def measure_crossover(
-    sizes=(1000, 2000, 5000, 10000, 15000, 20000, 50000),
-    dim: int = 512,
-    queries: int = 15,
-    k: int = 3,
-    repeats: int = 100,
-) -> None:
-    """Print the best-of-``repeats`` ms per frame of the exact product and of HNSW at each size (the numbers behind EXACT_MAX).
-
-    Best-of rather than mean: on a shared machine the minimum is the cost without interference. The two
-    methods alternate, so both see the same load.
-    """
-    rng = np.random.default_rng(0)
-    q = l2_normalise(rng.standard_normal((queries, dim)).astype(np.float32))
-    for size in sizes:
-        vocab = l2_normalise(rng.standard_normal((size, dim)).astype(np.float32))
-        names = [str(i) for i in range(size)]
-        indexes = {method: LabelIndex(names, vocab, method) for method in ("exact", "hnsw")}
-        best = dict.fromkeys(indexes, float("inf"))
-        for _ in range(repeats):
-            for method, index in indexes.items():
-                start = time.perf_counter()
-                index.search(q, k)
-                best[method] = min(best[method], time.perf_counter() - start)
-        print(f"V={size:>7} " + "  ".join(f"{m} {1000 * t:.2f}" for m, t in best.items()), flush=True)
-
-
-if __name__ == "__main__":
-    measure_crossover()
