@@ -77,6 +77,10 @@ ENGINE_NAMES = {
     "TensorrtExecutionProvider": "ORT TensorRT EP",
 }
 HOW_TO_ADD = {"fp16": "ovseg-export --fp16 adds them", "int8": "ovseg-calib adds them"}
+GATE_HELP = {  # the thresholds to pass, against CPU fp32: ovseg-calib's by default
+    "cosine": "worst per-token cosine to pass (%(default)s, as ovseg-calib)",
+    "agree": "segment-label agreement to pass (%(default)s, as ovseg-calib)",
+}
 
 
 # ---- the self-check -------------------------------------------------------------------------------------------------
@@ -418,26 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
         "synthetic frames where scikit-image is missing)",
     )
     p.add_argument(
-        "--frames",
-        type=positive_int,
-        default=DEFAULT_FRAMES,
-        metavar="N",
-        help=f"frames, spread evenly over the source (default {DEFAULT_FRAMES})",
+        "--frames", type=positive_int, default=DEFAULT_FRAMES, metavar="N", help="frames, spread evenly (%(default)s)"
     )
-    p.add_argument(
-        "--gate-cosine",
-        type=fraction,
-        default=DEFAULT_COSINE,
-        metavar="C",
-        help=f"worst per-token cosine vs CPU fp32 to pass (default {DEFAULT_COSINE}, as ovseg-calib)",
-    )
-    p.add_argument(
-        "--gate-agreement",
-        type=fraction,
-        default=DEFAULT_AGREEMENT,
-        metavar="A",
-        help=f"segment-label agreement vs CPU fp32 to pass (default {DEFAULT_AGREEMENT}, as ovseg-calib)",
-    )
+    p.add_argument("--gate-cosine", type=fraction, default=DEFAULT_COSINE, metavar="C", help=GATE_HELP["cosine"])
+    p.add_argument("--gate-agreement", type=fraction, default=DEFAULT_AGREEMENT, metavar="A", help=GATE_HELP["agree"])
     p.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads per session (default: all cores)")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the report as JSON to OUT")
     return p
