@@ -7,3 +7,8 @@ class OvsegError(Exception):
 
 class SegmenterError(OvsegError, RuntimeError):
     """The Segmenter cannot do what was asked; the message is one line saying what is missing."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (libraries' messages span lines); its type's name when it has none."""
+    return " ".join(str(e).split()) or type(e).__name__

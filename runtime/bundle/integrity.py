@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ovseg.errors import OvsegError
+from ovseg.errors import OvsegError, one_line
 
 if TYPE_CHECKING:
     from .manifest import Manifest
@@ -245,7 +245,7 @@ def check_embeddings(path: Path, rows: int, dim: int) -> None:
     try:
         values = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise corrupt(path, f"not a .npy array: {' '.join(str(e).split())}") from None
+        raise corrupt(path, f"not a .npy array: {one_line(e)}") from None
     if not isinstance(values, np.ndarray) or values.dtype not in (np.float32, np.float16):
         raise corrupt(path, f"dtype {getattr(values, 'dtype', None)}, not float32 or float16")
     if values.shape != (rows, dim):

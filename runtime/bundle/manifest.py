@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ovseg.errors import one_line
 from ovseg.profiles import DEFAULT_PROFILE
 
 from .integrity import BundleError, check_fields, check_files, confine
@@ -192,7 +193,7 @@ def read_manifest(bundle_dir: str | Path, verify: bool = True, trusted: Sequence
         manifest = Manifest.from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:  # BundleError is none of them
         raise BundleError(
-            f"{path} is not a valid ovseg manifest ({' '.join(str(e).split())}): re-export with `ovseg-export --force`"
+            f"{path} is not a valid ovseg manifest ({one_line(e)}): re-export with `ovseg-export --force`"
         ) from None
     check_fields(manifest)
     files = confine(bundle_dir, manifest)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ovseg.constants import ovseg_home
+from ovseg.errors import one_line
 
 from .integrity import BundleError
 
@@ -63,7 +64,7 @@ def load_key(path: Path, private: bool = False):
             raw = base64.b64decode(data.strip(), validate=True)
             key = kind.from_private_bytes(raw) if private else kind.from_public_bytes(raw)
     except (ValueError, TypeError) as e:  # binascii.Error is a ValueError
-        raise BundleError(f"{path} is not {what} ({' '.join(str(e).split())})") from None
+        raise BundleError(f"{path} is not {what} ({one_line(e)})") from None
     if not isinstance(key, kind):
         raise BundleError(f"{path} is a {type(key).__name__}, not {what}")
     return key
@@ -101,7 +102,7 @@ def verify_bundle(bundle_dir: Path, key_files: Sequence[Path]) -> Path:
         signature = base64.b64decode(sig_path.read_bytes().strip(), validate=True)
         manifest = (bundle_dir / "manifest.json").read_bytes()
     except (OSError, ValueError) as e:  # binascii.Error is a ValueError
-        raise BundleError(f"{sig_path} cannot be read as a signature ({' '.join(str(e).split())})") from None
+        raise BundleError(f"{sig_path} cannot be read as a signature ({one_line(e)})") from None
     for path, key in keys:
         try:
             key.verify(signature, manifest)

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from ovseg.constants import BACKENDS, ovseg_home
 from ovseg.environment import gpu_onnxruntime_fix, gpu_unused_warning, tensorrt_link
-from ovseg.errors import SegmenterError
+from ovseg.errors import SegmenterError, one_line
 from ovseg.onnx_helpers import session_options
 
 from .device import device_key
@@ -84,7 +84,7 @@ def provider_problem(provider: str) -> str | None:
         ctypes.CDLL(str(library))
     except OSError as e:
         return (
-            f"ONNX Runtime's {library.name} does not load ({_one_line(e)}): install the CUDA libraries this "
+            f"ONNX Runtime's {library.name} does not load ({one_line(e)}): install the CUDA libraries this "
             f"onnxruntime-gpu {ort.__version__} was built for ({cuda_build_note()}; `python -m ovseg.environment` "
             "says which)"
         )
@@ -95,7 +95,7 @@ def provider_problem(provider: str) -> str | None:
             session = ort.InferenceSession(str(PROBE_MODEL), options, providers=[provider], enable_fallback=0)
             session.run(None, {"x": np.zeros(1, np.float32)})
     except Exception as e:  # any failure means the provider cannot run here; the first error says why
-        return f"ONNX Runtime's {provider} does not open a session ({_one_line(original_error(e))})"
+        return f"ONNX Runtime's {provider} does not open a session ({one_line(original_error(e))})"
     return None
 
 
@@ -334,10 +334,6 @@ def placement(session, feed: dict[str, np.ndarray]) -> dict[str, int]:
     return nodes
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 class OnnxEncoder:
     """One ONNX Runtime session, created once on the provider asked for (checked), with a preallocated input and IO
     binding on a GPU. ``plan``: a SessionPlan, or a providers list opened with ORT's defaults.
@@ -368,7 +364,7 @@ class OnnxEncoder:
             fix = "" if plan.provider == PROVIDERS["cpu"] else f"; {provider_fix(plan.provider)}"
             raise SegmenterError(
                 f"ONNX Runtime cannot load {self.path.name} on {plan.provider}: "
-                f"{_one_line(original_error(e)).rstrip('.')}{fix}"
+                f"{one_line(original_error(e)).rstrip('.')}{fix}"
             ) from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
@@ -388,7 +384,7 @@ class OnnxEncoder:
                     nodes = placement(self.session, {self.input_name: self.input})
             except Exception as e:  # a first run that fails on the provider fails the opening, in one line
                 raise SegmenterError(
-                    f"ONNX Runtime cannot run {self.path.name} on {plan.provider}: {_one_line(e)}"
+                    f"ONNX Runtime cannot run {self.path.name} on {plan.provider}: {one_line(e)}"
                 ) from None
         self.backend = check_providers(self.session, plan, self.path, nodes)
         self.io_binding = self.backend != "cpu" if io_binding is None else io_binding
@@ -411,7 +407,7 @@ class OnnxEncoder:
                 outputs = self.session.run(self.output_names, {self.input_name: self.input if x is None else x})
         except Exception as e:  # ORT's exception types share no base below Exception
             raise SegmenterError(
-                f"ONNX Runtime failed to run {self.path.name} on {self.backend}: {_one_line(e)}"
+                f"ONNX Runtime failed to run {self.path.name} on {self.backend}: {one_line(e)}"
             ) from None
         return dict(zip(self.output_names, outputs))
 

@@ -16,7 +16,7 @@ from typing import cast
 import numpy as np
 
 from ovseg.constants import RANDOM_WEIGHTS_WARNING
-from ovseg.errors import SegmenterError
+from ovseg.errors import SegmenterError, one_line
 
 from ..bundle.manifest import EncoderInfo, Manifest
 from ..engines.engine import BatchEngine, Engine, open_engine
@@ -89,7 +89,7 @@ def open_embedder(
         tokenizer = ClipTokenizer.from_file(path, manifest.text.context_length)
     except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
         raise SegmenterError(
-            f"bundle file {path} is not a CLIP tokenizer ({' '.join(str(e).split())}): re-export the bundle with "
+            f"bundle file {path} is not a CLIP tokenizer ({one_line(e)}): re-export the bundle with "
             "`ovseg-export --force`"
         ) from None
     encoder = OnnxEncoder(bundle_dir / manifest.text.files["fp32"], session_plan(backend, threads=threads))

@@ -9,7 +9,7 @@ import hnswlib
 import numpy as np
 
 from ovseg.constants import HNSW_PARAMS, LOOKUPS
-from ovseg.errors import SegmenterError
+from ovseg.errors import SegmenterError, one_line
 
 from ..bundle.integrity import BundleError, read_names
 from ..bundle.manifest import VocabularyInfo
@@ -80,7 +80,7 @@ class LabelIndex:
             raise SegmenterError(str(e)) from None
         except (OSError, ValueError, RuntimeError, KeyError, IndexError) as e:  # numpy's and hnswlib's own errors
             raise SegmenterError(
-                f"the vocabulary of {bundle_dir} cannot be read ({' '.join(str(e).split())}): re-export the bundle "
+                f"the vocabulary of {bundle_dir} cannot be read ({one_line(e)}): re-export the bundle "
                 "with `ovseg-export --force`"
             ) from None
         return cls(names, embeddings, method, index, info.hnsw_params, ef)

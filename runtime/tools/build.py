@@ -28,7 +28,7 @@ import numpy as np
 from ovseg.cli import add_bundle_argument, positive_int, run_cli, say
 from ovseg.constants import DEFAULT_AGREEMENT, DEFAULT_COSINE, INT8_SYMMETRIC, ovseg_home
 from ovseg.environment import tensorrt_fix
-from ovseg.errors import OvsegError
+from ovseg.errors import OvsegError, one_line
 
 from ..bundle.manifest import DeviceInfo, EncoderInfo, Manifest, PlanRecord, atomic_bundle_dir, link_tree, read_manifest
 from ..bundle.manifest import write_manifest as _write_manifest
@@ -111,13 +111,9 @@ def load_tensorrt():
     except Exception as e:  # TypeError for the NULL builder of a machine without a usable GPU (TensorRT logged why)
         why = "no usable CUDA GPU or driver: TensorRT's message above says which" if isinstance(e, TypeError) else None
         raise OvsegError(
-            f"TensorRT {version} cannot create a builder here ({why or _one_line(e)}): {install()}"
+            f"TensorRT {version} cannot create a builder here ({why or one_line(e)}): {install()}"
         ) from None
     return trt
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def default_timing_cache(device: DeviceInfo) -> Path:

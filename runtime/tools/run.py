@@ -52,20 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     add_bundle_argument(p, "bundle written by ovseg-export")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--camera", type=_camera_index, metavar="N", help="camera index (live: only the newest frame is processed)"
-    )
+    src.add_argument("--camera", type=_camera_index, metavar="N", help="camera index (live: newest frame only)")
     src.add_argument(
         "--video",
         metavar="PATH_OR_URL",
         help="video file (every frame), stream URL such as rtsp:// (live), or a GStreamer pipeline ending in appsink (live; Jetson CSI cameras: docs/install.md)",
     )
     src.add_argument("--image", metavar="PATH_DIR_OR_GLOB", help="an image, a directory of images, or a quoted glob")
-    src.add_argument(
-        "--sample",
-        action="store_true",
-        help="a 4 s clip panning across scikit-image photos, for trying ovseg without a camera",
-    )
+    src.add_argument("--sample", action="store_true", help="a 4 s clip across photos, to try ovseg without a camera")
     vocab = p.add_mutually_exclusive_group()
     vocab.add_argument("--classes", metavar="a,b,c", help="guided mode: label every pixel with one of these classes")
     vocab.add_argument(
@@ -74,11 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="guidance-free mode naming segments from this vocabulary: a preset (voc21, ade150, ...) or a file, one name per line",
     )
     add_segmenter_arguments(p, per="frame")
-    p.add_argument(
-        "--refine",
-        choices=REFINES,
-        help="sharpen guided-mode labels by voting inside segments, or along edges",
-    )
+    p.add_argument("--refine", choices=REFINES, help="sharpen labels by voting inside segments, or along edges")
     p.add_argument("--threshold", type=float, metavar="T", help="label segments scoring under T 'unknown'")
     p.add_argument(
         "--keyframe-interval",
@@ -106,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-show", action="store_true", help="do not open a window")
     p.add_argument("--max-frames", type=positive_int, metavar="N", help="stop after N frames")
     add_trusted_key_argument(p, "open the bundle only if one of these Ed25519 public keys signed it; none: any bundle")
-    p.add_argument(
-        "--loop", action="store_true", help="start a video file, the images or --sample again after the last frame"
-    )
+    p.add_argument("--loop", action="store_true", help="replay a video file, the images or --sample after the end")
     p.add_argument(
         "--web",
         type=parse_address,
@@ -226,9 +214,7 @@ def _run(args: argparse.Namespace, open_segmenter: Callable) -> int:
         with contextlib.ExitStack() as stack:
             source = stack.enter_context(_open_source(args, stack))
             sinks = [stack.enter_context(s) for s in _open_sinks(args, source)]
-            if (
-                args.threads
-            ):  # this process is ovseg-run's: the native kernels take --threads too, not only ONNX Runtime
+            if args.threads:  # this process is ovseg-run's: the native kernels take --threads too
                 from ovseg import _native
 
                 _native.set_num_threads(args.threads)

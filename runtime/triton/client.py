@@ -19,6 +19,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from ovseg.errors import one_line
+
 from ..config import SegmenterConfig
 from ..pipeline.render import overlay
 from ..result import Result, Segment
@@ -141,7 +143,7 @@ class RemoteSegmenter:
                 client_timeout=self.timeout,
             )
         except Exception as e:  # tritonclient's InferenceServerException: "[StatusCode.X] message"
-            raise ServingError(" ".join(str(e).split())) from None
+            raise ServingError(one_line(e)) from None
         label_map, body = response.as_numpy(LABEL_MAP), response.as_numpy(SEGMENTS)
         if label_map is None or body is None or label_map.size == 0 or body.size == 0:
             raise ServingError(f"server {self.servers[server]} answered without data: is it ovseg-serve's model?")
