@@ -534,7 +534,7 @@ def test_demo_falls_back_to_random_weights_and_the_sample_clip(tmp_path, monkeyp
     ]
     err = capsys.readouterr().err
     assert "could not download CLIP weights" in err
-    assert "cannot be downloaded" in err and "--clip-weights PATH --dinov2 DIR" in err
+    assert "for real labels export from local copies" in err and "--clip-weights PATH --dinov2 DIR" in err
     assert "RANDOM weights" in err and "no camera opens" in err
 
 

