@@ -246,14 +246,9 @@ class Segmenter:
 
     def set_classes(self, names: list[str] | str | None) -> None:
         """Guided mode with these classes (names, or a preset / text file); None goes back to guidance-free."""
-        if names is None:
-            with self._lock:
-                self._classes, self._class_embeddings = None, None
-                self._vocab_version += 1
-            return
-        names = _names(names, "set_classes")
+        names = _names(names, "set_classes") if names is not None else None
         with self._lock:
-            self._class_embeddings = self.engines.embedder(names, GUIDED_TEMPLATES)
+            self._class_embeddings = self.engines.embedder(names, GUIDED_TEMPLATES) if names is not None else None
             self._classes = names
             self._vocab_version += 1
 
