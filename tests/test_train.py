@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_colour_regions
 
 from ovseg.export import dinov2 as dino
 from ovseg.export.bundle import ExportConfig, export_bundle
@@ -21,7 +22,6 @@ from ovseg.export.train.data import CropConfig, DinoMasker, InfiniteDraws, MaskD
 from ovseg.export.train.engine import TrainConfig, lr_factor, train
 from ovseg.export.train.losses import cluster_targets, mask_loss, pool_masks, sinkhorn
 from ovseg.export.train.model import ClassPrompts, DenseClip, ema_update, make_teacher, set_trainable
-from ovseg.export.train.synthetic import write_colour_regions
 from ovseg.runtime.bundle.manifest import read_manifest
 from ovseg.runtime.tools import run as run_cli
 

@@ -7,11 +7,11 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
+from conftest import write_colour_regions
 
 from ovseg.export.clip import tiny_clip
 from ovseg.export.train.data import CropConfig
 from ovseg.export.train.engine import TrainConfig, train
-from ovseg.export.train.synthetic import write_colour_regions
 
 
 def _free_port() -> int:
