@@ -122,3 +122,13 @@ def test_injected_weights_cannot_be_rebuilt(tiny_bundle):
 
     with pytest.raises(OvsegError, match="injected"):
         rebuild(read_manifest(tiny_bundle))
+
+
+def test_the_cameras_benchmark_times_every_mode(tiny_bundle, capsys):
+    from ovseg.benchmarks import cameras
+
+    assert cameras.main(["--bundle", str(tiny_bundle), "--cameras", "2", "--frames", "2", "--rounds", "1"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(rows) == 6 and len({r[0] for r in rows}) == 6
+    assert all(float(fps) > 0 for _, fps, _ in rows)
+    assert any("process per camera" in r[0] for r in rows) and any("batch" in r[0] for r in rows)
