@@ -30,7 +30,7 @@ from ..profiles import FAST
 from .bundle.manifest import BundleError, Manifest, read_manifest
 from .config import SegmenterConfig
 from .pipeline.encoders import Engines, ImageEncoderFactory, run_encoder_batch
-from .pipeline.features import ClipFeatures, DenseFeatures, Keyframe
+from .pipeline.features import CUT_FRACTION, ClipFeatures, DenseFeatures, Keyframe, changed_fraction, unit_rows
 from .pipeline.guided import GuidedHead
 from .pipeline.labels import GuidanceFreeHead, LabelHysteresis
 from .pipeline.lookup import LabelIndex
@@ -67,6 +67,8 @@ class VideoStream:
     labels: LabelHysteresis | None = None
     vocab_version: int = -1
     frame_index: int = 0
+    tokens: np.ndarray | None = None  # the previous frame's unit DINOv2 tokens (h * w, Dd)
+    change: float | None = None  # the fraction of the picture changed since the previous frame (features.CUT_FRACTION)
 
 
 class Stream:
@@ -375,10 +377,25 @@ class Segmenter:
             )
         maps: list[SegmentMaps | None] = []
         for grid, rgb, stream, timer in zip(tokens, dino, streams, timers):
+            with timer("kmeans"):
+                unit = self._follow(stream, grid)
             m = self._segment_candidates.from_tokens(grid, rgb, stream.centres, timer)
-            stream.centres = m.centres
+            m.unit, stream.centres = unit, m.centres
             maps.append(m)
         return maps
+
+    @staticmethod
+    def _follow(stream: VideoStream, grid: np.ndarray) -> np.ndarray:
+        """The frame's unit DINOv2 token rows; where more than CUT_FRACTION of the picture changed since the previous
+        frame (a cut, a jump), the stream starts afresh: no warm start, no label history, CLIP on this frame."""
+        unit = unit_rows(grid)
+        previous, stream.tokens = stream.tokens, unit
+        stream.change = (
+            changed_fraction(unit, previous) if previous is not None and previous.shape == unit.shape else None
+        )
+        if stream.change is not None and stream.change > CUT_FRACTION:
+            stream.centres, stream.labels, stream.keyframe.expired = None, None, True
+        return unit
 
     def _features(
         self,
@@ -389,8 +406,7 @@ class Segmenter:
     ) -> list[DenseFeatures]:
         """CLIP's features of each frame: the keyframe's where the policy reuses them, else one CLIP run on the rest."""
         plans = [
-            self._clip_features.due(k, t, m.tokens if m is not None else None)
-            for k, m, t in zip(keyframes, maps, timers)
+            self._clip_features.due(k, t, m.unit if m is not None else None) for k, m, t in zip(keyframes, maps, timers)
         ]
         due = [i for i, (d, _) in enumerate(plans) if d]
         grids: dict[int, np.ndarray] = {}

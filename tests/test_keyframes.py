@@ -83,7 +83,7 @@ def test_without_change_clip_runs_every_interval_frames(seg):
     frames, _ = video()
     stream = seg.with_config(SegmenterConfig(num_segments=6, keyframe_interval=4))
     results = [stream(f) for f in frames]
-    assert keyframes(results) == [0, 4, 8, 12]  # the cut at 5 waits: no change is measured
+    assert keyframes(results) == [0, 4, 5, 9, 13]  # the cut at 5 is a keyframe: the stream starts afresh at a cut
     assert all(r.change is None and r.timings["keyframe"] == 0 for r in results)
 
 

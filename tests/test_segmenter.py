@@ -12,6 +12,7 @@ import pytest
 
 from ovseg.runtime import Result, Segmenter, SegmenterError
 from ovseg.runtime.pipeline import lookup as lookup_module
+from ovseg.runtime.pipeline.features import CUT_FRACTION
 from ovseg.runtime.pipeline.lookup import Matches
 from ovseg.runtime.pipeline.vocabulary import GUIDED_TEMPLATES, load_vocabulary
 from ovseg.runtime.segmenter import STAGES, UNKNOWN, LabelHysteresis, SegmenterConfig
@@ -293,8 +294,12 @@ def test_reset_forgets_the_stream(seg, photo):
 
 def test_keyframe_interval_reuses_clip_while_segments_move(make, tiny_bundle, photo):
     seg = make(num_segments=6, keyframe_interval=3)
-    frames = [np.roll(photo, 8 * i, axis=1) for i in range(7)]
-    results = [seg(f) for f in frames]
+    frames = [np.roll(photo, 4 * i, axis=1) for i in range(7)]  # a slow pan: under a cut's change (CUT_FRACTION)
+    stream, results, changes = seg.stream(), [], []
+    for f in frames:
+        results.append(stream(f))
+        changes.append(stream.state.change or 0.0)
+    assert max(changes) < CUT_FRACTION  # the segments continue: no frame starts the stream afresh
     assert [r.timings["clip"] > 0 for r in results] == [True, False, False, True, False, False, True]
     assert all(r.timings["dinov2"] > 0 for r in results)
     assert not np.array_equal(results[1].label_map, results[0].label_map)  # segments moved without a CLIP pass

@@ -7,8 +7,9 @@ stream) as the reference of what the frame by itself gives.
 Per profile and mode (guided, guidance-free):
 - flicker: the share of pixels whose label changes from one frame to the next while their ground truth does not;
   ``still`` is its mean and max on the still clips' steady frames (from SETTLE frames after the start);
-- stale: frames naming a class that is absent from the frame's ground truth and that the frame alone does not name,
-  and how many frames after the last cut or change they came;
+- stale: frames naming a class that is absent from the frame's ground truth, that the frame alone does not name, and
+  that the stream named between the two last cuts or changes (carried over), and how many frames after it they came;
+  ``held``: frames naming such a class that the stream named only since (held by hysteresis within the scene);
 - lag: frames from a change (a cut, an object entering or leaving) to the right labels: no stale class, and every
   class of the ground truth that the frame alone names is named;
 - mIoU over all clips' frames with the video state, and of the same frames run alone.
@@ -104,21 +105,19 @@ class Run:
 
     kind: str
     flicker: list[float]  # per frame from the second
-    stale: list[int]  # per frame: how many stale classes
+    stale: list[int]  # per frame: how many stale classes the stream named before the last event (carried over)
+    held: list[int]  # per frame: how many other stale classes (held by the state within the scene)
     since: list[int]  # per frame: frames since the last event
     lags: list[int]  # per event
     pairs: list[tuple[np.ndarray, np.ndarray]] = field(repr=False)  # (ground truth, prediction) with state
     alone: list[tuple[np.ndarray, np.ndarray]] = field(repr=False)  # and frame by frame
-    change_ms: list[float] = field(default_factory=list)
 
 
 def run_clip(seg: Segmenter, clip: Clip) -> Run:
     stream, fresh = seg.stream(), seg.stream()
     state_maps, alone_maps = [], []
-    change_ms = []
     for frame in clip.frames:
         result = stream(frame.image)
-        change_ms.append(result.timings.get("change", 0.0))
         state_maps.append(result.class_map(CLASSES))
         fresh.reset()
         alone_maps.append(fresh(frame.image).class_map(CLASSES))
@@ -126,12 +125,18 @@ def run_clip(seg: Segmenter, clip: Clip) -> Run:
         float(np.mean((state_maps[t] != state_maps[t - 1]) & (clip.frames[t].labels == clip.frames[t - 1].labels)))
         for t in range(1, len(clip.frames))
     ]
-    stale, wrong, since = [], [], []
+    stale, held, wrong, since = [], [], [], []
+    before: set[int] = set()  # what the stream named between the two last events
+    seen: set[int] = set()
     for t, (frame, p, a) in enumerate(zip(clip.frames, state_maps, alone_maps)):
+        if t in clip.events:
+            before, seen = seen, set()
+        seen |= named(p)
         truth = named(frame.labels)
         bad = (named(p) - truth) - named(a)
         missed = (named(a) & truth) - named(p)
-        stale.append(len(bad))
+        stale.append(len(bad & before))
+        held.append(len(bad - before))
         wrong.append(bool(bad or missed))
         since.append(t - max(e for e in clip.events if e <= t))
     lags = []
@@ -143,11 +148,11 @@ def run_clip(seg: Segmenter, clip: Clip) -> Run:
         clip.kind,
         flicker,
         stale,
+        held,
         since,
         lags,
         list(zip(truths, state_maps)),
         list(zip(truths, alone_maps)),
-        change_ms,
     )
 
 
@@ -168,11 +173,11 @@ def summarise(runs: list[Run]) -> dict:
             "steady_flicker_max_pct": round(100 * max(steady), 2) if steady else 0.0,
             "stale_frames": len(stale_since),
             "stale_frames_after_event": sorted(stale_since),
+            "held_frames": sum(1 for r in rs for n in r.held if n),
             "lag_mean": round(float(np.mean(lags)), 2) if lags else 0.0,
             "lag_max": max(lags) if lags else 0,
             "miou_state": score([p for r in rs for p in r.pairs], "state").miou,
             "miou_alone": score([p for r in rs for p in r.alone], "alone").miou,
-            "change_ms_median": round(float(np.median([m for r in rs for m in r.change_ms])), 3),
         }
 
     out = row(runs)
@@ -193,15 +198,15 @@ def measure(bundle: Path, clips: list[Clip], profiles: tuple[str, ...], modes: t
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| profile | mode | still flicker % (mean / max) | flicker % (all clips) | stale frames after a cut | "
-        "stale frames (all clips) | frames to the right labels (mean / max) | mIoU with state | mIoU frame by frame |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "stale frames (all clips) | held frames (all clips) | frames to the right labels (mean / max) | mIoU with state | mIoU frame by frame |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cuts, still = r["kinds"].get("cuts", {}), r["kinds"].get("still", {})
         lines.append(
             f"| {r['profile']} | {r['mode']} | {still.get('steady_flicker_pct', 0):.2f} / "
             f"{still.get('steady_flicker_max_pct', 0):.2f} | {r['flicker_pct']:.2f} | "
-            f"{cuts.get('stale_frames', 0)} of {cuts.get('frames', 0)} | {r['stale_frames']} of {r['frames']} | "
+            f"{cuts.get('stale_frames', 0)} of {cuts.get('frames', 0)} | {r['stale_frames']} of {r['frames']} | {r['held_frames']} | "
             f"{r['lag_mean']:.2f} / {r['lag_max']} | {r['miou_state']:.2f} | {r['miou_alone']:.2f} |"
         )
     return "\n".join(lines)

@@ -24,6 +24,9 @@ from ..result import StageTimer
 # A token cell has changed when its cosine with the same cell at the keyframe is under this: sensor noise and JPEG
 # stay above 0.9, a cell that now shows another object or floor falls below 0.5 (docs/DESIGN.md, "Keyframes by change").
 CHANGED_COSINE = 0.7
+# A stream starts afresh (no k-means warm start, no label history, a new keyframe) when more than this fraction of the
+# picture changed since the previous frame: a cut or a jump (docs/DESIGN.md, "Keyframes by change").
+CUT_FRACTION = 0.25
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Keyframe:
     uses: int = 0
     tokens: np.ndarray | None = None  # (h * w, Dd)
     fresh: bool = False  # the current frame ran CLIP
+    expired: bool = False  # the picture was cut since: the next frame runs CLIP whatever the policy
     change: float | None = None  # the current frame's changed fraction since the keyframe; None when not measured
 
 
@@ -100,24 +104,24 @@ class ClipFeatures:
         self.policy = policy
 
     def due(
-        self, keyframe: Keyframe | None, timer: StageTimer, tokens: np.ndarray | None = None
+        self, keyframe: Keyframe | None, timer: StageTimer, unit: np.ndarray | None = None
     ) -> tuple[bool, np.ndarray | None]:
-        """Whether the frame needs CLIP (always without a ``keyframe``), and its unit DINOv2 token rows when the policy
-        measured change on them (for ``keep``). A frame that reuses the keyframe's features counts as one more use.
-        ``tokens``: this frame's DINOv2 tokens (h, w, Dd), for a policy that measures change."""
+        """Whether the frame needs CLIP (always without a ``keyframe``), and the unit DINOv2 token rows the policy
+        measured change on (for ``keep``). A frame that reuses the keyframe's features counts as one more use.
+        ``unit``: this frame's L2-normalised DINOv2 tokens (h * w, Dd), for a policy that measures change."""
         if keyframe is None:
             return True, None
-        unit = None
-        if self.policy.measures and tokens is not None:
+        measured = unit if self.policy.measures else None
+        if measured is not None:
             with timer("keyframe"):
-                unit = unit_rows(tokens)
-                due = self.policy.due(keyframe, unit)
+                due = self.policy.due(keyframe, measured)
         else:
             due = self.policy.due(keyframe, None)
+        due, keyframe.expired = due or keyframe.expired, False
         keyframe.fresh = due
         if not due:
             keyframe.uses += 1
-        return due, unit
+        return due, measured
 
     def keep(self, keyframe: Keyframe | None, grid: np.ndarray, unit: np.ndarray | None) -> DenseFeatures:
         """CLIP's ``grid`` (rows, cols, D) of a frame that ``due`` called a keyframe, recorded as the ``keyframe``'s."""

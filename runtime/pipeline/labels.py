@@ -40,25 +40,42 @@ class SegmentLabels:
     groups: list[np.ndarray]  # ids merged by held label, each sorted: its first id names the merged segment
 
 
+# A segment keeps its held label only while its DINOv2 centre's cosine with the centre its label was last confirmed on
+# stays at or over this: under it the segment is something else (docs/api.md, "Video").
+SAME_SEGMENT = 0.9
+
+
 class LabelHysteresis:
-    """Per segment id, a held label that changes only when a new label wins ``frames`` frames in a row."""
+    """Per segment id, a held label that changes only when a new label wins ``frames`` frames in a row, while the
+    segment stays the same thing (its k-means centre close to the one its label was last confirmed on)."""
 
     def __init__(self, size: int, frames: int):
         self.frames = frames
         self.held = np.full(size, -1, np.int64)
         self.candidate = np.full(size, -1, np.int64)
         self.streak = np.zeros(size, np.int64)
+        self.anchor: np.ndarray | None = None  # (size, Dd) unit centre of each segment where its label was confirmed
 
-    def update(self, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Feed this frame's best label of each segment in ``ids``; returns their held labels."""
-        for i, new in zip(ids.tolist(), labels.tolist()):
-            if self.held[i] < 0 or new == self.held[i] or self.frames <= 1:
-                self.held[i], self.candidate[i], self.streak[i] = new, -1, 0
-                continue
-            self.streak[i] = self.streak[i] + 1 if new == self.candidate[i] else 1
-            self.candidate[i] = new
-            if self.streak[i] >= self.frames:
-                self.held[i], self.candidate[i], self.streak[i] = new, -1, 0
+    def update(self, ids: np.ndarray, labels: np.ndarray, centres: np.ndarray | None = None) -> np.ndarray:
+        """Feed this frame's best label of each segment in ``ids`` (``centres``: all segments' k-means centres);
+        returns their held labels."""
+        same = np.ones(len(ids), bool)
+        unit = anchor = None
+        if centres is not None:
+            unit = centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
+            if self.anchor is None or self.anchor.shape != unit.shape:
+                self.anchor = unit.copy()
+            anchor = self.anchor
+            same = np.einsum("nd,nd->n", unit[ids], anchor[ids]) >= SAME_SEGMENT
+        for row, (i, new) in enumerate(zip(ids.tolist(), labels.tolist())):
+            if not (self.held[i] < 0 or new == self.held[i] or self.frames <= 1 or not same[row]):
+                self.streak[i] = self.streak[i] + 1 if new == self.candidate[i] else 1
+                self.candidate[i] = new
+                if self.streak[i] < self.frames:
+                    continue
+            self.held[i], self.candidate[i], self.streak[i] = new, -1, 0
+            if anchor is not None and unit is not None:
+                anchor[i] = unit[i]  # the label is decided (or confirmed) on this centre
         return self.held[ids]
 
 
@@ -79,17 +96,23 @@ class GuidanceFreeHead:
         with timer("pooling"):
             pooled = pool_segments(maps.scores, features.grid, self.size)
         with timer("lookup"):
-            labels = self.label(pooled, index, hysteresis)
+            labels = self.label(pooled, index, hysteresis, maps.centres)
         with timer("render"):
             label_map = merged_label_map(maps.scores, labels.groups, shape)
             pixel_areas, boxes = label_stats(label_map, self.num_segments)
         return label_map, self.segments(labels, pooled.areas, pixel_areas, boxes, index.names)
 
-    def label(self, pooled: SegmentEmbeddings, index: LabelIndex, hysteresis: LabelHysteresis) -> SegmentLabels:
+    def label(
+        self,
+        pooled: SegmentEmbeddings,
+        index: LabelIndex,
+        hysteresis: LabelHysteresis,
+        centres: np.ndarray | None = None,
+    ) -> SegmentLabels:
         ids = np.flatnonzero(pooled.areas > 0)
         queries = pooled.vectors[ids]
         matches = index.search(queries, self.top_k)
-        held = hysteresis.update(ids, matches.index[:, 0])
+        held = hysteresis.update(ids, matches.index[:, 0], centres)
         score = index.score(queries, held)
         known = score >= self.score_threshold if self.score_threshold is not None else np.ones(len(ids), bool)
         return SegmentLabels(ids, matches, held, score, known, merge(ids, held, known))

@@ -24,7 +24,8 @@ from .refine import EdgeRefiner
 class SegmentMaps:
     scores: np.ndarray  # (K, h, w) float32: every cell's score for every segment; a cell belongs to its argmax
     centres: np.ndarray  # (K, Dd) the k-means centres: the next frame's warm start
-    tokens: np.ndarray  # (h, w, Dd) the DINOv2 tokens they came from (the keyframe policy measures change on them)
+    tokens: np.ndarray  # (h, w, Dd) the DINOv2 tokens they came from
+    unit: np.ndarray | None = None  # (h * w, Dd) the same, of length 1: what change is measured on (features.py)
 
 
 class SegmentCandidates:
