@@ -42,7 +42,7 @@ class SegmentLabels:
 
 # A segment keeps its held label only while its DINOv2 centre's cosine with the centre its label was last confirmed on
 # stays at or over this: under it the segment is something else (docs/api.md, "Video").
-SAME_SEGMENT = 0.9
+SAME_SEGMENT = 0.8
 
 
 class LabelHysteresis:
