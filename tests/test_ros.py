@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -441,7 +442,14 @@ def test_sigint_stops_the_process_cleanly(ros, tiny_bundle):
         probe = Probe(probe_node, "/proc")
         wait_until(lambda: probe.image_pub.get_subscription_count(), "the node to subscribe", timeout=2 * TIMEOUT)
         wait_until(lambda: probe.node.count_publishers("/proc/segments"), "the node to publish")
-        probe.wait("segments", probe.send(picture(), "bgr8"))
+        for _ in range(30):  # a frame sent just as discovery matches either way can be lost: send until one comes back
+            try:
+                probe.wait("segments", probe.send(picture(), "bgr8"), timeout=TIMEOUT / 30)
+                break
+            except pytest.fail.Exception:
+                continue
+        else:
+            pytest.fail("the node's process segmented none of 30 frames")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(TIMEOUT) == 0
     finally:
@@ -449,7 +457,7 @@ def test_sigint_stops_the_process_cleanly(ros, tiny_bundle):
         proc.wait()
     reader.join(TIMEOUT)
     err = "".join(lines)
-    assert "reading /proc/image" in err and "ovseg-ros: stopped: 1 frames segmented" in err, err
+    assert "reading /proc/image" in err and re.search(r"ovseg-ros: stopped: [1-9]\d* frames segmented", err), err
     assert "Traceback" not in err, err
 
 
