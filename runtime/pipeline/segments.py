@@ -24,8 +24,7 @@ from .refine import EdgeRefiner
 class SegmentMaps:
     scores: np.ndarray  # (K, h, w) float32: every cell's score for every segment; a cell belongs to its argmax
     centres: np.ndarray  # (K, Dd) the k-means centres: the next frame's warm start
-    tokens: np.ndarray  # (h, w, Dd) the DINOv2 tokens they came from
-    unit: np.ndarray | None = None  # (h * w, Dd) the same, of length 1: what change is measured on (features.py)
+    unit: np.ndarray | None = None  # (h * w, Dd) the frame's DINOv2 tokens of length 1: what change is measured on
 
 
 class SegmentCandidates:
@@ -63,4 +62,4 @@ class SegmentCandidates:
         if self.edges is not None:
             with timer("refine"):
                 maps = self.edges(maps, rgb)
-        return SegmentMaps(maps, centres, tokens)
+        return SegmentMaps(maps, centres)
