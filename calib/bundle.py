@@ -30,7 +30,7 @@ from ovseg.runtime.bundle.manifest import (
     write_manifest,
 )
 from ovseg.runtime.bundle.signing import load_private_key
-from ovseg.runtime.tools.compare import Thresholds
+from ovseg.runtime.tools.compare import Thresholds, open_segmenter
 
 from . import gate
 from .cli import PROG
@@ -254,7 +254,7 @@ def gate_precision(
             "weights": info.weights,
         }
     say(f"{precision}: pipeline agreement on {data.n_holdout} held-out frames")
-    reference, candidate = gate.open_segmenter(d, "fp32"), gate.open_segmenter(d, precision)
+    reference, candidate = open_segmenter(d, "cpu", "fp32", None), open_segmenter(d, "cpu", precision, None)
     try:
         label_agreement, pixel_agreement = gate.pipeline_agreement(reference, candidate, data.holdout_frames)
     finally:

@@ -59,10 +59,3 @@ def pipeline_agreement(reference, candidate, frames: list[np.ndarray]) -> tuple[
         candidate.reset()
         per_frame.append(agreement(reference(frame), candidate(frame)))
     return agreement_totals(per_frame)
-
-
-def open_segmenter(bundle_dir: Path, precision: str):
-    """The guidance-free Segmenter on the CPU at ``precision`` (asked for by name: a failed gate does not stop it)."""
-    from ovseg.runtime.segmenter import Segmenter, SegmenterConfig  # the native module loads here, not at parse time
-
-    return Segmenter.from_bundle(bundle_dir, backend="cpu", config=SegmenterConfig(precision=precision))

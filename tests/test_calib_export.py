@@ -86,7 +86,7 @@ def test_export_cli_int8_flags(frames, tmp_path, capsys):
 
 def test_export_cli_int8_gate_error_is_one_line(frames, tmp_path, monkeypatch, capsys):
     """A SegmenterError from the gate's pipeline check ends ovseg-export --int8 with one line and exit 2, not a traceback."""
-    from ovseg.calib import gate
+    from ovseg.calib import bundle as calib_bundle
     from ovseg.errors import SegmenterError
     from ovseg.export import bundle as export_module
 
@@ -100,7 +100,7 @@ def test_export_cli_int8_gate_error_is_one_line(frames, tmp_path, monkeypatch, c
     def no_segmenter(*args, **kwargs):
         raise SegmenterError("the Segmenter cannot open this bundle here")
 
-    monkeypatch.setattr(gate, "open_segmenter", no_segmenter)
+    monkeypatch.setattr(calib_bundle, "open_segmenter", no_segmenter)
     out = tmp_path / "b"
     code = export_main(
         [
