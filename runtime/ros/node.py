@@ -40,7 +40,7 @@ from ..bundle.integrity import read_names
 from ..config import SegmenterConfig
 from ..io.sinks import frame_record, to_json
 from ..io.sources import Frame
-from ..pipeline.vocabulary import VocabularyError, load_vocabulary, parse_class_list
+from ..pipeline.vocabulary import load_vocabulary, parse_class_list
 from ..result import Result
 from ..segmenter import Segmenter, VideoStream
 from .images import fill_image, frame_from_compressed, frame_from_image, label_map_encoding
@@ -169,7 +169,8 @@ class SegmenterNode(Node):
                     changes.append((p.name, partial(self.seg.set_classes, _names(p.value, "classes"))))
                 elif p.name == "vocabulary":  # empty: the bundle's names again (embedded anew)
                     info = self.seg.manifest.vocabulary
-                    names = _vocabulary(p.value) or read_names(self.seg.bundle_dir / info.names, info.size)
+                    names_file = self.seg.bundle_dir / info.names
+                    names = load_vocabulary(p.value) if p.value else read_names(names_file, info.size)
                     changes.append((p.name, partial(self.seg.set_vocabulary, names)))
             except OvsegError as e:
                 return SetParametersResult(successful=False, reason=f"{p.name}: {first_line(e)}")
@@ -264,13 +265,6 @@ def _names(value: object, what: str) -> list[str] | None:
     if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
         raise OvsegError(f"{what} takes a string array, got {value!r}")
     return list(dict.fromkeys(n.strip() for n in value if n.strip())) or None
-
-
-def _vocabulary(value: str) -> list[str] | None:
-    try:
-        return load_vocabulary(value) if value else None
-    except VocabularyError as e:
-        raise OvsegError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
