@@ -118,6 +118,15 @@ def test_targets_are_unions_of_the_masks_of_each_cluster():
     assert (logits.grad.permute(0, 2, 3, 1)[uncovered] == 0).all() and logits.grad.abs().sum() > 0
 
 
+def test_prompts_start_from_tokens_that_have_an_embedding():
+    """A CLIP whose unused vocabulary rows are zero (the synthetic world's) must not start every prompt alike."""
+    clip = tiny_clip()
+    with torch.no_grad():
+        clip.token_embedding.weight[20:] = 0
+    tokens = ClassPrompts(clip, k=8, words=4).tokens
+    assert (tokens.abs().sum(dim=-1) > 0).all() and len(torch.unique(tokens, dim=0)) == 8
+
+
 def test_crops_masks_and_views_line_up(data):
     images = find_images(data, "sa1b")
     dataset = MaskDataset(images, "sa1b", ALIGNED, seed=0)

@@ -67,7 +67,9 @@ class _TextTower(nn.Module):
 class ClassPrompts(nn.Module):
     """k class prompts, each ``words`` learnable token embeddings inside TEMPLATE, through the frozen text tower.
 
-    Initialised, as PixelCLIP, from the embeddings of random vocabulary tokens (seeded)."""
+    Initialised, as PixelCLIP, from the embeddings of random vocabulary tokens (seeded), drawn among the tokens that
+    have an embedding: a model whose unused rows are zero (the synthetic world's CLIP has 26 of 49,408) would otherwise
+    start every prompt from the same zero words, and the clustering from one cluster."""
 
     def __init__(self, clip: open_clip.CLIP, k: int = 64, words: int = 4, seed: int = 0):
         super().__init__()
@@ -78,9 +80,10 @@ class ClassPrompts(nn.Module):
         self.text = ClipTextEncoder(_TextTower(clip)).requires_grad_(False)
         self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("slots", (ids[0] == placeholder).nonzero()[:, 0], persistent=False)
-        vocab = clip.token_embedding.num_embeddings
-        chosen = torch.randint(vocab - 10, (k, words), generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
+            table = clip.token_embedding.weight[:-10]  # the last tokens are the tokenizer's special ones
+            usable = table.abs().sum(dim=1).nonzero()[:, 0]
+            chosen = usable[torch.randint(len(usable), (k, words), generator=torch.Generator().manual_seed(seed))]
             self.tokens = nn.Parameter(clip.token_embedding(chosen).detach().clone().float())
 
     def forward(self) -> torch.Tensor:
@@ -130,9 +133,10 @@ class Student(nn.Module):
         self.dense, self.prompts, self.head = dense, prompts, head
         self.mask_size = mask_size
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``targets``: (N, D) embeddings to score instead of the prompts' (the no-clustering ablation's masks)."""
         features = F.normalize(self.dense.dense(images), dim=1)  # (B, D, h, w)
-        embeddings = self.prompts()
+        embeddings = self.prompts() if targets is None else targets
         cost = torch.einsum("bdhw,kd->bkhw", features, F.normalize(embeddings, dim=-1).to(features.dtype))
         b, k, h, w = cost.shape
         logits = self.head(cost.reshape(b * k, 1, h, w))
