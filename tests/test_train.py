@@ -20,7 +20,7 @@ from ovseg.export.errors import ExportError
 from ovseg.export.train import cli
 from ovseg.export.train.data import CropConfig, DinoMasker, InfiniteDraws, MaskDataset, collate, find_images
 from ovseg.export.train.engine import TrainConfig, lr_factor, train
-from ovseg.export.train.losses import cluster_targets, mask_loss, pool_masks, sinkhorn
+from ovseg.export.train.losses import cluster_targets, mask_loss, own_targets, pool_masks, sinkhorn
 from ovseg.export.train.model import ClassPrompts, DenseClip, ema_update, make_teacher, set_trainable
 from ovseg.runtime.bundle.manifest import read_manifest
 from ovseg.runtime.tools import run as run_cli
@@ -86,6 +86,8 @@ def test_ema_update_is_exact():
     for name, s in student.state_dict().items():
         expected = 0.999 * before[name] + 0.001 * s.double()
         assert torch.allclose(teacher.state_dict()[name].double(), expected, rtol=2e-7, atol=1e-12), name
+    ema_update(teacher, student, 0.0)  # --ema 0: no momentum teacher, the student of the step
+    assert all(torch.equal(teacher.state_dict()[k], s) for k, s in student.state_dict().items())
 
 
 def test_mask_pooling_equals_upsample_then_average():
@@ -116,6 +118,25 @@ def test_targets_are_unions_of_the_masks_of_each_cluster():
     loss.backward()
     uncovered = out.targets.sum(1) == 0  # pixels no mask covers carry no loss
     assert (logits.grad.permute(0, 2, 3, 1)[uncovered] == 0).all() and logits.grad.abs().sum() > 0
+
+
+def test_without_clustering_every_mask_is_its_own_target():
+    masks = [torch.rand(3, 8, 8) > 0.5, torch.rand(2, 8, 8) > 0.5]
+    out = own_targets(masks)
+    assert out.targets.shape == (2, 5, 8, 8) and out.clusters_used == 5
+    assert torch.equal(out.targets[0, :3].bool(), masks[0]) and not out.targets[0, 3:].any()
+    assert torch.equal(out.targets[1, 3:].bool(), masks[1]) and not out.targets[1, :3].any()
+
+
+def test_prompt_ablations_freeze_the_prompts(data, tmp_path):
+    """--no-clustering and --frozen-prompts leave the prompts as initialised (the student still learns)."""
+    initial = ClassPrompts(tiny_clip(), 8, 4, 0).tokens.detach()
+    for kw in ({"cluster": False}, {"learn_prompts": False}, {}):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        result = train(small_config(data, out, **kw), clip_model=tiny_clip())
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert torch.equal(ckpt["prompt_tokens"], initial) == bool(kw), kw
+        assert np.isfinite(result.losses).all()
 
 
 def test_prompts_start_from_tokens_that_have_an_embedding():
@@ -310,10 +331,12 @@ def test_cli_defaults_are_the_config_defaults():
     args = cli.build_parser().parse_args(["--data", "d", "--out", "o"])
     assert cli.config_from_args(args) == TrainConfig(data=Path("d"), out=Path("o"))
     args = cli.build_parser().parse_args(
-        ["--data", "d", "--out", "o", "--no-names", "--fp32", "--no-strong-aug", "--crop", "32"]
+        ["--data", "d", "--out", "o", "--no-names", "--fp32", "--no-strong-aug", "--crop", "32", "--no-hue"]
+        + ["--no-clustering", "--frozen-prompts"]
     )
     config = cli.config_from_args(args)
     assert (config.vocab, config.amp, config.crop.strong, config.crop.crop) == (None, False, False, 32)
+    assert (config.crop.hue, config.cluster, config.learn_prompts) == (False, False, False)
 
 
 def test_bad_data_fails_with_one_line(tmp_path, capsys):

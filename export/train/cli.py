@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     for config, name, help in FLAGS:
         _add_field(p, config, name, help)
     p.add_argument("--no-strong-aug", action="store_true", help="the student sees the teacher's view (ablation)")
+    p.add_argument("--no-hue", action="store_true", help="strong augmentation without hue jitter and grayscale")
+    p.add_argument(
+        "--no-clustering", action="store_true", help="every mask its own target (ablation; with --ema 0: no teacher)"
+    )
+    p.add_argument("--frozen-prompts", action="store_true", help="the class prompts stay as initialised (ablation)")
     p.add_argument("--fp32", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--no-names", action="store_true", help="skip prompt_names.json")
     return p
@@ -98,9 +103,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     def given(config: type) -> dict:
         return {name: getattr(args, name) for c, name, _ in FLAGS if c is config}
 
-    crop = CropConfig(**given(CropConfig), strong=not args.no_strong_aug)
+    crop = CropConfig(**given(CropConfig), strong=not args.no_strong_aug, hue=not args.no_hue)
     return TrainConfig(
-        **{**given(TrainConfig), "vocab": None if args.no_names else args.vocab}, crop=crop, amp=not args.fp32
+        **{**given(TrainConfig), "vocab": None if args.no_names else args.vocab},
+        crop=crop,
+        amp=not args.fp32,
+        cluster=not args.no_clustering,
+        learn_prompts=not args.frozen_prompts,
     )
 
 

@@ -37,6 +37,7 @@ class CropConfig:
     clip_size: int = 320  # PixelCLIP's CLIP_RESOLUTION, for teacher and student
     mask_size: int = 256  # PixelCLIP's MASK_RESOLUTION
     strong: bool = True  # student augmentation (off: the student sees the teacher's view)
+    hue: bool = True  # the strong augmentation's hue jitter and grayscale (off where colour names the class)
     dino_size: int = 0  # > 0: also emit the crop at this size for DINOv2 masks
 
 
@@ -181,7 +182,7 @@ class MaskDataset(Dataset):
         keep = np.outer(inside_y, inside_x)
         student = view
         if cfg.strong:
-            student, (by0, bx0, by1, bx1) = _strong_augment(view, (ch, cw), flip, rng)
+            student, (by0, bx0, by1, bx1) = _strong_augment(view, (ch, cw), flip, rng, cfg.hue)
             keep = keep & ~np.outer((centres >= by0) & (centres < by1), (centres >= bx0) & (centres < bx1))
 
         masks = np.zeros((0, m, m), bool)
@@ -215,10 +216,11 @@ def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _strong_augment(
-    view: torch.Tensor, valid: tuple[int, int], flip: bool, rng: np.random.Generator
+    view: torch.Tensor, valid: tuple[int, int], flip: bool, rng: np.random.Generator, hue: bool = True
 ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """PixelCLIP's student view: ColorJitter(.5, .5, .5, .25) with p .8, grayscale p .2, Gaussian blur p .5
-    (sigma 0.1-2), then a black box of 10-50% of each side inside the image. Returns the box (y0, x0, y1, x1)."""
+    (sigma 0.1-2), then a black box of 10-50% of each side inside the image. Returns the box (y0, x0, y1, x1).
+    ``hue`` False: no hue jitter and no grayscale."""
     x = view
     if rng.random() < 0.8:
         ops = [
@@ -227,9 +229,9 @@ def _strong_augment(
             lambda t: TF.adjust_saturation(t, rng.uniform(0.5, 1.5)),
             lambda t: TF.adjust_hue(t, rng.uniform(-0.25, 0.25)),
         ]
-        for i in rng.permutation(4):
+        for i in rng.permutation(4 if hue else 3):
             x = ops[i](x)
-    if rng.random() < 0.2:
+    if rng.random() < 0.2 and hue:
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
     if rng.random() < 0.5:
         sigma = rng.uniform(0.1, 2.0)

@@ -26,7 +26,7 @@ from ovseg.export.dinov2 import load_dinov2
 from ovseg.export.errors import ExportError
 
 from .data import Batch, CropConfig, DinoMasker, InfiniteDraws, MaskDataset, collate, find_images
-from .losses import cluster_targets, mask_loss
+from .losses import cluster_targets, mask_loss, own_targets, pooled_masks
 from .model import ClassPrompts, ConvHead, DenseClip, Student, ema_update, make_teacher, set_trainable
 from .outputs import write_outputs
 
@@ -59,7 +59,9 @@ class TrainConfig:
     prompt_lr_mult: float = 10.0
     weight_decay: float = 1e-4  # none on LayerNorm / GroupNorm parameters (detectron2's WEIGHT_DECAY_NORM 0)
     grad_clip: float = 0.01  # L2 norm over all trained parameters
-    ema: float = 0.999
+    ema: float = 0.999  # 0: no momentum teacher (the teacher is the student of the step)
+    cluster: bool = True  # False: no semantic clustering (every mask its own target, against its pooled feature)
+    learn_prompts: bool = True  # False: the prompts stay as initialised
     logit_scale: float = 100.0  # mask-to-prompt cosine scale before Sinkhorn (PixelCLIP's EPS for ViT)
     sinkhorn_iters: int = 3
     crop: CropConfig = field(default_factory=CropConfig)
@@ -227,11 +229,15 @@ def _train(cfg, clip_model, dinov2_model, rank: int, world: int, local: int, res
         ema_update(teacher.visual, student.dense.visual, cfg.ema)
         with torch.no_grad(), autocast():
             teacher_features = teacher.dense((batch.teacher.float() / 255 - mean) / std)
+        mask_features = None if cfg.cluster else pooled_masks(masks, teacher_features.float())
         with autocast():
-            logits, embeddings = model((batch.student.float() / 255 - mean) / std)
-        targets = cluster_targets(
-            masks, teacher_features.float(), embeddings.detach().float(), cfg.logit_scale, cfg.sinkhorn_iters
-        )
+            logits, embeddings = model((batch.student.float() / 255 - mean) / std, mask_features)
+        if cfg.cluster:
+            targets = cluster_targets(
+                masks, teacher_features.float(), embeddings.detach().float(), cfg.logit_scale, cfg.sinkhorn_iters
+            )
+        else:
+            targets = own_targets(masks)
         loss = mask_loss(logits.float(), targets.targets)
 
         optimizer.zero_grad(set_to_none=True)
@@ -285,6 +291,7 @@ def _models(cfg: TrainConfig, clip_model: open_clip.CLIP | None, device: torch.d
     dense = DenseClip(clip_model.visual, cfg.crop.clip_size, "pixelclip")
     teacher = make_teacher(dense)
     prompts = ClassPrompts(clip_model, cfg.prompts, cfg.prompt_words, cfg.seed)
+    prompts.tokens.requires_grad_(cfg.learn_prompts and cfg.cluster)
     student = Student(dense, prompts, ConvHead(), cfg.crop.mask_size)
     return clip_model, student.to(device).train(), teacher.to(device)
 

@@ -70,8 +70,7 @@ def cluster_targets(
     """masks: per image (n_i, M, M); teacher: dense features (B, D, h, w); prompts: text embeddings (K, D)."""
     k = prompts.shape[0]
     m = masks[0].shape[-1]
-    pooled = [pool_masks(f, mk) for f, mk in zip(teacher, masks)]
-    pooled = torch.cat(pooled) if pooled else teacher.new_zeros(0, prompts.shape[1])
+    pooled = pooled_masks(masks, teacher)
     logits = scale * F.normalize(pooled, dim=-1) @ F.normalize(prompts.float(), dim=-1).T
     assignment = sinkhorn(logits, iters).argmax(dim=1)
     targets = torch.zeros(len(masks), k, m, m, device=teacher.device)
@@ -80,6 +79,25 @@ def cluster_targets(
         targets[b].index_add_(0, assignment[start : start + len(mk)], mk.float())
         start += len(mk)
     return Targets(targets.clamp_(max=1), assignment, int(assignment.unique().numel()))
+
+
+def pooled_masks(masks: list[torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    """Every mask of the batch pooled over its image's dense features (B, D, h, w): (N, D), images in order."""
+    pooled = [pool_masks(f, mk) for f, mk in zip(features, masks)]
+    return torch.cat(pooled) if pooled else features.new_zeros(0, features.shape[1])
+
+
+@torch.no_grad()
+def own_targets(masks: list[torch.Tensor]) -> Targets:
+    """Without clustering: every mask of the batch is a class of its own, (B, N, M, M) with image b's masks at their
+    batch indices (the other images' masks are its negatives)."""
+    n, m = sum(len(mk) for mk in masks), masks[0].shape[-1]
+    targets = torch.zeros(len(masks), n, m, m, device=masks[0].device)
+    start = 0
+    for b, mk in enumerate(masks):
+        targets[b, start : start + len(mk)] = mk.float()
+        start += len(mk)
+    return Targets(targets, torch.arange(n, device=targets.device), n)
 
 
 def mask_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
