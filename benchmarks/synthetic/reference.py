@@ -56,13 +56,18 @@ class EagerPipeline:
         self.size = image_size
         self.num_segments, self.seed, self.iterations = num_segments, seed, iterations
 
-    @torch.no_grad()
     def text(self, names: list[str], templates: list[str]) -> torch.Tensor:
+        return self.text_of(self.model, names, templates)
+
+    @staticmethod
+    @torch.no_grad()
+    def text_of(model: open_clip.CLIP, names: list[str], templates: list[str]) -> torch.Tensor:
         """(N, D) L2-normalised: each template's embedding normalised, averaged over templates, normalised."""
+        tokenizer = open_clip.get_tokenizer(register())
         rows = []
         for name in names:
             prompts = [t.replace("{}", name) for t in templates]
-            emb = F.normalize(self.model.encode_text(self.tokenizer(prompts)), dim=-1)
+            emb = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
             rows.append(F.normalize(emb.mean(dim=0), dim=-1))
         return torch.stack(rows)
 
@@ -87,13 +92,17 @@ class EagerPipeline:
         logits = torch.einsum("hwd,cd->chw", grid, text)
         return upsample(logits, (self.size, self.size)).argmax(dim=0).numpy()
 
-    def free(self, stages: Stages, vocabulary: torch.Tensor) -> np.ndarray:
-        """(H, W) vocabulary indices."""
+    def segments(self, stages: Stages) -> torch.Tensor:
+        """(H, W) the k-means segment of every pixel: the upsampled argmax of the DINOv2 tokens' cluster scores."""
         h, w, dd = stages.dinov2.shape
         x = np.ascontiguousarray(stages.dinov2.reshape(-1, dd), np.float32)
         _, _, scores = _native.spherical_kmeans(x, self.num_segments, self.iterations, self.seed, None)
         maps = torch.from_numpy(np.ascontiguousarray(scores.T).reshape(-1, h, w))
-        segment = upsample(maps, (self.size, self.size)).argmax(dim=0)
+        return upsample(maps, (self.size, self.size)).argmax(dim=0)
+
+    def free(self, stages: Stages, vocabulary: torch.Tensor) -> np.ndarray:
+        """(H, W) vocabulary indices."""
+        segment = self.segments(stages)
         features = upsample(torch.from_numpy(stages.clip).permute(2, 0, 1), (self.size, self.size))
         labels = torch.zeros(self.num_segments, dtype=torch.long)
         for k in torch.unique(segment):
