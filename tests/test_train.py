@@ -320,6 +320,8 @@ def test_resume_continues_the_run(data, tmp_path):
         train(small_config(data, out, iters=3), clip_model=tiny_clip())
     with pytest.raises(ExportError, match="prompts=8"):
         train(small_config(data, out, iters=3, prompts=4, resume=True), clip_model=tiny_clip())
+    with pytest.raises(ExportError, match="cluster=True"):  # an ablation flag is part of the run too
+        train(small_config(data, out, iters=3, cluster=False, resume=True), clip_model=tiny_clip())
     result = train(small_config(data, out, iters=3, resume=True), clip_model=tiny_clip())
     assert len(result.losses) == 1
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3

@@ -90,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_field(p, config, name, help)
     p.add_argument("--no-strong-aug", action="store_true", help="the student sees the teacher's view (ablation)")
     p.add_argument("--no-hue", action="store_true", help="strong augmentation without hue jitter and grayscale")
-    p.add_argument(
-        "--no-clustering", action="store_true", help="every mask its own target (ablation; with --ema 0: no teacher)"
-    )
+    p.add_argument("--no-clustering", action="store_true", help="every mask its own target, no prompts (ablation)")
     p.add_argument("--frozen-prompts", action="store_true", help="the class prompts stay as initialised (ablation)")
     p.add_argument("--fp32", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--no-names", action="store_true", help="skip prompt_names.json")

@@ -35,7 +35,7 @@ LOG = "log.csv"
 CHECKPOINT_FORMAT = "ovseg-train/1"
 WARMUP_START = 0.001  # detectron2's WARMUP_FACTOR default: the first warm-up step runs at lr x 0.001
 # Settings a resumed run must share with the checkpoint (the rest, e.g. --iters or --workers, may change).
-RESUME_KEYS = ("clip", "finetune", "prompts", "prompt_words", "masks", "batch", "seed")
+RESUME_KEYS = ("clip", "finetune", "prompts", "prompt_words", "masks", "batch", "seed", "cluster", "learn_prompts")
 
 
 @dataclass
@@ -169,7 +169,8 @@ def _load_resume(path: Path, cfg: TrainConfig) -> dict:
         raise ExportError(f"--resume: {path} is not an {CHECKPOINT_FORMAT} checkpoint")
     saved = json.loads(state["config"])
     now = json.loads(cfg.to_json())
-    differ = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    # a key the checkpoint lacks was added since it was written: its run had the default
+    differ = [k for k in RESUME_KEYS if saved.get(k, getattr(TrainConfig, k, None)) != now.get(k)]
     if differ:
         raise ExportError(
             f"--resume: {path} was trained with other settings: "
